@@ -1,0 +1,50 @@
+"""kdfast: score, prune and distill training data, each step as fast as the hardware allows.
+
+Public API (imported lazily, so `import kdfast` stays cheap and never touches a device):
+    kd_loss, KDLoss                      fused KD loss (alpha = weight of the DISTILLATION term)
+    backends                             which kernel backends are live here, and why not the others
+    score, ForgettingTracker             per-example scores (el2n, grand, grand-last, forgetting, ...)
+    per_example_grad_norms               exact per-example gradient norms of whole networks
+    hessian, liprune_batches, ImportanceSampler
+    prune, distill_step, alpha_for_fraction, optimal_alpha, TeacherCache
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_API = {
+    "kd_loss": "kdfast.ops.kd_loss",
+    "KDLoss": "kdfast.ops.kd_loss",
+    "backends": "kdfast.backends",
+    "score": "kdfast.scoring",
+    "ForgettingTracker": "kdfast.scoring",
+    "per_example_grad_norms": "kdfast.grad_norms",
+    "liprune_batches": "kdfast.liprune",
+    "ImportanceSampler": "kdfast.selection",
+    "prune": "kdfast.selection",
+    "distill_step": "kdfast.distill",
+    "alpha_for_fraction": "kdfast.distill",
+    "optimal_alpha": "kdfast.distill",
+    "TeacherCache": "kdfast.teacher_cache",
+}
+_SUBMODULES = ("hessian",)
+
+__all__ = sorted([*_API, *_SUBMODULES])
+
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"kdfast.{name}")
+    else:
+        raise AttributeError(f"module 'kdfast' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,17 @@
+"""Typed exceptions. Every message names the argument, the value received and what was expected."""
+
+
+class KDFastError(Exception):
+    """Base class of kdfast's own errors."""
+
+
+class InvalidArgumentError(KDFastError, ValueError):
+    """A user-supplied argument is out of its documented domain."""
+
+
+class BackendUnavailableError(KDFastError, RuntimeError):
+    """The requested backend cannot run here (not built, no GPU, no Triton)."""
+
+
+class UnsupportedModuleError(KDFastError, NotImplementedError):
+    """A model contains layers an engine has no rule for."""
