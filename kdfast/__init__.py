@@ -23,7 +23,7 @@ _API = {
     "ForgettingTracker": "kdfast.scoring",
     "per_example_grad_norms": "kdfast.grad_norms",
     "liprune_batches": "kdfast.liprune",
-    "ImportanceSampler": "kdfast.selection",
+    "ImportanceSampler": "kdfast.sampling",
     "prune": "kdfast.selection",
     "distill_step": "kdfast.distill",
     "alpha_for_fraction": "kdfast.distill",
