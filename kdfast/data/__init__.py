@@ -1,0 +1,75 @@
+"""Data set registry: `load_dataset(name, root=..., split=...)` -> a Dataset of (input tensor, int label).
+
+Every data set has `.targets` (LongTensor (N,)), `.num_classes`, `.name`, and `.files` (paths relative to
+its folder for image folders, else None). Nothing is ever downloaded at run time: `digits` ships with
+scikit-learn; the others read an existing root and, when it is missing or malformed, raise DataError
+saying which layout was expected.
+
+    digits     scikit-learn's 8x8 digits (1797 images, 10 classes; splits train/test/all), no root needed
+    cifar10    ROOT/cifar-10-batches-py/...          (torchvision layout)
+    cifar100   ROOT/cifar-100-python/{train,test}    (torchvision layout)
+    svhn       ROOT/{train,test,extra}_32x32.mat     (torchvision layout)
+    imagenet   ROOT/<split>/<wnid>/*.JPEG            (ImageFolder; ImageNet evaluation preprocessing)
+    folder     ROOT/<class>/<image>                  (any ImageFolder; split is ignored)
+"""
+from __future__ import annotations
+
+import os
+
+from ..errors import InvalidArgumentError
+from .base import DataError, LabeledDataset, labels_fingerprint
+
+DATASETS = ("digits", "cifar10", "cifar100", "svhn", "imagenet", "folder")
+SPLITS = {"digits": ("train", "test", "all"), "cifar10": ("train", "test"), "cifar100": ("train", "test"),
+          "svhn": ("train", "test", "extra"), "imagenet": ("train", "val"), "folder": ("train",)}
+# Input shape (channels, side) each data set yields by default: models are built from it.
+INPUT_SHAPES = {"digits": (1, 8), "cifar10": (3, 32), "cifar100": (3, 32), "svhn": (3, 32),
+                "imagenet": (3, 224), "folder": (3, 224)}
+
+__all__ = ["DATASETS", "SPLITS", "INPUT_SHAPES", "DataError", "LabeledDataset", "load_dataset",
+           "labels_fingerprint"]
+
+
+def load_dataset(name: str, *, root: str | None = None, split: str = "train", download: bool = False,
+                 augment: bool = False, image_size: int | None = None) -> LabeledDataset:
+    """The data set `name` (see DATASETS) under `root`.
+
+    Args:
+        name: one of DATASETS (case-insensitive).
+        root: the folder holding the data (unused for digits).
+        split: one of SPLITS[name] ("train" by default; ignored by "folder", whose root is the tree itself).
+        download: must stay False: kdfast reads data, it never fetches it (use torchvision once to download).
+        augment: random training augmentation (crop + flip) instead of the deterministic evaluation view.
+        image_size: crop side for image folders (224 by default; the resize scales with it).
+    """
+    key = str(name).lower()
+    if key not in DATASETS:
+        raise InvalidArgumentError(f"load_dataset: name must be one of {', '.join(DATASETS)}, got {name!r}")
+    if download:
+        raise InvalidArgumentError("load_dataset: download=True is not supported; kdfast never downloads data at "
+                                   "run time. Fetch it once, e.g. torchvision.datasets.CIFAR10(ROOT, download=True)")
+    if key != "folder" and split not in SPLITS[key]:
+        raise InvalidArgumentError(f"load_dataset: split for {key!r} must be one of {', '.join(SPLITS[key])}, "
+                                   f"got {split!r}")
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+        raise InvalidArgumentError(f"load_dataset: image_size must be a positive int or None, got {image_size!r}")
+    if key == "digits":
+        from .digits import Digits
+        return Digits(split)
+    if root is None:
+        raise DataError(f"dataset {key!r} needs a root folder (--data-root); kdfast never downloads data")
+    root = os.path.expanduser(str(root))
+    if not os.path.isdir(root):
+        raise DataError(f"dataset {key!r}: root {root} does not exist or is not a directory")
+    if key in ("cifar10", "cifar100"):
+        from .cifar import CIFAR
+        return CIFAR(key, root, split, augment=augment)
+    if key == "svhn":
+        from .svhn import SVHN
+        return SVHN(root, split, augment=augment)
+    from .imagefolder import FOLDER_LAYOUT, IMAGENET_LAYOUT, ImageFolderDataset
+    size = image_size or 224
+    if key == "imagenet":
+        return ImageFolderDataset("imagenet", os.path.join(root, split), IMAGENET_LAYOUT, image_size=size,
+                                  augment=augment)
+    return ImageFolderDataset("folder", root, FOLDER_LAYOUT, image_size=size, augment=augment)

@@ -1,0 +1,84 @@
+"""Image folders: `imagenet` (ROOT/<split>/<wnid>/*.JPEG) and `folder` (any ROOT/<class>/<image> tree).
+
+Classes are the sorted subfolder names; examples are sorted by class, then by path, so the index order
+is the same on every machine. `files` holds each example's path relative to the data set's folder.
+Preprocessing is ImageNet's evaluation transform (shorter side to 256, centre crop 224, per-channel
+normalisation), scaled by `image_size` (crop) for small images; `augment=True` uses RandomResizedCrop and
+a horizontal flip instead (training). An unreadable image raises DataError naming the file.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from .base import DataError, LabeledDataset, normalize
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET_LAYOUT = "ROOT/<split>/<wnid>/*.JPEG (ImageFolder layout, e.g. ROOT/train/n01440764/n01440764_10026.JPEG)"
+FOLDER_LAYOUT = "ROOT/<class name>/<image file> (ImageFolder layout: one subfolder per class)"
+
+
+def scan_image_folder(folder: str, name: str, layout: str) -> tuple[list[str], list[str], list[int]]:
+    """(classes, relative file paths, labels) of an ImageFolder tree; DataError when it is not one."""
+    if not os.path.isdir(folder):
+        raise DataError(f"dataset {name!r}: {folder} is not a directory; expected {layout}")
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    if not classes:
+        raise DataError(f"dataset {name!r}: {folder} has no class subfolders; expected {layout}")
+    files, labels = [], []
+    for label, cls in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(folder, cls)):
+            dirnames.sort()
+            for fname in sorted(filenames):
+                if fname.lower().endswith(IMAGE_EXTENSIONS):
+                    files.append(os.path.relpath(os.path.join(dirpath, fname), folder))
+                    labels.append(label)
+    if not files:
+        raise DataError(f"dataset {name!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}; "
+                        f"expected {layout}")
+    return classes, files, labels
+
+
+class ImageFolderDataset(LabeledDataset):
+    def __init__(self, name: str, folder: str, layout: str, *, image_size: int = 224, augment: bool = False):
+        self.folder = folder
+        self.classes, files, labels = scan_image_folder(folder, name, layout)
+        self.crop = int(image_size)
+        self.resize = int(round(image_size * 256 / 224))
+        self.augment = None
+        if augment:
+            try:
+                from torchvision import transforms
+            except ImportError as exc:
+                raise DataError(f"dataset {name!r}: augment=True needs torchvision (pip install torchvision)") from exc
+            self.augment = transforms.Compose([transforms.RandomResizedCrop(self.crop),
+                                               transforms.RandomHorizontalFlip()])
+        super().__init__(name, labels, len(self.classes), files=files)
+
+    def _open(self, index: int):
+        from PIL import Image
+        path = os.path.join(self.folder, self.files[index])
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except Exception as exc:  # truncated, not an image, unreadable: the file is the cause either way
+            raise DataError(f"dataset {self.name!r}: cannot read image {path} "
+                            f"({type(exc).__name__}: {exc})") from exc
+
+    def _resize_center_crop(self, img):
+        from PIL import Image
+        w, h = img.size
+        scale = self.resize / min(w, h)
+        img = img.resize((max(self.crop, round(w * scale)), max(self.crop, round(h * scale))), Image.BILINEAR)
+        w, h = img.size
+        left, top = (w - self.crop) // 2, (h - self.crop) // 2
+        return img.crop((left, top, left + self.crop, top + self.crop))
+
+    def load(self, index: int) -> torch.Tensor:
+        img = self._open(index)
+        img = self.augment(img) if self.augment is not None else self._resize_center_crop(img)
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+        return normalize(x, MEAN, STD)
