@@ -1,0 +1,224 @@
+"""The training loop behind `kdfast-distill` and `kdfast-score --train-epochs`: SGD over a (kept) subset
+with `distill_step` and the fused KD loss, a teacher online or from a TeacherCache, per-epoch metrics,
+checkpoints every epoch and exact resumption.
+
+    history = fit(model, dataset, epochs=30, indices=keep, teacher=teacher, alpha=0.5)
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .distill import distill_step
+from .errors import InvalidArgumentError
+from .ops.kd_loss import kd_loss
+
+SCHEDULES = ("cosine", "step", "constant")
+PRECISIONS = ("fp32", "bf16")
+CHECKPOINT_FORMAT = "kdfast-fit/1"
+
+
+class IndexedSubset(Dataset):
+    """Yields (input, label, dataset_index) for the chosen dataset indices, so every batch knows where
+    its examples live in the full data set (for forgetting statistics and teacher caches)."""
+
+    def __init__(self, dataset, indices=None):
+        self.dataset = dataset
+        self.indices = torch.arange(len(dataset)) if indices is None else indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, j):
+        i = int(self.indices[j])
+        x, y = self.dataset[i]
+        return x, y, i
+
+
+def _check_indices(indices, n):
+    if indices is None:
+        return None
+    idx = torch.as_tensor(indices)
+    if idx.dim() != 1 or idx.numel() == 0 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
+        raise InvalidArgumentError(f"fit: indices must be a non-empty 1-d integer array of dataset indices, got "
+                                   f"dtype {idx.dtype} shape {tuple(idx.shape)}")
+    idx = idx.to(torch.int64)
+    if int(idx.min()) < 0 or int(idx.max()) >= n:
+        raise InvalidArgumentError(f"fit: indices must lie in [0, {n}) (the dataset's size), got values in "
+                                   f"[{int(idx.min())}, {int(idx.max())}]")
+    return idx
+
+
+def _check_fit_args(dataset, epochs, batch_size, lr, schedule, milestones, teacher, teacher_cache, alpha,
+                    precision):
+    problems = []
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        problems.append(f"epochs must be a positive integer, got {epochs!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        problems.append(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
+        problems.append(f"lr must be a finite number > 0, got {lr!r}")
+    if schedule not in SCHEDULES:
+        problems.append(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "step" and not milestones:
+        problems.append("schedule='step' needs milestones (epochs where the LR is divided by 10)")
+    if precision not in PRECISIONS:
+        problems.append(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        problems.append(f"alpha must be a number in [0, 1] (the weight of the distillation term), got {alpha!r}")
+    elif alpha > 0 and teacher is None and teacher_cache is None:
+        problems.append(f"alpha={alpha} needs a teacher or a teacher_cache")
+    if teacher is not None and teacher_cache is not None:
+        problems.append("pass a teacher or a teacher_cache, not both")
+    if teacher_cache is not None and len(teacher_cache) != len(dataset):
+        problems.append(f"teacher_cache holds {len(teacher_cache)} examples but the dataset {len(dataset)}; it was "
+                        "built for another data set")
+    if problems:
+        raise InvalidArgumentError("fit: " + "; ".join(problems))
+    if teacher_cache is not None and hasattr(dataset, "targets"):
+        from .data import labels_fingerprint
+        teacher_cache.check(dataset_fingerprint=labels_fingerprint(dataset.targets))
+
+
+def _scheduler(optimizer, schedule, epochs, milestones):
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    if schedule == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def _loader(data, batch_size, shuffle, seed, num_workers, device):
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", drop_last=False)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, *, batch_size=256, device=None, num_workers=0, precision="fp32") -> dict:
+    """Accuracy and mean cross-entropy of `model` (eval mode) on a map-style dataset of (input, label)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    for x, y in _loader(dataset, batch_size, False, 0, num_workers, device):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(x)
+        loss, stats = kd_loss(logits, None, y, alpha=0.0, reduction="sum", return_stats=True)
+        loss_sum += loss
+        correct += stats["correct"].sum()
+    n = len(dataset)
+    return {"loss": float(loss_sum) / n, "acc": float(correct) / n}
+
+
+def _save_checkpoint(path, model, optimizer, scheduler, epoch, history, forgetting):
+    state = {"format": CHECKPOINT_FORMAT, "epoch": epoch, "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history}
+    if forgetting is not None and hasattr(forgetting, "state_dict"):
+        state["forgetting"] = forgetting.state_dict()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint intact
+
+
+def _load_checkpoint(path, model, optimizer, scheduler, forgetting):
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise InvalidArgumentError(f"fit: {path!r} is not a kdfast training checkpoint (format "
+                                   f"{CHECKPOINT_FORMAT!r}); remove it or start without resume")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise InvalidArgumentError(f"fit: checkpoint {path!r} does not fit this model: {exc}") from None
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if forgetting is not None and "forgetting" in state and hasattr(forgetting, "load_state_dict"):
+        forgetting.load_state_dict(state["forgetting"])
+    return state["epoch"], list(state["history"])
+
+
+def _progress_bar(total, desc, enabled):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="ex", unit_scale=True, file=sys.stderr, disable=not enabled,
+                leave=False, dynamic_ncols=True)
+
+
+def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine",
+        milestones=(), teacher=None, teacher_cache=None, alpha=0.0, temperature=4.0, indices=None, forgetting=None,
+        device=None, precision="fp32", seed=0, num_workers=0, checkpoint_path=None, resume=False, progress=True,
+        eval_dataset=None) -> list[dict]:
+    """Trains `model` with SGD on `dataset` (or its `indices` subset), distilling from a teacher if alpha > 0.
+
+    Args:
+        model: the student, moved to `device` and trained in place.
+        dataset: a map-style dataset yielding (input, label).
+        epochs, batch_size, lr, momentum, weight_decay: SGD recipe (Nesterov off, as the papers' recipes).
+        schedule: "cosine" (annealed to 0 over `epochs`), "step" (LR / 10 at each epoch in `milestones`)
+            or "constant"; stepped once per epoch.
+        teacher: a module run online in eval mode; or teacher_cache: a TeacherCache of its logits for
+            `dataset` (checked against the dataset's labels when it has `.targets`). Not both.
+        alpha, temperature: weight of the DISTILLATION term in [0, 1] and the softmax temperature.
+        indices: dataset indices to train on (e.g. `kdfast.prune(...)`); None trains on everything.
+        forgetting: an object with update(dataset_indices, correct) (kdfast.ForgettingTracker), fed every
+            step; its state is checkpointed when it has state_dict()/load_state_dict().
+        device: where to train (default: the model's device). precision: "fp32" or "bf16" autocast.
+        seed: seeds the shuffling; epoch e shuffles with seed + e, so a resumed run replays the same order.
+        checkpoint_path: a file written after every epoch; with resume=True an existing one is loaded and
+            training continues after its epoch.
+        progress: a progress bar on stderr (examples/s).
+        eval_dataset: evaluated after every epoch (accuracy and loss in the metrics).
+
+    Returns:
+        one dict per epoch: epoch, lr, train_loss, train_acc, seconds, examples_per_s (+ eval_loss,
+        eval_acc with eval_dataset), including epochs restored from the checkpoint.
+    """
+    _check_fit_args(dataset, epochs, batch_size, lr, schedule, milestones, teacher, teacher_cache, alpha, precision)
+    subset = IndexedSubset(dataset, _check_indices(indices, len(dataset)))
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    if teacher is not None:
+        teacher.to(device).eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scheduler = _scheduler(optimizer, schedule, epochs, milestones)
+    start, history = 0, []
+    if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
+        start, history = _load_checkpoint(checkpoint_path, model, optimizer, scheduler, forgetting)
+    amp = "bf16" if precision == "bf16" else None
+    for epoch in range(start, epochs):
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        lr_now = optimizer.param_groups[0]["lr"]
+        tic = time.perf_counter()
+        with _progress_bar(len(subset), f"epoch {epoch + 1}/{epochs}", progress) as bar:
+            for x, y, idx in _loader(subset, batch_size, True, seed + epoch, num_workers, device):
+                cached = None if teacher_cache is None or alpha == 0 else teacher_cache[idx]
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                idx_dev = idx.to(device, non_blocking=True)
+                if cached is not None:
+                    cached = cached.to(device, non_blocking=True)
+                out = distill_step(model, teacher, x, y, optimizer, alpha=alpha, temperature=temperature,
+                                   teacher_logits=cached, indices=idx_dev, forgetting=forgetting, amp=amp)
+                loss_sum += out["loss"] * len(y)
+                correct += out["correct"].sum()
+                bar.update(len(y))
+        scheduler.step()
+        seconds = time.perf_counter() - tic
+        n = len(subset)
+        record = {"epoch": epoch + 1, "lr": lr_now, "train_loss": float(loss_sum) / n,
+                  "train_acc": float(correct) / n, "seconds": seconds, "examples_per_s": n / max(seconds, 1e-9)}
+        if eval_dataset is not None:
+            ev = evaluate(model, eval_dataset, batch_size=max(batch_size, 256), device=device,
+                          num_workers=num_workers, precision=precision)
+            record.update(eval_loss=ev["loss"], eval_acc=ev["acc"])
+        history.append(record)
+        if checkpoint_path is not None:
+            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch + 1, history, forgetting)
+    return history
