@@ -1,0 +1,115 @@
+"""Per-example scores of a data set: `score(model, data, method)`, higher = harder, in dataset order.
+
+Methods (case-insensitive; see kdfast.scoring.methods for the definitions):
+    el2n          ||softmax(f(x)) - onehot(y)||_2                          (Paul et al. 2021)
+    grand-last    ||p - e_y|| * sqrt(||h||^2 + 1), exact last-layer gradient norm (h: the head's input)
+    grand         exact gradient norm over all trainable parameters         (Paul et al. 2021)
+    forgetting    correct -> incorrect transitions during training          (Toneva et al. 2019)
+    loss          cross-entropy
+    margin        largest other logit minus the true-class logit
+    random        seeded uniform noise
+    liprune-last  lambda_max(diag(p) - p p^T) * (||h||^2 + 1)              (LiPrune's closed form)
+    liprune       each fixed mini-batch's Hessian spectral norm            (LiPrune, per batch)
+
+Scoring runs every model in eval mode: BatchNorm uses its running statistics and dropout is off.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..errors import InvalidArgumentError
+from .engine import PRECISIONS, BatchScorer, as_model_list, index_batches, resolve_device, score_batches
+from .forgetting import ForgettingTracker
+from .methods import METHOD_NAMES, METHODS, Method, get_method
+
+__all__ = ["score", "ForgettingTracker", "METHODS", "METHOD_NAMES", "Method", "get_method", "BatchScorer",
+           "score_batches", "index_batches", "random_scores", "PRECISIONS"]
+
+
+def random_scores(num_examples: int, seed: int = 0) -> torch.Tensor:
+    """(N,) float32 uniform in [0, 1) from a generator seeded with `seed`: the same on every machine."""
+    return torch.rand(num_examples, generator=torch.Generator().manual_seed(int(seed)))
+
+
+def _check_score_args(data, batch_size, precision, num_workers):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidArgumentError(f"score: batch_size must be a positive int, got {batch_size!r}")
+    if precision not in PRECISIONS:
+        raise InvalidArgumentError(f"score: precision must be one of {PRECISIONS}, got {precision!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise InvalidArgumentError(f"score: num_workers must be an int >= 0, got {num_workers!r}")
+    if not isinstance(data, DataLoader) and not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        raise InvalidArgumentError(f"score: data must be a map-style Dataset of (input, label) or an ordered "
+                                   f"DataLoader, got {type(data).__name__}")
+
+
+def score(model, data, method, *, batch_size=256, device=None, precision="fp32", progress=True, num_workers=0,
+          seed=0, head=None, return_per_model=False):
+    """Scores every example of `data` with `method`; higher means harder.
+
+    Args:
+        model: an nn.Module, or a list of them (an ensemble: the scores are averaged over members). Each
+            model is moved to `device` and scored in eval mode; its train/eval modes are restored after.
+        data: a map-style Dataset yielding (input, label), or a DataLoader that does not shuffle.
+        method: see the module docstring. "forgetting" is measured during training: use
+            ForgettingTracker (kdfast.training.fit feeds one) or `kdfast-score --method forgetting`.
+        batch_size, num_workers: how a Dataset is batched and loaded (ignored for a DataLoader).
+        device: where to run (default: the first model's device).
+        precision: "fp32", or "bf16" autocast (scores are computed in fp32 from the bf16 logits).
+        progress: a progress bar on stderr (examples/s).
+        seed: for "random" (and the batch permutation of "liprune").
+        head: the linear layer producing the logits (module or qualified name) for grand-last and
+            liprune-last; default: the model's last nn.Linear.
+        return_per_model: also return the (K, N) scores of each ensemble member.
+
+    Returns:
+        (N,) float32 CPU tensor in dataset order; with return_per_model, (scores, per_model (K, N)).
+    """
+    m = get_method(method)
+    _check_score_args(data, batch_size, precision, num_workers)
+    n = len(data.dataset) if isinstance(data, DataLoader) else len(data)
+    if m.kind == "training":
+        raise InvalidArgumentError("score: method 'forgetting' is measured during training: feed "
+                                   "kdfast.ForgettingTracker(num_examples).update(indices, correct) from the training "
+                                   "loop (kdfast.training.fit(..., forgetting=tracker) does) and call "
+                                   "tracker.scores(); `kdfast-score --method forgetting` trains and tracks for you")
+    if m.kind == "random":
+        per_model = random_scores(n, seed)[None]
+    else:
+        models = as_model_list(model)
+        if m.kind == "batch":
+            per_model = _liprune_scores(models, data, batch_size, seed, device, progress)
+        else:
+            per_model = torch.empty(len(models), n, dtype=torch.float32)
+            bar = _progress_bar(n, m.name, progress)
+            try:
+                for idx, values, _ in score_batches(models, data, m, batch_size=batch_size, device=device,
+                                                    precision=precision, num_workers=num_workers, head=head):
+                    per_model[:, idx] = values.T
+                    bar.update(len(idx))
+            finally:
+                bar.close()
+    scores = per_model.mean(0)
+    return (scores, per_model) if return_per_model else scores
+
+
+def _liprune_scores(models, data, batch_size, seed, device, progress):
+    if isinstance(data, DataLoader):
+        raise InvalidArgumentError("score: method 'liprune' batches the data itself from a seeded permutation; pass "
+                                   "the Dataset, not a DataLoader")
+    from ..liprune import liprune_batch_scores
+    rows = []
+    for model in models:
+        s, _ = liprune_batch_scores(model, data, batch_size, seed=seed, device=resolve_device([model], device),
+                                    progress=progress)
+        rows.append(torch.as_tensor(s, dtype=torch.float32).cpu())
+    return torch.stack(rows)
+
+
+def _progress_bar(total, desc, enabled):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="ex", unit_scale=True, file=sys.stderr, disable=not enabled,
+                leave=False, dynamic_ncols=True)
