@@ -1,0 +1,38 @@
+"""The opt-in fallback for a module without a rule: torch.func per-example gradients of that module only.
+
+Given the module's saved inputs and its output gradient, each example's parameter gradient is the
+vector-Jacobian product of the module alone (vmap over the batch of vjp), so the cost stays local to the
+module; the rest of the network still goes through the rules.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.func import functional_call, vjp, vmap
+
+log = logging.getLogger("kdfast.grad_norms")
+_LOGGED: set[type] = set()
+
+
+def log_fallback_once(module) -> None:
+    if type(module) not in _LOGGED:
+        _LOGGED.add(type(module))
+        log.warning("per_example_grad_norms: no rule for %s; using the torch.func fallback for it (slower; "
+                    "register a rule with kdfast.grad_norms.register_rule to speed it up)", type(module).__name__)
+
+
+def fallback_sqnorms(module, args, kwargs, grad_output, want) -> dict[str, torch.Tensor]:
+    """{name: (B,) squared norm} of the module's own parameters in `want`, by torch.func."""
+    B = grad_output.shape[0]
+    params = {n: p.detach() for n, p in module.named_parameters(recurse=False) if n in want}
+    batched = tuple(isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == B for a in args)
+
+    def one_example(example_args, g):
+        lifted = tuple(a.unsqueeze(0) if b else a for a, b in zip(example_args, batched))
+        _, pullback = vjp(lambda p: functional_call(module, p, lifted, kwargs), params)
+        (grads,) = pullback(g.unsqueeze(0))
+        return {n: grads[n].square().sum() for n in grads}
+
+    in_dims = (tuple(0 if b else None for b in batched), 0)
+    return vmap(one_example, in_dims=in_dims)(tuple(args), grad_output)

@@ -1,0 +1,356 @@
+"""Per-example gradient norms: every rule and the engine against the torch.func vmap(grad) oracle."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdfast.errors import InvalidArgumentError, UnsupportedModuleError
+from kdfast.grad_norms import check, per_example_grad_norms, register_rule
+from kdfast.grad_norms.forms import gram_sqnorm, outer_sqnorm, prefer_gram
+from kdfast.grad_norms.registry import RULES, find_rule
+from kdfast.grad_norms.rules.conv import conv_weight_sqnorm, explicit_padding
+from kdfast.reference.grad_norms import per_example_grad_norms_ref
+
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+def assert_close_rel(got, want, rtol, what):
+    """Relative error per example (absolute where the oracle is exactly 0), with the worst index on failure."""
+    got, want = got.double(), want.double()
+    err = (got - want).abs() / want.abs().clamp_min(1e-30)
+    err = torch.where(want == 0, (got - want).abs(), err)
+    bad = err > rtol
+    assert not bad.any(), (f"{what}: {int(bad.sum())}/{err.numel()} mismatches, worst index {int(err.argmax())} "
+                           f"rel err {err.max().item():.3e} (got {got.flatten()[err.argmax()].item():.6e}, "
+                           f"want {want.flatten()[err.argmax()].item():.6e})")
+
+
+def compare(model, x, y, dtype=torch.float64, **kw):
+    model = model.to(dtype)
+    x = x.to(dtype) if x.is_floating_point() else x
+    teacher = kw.get("teacher_logits")
+    if teacher is not None:
+        kw["teacher_logits"] = teacher.to(dtype)
+    norms, sq = per_example_grad_norms(model, x, y, per_layer=True, **kw)
+    ref_model = model.double()
+    ref_x = x.double() if x.is_floating_point() else x
+    if teacher is not None:
+        kw["teacher_logits"] = teacher.double()
+    kw.pop("on_missing", None)
+    kw.pop("backend", None)
+    ref, ref_sq = per_example_grad_norms_ref(ref_model, ref_x, y, **kw)
+    assert norms.shape == (x.shape[0],)
+    assert norms.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close_rel(norms, ref, RTOL[dtype], "total norm")
+    assert list(sq) == list(ref_sq), "per_layer names differ from the model's trainable parameters"
+    for name in ref_sq:
+        assert_close_rel(sq[name], ref_sq[name], RTOL[dtype] * 10, f"per_layer[{name!r}]")
+    assert_close_rel(sum(sq.values()), norms.double() ** 2, RTOL[dtype], "per_layer sum vs total")
+    return norms
+
+
+def _randomise_bn(model):
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_(0, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.normal_(m.weight, 1.0, 0.3)
+            nn.init.normal_(m.bias, 0.0, 0.3)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------- models
+class BasicBlock(nn.Module):
+    """ResNet block with in-place ReLU and an in-place residual add (the in-place hazards of torchvision)."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                     if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.down(x)
+        return self.relu(out)
+
+
+def tiny_resnet(norm="bn"):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                          BasicBlock(8, 8, 1), BasicBlock(8, 12, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(12, 5))
+    if norm == "gn":
+        for parent in model.modules():
+            for name, child in parent.named_children():
+                if isinstance(child, nn.BatchNorm2d):
+                    setattr(parent, name, nn.GroupNorm(2, child.num_features))
+    return _randomise_bn(model)
+
+
+class TinyTransformer(nn.Module):
+    """Embedding + pre-norm attention block + MLP on (B, T, d): Linear layers with a sequence dimension,
+    shaped so that both the Gram and the materialised form are chosen."""
+
+    def __init__(self, vocab=11, d=16, T=12, classes=4):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d, padding_idx=0)
+        self.pos = nn.Embedding(T, d)
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.ln2 = nn.RMSNorm(d)
+        self.up = nn.Linear(d, 64)
+        self.down = nn.Linear(64, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, ids):
+        T = ids.shape[1]
+        h = self.tok(ids) + self.pos(torch.arange(T, device=ids.device).expand(ids.shape[0], T))
+        q, k, v = self.qkv(self.ln1(h)).chunk(3, dim=-1)
+        att = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(q.shape[-1]), dim=-1)
+        h = h + self.proj(att @ v)
+        h = h + self.down(F.gelu(self.up(self.ln2(h))))
+        return self.head(h.mean(1))
+
+
+def conv_net(n, bias):
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[n]
+    return nn.Sequential(
+        conv(4, 6, 3, stride=2, padding=1, bias=bias), nn.Tanh(),
+        conv(6, 6, 3, dilation=2, padding="same", groups=3, padding_mode="reflect", bias=bias), nn.Tanh(),
+        conv(6, 4, 2, stride=(1,) * (n - 1) + (2,), padding="valid", bias=bias), nn.Tanh(),
+        conv(4, 8, 1, groups=4, bias=bias), nn.Tanh(),
+        nn.Flatten(), nn.LazyLinear(3, bias=bias))
+
+
+SPATIAL = {1: (11,), 2: (7, 9), 3: (5, 6, 7)}
+
+
+# -------------------------------------------------------------------------------------- architectures
+@pytest.mark.parametrize("B", [1, 5])
+def test_mlp(B):
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(inplace=True), nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 4))
+    compare(model, torch.randn(B, 6), torch.randint(0, 4, (B,)))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_conv_every_option(n, bias):
+    model = conv_net(n, bias)
+    x = torch.randn(3, 4, *SPATIAL[n])
+    model(x)  # materialise the lazy head
+    compare(model, x, torch.randint(0, 3, (3,)))
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_resnet(norm):
+    compare(tiny_resnet(norm), torch.randn(3, 3, 10, 10), torch.randint(0, 5, (3,)))
+
+
+def test_torchvision_resnet_in_place_ops():
+    torchvision = pytest.importorskip("torchvision")
+    model = _randomise_bn(torchvision.models.resnet18(num_classes=3))
+    compare(model, torch.randn(2, 3, 16, 16), torch.randint(0, 3, (2,)))
+
+
+def test_layernorm_net():
+    model = nn.Sequential(nn.Linear(6, 12), nn.LayerNorm(12), nn.GELU(), nn.Linear(12, 12),
+                          nn.LayerNorm(12, bias=False), nn.Linear(12, 3))
+    compare(model, torch.randn(4, 6), torch.randint(0, 3, (4,)))
+
+
+def test_transformer_block_with_sequence_dim():
+    model = TinyTransformer()
+    ids = torch.randint(0, 11, (4, 12))
+    ids[0, :3] = 0  # padding positions get no embedding gradient
+    ids[1, :] = 5   # one id repeated at every position
+    assert prefer_gram(12, 16, 64) and not prefer_gram(12, 16, 16)  # up is Gram, proj materialised
+    compare(model, ids, torch.randint(0, 4, (4,)))
+
+
+def test_kd_and_callable_losses():
+    model = tiny_resnet("gn")
+    x, y = torch.randn(3, 3, 8, 8), torch.randint(0, 5, (3,))
+    teacher = torch.randn(3, 5) * 3
+    teacher[0, 2] = float("-inf")
+    compare(model, x, y, loss="kd", teacher_logits=teacher, alpha=0.3, temperature=2.5)
+    compare(model, x, y, loss=lambda out, t: F.softplus(out).sum(1) - 2 * out.gather(1, t[:, None]).squeeze(1))
+
+
+def test_zero_gradient_examples():
+    model = nn.Sequential(nn.Linear(5, 8, bias=False), nn.ReLU(), nn.Linear(8, 3, bias=False))
+    x = torch.randn(4, 5)
+    x[1] = 0  # a bias-free net has exactly zero gradient at a zero input
+    norms = compare(model, x, torch.randint(0, 3, (4,)))
+    assert norms[1] == 0 and (norms[[0, 2, 3]] > 0).all()
+
+
+def test_float32_and_frozen_parameters():
+    model = tiny_resnet("bn")
+    model[0].weight.requires_grad_(False)
+    model[3].bn1.bias.requires_grad_(False)
+    norms = compare(model, torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,)), dtype=torch.float32)
+    assert norms.dtype == torch.float32
+
+
+def test_fallback_for_modules_without_rule():
+    class Scale(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.gain = nn.Parameter(torch.randn(n))
+            self.shift = nn.Parameter(torch.randn(n))
+
+        def forward(self, x):
+            return x * self.gain + self.shift ** 2
+
+    model = nn.Sequential(nn.Linear(4, 6), Scale(6), nn.ReLU(), nn.Linear(6, 3), Scale(3))
+    x, y = torch.randn(3, 4), torch.randint(0, 3, (3,))
+    assert check(model) == {"1": "Scale", "4": "Scale"}
+    with pytest.raises(UnsupportedModuleError, match=r"`1` \(Scale\), `4` \(Scale\)"):
+        per_example_grad_norms(model.double(), x.double(), y)
+    compare(model, x, y, on_missing="fallback")
+
+
+# ------------------------------------------------------------------------------------------ side effects
+def _state(model):
+    return ([(p.requires_grad, None if p.grad is None else p.grad.clone()) for p in model.parameters()],
+            [(m.training, len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+             for m in model.modules()])
+
+
+def _same_state(a, b):
+    (pa, ma), (pb, mb) = a, b
+    assert ma == mb
+    for (ra, ga), (rb, gb) in zip(pa, pb):
+        assert ra == rb and (ga is None) == (gb is None) and (ga is None or torch.equal(ga, gb))
+
+
+def test_no_side_effects_also_after_an_exception():
+    model = tiny_resnet("gn").double()
+    model[0].weight.requires_grad_(False)
+    model[-1].weight.grad = torch.randn_like(model[-1].weight)
+    x, y = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (2,))
+    before = _state(model)
+    per_example_grad_norms(model, x, y)
+    _same_state(before, _state(model))
+
+    def failing_loss(out, t):
+        raise RuntimeError("midway")
+
+    with pytest.raises(RuntimeError, match="midway"):
+        per_example_grad_norms(model, x, y, loss=failing_loss)
+    _same_state(before, _state(model))
+
+    class Broken(nn.Linear):
+        pass
+
+    @register_rule(Broken)
+    def broken_rule(module, x, grad_output, *, want, backend):
+        raise RuntimeError("rule failed in the backward")
+
+    broken = nn.Sequential(model, Broken(5, 2)).double()
+    before = _state(broken)
+    with pytest.raises(RuntimeError, match="rule failed"):
+        per_example_grad_norms(broken, x, y.clamp(max=1))
+    _same_state(before, _state(broken))
+
+
+# ------------------------------------------------------------------------------------------ refusals
+def test_batchnorm_in_train_mode_is_refused():
+    model = tiny_resnet("bn").train()
+    with pytest.raises(InvalidArgumentError, match=r"BatchNorm .* at 1, 3\.bn1.*model\.eval\(\)"):
+        per_example_grad_norms(model, torch.randn(2, 3, 8, 8), torch.randint(0, 5, (2,)))
+    no_stats = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False)).eval()
+    with pytest.raises(InvalidArgumentError, match="track_running_stats=False"):
+        per_example_grad_norms(no_stats, torch.randn(2, 3), torch.randint(0, 4, (2,)))
+
+
+class SharedPositions(nn.Module):
+    """Adds positional embeddings computed once for the whole batch (the rows are not per example)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(3, 4)
+
+    def forward(self, x):
+        return x + self.emb(torch.arange(x.shape[1]))
+
+
+def test_reused_module_shared_input_and_tied_weights_are_refused():
+    lin = nn.Linear(4, 4)
+    with pytest.raises(UnsupportedModuleError, match="ran more than once"):
+        per_example_grad_norms(nn.Sequential(lin, nn.Tanh(), lin), torch.randn(2, 4), torch.randint(0, 4, (2,)))
+    with pytest.raises(UnsupportedModuleError, match=r"must return one batch-first tensor with 2 rows.*expand"):
+        per_example_grad_norms(SharedPositions(), torch.randn(2, 3, 4),
+                               torch.randint(0, 4, (2, 3)))
+    emb, head = nn.Embedding(7, 4), nn.Linear(4, 7, bias=False)
+    head.weight = emb.weight
+    with pytest.raises(UnsupportedModuleError, match=r"0\.weight = 2\.weight"):
+        per_example_grad_norms(nn.Sequential(emb, nn.Tanh(), head), torch.randint(0, 7, (2, 3)),
+                               torch.randint(0, 7, (2, 3)))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"loss": "mse"}, "loss must be 'ce', 'kd' or a callable"),
+    ({"loss": "kd"}, "needs teacher_logits"),
+    ({"on_missing": "skip"}, "on_missing must be one of"),
+    ({"per_layer": 1}, "per_layer must be a bool"),
+    ({"loss": lambda out, t: out.sum()}, r"per-example losses of shape \(3,\), got \(\)"),
+    ({"targets": torch.zeros(2, dtype=torch.long)}, r"one entry per example \(3\)"),
+    ({"inputs": 3.0}, "inputs must be a batch-first tensor"),
+])
+def test_bad_arguments(kwargs, match):
+    args = {"inputs": torch.randn(3, 4), "targets": torch.randint(0, 2, (3,))}
+    args.update(kwargs)
+    with pytest.raises(InvalidArgumentError, match=match):
+        per_example_grad_norms(nn.Linear(4, 2), args.pop("inputs"), args.pop("targets"), **args)
+
+
+def test_empty_batch_and_no_trainable_parameters():
+    model = nn.Linear(4, 2)
+    assert per_example_grad_norms(model, torch.randn(0, 4), torch.zeros(0, dtype=torch.long)).shape == (0,)
+    model.requires_grad_(False)
+    assert torch.equal(per_example_grad_norms(model, torch.randn(3, 4), torch.randint(0, 2, (3,))), torch.zeros(3))
+
+
+# ------------------------------------------------------------------------------------------- registry
+def test_registry_covers_the_built_in_layers():
+    for cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+                nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.Embedding, nn.LazyLinear):
+        assert find_rule(cls.__new__(cls)) is not None, cls.__name__
+    assert find_rule(nn.ConvTranspose2d(2, 2, 3)) is None  # a sibling class, not a subclass: no rule
+
+
+def test_register_rule_overwrite_and_mro():
+    class MyLinear(nn.Linear):
+        pass
+
+    assert find_rule(MyLinear(2, 2)) is RULES[nn.Linear]  # the parent's rule through the MRO
+    with pytest.raises(InvalidArgumentError, match="overwrite=True"):
+        register_rule(nn.Linear)(lambda *a, **k: {})
+    calls = []
+
+    def my_rule(module, x, grad_output, *, want, backend):
+        calls.append(type(module).__name__)
+        return RULES[nn.Linear](module, x, grad_output, want=want, backend=backend)
+
+    register_rule(MyLinear)(my_rule)
+    try:
+        assert find_rule(MyLinear(2, 2)) is my_rule  # the exact type wins over the parent
+        register_rule(MyLinear, overwrite=True)(my_rule)
+        compare(nn.Sequential(MyLinear(3, 4), nn.Tanh(), nn.Linear(4, 2)), torch.randn(3, 3),
+                torch.randint(0, 2, (3,)))
+        assert calls == ["MyLinear"]
+    finally:
+        del RULES[MyLinear]
+    with pytest.raises(InvalidArgumentError, match="nn.Module subclasses"):
+        register_rule(int)
