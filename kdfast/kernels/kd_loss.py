@@ -60,12 +60,16 @@ def _online_tile(s, t, cols, y, inv_T, m, z, zT, mt, zt, A, m_other, HAS_TEACHER
 
 
 @triton.jit
-def _grad_tile(s, t, cols, y, inv_T, coef_ce, coef_kd, lse, lseT, lse_t, HAS_TEACHER: tl.constexpr):
-    """Pass 2 on one tile: d = softmax(s) - e_y and the unscaled row gradient g (masked columns give 0)."""
-    d = tl.exp(s - lse) - tl.where(cols == y, 1.0, 0.0)
+def _grad_tile(s, t, cols, y, inv_T, coef_ce, coef_kd, m, log_z, log_zT, mt, log_zt, HAS_TEACHER: tl.constexpr):
+    """Pass 2 on one tile: d = softmax(s) - e_y and the unscaled row gradient g (masked columns give 0).
+
+    Exponents subtract the row max before the log-sum: (s - m) is exact near the max, whereas s - lse would
+    round lse at the scale of the logits (a relative error of 1e-4 in p at logits of 1e4).
+    """
+    d = tl.exp((s - m) - log_z) - tl.where(cols == y, 1.0, 0.0)
     g = coef_ce * d
     if HAS_TEACHER:
-        g += coef_kd * (tl.exp(s * inv_T - lseT) - tl.exp(t * inv_T - lse_t))
+        g += coef_kd * (tl.exp((s - m) * inv_T - log_zT) - tl.exp((t * inv_T - mt) - log_zt))
     return g, d
 
 
@@ -135,11 +139,11 @@ def _kd_loss_fwd_kernel(
                 t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
             m, z, zT, mt, zt, A, m_other = _online_tile(s, t, cols, y, inv_T, m, z, zT, mt, zt, A, m_other,
                                                         HAS_TEACHER)
-    lse = m + tl.log(z)
-    lseT = m * inv_T + tl.log(zT)
-    lse_t = mt + tl.log(zt)
-    ce = lse - s_y
-    kl = A / zt - lse_t + lseT
+    log_z = tl.log(z)
+    log_zT = tl.log(zT)
+    log_zt = tl.log(zt)
+    ce = (m - s_y) + log_z
+    kl = A / zt + (m * inv_T - mt) + (log_zT - log_zt)
     loss = (1.0 - alpha) * ce
     if HAS_TEACHER:
         loss += tl.where(alpha > 0, alpha * temperature * temperature * kl, 0.0)
@@ -155,7 +159,7 @@ def _kd_loss_fwd_kernel(
         sum_d2 = 0.0
         sum_g2 = 0.0
         if SINGLE_TILE:
-            g, d = _grad_tile(s_reg, t_reg, cols0, y, inv_T, coef_ce, coef_kd, lse, lseT, lse_t, HAS_TEACHER)
+            g, d = _grad_tile(s_reg, t_reg, cols0, y, inv_T, coef_ce, coef_kd, m, log_z, log_zT, mt, log_zt, HAS_TEACHER)
             g = tl.where(valid, g, 0.0)
             sum_d2 = tl.sum(d * d, 0)
             sum_g2 = tl.sum(g * g, 0)
@@ -169,7 +173,7 @@ def _kd_loss_fwd_kernel(
                 t = s
                 if HAS_TEACHER:
                     t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-                g, d = _grad_tile(s, t, cols, y, inv_T, coef_ce, coef_kd, lse, lseT, lse_t, HAS_TEACHER)
+                g, d = _grad_tile(s, t, cols, y, inv_T, coef_ce, coef_kd, m, log_z, log_zT, mt, log_zt, HAS_TEACHER)
                 g = tl.where(valid, g, 0.0)
                 sum_d2 += tl.sum(d * d, 0)
                 sum_g2 += tl.sum(g * g, 0)
