@@ -16,15 +16,29 @@ except ImportError:  # torch absent at build time (isolated build): ship without
     print("kdfast: torch not importable at build time; building without the C++ extension "
           "(install with --no-build-isolation to get it)", file=sys.stderr)
 else:
+    class OptionalBuildExtension(BuildExtension.with_options(use_ninja=True)):
+        """Leaves optional extensions out when they fail to compile: ninja reports a failed compile as a
+        RuntimeError, which setuptools' `optional=True` does not catch."""
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as exc:
+                if not ext.optional:
+                    raise
+                print(f"kdfast: building {ext.name} failed ({exc}); installing without it, the 'cpp' backend "
+                      "is unavailable (kdfast.backends() says why)", file=sys.stderr)
+
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if sources:
         openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
         ext_modules.append(CppExtension(
             "kdfast._C", sources,
-            extra_compile_args=["-O3", "-std=c++17", *openmp],
+            # no -std: torch adds the standard its headers need (C++17 in older releases, C++20 in 2.14)
+            extra_compile_args=["-O3", *openmp],
             extra_link_args=openmp,
             optional=True,  # a failed compile leaves a working pure-Python install
         ))
-        cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+        cmdclass["build_ext"] = OptionalBuildExtension
 
 setup(ext_modules=ext_modules, cmdclass=cmdclass)
