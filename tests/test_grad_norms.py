@@ -354,3 +354,66 @@ def test_register_rule_overwrite_and_mro():
         del RULES[MyLinear]
     with pytest.raises(InvalidArgumentError, match="nn.Module subclasses"):
         register_rule(int)
+
+
+# ------------------------------------------------------------------------------- forms and Triton kernels
+def _explicit_conv_sqnorms(x, g, n, stride, padding, dilation, groups, kernel_size):
+    """Each example's weight gradient by autograd, one example at a time (float64)."""
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
+    w = torch.zeros(g.shape[1], x.shape[1] // groups, *kernel_size, dtype=x.dtype, requires_grad=True)
+    out = []
+    for i in range(x.shape[0]):
+        y = conv(x[i:i + 1], w, None, stride, padding, dilation, groups)
+        (gw,) = torch.autograd.grad((y * g[i:i + 1]).sum(), w)
+        out.append(gw.square().sum())
+    return torch.stack(out)
+
+
+# (n, Cin, Cout, kernel, stride, padding, dilation, groups, spatial): odd sizes, more than one tile of
+# output channels (70 > 64) and of input-channel taps (8 * 9 = 72 > 64), 1x1, grouped, depthwise.
+CONV_CASES = [
+    (1, 3, 5, (3,), (2,), (1,), (1,), 1, (13,)),
+    (2, 8, 70, (3, 3), (1, 1), (1, 1), (1, 1), 1, (5, 6)),
+    (2, 6, 4, (3, 2), (2, 1), (0, 2), (2, 1), 2, (9, 7)),
+    (2, 4, 4, (3, 3), (1, 1), (1, 1), (1, 1), 4, (6, 6)),
+    (2, 5, 7, (1, 1), (2, 2), (0, 0), (1, 1), 1, (5, 5)),
+    (3, 4, 6, (2, 3, 2), (1, 2, 1), (1, 0, 1), (1, 1, 2), 2, (4, 5, 6)),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"conv{c[0]}d-{c[1]}x{c[2]}-g{c[7]}")
+def test_conv_forms_and_triton_kernel(case):
+    from kdfast.grad_norms.rules.conv import _direct_torch, _direct_triton, _gram_form
+    n, cin, cout, k, stride, padding, dilation, groups, spatial = case
+    x = torch.randn(3, cin, *spatial, dtype=torch.float64)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
+    shape = conv(x, torch.zeros(cout, cin // groups, *k, dtype=x.dtype), None, stride, padding, dilation,
+                 groups).shape
+    g = torch.randn(shape, dtype=torch.float64)
+    want = _explicit_conv_sqnorms(x, g, n, stride, padding, dilation, groups, k)
+    args = (k, stride, padding, dilation, groups)
+    assert_close_rel(_direct_torch(x, g, *args), want, 1e-10, "direct (torch)")
+    assert_close_rel(_gram_form(x, g, *args, "torch"), want, 1e-10, "Gram (torch)")
+    xs = x.float().contiguous(memory_format=torch.channels_last) if n == 2 else x.float()  # any strides
+    assert_close_rel(_direct_triton(xs, g.float(), *args), want, 1e-4, "direct (Triton)")
+    assert_close_rel(_gram_form(x.float(), g.float(), *args, "triton"), want, 1e-4, "Gram (Triton)")
+
+
+@pytest.mark.parametrize("T, da, dg", [(1, 5, 3), (7, 20, 9), (70, 6, 17)])
+def test_linear_forms_and_triton_kernels(T, da, dg):
+    a = torch.randn(4, T, da, dtype=torch.float64)
+    g = torch.randn(4, T, dg, dtype=torch.float64)
+    want = torch.einsum("ntd,nte->nde", a, g).square().sum((1, 2))
+    assert_close_rel(gram_sqnorm(a, g, "torch"), want, 1e-10, "Gram (torch)")
+    assert_close_rel(outer_sqnorm(a, g, "torch"), want, 1e-10, "outer (torch)")
+    at, gt = a.float().transpose(1, 2).contiguous().transpose(1, 2), g.float()  # a strided view
+    assert_close_rel(gram_sqnorm(at, gt, "triton"), want, 1e-4, "Gram (Triton)")
+    assert_close_rel(outer_sqnorm(at, gt, "triton"), want, 1e-4, "outer (Triton)")
+
+
+def test_engine_on_the_triton_backend():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(6 * 2 * 2, 3))
+    compare(model, torch.randn(2, 3, 6, 6), torch.randint(0, 3, (2,)), dtype=torch.float32, backend="triton")
+    compare(TinyTransformer(T=5), torch.randint(0, 11, (2, 5)), torch.randint(0, 4, (2,)), dtype=torch.float32,
+            backend="triton")
