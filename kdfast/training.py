@@ -145,15 +145,22 @@ def _load_checkpoint(path, model, optimizer, scheduler, forgetting):
 
 
 def _progress_bar(total, desc, enabled):
+    """A tqdm bar (examples/s) on a terminal; elsewhere (logs, pipes) only the per-epoch line of `fit`."""
     from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="ex", unit_scale=True, file=sys.stderr, disable=not enabled,
-                leave=False, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="ex", unit_scale=True, file=sys.stderr,
+                disable=not (enabled and sys.stderr.isatty()), leave=False, dynamic_ncols=True)
+
+
+def _epoch_line(record, epochs):
+    evaluation = f", eval loss {record['eval_loss']:.4f} acc {record['eval_acc']:.4f}" if "eval_acc" in record else ""
+    return (f"epoch {record['epoch']}/{epochs}: lr {record['lr']:.4g}, train loss {record['train_loss']:.4f} "
+            f"acc {record['train_acc']:.4f}{evaluation} ({record['examples_per_s']:,.0f} ex/s)")
 
 
 def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine",
         milestones=(), teacher=None, teacher_cache=None, alpha=0.0, temperature=4.0, indices=None, forgetting=None,
         device=None, precision="fp32", seed=0, num_workers=0, checkpoint_path=None, resume=False, progress=True,
-        eval_dataset=None) -> list[dict]:
+        eval_dataset=None, on_epoch=None) -> list[dict]:
     """Trains `model` with SGD on `dataset` (or its `indices` subset), distilling from a teacher if alpha > 0.
 
     Args:
@@ -172,8 +179,9 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
         seed: seeds the shuffling; epoch e shuffles with seed + e, so a resumed run replays the same order.
         checkpoint_path: a file written after every epoch; with resume=True an existing one is loaded and
             training continues after its epoch.
-        progress: a progress bar on stderr (examples/s).
+        progress: on stderr, a bar with examples/s on a terminal and one line per epoch.
         eval_dataset: evaluated after every epoch (accuracy and loss in the metrics).
+        on_epoch: called as on_epoch(history) after every epoch's checkpoint (e.g. to write metrics files).
 
     Returns:
         one dict per epoch: epoch, lr, train_loss, train_acc, seconds, examples_per_s (+ eval_loss,
@@ -219,6 +227,10 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
                           num_workers=num_workers, precision=precision)
             record.update(eval_loss=ev["loss"], eval_acc=ev["acc"])
         history.append(record)
+        if progress:
+            print(_epoch_line(record, epochs), file=sys.stderr, flush=True)
         if checkpoint_path is not None:
             _save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch + 1, history, forgetting)
+        if on_epoch is not None:
+            on_epoch(history)
     return history

@@ -1,0 +1,168 @@
+"""`kdfast-prune`: keep a fraction of a data set from its scores; writes the kept indices as .npy.
+
+    kdfast-prune --scores runs/c100-el2n --fraction 0.3 --mode moderate --class-balanced --out keep.npy
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+from .common import CliError, UsageError, log, write_json_atomic
+
+EPILOG = """examples:
+  kdfast-prune --scores runs/digits-el2n --fraction 0.3 --out keep.npy
+      kept 431 of 1397 examples (fraction 0.3, mode hard) -> keep.npy
+  kdfast-prune --scores runs/c100-el2n --fraction 0.3 --mode moderate --class-balanced --out keep.npy
+  kdfast-prune --scores scores.npy --fraction 0.1 --mode random --seed 3 --out keep.npy
+
+--scores is a `kdfast-score` output folder (scores.npy + meta.json) or a .npy file of float scores in data
+set order, higher = harder. --class-balanced needs the labels: from --labels FILE.npy, or from the data set
+(--dataset, else the one named in the scores' meta.json); they must match the labels the scores were
+computed on (fingerprint). Besides OUT, OUT.json records what was kept and from what.
+"""
+
+
+def add_parser(subparsers):
+    from ..selection import MODES
+    p = subparsers.add_parser("prune", help="keep a fraction of a data set from its scores",
+                              description="Keep a fraction of a data set from per-example scores.",
+                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("Scores")
+    g.add_argument("--scores", required=True, help="kdfast-score output folder, or a .npy file of scores")
+    g = p.add_argument_group("Selection")
+    g.add_argument("--fraction", type=float, required=True, help="share of examples kept, in (0, 1]")
+    g.add_argument("--mode", default="hard", choices=MODES,
+                   help="hard: highest scores; easy: lowest; moderate: around the median; random: seeded; "
+                        "ccs: coverage-centric (default: %(default)s)")
+    g.add_argument("--class-balanced", action="store_true", help="draw equally from each class")
+    g.add_argument("--seed", type=int, default=0, help="seed of random and ccs (default: %(default)s)")
+    g.add_argument("--ccs-beta", type=float, default=0.1,
+                   help="ccs: hardest share dropped before stratified sampling (default: %(default)s)")
+    g.add_argument("--ccs-strata", type=int, default=50, help="ccs: number of score strata (default: %(default)s)")
+    g = p.add_argument_group("Labels (for --class-balanced)")
+    g.add_argument("--labels", help=".npy file of int labels in data set order")
+    g.add_argument("--dataset", help="data set to read the labels from (default: the scores' meta.json)")
+    g.add_argument("--data-root", help="root folder of the data set")
+    g.add_argument("--split", default=None, help="split of the data set (default: meta.json's, else train)")
+    g = p.add_argument_group("Output")
+    g.add_argument("--out", required=True, help="where to write the kept indices (.npy, int64, sorted)")
+    return p
+
+
+def _validate(args):
+    problems = []
+    if not 0.0 < args.fraction <= 1.0:
+        problems.append(f"--fraction must be in (0, 1], got {args.fraction}")
+    if not 0.0 <= args.ccs_beta < 1.0:
+        problems.append(f"--ccs-beta must be in [0, 1), got {args.ccs_beta}")
+    if args.ccs_strata < 1:
+        problems.append(f"--ccs-strata must be >= 1, got {args.ccs_strata}")
+    if not os.path.exists(args.scores):
+        problems.append(f"--scores {args.scores} does not exist")
+    if args.labels and not os.path.isfile(args.labels):
+        problems.append(f"--labels {args.labels} does not exist")
+    if args.labels and args.dataset:
+        problems.append("give --labels or --dataset, not both")
+    if not args.out.endswith(".npy"):
+        problems.append(f"--out must name a .npy file, got {args.out}")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def _load_npy(path, what):
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read {what} {path}: {exc}") from None
+
+
+def load_scores(path):
+    """(scores, meta): a kdfast-score folder (scores.npy + meta.json) or a bare .npy file (meta {})."""
+    if os.path.isdir(path):
+        file = os.path.join(path, "scores.npy")
+        if not os.path.isfile(file):
+            raise CliError(f"--scores folder {path} holds no scores.npy; is it a kdfast-score output folder? "
+                           "(an unfinished run: finish it with kdfast-score --resume)")
+        meta_file = os.path.join(path, "meta.json")
+        meta = {}
+        if os.path.isfile(meta_file):
+            with open(meta_file) as fh:
+                meta = json.load(fh)
+        return _load_npy(file, "scores"), meta
+    return _load_npy(path, "scores"), {}
+
+
+def _meta_labels_fingerprint(meta):
+    for key in ("labels_fingerprint", "dataset_fingerprint"):
+        if isinstance(meta.get(key), str):
+            return meta[key]
+    return None
+
+
+def _labels(args, meta, n):
+    if args.labels:
+        labels = _load_npy(args.labels, "labels")
+        source = args.labels
+    else:
+        from ..data import load_dataset
+        name = args.dataset or meta.get("dataset")
+        if not name:
+            raise UsageError("--class-balanced needs labels: pass --labels FILE.npy or --dataset (the scores carry "
+                             "no meta.json naming their data set)")
+        root = args.data_root or meta.get("data_root")
+        split = args.split or meta.get("split") or "train"
+        labels = load_dataset(name, root=root, split=split).targets.numpy()
+        source = f"{name} ({split})"
+    if labels.ndim != 1 or len(labels) != n:
+        raise CliError(f"labels from {source} have shape {labels.shape}, expected ({n},) (one per score)")
+    expected = _meta_labels_fingerprint(meta)
+    if expected is not None:
+        from ..data import labels_fingerprint
+        if labels_fingerprint(labels) != expected:
+            raise CliError(f"labels from {source} are not those the scores were computed on (fingerprint "
+                           "mismatch): check --dataset, --data-root and --split")
+    return labels
+
+
+def run(args) -> int:
+    from ..selection import prune
+    _validate(args)
+    scores, meta = load_scores(args.scores)
+    if scores.ndim != 1:
+        raise CliError(f"scores in {args.scores} have shape {scores.shape}, expected (N,)")
+    labels = _labels(args, meta, len(scores)) if args.class_balanced else None
+    keep = prune(scores, args.fraction, args.mode, labels=labels, class_balanced=args.class_balanced,
+                 seed=args.seed, ccs_beta=args.ccs_beta, ccs_strata=args.ccs_strata).numpy()
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = f"{args.out}.tmp{os.getpid()}.npy"
+    np.save(tmp, keep.astype(np.int64))
+    os.replace(tmp, args.out)
+    record = {"num_examples": int(len(scores)), "num_kept": int(len(keep)), "fraction": args.fraction,
+              "mode": args.mode, "class_balanced": args.class_balanced, "seed": args.seed,
+              "scores": os.path.abspath(args.scores), "method": meta.get("method"), "dataset": meta.get("dataset"),
+              "labels_fingerprint": _meta_labels_fingerprint(meta), "argv": sys.argv}
+    if args.mode == "ccs":
+        record.update(ccs_beta=args.ccs_beta, ccs_strata=args.ccs_strata)
+    write_json_atomic(f"{args.out}.json", record)
+    print(f"kept {len(keep)} of {len(scores)} examples (fraction {args.fraction}, mode {args.mode}"
+          f"{', class-balanced' if args.class_balanced else ''}) -> {args.out}")
+    kept = scores[keep]
+    finite = kept[np.isfinite(kept)]
+    if finite.size:
+        print(f"kept scores: min {finite.min():.4g}, median {np.median(finite):.4g}, max {finite.max():.4g}"
+              f"{f', {int((~np.isfinite(kept)).sum())} at +inf' if finite.size < kept.size else ''}")
+    if labels is not None:
+        classes, counts = np.unique(labels[keep], return_counts=True)
+        print("per class: " + ", ".join(f"{c}: {k}" for c, k in zip(classes.tolist(), counts.tolist())))
+    log(f"wrote {args.out} and {args.out}.json", quiet=args.quiet)
+    return 0
+
+
+if __name__ == "__main__":
+    from .main import prune_main
+    sys.exit(prune_main())
