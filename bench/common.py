@@ -1,0 +1,151 @@
+"""Timing, memory and row-recording helpers shared by every benchmark module.
+
+Times are medians with the 20th and 80th percentiles, in milliseconds: on a GPU through
+`triton.testing.do_bench` (CUDA events, cache flushed between calls), on the CPU through a perf_counter
+loop. A row is a flat dict that says what ran, where, with which versions, and from which command.
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+QUANTILES = (0.5, 0.2, 0.8)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _quantiles(samples_ms: list[float]) -> tuple[float, float, float]:
+    q = torch.tensor(samples_ms, dtype=torch.float64).quantile(torch.tensor(QUANTILES, dtype=torch.float64))
+    return tuple(float(v) for v in q)
+
+
+def time_ms(fn, device: torch.device, *, setup=None, warmup_ms: float = 25.0, rep_ms: float = 100.0,
+            min_reps: int = 5) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds of `fn()`, or of `fn(setup())` with the setup left out of the time.
+
+    Without setup on a GPU this is triton's do_bench; with setup (a backward needs a fresh forward) each
+    call is timed alone with CUDA events; on the CPU with perf_counter.
+    """
+    if device.type == "cuda" and setup is None:
+        import triton.testing
+        return tuple(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=list(QUANTILES)))
+
+    def run_once() -> float:
+        args = (setup(),) if setup is not None else ()
+        sync(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*args)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn(*args)
+        return (time.perf_counter() - t0) * 1e3
+
+    spent = 0.0
+    while spent < warmup_ms:  # at least one call: compilation and caches stay out of the numbers
+        spent += max(run_once(), 1e-3)
+    samples: list[float] = []
+    while sum(samples) < rep_ms or len(samples) < min_reps:
+        samples.append(run_once())
+    return _quantiles(samples)
+
+
+def peak_extra_mib(fn, device: torch.device) -> float | None:
+    """Peak device memory allocated by `fn()` above what was allocated before it (None off the GPU)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    n = nbytes // 4
+    if device.type == "cpu":
+        n = min(n, 1 << 25)
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    ms, _, _ = time_ms(lambda: dst.copy_(src), device)
+    return 2 * n * 4 / (ms * 1e-3) / 1e9
+
+
+@functools.lru_cache(maxsize=None)
+def _commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kdfast", "csrc", "bench"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("KDFAST_COMMIT", "unknown")
+    return head + ("+dirty" if dirty else "")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("triton", "kdfast", "liger_kernel"):
+        mod = sys.modules.get(name)
+        if mod is None and name != "liger_kernel":
+            try:
+                mod = __import__(name)
+            except ImportError:
+                continue
+        if mod is not None:
+            out[name] = getattr(mod, "__version__", "unknown")
+    if torch.version.cuda:
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def make_row(*, op: str, provider: str, mode: str, shape, dtype, device: torch.device, **metrics) -> dict:
+    """One result row: what ran (op, provider, mode, shape, dtype), where, with what, and the numbers."""
+    return {
+        "op": op, "provider": provider, "mode": mode,
+        "shape": "x".join(str(d) for d in shape), "dtype": str(dtype).replace("torch.", ""),
+        "device": device_name(device), "device_type": device.type,
+        "versions": versions(), "commit": _commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.executable), "-m", "bench.run", *sys.argv[1:]]),
+        # CPU timings on a shared machine are only as good as its idleness: keep the load beside them
+        "load_avg_1min": os.getloadavg()[0] if device.type == "cpu" and hasattr(os, "getloadavg") else None,
+        **metrics,
+    }
+
+
+def append_rows(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
