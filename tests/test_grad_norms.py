@@ -417,3 +417,19 @@ def test_engine_on_the_triton_backend():
     compare(model, torch.randn(2, 3, 6, 6), torch.randint(0, 3, (2,)), dtype=torch.float32, backend="triton")
     compare(TinyTransformer(T=5), torch.randint(0, 11, (2, 5)), torch.randint(0, 4, (2,)), dtype=torch.float32,
             backend="triton")
+
+
+def test_input_modified_in_place_after_the_layer_is_refused():
+    class Clobber(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = torch.tanh(x)
+            out = self.a(h)
+            h.mul_(2)  # the saved input of `a` changes after `a` ran
+            return self.b(out + h)
+
+    with pytest.raises(UnsupportedModuleError, match="`a` .* modified in place"):
+        per_example_grad_norms(Clobber(), torch.randn(2, 4), torch.randint(0, 3, (2,)))

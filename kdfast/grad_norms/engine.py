@@ -40,8 +40,10 @@ class _Layer:
     module: nn.Module
     rule: Rule | None                  # None: the torch.func fallback
     want: tuple[str, ...]              # own parameters requiring grad, in registration order
+    inner: list = field(default_factory=list)  # fallback only: the layers nested in this module
     args: tuple | None = None
     kwargs: dict | None = None
+    versions: tuple = ()
     calls: int = 0
     sq: dict = field(default_factory=dict)
 
@@ -81,6 +83,10 @@ def _plan(model: nn.Module, on_missing: str) -> list[_Layer]:
         for pn in want:
             owners.setdefault(id(getattr(module, pn)), []).append(f"{name}.{pn}" if name else pn)
         layers.append(_Layer(name, module, find_rule(module), want))
+    for outer in layers:
+        if outer.rule is None:
+            prefix = f"{outer.name}." if outer.name else ""
+            outer.inner = [layer for layer in layers if layer is not outer and layer.name.startswith(prefix)]
     shared = [" = ".join(names) for names in owners.values() if len(names) > 1]
     if shared:
         raise UnsupportedModuleError(
@@ -144,6 +150,7 @@ class _Capture:
                 "them: feed it a batch-first input such as arange(T).expand(B, T)")
         layer.args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         layer.kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        layer.versions = tuple(a._version if isinstance(a, torch.Tensor) else None for a in args)
         anchored = None
         if not output.requires_grad:
             anchored = output = output + self._anchor(output)
@@ -151,22 +158,40 @@ class _Capture:
         return anchored
 
     def _on_grad(self, layer, grad_output):
+        changed = [i for i, (a, v) in enumerate(zip(layer.args, layer.versions))
+                   if isinstance(a, torch.Tensor) and a._version != v]
+        if changed:
+            raise UnsupportedModuleError(
+                f"per_example_grad_norms: the input of `{layer.name}` ({type(layer.module).__name__}) was modified "
+                "in place after the layer ran, so its saved value is gone; make the later operation out of place")
         if layer.rule is None:
-            self.replaying = True
-            try:
-                sq = fallback_sqnorms(layer.module, layer.args, layer.kwargs, grad_output, layer.want)
-            finally:
-                self.replaying = False
+            self._fallback(layer, grad_output)
         else:
             sq = layer.rule(layer.module, layer.args[0], grad_output, want=frozenset(layer.want),
                             backend=self.backend)
-        missing = [n for n in layer.want if n not in sq]
-        if missing:
-            raise UnsupportedModuleError(f"per_example_grad_norms: the rule for `{layer.name}` "
-                                         f"({type(layer.module).__name__}) returned no norms for {missing}")
-        layer.sq = {n: sq[n] for n in layer.want}
+            missing = [n for n in layer.want if n not in sq]
+            if missing:
+                raise UnsupportedModuleError(f"per_example_grad_norms: the rule for `{layer.name}` "
+                                             f"({type(layer.module).__name__}) returned no norms for {missing}")
+            layer.sq = {n: sq[n] for n in layer.want}
         layer.args = layer.kwargs = None
         return None
+
+    def _fallback(self, layer, grad_output):
+        """torch.func on the module, covering also nested layers that never ran their own forward: their
+        weights were used by this module's code directly (e.g. MultiheadAttention's out_proj)."""
+        targets = {pn: (layer, pn) for pn in layer.want}
+        start = len(layer.name) + 1 if layer.name else 0
+        for inner in layer.inner:
+            if inner.calls == 0:
+                targets.update({f"{inner.name[start:]}.{pn}": (inner, pn) for pn in inner.want})
+        self.replaying = True
+        try:
+            sq = fallback_sqnorms(layer.module, layer.args, layer.kwargs, grad_output, tuple(targets))
+        finally:
+            self.replaying = False
+        for name, (owner, pn) in targets.items():
+            owner.sq[pn] = sq[name]
 
     def backward(self, total: torch.Tensor) -> None:
         if total.requires_grad and self.anchors:

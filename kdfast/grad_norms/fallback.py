@@ -23,9 +23,9 @@ def log_fallback_once(module) -> None:
 
 
 def fallback_sqnorms(module, args, kwargs, grad_output, want) -> dict[str, torch.Tensor]:
-    """{name: (B,) squared norm} of the module's own parameters in `want`, by torch.func."""
+    """{name: (B,) squared norm} of the module's parameters named in `want` (dotted names), by torch.func."""
     B = grad_output.shape[0]
-    params = {n: p.detach() for n, p in module.named_parameters(recurse=False) if n in want}
+    params = {n: p.detach() for n, p in module.named_parameters() if n in want}
     batched = tuple(isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == B for a in args)
 
     def one_example(example_args, g):
