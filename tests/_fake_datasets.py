@@ -1,0 +1,50 @@
+"""Tiny on-disk data sets in the layouts kdfast reads (written by the tests themselves, never downloaded)."""
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+
+
+def write_cifar(root, name="cifar10", n=12, labels=None, seed=0):
+    """A CIFAR tree with n images per batch file; returns (images (N, 3, 32, 32) uint8, labels) in file order."""
+    rng = np.random.default_rng(seed)
+    folder, files, key, classes = (("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
+                                    b"labels", 10) if name == "cifar10" else
+                                   ("cifar-100-python", ["train", "test"], b"fine_labels", 100))
+    os.makedirs(os.path.join(root, folder), exist_ok=True)
+    all_x, all_y = [], []
+    for f in files:
+        x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        y = list(rng.integers(0, classes, n)) if labels is None else list(labels)
+        with open(os.path.join(root, folder, f), "wb") as fh:
+            pickle.dump({b"data": x, key: y}, fh)
+        if f not in ("test_batch", "test"):
+            all_x.append(x.reshape(-1, 3, 32, 32))
+            all_y += [int(v) for v in y]
+    return np.concatenate(all_x), np.asarray(all_y)
+
+
+def write_svhn(root, split="train", n=10, seed=0):
+    import scipy.io
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+    y = rng.integers(1, 11, (n, 1))  # SVHN stores digit 0 as 10
+    scipy.io.savemat(os.path.join(root, f"{split}_32x32.mat"), {"X": x, "y": y})
+    return np.transpose(x, (3, 2, 0, 1)), y.reshape(-1) % 10
+
+
+def write_image_folder(folder, classes=("cat", "dog", "emu"), per_class=3, size=(20, 14), seed=0):
+    """ImageFolder tree of PNG and JPEG files; returns the relative paths in kdfast's order (class, then path)."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    files = []
+    for c in classes:
+        os.makedirs(os.path.join(folder, c), exist_ok=True)
+        for i in range(per_class):
+            ext = ".png" if i % 2 else ".JPEG"
+            img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+            img.save(os.path.join(folder, c, f"img{i}{ext}"))
+            files.append(os.path.join(c, f"img{i}{ext}"))
+    return files
