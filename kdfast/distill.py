@@ -10,6 +10,7 @@ as in the data-pruning paper. The self-distillation paper weights the GROUND TRU
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -87,14 +88,16 @@ def distill_step(student, teacher, inputs, targets, optimizer, *, alpha=0.5, tem
     """
     _check_step_args(teacher, inputs, targets, alpha, teacher_logits, indices, forgetting)
     amp_dtype = _amp_dtype(amp)
-    device_type = targets.device.type
+
+    def precision():  # a disabled autocast still costs a context switch per step: skip it in fp32
+        return contextlib.nullcontext() if amp_dtype is None else torch.autocast(targets.device.type, amp_dtype)
+
     if teacher_logits is None and teacher is not None and alpha != 0:
         if teacher.training:
             teacher.eval()
-        with torch.no_grad(), torch.autocast(device_type, dtype=amp_dtype or torch.float32,
-                                             enabled=amp_dtype is not None):
+        with torch.no_grad(), precision():
             teacher_logits = teacher(inputs)
-    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with precision():
         student_logits = student(inputs)
     # The fused loss computes in fp32 whatever the logits' dtype; alpha == 0 needs no teacher at all.
     loss, stats = kd_loss(student_logits, teacher_logits if alpha != 0 else None, targets, alpha=alpha,
