@@ -190,7 +190,9 @@ class KDLossFunction(torch.autograd.Function):
                                "gradient buffer and scales it in place (recompute the loss instead of "
                                "retain_graph=True)")
         ctx.used = True
-        _BACKWARD[ctx.backend](ctx.grad, grad_loss.detach().to(torch.float32))
+        grad_output = grad_loss.detach().to(torch.float32)
+        # reduction="none": one value per row, whatever the leading dims of the target were
+        _BACKWARD[ctx.backend](ctx.grad, grad_output.reshape(-1) if grad_output.dim() else grad_output)
         return (ctx.grad.view(ctx.shape),) + (None,) * 10
 
 
