@@ -131,6 +131,13 @@ def _check_labels(target: torch.Tensor, C: int, ignore_index: int) -> None:
                                    f"({int(bad.sum())} bad rows in all)")
 
 
+def _can_synchronise(x: torch.Tensor) -> bool:
+    """False while torch.compile traces or a CUDA graph captures: a host read would break either."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def _as_rows(x: torch.Tensor, C: int) -> torch.Tensor:
     """(N, C) view with unit column stride (a copy only when the strides demand it)."""
     x = x.reshape(-1, C)
@@ -216,6 +223,7 @@ def kd_loss(student_logits, teacher_logits, target, *, alpha=0.5, temperature=4.
         inplace: write the gradient into student_logits' memory instead of a new buffer (saves one N x C
             buffer; student_logits holds the gradient afterwards, and the backward may run once).
         validate: check on the host that labels are in [0, C) or ignore_index (one synchronisation).
+            Skipped while torch.compile traces or a CUDA graph captures, where a synchronisation cannot run.
             Without it a bad label yields a NaN loss row, never an out-of-bounds read.
 
     Returns:
@@ -223,7 +231,7 @@ def kd_loss(student_logits, teacher_logits, target, *, alpha=0.5, temperature=4.
     """
     chosen = _check_args(student_logits, teacher_logits, target, alpha, temperature, reduction, weight, backend,
                          inplace)
-    if validate and target.numel():
+    if validate and target.numel() and _can_synchronise(target):
         _check_labels(target, student_logits.shape[-1], ignore_index)
     if torch.compiler.is_compiling():
         loss, stats = _compiled_kd_loss(student_logits, teacher_logits, target, weight, alpha, temperature,
