@@ -61,7 +61,7 @@ def _check_step_args(teacher, inputs, targets, alpha, teacher_logits, indices, f
 
 
 def distill_step(student, teacher, inputs, targets, optimizer, *, alpha=0.5, temperature=4.0,
-                 teacher_logits=None, weight=None, indices=None, forgetting=None, amp=None):
+                 teacher_logits=None, weight=None, indices=None, forgetting=None, amp=None, validate=False):
     """One training step of `student` on a batch with the fused KD loss.
 
     loss = mean_i w_i ((1 - alpha) CE(s_i, y_i) + alpha T^2 KL(softmax(t_i/T) || softmax(s_i/T)))
@@ -81,6 +81,9 @@ def distill_step(student, teacher, inputs, targets, optimizer, *, alpha=0.5, tem
         forgetting: an object with update(indices, correct) (e.g. kdfast.ForgettingTracker), fed the
             fused loss's `correct` statistic.
         amp: None (fp32) or "bf16": forward passes under bfloat16 autocast.
+        validate: check on the host that every target lies in [0, C) (one synchronisation). Off by default
+            so a step never waits for the device; a bad label then gives a NaN loss, never a wild read
+            (`fit` validates during its first epoch, which presents every kept example once).
 
     Returns:
         dict of device tensors, no host synchronisation: "loss" (0-d, detached) and the per-example
@@ -101,7 +104,7 @@ def distill_step(student, teacher, inputs, targets, optimizer, *, alpha=0.5, tem
         student_logits = student(inputs)
     # The fused loss computes in fp32 whatever the logits' dtype; alpha == 0 needs no teacher at all.
     loss, stats = kd_loss(student_logits, teacher_logits if alpha != 0 else None, targets, alpha=alpha,
-                          temperature=temperature, weight=weight, return_stats=True)
+                          temperature=temperature, weight=weight, return_stats=True, validate=validate)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

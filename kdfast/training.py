@@ -213,7 +213,8 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
                 if cached is not None:
                     cached = cached.to(device, non_blocking=True)
                 out = distill_step(model, teacher, x, y, optimizer, alpha=alpha, temperature=temperature,
-                                   teacher_logits=cached, indices=idx_dev, forgetting=forgetting, amp=amp)
+                                   teacher_logits=cached, indices=idx_dev, forgetting=forgetting, amp=amp,
+                                   validate=epoch == start)  # the first epoch sees every example: check once
                 loss_sum += out["loss"] * len(y)
                 correct += out["correct"].sum()
                 bar.update(len(y))

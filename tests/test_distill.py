@@ -366,3 +366,21 @@ def test_fit_reports_every_problem_at_once():
     from kdfast.training import fit
     with pytest.raises(InvalidArgumentError, match="epochs must.*batch_size must"):
         fit(_net(), _Pairs(), epochs=0, batch_size=0)
+
+
+def test_bad_labels_raise_with_validate_and_give_nan_without():
+    student = _net(d_in=2, classes=3)
+    opt = torch.optim.SGD(student.parameters(), lr=0.0)
+    x, y = torch.randn(4, 2), torch.tensor([0, 1, 3, 2])
+    with pytest.raises(InvalidArgumentError, match=r"row 2 has 3"):
+        distill_step(student, None, x, y, opt, alpha=0.0, validate=True)
+    out = distill_step(student, None, x, y, opt, alpha=0.0)
+    assert torch.isnan(out["loss"])
+
+
+def test_fit_validates_labels_in_its_first_epoch():
+    from kdfast.training import fit
+    data = _Pairs()
+    data.targets[7] = 5  # the net has 5 classes: 5 is out of range
+    with pytest.raises(InvalidArgumentError, match="has 5"):
+        fit(_net(), data, **_fit_args(epochs=1))
