@@ -395,6 +395,8 @@ def _bad_calls():
         ("target", dict(target=y[:3])),
         ("target", dict(target=torch.tensor([0, 5, 1, 2]))),
         ("target", dict(target=torch.tensor([0, -1, 1, 2]))),
+        ("target", dict(student_logits=torch.randn(2, 2, 5), teacher_logits=torch.randn(2, 2, 5),
+                        target=torch.tensor([[0, -100], [7, 2]]))),
         ("teacher_logits", dict(teacher_logits=None)),
         ("teacher_logits", dict(teacher_logits=torch.randn(4, 6))),
         ("teacher_logits", dict(teacher_logits=torch.randn(5, 5))),
