@@ -412,8 +412,9 @@ def test_linear_forms_and_triton_kernels(T, da, dg):
 
 
 def test_engine_on_the_triton_backend():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2),
-                          nn.ReLU(), nn.Flatten(), nn.Linear(6 * 2 * 2, 3))
+    model = _randomise_bn(nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2),
+        nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 2 * 2, 3)))
     compare(model, torch.randn(2, 3, 6, 6), torch.randint(0, 3, (2,)), dtype=torch.float32, backend="triton")
     compare(TinyTransformer(T=5), torch.randint(0, 11, (2, 5)), torch.randint(0, 4, (2,)), dtype=torch.float32,
             backend="triton")
@@ -433,3 +434,23 @@ def test_input_modified_in_place_after_the_layer_is_refused():
 
     with pytest.raises(UnsupportedModuleError, match="`a` .* modified in place"):
         per_example_grad_norms(Clobber(), torch.randn(2, 4), torch.randint(0, 3, (2,)))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "features_last"])
+def test_norm_channel_sums_triton_kernel(layout):
+    from kdfast.grad_norms.forms import channel_sums
+    B, C, L = 3, 21, 150  # more than one channel block (16) and position block (128)
+    x = torch.randn(B, C, L, dtype=torch.float64) * 2 + 1
+    g = torch.randn(B, C, L, dtype=torch.float64)
+    mean, rstd = torch.randn(C, dtype=torch.float64).expand(B, C), torch.rand(B, C, dtype=torch.float64) + 0.5
+    want_gx = (g * (x - mean[..., None]) * rstd[..., None]).sum(2)
+    if layout == "features_last":
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "channels_last":
+        x = x.reshape(B, C, 10, 15).contiguous(memory_format=torch.channels_last).reshape(B, C, L)
+    assert x.is_contiguous() == (layout == "contiguous") and x.float().stride() == x.stride()
+    for backend, tol in (("torch", 1e-10), ("triton", 1e-4)):
+        low = backend == "triton"
+        sgx, sg = channel_sums(x.float() if low else x, g.float() if low else g, mean, rstd, backend)
+        assert_close_rel(sgx, want_gx, tol, f"sum g x_hat ({backend})")
+        assert_close_rel(sg, g.sum(2), tol, f"sum g ({backend})")

@@ -75,3 +75,15 @@ def weight_sqnorm(a: torch.Tensor, g: torch.Tensor, backend: str) -> torch.Tenso
         dt = acc_dtype(a)
         return a[:, 0].to(dt).square().sum(1) * g[:, 0].to(dt).square().sum(1)
     return gram_sqnorm(a, g, backend) if prefer_gram(T, da, dg) else outer_sqnorm(a, g, backend)
+
+
+def channel_sums(x: torch.Tensor, g: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, backend: str):
+    """((N, C) sum_l g (x - mean) rstd, (N, C) sum_l g) for x, g (N, C, L) and mean, rstd (N, C):
+    a normalisation layer's per-example gamma and beta gradients."""
+    if backend == "triton":
+        from ..kernels.grad_norms import channel_sums as launch
+        return launch(x, g, mean, rstd)
+    dt = torch.promote_types(acc_dtype(x), acc_dtype(g))
+    gd = g.to(dt)
+    x_hat = (x.to(dt) - mean.to(dt).unsqueeze(2)) * rstd.to(dt).unsqueeze(2)
+    return (gd * x_hat).sum(2), gd.sum(2)

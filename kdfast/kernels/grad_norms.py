@@ -12,7 +12,9 @@ TRITON_INTERPRET=1). Checks and dispatch live in kdfast/grad_norms; inputs here 
    of Li et al. 2022, Bu et al. 2023): a program owns a BLOCK_T row block i of the T x T Gram matrices
    and walks the blocks j >= i (symmetry: off-diagonal blocks count twice), reducing both Gram tiles over
    the feature dimension and adding sum(A_ij * G_ij) to out[n].
-Both accumulate in fp32 (fp32 inputs with IEEE products, not TF32: the 1e-4 relative budget) and add their
+3. `_channel_sums_kernel`: per-example gamma and beta gradients of a normalisation layer (BatchNorm,
+   GroupNorm, LayerNorm), sum over positions of g * x_hat and of g, x_hat formed in registers.
+The first two accumulate in fp32 (fp32 inputs as 3xTF32 products, not plain TF32: the 1e-4 relative budget) and add their
 partial sums atomically into a zeroed (N,) buffer.
 """
 from __future__ import annotations
@@ -33,7 +35,8 @@ def _tile(n: int) -> int:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" leaves 16-bit operands as they are
+    # fp32: three TF32 products (tensor cores, ~fp32 accuracy); "tf32" leaves 16-bit operands as they are
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 @triton.jit
@@ -175,3 +178,64 @@ def gram_sqnorm(a, g):
         BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, PRECISION=_precision(a.dtype),
     )
     return out
+
+
+# Channel block and position block of the normalisation-layer sums (a 16 x 128 fp32 tile per input).
+NORM_BLOCK_C = 16
+NORM_MAX_BLOCK_L = 128
+
+
+@triton.jit
+def _channel_sums_kernel(
+    # pointers
+    x_ptr,     # (B, C, L) layer input, any strides
+    g_ptr,     # (B, C, L) gradient w.r.t. the layer output, any strides
+    mean_ptr,  # (B, C) fp32 normalisation mean, any strides (0 where it is shared)
+    rstd_ptr,  # (B, C) fp32 reciprocal standard deviation, any strides
+    sgx_ptr,   # (B, C) fp32 out: sum_l g * (x - mean) * rstd   (example b's gamma gradient)
+    sg_ptr,    # (B, C) fp32 out: sum_l g                        (example b's beta gradient)
+    # strides
+    sxb, sxc, sxl, sgb, sgc, sgl, smb, smc, srb, src,
+    # sizes
+    C, L,
+    # constexprs
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """Per-example affine-parameter gradients of a normalisation layer, y = x_hat * gamma + beta, in one
+    read of x and g: x_hat is formed in registers from the (B, C) statistics."""
+    b = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    mean = tl.load(mean_ptr + b * smb + c * smc, mask=c_ok, other=0.0)
+    rstd = tl.load(rstd_ptr + b * srb + c * src, mask=c_ok, other=0.0)
+    x_base = x_ptr + b.to(tl.int64) * sxb
+    g_base = g_ptr + b.to(tl.int64) * sgb
+    acc_gx = tl.zeros((BLOCK_C, BLOCK_L), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_C, BLOCK_L), dtype=tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        pos = l0 + tl.arange(0, BLOCK_L)
+        ok = c_ok[:, None] & (pos < L)[None, :]
+        x = tl.load(x_base + c[:, None] * sxc + pos[None, :] * sxl, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(g_base + c[:, None] * sgc + pos[None, :] * sgl, mask=ok, other=0.0).to(tl.float32)
+        acc_gx += g * (x - mean[:, None])  # masked g = 0 cancels the masked x
+        acc_g += g
+    tl.store(sgx_ptr + b * C + c, tl.sum(acc_gx, axis=1) * rstd, mask=c_ok)
+    tl.store(sg_ptr + b * C + c, tl.sum(acc_g, axis=1), mask=c_ok)
+
+
+def channel_sums(x, g, mean, rstd):
+    """((B, C) sum_l g (x - mean) rstd, (B, C) sum_l g) in fp32 for x, g (B, C, L); mean, rstd (B, C)."""
+    B, C, L = x.shape
+    sgx = torch.empty(B, C, dtype=torch.float32, device=x.device)
+    sg = torch.empty(B, C, dtype=torch.float32, device=x.device)
+    if B == 0 or C == 0:
+        return sgx, sg
+    mean, rstd = mean.float(), rstd.float()
+    grid = (B, triton.cdiv(C, NORM_BLOCK_C))
+    _channel_sums_kernel[grid](
+        x, g, mean, rstd, sgx, sg,
+        *x.stride(), *g.stride(), *mean.stride(), *rstd.stride(),
+        C, L,
+        BLOCK_C=NORM_BLOCK_C, BLOCK_L=min(NORM_MAX_BLOCK_L, triton.next_power_of_2(max(L, 1))),
+    )
+    return sgx, sg

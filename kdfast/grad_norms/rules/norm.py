@@ -1,9 +1,13 @@
 """Normalisation layers with affine parameters: y = x_hat * gamma + beta, per channel (or feature).
 
-Example i's gradients: gamma <- sum over positions of g * x_hat, beta <- sum over positions of g, with
-x_hat recomputed from the saved input. BatchNorm uses its running statistics (eval mode; the engine
-refuses train mode, where batch statistics couple the examples); GroupNorm, LayerNorm and RMSNorm
-normalise each example on its own.
+Example b's gradients: gamma[c] <- sum over positions of g * x_hat, beta[c] <- sum over positions of g.
+With x_hat = (x - mean) * rstd and (mean, rstd) given per (example, channel), both sums come from one
+read of x and g (forms.channel_sums; a Triton kernel on the GPU), x_hat never stored:
+  - BatchNorm: the running statistics (eval mode; the engine refuses train mode, where batch statistics
+    couple the examples);
+  - GroupNorm: each example's statistics over its channel group;
+  - LayerNorm / RMSNorm: statistics per position over the trailing features, so x_hat is formed first
+    (by torch) and summed over positions with mean 0, rstd 1.
 """
 from __future__ import annotations
 
@@ -14,53 +18,55 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..forms import acc_dtype
+from ..forms import acc_dtype, channel_sums
 from ..registry import register_rule
 
 
-def _affine_sqnorms(x_hat, g, want, B, features):
-    """x_hat, g viewed as (B, positions, features) -> squared norms of the per-example gamma/beta grads."""
-    g = g.reshape(B, -1, features)
+def _affine_sqnorms(x, g, mean, rstd, want, backend):
+    """Squared norms of the per-example gamma / beta gradients; x, g (B, C, L), mean, rstd (B, C)."""
+    sgx, sg = channel_sums(x, g, mean, rstd, backend)
     out = {}
     if "weight" in want:
-        out["weight"] = (g * x_hat.reshape(B, -1, features)).sum(1).square().sum(1)
+        out["weight"] = sgx.square().sum(1)
     if "bias" in want:
-        out["bias"] = g.sum(1).square().sum(1)
+        out["bias"] = sg.square().sum(1)
     return out
-
-
-def _channels_last(t):
-    """(B, C, *S) -> (B, *S, C), so channels become the feature axis."""
-    return t.movedim(1, -1)
 
 
 @register_rule(_BatchNorm)
 def batchnorm_rule(module, x, grad_output, *, want, backend):
+    B, C = x.shape[:2]
     dt = acc_dtype(grad_output)
-    shape = (-1,) + (1,) * (x.dim() - 2)
-    x_hat = (x.to(dt) - module.running_mean.to(dt).view(shape)) * torch.rsqrt(
-        module.running_var.to(dt).view(shape) + module.eps)
-    return _affine_sqnorms(_channels_last(x_hat), _channels_last(grad_output.to(dt)), want, x.shape[0],
-                           x.shape[1])
+    mean = module.running_mean.to(dt).expand(B, C)
+    rstd = torch.rsqrt(module.running_var.to(dt) + module.eps).expand(B, C)
+    return _affine_sqnorms(x.reshape(B, C, -1), grad_output.reshape(B, C, -1), mean, rstd, want, backend)
 
 
 @register_rule(nn.GroupNorm)
 def groupnorm_rule(module, x, grad_output, *, want, backend):
-    dt = acc_dtype(grad_output)
-    x_hat = F.group_norm(x.to(dt), module.num_groups, eps=module.eps)
-    return _affine_sqnorms(_channels_last(x_hat), _channels_last(grad_output.to(dt)), want, x.shape[0],
-                           x.shape[1])
+    B, C, G = x.shape[0], x.shape[1], module.num_groups
+    var, mean = torch.var_mean(x.reshape(B, G, -1).to(acc_dtype(grad_output)), dim=2, unbiased=False)
+    rstd = torch.rsqrt(var + module.eps)
+    return _affine_sqnorms(x.reshape(B, C, -1), grad_output.reshape(B, C, -1),
+                           mean.repeat_interleave(C // G, dim=1), rstd.repeat_interleave(C // G, dim=1), want,
+                           backend)
+
+
+def _trailing_norm_sqnorms(module, x_hat, grad_output, want, backend):
+    """x_hat, grad_output (B, ..., *normalized_shape) -> features as channels, the rest as positions."""
+    B, F_ = x_hat.shape[0], math.prod(module.normalized_shape)
+    ones = x_hat.new_ones(()).expand(B, F_)
+    return _affine_sqnorms(x_hat.reshape(B, -1, F_).transpose(1, 2), grad_output.reshape(B, -1, F_).transpose(1, 2),
+                           ones * 0, ones, want, backend)
 
 
 @register_rule(nn.LayerNorm)
 def layernorm_rule(module, x, grad_output, *, want, backend):
-    dt = acc_dtype(grad_output)
-    x_hat = F.layer_norm(x.to(dt), module.normalized_shape, eps=module.eps)
-    return _affine_sqnorms(x_hat, grad_output.to(dt), want, x.shape[0], math.prod(module.normalized_shape))
+    x_hat = F.layer_norm(x.to(acc_dtype(grad_output)), module.normalized_shape, eps=module.eps)
+    return _trailing_norm_sqnorms(module, x_hat, grad_output, want, backend)
 
 
 @register_rule(nn.RMSNorm)
 def rmsnorm_rule(module, x, grad_output, *, want, backend):
-    dt = acc_dtype(grad_output)
-    x_hat = F.rms_norm(x.to(dt), module.normalized_shape, eps=module.eps)
-    return _affine_sqnorms(x_hat, grad_output.to(dt), want, x.shape[0], math.prod(module.normalized_shape))
+    x_hat = F.rms_norm(x.to(acc_dtype(grad_output)), module.normalized_shape, eps=module.eps)
+    return _trailing_norm_sqnorms(module, x_hat, grad_output, want, backend)
