@@ -9,8 +9,8 @@ Per row i (student s, teacher t, label y, weight w, temperature T, distillation 
 The forward kernel runs one program per row:
   * C <= MAX_SINGLE_TILE: the row is loaded once into registers; statistics and gradient come from it.
   * larger C: pass 1 streams the row in TILE-wide tiles keeping running maxima and rescaled sums (online
-    softmax, Milakov & Gimelshein 2018); pass 2 re-reads the row (mostly from L2, the row was just read)
-    to write the gradient and the two norm statistics. Without gradient and stats only pass 1 runs.
+    softmax, Milakov & Gimelshein 2018); pass 2 re-reads the row backwards (newest tiles first, the likeliest
+    still in L2) to write the gradient and the two norm statistics. Without gradient and stats only pass 1 runs.
 Both paths share the tile helpers below, so they compute the same function.
 The contract of the launchers is documented in `kdfast/ops/kd_loss.py` and `kdfast/reference/kd_loss.py`.
 """
@@ -21,15 +21,15 @@ import triton
 import triton.language as tl
 
 # Largest row the forward keeps in registers in one tile, and the tile width of the two-pass path.
-# Chosen from the register budget (16 fp32 values per thread per input at 32 warps) and Liger-Kernel's
-# 32768-wide tiles; not yet tuned on a GPU (bench/NOTES.md). Tests lower them to run the tiled path on small C.
+# Chosen from the register budget (16 fp32 values per thread per input at 32 warps), not yet tuned on a GPU
+# (bench/NOTES.md). Wide tiles at 32 warps also keep few rows in flight (about one program per SM), so the
+# rows pass 2 re-reads are more likely still in L2. Tests lower both to run the tiled path on small C.
 MAX_SINGLE_TILE = 16384
-TILE = 8192
+TILE = 16384
 # Columns per program of the backward scaling kernel.
 BWD_BLOCK = 4096
-# Warps per program: 32 elements per thread from 1024 columns up, at least 4 and at most 32 warps.
-_ELEMS_PER_WARP = 256
-_NEG_INF = float("-inf")
+# Warps per program: 16 columns per thread (block // 512 warps), at least 4 and at most 32 warps.
+_COLUMNS_PER_WARP = 512
 
 
 @triton.jit
@@ -133,10 +133,11 @@ def _kd_loss_fwd_kernel(
         for start in range(0, C, BLOCK_C):
             cols = start + cols0
             mask = (cols < C) & valid
-            s = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            # evict_last: pass 2 reads these lines again
+            s = tl.load(s_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
             t = s
             if HAS_TEACHER:
-                t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                t = tl.load(t_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
             m, z, zT, mt, zt, A, m_other = _online_tile(s, t, cols, y, inv_T, m, z, zT, mt, zt, A, m_other,
                                                         HAS_TEACHER)
     log_z = tl.log(z)
@@ -166,13 +167,16 @@ def _kd_loss_fwd_kernel(
             if RETURN_GRAD:
                 tl.store(g_row + cols0, (g * scale).to(g_ptr.dtype.element_ty), mask=cols0 < C)
         else:
-            for start in range(0, C, BLOCK_C):
-                cols = start + cols0
+            n_tiles = tl.cdiv(C, BLOCK_C)
+            for i in range(0, n_tiles):
+                # backwards: the tiles pass 1 read last are the likeliest still in L2
+                cols = (n_tiles - 1 - i) * BLOCK_C + cols0
                 mask = (cols < C) & valid
-                s = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                s = tl.load(s_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
                 t = s
                 if HAS_TEACHER:
-                    t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                    t = tl.load(t_row + cols, mask=mask, other=float("-inf"),
+                                eviction_policy="evict_first").to(tl.float32)
                 g, d = _grad_tile(s, t, cols, y, inv_T, coef_ce, coef_kd, m, log_z, log_zT, mt, log_zt, HAS_TEACHER)
                 g = tl.where(valid, g, 0.0)
                 sum_d2 += tl.sum(d * d, 0)
@@ -213,7 +217,7 @@ def _kd_loss_bwd_kernel(
 
 
 def _num_warps(block: int) -> int:
-    return max(4, min(32, block // _ELEMS_PER_WARP // 4))
+    return max(4, min(32, block // _COLUMNS_PER_WARP))
 
 
 def kd_loss_fwd(student, teacher, target, weight, grad_scale, alpha: float, temperature: float, ignore_index: int,
