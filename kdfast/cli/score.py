@@ -105,9 +105,12 @@ def _resolve(args) -> None:
         problems.append("give --checkpoint or --train-epochs/--seeds, not both")
     if method.kind == "training" and args.checkpoint:
         problems.append("--method forgetting is measured while training: use --train-epochs/--seeds, not --checkpoint")
+    if method.kind == "random" and (args.checkpoint or args.train_epochs is not None or args.seeds is not None):
+        problems.append("--method random uses no model: drop --checkpoint, --train-epochs and --seeds")
     training = not args.checkpoint and method.kind != "random"
-    args.train_epochs = (args.train_epochs or DEFAULT_EPOCHS.get(args.dataset, 20)) if training else None
-    args.seeds = (args.seeds or DEFAULT_SEEDS) if training else None
+    if training:
+        args.train_epochs = DEFAULT_EPOCHS.get(args.dataset, 20) if args.train_epochs is None else args.train_epochs
+        args.seeds = DEFAULT_SEEDS if args.seeds is None else args.seeds
     for name in ("train_epochs", "seeds", "batch_size", "train_batch_size", "chunk_size", "top", "image_size",
                  "limit", "show"):
         value = getattr(args, name)
