@@ -289,7 +289,7 @@ def test_reused_module_shared_input_and_tied_weights_are_refused():
     lin = nn.Linear(4, 4)
     with pytest.raises(UnsupportedModuleError, match="ran more than once"):
         per_example_grad_norms(nn.Sequential(lin, nn.Tanh(), lin), torch.randn(2, 4), torch.randint(0, 4, (2,)))
-    with pytest.raises(UnsupportedModuleError, match=r"must return one batch-first tensor with 2 rows.*expand"):
+    with pytest.raises(UnsupportedModuleError, match=r"must return batch-first tensors with 2 rows.*expand"):
         per_example_grad_norms(SharedPositions(), torch.randn(2, 3, 4),
                                torch.randint(0, 4, (2, 3)))
     emb, head = nn.Embedding(7, 4), nn.Linear(4, 7, bias=False)
@@ -454,3 +454,25 @@ def test_norm_channel_sums_triton_kernel(layout):
         sgx, sg = channel_sums(x.float() if low else x, g.float() if low else g, mean, rstd, backend)
         assert_close_rel(sgx, want_gx, tol, f"sum g x_hat ({backend})")
         assert_close_rel(sg, g.sum(2), tol, f"sum g ({backend})")
+
+
+def test_fallback_for_multi_output_modules_and_weights_used_by_the_parent():
+    """nn.MultiheadAttention: no rule, returns a tuple, and calls out_proj's weight without its forward."""
+
+    class Block(nn.Module):
+        def __init__(self, d=8, T=5):
+            super().__init__()
+            self.emb = nn.Embedding(13, d)
+            self.att = nn.MultiheadAttention(d, 2, batch_first=True)
+            self.head = nn.Linear(d, 3)
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            out, weights = self.att(h, h, h, key_padding_mask=ids == 0)
+            return self.head(out.mean(1) + weights.mean((1, 2))[:, None])
+
+    model = Block().eval()
+    ids = torch.randint(1, 13, (3, 5))
+    ids[0, -2:] = 0
+    assert check(model) == {"att": "MultiheadAttention"}
+    compare(model, ids, torch.randint(0, 3, (3,)), on_missing="fallback")

@@ -44,6 +44,7 @@ class _Layer:
     args: tuple | None = None
     kwargs: dict | None = None
     versions: tuple = ()
+    slots: tuple | None = None         # fallback with several outputs: positions of the tensor outputs
     calls: int = 0
     sq: dict = field(default_factory=dict)
 
@@ -96,6 +97,22 @@ def _plan(model: nn.Module, on_missing: str) -> list[_Layer]:
     return layers
 
 
+class _TapOutputs(torch.autograd.Function):
+    """Identity on the tensor outputs of a fallback module with several outputs, whose backward hands all
+    their gradients to the layer at once (zeros for unused ones). Returns copies: outputs of a custom
+    Function that alias its inputs may not be modified in place afterwards."""
+
+    @staticmethod
+    def forward(ctx, on_grads, *tensors):
+        ctx.on_grads = on_grads
+        return tuple(t.clone() for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.on_grads(grads)
+        return (None, *grads)
+
+
 class _Capture:
     """Hooks, frozen parameters and saved inputs for one call; everything undone on exit."""
 
@@ -141,21 +158,28 @@ class _Capture:
                 f"per_example_grad_norms: `{layer.name}` ({type(module).__name__}) ran more than once in one "
                 "forward; the per-example gradient of a reused module sums its calls, whose cross terms no rule "
                 "computes; give each use its own module")
-        if not isinstance(output, torch.Tensor) or output.dim() == 0 or output.shape[0] != self.B:
-            got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        several = layer.rule is None and type(output) in (tuple, list)
+        tensors = [o for o in output if isinstance(o, torch.Tensor)] if several else [output]
+        if not tensors or any(not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != self.B
+                              for t in tensors):
+            got = (tuple(output.shape) if isinstance(output, torch.Tensor)
+                   else [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in output]
+                   if type(output) in (tuple, list) else type(output).__name__)
             raise UnsupportedModuleError(
-                f"per_example_grad_norms: `{layer.name}` ({type(module).__name__}) must return one batch-first "
-                f"tensor with {self.B} rows, got {got}; a layer applied to an input shared by the whole batch "
-                "(e.g. positional embeddings of arange(T)) sums the examples' gradients before any rule sees "
-                "them: feed it a batch-first input such as arange(T).expand(B, T)")
+                f"per_example_grad_norms: `{layer.name}` ({type(module).__name__}) must return batch-first "
+                f"tensors with {self.B} rows (one tensor for modules with a rule), got {got}; a layer applied to "
+                "an input shared by the whole batch (e.g. positional embeddings of arange(T)) sums the examples' "
+                "gradients before any rule sees them: feed it a batch-first input such as arange(T).expand(B, T)")
         layer.args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         layer.kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         layer.versions = tuple(a._version if isinstance(a, torch.Tensor) else None for a in args)
-        anchored = None
-        if not output.requires_grad:
-            anchored = output = output + self._anchor(output)
-        self.handles.append(output.register_hook(functools.partial(self._on_grad, layer)))
-        return anchored
+        tensors = [t if t.requires_grad else t + self._anchor(t) for t in tensors]
+        if several:
+            layer.slots = tuple(i for i, o in enumerate(output) if isinstance(o, torch.Tensor))
+            tapped = iter(_TapOutputs.apply(functools.partial(self._on_grad, layer), *tensors))
+            return type(output)(next(tapped) if isinstance(o, torch.Tensor) else o for o in output)
+        self.handles.append(tensors[0].register_hook(functools.partial(self._on_grad, layer)))
+        return None if tensors[0] is output else tensors[0]
 
     def _on_grad(self, layer, grad_output):
         changed = [i for i, (a, v) in enumerate(zip(layer.args, layer.versions))
@@ -187,7 +211,7 @@ class _Capture:
                 targets.update({f"{inner.name[start:]}.{pn}": (inner, pn) for pn in inner.want})
         self.replaying = True
         try:
-            sq = fallback_sqnorms(layer.module, layer.args, layer.kwargs, grad_output, tuple(targets))
+            sq = fallback_sqnorms(layer.module, layer.args, layer.kwargs, grad_output, layer.slots, tuple(targets))
         finally:
             self.replaying = False
         for name, (owner, pn) in targets.items():

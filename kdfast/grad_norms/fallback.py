@@ -22,17 +22,30 @@ def log_fallback_once(module) -> None:
                     "register a rule with kdfast.grad_norms.register_rule to speed it up)", type(module).__name__)
 
 
-def fallback_sqnorms(module, args, kwargs, grad_output, want) -> dict[str, torch.Tensor]:
-    """{name: (B,) squared norm} of the module's parameters named in `want` (dotted names), by torch.func."""
-    B = grad_output.shape[0]
-    params = {n: p.detach() for n, p in module.named_parameters() if n in want}
-    batched = tuple(isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == B for a in args)
+def fallback_sqnorms(module, args, kwargs, grad_output, slots, want) -> dict[str, torch.Tensor]:
+    """{name: (B,) squared norm} of the module's parameters named in `want` (dotted names), by torch.func.
 
-    def one_example(example_args, g):
-        lifted = tuple(a.unsqueeze(0) if b else a for a, b in zip(example_args, batched))
-        _, pullback = vjp(lambda p: functional_call(module, p, lifted, kwargs), params)
-        (grads,) = pullback(g.unsqueeze(0))
-        return {n: grads[n].square().sum() for n in grads}
+    grad_output: the output's gradient, or with `slots` (positions of the tensor outputs of a module
+    returning a tuple) the tuple of their gradients. Tensor arguments whose first dimension has B rows are
+    split per example; the others are shared.
+    """
+    grads = (grad_output,) if slots is None else tuple(grad_output)
+    B = grads[0].shape[0]
+    params = {n: p.detach() for n, p in module.named_parameters() if n in want}
+    keys = tuple(kwargs)
+    inputs = tuple(args) + tuple(kwargs[k] for k in keys)
+    batched = tuple(isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == B for a in inputs)
+
+    def outputs(p, lifted):
+        out = functional_call(module, p, lifted[:len(args)], dict(zip(keys, lifted[len(args):])))
+        return out if slots is None else tuple(out[i] for i in slots)
+
+    def one_example(example_inputs, example_grads):
+        lifted = tuple(a.unsqueeze(0) if b else a for a, b in zip(example_inputs, batched))
+        _, pullback = vjp(lambda p: outputs(p, lifted), params)
+        cotangent = tuple(g.unsqueeze(0) for g in example_grads)
+        (param_grads,) = pullback(cotangent[0] if slots is None else cotangent)
+        return {n: param_grads[n].square().sum() for n in param_grads}
 
     in_dims = (tuple(0 if b else None for b in batched), 0)
-    return vmap(one_example, in_dims=in_dims)(tuple(args), grad_output)
+    return vmap(one_example, in_dims=in_dims)(inputs, grads)
