@@ -35,7 +35,9 @@ else:
         ext_modules.append(CppExtension(
             "kdfast._C", sources,
             # no -std: torch adds the standard its headers need (C++17 in older releases, C++20 in 2.14)
-            extra_compile_args=["-O3", *openmp],
+            # -fno-trapping-math lets the compiler evaluate both arms of a branch-free select (as in
+            # `q > 0 ? q * (u - v) : 0`), which loops need to vectorise; the kernels never read FP exception flags
+            extra_compile_args=["-O3", "-fno-trapping-math", *openmp],
             extra_link_args=openmp,
             optional=True,  # a failed compile leaves a working pure-Python install
         ))
