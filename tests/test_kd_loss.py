@@ -280,6 +280,18 @@ def test_upstream_gradient_exactly_one(backend, reduction):
     assert_close("grad", leaf.grad, ref_grad, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("count_in_kernel", [True, False], ids=["kernel_counts", "launcher_counts"])
+def test_triton_mean_scale_counted_in_kernel_or_launcher(count_in_kernel, monkeypatch):
+    """reduction='mean' on Triton: the kernel counts the labels for 1/n_valid (small N) or torch ops do."""
+    _require("triton")
+    from kdfast.kernels import kd_loss as kernels
+    if not count_in_kernel:
+        monkeypatch.setattr(kernels, "COUNT_VALID_MAX_ROWS", 2)
+    s, t, y = _inputs((6, 9), ignore_frac=0.4)
+    check_against_reference(s, t, y, backend="triton", alpha=0.3, temperature=4.0, reduction="mean",
+                            go=_upstream("mean", y))
+
+
 def test_backward_scales_in_place(backend):
     """The backward entry: grad *= grad_output for a scalar, per-row values (some exactly 1) and stride 0."""
     grad = torch.randn(5, 11)
@@ -341,7 +353,8 @@ def test_env_override_selects_backend(monkeypatch):
         if backends()[name] != "available":
             continue
         real = kd_ops._FORWARD[name]
-        monkeypatch.setitem(kd_ops._FORWARD, name, lambda *a, _real=real, _name=name: (seen.append(_name), _real(*a))[1])
+        monkeypatch.setitem(kd_ops._FORWARD, name,
+                            lambda *a, _real=real, _name=name, **kw: (seen.append(_name), _real(*a, **kw))[1])
         monkeypatch.setenv("KDFAST_BACKEND", name)
         kd_loss(s, t, y)
     assert seen == [n for n in ("torch", "triton") if backends()[n] == "available"]

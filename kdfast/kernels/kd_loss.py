@@ -26,6 +26,9 @@ import triton.language as tl
 # rows pass 2 re-reads are more likely still in L2. Tests lower both to run the tiled path on small C.
 MAX_SINGLE_TILE = 16384
 TILE = 16384
+# Up to this many rows every forward program counts the non-ignored labels itself (count_valid): N int64
+# loads per program, from L2, instead of four tiny launches; above it the launcher counts with torch ops.
+COUNT_VALID_MAX_ROWS = 4096
 # Columns per program of the backward scaling kernel.
 BWD_BLOCK = 4096
 # Warps per program: 16 columns per thread (block // 512 warps), at least 4 and at most 32 warps.
@@ -80,7 +83,7 @@ def _kd_loss_fwd_kernel(
     t_ptr,          # (N, C) teacher logits, any of those dtypes (HAS_TEACHER)
     y_ptr,          # (N,) int64 labels
     w_ptr,          # (N,) fp32 row weights (HAS_WEIGHT)
-    scale_ptr,      # () fp32 gradient scale, the mean reduction's 1/n_valid (HAS_SCALE)
+    scale_ptr,      # () fp32 gradient scale, the mean reduction's 1/n_valid (HAS_SCALE; written if COUNT_VALID)
     rows_ptr,       # (N,) fp32 out: weighted loss per row
     g_ptr,          # (N, C) out: grad_scale * dl_i/ds_i in its own dtype (RETURN_GRAD); may alias s_ptr
     stats_ptr,      # (6, N) fp32 out: ce, kl, el2n, grad_norm, correct, margin (RETURN_STATS)
@@ -93,6 +96,7 @@ def _kd_loss_fwd_kernel(
     # constexprs
     HAS_TEACHER: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SCALE: tl.constexpr,
     RETURN_GRAD: tl.constexpr, RETURN_STATS: tl.constexpr, SINGLE_TILE: tl.constexpr, BLOCK_C: tl.constexpr,
+    COUNT_VALID: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
@@ -152,11 +156,20 @@ def _kd_loss_fwd_kernel(
         kl = float("nan")
     tl.store(rows_ptr + row, tl.where(valid, w * loss, 0.0))
 
+    scale = 1.0
+    if COUNT_VALID:  # mean reduction: 1 / max(n_valid, 1), counted by every program; program 0 stores it
+        n_valid = 0
+        for start in range(0, N, BLOCK_N):
+            offs = start + tl.arange(0, BLOCK_N)
+            labels = tl.load(y_ptr + offs, mask=offs < N, other=ignore_index)
+            n_valid += tl.sum((labels != ignore_index).to(tl.int32), 0)
+        scale = 1.0 / tl.maximum(n_valid, 1).to(tl.float32)
+        tl.store(scale_ptr, scale, mask=row == 0)
+    elif HAS_SCALE:
+        scale = tl.load(scale_ptr)
+
     # ---- pass 2: gradient (scaled by the reduction) and its norms
     if RETURN_GRAD or RETURN_STATS:
-        scale = 1.0
-        if HAS_SCALE:
-            scale = tl.load(scale_ptr)
         sum_d2 = 0.0
         sum_g2 = 0.0
         if SINGLE_TILE:
@@ -221,13 +234,17 @@ def _num_warps(block: int) -> int:
 
 
 def kd_loss_fwd(student, teacher, target, weight, grad_scale, alpha: float, temperature: float, ignore_index: int,
-                need_grad: bool, return_stats: bool, grad_out=None):
+                need_grad: bool, return_stats: bool, grad_out=None, *, count_valid: bool = False):
     """Loss rows (N,) fp32, gradient (N, C) in the student's dtype or None, stats (6, N) fp32 or None.
 
     See `kdfast.reference.kd_loss.kd_loss_fwd_torch` for the contract; `grad_out` receives the gradient
-    (it may be `student` itself: the in-place mode).
+    (it may be `student` itself: the in-place mode). With count_valid, grad_scale is an output instead: it
+    receives 1 / max(n_valid, 1), the mean reduction's factor, which also scales the gradient.
     """
     N, C = student.shape
+    if count_valid and (N == 0 or N > COUNT_VALID_MAX_ROWS):
+        torch.reciprocal((target != ignore_index).sum(dtype=torch.float32).clamp_(min=1), out=grad_scale)
+        count_valid = False
     rows = torch.empty(N, dtype=torch.float32, device=student.device)
     grad = None
     if need_grad:
@@ -246,6 +263,7 @@ def kd_loss_fwd(student, teacher, target, weight, grad_scale, alpha: float, temp
         float(alpha), float(temperature), int(ignore_index),
         HAS_TEACHER=teacher is not None, HAS_WEIGHT=weight is not None, HAS_SCALE=grad_scale is not None,
         RETURN_GRAD=grad is not None, RETURN_STATS=return_stats, SINGLE_TILE=single, BLOCK_C=block,
+        COUNT_VALID=count_valid, BLOCK_N=min(1024, max(16, triton.next_power_of_2(N))),
         num_warps=_num_warps(block),
     )
     return rows, grad, stats

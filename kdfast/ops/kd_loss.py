@@ -25,9 +25,9 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------- backends
-def _fwd_triton(*args):
+def _fwd_triton(*args, **kwargs):
     from ..kernels.kd_loss import kd_loss_fwd
-    return kd_loss_fwd(*args)
+    return kd_loss_fwd(*args, **kwargs)
 
 
 def _bwd_triton(grad, grad_output):
@@ -163,12 +163,15 @@ def _forward(backend, student, teacher, target, weight, alpha, temperature, redu
     y = target.reshape(-1)
     y = y.to(torch.int64) if y.dtype != torch.int64 else y.contiguous()
     w = None if weight is None else weight.detach().reshape(-1).to(torch.float32).contiguous()
-    grad_scale = None
+    grad_scale, options = None, {}
     if reduction == "mean":
-        grad_scale = (y != ignore_index).sum(dtype=torch.float32).clamp_(min=1).reciprocal_()
+        if backend == "triton":  # the kernel counts the labels and fills grad_scale itself: four launches fewer
+            grad_scale, options = torch.empty((), dtype=torch.float32, device=y.device), {"count_valid": True}
+        else:
+            grad_scale = (y != ignore_index).sum(dtype=torch.float32).clamp_(min=1).reciprocal_()
     grad_out = s.detach() if inplace else None
     rows, grad, stats = _FORWARD[backend](s.detach(), t, y, w, grad_scale, float(alpha), float(temperature),
-                                          int(ignore_index), need_grad, return_stats, grad_out)
+                                          int(ignore_index), need_grad, return_stats, grad_out, **options)
     if reduction == "none":
         loss = rows.reshape(target.shape)
     elif reduction == "sum":
