@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -232,6 +233,12 @@ def _build(name, dataset_name, num_classes, image_size):
     return create_model(name, num_classes=num_classes, in_channels=channels, image_size=image_size or side)
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_no_matplotlib():
+    print("kdfast-distill: accuracy.png skipped: matplotlib is not installed (pip install matplotlib)",
+          file=sys.stderr)
+
+
 def write_metrics(out, history):
     """OUT/metrics.csv (one row per epoch) and OUT/accuracy.png (train and eval accuracy per epoch)."""
     path = os.path.join(out, "metrics.csv")
@@ -246,6 +253,7 @@ def write_metrics(out, history):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        _warn_no_matplotlib()
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [h["epoch"] for h in history]
