@@ -227,6 +227,7 @@ def main(argv=None) -> int:
         print(write_outputs(saved["runs"], args, saved["elapsed_s"], saved["command"], saved["commit"]))
         return 0
     torch.set_num_threads(1)  # tiny matrices: threads only contend
+    commit = _commit()  # the code that runs (the tree may move on while it does)
     start = time.perf_counter()
     x, y, ds = _tensors("train")
     xt, yt, _ = _tensors("test")
@@ -235,7 +236,7 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - start:6.1f} s] {msg}", file=sys.stderr, flush=True)
     runs = [run_seed(seed, x, y, xt, yt, ds, args.epochs, log) for seed in range(args.seeds)]
     command = f"python -m bench.repro_digits_kd {' '.join(sys.argv[1:])}".rstrip()
-    print(write_outputs(runs, args, time.perf_counter() - start, command, _commit()))
+    print(write_outputs(runs, args, time.perf_counter() - start, command, commit))
     return 0
 
 
