@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append", help="benchmarks to run (default all)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="device to benchmark (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch and the C++ backend (default: torch's own choice)")
     parser.add_argument("--out", type=Path, default=HERE / "results.jsonl", help="rows are appended here")
     parser.add_argument("--markdown", type=Path, default=HERE / "RESULTS.md", help="regenerated from --out")
     args = parser.parse_args(argv)
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     if name == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     device = torch.device(name)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = []
     for bench in args.only or sorted(BENCHMARKS):
         rows += importlib.import_module(BENCHMARKS[bench]).run(device=device, quick=args.quick, smoke=args.smoke)
