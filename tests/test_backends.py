@@ -1,0 +1,318 @@
+"""Backend discovery and dispatch through kd_loss, the fallback without kdfast._C, and direct checks of the C++
+kernels (kdfast._C.kd_loss_fwd / kd_loss_bwd) against the float64 run of the "torch" backend's contract.
+
+The op-level suite (every backend through kd_loss and autograd) is tests/test_kd_loss.py; the checks here call
+the extension directly, so they also cover what the op never passes it (in-place into a strided student,
+rows wider than C, the argument checks of the binding).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import kdfast
+from kdfast.backends import BACKEND_NAMES, ENV_VAR, backends
+from kdfast.errors import BackendUnavailableError, InvalidArgumentError
+from kdfast.reference.kd_loss import KD_STAT_NAMES, kd_loss_fwd_torch
+
+kd_ops = importlib.import_module("kdfast.ops.kd_loss")  # the module: kdfast.ops.kd_loss is also the function
+IGNORE = -100
+# dtype -> rtol of the gradient, which comes back rounded once to the student's dtype (half an ulp, plus the
+# fp32 arithmetic); loss rows and stats are fp32 whatever the dtype
+GRAD_RTOL = {torch.float32: 2e-5, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+FP32_RTOL = 2e-5  # loss rows and stats: fp32 arithmetic with sums in double (measured worst 1.4e-6 over C <= 50257)
+
+
+def _cpp():
+    reason = backends()["cpp"]
+    if reason != "available":
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"the C++ backend must be built in CI: {reason}")
+        pytest.skip(f"C++ backend unavailable: {reason}")
+    from kdfast import _C
+    return _C
+
+
+def assert_close(name, actual, expected, *, rtol, atol_scale=1e-6):
+    """|a - e| <= rtol |e| + atol_scale * max|e| elementwise; NaN and inf must match exactly.
+    Returns the max relative error on finite entries (for the report); on failure names the worst entry."""
+    a, e = actual.detach().double().reshape(-1), expected.detach().double().reshape(-1)
+    assert a.shape == e.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    special = ~torch.isfinite(e)
+    same = (a[special] == e[special]) | (a[special].isnan() & e[special].isnan())
+    assert bool(same.all()), f"{name}: non-finite entries differ: got {a[special][~same][:5].tolist()}, " \
+                             f"expected {e[special][~same][:5].tolist()}"
+    a, e = a[~special], e[~special]
+    if e.numel() == 0:
+        return 0.0
+    err = (a - e).abs().nan_to_num(nan=float("inf"))
+    bad = err > rtol * e.abs() + atol_scale * float(e.abs().max())
+    rel = err / e.abs().clamp(min=1e-30)
+    if bool(bad.any()):
+        worst = int((err - rtol * e.abs()).argmax())
+        raise AssertionError(f"{name}: {int(bad.sum())}/{e.numel()} mismatches; worst at flat index {worst}: got "
+                             f"{a[worst].item():.9g}, expected {e[worst].item():.9g}; max abs err "
+                             f"{err.max().item():.3g}, max rel err {rel.max().item():.3g} (rtol {rtol:.3g})")
+    return float(rel.max())
+
+
+def _oracle(student, teacher, target, weight, grad_scale, alpha, temperature):
+    """The kernels' contract in float64: kd_loss_fwd_torch on the same (already rounded) inputs."""
+    t = None if teacher is None else teacher.double()
+    return kd_loss_fwd_torch(student.double(), t, target, weight, grad_scale, alpha, temperature, IGNORE, True, True)
+
+
+def _hostile_batch(N, C, s_dtype, t_dtype):
+    """Random logits (scale 3) with hostile rows: -inf teacher logits, an ignored row, labels above and below
+    [0, C), a row of +-1e4 logits."""
+    s = torch.randn(N, C) * 3
+    t = torch.randn(N, C) * 3
+    y = torch.randint(0, C, (N,))
+    if C > 1:
+        t[0, torch.randperm(C)[: C // 2]] = float("-inf")  # q = 0 there: contributes 0, never 0 * inf
+    y[1] = IGNORE
+    y[2], y[3] = C + 3, -5  # outside [0, C): NaN row, never a wild read
+    s[4] = torch.randint(-1, 2, (C,)).float() * 1e4
+    t[4] = torch.randint(-1, 2, (C,)).float() * 1e4
+    return s.to(s_dtype), t.to(t_dtype), y
+
+
+# ------------------------------------------------------------------------------------ discovery, dispatch
+def test_backends_lists_every_backend_and_cpp_is_built():
+    report = backends()
+    assert tuple(report) == BACKEND_NAMES
+    _cpp()
+    assert report["cpp"] == "available"
+
+
+def test_public_backends_stays_callable_once_its_module_is_imported():
+    """`import kdfast.backends` (which every op does) binds the package attribute `backends` to the module;
+    the public spelling kdfast.backends() must keep working after that."""
+    code = "import kdfast, kdfast.ops.kd_loss; print(sorted(kdfast.backends()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(sorted(BACKEND_NAMES))
+
+
+def _record_backend(monkeypatch):
+    """Wraps every backend's forward so the test sees which one kd_loss ran."""
+    used = []
+    for name, fwd in list(kd_ops._FORWARD.items()):
+        def spy(*args, _name=name, _fwd=fwd):
+            used.append(_name)
+            return _fwd(*args)
+        monkeypatch.setitem(kd_ops._FORWARD, name, spy)
+    return used
+
+
+def _small_call(**kwargs):
+    s = torch.randn(4, 5, requires_grad=True)
+    return kdfast.kd_loss(s, torch.randn(4, 5), torch.randint(0, 5, (4,)), **kwargs)
+
+
+def test_default_dispatch_runs_cpp_on_cpu_tensors(monkeypatch):
+    _cpp()
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    used = _record_backend(monkeypatch)
+    _small_call().backward()
+    assert used == ["cpp"]
+
+
+def test_argument_and_environment_override_the_default(monkeypatch):
+    _cpp()
+    used = _record_backend(monkeypatch)
+    monkeypatch.setenv(ENV_VAR, "torch")
+    _small_call()
+    _small_call(backend="cpp")  # the argument wins over the environment
+    monkeypatch.setenv(ENV_VAR, "cpp")
+    _small_call()
+    assert used == ["torch", "cpp", "cpp"]
+
+
+def test_unknown_backend_name_raises_naming_its_source(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    with pytest.raises(InvalidArgumentError, match=r"kd_loss: backend must be one of .*got 'fortran'"):
+        _small_call(backend="fortran")
+    monkeypatch.setenv(ENV_VAR, "fortran")
+    with pytest.raises(InvalidArgumentError, match=rf"kd_loss: {ENV_VAR} must be one of .*got 'fortran'"):
+        _small_call()
+
+
+def test_unavailable_backend_raises_with_the_reason(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: Triton can run")
+    with pytest.raises(BackendUnavailableError, match=r"backend='triton' cannot run here: .*TRITON_INTERPRET"):
+        _small_call(backend="triton")
+
+
+def test_package_falls_back_to_torch_without_the_extension():
+    """A fresh interpreter where importing kdfast._C fails (as without a compiler) still imports, says why
+    "cpp" is unavailable, runs kd_loss on the "torch" backend and refuses backend="cpp"."""
+    code = textwrap.dedent(f"""
+        import importlib.abc, sys
+
+        class NoExtension(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "kdfast._C":
+                    raise ImportError("blocked by the test: no compiled extension")
+                return None
+
+        sys.meta_path.insert(0, NoExtension())
+        import torch, kdfast
+        from kdfast.backends import backends, resolve_backend
+        from kdfast.errors import BackendUnavailableError
+        reason = backends()["cpp"]
+        assert "kdfast._C not built" in reason and "blocked by the test" in reason, reason
+        assert resolve_backend(None, torch.device("cpu"), op="kd_loss") == "torch"
+        s = torch.randn(3, 4, requires_grad=True)
+        t, y = torch.randn(3, 4), torch.tensor([0, 3, 1])
+        loss = kdfast.kd_loss(s, t, y)
+        loss.backward()
+        ref = kdfast.kd_loss(s.detach(), t, y, backend="torch")
+        assert torch.equal(loss.detach(), ref) and s.grad is not None
+        try:
+            kdfast.kd_loss(s, t, y, backend="cpp")
+        except BackendUnavailableError as exc:
+            assert "backend='cpp' cannot run here" in str(exc), exc
+        else:
+            raise AssertionError("backend='cpp' ran without the extension")
+        print("fallback ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "fallback ok"
+
+
+# ------------------------------------------------------------------------------- the C++ kernels directly
+@pytest.mark.parametrize("C", [1, 2, 1000, 50257])
+@pytest.mark.parametrize("s_dtype,t_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.float16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_cpp_forward_matches_float64_contract(C, s_dtype, t_dtype):
+    _C = _cpp()
+    N = 6 if C > 1000 else 16
+    alpha, temperature = float(torch.empty(()).uniform_(0.05, 0.95)), float(torch.empty(()).uniform_(0.5, 20))
+    s, t, y = _hostile_batch(N, C, s_dtype, t_dtype)
+    w = torch.rand(N) + 0.5
+    grad_scale = torch.rand(()) + 0.1
+    rows, grad, stats = _C.kd_loss_fwd(s, t, y, w, grad_scale, alpha, temperature, IGNORE, True, True, None)
+    rows_ref, grad_ref, stats_ref = _oracle(s, t, y, w, grad_scale, alpha, temperature)
+    ok = (y >= 0) & (y < C)  # in range and not ignored
+    assert grad.dtype == s_dtype and grad.shape == (N, C) and grad.is_contiguous()
+    assert rows.dtype == stats.dtype == torch.float32 and stats.shape == (6, N)
+    assert_close("rows", rows, rows_ref, rtol=FP32_RTOL)
+    for k, name in enumerate(KD_STAT_NAMES):
+        assert_close(name, stats[k], stats_ref[k], rtol=FP32_RTOL)
+    assert_close("grad", grad[ok], grad_ref[ok], rtol=GRAD_RTOL[s_dtype])
+    assert bool((grad[1] == 0).all()), "an ignored row must get a zero gradient"
+    assert bool(grad[2:4].isnan().all()), "a row with a label outside [0, C) must be poisoned with NaN"
+    if C == 1:  # softmax is 1 whatever the logits: nothing to learn, and no other logit to beat
+        assert bool((grad[ok] == 0).all())
+        assert bool((stats[5][ok] == float("inf")).all()) and bool((stats[4][ok] == 1).all())
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_cpp_forward_extreme_alpha_and_no_teacher(alpha):
+    _C = _cpp()
+    s, t, y = _hostile_batch(12, 300, torch.float32, torch.float32)
+    teacher = None if alpha == 0 else t
+    rows, grad, stats = _C.kd_loss_fwd(s, teacher, y, None, None, alpha, 3.0, IGNORE, True, True, None)
+    rows_ref, grad_ref, stats_ref = _oracle(s, teacher, y, None, None, alpha, 3.0)
+    ok = (y >= 0) & (y < 300)
+    assert_close("rows", rows, rows_ref, rtol=FP32_RTOL)
+    assert_close("grad", grad[ok], grad_ref[ok], rtol=GRAD_RTOL[torch.float32])
+    for k, name in enumerate(KD_STAT_NAMES):
+        assert_close(name, stats[k], stats_ref[k], rtol=FP32_RTOL)
+    if teacher is None:
+        assert bool(stats[1][ok].isnan().all()), "kl is NaN without a teacher"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_forward_in_place_into_a_strided_student(dtype):
+    """Rows wider than C (row stride > C) for student, teacher and the gradient buffer; the gradient written
+    over the student logits it is computed from."""
+    _C = _cpp()
+    N, C, pad = 9, 257, 11
+    s, t, y = _hostile_batch(N, C, dtype, torch.float16)
+    wide_t = torch.randn(N, C + pad).to(torch.float16)
+    wide_t[:, :C] = t
+    t = wide_t[:, :C]
+    buf = torch.randn(N, C + pad).to(dtype)
+    buf[:, :C] = s
+    student = buf[:, :C]
+    w = torch.rand(N)
+    rows_ref, grad_ref, stats_ref = _oracle(s, t, y, w, None, 0.4, 2.0)
+    rows, grad, stats = _C.kd_loss_fwd(student, t, y, w, None, 0.4, 2.0, IGNORE, True, True, student)
+    assert grad.data_ptr() == student.data_ptr(), "the gradient must land in grad_out"
+    ok = (y >= 0) & (y < C)
+    assert_close("grad in place", student[ok], grad_ref[ok], rtol=GRAD_RTOL[dtype])
+    assert_close("rows", rows, rows_ref, rtol=FP32_RTOL)
+    assert_close("stats", stats, stats_ref, rtol=FP32_RTOL)
+
+
+def test_cpp_forward_leaves_row_padding_alone():
+    _C = _cpp()
+    N, C, pad = 5, 33, 7
+    buf = torch.randn(N, C + pad)
+    before = buf[:, C:].clone()
+    y = torch.randint(0, C, (N,))
+    y[0] = IGNORE
+    _C.kd_loss_fwd(buf[:, :C], torch.randn(N, C), y, None, None, 0.5, 4.0, IGNORE, True, False, buf[:, :C])
+    assert torch.equal(buf[:, C:], before)
+
+
+def test_cpp_forward_optional_outputs_and_empty_batch():
+    _C = _cpp()
+    s, t, y = torch.randn(3, 7), torch.randn(3, 7), torch.tensor([1, 2, 3])
+    rows, grad, stats = _C.kd_loss_fwd(s, t, y, None, None, 0.5, 4.0, IGNORE, False, False, None)
+    rows_ref = _oracle(s, t, y, None, None, 0.5, 4.0)[0]
+    assert_close("rows without grad or stats", rows, rows_ref, rtol=FP32_RTOL)
+    assert grad.numel() == 0 and stats.numel() == 0
+    rows, grad, stats = _C.kd_loss_fwd(torch.randn(0, 7).half(), torch.randn(0, 7), torch.zeros(0, dtype=torch.int64),
+                                       None, None, 0.5, 4.0, IGNORE, True, True, None)
+    assert rows.shape == (0,) and grad.shape == (0, 7) and grad.dtype == torch.float16 and stats.shape == (6, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["one", "scalar", "per_row"])
+def test_cpp_backward_scales_the_gradient_in_place(dtype, kind):
+    _C = _cpp()
+    N, C = 7, 40
+    buf = torch.randn(N, C + 3).to(dtype)
+    grad = buf[:, :C]  # a strided gradient (the in-place mode writes into a strided student)
+    before = grad.double().clone()
+    g_out = {"one": torch.tensor(1.0), "scalar": torch.rand(()) * 3, "per_row": torch.randn(N)}[kind]
+    _C.kd_loss_bwd(grad, g_out)
+    expected = before * (g_out.double() if g_out.dim() == 0 else g_out.double()[:, None])
+    assert_close("scaled grad", grad, expected, rtol=GRAD_RTOL[dtype], atol_scale=0.0)
+
+
+def _bad_cpp_calls():
+    s, t, y = torch.randn(4, 6), torch.randn(4, 6), torch.randint(0, 6, (4,))
+    ok = dict(student=s, teacher=t, target=y, weight=None, grad_scale=None, grad_out=None)
+    return [
+        ("student", dict(ok, student=s.double()), "student must be float32, float16 or bfloat16"),
+        ("student", dict(ok, student=torch.randn(6, 4).t()), "student must have unit class stride"),
+        ("student", dict(ok, student=s[0]), r"student must have shape \(N, C\)"),
+        ("teacher", dict(ok, teacher=torch.randn(4, 5)), r"teacher must have shape \(4, 6\)"),
+        ("target", dict(ok, target=y.int()), "target must be a"),
+        ("weight", dict(ok, weight=torch.rand(3)), "weight must be a"),
+        ("grad_scale", dict(ok, grad_scale=torch.ones(2)), "grad_scale must be a one-element float32"),
+        ("grad_out", dict(ok, grad_out=torch.empty(4, 6, dtype=torch.float16)), "grad_out must have the student"),
+    ]
+
+
+@pytest.mark.parametrize("arg,kwargs,message", _bad_cpp_calls(), ids=[c[0] + str(i) for i, c in
+                                                                      enumerate(_bad_cpp_calls())])
+def test_cpp_forward_rejects_bad_arguments_naming_them(arg, kwargs, message):
+    _C = _cpp()
+    with pytest.raises(ValueError, match=message):
+        _C.kd_loss_fwd(kwargs["student"], kwargs["teacher"], kwargs["target"], kwargs["weight"],
+                       kwargs["grad_scale"], 0.5, 4.0, IGNORE, True, True, kwargs["grad_out"])
