@@ -173,8 +173,9 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
             `dataset` (checked against the dataset's labels when it has `.targets`). Not both.
         alpha, temperature: weight of the DISTILLATION term in [0, 1] and the softmax temperature.
         indices: dataset indices to train on (e.g. `kdfast.prune(...)`); None trains on everything.
-        forgetting: an object with update(dataset_indices, correct) (kdfast.ForgettingTracker), fed every
-            step; its state is checkpointed when it has state_dict()/load_state_dict().
+        forgetting: an object with update(dataset_indices, correct) (kdfast.ForgettingTracker, created on
+            the training device), fed every step with device tensors; its state is checkpointed when it has
+            state_dict()/load_state_dict().
         device: where to train (default: the model's device). precision: "fp32" or "bf16" autocast.
         seed: seeds the shuffling; epoch e shuffles with seed + e, so a resumed run replays the same order.
         checkpoint_path: a file written after every epoch; with resume=True an existing one is loaded and
