@@ -182,7 +182,8 @@ def _fits(N, C, dtype, device) -> bool:
     """Room for the inputs and the eager peer's float32 intermediates (about 12 N x C float32 buffers)."""
     if device.type != "cuda":
         return True
-    return torch.cuda.mem_get_info(device)[0] > 12 * N * C * 4 + 2 * N * C * torch.tensor([], dtype=dtype).element_size()
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    return torch.cuda.mem_get_info(device)[0] > 12 * N * C * 4 + 2 * N * C * itemsize
 
 
 def bench_config(name, device, bandwidth_gbs, rep_ms) -> list[dict]:

@@ -69,7 +69,8 @@ def render_markdown(rows: list[dict]) -> str:
         checks = [r for r in here if r["mode"] == "check"]
         if checks:
             out += ["", "Correctness on this device (relative error against the float64 reference):", "",
-                    "| shape | dtype | provider | backend | ok | worst rel err |", "| --- | --- | --- | --- | --- | ---: |"]
+                    "| shape | dtype | provider | backend | ok | worst rel err |",
+                    "| --- | --- | --- | --- | --- | ---: |"]
             out += [f"| {r['shape']} | {r['dtype']} | {r['provider']} | {r.get('backend', '')} | {r['ok']} | "
                     f"{max(r['rel_err'].values()):.2e} |" for r in sorted(checks, key=lambda r: (r["shape"], r["dtype"],
                                                                                             r["provider"]))]

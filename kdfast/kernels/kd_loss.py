@@ -173,7 +173,8 @@ def _kd_loss_fwd_kernel(
         sum_d2 = 0.0
         sum_g2 = 0.0
         if SINGLE_TILE:
-            g, d = _grad_tile(s_reg, t_reg, cols0, y, inv_T, coef_ce, coef_kd, m, log_z, log_zT, mt, log_zt, HAS_TEACHER)
+            g, d = _grad_tile(s_reg, t_reg, cols0, y, inv_T, coef_ce, coef_kd, m, log_z, log_zT, mt, log_zt,
+                              HAS_TEACHER)
             g = tl.where(valid, g, 0.0)
             sum_d2 = tl.sum(d * d, 0)
             sum_g2 = tl.sum(g * g, 0)
