@@ -23,10 +23,12 @@ from kdfast.reference.kd_loss import KD_STAT_NAMES, kd_loss_fwd_torch
 
 kd_ops = importlib.import_module("kdfast.ops.kd_loss")  # the module: kdfast.ops.kd_loss is also the function
 IGNORE = -100
-# dtype -> rtol of the gradient, which comes back rounded once to the student's dtype (half an ulp, plus the
-# fp32 arithmetic); loss rows and stats are fp32 whatever the dtype
-GRAD_RTOL = {torch.float32: 2e-5, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
-FP32_RTOL = 2e-5  # loss rows and stats: fp32 arithmetic with sums in double (measured worst 1.4e-6 over C <= 50257)
+# The C++ kernels may be EAGER_FACTOR times less accurate than eager fp32 PyTorch (the "torch" backend's
+# contract run in fp32 on the same inputs), plus a relative error REL_FLOOR always allowed (a few fp32 ulp). The
+# gradient comes back rounded to the student's dtype: half an ulp of it, GRAD_RTOL, is allowed on top.
+EAGER_FACTOR = 4
+REL_FLOOR = 2e-6
+GRAD_RTOL = {torch.float32: REL_FLOOR, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
 
 def _cpp():
@@ -39,9 +41,9 @@ def _cpp():
     return _C
 
 
-def assert_close(name, actual, expected, *, rtol, atol_scale=1e-6):
-    """|a - e| <= rtol |e| + atol_scale * max|e| elementwise; NaN and inf must match exactly.
-    Returns the max relative error on finite entries (for the report); on failure names the worst entry."""
+def assert_close(name, actual, expected, *, rtol, budget=0.0):
+    """|actual - expected| <= rtol |expected| + budget elementwise; NaN and inf must match exactly.
+    On failure reports the mismatch count, the worst entry and the max abs and rel errors."""
     a, e = actual.detach().double().reshape(-1), expected.detach().double().reshape(-1)
     assert a.shape == e.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     special = ~torch.isfinite(e)
@@ -49,23 +51,40 @@ def assert_close(name, actual, expected, *, rtol, atol_scale=1e-6):
     assert bool(same.all()), f"{name}: non-finite entries differ: got {a[special][~same][:5].tolist()}, " \
                              f"expected {e[special][~same][:5].tolist()}"
     a, e = a[~special], e[~special]
-    if e.numel() == 0:
-        return 0.0
     err = (a - e).abs().nan_to_num(nan=float("inf"))
-    bad = err > rtol * e.abs() + atol_scale * float(e.abs().max())
-    rel = err / e.abs().clamp(min=1e-30)
+    bad = err > rtol * e.abs() + budget
     if bool(bad.any()):
         worst = int((err - rtol * e.abs()).argmax())
+        rel = err / e.abs().clamp(min=1e-30)
         raise AssertionError(f"{name}: {int(bad.sum())}/{e.numel()} mismatches; worst at flat index {worst}: got "
                              f"{a[worst].item():.9g}, expected {e[worst].item():.9g}; max abs err "
-                             f"{err.max().item():.3g}, max rel err {rel.max().item():.3g} (rtol {rtol:.3g})")
-    return float(rel.max())
+                             f"{err.max().item():.3g}, max rel err {rel.max().item():.3g} (rtol {rtol:.3g}, "
+                             f"budget {budget:.3g})")
 
 
-def _oracle(student, teacher, target, weight, grad_scale, alpha, temperature):
-    """The kernels' contract in float64: kd_loss_fwd_torch on the same (already rounded) inputs."""
-    t = None if teacher is None else teacher.double()
-    return kd_loss_fwd_torch(student.double(), t, target, weight, grad_scale, alpha, temperature, IGNORE, True, True)
+def _max_abs_err(x, ref) -> float:
+    finite = torch.isfinite(ref)
+    return float((x.double()[finite] - ref.double()[finite]).abs().max()) if bool(finite.any()) else 0.0
+
+
+def _contract(dtype, student, teacher, target, weight, grad_scale, alpha, temperature):
+    """The kernels' contract (the "torch" backend) computed in `dtype` on the same, already rounded, inputs."""
+    t = None if teacher is None else teacher.to(dtype)
+    return kd_loss_fwd_torch(student.to(dtype), t, target, weight, grad_scale, alpha, temperature, IGNORE, True,
+                             True)
+
+
+def check_outputs(outputs, student, teacher, target, weight, grad_scale, alpha, temperature):
+    """Loss rows, gradient (rows with a label in [0, C)) and every statistic against the float64 contract."""
+    rows, grad, stats = outputs
+    args = (student, teacher, target, weight, grad_scale, alpha, temperature)
+    ref, eager = _contract(torch.float64, *args), _contract(torch.float32, *args)
+    ok = (target >= 0) & (target < student.shape[1])
+    checks = [("rows", rows, ref[0], eager[0], REL_FLOOR),
+              ("grad", grad[ok], ref[1][ok], eager[1][ok], GRAD_RTOL[grad.dtype])]
+    checks += [(name, stats[k], ref[2][k], eager[2][k], REL_FLOOR) for k, name in enumerate(KD_STAT_NAMES)]
+    for name, x, expected, x_eager, rtol in checks:
+        assert_close(name, x, expected, rtol=rtol, budget=EAGER_FACTOR * _max_abs_err(x_eager, expected))
 
 
 def _hostile_batch(N, C, s_dtype, t_dtype):
@@ -203,14 +222,10 @@ def test_cpp_forward_matches_float64_contract(C, s_dtype, t_dtype):
     w = torch.rand(N) + 0.5
     grad_scale = torch.rand(()) + 0.1
     rows, grad, stats = _C.kd_loss_fwd(s, t, y, w, grad_scale, alpha, temperature, IGNORE, True, True, None)
-    rows_ref, grad_ref, stats_ref = _oracle(s, t, y, w, grad_scale, alpha, temperature)
-    ok = (y >= 0) & (y < C)  # in range and not ignored
     assert grad.dtype == s_dtype and grad.shape == (N, C) and grad.is_contiguous()
     assert rows.dtype == stats.dtype == torch.float32 and stats.shape == (6, N)
-    assert_close("rows", rows, rows_ref, rtol=FP32_RTOL)
-    for k, name in enumerate(KD_STAT_NAMES):
-        assert_close(name, stats[k], stats_ref[k], rtol=FP32_RTOL)
-    assert_close("grad", grad[ok], grad_ref[ok], rtol=GRAD_RTOL[s_dtype])
+    check_outputs((rows, grad, stats), s, t, y, w, grad_scale, alpha, temperature)
+    ok = (y >= 0) & (y < C)  # in range and not ignored
     assert bool((grad[1] == 0).all()), "an ignored row must get a zero gradient"
     assert bool(grad[2:4].isnan().all()), "a row with a label outside [0, C) must be poisoned with NaN"
     if C == 1:  # softmax is 1 whatever the logits: nothing to learn, and no other logit to beat
@@ -223,15 +238,11 @@ def test_cpp_forward_extreme_alpha_and_no_teacher(alpha):
     _C = _cpp()
     s, t, y = _hostile_batch(12, 300, torch.float32, torch.float32)
     teacher = None if alpha == 0 else t
-    rows, grad, stats = _C.kd_loss_fwd(s, teacher, y, None, None, alpha, 3.0, IGNORE, True, True, None)
-    rows_ref, grad_ref, stats_ref = _oracle(s, teacher, y, None, None, alpha, 3.0)
-    ok = (y >= 0) & (y < 300)
-    assert_close("rows", rows, rows_ref, rtol=FP32_RTOL)
-    assert_close("grad", grad[ok], grad_ref[ok], rtol=GRAD_RTOL[torch.float32])
-    for k, name in enumerate(KD_STAT_NAMES):
-        assert_close(name, stats[k], stats_ref[k], rtol=FP32_RTOL)
+    outputs = _C.kd_loss_fwd(s, teacher, y, None, None, alpha, 3.0, IGNORE, True, True, None)
+    check_outputs(outputs, s, teacher, y, None, None, alpha, 3.0)
     if teacher is None:
-        assert bool(stats[1][ok].isnan().all()), "kl is NaN without a teacher"
+        ok = (y >= 0) & (y < 300)
+        assert bool(outputs[2][1][ok].isnan().all()), "kl is NaN without a teacher"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -248,13 +259,10 @@ def test_cpp_forward_in_place_into_a_strided_student(dtype):
     buf[:, :C] = s
     student = buf[:, :C]
     w = torch.rand(N)
-    rows_ref, grad_ref, stats_ref = _oracle(s, t, y, w, None, 0.4, 2.0)
     rows, grad, stats = _C.kd_loss_fwd(student, t, y, w, None, 0.4, 2.0, IGNORE, True, True, student)
     assert grad.data_ptr() == student.data_ptr(), "the gradient must land in grad_out"
-    ok = (y >= 0) & (y < C)
-    assert_close("grad in place", student[ok], grad_ref[ok], rtol=GRAD_RTOL[dtype])
-    assert_close("rows", rows, rows_ref, rtol=FP32_RTOL)
-    assert_close("stats", stats, stats_ref, rtol=FP32_RTOL)
+    check_outputs((rows, student, stats), s, t, y, w, None, 0.4, 2.0)
+    assert bool((student[1] == 0).all()) and bool(student[2:4].isnan().all())  # ignored and bad-label rows
 
 
 def test_cpp_forward_leaves_row_padding_alone():
@@ -272,8 +280,8 @@ def test_cpp_forward_optional_outputs_and_empty_batch():
     _C = _cpp()
     s, t, y = torch.randn(3, 7), torch.randn(3, 7), torch.tensor([1, 2, 3])
     rows, grad, stats = _C.kd_loss_fwd(s, t, y, None, None, 0.5, 4.0, IGNORE, False, False, None)
-    rows_ref = _oracle(s, t, y, None, None, 0.5, 4.0)[0]
-    assert_close("rows without grad or stats", rows, rows_ref, rtol=FP32_RTOL)
+    rows_ref, _, _ = _contract(torch.float64, s, t, y, None, None, 0.5, 4.0)
+    assert_close("rows without grad or stats", rows, rows_ref, rtol=REL_FLOOR)
     assert grad.numel() == 0 and stats.numel() == 0
     rows, grad, stats = _C.kd_loss_fwd(torch.randn(0, 7).half(), torch.randn(0, 7), torch.zeros(0, dtype=torch.int64),
                                        None, None, 0.5, 4.0, IGNORE, True, True, None)
@@ -291,7 +299,7 @@ def test_cpp_backward_scales_the_gradient_in_place(dtype, kind):
     g_out = {"one": torch.tensor(1.0), "scalar": torch.rand(()) * 3, "per_row": torch.randn(N)}[kind]
     _C.kd_loss_bwd(grad, g_out)
     expected = before * (g_out.double() if g_out.dim() == 0 else g_out.double()[:, None])
-    assert_close("scaled grad", grad, expected, rtol=GRAD_RTOL[dtype], atol_scale=0.0)
+    assert_close("scaled grad", grad, expected, rtol=GRAD_RTOL[dtype])
 
 
 def _bad_cpp_calls():
