@@ -250,6 +250,30 @@ def test_hostile_logits(backend, tiled, request):
                             go=_upstream("sum", y))
 
 
+@pytest.mark.parametrize("tiled", [False, True], ids=["one_tile", "tiled"])
+def test_kernel_variants_without_stats_or_gradient_agree(backend, tiled, request):
+    """Stats off, and no gradient (student not requiring grad: the Triton kernel skips pass 2), give the
+    same loss, gradient and stats as the fully checked variant with everything on."""
+    if tiled:
+        if backend != "triton":
+            pytest.skip("the tiled path is the Triton kernel's")
+        request.getfixturevalue("tiny_tiles")
+    s, t, y = _inputs((5, 40))
+    kw = dict(alpha=0.3, temperature=4.0, reduction="sum", backend=backend)
+    leaf_on, leaf_off = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    loss_on, stats_on = kd_loss(leaf_on, t, y, return_stats=True, **kw)
+    loss_on.backward()
+    loss_off = kd_loss(leaf_off, t, y, **kw)
+    loss_off.backward()
+    loss_nograd, stats_nograd = kd_loss(s, t, y, return_stats=True, **kw)
+    assert_close("loss without stats", loss_off, loss_on, atol=1e-6, rtol=1e-6)
+    assert_close("grad without stats", leaf_off.grad, leaf_on.grad, atol=1e-7, rtol=1e-6)
+    assert_close("loss without gradient", loss_nograd, loss_on, atol=1e-6, rtol=1e-6)
+    for name in KD_STAT_NAMES:
+        assert_close(f"stats[{name}] without gradient", stats_nograd[name], stats_on[name], atol=1e-6, rtol=1e-6)
+    assert_close("loss without gradient or stats", kd_loss(s, t, y, **kw), loss_on, atol=1e-6, rtol=1e-6)
+
+
 def test_teacher_none_is_cross_entropy(backend):
     s, _, y = _inputs((6, 33))
     check_against_reference(s, None, y, backend=backend, alpha=0.0, temperature=4.0, reduction="sum",
