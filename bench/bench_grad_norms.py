@@ -10,8 +10,9 @@ Providers, all on the same model, batch and device (eval mode: BatchNorm with ru
     backpack  BackPACK's BatchL2Grad (when installed)
     opacus    Opacus' GradSampleModule, norms from its per-example gradients (when installed)
 Each provider's norms are checked against vmap's before timing (max relative error in the row). A
-provider that fails records its error instead of numbers. Times: median with p20/p80; memory: peak
-extra device memory (GPU only); ratios to plain (time, memory) and kdfast's speedups over the others.
+provider that fails records its error instead of numbers. Times: median with p20/p80 (GPU: CUDA events
+per provider; CPU: providers timed round-robin, as a shared machine's load drifts); memory: peak extra
+device memory (GPU only); ratios to plain (time, memory) and kdfast's speedups over the others.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import copy
 import functools
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -29,7 +31,7 @@ from torch import nn
 from kdfast.grad_norms import per_example_grad_norms
 from kdfast.reference.grad_norms import per_example_grad_norms_ref
 
-from .common import append_rows, make_row, peak_extra_mib, time_ms
+from .common import QUANTILES, append_rows, make_row, peak_extra_mib, time_ms
 
 OP = "per_example_grad_norms"
 # name -> (architecture, image size, batch, dtype on GPU); the CPU runs the small variants below in fp32
@@ -116,31 +118,55 @@ def _rel_err(got, want):
     return float(((got.double() - want.double()).abs() / want.double().abs().clamp_min(1e-30)).max())
 
 
-def bench_config(name, arch, size, batch, dtype, device, providers):
+def _interleaved_cpu_ms(fns: dict, reps: int) -> dict:
+    """{provider: (median, p20, p80) ms}, the providers timed round-robin after one untimed round, so
+    the load of a shared CPU shifts over all of them alike rather than over whichever ran at a bad time."""
+    samples = {name: [] for name in fns}
+    for rep in range(reps + 1):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if rep:
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+    q = torch.tensor(QUANTILES, dtype=torch.float64)
+    return {name: tuple(float(v) for v in torch.tensor(s, dtype=torch.float64).quantile(q))
+            for name, s in samples.items()}
+
+
+def bench_config(name, arch, size, batch, dtype, device, providers, reps):
     torch.manual_seed(0)
     model = build_model(arch).to(device=device, dtype=dtype).eval()
     x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
     y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
     shape = (batch, 3, size, size)
     oracle = _vmap(model, x, y)
-    rows = []
+    extras, runs = {}, {}
     for provider in providers:
-        extra = {"config": name, "model": arch}
+        extra = extras[provider] = {"config": name, "model": arch}
         try:
             fn = _provider(provider, model)
             if fn is None:
+                del extras[provider]
                 continue
             result = fn(x, y)
             if provider != "plain":
                 extra["max_rel_err_vs_vmap"] = _rel_err(result, oracle)
-            med, p20, p80 = time_ms(lambda: fn(x, y), device)
-            extra.update(ms=med, ms_p20=p20, ms_p80=p80, peak_mib=peak_extra_mib(lambda: fn(x, y), device))
+            runs[provider] = functools.partial(fn, x, y)
         except Exception as exc:  # a peer failing on this model is a result too
             extra["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    if device.type == "cpu":
+        timings = _interleaved_cpu_ms(runs, reps)
+    else:
+        timings = {provider: time_ms(run, device) for provider, run in runs.items()}
+    rows = []
+    for provider, extra in extras.items():
+        if provider in runs:
+            med, p20, p80 = timings[provider]
+            extra.update(ms=med, ms_p20=p20, ms_p80=p80, peak_mib=peak_extra_mib(runs[provider], device))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         rows.append(make_row(op=OP, provider=provider, mode="full", shape=shape, dtype=dtype, device=device,
                              command=" ".join(["python", "-m", "bench.bench_grad_norms", *sys.argv[1:]]), **extra))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     _add_ratios(rows)
     return rows
 
@@ -180,6 +206,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--configs", nargs="+", help="config names (default: all of the device's)")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
+    parser.add_argument("--reps", type=int, default=5, help="timed rounds per provider on the CPU")
     parser.add_argument("--out", type=Path, help="append JSON rows to this file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -192,7 +219,7 @@ def main(argv=None) -> int:
     for name in names:
         arch, size, batch, dtype = {**CONFIGS, **CPU_CONFIGS}[name]
         rows += bench_config(name, arch, size, batch, dtype if device.type == "cuda" else torch.float32, device,
-                             args.providers)
+                             args.providers, args.reps)
     print(format_table(rows))
     if args.out:
         append_rows(rows, args.out)
