@@ -219,3 +219,41 @@ def test_debug_prints_the_traceback(tmp_path, capsys):
     code, _, err = _run(["--dataset", "cifar10", "--data-root", str(tmp_path), "--debug", "--out", str(tmp_path / "o")],
                         capsys)
     assert code == 1 and "Traceback" in err and err.strip().endswith(err.strip().splitlines()[-1])
+
+
+def test_chunk_store_merges_ranks_by_index_and_resumes(tmp_path):
+    from kdfast.cli.chunks import ChunkStore
+    from kdfast.cli.common import CliError
+    job = {"method": "el2n"}
+    ranks = [ChunkStore(str(tmp_path / "c"), num_rows=10, width=2, job=job, rank=r, rows_per_chunk=2)
+             if r == 0 else ChunkStore(str(tmp_path / "c"), num_rows=10, width=2, job=job, rank=r, rows_per_chunk=2,
+                                       resume=True) for r in range(2)]
+    values = np.random.default_rng(0).random((10, 2), dtype=np.float32)
+    for r, store in enumerate(ranks):  # rank r owns rows r, r + 2, ... (a distributed sampler's split)
+        rows = np.arange(r, 10, 2)
+        for part in np.array_split(rows, 3):
+            store.write(part, values[part])
+    (tmp_path / "c" / "rank00001-00000009.npz.tmp123").write_bytes(b"half a chunk")  # a kill mid-write
+    ranks[0].close()
+    with pytest.raises(CliError, match="rows were never written"):
+        ChunkStore(str(tmp_path / "c"), num_rows=10, width=2, job=job, resume=True).gather()
+    ranks[1].close()
+    again = ChunkStore(str(tmp_path / "c"), num_rows=10, width=2, job=job, resume=True, rank=1)
+    assert again.done_mask().all() and not list((tmp_path / "c").glob("rank00001-*.tmp*"))
+    np.testing.assert_array_equal(again.gather(), values)
+    with pytest.raises(CliError, match="pass --resume"):
+        ChunkStore(str(tmp_path / "c"), num_rows=10, width=2, job=job)
+    with pytest.raises(CliError, match="num_rows"):
+        ChunkStore(str(tmp_path / "c"), num_rows=11, width=2, job=job, resume=True)
+
+
+def test_env_prints_a_paste_ready_report(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    import re
+    assert out.startswith("```") and out.rstrip().endswith("```") and "backend torch" in out
+    assert re.search(rf"^torch +{re.escape(torch.__version__)}$", out, re.M)
+
+
+def test_umbrella_without_a_command_is_a_usage_error(capsys):
+    assert main([]) == 2 and "a command is required" in capsys.readouterr().err

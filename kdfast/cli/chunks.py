@@ -88,8 +88,9 @@ class ChunkStore:
         if not self._buffered:
             return
         path = os.path.join(self.directory, f"rank{self.rank:05d}-{self._seq:08d}.npz")
-        tmp = f"{path[:-4]}.tmp{os.getpid()}.npz"
-        np.savez(tmp, indices=np.concatenate(self._indices), values=np.concatenate(self._values))
+        tmp = f"{path}.tmp{os.getpid()}"  # not *.npz: readers never see a half-written chunk
+        with open(tmp, "wb") as f:
+            np.savez(f, indices=np.concatenate(self._indices), values=np.concatenate(self._values))
         os.replace(tmp, path)
         self._seq += 1
         self._indices, self._values, self._buffered = [], [], 0

@@ -1,0 +1,157 @@
+"""Scoring throughput against plain inference of the same model, in the same run.
+
+    python -m bench.bench_score --device cuda --out bench/results.jsonl   # ResNet-50, 224 px, batch 256, bf16
+    python -m bench.bench_score --device cpu                              # small models on the CPU
+
+Providers, on one synthetic batch already on the device (ImageNet-shaped on the GPU; no data loading):
+    inference     model(x) under no_grad: the yardstick (bf16 autocast + channels_last on the GPU, like scoring)
+    el2n, grand-last, loss, margin, liprune-last
+                  kdfast's BatchScorer: the same forward, the fused loss's stats, the head's feature norms
+    eager-el2n    what users write today: softmax, one-hot, norm in separate torch ops after the forward
+    grand         full per-example gradient norms (one forward + backward; for scale, not for the target)
+Each row has images/s and `ratio_to_inference` (throughput / inference throughput, inference timed right
+before the provider; the issue's target is >= 0.90 for el2n and grand-last). Scores are checked against a float64 recomputation from the logits.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdfast.backends import resolve_backend
+from kdfast.models import create_model
+from kdfast.scoring import BatchScorer, get_method
+
+from .common import append_rows, make_row, time_ms
+
+OP = "score"
+# name -> (model, in_channels, image size, batch, num_classes, precision)
+GPU_CONFIGS = {"resnet50-224px-b256-bf16": ("resnet50", 3, 224, 256, 1000, "bf16")}
+CPU_CONFIGS = {
+    "resnet20-32px-b256": ("resnet20", 3, 32, 256, 10, "fp32"),
+    "cnn-digits-b512": ("cnn", 1, 8, 512, 10, "fp32"),
+}
+SMOKE_CONFIGS = {"cnn-digits-b64": ("cnn", 1, 8, 64, 10, "fp32")}
+FAST_METHODS = ("el2n", "grand-last", "loss", "margin", "liprune-last")
+
+
+def _eager_el2n(model, x, y, autocast):
+    with torch.no_grad(), autocast():
+        logits = model(x)
+    p = logits.float().softmax(-1)
+    return (p - nn.functional.one_hot(y, p.shape[-1]).float()).norm(dim=1)
+
+
+def _autocast(device, precision):
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def _check(method, scores, model, x, y, autocast):
+    """Max relative error of kdfast's scores against float64 formulas on the same (low-precision) logits."""
+    with torch.no_grad(), autocast():
+        logits = model(x)
+    s = logits.double()
+    p = s.softmax(-1)
+    el2n = (p - nn.functional.one_hot(y, p.shape[-1]).double()).norm(dim=1)
+    want = {"el2n": el2n, "loss": nn.functional.cross_entropy(s, y, reduction="none"),
+            "margin": s.scatter(1, y[:, None], float("-inf")).amax(1) - s.gather(1, y[:, None]).squeeze(1)}
+    if method not in want:
+        return None
+    return float(((scores.double() - want[method]).abs() / want[method].abs().clamp_min(1e-6)).max())
+
+
+def bench_config(name, arch, channels, size, batch, num_classes, precision, device, methods, quick):
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=num_classes, in_channels=channels, image_size=size).to(device).eval()
+    x = torch.randn(batch, channels, size, size, device=device)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    autocast = _autocast(device, precision)
+    rep = dict(warmup_ms=50.0, rep_ms=200.0) if quick else dict(warmup_ms=200.0, rep_ms=1500.0)
+    shape = (batch, channels, size, size)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    rows = []
+
+    def timed(fn):
+        return time_ms(fn, device, **rep)
+
+    def record(provider, fn, inference_ms, **extra):
+        med, p20, p80 = timed(fn)
+        rows.append(make_row(op=OP, provider=provider, mode="forward", shape=shape, dtype=dtype, device=device,
+                             config=name, model=arch, ms=med, p20=p20, p80=p80, images_per_s=batch / (med * 1e-3),
+                             ratio_to_inference=inference_ms / med,
+                             command=" ".join(["python", "-m", "bench.bench_score", *sys.argv[1:]]), **extra))
+
+    providers = [("eager-el2n", None)] + [(m, get_method(m)) for m in methods]
+    with BatchScorer([model], get_method("el2n"), device=device, precision=precision) as scorer:
+        xin = scorer.prepare(x)
+
+        def inference():
+            with torch.no_grad(), autocast():
+                return model(xin)
+        inference_ms = timed(inference)[0]
+        record("inference", inference, inference_ms)
+    backend = resolve_backend(None, device, op="kd_loss")
+    for provider, m in providers:
+        # inference is timed again right before each provider (outside the scorer, without its hooks): the
+        # ratio compares neighbours in time, which keeps it meaningful when the machine's speed drifts
+        inference_ms = timed(inference)[0]
+        with BatchScorer([model], m or get_method("el2n"), device=device, precision=precision) as scorer:
+            if m is None:
+                record(provider, lambda: _eager_el2n(model, xin, y, autocast), inference_ms)
+                continue
+            scores = scorer(xin, y)[0][:, 0]
+            record(provider, lambda: scorer(xin, y), inference_ms, backend=backend,
+                   max_rel_err_vs_float64=_check(provider, scores, model, xin, y, autocast))
+    return rows
+
+
+def run(device: torch.device, quick: bool = False, smoke: bool = False, methods=None, configs=None) -> list[dict]:
+    """The `bench.run` entry point: rows for this device's configurations."""
+    table = SMOKE_CONFIGS if smoke else (GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS)
+    methods = methods or (FAST_METHODS[:2] if smoke else (*FAST_METHODS, "grand"))
+    rows = []
+    for name in configs or table:
+        rows += bench_config(name, *{**GPU_CONFIGS, **CPU_CONFIGS, **SMOKE_CONFIGS}[name], device, methods,
+                             quick or smoke)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def format_table(rows) -> str:
+    head = f"{'config':26} {'provider':13} {'median ms':>10} {'p20':>9} {'p80':>9} {'images/s':>10} {'x infer':>8} " \
+           f"{'rel err':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        err = r.get("max_rel_err_vs_float64")
+        lines.append(f"{r['config']:26} {r['provider']:13} {r['ms']:10.3f} {r['p20']:9.3f} {r['p80']:9.3f} "
+                     f"{r['images_per_s']:10.0f} {r['ratio_to_inference']:8.3f} "
+                     f"{'-' if err is None else format(err, '8.1e'):>8}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--configs", nargs="+", choices=sorted({**GPU_CONFIGS, **CPU_CONFIGS, **SMOKE_CONFIGS}))
+    parser.add_argument("--methods", nargs="+", choices=(*FAST_METHODS, "grand"))
+    parser.add_argument("--quick", action="store_true", help="shorter timing loops")
+    parser.add_argument("--out", type=Path, help="append JSON rows to this file (bench/results.jsonl)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    rows = run(device, quick=args.quick, methods=args.methods, configs=args.configs)
+    print(format_table(rows))
+    if args.out:
+        append_rows(rows, args.out)
+        print(f"rows appended to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
