@@ -19,6 +19,8 @@ def report() -> list[tuple[str, str]]:
     import torch
 
     import kdfast
+    # the function, not the attribute: importing the submodule kdfast.backends rebinds kdfast.backends to it
+    from kdfast.backends import backends
     rows = [("kdfast", kdfast.__version__), ("python", sys.version.split()[0]),
             ("platform", platform.platform())]
     for name in _PACKAGES:
@@ -35,7 +37,7 @@ def report() -> list[tuple[str, str]]:
             rows.append((f"cuda:{i}", f"{p.name}, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}"))
     else:
         rows.append(("cuda", "no CUDA device"))
-    for name, state in kdfast.backends().items():
+    for name, state in backends().items():
         rows.append((f"backend {name}", state))
     for var in ("KDFAST_BACKEND", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS"):
         if os.environ.get(var):
