@@ -20,19 +20,21 @@ import torch
 import triton
 import triton.language as tl
 
-# Largest row the forward keeps in registers in one tile, and the tile width of the two-pass path.
-# Chosen from the register budget (16 fp32 values per thread per input at 32 warps), not yet tuned on a GPU
-# (bench/NOTES.md). Wide tiles at 32 warps also keep few rows in flight (about one program per SM), so the
-# rows pass 2 re-reads are more likely still in L2. Tests lower both to run the tiled path on small C.
-MAX_SINGLE_TILE = 16384
-TILE = 16384
+# Largest row the forward keeps in registers in one tile, and the tile width of the two-pass path, with
+# the warp ladder below: from the sm_90 compile (`python -m bench.kernel_resources`, no GPU needed), every
+# 8192-wide variant at 16 warps fits its registers (96-128) without spilling, whereas 16384-wide fp32 with
+# stats spills 96 bytes and 32 warps cap a thread at 64 registers and spill. Not yet timed on a GPU
+# (bench/NOTES.md). Tests lower both to run the tiled path on small C.
+MAX_SINGLE_TILE = 8192
+TILE = 8192
 # Up to this many rows every forward program counts the non-ignored labels itself (count_valid): N int64
 # loads per program, from L2, instead of four tiny launches; above it the launcher counts with torch ops.
 COUNT_VALID_MAX_ROWS = 4096
 # Columns per program of the backward scaling kernel.
 BWD_BLOCK = 4096
-# Warps per program: 16 columns per thread (block // 512 warps), at least 4 and at most 32 warps.
+# Warps per program: block // 512, at least 4 and at most 16 (see the register note above).
 _COLUMNS_PER_WARP = 512
+_MAX_WARPS = 16
 
 
 @triton.jit
@@ -231,7 +233,7 @@ def _kd_loss_bwd_kernel(
 
 
 def _num_warps(block: int) -> int:
-    return max(4, min(32, block // _COLUMNS_PER_WARP))
+    return max(4, min(_MAX_WARPS, block // _COLUMNS_PER_WARP))
 
 
 def kd_loss_fwd(student, teacher, target, weight, grad_scale, alpha: float, temperature: float, ignore_index: int,
