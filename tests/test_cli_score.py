@@ -257,3 +257,34 @@ def test_env_prints_a_paste_ready_report(capsys):
 
 def test_umbrella_without_a_command_is_a_usage_error(capsys):
     assert main([]) == 2 and "a command is required" in capsys.readouterr().err
+
+
+def test_liprune_is_wired_through_liprune_batch_scores(tmp_path, capsys, monkeypatch):
+    """The CLI's part of `--method liprune`: call liprune_batch_scores per model, write scores and batch ids."""
+    import types
+    calls = []
+
+    def liprune_batch_scores(model, dataset, batch_size, *, seed=0, device=None, progress=True, **kw):
+        calls.append((len(dataset), batch_size, seed, str(device)))
+        n = len(dataset)
+        batch_ids = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) // batch_size
+        first = next(model.parameters()).detach().flatten()[0].abs().item()
+        return (batch_ids.float() + first).float(), batch_ids  # each example carries its batch's value
+
+    monkeypatch.setitem(sys.modules, "kdfast.liprune",
+                        types.SimpleNamespace(liprune_batch_scores=liprune_batch_scores))
+    _checkpoint(tmp_path / "a.pt", seed=1)
+    _checkpoint(tmp_path / "b.pt", seed=2)
+    code, _, err = _run(["--method", "liprune", "--checkpoint", str(tmp_path / "a.pt"), "--checkpoint",
+                         str(tmp_path / "b.pt"), "--batch-size", "50", "--limit", "200", "--seed", "5",
+                         "--out", str(tmp_path / "run"), "--quiet"], capsys)
+    assert code == 0, err
+    assert calls == [(200, 50, 5, "cpu")] * 2
+    ids = np.load(tmp_path / "run" / "batch_ids.npy")
+    per = np.load(tmp_path / "run" / "scores_per_model.npy")
+    assert sorted(np.bincount(ids)) == [50] * 4 and per.shape == (2, 200)
+    np.testing.assert_allclose(per[0] - ids, per[0][0] - ids[0], rtol=0, atol=1e-6)
+    api = kdfast.score(kdfast.models.load_checkpoint(create_model("cnn", num_classes=10, in_channels=1), tmp_path / "a.pt"),
+                       torch.utils.data.Subset(load_dataset("digits"), range(200)), "liprune", batch_size=50, seed=5,
+                       progress=False)
+    np.testing.assert_array_equal(api.numpy(), per[0])
