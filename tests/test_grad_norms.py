@@ -153,7 +153,11 @@ def test_conv_every_option(n, bias):
 
 @pytest.mark.parametrize("norm", ["bn", "gn"])
 def test_resnet(norm):
-    compare(tiny_resnet(norm), torch.randn(3, 3, 10, 10), torch.randint(0, 5, (3,)))
+    model = tiny_resnet(norm)
+    x, y = torch.randn(5, 3, 10, 10), torch.randint(0, 5, (5,))
+    norms = compare(model, x, y)
+    # a partial batch: every example's norm is its own, whatever the batch around it
+    assert_close_rel(per_example_grad_norms(model, x[3:].double(), y[3:]), norms[3:], 1e-12, "partial batch")
 
 
 def test_torchvision_resnet_in_place_ops():
@@ -202,7 +206,7 @@ def test_float32_and_frozen_parameters():
     assert norms.dtype == torch.float32
 
 
-def test_fallback_for_modules_without_rule():
+def test_fallback_for_modules_without_rule(caplog):
     class Scale(nn.Module):
         def __init__(self, n):
             super().__init__()
@@ -217,7 +221,12 @@ def test_fallback_for_modules_without_rule():
     assert check(model) == {"1": "Scale", "4": "Scale"}
     with pytest.raises(UnsupportedModuleError, match=r"`1` \(Scale\), `4` \(Scale\)"):
         per_example_grad_norms(model.double(), x.double(), y)
-    compare(model, x, y, on_missing="fallback")
+    import kdfast.grad_norms.fallback as fallback_module
+    fallback_module._LOGGED.discard(Scale)
+    with caplog.at_level("WARNING", logger="kdfast.grad_norms"):
+        compare(model, x, y, on_missing="fallback")
+        per_example_grad_norms(model, x.double(), y, on_missing="fallback")
+    assert [r.getMessage().count("no rule for Scale") for r in caplog.records] == [1]  # once per class
 
 
 # ------------------------------------------------------------------------------------------ side effects

@@ -188,6 +188,13 @@ class _Capture:
             raise UnsupportedModuleError(
                 f"per_example_grad_norms: the input of `{layer.name}` ({type(layer.module).__name__}) was modified "
                 "in place after the layer ran, so its saved value is gone; make the later operation out of place")
+        device = (grad_output if isinstance(grad_output, torch.Tensor) else grad_output[0]).device
+        with torch.autocast(device.type, enabled=False):  # rules choose their own accumulation dtype
+            self._apply_rule(layer, grad_output)
+        layer.args = layer.kwargs = None
+        return None
+
+    def _apply_rule(self, layer, grad_output):
         if layer.rule is None:
             self._fallback(layer, grad_output)
         else:
@@ -198,8 +205,6 @@ class _Capture:
                 raise UnsupportedModuleError(f"per_example_grad_norms: the rule for `{layer.name}` "
                                              f"({type(layer.module).__name__}) returned no norms for {missing}")
             layer.sq = {n: sq[n] for n in layer.want}
-        layer.args = layer.kwargs = None
-        return None
 
     def _fallback(self, layer, grad_output):
         """torch.func on the module, covering also nested layers that never ran their own forward: their
