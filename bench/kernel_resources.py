@@ -1,6 +1,6 @@
 """Compile the KD loss kernels for a GPU target without a GPU and print their resource use.
 
-    python -m bench.kernel_resources [--arch 90]
+    python -m bench.kernel_resources [--arch 90] [--quick]
 
 Triton compiles ahead of time through its bundled ptxas; cuobjdump reads registers, stack (spills) and
 local memory from the cubin. Catches compile errors on this machine and sizes the warp ladder: a variant
@@ -45,6 +45,7 @@ def resources(compiled) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 for H100")
+    parser.add_argument("--quick", action="store_true", help="only the widest variants, with stats (the tests)")
     args = parser.parse_args(argv)
     target = GPUTarget("cuda", args.arch, 32)
     blocks = sorted({1024, kernels.TILE, kernels.MAX_SINGLE_TILE})
@@ -53,7 +54,9 @@ def main(argv=None) -> int:
             for block in blocks:
                 if not single and block != kernels.TILE or single and block > kernels.MAX_SINGLE_TILE:
                     continue
-                for stats in (False, True):
+                if args.quick and block < kernels.TILE:
+                    continue
+                for stats in (True,) if args.quick else (False, True):
                     warps = kernels._num_warps(block)
                     constexprs = dict(HAS_TEACHER=True, HAS_WEIGHT=True, HAS_SCALE=True, RETURN_GRAD=True,
                                       RETURN_STATS=stats, SINGLE_TILE=single, BLOCK_C=block, COUNT_VALID=False,

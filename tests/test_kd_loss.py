@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -423,6 +426,21 @@ def test_torch_compile_fullgraph_training_step(reduction):
     for name, a, b in zip(("loss", "el2n", "weight.grad"), grads[0], grads[1]):
         assert_close(f"compiled {name}", b, a, atol=1e-6, rtol=1e-5)
     torch._dynamo.reset()
+
+
+def test_triton_kernels_compile_for_hopper_without_spills():
+    """The interpreter runs the kernels' Python; this compiles them for sm_90 (ptxas, no GPU) and reads the
+    cubins: every variant must compile and fit its registers (a stack frame means spills)."""
+    pytest.importorskip("triton")
+    pytest.importorskip("bench.kernel_resources", reason="bench/ ships with the repository, not the package")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # the interpreter's functions cannot be compiled
+    done = subprocess.run([sys.executable, "-m", "bench.kernel_resources", "--quick"], capture_output=True,
+                          text=True, env=env, cwd=Path(__file__).resolve().parent.parent, timeout=300)
+    if "ptxas" in done.stderr and done.returncode:
+        pytest.skip(f"no ptxas with this triton: {done.stderr[-300:]}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 5 and all("STACK=  0" in line for line in lines), done.stdout
 
 
 # ------------------------------------------------------------------------------------------ bad input
