@@ -485,3 +485,13 @@ def test_fallback_for_multi_output_modules_and_weights_used_by_the_parent():
     ids[0, -2:] = 0
     assert check(model) == {"att": "MultiheadAttention"}
     compare(model, ids, torch.randint(0, 3, (3,)), on_missing="fallback")
+
+
+def test_under_autocast_the_rules_keep_fp32_accumulation():
+    model = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 3))
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        norms = per_example_grad_norms(model, x, y)
+    assert norms.dtype == torch.float32
+    ref, _ = per_example_grad_norms_ref(model.double(), x.double(), y)
+    assert_close_rel(norms, ref, 5e-2, "autocast bf16 vs float64")  # bf16 activations: ~1e-2 budget
