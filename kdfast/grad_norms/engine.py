@@ -14,6 +14,11 @@ How:
      in-place op that later rewrote the output, as autograd guarantees for hooks registered earlier),
      applies the layer's rule (input, output gradient) -> per-example squared norms, and frees the input.
 The squared norms of all parameters add up to the squared norm of the whole gradient.
+
+Refused with an explanation, since no rule sees the needed quantities: BatchNorm using batch statistics;
+a module called twice in one forward or parameters tied between modules (cross terms between the uses);
+a layer whose output is not batch-first (e.g. positional embeddings of arange(T) shared by the batch);
+an input modified in place after the layer consumed it.
 """
 from __future__ import annotations
 
@@ -97,6 +102,10 @@ def _plan(model: nn.Module, on_missing: str) -> list[_Layer]:
     return layers
 
 
+def _is_float_tensor(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
 class _TapOutputs(torch.autograd.Function):
     """Identity on the tensor outputs of a fallback module with several outputs, whose backward hands all
     their gradients to the layer at once (zeros for unused ones). Returns copies: outputs of a custom
@@ -158,8 +167,12 @@ class _Capture:
                 f"per_example_grad_norms: `{layer.name}` ({type(module).__name__}) ran more than once in one "
                 "forward; the per-example gradient of a reused module sums its calls, whose cross terms no rule "
                 "computes; give each use its own module")
+        if layer.rule is not None and not (args and isinstance(args[0], torch.Tensor)):
+            raise UnsupportedModuleError(
+                f"per_example_grad_norms: `{layer.name}` ({type(module).__name__}) was called without a positional "
+                "input tensor; its rule reads the first positional argument")
         several = layer.rule is None and type(output) in (tuple, list)
-        tensors = [o for o in output if isinstance(o, torch.Tensor)] if several else [output]
+        tensors = [o for o in output if _is_float_tensor(o)] if several else [output]
         if not tensors or any(not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != self.B
                               for t in tensors):
             got = (tuple(output.shape) if isinstance(output, torch.Tensor)
@@ -175,16 +188,14 @@ class _Capture:
         layer.versions = tuple(a._version if isinstance(a, torch.Tensor) else None for a in args)
         tensors = [t if t.requires_grad else t + self._anchor(t) for t in tensors]
         if several:
-            layer.slots = tuple(i for i, o in enumerate(output) if isinstance(o, torch.Tensor))
+            layer.slots = tuple(i for i, o in enumerate(output) if _is_float_tensor(o))
             tapped = iter(_TapOutputs.apply(functools.partial(self._on_grad, layer), *tensors))
-            return type(output)(next(tapped) if isinstance(o, torch.Tensor) else o for o in output)
+            return type(output)(next(tapped) if _is_float_tensor(o) else o for o in output)
         self.handles.append(tensors[0].register_hook(functools.partial(self._on_grad, layer)))
         return None if tensors[0] is output else tensors[0]
 
     def _on_grad(self, layer, grad_output):
-        changed = [i for i, (a, v) in enumerate(zip(layer.args, layer.versions))
-                   if isinstance(a, torch.Tensor) and a._version != v]
-        if changed:
+        if any(isinstance(a, torch.Tensor) and a._version != v for a, v in zip(layer.args, layer.versions)):
             raise UnsupportedModuleError(
                 f"per_example_grad_norms: the input of `{layer.name}` ({type(layer.module).__name__}) was modified "
                 "in place after the layer ran, so its saved value is gone; make the later operation out of place")
