@@ -133,6 +133,14 @@ def tiny_tiles(monkeypatch):
     monkeypatch.setattr(kernels, "TILE", 16)
 
 
+def _use_tiled_path(tiled, backend, request):
+    """tiled=True: Triton's two-pass path on small C; other backends have no one-tile cap, so skip them."""
+    if tiled:
+        if backend != "triton":
+            pytest.skip("the tiled path is the Triton kernel's; other backends have no one-tile cap")
+        request.getfixturevalue("tiny_tiles")
+
+
 def _inputs(shape, dtypes=(torch.float32, torch.float32), scale=3.0, ignore_frac=0.25, teacher=True):
     *lead, C = shape
     s = (torch.randn(shape) * scale).to(dtypes[0])
@@ -212,10 +220,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_loss_grad_stats_match_float64_reference(backend, case, dtypes, request):
     _, shape, alpha, temperature, reduction, weighted, tiled = case
-    if tiled:
-        if backend != "triton":
-            pytest.skip("the tiled path is the Triton kernel's; other backends have no one-tile cap")
-        request.getfixturevalue("tiny_tiles")
+    _use_tiled_path(tiled, backend, request)
     s, t, y = _inputs(shape, dtypes)
     weight = torch.rand(y.shape) + 0.5 if weighted else None
     check_against_reference(s, t, y, backend=backend, alpha=alpha, temperature=temperature, reduction=reduction,
@@ -225,10 +230,7 @@ def test_loss_grad_stats_match_float64_reference(backend, case, dtypes, request)
 @pytest.mark.parametrize("tiled", [False, True], ids=["one_tile", "tiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_inplace_writes_gradient_into_student(backend, tiled, dtype, request):
-    if tiled:
-        if backend != "triton":
-            pytest.skip("the tiled path is the Triton kernel's")
-        request.getfixturevalue("tiny_tiles")
+    _use_tiled_path(tiled, backend, request)
     s, t, y = _inputs((6, 40), (dtype, dtype))
     check_against_reference(s, t, y, backend=backend, alpha=0.3, temperature=4.0, reduction="mean",
                             go=_upstream("mean", y), inplace=True)
@@ -237,10 +239,7 @@ def test_inplace_writes_gradient_into_student(backend, tiled, dtype, request):
 @pytest.mark.parametrize("tiled", [False, True], ids=["one_tile", "tiled"])
 def test_hostile_logits(backend, tiled, request):
     """+-1e4 logits, -inf teacher logits (q = 0 must add 0, never NaN), a row with a single finite teacher."""
-    if tiled:
-        if backend != "triton":
-            pytest.skip("the tiled path is the Triton kernel's")
-        request.getfixturevalue("tiny_tiles")
+    _use_tiled_path(tiled, backend, request)
     s, t, y = _inputs((8, 40), ignore_frac=0.0)
     s[0], t[0] = s[0].sign() * 1e4, -t[0].sign() * 1e4
     s[1, :20] = 1e4
@@ -257,10 +256,7 @@ def test_hostile_logits(backend, tiled, request):
 def test_kernel_variants_without_stats_or_gradient_agree(backend, tiled, request):
     """Stats off, and no gradient (student not requiring grad: the Triton kernel skips pass 2), give the
     same loss, gradient and stats as the fully checked variant with everything on."""
-    if tiled:
-        if backend != "triton":
-            pytest.skip("the tiled path is the Triton kernel's")
-        request.getfixturevalue("tiny_tiles")
+    _use_tiled_path(tiled, backend, request)
     s, t, y = _inputs((5, 40))
     kw = dict(alpha=0.3, temperature=4.0, reduction="sum", backend=backend)
     leaf_on, leaf_off = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
@@ -275,6 +271,23 @@ def test_kernel_variants_without_stats_or_gradient_agree(backend, tiled, request
     for name in KD_STAT_NAMES:
         assert_close(f"stats[{name}] without gradient", stats_nograd[name], stats_on[name], atol=1e-6, rtol=1e-6)
     assert_close("loss without gradient or stats", kd_loss(s, t, y, **kw), loss_on, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["one_tile", "tiled"])
+def test_forward_writes_every_gradient_element(backend, tiled, request):
+    """The backends' forward contract with a NaN-poisoned grad_out (ignored rows included): every element
+    is written, rows and stats match the reference."""
+    _use_tiled_path(tiled, backend, request)
+    s, t, y = _inputs((6, 37))
+    grad_out = torch.full_like(s, float("nan"))
+    rows, grad, stats = kd_ops._FORWARD[backend](s, t, y, None, None, 0.3, 4.0, -100, True, True, grad_out)
+    assert grad is grad_out or grad.data_ptr() == grad_out.data_ptr()
+    ref_rows, ref_grad, ref_stats = _reference(s, t, y, torch.ones(6), alpha=0.3, temperature=4.0,
+                                               reduction="none")
+    assert_close("rows", rows, ref_rows, atol=1e-5, rtol=1e-5)
+    assert_close("grad_out", grad_out, ref_grad, atol=1e-6, rtol=1e-5)
+    for i, name in enumerate(KD_STAT_NAMES):
+        assert_close(f"stats[{name}]", stats[i], ref_stats[name], atol=1e-5, rtol=1e-5)
 
 
 def test_teacher_none_is_cross_entropy(backend):
