@@ -89,11 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append", help="benchmarks to run (default all)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="device to benchmark (default: cuda when available)")
+    parser.add_argument("--render-only", action="store_true",
+                        help="only regenerate --markdown from the rows in --out (e.g. after adding a GPU run's rows)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch and the C++ backend (default: torch's own choice)")
     parser.add_argument("--out", type=Path, default=HERE / "results.jsonl", help="rows are appended here")
     parser.add_argument("--markdown", type=Path, default=HERE / "RESULTS.md", help="regenerated from --out")
     args = parser.parse_args(argv)
+    if args.render_only:
+        args.markdown.write_text(render_markdown(read_rows(args.out)))
+        return 0
     name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if args.smoke:
         name = "cpu"

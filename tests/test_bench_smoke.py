@@ -29,5 +29,8 @@ def test_runner_records_rows_and_renders_markdown(tmp_path, capsys):
     text = md.read_text()
     assert "not yet measured on a GPU" in text and "| 16x50 | float32 | full | kdfast" in text
     assert main(["--smoke", "--out", str(out), "--markdown", str(md)]) == 0  # appends; the table keeps the newest
-    assert len(read_rows(out)) == 2 * len(rows) and md.read_text().count("| 16x50 | float32 | full | kdfast (") == 1
+    text2 = md.read_text()
+    assert len(read_rows(out)) == 2 * len(rows) and text2.count("| 16x50 | float32 | full | kdfast (") == 1
     assert "kd_loss" in capsys.readouterr().out
+    md.unlink()
+    assert main(["--render-only", "--out", str(out), "--markdown", str(md)]) == 0 and md.read_text() == text2
