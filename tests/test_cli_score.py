@@ -128,10 +128,11 @@ def test_umbrella_command_runs_score(tmp_path, capsys):
     assert (tmp_path / "u" / "scores.npy").exists()
 
 
-def _kill_when(proc, path_glob_dir, timeout=120):
+def _kill_when(proc, folder, suffix=".npz", timeout=120):
+    """SIGKILLs `proc` as soon as a file ending in `suffix` appears in `folder`."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if os.path.isdir(path_glob_dir) and any(f.endswith(".npz") for f in os.listdir(path_glob_dir)):
+        if os.path.isdir(folder) and any(f.endswith(suffix) for f in os.listdir(folder)):
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             return
@@ -166,6 +167,25 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, capsys):
     before = (killed / "meta.json").read_text()
     code, _, err = _run([c for c in common if c != "--quiet"] + ["--out", str(killed), "--resume"], capsys)
     assert code == 0 and "nothing to do" in err and (killed / "meta.json").read_text() == before
+
+
+def test_resume_mid_training_keeps_the_forgetting_state(tmp_path, capsys):
+    # 8 steps per epoch: after seed 1's first epoch, 32 steps remain for the kill to land in
+    common = ["--method", "forgetting", "--model", "mlp", "--limit", "128", "--train-epochs", "5", "--seeds", "2",
+              "--train-batch-size", "16", "--quiet"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "kdfast.cli.score", *common, "--out", str(killed)],
+                            stderr=subprocess.PIPE, text=True)
+    _kill_when(proc, killed / "models", suffix="seed1.partial.pt")  # seed 0 done, seed 1 one epoch in
+    assert (killed / "models" / "seed0.pt").exists() and not (killed / "models" / "seed1.pt").exists()
+    code, _, err = _run([*common, "--out", str(killed), "--resume"], capsys)
+    assert code == 0, err
+    code, _, err = _run([*common, "--out", str(tmp_path / "whole")], capsys)
+    assert code == 0, err
+    np.testing.assert_array_equal(np.load(killed / "scores_per_model.npy"),
+                                  np.load(tmp_path / "whole" / "scores_per_model.npy"))
+    for s in range(2):
+        assert file_sha256(killed / "models" / f"seed{s}.pt") == file_sha256(tmp_path / "whole" / "models" / f"seed{s}.pt")
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, capsys):
