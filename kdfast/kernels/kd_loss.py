@@ -28,8 +28,9 @@ import triton.language as tl
 MAX_SINGLE_TILE = 8192
 TILE = 8192
 # Up to this many rows every forward program counts the non-ignored labels itself (count_valid): N int64
-# loads per program, from L2, instead of four tiny launches; above it the launcher counts with torch ops.
-COUNT_VALID_MAX_ROWS = 4096
+# loads per program, from L2 (N^2 in all: 8 MB at 1024 rows), instead of four tiny launches, which matter
+# only where host overhead dominates; above it the launcher counts with torch ops.
+COUNT_VALID_MAX_ROWS = 1024
 # Columns per program of the backward scaling kernel.
 BWD_BLOCK = 4096
 # Warps per program: block // 512, at least 4 and at most 16 (see the register note above).
