@@ -113,7 +113,8 @@ def _kd_loss_fwd_kernel(
     w = 1.0
     if HAS_WEIGHT:
         w = tl.load(w_ptr + row)
-    w = tl.where(in_range, w, float("nan"))  # an out-of-range label poisons its row (loss, gradient, stats)
+    # A label outside [0, C) poisons its row (loss, gradient, stats); ignored rows are zeroed by `valid` below.
+    w = tl.where(in_range, w, float("nan"))
     s_y = tl.load(s_row + y_safe).to(tl.float32)
     inv_T = 1.0 / temperature
     coef_ce = w * (1.0 - alpha)
@@ -267,7 +268,7 @@ def kd_loss_fwd(student, teacher, target, weight, grad_scale, alpha: float, temp
         float(alpha), float(temperature), int(ignore_index),
         HAS_TEACHER=teacher is not None, HAS_WEIGHT=weight is not None, HAS_SCALE=grad_scale is not None,
         RETURN_GRAD=grad is not None, RETURN_STATS=return_stats, SINGLE_TILE=single, BLOCK_C=block,
-        COUNT_VALID=count_valid, BLOCK_N=min(1024, max(16, triton.next_power_of_2(N))),
+        COUNT_VALID=count_valid, BLOCK_N=min(1024, max(16, triton.next_power_of_2(N))) if count_valid else 16,
         num_warps=_num_warps(block),
     )
     return rows, grad, stats
