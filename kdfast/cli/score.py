@@ -116,6 +116,11 @@ def _resolve(args) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             problems.append(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.show:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            problems.append("--show draws with matplotlib, which is not installed: pip install matplotlib")
     if args.num_workers is not None and args.num_workers < 0:
         problems.append(f"--num-workers must be >= 0, got {args.num_workers}")
     if not args.lr > 0:

@@ -59,6 +59,9 @@ class BatchScorer:
                          else nullcontext())
         self.channels_last = self.device.type == "cuda" and any(_has_conv(m) for m in models)
         self.heads = [find_head(m, head) for m in models] if method.needs_features or head is not None else None
+        if method.kind == "gradient":
+            from ..grad_norms import per_example_grad_norms
+            self._grad_norms = per_example_grad_norms
         self.num_classes = self.heads[0].out_features if self.heads else None
         self._captures, self._modes = [], []
 
@@ -101,9 +104,8 @@ class BatchScorer:
                 bias = self._captures[k].has_bias if self.method.needs_features else True
                 columns.append(self.method.fn(logits, stats, sq, bias).float())
             else:  # gradient
-                from ..grad_norms import per_example_grad_norms
                 with self.autocast:
-                    columns.append(per_example_grad_norms(model, x, y, loss="ce").float())
+                    columns.append(self._grad_norms(model, x, y, loss="ce").float())
                 logits = None
             if k == 0 and self.keep_logits:
                 if logits is None:
@@ -126,8 +128,11 @@ def check_loader(loader: DataLoader, where: str = "score") -> None:
 
 
 def index_batches(indices, batch_size: int) -> list[list[int]]:
-    """Consecutive batches of the given dataset indices (a fixed grid, so a resumed run batches the same way)."""
-    indices = list(indices)
+    """Consecutive batches of the given dataset indices (a fixed grid, so a resumed run batches the same way).
+
+    A range stays a range per batch (no million-element lists for large data sets).
+    """
+    indices = indices if isinstance(indices, range) else list(indices)
     return [indices[s:s + batch_size] for s in range(0, len(indices), batch_size)]
 
 
