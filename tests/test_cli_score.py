@@ -209,6 +209,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     (["--method", "forgetting", "--checkpoint", "{ck}"], 2, "forgetting is measured while training"),
     (["--save-logits"], 2, "--save-logits caches one model's logits"),
     (["--method", "random", "--seeds", "2"], 2, "--method random uses no model"),
+    (["--out", "{tmp}", "--overwrite"], 1, "holds no kdfast-score run; choose another folder"),
     (["--resume", "--overwrite"], 2, "give --resume or --overwrite, not both"),
     (["--device", "tpu:x"], 2, "--device must be like cpu, cuda or cuda:1"),
     (["--split", "val"], 2, "split for 'digits' must be one of train, test, all"),
@@ -229,7 +230,8 @@ def test_every_error_is_one_line_with_its_exit_code(tmp_path, capsys, monkeypatc
     (tmp_path / "broken" / "emu" / "img2.JPEG").write_bytes(b"garbage")
     fill = {"ck": str(tmp_path / "ck.pt"), "wrong": str(tmp_path / "wrong.pt"), "ck3": str(tmp_path / "ck3.pt"),
             "tmp": str(tmp_path), "cifar": str(tmp_path / "cifar"), "broken": str(tmp_path / "broken")}
-    got, out, err = _run([a.format(**fill) for a in argv] + ["--out", str(tmp_path / "o"), "--quiet"], capsys)
+    argv = [a.format(**fill) for a in argv]
+    got, out, err = _run(argv + ([] if "--out" in argv else ["--out", str(tmp_path / "o")]) + ["--quiet"], capsys)
     assert got == code and out == ""
     assert all(m in err for m in ((message,) if isinstance(message, str) else message)), err
     assert len(err.strip().splitlines()) == 1 and err.startswith("kdfast-score: error: "), err

@@ -154,6 +154,10 @@ def _prepare_out(args) -> bool:
     """Creates --out; True when a finished run is already there (and --resume asked to finish it)."""
     meta = os.path.join(args.out, "meta.json")
     if os.path.isdir(args.out) and os.listdir(args.out):
+        ours = any(os.path.exists(os.path.join(args.out, f)) for f in ("config.json", "meta.json", "chunks"))
+        if not ours:
+            raise CliError(f"--out {args.out} is not empty and holds no kdfast-score run; choose another folder "
+                           "(nothing there was changed)")
         if args.overwrite:
             shutil.rmtree(args.out)
         elif not args.resume:
@@ -170,13 +174,12 @@ def _load_data(args):
     from torch.utils.data import Subset
 
     from ..data import load_dataset
+    from ..errors import InvalidArgumentError
     kw = dict(root=args.data_root, split=args.split, image_size=args.image_size)
     try:
         data = load_dataset(args.dataset, **kw)
-    except ValueError as exc:  # a bad split or size is the user's argument
-        if type(exc).__name__ == "InvalidArgumentError":
-            raise UsageError(str(exc)) from exc
-        raise
+    except InvalidArgumentError as exc:  # a bad split or size is the user's argument; DataError is the data's
+        raise UsageError(str(exc)) from exc
     train = None
     if args.train_epochs and args.dataset != "digits":  # training sees the augmented view
         train = load_dataset(args.dataset, augment=True, **kw)
