@@ -495,3 +495,48 @@ def test_under_autocast_the_rules_keep_fp32_accumulation():
     assert norms.dtype == torch.float32
     ref, _ = per_example_grad_norms_ref(model.double(), x.double(), y)
     assert_close_rel(norms, ref, 5e-2, "autocast bf16 vs float64")  # bf16 activations: ~1e-2 budget
+
+
+_COMPILE_FOR_SM90 = """
+import inspect, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kdfast.kernels.grad_norms as kernels
+
+def compile_for_sm90(kernel, pointers, constexprs):
+    names = list(inspect.signature(kernel.fn).parameters)
+    signature = {n: "constexpr" if n in constexprs else pointers.get(n, "i32") for n in names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    if compiled.metadata.shared > 227 * 1024:
+        sys.exit(f"{kernel.fn.__name__} needs {compiled.metadata.shared} bytes of shared memory, sm_90 has 227 KiB")
+
+for dtype, precision in (("fp32", "tf32x3"), ("bf16", "tf32")):
+    compile_for_sm90(kernels._conv_wgrad_sqnorm_kernel, {"x_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "out_ptr": "*fp32"},
+                     {"BLOCK_M": kernels.MAX_TILE, "BLOCK_N": kernels.MAX_TILE, "BLOCK_P": kernels.BLOCK_P,
+                      "PRECISION": precision})
+    compile_for_sm90(kernels._gram_sqnorm_kernel, {"a_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "out_ptr": "*fp32"},
+                     {"BLOCK_T": kernels.MAX_TILE, "BLOCK_D": kernels.MAX_TILE, "PRECISION": precision})
+compile_for_sm90(kernels._channel_sums_kernel,
+                 {"x_ptr": "*bf16", "g_ptr": "*bf16", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "sgx_ptr": "*fp32",
+                  "sg_ptr": "*fp32"},
+                 {"BLOCK_C": kernels.NORM_BLOCK_C, "BLOCK_L": kernels.NORM_MAX_BLOCK_L})
+"""
+
+
+def test_triton_kernels_compile_for_a_hopper_gpu():
+    """Offline compilation to sm_90 with the bundled ptxas, in a process without TRITON_INTERPRET: checks
+    the interpreter cannot make (dot operand types, shared-memory limits, layouts)."""
+    import os
+    import subprocess
+    import sys
+
+    triton = pytest.importorskip("triton")
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip(f"no bundled ptxas at {ptxas}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
