@@ -2,6 +2,7 @@
 
     python -m bench.bench_grad_norms --device cuda --out bench/results/grad_norms.jsonl
     python -m bench.bench_grad_norms --device cpu            # small CPU shapes
+    python -m bench.bench_grad_norms --smoke                 # a tiny CNN, seconds (the test suite's run)
 
 Providers, all on the same model, batch and device (eval mode: BatchNorm with running statistics):
     plain     one training step's forward + backward of the mean cross-entropy (the yardstick)
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import os
 import sys
 import time
 from pathlib import Path
@@ -43,12 +43,17 @@ CPU_CONFIGS = {
     "resnet18-gn-32px-b16": ("resnet18-gn", 32, 16, torch.float32),
     "resnet50-64px-b8": ("resnet50", 64, 8, torch.float32),
 }
+SMOKE_CONFIGS = {"smallcnn-8px-b4": ("smallcnn", 8, 4, torch.float32)}  # the test suite's run: seconds
+ALL_CONFIGS = {**CONFIGS, **CPU_CONFIGS, **SMOKE_CONFIGS}
 NUM_CLASSES = 10
 PROVIDERS = ("plain", "kdfast", "vmap", "backpack", "opacus")
 
 
 def build_model(arch: str) -> nn.Module:
     import torchvision
+    if arch == "smallcnn":
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2),
+                             nn.ReLU(), nn.Flatten(), nn.Linear(8 * 3 * 3, NUM_CLASSES))
     if arch == "resnet18-gn":
         return torchvision.models.resnet18(num_classes=NUM_CLASSES, norm_layer=lambda c: nn.GroupNorm(32, c))
     model = torchvision.models.resnet50(num_classes=NUM_CLASSES)
@@ -91,7 +96,8 @@ def _backpack(state, x, y):
 
 def _opacus_setup(model):
     from opacus import GradSampleModule
-    return GradSampleModule(copy.deepcopy(model))
+    # Opacus records activations only in train mode; the same function here, as it refuses BatchNorm
+    return GradSampleModule(copy.deepcopy(model).train(), loss_reduction="sum")
 
 
 def _opacus(model, x, y):
@@ -153,7 +159,7 @@ def bench_config(name, arch, size, batch, dtype, device, providers, reps):
                 extra["max_rel_err_vs_vmap"] = _rel_err(result, oracle)
             runs[provider] = functools.partial(fn, x, y)
         except Exception as exc:  # a peer failing on this model is a result too
-            extra["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            extra["error"] = extra["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
     if device.type == "cpu":
         timings = _interleaved_cpu_ms(runs, reps)
     else:
@@ -162,7 +168,7 @@ def bench_config(name, arch, size, batch, dtype, device, providers, reps):
     for provider, extra in extras.items():
         if provider in runs:
             med, p20, p80 = timings[provider]
-            extra.update(ms=med, ms_p20=p20, ms_p80=p80, peak_mib=peak_extra_mib(runs[provider], device))
+            extra.update(ms=med, p20=p20, p80=p80, peak_extra_mib=peak_extra_mib(runs[provider], device))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         rows.append(make_row(op=OP, provider=provider, mode="full", shape=shape, dtype=dtype, device=device,
@@ -177,27 +183,42 @@ def _add_ratios(rows):
     for r in by.values():
         if plain:
             r["time_vs_plain"] = r["ms"] / plain["ms"]
-            if r["peak_mib"] is not None and plain["peak_mib"]:
-                r["memory_vs_plain"] = r["peak_mib"] / plain["peak_mib"]
-        if ours and r is not ours:
-            r["kdfast_speedup"] = r["ms"] / ours["ms"]
+            if r["peak_extra_mib"] is not None and plain["peak_extra_mib"]:
+                r["memory_vs_plain"] = r["peak_extra_mib"] / plain["peak_extra_mib"]
+    if ours:
+        ours["speedup_vs"] = {p: r["ms"] / ours["ms"] for p, r in by.items() if r is not ours}
 
 
 def format_table(rows) -> str:
     head = f"{'config':24} {'provider':9} {'median ms':>10} {'p20':>9} {'p80':>9} {'peak MiB':>9} " \
            f"{'x plain':>8} {'mem x':>6} {'kdfast x':>9} {'rel err':>9}"
+    speedups = {r["config"]: r["speedup_vs"] for r in rows if "speedup_vs" in r}
+    rows = [{**r, "kdfast_speedup": speedups.get(r["config"], {}).get(r["provider"])} for r in rows]
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['config']:24} {r['provider']:9} failed: {r['error']}")
+            lines.append(f"{r['config']:24} {r['provider']:9} {r['error']}")
             continue
         def f(key, fmt):
             v = r.get(key)
             return format(v, fmt) if v is not None else "-"
-        lines.append(f"{r['config']:24} {r['provider']:9} {f('ms', '10.2f')} {f('ms_p20', '9.2f')} "
-                     f"{f('ms_p80', '9.2f')} {f('peak_mib', '9.0f')} {f('time_vs_plain', '8.2f')} "
+        lines.append(f"{r['config']:24} {r['provider']:9} {f('ms', '10.2f')} {f('p20', '9.2f')} "
+                     f"{f('p80', '9.2f')} {f('peak_extra_mib', '9.0f')} {f('time_vs_plain', '8.2f')} "
                      f"{f('memory_vs_plain', '6.2f')} {f('kdfast_speedup', '9.1f')} {f('max_rel_err_vs_vmap', '9.1e')}")
     return "\n".join(lines)
+
+
+def run(device: torch.device, quick: bool = False, smoke: bool = False, configs=None, providers=PROVIDERS,
+        reps: int | None = None) -> list[dict]:
+    """Rows of every config of the device (bench.run's entry point): GPU configs on CUDA, small ones on the CPU."""
+    table = SMOKE_CONFIGS if smoke else CONFIGS if device.type == "cuda" else CPU_CONFIGS
+    reps = reps or (3 if smoke or quick else 5)
+    rows = []
+    for name in configs or table:
+        arch, size, batch, dtype = ALL_CONFIGS[name]
+        rows += bench_config(name, arch, size, batch, dtype if device.type == "cuda" else torch.float32, device,
+                             providers, reps)
+    return rows
 
 
 def main(argv=None) -> int:
@@ -207,19 +228,16 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", nargs="+", help="config names (default: all of the device's)")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     parser.add_argument("--reps", type=int, default=5, help="timed rounds per provider on the CPU")
+    parser.add_argument("--smoke", action="store_true", help="a tiny CNN on the CPU only (seconds)")
     parser.add_argument("--out", type=Path, help="append JSON rows to this file")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    table = CONFIGS if device.type == "cuda" else CPU_CONFIGS
-    names = args.configs or list(table)
-    unknown = [n for n in names if n not in {**CONFIGS, **CPU_CONFIGS}]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    unknown = [n for n in args.configs or () if n not in ALL_CONFIGS]
     if unknown:
-        parser.error(f"unknown config(s) {unknown}; choose from {sorted({**CONFIGS, **CPU_CONFIGS})}")
-    rows = []
-    for name in names:
-        arch, size, batch, dtype = {**CONFIGS, **CPU_CONFIGS}[name]
-        rows += bench_config(name, arch, size, batch, dtype if device.type == "cuda" else torch.float32, device,
-                             args.providers, args.reps)
+        parser.error(f"unknown config(s) {unknown}; choose from {sorted(ALL_CONFIGS)}")
+    device = torch.device("cpu" if args.smoke else args.device)
+    rows = run(device, smoke=args.smoke, configs=args.configs, providers=args.providers, reps=args.reps)
     print(format_table(rows))
     if args.out:
         append_rows(rows, args.out)
@@ -228,5 +246,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TORCH_WARN_ONCE", "1")
     sys.exit(main())

@@ -540,3 +540,13 @@ def test_triton_kernels_compile_for_a_hopper_gpu():
     done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_benchmark_smoke_run():
+    """The benchmark on a tiny CNN, so it cannot rot: every provider checked against vmap, rows complete."""
+    bench = pytest.importorskip("bench.bench_grad_norms", reason="bench/ ships with the repository only")
+    rows = bench.run(torch.device("cpu"), smoke=True, providers=("plain", "kdfast", "vmap"), reps=1)
+    by = {r["provider"]: r for r in rows}
+    assert set(by) == {"plain", "kdfast", "vmap"} and all("ms" in r and r["p20"] <= r["p80"] for r in rows)
+    assert by["kdfast"]["max_rel_err_vs_vmap"] < 1e-4 and set(by["kdfast"]["speedup_vs"]) == {"plain", "vmap"}
+    assert "kdfast" in bench.format_table(rows)
