@@ -208,10 +208,42 @@ KD_TARGET_CLONES void to_fp32(const T* src, int64_t n, float* dst) {
   for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<float>(src[c]);
 }
 
+// fp32 -> bf16 / fp16 bits, rounded to nearest even, branch-free so the store loop vectorises (c10's
+// conversions branch on NaN). NaN stays NaN; fp16 overflows to inf and keeps its subnormals.
+KD_INLINE uint16_t bf16_bits(float f) {
+  uint32_t w;
+  std::memcpy(&w, &f, sizeof w);
+  const uint32_t rounded = (w + 0x7FFFu + ((w >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(f != f ? (w >> 16) | 0x40u : rounded);
+}
+
+// The FP16 library's fp16_ieee_from_fp32_value (as in c10): the fp32 adder does the rounding.
+KD_INLINE uint16_t fp16_bits(float f) {
+  const float to_inf = 0x1.0p+112f, to_zero = 0x1.0p-110f;
+  float base = (std::fabs(f) * to_inf) * to_zero;
+  uint32_t w;
+  std::memcpy(&w, &f, sizeof w);
+  const uint32_t shl1_w = w + w, sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  bias = bias < 0x71000000u ? 0x71000000u : bias;
+  const uint32_t bias_bits = (bias >> 1) + 0x07800000u;
+  float bias_value;
+  std::memcpy(&bias_value, &bias_bits, sizeof bias_value);
+  base = bias_value + base;
+  uint32_t bits;
+  std::memcpy(&bits, &base, sizeof bits);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
 template <typename T>
 KD_TARGET_CLONES void from_fp32(const float* src, int64_t n, T* dst) {
+  static_assert(sizeof(T) == sizeof(uint16_t), "bf16 and fp16 only");
+  uint16_t* out = reinterpret_cast<uint16_t*>(dst);  // c10::Half / BFloat16 hold their bits as one uint16_t
 #pragma omp simd
-  for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(src[c]);
+  for (int64_t c = 0; c < n; ++c) {
+    out[c] = std::is_same_v<T, c10::BFloat16> ? bf16_bits(src[c]) : fp16_bits(src[c]);
+  }
 }
 
 // A row as fp32: the tensor's own memory for fp32, else converted into `buf`.

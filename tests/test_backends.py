@@ -233,6 +233,23 @@ def test_cpp_forward_matches_float64_contract(C, s_dtype, t_dtype):
         assert bool((stats[5][ok] == float("inf")).all()) and bool((stats[4][ok] == 1).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpp_gradient_rounds_to_low_precision_like_torch(dtype):
+    """The kernel's own fp32 -> bf16/fp16 store rounds to nearest even exactly as torch does, overflow to inf
+    and subnormals included: the same logits in fp32 then rounded by torch must give the same bits."""
+    _C = _cpp()
+    N, C = 12, 1000
+    s, t, y = _hostile_batch(N, C, dtype, dtype)
+    grad_scale = torch.tensor(1e5 if dtype == torch.float16 else 2e38)  # some entries overflow the dtype
+    for scale in (grad_scale, torch.tensor(3e-7)):  # ... and fp16 subnormals
+        _, grad, _ = _C.kd_loss_fwd(s, t, y, None, scale, 0.5, 2.0, IGNORE, True, False, None)
+        _, grad32, _ = _C.kd_loss_fwd(s.float(), t.float(), y, None, scale, 0.5, 2.0, IGNORE, True, False, None)
+        expected = grad32.to(dtype)
+        same = (grad.view(torch.int16) == expected.view(torch.int16)) | (grad.isnan() & expected.isnan())
+        assert bool(same.all()), f"{int((~same).sum())} entries rounded differently, e.g. got " \
+                                 f"{grad[~same][:4].tolist()}, torch gives {expected[~same][:4].tolist()}"
+
+
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_cpp_forward_extreme_alpha_and_no_teacher(alpha):
     _C = _cpp()
