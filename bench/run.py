@@ -64,6 +64,9 @@ def render_markdown(rows: list[dict]) -> str:
         versions = ", ".join(f"{k} {v}" for k, v in sorted(newest["versions"].items()))
         out += [f"## {device}", "", f"- versions: {versions}", f"- commit: {newest['commit']}, date: {newest['date']}",
                 f"- command: `{newest['command']}`"]
+        if newest.get("load_avg_1min") is not None:
+            out.append(f"- 1-minute load average when the newest run finished: {newest['load_avg_1min']:.1f} "
+                       f"(CPU timings are only as steady as the machine is idle)")
         out += [f"- copy bandwidth: {r['gbs']:.1f} GB/s (read + write; the floor is 3 passes of N x C at this rate)"
                 for r in here if r["mode"] == "bandwidth"]
         checks = [r for r in here if r["mode"] == "check"]
