@@ -25,6 +25,10 @@ from kdfast.reference.kd_loss import KD_STAT_NAMES, kd_loss_ref, kd_stats_ref
 
 kd_ops = importlib.import_module("kdfast.ops.kd_loss")  # the module: kdfast.ops.kd_loss is also the function
 
+# The Triton interpreter computes with numpy, which warns about the NaN / -inf intermediates of ignored rows
+# and masked columns; the kernels discard those by design (the outputs are checked below).
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+
 BACKENDS = ("torch", "cpp", "triton")
 EAGER_ERROR_FACTOR = 8  # k: a backend may be k times less accurate than eager float32 PyTorch
 # dtype -> (atol relative to the largest reference value, rtol): in low precision the gradient is rounded
