@@ -37,8 +37,9 @@ namespace {
 #endif
 
 // The row kernel is compiled for AVX-512, AVX2 + FMA and the x86-64 baseline; the dynamic loader picks the
-// best one for the CPU it runs on (a locally built wheel must still run on an older machine).
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+// best one for the CPU it runs on (a locally built wheel must still run on an older machine). The x86-64-v3/v4
+// levels need GCC 11; other compilers build the baseline alone.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define KD_TARGET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define KD_TARGET_CLONES
@@ -138,8 +139,8 @@ struct RowConsts {
   float alpha, temperature, inv_T;
 };
 
-// One valid row (0 <= y < C). s, t: fp32 rows; scratch: 3 C floats; g: fp32 gradient row or nullptr (it may
-// be s itself or scratch's first C floats: pass 3 reads neither s nor e1 at an index it has written).
+// One valid row (0 <= y < C). s, t: fp32 rows; scratch: 3 C floats; g: fp32 gradient row or nullptr. g may be
+// s itself (in place) or e1, scratch's first C floats: pass 3 never reads s, and reads e1[c] before writing g[c].
 // out: loss, then the kNumStats statistics.
 template <bool HAS_TEACHER, bool WRITE_GRAD>
 KD_INLINE void kd_row_impl(const RowConsts& k, const float* s, const float* t, int64_t y, float w, float scale,
