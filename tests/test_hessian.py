@@ -1,0 +1,126 @@
+"""Hessian spectral norms against float64 oracles: closed forms vs torch.func.hessian + eigvalsh,
+the secular-equation solver vs dense eigvalsh (and mpmath where float64 eigvalsh is not exact)."""
+import mpmath
+import pytest
+import torch
+
+from kdfast.errors import InvalidArgumentError
+from kdfast.hessian import softmax_ce_lipschitz, softmax_hessian_lambda_max, squared_loss_lipschitz
+
+
+def _rel_err(got, want):
+    return ((got.double() - want.double()).abs() / want.double().abs()).max().item()
+
+
+def _dense_lambda_max(p):
+    p = p.double() / p.double().sum(dim=1, keepdim=True)
+    return torch.linalg.eigvalsh(torch.diag_embed(p) - p[:, :, None] * p[:, None, :])[:, -1]
+
+
+def _mp_lambda_max(logits_row):
+    # 80-digit softmax and eigensolver: exact where float64 rounds p_(1) to 1.
+    mpmath.mp.dps = 80
+    z = [mpmath.mpf(v) for v in logits_row.tolist()]
+    top = max(z)
+    e = [mpmath.exp(v - top) for v in z]
+    p = [v / sum(e) for v in e]
+    n = len(p)
+    m = mpmath.matrix([[(p[r] if r == c else 0) - p[r] * p[c] for c in range(n)] for r in range(n)])
+    return float(max(mpmath.eigsy(m)[0]))
+
+
+@pytest.mark.parametrize("rows,scale,num_classes", [(32, 1.0, 10), (8, 5.0, 100), (2, 1e-4, 200), (32, 3.0, 7)])
+def test_lambda_max_matches_dense_eigvalsh(rows, scale, num_classes):
+    probs = (torch.randn(rows, num_classes, dtype=torch.float64) * scale).softmax(dim=1)
+    got = softmax_hessian_lambda_max(probs)
+    err = _rel_err(got, _dense_lambda_max(probs))
+    assert err < 1e-12, f"max rel err {err:.3e}"
+
+
+def test_lambda_max_two_classes_is_twice_p1_p2():
+    # C = 2: diag(p) - p pᵀ = p1 p2 [[1, -1], [-1, 1]], eigenvalue 2 p1 p2 = 2 σ(d) σ(-d), d = z1 - z2.
+    logits = torch.randn(64, 2, dtype=torch.float64) * 8
+    d = logits[:, 0] - logits[:, 1]
+    want = 2 * torch.sigmoid(d) * torch.sigmoid(-d)
+    err = _rel_err(softmax_hessian_lambda_max(logits.softmax(dim=1)), want)
+    assert err < 1e-12, f"max rel err {err:.3e}"
+
+
+@pytest.mark.parametrize("scale,num_classes", [(30.0, 6), (60.0, 4)])
+def test_lambda_max_peaked_matches_mpmath(scale, num_classes):
+    logits = torch.randn(8, num_classes, dtype=torch.float64) * scale
+    got = softmax_hessian_lambda_max(logits.softmax(dim=1))
+    want = torch.tensor([_mp_lambda_max(row) for row in logits], dtype=torch.float64)
+    err = _rel_err(got, want)
+    assert err < 1e-12, f"max rel err {err:.3e} (worst row {(got - want).abs().div(want).argmax().item()})"
+
+
+def test_lambda_max_float32_input_is_solved_in_float64():
+    probs = (torch.randn(32, 50) * 3).softmax(dim=1)
+    err = _rel_err(softmax_hessian_lambda_max(probs), _dense_lambda_max(probs))
+    assert err < 1e-10, f"max rel err {err:.3e}"
+
+
+def test_lambda_max_ties_and_degenerate_rows():
+    probs = torch.tensor([[0.5, 0.5, 0.0], [1 / 3, 1 / 3, 1 / 3], [0.4, 0.4, 0.2], [0.25, 0.25, 0.25, 0.25][:3]],
+                         dtype=torch.float64)
+    probs = probs / probs.sum(dim=1, keepdim=True)
+    err = _rel_err(softmax_hessian_lambda_max(probs), _dense_lambda_max(probs))
+    assert err < 1e-14, f"max rel err {err:.3e}"
+    # one certain class: the Hessian is 0; a single class: 0
+    one_hot = torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64)
+    assert softmax_hessian_lambda_max(one_hot).item() == 0.0
+    assert softmax_hessian_lambda_max(torch.ones(3, 1)).abs().max().item() == 0.0
+
+
+def _linear_ce_hessian_lambda(h, y, num_classes, weight, bias):
+    def loss(params):
+        w, b = params[:-num_classes].view(num_classes, -1), params[-num_classes:]
+        return torch.nn.functional.cross_entropy((h @ w.T + b)[None], y[None])
+    params = torch.cat([weight.flatten(), bias])
+    hess = torch.func.hessian(loss)(params)
+    return torch.linalg.eigvalsh(hess).abs().max()
+
+
+def test_softmax_ce_lipschitz_matches_func_hessian():
+    num_classes, dim = 5, 4
+    weight = torch.randn(num_classes, dim, dtype=torch.float64)
+    bias = torch.randn(num_classes, dtype=torch.float64)
+    feats = torch.randn(6, dim, dtype=torch.float64) * 2
+    labels = torch.randint(0, num_classes, (6,))
+    probs = (feats @ weight.T + bias).softmax(dim=1)
+    got = softmax_ce_lipschitz(probs, feats.square().sum(dim=1))
+    assert got.dtype == torch.float32 and got.shape == (6,)
+    want = torch.stack([_linear_ce_hessian_lambda(f, y, num_classes, weight, bias) for f, y in zip(feats, labels)])
+    err = _rel_err(got, want)
+    assert err < 1e-6, f"max rel err {err:.3e}"
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_squared_loss_lipschitz_matches_func_hessian(bias):
+    outputs, dim = 3, 5
+    feats = torch.randn(4, dim, dtype=torch.float64) * 3
+    targets = torch.randn(4, outputs, dtype=torch.float64)
+
+    def hessian_norm(x, y):
+        def loss(params):
+            w = params[: outputs * dim].view(outputs, dim)
+            b = params[outputs * dim:] if bias else 0.0
+            return 0.5 * (x @ w.T + b - y).square().sum()
+        params = torch.randn(outputs * dim + (outputs if bias else 0), dtype=torch.float64)
+        return torch.linalg.eigvalsh(torch.func.hessian(loss)(params)).abs().max()
+
+    want = torch.stack([hessian_norm(x, y) for x, y in zip(feats, targets)])
+    err = _rel_err(squared_loss_lipschitz(feats, bias=bias), want)
+    assert err < 1e-6, f"max rel err {err:.3e}"
+
+
+def test_closed_form_bad_inputs_name_the_argument():
+    with pytest.raises(InvalidArgumentError, match="probs"):
+        softmax_ce_lipschitz(torch.rand(4), torch.rand(4))
+    with pytest.raises(InvalidArgumentError, match="feat_sqnorm"):
+        softmax_ce_lipschitz(torch.rand(4, 3), torch.rand(5))
+    with pytest.raises(InvalidArgumentError, match="probs"):
+        softmax_ce_lipschitz(torch.randint(0, 3, (4, 3)), torch.rand(4))
+    with pytest.raises(InvalidArgumentError, match="features"):
+        squared_loss_lipschitz(torch.rand(4))
