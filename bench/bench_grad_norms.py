@@ -229,6 +229,7 @@ def main(argv=None) -> int:
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     parser.add_argument("--reps", type=int, default=5, help="timed rounds per provider on the CPU")
     parser.add_argument("--smoke", action="store_true", help="a tiny CNN on the CPU only (seconds)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
     parser.add_argument("--out", type=Path, help="append JSON rows to this file")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -236,6 +237,8 @@ def main(argv=None) -> int:
     unknown = [n for n in args.configs or () if n not in ALL_CONFIGS]
     if unknown:
         parser.error(f"unknown config(s) {unknown}; choose from {sorted(ALL_CONFIGS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cpu" if args.smoke else args.device)
     rows = run(device, smoke=args.smoke, configs=args.configs, providers=args.providers, reps=args.reps)
     print(format_table(rows))
