@@ -8,6 +8,7 @@ W_grad = G^T A (Dg, Da), and
 Materialising G^T A costs T * Da * Dg per example; the Gram form costs T^2 * (Da + Dg) and never builds
 the weight gradient. `prefer_gram` picks the cheaper. Both run in batched torch (CPU, float64, or any
 device) or in Triton kernels that never write the per-example gradient (CUDA, or TRITON_INTERPRET=1).
+Also here: `channel_sums`, the per-example affine gradients of normalisation layers.
 Arithmetic is float32 for 16-bit inputs and float64 for float64 inputs.
 """
 from __future__ import annotations
@@ -28,7 +29,8 @@ def prefer_gram(T: int, da: int, dg: int) -> bool:
     return T * (da + dg) < da * dg
 
 
-def _chunks(n: int, per_item: int):
+def chunks(n: int, per_item: int):
+    """(starts, step): batch slices whose temporaries of `per_item` elements each fit CHUNK_ELEMENTS."""
     step = max(1, CHUNK_ELEMENTS // max(1, per_item))
     return range(0, n, step), step
 
@@ -41,7 +43,7 @@ def gram_sqnorm(a: torch.Tensor, g: torch.Tensor, backend: str) -> torch.Tensor:
         return launch(a, g).clamp_(min=0)
     dt = acc_dtype(a)
     out = torch.empty(N, dtype=dt, device=a.device)
-    starts, step = _chunks(N, 2 * T * T)
+    starts, step = chunks(N, 2 * T * T)
     for s in starts:
         ac, gc = a[s:s + step].to(dt), g[s:s + step].to(dt)
         out[s:s + step] = (torch.bmm(ac, ac.transpose(1, 2)) * torch.bmm(gc, gc.transpose(1, 2))).sum((1, 2))
@@ -61,7 +63,7 @@ def outer_sqnorm(a: torch.Tensor, g: torch.Tensor, backend: str) -> torch.Tensor
                                  dilation=(1, 1, 1), groups=1)
     dt = acc_dtype(a)
     out = torch.empty(N, dtype=dt, device=a.device)
-    starts, step = _chunks(N, da * dg)
+    starts, step = chunks(N, da * dg)
     for s in starts:
         w = torch.bmm(g[s:s + step].to(dt).transpose(1, 2), a[s:s + step].to(dt))
         out[s:s + step] = w.square().sum((1, 2))

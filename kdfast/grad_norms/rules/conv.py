@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import UnsupportedModuleError
-from ..forms import CHUNK_ELEMENTS, acc_dtype, gram_sqnorm, prefer_gram
+from ..forms import acc_dtype, chunks, gram_sqnorm, prefer_gram
 from ..registry import register_rule
 
 
@@ -50,8 +50,8 @@ def _gram_form(x, g, kernel_size, stride, padding, dilation, groups, backend):
     Cout, P, n = g.shape[1], math.prod(g.shape[2:]), len(kernel_size)
     kg = Cin // groups * math.prod(kernel_size)
     out = torch.empty(B, dtype=acc_dtype(x), device=x.device)
-    step = max(1, CHUNK_ELEMENTS // (Cin * math.prod(kernel_size) * P))
-    for s in range(0, B, step):
+    starts, step = chunks(B, Cin * math.prod(kernel_size) * P)
+    for s in starts:
         windows = unfold(x[s:s + step], kernel_size, stride, padding, dilation)   # (b, Cin, *O, *K)
         b = windows.shape[0]
         order = (0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n))                 # (b, *O, Cin, *K)
@@ -66,9 +66,8 @@ def _direct_torch(x, g, kernel_size, stride, padding, dilation, groups):
     Cout, n = g.shape[1], len(kernel_size)
     dt = acc_dtype(x)
     out = torch.empty(B, dtype=dt, device=x.device)
-    per_example = Cout * Cin // groups * math.prod(kernel_size)
-    step = max(1, CHUNK_ELEMENTS // per_example)
-    for s in range(0, B, step):
+    starts, step = chunks(B, Cout * Cin // groups * math.prod(kernel_size))
+    for s in starts:
         xc, gc = x[s:s + step].to(dt), g[s:s + step].to(dt)
         b = xc.shape[0]
         # Examples as extra groups: one weight-gradient convolution yields every example's own gradient.
