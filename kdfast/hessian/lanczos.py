@@ -1,0 +1,61 @@
+"""Batched Lanczos with full reorthogonalisation: one Krylov basis per slot, slots advance together.
+
+Each slot holds one batch's run; slots finish independently (Ritz residual test) and are refilled by the
+driver, so converged batches stop costing products. With k steps done, T_k's eigenpairs (θ, s) give the
+estimate θ* = the largest |θ| and its residual ||H y - θ* y|| = β_k |e_kᵀ s|, which bounds |θ* - λ| for
+some eigenvalue λ of H: stopping at β_k |e_kᵀ s| <= tol |θ*| bounds the relative error by tol.
+Vectors are parameter-sized (a few steps of 10 to 20 keep the basis small); reorthogonalising twice
+(classical Gram-Schmidt, "twice is enough") keeps the basis orthonormal in float32.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class LanczosSlots:
+    def __init__(self, slots: int, size: int, max_steps: int, tol: float, *, dtype, device):
+        self.max_steps, self.tol = max_steps, tol
+        self.basis = torch.zeros(slots, max_steps + 1, size, dtype=dtype, device=device)
+        self.alpha = torch.zeros(slots, max_steps, dtype=torch.float64)  # host copies: T is tiny
+        self.beta = torch.zeros(slots, max_steps, dtype=torch.float64)
+        self.steps = [0] * slots
+
+    def start(self, slot: int, vector: torch.Tensor) -> None:
+        self.basis[slot].zero_()
+        self.basis[slot, 0] = vector / vector.norm()
+        self.alpha[slot].zero_()
+        self.beta[slot].zero_()
+        self.steps[slot] = 0
+
+    def vectors(self, slots: list[int]) -> torch.Tensor:
+        return self.basis[slots, [self.steps[s] for s in slots]]
+
+    def update(self, slots: list[int], products: torch.Tensor):
+        """Take one step on `slots` given H q_k; returns (estimate, residual, done) host lists."""
+        k = torch.tensor([self.steps[s] for s in slots], device=self.basis.device)
+        basis = self.basis[slots]  # (A, m + 1, P): rows beyond k are zero, so projections ignore them
+        rows = torch.arange(len(slots), device=basis.device)
+        q = basis[rows, k]
+        w = products.to(basis.dtype)
+        alpha = (q * w).sum(dim=1)
+        for _ in range(2):
+            w = w - torch.einsum("amp,am->ap", basis, torch.einsum("amp,ap->am", basis, w))
+        beta = w.norm(dim=1)
+        next_q = w / beta.clamp_min(torch.finfo(w.dtype).tiny)[:, None]
+        self.basis[slots, (k + 1).tolist()] = next_q
+        alpha_h, beta_h = alpha.double().cpu(), beta.double().cpu()
+        estimates, residuals, done = [], [], []
+        for i, s in enumerate(slots):
+            step = self.steps[s]
+            self.alpha[s, step], self.beta[s, step] = alpha_h[i], beta_h[i]
+            n = step + 1
+            t = torch.diag(self.alpha[s, :n]) + torch.diag(self.beta[s, : n - 1], 1) + torch.diag(self.beta[s, : n - 1], -1)
+            theta, vecs = torch.linalg.eigh(t)
+            j = int(theta.abs().argmax())
+            estimate = abs(float(theta[j]))
+            residual = float(beta_h[i]) * abs(float(vecs[-1, j]))
+            self.steps[s] = n
+            estimates.append(estimate)
+            residuals.append(residual)
+            done.append(residual <= self.tol * estimate or n >= self.max_steps)
+        return estimates, residuals, done
