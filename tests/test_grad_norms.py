@@ -125,7 +125,7 @@ class TinyTransformer(nn.Module):
 def conv_net(n, bias):
     conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[n]
     return nn.Sequential(
-        conv(4, 6, 3, stride=2, padding=1, bias=bias), nn.Tanh(),
+        conv(4, 6, 3, stride=2, padding=1, bias=bias), nn.PReLU(init=0.1),
         conv(6, 6, 3, dilation=2, padding="same", groups=3, padding_mode="reflect", bias=bias), nn.Tanh(),
         conv(6, 4, 2, stride=(1,) * (n - 1) + (2,), padding="valid", bias=bias), nn.Tanh(),
         conv(4, 8, 1, groups=4, bias=bias), nn.Tanh(),
@@ -138,7 +138,7 @@ SPATIAL = {1: (11,), 2: (7, 9), 3: (5, 6, 7)}
 # -------------------------------------------------------------------------------------- architectures
 @pytest.mark.parametrize("B", [1, 5])
 def test_mlp(B):
-    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(inplace=True), nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 4))
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(inplace=True), nn.Linear(10, 10), nn.PReLU(10), nn.Linear(10, 4))
     compare(model, torch.randn(B, 6), torch.randint(0, 4, (B,)))
 
 
@@ -334,7 +334,7 @@ def test_empty_batch_and_no_trainable_parameters():
 # ------------------------------------------------------------------------------------------- registry
 def test_registry_covers_the_built_in_layers():
     for cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-                nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.Embedding, nn.LazyLinear):
+                nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.Embedding, nn.LazyLinear, nn.PReLU):
         assert find_rule(cls.__new__(cls)) is not None, cls.__name__
     assert find_rule(nn.ConvTranspose2d(2, 2, 3)) is None  # a sibling class, not a subclass: no rule
 
@@ -422,7 +422,7 @@ def test_linear_forms_and_triton_kernels(T, da, dg):
 
 def test_engine_on_the_triton_backend():
     model = _randomise_bn(nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2),
+        nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.PReLU(4), nn.Conv2d(4, 6, 3, stride=2),
         nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 2 * 2, 3)))
     compare(model, torch.randn(2, 3, 6, 6), torch.randint(0, 3, (2,)), dtype=torch.float32, backend="triton")
     compare(TinyTransformer(T=5), torch.randint(0, 11, (2, 5)), torch.randint(0, 4, (2,)), dtype=torch.float32,
