@@ -139,7 +139,7 @@ def _interleaved_cpu_ms(fns: dict, reps: int) -> dict:
             for name, s in samples.items()}
 
 
-def bench_config(name, arch, size, batch, dtype, device, providers, reps):
+def bench_config(name, arch, size, batch, dtype, device, providers, reps, command=None):
     torch.manual_seed(0)
     model = build_model(arch).to(device=device, dtype=dtype).eval()
     x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
@@ -171,8 +171,9 @@ def bench_config(name, arch, size, batch, dtype, device, providers, reps):
             extra.update(ms=med, p20=p20, p80=p80, peak_extra_mib=peak_extra_mib(runs[provider], device))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        rows.append(make_row(op=OP, provider=provider, mode="full", shape=shape, dtype=dtype, device=device,
-                             command=" ".join(["python", "-m", "bench.bench_grad_norms", *sys.argv[1:]]), **extra))
+        if command:  # run on its own rather than through bench.run (make_row's default command)
+            extra["command"] = command
+        rows.append(make_row(op=OP, provider=provider, mode="full", shape=shape, dtype=dtype, device=device, **extra))
     _add_ratios(rows)
     return rows
 
@@ -209,7 +210,7 @@ def format_table(rows) -> str:
 
 
 def run(device: torch.device, quick: bool = False, smoke: bool = False, configs=None, providers=PROVIDERS,
-        reps: int | None = None) -> list[dict]:
+        reps: int | None = None, command: str | None = None) -> list[dict]:
     """Rows of every config of the device (bench.run's entry point): GPU configs on CUDA, small ones on the CPU."""
     table = SMOKE_CONFIGS if smoke else CONFIGS if device.type == "cuda" else CPU_CONFIGS
     reps = reps or (3 if smoke or quick else 5)
@@ -217,7 +218,7 @@ def run(device: torch.device, quick: bool = False, smoke: bool = False, configs=
     for name in configs or table:
         arch, size, batch, dtype = ALL_CONFIGS[name]
         rows += bench_config(name, arch, size, batch, dtype if device.type == "cuda" else torch.float32, device,
-                             providers, reps)
+                             providers, reps, command)
     return rows
 
 
@@ -240,7 +241,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu" if args.smoke else args.device)
-    rows = run(device, smoke=args.smoke, configs=args.configs, providers=args.providers, reps=args.reps)
+    rows = run(device, smoke=args.smoke, configs=args.configs, providers=args.providers, reps=args.reps,
+               command=" ".join(["python", "-m", "bench.bench_grad_norms", *sys.argv[1:]]))
     print(format_table(rows))
     if args.out:
         append_rows(rows, args.out)
