@@ -196,6 +196,11 @@ def test_zero_gradient_examples():
     x[1] = 0  # a bias-free net has exactly zero gradient at a zero input
     norms = compare(model, x, torch.randint(0, 3, (4,)))
     assert norms[1] == 0 and (norms[[0, 2, 3]] > 0).all()
+    # a perfectly fit example: its squared error and every gradient of it are exactly zero
+    fit = model(x.double()).detach()
+    fit[2:] += torch.randn(2, 3, dtype=torch.float64)
+    norms = compare(model, x, fit, loss=lambda out, t: (out - t).square().sum(1))
+    assert (norms[:2] == 0).all() and (norms[2:] > 0).all()
 
 
 def test_float32_and_frozen_parameters():
