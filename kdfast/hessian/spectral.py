@@ -53,14 +53,14 @@ def _default_chunk(num_params: int, steps: int, dtype: torch.dtype, device: torc
 
 def spectral_norms(model: nn.Module, batches, *, loss="ce", curvature: str = "hessian", iters: int = 20,
                    tol: float = 1e-3, method: str = "lanczos", engine: str = "auto", compile: bool | str = "auto",
-                   chunk: int | None = None, seed: int = 0, return_info: bool = False):
+                   chunk: int | None = None, seed: int = 0, return_info: bool = False, on_batch_done=None):
     """L_j = max |eigenvalue| of the curvature of each batch's mean loss at the model's current weights.
 
     batches: iterable of (inputs, targets) pairs (moved to the model's device). Returns (num_batches,)
     float32 on the CPU, in batch order; with return_info=True also a SpectralInfo. engine: "vmap"
     (torch.func, compiled on CUDA when compile="auto"), "loop" (eager double backward per batch) or
     "auto" (vmap on CUDA, loop on CPU: what measured fastest on each, bench/RESULTS.md). Start vectors are
-    seeded per batch index, so results are reproducible.
+    seeded per batch index, so results are reproducible. on_batch_done(j) is called as batch j finishes.
     """
     _validate(iters, tol, method, chunk)
     batches = list(batches)
@@ -89,7 +89,7 @@ def spectral_norms(model: nn.Module, batches, *, loss="ce", curvature: str = "he
         groups.setdefault((tuple(x.shape), tuple(torch.as_tensor(y).shape)), []).append(j)
     for members in groups.values():
         _run_group(products, batches, members, METHODS[method], iters, tol, chunk, seed, device, dtype,
-                   pad=use_compile, norms=norms, info=info)
+                   pad=use_compile, norms=norms, info=info, on_batch_done=on_batch_done)
     return (norms, info) if return_info else norms
 
 
@@ -98,7 +98,8 @@ def _start_vector(size: int, seed: int, index: int, dtype, device) -> torch.Tens
     return torch.randn(size, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
 
 
-def _run_group(products, batches, members, solver_cls, iters, tol, chunk, seed, device, dtype, *, pad, norms, info):
+def _run_group(products, batches, members, solver_cls, iters, tol, chunk, seed, device, dtype, *, pad, norms, info,
+               on_batch_done):
     slots = min(chunk, len(members))
     x0, y0 = batches[members[0]]
     inputs = torch.empty((slots, *x0.shape), dtype=x0.dtype, device=device)
@@ -134,4 +135,6 @@ def _run_group(products, batches, members, solver_cls, iters, tol, chunk, seed, 
                 norms[j] = estimate
                 info.residuals[j] = residual
                 info.converged[j] = residual <= tol * estimate
+                if on_batch_done is not None:
+                    on_batch_done(j)
                 load(s)
