@@ -12,7 +12,6 @@ from kdfast.errors import InvalidArgumentError, UnsupportedModuleError
 from kdfast.grad_norms import check, per_example_grad_norms, register_rule
 from kdfast.grad_norms.forms import gram_sqnorm, outer_sqnorm, prefer_gram
 from kdfast.grad_norms.registry import RULES, find_rule
-from kdfast.grad_norms.rules.conv import conv_weight_sqnorm, explicit_padding
 from kdfast.reference.grad_norms import per_example_grad_norms_ref
 
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
@@ -518,7 +517,8 @@ def compile_for_sm90(kernel, pointers, constexprs):
         sys.exit(f"{kernel.fn.__name__} needs {compiled.metadata.shared} bytes of shared memory, sm_90 has 227 KiB")
 
 for dtype, precision in (("fp32", "tf32x3"), ("bf16", "tf32")):
-    compile_for_sm90(kernels._conv_wgrad_sqnorm_kernel, {"x_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "out_ptr": "*fp32"},
+    compile_for_sm90(kernels._conv_wgrad_sqnorm_kernel,
+                     {"x_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "out_ptr": "*fp32"},
                      {"BLOCK_M": kernels.MAX_TILE, "BLOCK_N": kernels.MAX_TILE, "BLOCK_P": kernels.BLOCK_P,
                       "PRECISION": precision})
     compile_for_sm90(kernels._gram_sqnorm_kernel, {"a_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "out_ptr": "*fp32"},

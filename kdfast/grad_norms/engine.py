@@ -242,8 +242,8 @@ def _check_args(model, inputs, targets, loss, teacher_logits, per_layer, on_miss
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"per_example_grad_norms: model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(inputs, torch.Tensor) or inputs.dim() == 0:
-        raise InvalidArgumentError("per_example_grad_norms: inputs must be a batch-first tensor (B, ...), got "
-                                   f"{tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__}")
+        got = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+        raise InvalidArgumentError(f"per_example_grad_norms: inputs must be a batch-first tensor (B, ...), got {got}")
     if not isinstance(targets, torch.Tensor) or targets.dim() == 0 or targets.shape[0] != inputs.shape[0]:
         raise InvalidArgumentError(
             f"per_example_grad_norms: targets must be a tensor with one entry per example ({inputs.shape[0]}), got "

@@ -14,8 +14,8 @@ TRITON_INTERPRET=1). Checks and dispatch live in kdfast/grad_norms; inputs here 
    the feature dimension and adding sum(A_ij * G_ij) to out[n].
 3. `_channel_sums_kernel`: per-example gamma and beta gradients of a normalisation layer (BatchNorm,
    GroupNorm, LayerNorm), sum over positions of g * x_hat and of g, x_hat formed in registers.
-The first two accumulate in fp32 (fp32 inputs as 3xTF32 products, not plain TF32: the 1e-4 relative budget) and add their
-partial sums atomically into a zeroed (N,) buffer.
+The first two accumulate in fp32 (fp32 inputs as 3xTF32 products, not plain TF32: the 1e-4 relative
+budget) and add their partial sums atomically into a zeroed (N,) buffer.
 """
 from __future__ import annotations
 
