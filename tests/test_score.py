@@ -201,3 +201,11 @@ def test_head_that_does_not_make_the_logits_is_refused():
         kdfast.score(model, data, "grand-last", progress=False)
     with pytest.raises(InvalidArgumentError, match="no nn.Linear"):
         kdfast.score(nn.Sequential(nn.Flatten()), data, "grand-last", progress=False)
+
+
+def test_benchmark_smoke_runs_and_checks_its_scores():
+    from bench.bench_score import run
+    rows = run(torch.device("cpu"), smoke=True)
+    assert [r["provider"] for r in rows] == ["inference", "eager-el2n", "el2n", "grand-last"]
+    assert all(r["images_per_s"] > 0 and r["ratio_to_inference"] > 0 for r in rows)
+    assert rows[2]["max_rel_err_vs_float64"] < 1e-5
