@@ -124,3 +124,106 @@ def test_closed_form_bad_inputs_name_the_argument():
         softmax_ce_lipschitz(torch.randint(0, 3, (4, 3)), torch.rand(4))
     with pytest.raises(InvalidArgumentError, match="features"):
         squared_loss_lipschitz(torch.rand(4))
+
+
+# ---------------------------------------------------------------------------------- batch spectral norms
+from torch import nn  # noqa: E402
+
+from kdfast.errors import UnsupportedModuleError  # noqa: E402
+from kdfast.hessian import BatchedHVP, spectral_norms  # noqa: E402
+from kdfast.hessian.hvp import FlatParams  # noqa: E402
+
+
+def _tiny_net():
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 4)).double().eval()
+
+
+def _tiny_batches(count=5, size=9, ragged=4):
+    batches = [(torch.randn(size, 5, dtype=torch.float64) * 2, torch.randint(0, 4, (size,))) for _ in range(count)]
+    return batches + [(torch.randn(ragged, 5, dtype=torch.float64), torch.randint(0, 4, (ragged,)))]
+
+
+def _dense_curvature(model, x, y, curvature):
+    flat = FlatParams(model)
+    w = FlatParams.flatten(flat.params[n] for n in flat.names)
+
+    def outputs(v):
+        return torch.func.functional_call(model, flat.unflatten(v), (x,))
+
+    if curvature == "hessian":
+        return torch.func.hessian(lambda v: nn.functional.cross_entropy(outputs(v), y))(w)
+    jac = torch.func.jacrev(outputs)(w)  # (B, C, P)
+    p = outputs(w).softmax(dim=-1)
+    out_hess = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / x.shape[0]
+    return torch.einsum("bcp,bcd,bdq->pq", jac, out_hess, jac)
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("engine", ["loop", "vmap"])
+def test_batched_products_match_dense_curvature(curvature, engine):
+    model = _tiny_net()
+    x = torch.randn(3, 6, 5, dtype=torch.float64)
+    y = torch.randint(0, 4, (3, 6))
+    size = FlatParams(model).size
+    v = torch.randn(3, size, dtype=torch.float64)
+    got = BatchedHVP(model, curvature=curvature, engine=engine)(x, y, v)
+    want = torch.stack([_dense_curvature(model, x[k], y[k], curvature) @ v[k] for k in range(3)])
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err < 1e-12, f"max rel err {err:.3e}"
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("method,iters", [("lanczos", 40), ("power", 600)])
+def test_spectral_norms_match_dense_eigvalsh(curvature, method, iters):
+    model, batches = _tiny_net(), _tiny_batches()
+    want = torch.stack([torch.linalg.eigvalsh(_dense_curvature(model, x, y, curvature)).abs().max()
+                        for x, y in batches])
+    got, info = spectral_norms(model, batches, curvature=curvature, method=method, iters=iters, tol=1e-3,
+                               chunk=3, return_info=True)
+    assert got.dtype == torch.float32 and got.shape == (len(batches),)
+    assert all(info.converged), f"unconverged batches: {info.converged}, residuals {info.residuals}"
+    err = _rel_err(got, want)
+    assert err < 1e-3, f"max rel err {err:.3e}; products per batch {info.products}"
+
+
+def test_spectral_norms_vmap_engine_equals_loop_and_is_reproducible():
+    model, batches = _tiny_net(), _tiny_batches(count=3)
+    loop = spectral_norms(model, batches, engine="loop", chunk=2, seed=3)
+    vmapped = spectral_norms(model, batches, engine="vmap", chunk=2, seed=3)
+    assert torch.allclose(loop, vmapped, rtol=1e-5, atol=0)
+    assert torch.equal(loop, spectral_norms(model, batches, engine="loop", chunk=2, seed=3))
+
+
+def test_lanczos_needs_fewer_products_than_power_on_close_eigenvalues():
+    # A quadratic loss whose Hessian has top eigenvalues 1.0 and 0.98: power iteration crawls, Lanczos does not.
+    eig = torch.tensor([1.0, 0.98, 0.5, 0.3, 0.2, 0.1], dtype=torch.float64)
+    model = nn.Linear(6, 1, bias=False).double().eval()
+    x = torch.diag(eig.sqrt())[None] * 6 ** 0.5  # mean of 1/2 (w·x_i)^2 over 6 rows: H = diag(eig)
+    y = torch.zeros(1, 6, 1, dtype=torch.float64)
+    loss = lambda out, tgt: 0.5 * (out - tgt).square().sum() / out.shape[0]  # noqa: E731
+    batches = [(x[0], y[0])]
+    lz, lz_info = spectral_norms(model, batches, loss=loss, method="lanczos", iters=20, tol=1e-6, return_info=True)
+    pw, pw_info = spectral_norms(model, batches, loss=loss, method="power", iters=2000, tol=1e-6, return_info=True)
+    assert abs(lz.item() - 1.0) < 1e-5 and abs(pw.item() - 1.0) < 1e-3
+    assert lz_info.products[0] <= 7 < pw_info.products[0]
+
+
+def test_spectral_norms_refuse_train_mode_batchnorm_and_bad_arguments():
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4)).double()
+    batches = _tiny_batches(count=1)
+    with pytest.raises(UnsupportedModuleError, match="eval"):
+        spectral_norms(model.train(), [(batches[0][0], batches[0][1])])
+    spectral_norms(model.eval(), [(batches[0][0], batches[0][1])])  # running statistics: fine
+    tiny = _tiny_net()
+    with pytest.raises(InvalidArgumentError, match="method"):
+        spectral_norms(tiny, batches, method="arnoldi")
+    with pytest.raises(InvalidArgumentError, match="curvature"):
+        spectral_norms(tiny, batches, curvature="fisher")
+    with pytest.raises(InvalidArgumentError, match="tol"):
+        spectral_norms(tiny, batches, tol=0)
+    with pytest.raises(InvalidArgumentError, match="iters"):
+        spectral_norms(tiny, batches, iters=0)
+    with pytest.raises(InvalidArgumentError, match="batches"):
+        spectral_norms(tiny, [])
+    with pytest.raises(InvalidArgumentError, match="loss"):
+        spectral_norms(tiny, batches, loss="hinge")
