@@ -235,6 +235,7 @@ def test_every_error_is_one_line_with_its_exit_code(tmp_path, capsys, monkeypatc
     assert got == code and out == ""
     assert all(m in err for m in ((message,) if isinstance(message, str) else message)), err
     assert len(err.strip().splitlines()) == 1 and err.startswith("kdfast-score: error: "), err
+    assert "Traceback" not in err and "DataError:" not in err  # worker errors arrive unwrapped
 
 
 def test_debug_prints_the_traceback(tmp_path, capsys):

@@ -51,8 +51,8 @@ def one_line(exc: BaseException) -> str:
     if not lines:
         return type(exc).__name__
     if len(lines) > 1 and "Original Traceback" in lines[1]:
-        last = lines[-1]
-        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].isidentifier() else last
+        head, _, message = lines[-1].partition(": ")  # "package.module.ErrorClass: message"
+        return message if message and all(part.isidentifier() for part in head.split(".")) else lines[-1]
     return " ".join(lines)
 
 
@@ -79,8 +79,15 @@ def run_cli(parser_fn, run_fn, argv=None) -> int:
         print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted (finished work is kept; --resume continues where supported)", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        if "out of memory" not in str(exc).lower():
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: out of memory ({one_line(exc)[:200]}); lower --batch-size", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 class _PlainProgress:
