@@ -96,6 +96,9 @@ class BatchedHVP:
         self.loss_name, self.loss_fn = loss, resolve_loss(loss)
         self.curvature, self.engine = curvature, engine
         single = self._hvp_one if curvature == "hessian" else self._ggn_one
+        if compile and engine != "vmap":
+            raise InvalidArgumentError(f"hessian: compile=True needs engine='vmap' (double backward is not compiled), got engine={engine!r}")
+        self.compiled = bool(compile)
         if engine == "vmap":
             batched = vmap(single, in_dims=(0, 0, 0))
             self._batched = torch.compile(batched) if compile else batched

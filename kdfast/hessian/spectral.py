@@ -53,7 +53,8 @@ def _default_chunk(num_params: int, steps: int, dtype: torch.dtype, device: torc
 
 def spectral_norms(model: nn.Module, batches, *, loss="ce", curvature: str = "hessian", iters: int = 20,
                    tol: float = 1e-3, method: str = "lanczos", engine: str = "auto", compile: bool | str = "auto",
-                   chunk: int | None = None, seed: int = 0, return_info: bool = False, on_batch_done=None):
+                   chunk: int | None = None, seed: int = 0, return_info: bool = False, on_batch_done=None,
+                   products: BatchedHVP | None = None):
     """L_j = max |eigenvalue| of the curvature of each batch's mean loss at the model's current weights.
 
     batches: iterable of (inputs, targets) pairs (moved to the model's device). Returns (num_batches,)
@@ -61,6 +62,8 @@ def spectral_norms(model: nn.Module, batches, *, loss="ce", curvature: str = "he
     (torch.func, compiled on CUDA when compile="auto"), "loop" (eager double backward per batch) or
     "auto" (vmap on CUDA, loop on CPU: what measured fastest on each, bench/RESULTS.md). Start vectors are
     seeded per batch index, so results are reproducible. on_batch_done(j) is called as batch j finishes.
+    products: a BatchedHVP built once and reused across calls (its loss, curvature, engine and compiled
+    function win over the arguments here), so a compiled product is compiled once (keep `chunk` fixed too).
     """
     _validate(iters, tol, method, chunk)
     batches = list(batches)
@@ -73,10 +76,14 @@ def spectral_norms(model: nn.Module, batches, *, loss="ce", curvature: str = "he
     if param is None:
         raise InvalidArgumentError("spectral_norms: model has no parameters")
     device, dtype = param.device, param.dtype
-    if engine == "auto":
-        engine = "vmap" if device.type == "cuda" else "loop"
-    use_compile = (device.type == "cuda" and engine == "vmap") if compile == "auto" else bool(compile)
-    products = BatchedHVP(model, loss=loss, curvature=curvature, engine=engine, compile=use_compile)
+    if products is None:
+        if engine == "auto":
+            engine = "vmap" if device.type == "cuda" else "loop"
+        use_compile = (device.type == "cuda" and engine == "vmap") if compile == "auto" else bool(compile)
+        products = BatchedHVP(model, loss=loss, curvature=curvature, engine=engine, compile=use_compile)
+    elif products.model is not model:
+        raise InvalidArgumentError("spectral_norms: products was built for another model")
+    engine, use_compile = products.engine, products.compiled
     size = products.flat.size
     chunk = chunk or _default_chunk(size, iters, dtype, device)
 
