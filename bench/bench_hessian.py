@@ -93,14 +93,15 @@ def main(argv=None) -> int:
     if not args.no_reference:
         reference = spectral_norms(model, batches, tol=1e-6, iters=60, chunk=args.chunk, compile=False)
 
-    def record(provider, seconds, norms, products, ran, compile_s=None):
+    def record(provider, seconds, norms, products, ran, compile_s=None, variant=None):
         err = None if reference is None else float(((norms - reference[:ran]).abs() / reference[:ran]).max())
         rows.append(make_row(op="hessian_spectral_norms", provider=provider, mode="full", shape=shape,
                              dtype=torch.float32, device=device, batches=ran, seconds=seconds,
                              batches_per_s=ran / seconds, hvps_per_batch=sum(products) / ran,
-                             compile_s=compile_s, max_rel_err=err, tol=args.tol))
+                             compile_s=compile_s, max_rel_err=err, tol=args.tol, variant=variant))
         print(f"{provider:>22}: {ran / seconds:8.3f} batches/s  {sum(products) / ran:6.1f} HVPs/batch  "
-              f"max rel err {err if err is None else f'{err:.2e}'}" + (f"  compile {compile_s:.1f} s" if compile_s else ""))
+              f"max rel err {err if err is None else f'{err:.2e}'}" + (f"  compile {compile_s:.1f} s" if compile_s else "")
+              + (f"  [{variant}]" if variant else ""))
 
     engines = [("kdfast-loop", "loop", False), ("kdfast-vmap", "vmap", False)]
     if device.type == "cuda" and not args.no_compile:
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
         norms, info = spectral_norms(model, batches, tol=args.tol, iters=args.iters, chunk=args.chunk,
                                      products=products, return_info=True)
         sync(device)
-        record(provider, time.perf_counter() - t0, norms, info.products, num_batches, compile_s)
+        record(provider, time.perf_counter() - t0, norms, info.products, num_batches, compile_s, info.engine)
 
     ran = min(args.baseline_batches or (2 if args.smoke else 8), num_batches)
     sync(device)

@@ -16,6 +16,7 @@ softmax cross-entropy (diag(p) - p pᵀ)/B per example, closed form) acts in out
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -100,25 +101,34 @@ class BatchedHVP:
             raise InvalidArgumentError(f"hessian: compile=True needs engine='vmap' (double backward is not compiled), got engine={engine!r}")
         self.compiled = bool(compile)
         if engine == "vmap":
-            batched = vmap(single, in_dims=(0, 0, 0))
-            self._batched = torch.compile(batched) if compile else batched
+            batched = vmap(single, in_dims=(None, 0, 0, 0))
+            self._batched = _first_that_runs(
+                [("compile(vmap)", torch.compile(batched)),
+                 ("vmap(compile)", vmap(torch.compile(single), in_dims=(None, 0, 0, 0))),
+                 ("vmap", batched)] if compile else [("vmap", batched)])
         self.products = 0  # batch-HVPs computed, for the benchmark's bookkeeping
+
+    @property
+    def variant(self) -> str:
+        """What actually runs: "loop", "vmap", "vmap(compile)" or "compile(vmap)" (after the first call)."""
+        return self._batched.variant if self.engine == "vmap" else "loop"
 
     # -- one batch, pure functions of (inputs, targets, flat vector) ------------------------------------
     def _outputs(self, params: dict, inputs: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, (params, self.flat.frozen, self.flat.buffers), (inputs,))
 
-    def _hvp_one(self, inputs, targets, vector):
+    # Parameters come in as an argument (not a closure) so a compiled product guards on their metadata only.
+    def _hvp_one(self, weights, inputs, targets, vector):
         def loss_of(params):
             return self.loss_fn(self._outputs(params, inputs), targets)
-        _, tangent = jvp(grad(loss_of), (self.flat.params,), (self.flat.unflatten(vector),))
+        _, tangent = jvp(grad(loss_of), (weights,), (self.flat.unflatten(vector),))
         return FlatParams.flatten(tangent[n] for n in self.flat.names)
 
-    def _ggn_one(self, inputs, targets, vector):
+    def _ggn_one(self, weights, inputs, targets, vector):
         def outputs_of(params):
             return self._outputs(params, inputs)
-        outputs, jv = jvp(outputs_of, (self.flat.params,), (self.flat.unflatten(vector),))
-        _, pullback = vjp(outputs_of, self.flat.params)
+        outputs, jv = jvp(outputs_of, (weights,), (self.flat.unflatten(vector),))
+        _, pullback = vjp(outputs_of, weights)
         (jtu,) = pullback(self._output_hessian_times(outputs, jv))
         return FlatParams.flatten(jtu[n] for n in self.flat.names)
 
@@ -155,8 +165,39 @@ class BatchedHVP:
                 f"hvp: vectors must have shape (K, {self.flat.size}), got {tuple(vectors.shape)}")
         self.products += vectors.shape[0]
         if self.engine == "vmap":
-            return self._batched(inputs, targets, vectors)
+            return self._batched(self.flat.params, inputs, targets, vectors)
         return torch.stack([self._loop_one(x, y, v) for x, y, v in zip(inputs, targets, vectors)])
+
+
+def _first_that_runs(candidates):
+    """The first candidate whose first call succeeds, tried in order (later calls go straight to it).
+
+    torch.compile of vmap(jvp(grad)) traces on some torch versions and fails in others (torch 2.14:
+    "Tensor device mismatch ... meta" inside autograd.grad); compiling the per-batch product under an eager
+    vmap is the next best, then plain vmap. The choice is logged once, and exposed as `.variant`.
+    """
+    state = {"index": 0, "settled": False}
+
+    def call(*args):
+        while True:
+            name, fn = candidates[state["index"]]
+            if state["settled"]:
+                return fn(*args)
+            try:
+                out = fn(*args)
+            except Exception as exc:  # a compiler failure: fall through to the next variant
+                if state["index"] + 1 >= len(candidates):
+                    raise
+                warnings.warn(f"hessian: {name} product failed ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                              f"falling back to {candidates[state['index'] + 1][0]}", RuntimeWarning, stacklevel=3)
+                state["index"] += 1
+                continue
+            state["settled"] = True
+            call.variant = name
+            return out
+
+    call.variant = candidates[0][0]
+    return call
 
 
 def hvp(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, vector: torch.Tensor, *, loss="ce",

@@ -33,7 +33,11 @@ class LanczosSlots:
     def update(self, slots: list[int], products: torch.Tensor):
         """Take one step on `slots` given H q_k; returns (estimate, residual, done) host lists."""
         k = torch.tensor([self.steps[s] for s in slots], device=self.basis.device)
-        basis = self.basis[slots]  # (A, m + 1, P): rows beyond k are zero, so projections ignore them
+        # (A, k_max + 1, P): rows beyond each slot's k are zero, so projections ignore them. All slots live
+        # (the steady state) is a view; a subset is a copy.
+        rows_used = max(self.steps[s] for s in slots) + 1
+        everyone = slots == list(range(self.basis.shape[0]))
+        basis = self.basis[:, :rows_used] if everyone else self.basis[slots, :rows_used]
         rows = torch.arange(len(slots), device=basis.device)
         q = basis[rows, k]
         w = products.to(basis.dtype)

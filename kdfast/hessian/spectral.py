@@ -25,7 +25,7 @@ _CPU_CHUNK = 8
 
 @dataclass
 class SpectralInfo:
-    """Per batch: products used, final Ritz residual, whether it met tol; and the engine's totals."""
+    """Per batch: products used, final Ritz residual, whether it met tol; the product variant that ran."""
     products: list[int] = field(default_factory=list)
     residuals: list[float] = field(default_factory=list)
     converged: list[bool] = field(default_factory=list)
@@ -83,13 +83,13 @@ def spectral_norms(model: nn.Module, batches, *, loss="ce", curvature: str = "he
         products = BatchedHVP(model, loss=loss, curvature=curvature, engine=engine, compile=use_compile)
     elif products.model is not model:
         raise InvalidArgumentError("spectral_norms: products was built for another model")
-    engine, use_compile = products.engine, products.compiled
+    use_compile = products.compiled
     size = products.flat.size
     chunk = chunk or _default_chunk(size, iters, dtype, device)
 
     norms = torch.full((len(batches),), math.nan, dtype=torch.float32)
     info = SpectralInfo(products=[0] * len(batches), residuals=[math.nan] * len(batches),
-                        converged=[False] * len(batches), engine=engine + ("+compile" if use_compile else ""), chunk=chunk)
+                        converged=[False] * len(batches), chunk=chunk)
     # Batches of one shape stack together; a ragged last batch gets its own group.
     groups: dict[tuple, list[int]] = {}
     for j, (x, y) in enumerate(batches):
@@ -97,6 +97,7 @@ def spectral_norms(model: nn.Module, batches, *, loss="ce", curvature: str = "he
     for members in groups.values():
         _run_group(products, batches, members, METHODS[method], iters, tol, chunk, seed, device, dtype,
                    pad=use_compile, norms=norms, info=info, on_batch_done=on_batch_done)
+    info.engine = products.variant
     return (norms, info) if return_info else norms
 
 
