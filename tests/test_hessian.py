@@ -227,3 +227,25 @@ def test_spectral_norms_refuse_train_mode_batchnorm_and_bad_arguments():
         spectral_norms(tiny, [])
     with pytest.raises(InvalidArgumentError, match="loss"):
         spectral_norms(tiny, batches, loss="hinge")
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_conv_groupnorm_engines_agree(curvature):
+    # Convolutions and GroupNorm under vmap(jvp(grad)) against eager double backward.
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 3)).double().eval()
+    x = torch.randn(2, 4, 3, 6, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (2, 4))
+    v = torch.randn(2, FlatParams(model).size, dtype=torch.float64)
+    loop = BatchedHVP(model, curvature=curvature, engine="loop")(x, y, v)
+    vmapped = BatchedHVP(model, curvature=curvature, engine="vmap")(x, y, v)
+    err = ((loop - vmapped).abs().max() / loop.abs().max()).item()
+    assert err < 1e-12, f"max rel err {err:.3e}"
+
+
+def test_model_without_trainable_parameters_is_refused():
+    frozen = _tiny_net().requires_grad_(False)
+    with pytest.raises(InvalidArgumentError, match="trainable"):
+        spectral_norms(frozen, _tiny_batches(count=1))
+    with pytest.raises(InvalidArgumentError, match="nn.Module"):
+        spectral_norms("model", _tiny_batches(count=1))

@@ -72,10 +72,11 @@ def spectral_norms(model: nn.Module, batches, *, loss="ce", curvature: str = "he
     for j, pair in enumerate(batches):
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
             raise InvalidArgumentError(f"spectral_norms: batches[{j}] must be an (inputs, targets) pair, got {type(pair).__name__}")
-    param = next(p for p in model.parameters() if p.requires_grad) if any(True for _ in model.parameters()) else None
-    if param is None:
-        raise InvalidArgumentError("spectral_norms: model has no parameters")
-    device, dtype = param.device, param.dtype
+    trainable = [p for p in model.parameters() if p.requires_grad] if isinstance(model, nn.Module) else []
+    if not trainable:
+        raise InvalidArgumentError(f"spectral_norms: model must be an nn.Module with trainable parameters, got "
+                                   f"{type(model).__name__}")
+    device, dtype = trainable[0].device, trainable[0].dtype
     if products is None:
         if engine == "auto":
             engine = "vmap" if device.type == "cuda" else "loop"
