@@ -121,16 +121,16 @@ def kd_loss_fwd_torch(student, teacher, target, weight, grad_scale, alpha: float
     nan = torch.full_like(rows, float("nan"))
     rows = torch.where(valid, torch.where(in_range, rows * w, nan), torch.zeros_like(rows))
     g = g * w[:, None]
-    grad = None
-    if need_grad:
-        grad = g if grad_scale is None else g * grad_scale.to(cdt)
-        grad = grad.to(student.dtype) if grad_out is None else grad_out.copy_(grad)
     stats = None
-    if return_stats:
+    if return_stats:  # before the gradient is written: grad_out may be the student's own memory
         others = torch.where(onehot.bool(), torch.full_like(s, float("-inf")), s)
         margin = s.gather(-1, safe[:, None]).squeeze(-1) - others.amax(-1)
         el2n = (log_sm.exp() - onehot).norm(dim=-1)
         stats = torch.stack([ce, kl, el2n, g.norm(dim=-1), (margin > 0).to(cdt), margin])
         stats = torch.where(in_range[None], stats, nan[None])
         stats = torch.where(valid[None], stats, torch.zeros_like(stats)).to(torch.float32)
+    grad = None
+    if need_grad:
+        grad = g if grad_scale is None else g * grad_scale.to(cdt)
+        grad = grad.to(student.dtype) if grad_out is None else grad_out.copy_(grad)
     return rows.to(torch.float32), grad, stats
