@@ -82,9 +82,10 @@ def softmax_hessian_lambda_max(probs: torch.Tensor) -> torch.Tensor:
     shift = torch.where(top_mask, torch.zeros_like(p), p - p2)  # pole positions in μ, exact near p_(2)
     mu = 0.5 * (lo + hi)
     for step in range(_MAX_SOLVER_STEPS):
-        ratio = others / (shift - mu)
+        denom = shift - mu
+        ratio = others / denom  # five passes over (B, C) per step: the whole cost
         left = ratio.sum(dim=1, keepdim=True)
-        slope = (ratio.square() / torch.where(others > 0, others, torch.ones_like(others))).sum(dim=1, keepdim=True)
+        slope = (ratio / denom).sum(dim=1, keepdim=True)
         g = p1 / (gap - mu) + left
         lo = torch.where(g < 0, torch.maximum(lo, mu), lo)
         hi = torch.where(g > 0, torch.minimum(hi, mu), hi)
