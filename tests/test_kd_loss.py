@@ -129,20 +129,21 @@ def backend(request):
     return request.param
 
 
-@pytest.fixture
-def tiny_tiles(monkeypatch):
+def _force_tiled_path(monkeypatch):
     """Forces the Triton forward's two-pass tiled path on small C (the one-tile cap is a module constant)."""
     from kdfast.kernels import kd_loss as kernels
     monkeypatch.setattr(kernels, "MAX_SINGLE_TILE", 16)
     monkeypatch.setattr(kernels, "TILE", 16)
 
 
-def _use_tiled_path(tiled, backend, request):
-    """tiled=True: Triton's two-pass path on small C; other backends have no one-tile cap, so skip them."""
+@pytest.fixture(params=[*BACKENDS, "triton-tiled"])
+def kernel_path(request, monkeypatch):
+    """Every backend, plus the Triton kernel's tiled path (the others have no one-tile cap): the backend name."""
+    backend, _, tiled = request.param.partition("-")
+    _require(backend)
     if tiled:
-        if backend != "triton":
-            pytest.skip("the tiled path is the Triton kernel's; other backends have no one-tile cap")
-        request.getfixturevalue("tiny_tiles")
+        _force_tiled_path(monkeypatch)
+    return backend
 
 
 def _inputs(shape, dtypes=(torch.float32, torch.float32), scale=3.0, ignore_frac=0.25, teacher=True):
@@ -207,43 +208,48 @@ def _upstream(reduction, y):
 
 
 # ------------------------------------------------------------------------------- correctness tables
-# (id, shape, alpha, temperature, reduction, weighted, tiled): every alpha in {0, 0.3, 1} and T in {1, 4, 20}
+# (id, shape, alpha, temperature, reduction, weighted): every alpha in {0, 0.3, 1} and T in {1, 4, 20}
 CASES = [
-    ("typical", (16, 100), 0.3, 4.0, "mean", False, False),
-    ("odd_C_weighted", (7, 1000), 0.3, 1.0, "sum", True, False),
-    ("C1", (5, 1), 0.3, 4.0, "sum", False, False),
-    ("C2_pure_kd", (8, 2), 1.0, 20.0, "none", False, False),
-    ("N1_pure_ce", (1, 37), 0.0, 1.0, "mean", False, False),
-    ("3d", (2, 3, 17), 1.0, 4.0, "none", True, False),
-    ("tiled_above_cap", (6, 37), 0.3, 4.0, "none", True, True),
-    ("gpt2_vocab", (2, 50257), 0.3, 20.0, "mean", False, False),
+    ("typical", (16, 100), 0.3, 4.0, "mean", False),
+    ("odd_C_weighted", (7, 1000), 0.3, 1.0, "sum", True),
+    ("C1", (5, 1), 0.3, 4.0, "sum", False),
+    ("C2_pure_kd", (8, 2), 1.0, 20.0, "none", False),
+    ("N1_pure_ce", (1, 37), 0.0, 1.0, "mean", False),
+    ("3d", (2, 3, 17), 1.0, 4.0, "none", True),
+    ("gpt2_vocab", (2, 50257), 0.3, 20.0, "mean", False),
 ]
 
 
 @pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=lambda p: f"{p[0]}-{p[1]}".replace("torch.", ""))
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_loss_grad_stats_match_float64_reference(backend, case, dtypes, request):
-    _, shape, alpha, temperature, reduction, weighted, tiled = case
-    _use_tiled_path(tiled, backend, request)
+def test_loss_grad_stats_match_float64_reference(backend, case, dtypes):
+    _, shape, alpha, temperature, reduction, weighted = case
     s, t, y = _inputs(shape, dtypes)
     weight = torch.rand(y.shape) + 0.5 if weighted else None
     check_against_reference(s, t, y, backend=backend, alpha=alpha, temperature=temperature, reduction=reduction,
                             weight=weight, go=_upstream(reduction, y))
 
 
-@pytest.mark.parametrize("tiled", [False, True], ids=["one_tile", "tiled"])
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=lambda p: f"{p[0]}-{p[1]}".replace("torch.", ""))
+def test_triton_tiled_path_above_the_one_tile_cap(dtypes, monkeypatch):
+    _require("triton")
+    _force_tiled_path(monkeypatch)
+    s, t, y = _inputs((6, 37), dtypes)
+    check_against_reference(s, t, y, backend="triton", alpha=0.3, temperature=4.0, reduction="none",
+                            weight=torch.rand(6) + 0.5, go=_upstream("none", y))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_inplace_writes_gradient_into_student(backend, tiled, dtype, request):
-    _use_tiled_path(tiled, backend, request)
+def test_inplace_writes_gradient_into_student(kernel_path, dtype):
+    backend = kernel_path
     s, t, y = _inputs((6, 40), (dtype, dtype))
     check_against_reference(s, t, y, backend=backend, alpha=0.3, temperature=4.0, reduction="mean",
                             go=_upstream("mean", y), inplace=True)
 
 
-@pytest.mark.parametrize("tiled", [False, True], ids=["one_tile", "tiled"])
-def test_hostile_logits(backend, tiled, request):
+def test_hostile_logits(kernel_path):
     """+-1e4 logits, -inf teacher logits (q = 0 must add 0, never NaN), a row with a single finite teacher."""
-    _use_tiled_path(tiled, backend, request)
+    backend = kernel_path
     s, t, y = _inputs((8, 40), ignore_frac=0.0)
     s[0], t[0] = s[0].sign() * 1e4, -t[0].sign() * 1e4
     s[1, :20] = 1e4
@@ -256,11 +262,10 @@ def test_hostile_logits(backend, tiled, request):
                             go=_upstream("sum", y))
 
 
-@pytest.mark.parametrize("tiled", [False, True], ids=["one_tile", "tiled"])
-def test_kernel_variants_without_stats_or_gradient_agree(backend, tiled, request):
+def test_kernel_variants_without_stats_or_gradient_agree(kernel_path):
     """Stats off, and no gradient (student not requiring grad: the Triton kernel skips pass 2), give the
     same loss, gradient and stats as the fully checked variant with everything on."""
-    _use_tiled_path(tiled, backend, request)
+    backend = kernel_path
     s, t, y = _inputs((5, 40))
     kw = dict(alpha=0.3, temperature=4.0, reduction="sum", backend=backend)
     leaf_on, leaf_off = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
@@ -277,11 +282,10 @@ def test_kernel_variants_without_stats_or_gradient_agree(backend, tiled, request
     assert_close("loss without gradient or stats", kd_loss(s, t, y, **kw), loss_on, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("tiled", [False, True], ids=["one_tile", "tiled"])
-def test_forward_writes_every_gradient_element(backend, tiled, request):
+def test_forward_writes_every_gradient_element(kernel_path):
     """The backends' forward contract with a NaN-poisoned grad_out (ignored rows included): every element
     is written, rows and stats match the reference."""
-    _use_tiled_path(tiled, backend, request)
+    backend = kernel_path
     s, t, y = _inputs((6, 37))
     grad_out = torch.full_like(s, float("nan"))
     rows, grad, stats = kd_ops._FORWARD[backend](s, t, y, None, None, 0.3, 4.0, -100, True, True, grad_out)
@@ -319,7 +323,7 @@ def test_empty_batch(backend, reduction):
     leaf = s.clone().requires_grad_(True)
     loss, stats = kd_loss(leaf, t, y, backend=backend, reduction=reduction, return_stats=True)
     loss.sum().backward()
-    assert loss.shape == ((0,) if reduction == "none" else ()) and float(loss.sum()) == 0.0
+    assert loss.shape == ((0,) if reduction == "none" else ()) and loss.sum().item() == 0.0
     assert leaf.grad.shape == (0, 7) and all(v.shape == (0,) for v in stats.values())
 
 
