@@ -10,7 +10,8 @@ Providers, on one synthetic batch already on the device (ImageNet-shaped on the 
     eager-el2n    what users write today: softmax, one-hot, norm in separate torch ops after the forward
     grand         full per-example gradient norms (one forward + backward; for scale, not for the target)
 Each row has images/s and `ratio_to_inference`: the median over rounds of inference time / provider time,
-the two timed back to back in each round (the issue's target is >= 0.90 for el2n and grand-last). Scores are checked against a float64 recomputation from the logits.
+the two timed back to back in each round (the issue's target is >= 0.90 for el2n and grand-last). Scores
+are checked against a float64 recomputation from the logits.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import kdfast
 from _fake_datasets import write_cifar, write_image_folder
 from kdfast.cli.main import main, score_main
 from kdfast.data import labels_fingerprint, load_dataset
-from kdfast.models import create_model, file_sha256
+from kdfast.models import create_model, file_sha256, load_checkpoint
 
 
 def _checkpoint(path, name="cnn", seed=0, num_classes=10, in_channels=1):
@@ -49,7 +49,7 @@ def test_default_command_trains_scores_and_writes_runs_digits_el2n(tmp_path, mon
     assert [c["sha256"] for c in meta["checkpoints"]] == [file_sha256(run / "models" / f"seed{s}.pt") for s in range(3)]
     assert not (run / "chunks").exists() and (run / "config.json").exists()
     # the kept checkpoints reproduce the scores
-    models = [kdfast.models.load_checkpoint(create_model("cnn", num_classes=10, in_channels=1), run / "models" / f"seed{s}.pt")
+    models = [load_checkpoint(create_model("cnn", num_classes=10, in_channels=1), run / "models" / f"seed{s}.pt")
               for s in range(3)]
     _, again = kdfast.score(models, data, "el2n", progress=False, return_per_model=True)
     np.testing.assert_allclose(per_model, again.numpy(), rtol=1e-5, atol=1e-6)
@@ -185,7 +185,8 @@ def test_resume_mid_training_keeps_the_forgetting_state(tmp_path, capsys):
     np.testing.assert_array_equal(np.load(killed / "scores_per_model.npy"),
                                   np.load(tmp_path / "whole" / "scores_per_model.npy"))
     for s in range(2):
-        assert file_sha256(killed / "models" / f"seed{s}.pt") == file_sha256(tmp_path / "whole" / "models" / f"seed{s}.pt")
+        name = f"models/seed{s}.pt"
+        assert file_sha256(killed / name) == file_sha256(tmp_path / "whole" / name)
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, capsys):
@@ -307,7 +308,7 @@ def test_liprune_is_wired_through_liprune_batch_scores(tmp_path, capsys, monkeyp
     per = np.load(tmp_path / "run" / "scores_per_model.npy")
     assert sorted(np.bincount(ids)) == [50] * 4 and per.shape == (2, 200)
     np.testing.assert_allclose(per[0] - ids, per[0][0] - ids[0], rtol=0, atol=1e-6)
-    api = kdfast.score(kdfast.models.load_checkpoint(create_model("cnn", num_classes=10, in_channels=1), tmp_path / "a.pt"),
+    api = kdfast.score(load_checkpoint(create_model("cnn", num_classes=10, in_channels=1), tmp_path / "a.pt"),
                        torch.utils.data.Subset(load_dataset("digits"), range(200)), "liprune", batch_size=50, seed=5,
                        progress=False)
     np.testing.assert_array_equal(api.numpy(), per[0])

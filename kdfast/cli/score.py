@@ -65,8 +65,10 @@ def add_parser(subparsers):
     g.add_argument("--checkpoint", action="append", default=[], metavar="PATH",
                    help="score with these weights (repeat for an ensemble); otherwise models are trained here")
     g.add_argument("--train-epochs", type=int, help="epochs per trained model (default: 3 on digits, 20 otherwise)")
-    g.add_argument("--seeds", type=int, help=f"number of models trained, seeds SEED..SEED+K-1 (default: {DEFAULT_SEEDS})")
-    g.add_argument("--lr", type=float, default=0.05, help="training learning rate, cosine schedule (default: %(default)s)")
+    g.add_argument("--seeds", type=int,
+                   help=f"number of models trained, seeds SEED..SEED+K-1 (default: {DEFAULT_SEEDS})")
+    g.add_argument("--lr", type=float, default=0.05,
+                   help="training learning rate, cosine schedule (default: %(default)s)")
     g.add_argument("--train-batch-size", type=int, default=64, help="(default: %(default)s)")
     g.add_argument("--head", help="qualified name of the linear layer making the logits (default: the last nn.Linear)")
     g = p.add_argument_group("Scoring")
