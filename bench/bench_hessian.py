@@ -22,6 +22,7 @@ from torch import nn
 
 from bench.common import append_rows, make_row, sync
 from kdfast.hessian import BatchedHVP, spectral_norms
+from kdfast.hessian.hvp import COMPILED_VARIANTS
 
 
 def resnet18_gn(num_classes: int = 10) -> nn.Module:
@@ -76,6 +77,8 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline-batches", type=int, help="batches the sequential baseline runs (default 8; smoke 2)")
     parser.add_argument("--baseline-iters", type=int, default=200, help="power steps at most for the baseline")
     parser.add_argument("--no-compile", action="store_true", help="vmap engine without torch.compile")
+    parser.add_argument("--compile-variants", nargs="+", default=["auto"], choices=["auto", *COMPILED_VARIANTS],
+                        help="compiled products to measure, each compiled apart (auto: the library's fallback chain)")
     parser.add_argument("--no-reference", action="store_true", help="skip the tight-tolerance reference")
     parser.add_argument("--out", type=Path, help="append JSON rows to this file")
     args = parser.parse_args(argv)
@@ -108,11 +111,12 @@ def main(argv=None) -> int:
 
     engines = [("kdfast-loop", "loop", False), ("kdfast-vmap", "vmap", False)]
     if device.type == "cuda" and not args.no_compile:
-        engines.append(("kdfast-vmap-compile", "vmap", True))
+        engines += [(f"kdfast-{variant}", "vmap", True if variant == "auto" else variant)
+                    for variant in args.compile_variants]
     for provider, engine, compiled in engines:
         products = BatchedHVP(model, engine=engine, compile=compiled)
         compile_s = None
-        if compiled:  # the one-off compile: same product object, same chunk, so the timed run reuses it
+        if compiled is not False:  # the one-off compile: same product object, same chunk, so the timed run reuses it
             sync(device)
             t0 = time.perf_counter()
             spectral_norms(model, batches[: args.chunk], iters=2, chunk=args.chunk, products=products)

@@ -249,3 +249,17 @@ def test_model_without_trainable_parameters_is_refused():
         spectral_norms(frozen, _tiny_batches(count=1))
     with pytest.raises(InvalidArgumentError, match="nn.Module"):
         spectral_norms("model", _tiny_batches(count=1))
+
+
+def test_compiled_product_matches_eager_and_reports_its_variant():
+    # compile=True tries compile(vmap), then vmap(compile), then vmap: whichever runs must be exact.
+    model, batches = _tiny_net().float(), [(x.float(), y) for x, y in _tiny_batches(count=2, ragged=9)]
+    products = BatchedHVP(model, engine="vmap", compile=True)
+    got, info = spectral_norms(model, batches, chunk=2, products=products, return_info=True)
+    assert info.engine in ("compile(vmap)", "vmap(compile)", "vmap")
+    want = spectral_norms(model, batches, chunk=2, engine="loop")
+    assert torch.allclose(got, want, rtol=1e-4, atol=0)
+    with pytest.raises(InvalidArgumentError, match="compile"):
+        BatchedHVP(model, engine="loop", compile=True)
+    with pytest.raises(InvalidArgumentError, match="compile"):
+        BatchedHVP(model, engine="vmap", compile="jit")
