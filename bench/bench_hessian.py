@@ -3,7 +3,7 @@ eager double-backward power iteration per batch (what PyHessian users run: the g
 per batch, then one autograd.grad per product), both stopping on the residual ||Hv - θv|| <= tol |θ|.
 
     python -m bench.bench_hessian --device cuda --out rows.jsonl     # 64 batches of 128, ResNet-18 GroupNorm 32x32
-    python -m bench.bench_hessian --device cpu --smoke               # a tiny GroupNorm CNN, about a minute
+    python -m bench.bench_hessian --device cpu --smoke               # a tiny GroupNorm CNN, minutes on a busy CPU
 
 Rows go to --out (bench/results.jsonl, then `python -m bench.run --render-only` puts them in RESULTS.md).
 Reports batches/s, HVPs per batch, the one-off compile time (separately: a warm-up call on the same
@@ -80,8 +80,11 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-variants", nargs="+", default=["auto"], choices=["auto", *COMPILED_VARIANTS],
                         help="compiled products to measure, each compiled apart (auto: the library's fallback chain)")
     parser.add_argument("--no-reference", action="store_true", help="skip the tight-tolerance reference")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
     parser.add_argument("--out", type=Path, help="append JSON rows to this file")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     num_batches = args.batches or (4 if args.smoke else 64)
     bsz = args.batch_size or (16 if args.smoke else 128)
