@@ -85,6 +85,7 @@ def spectral_norms(model: nn.Module, batches, *, loss="ce", curvature: str = "he
     elif products.model is not model:
         raise InvalidArgumentError("spectral_norms: products was built for another model")
     use_compile = products.compiled
+    products.clear_cache()  # graphs from an earlier call may belong to other batches or weights
     size = products.flat.size
     chunk = chunk or _default_chunk(size, iters, dtype, device)
 
@@ -134,7 +135,7 @@ def _run_group(products, batches, members, solver_cls, iters, tol, chunk, seed, 
             break
         # A compiled product keeps its batch dimension fixed (no recompiles): idle slots ride along.
         run = list(range(slots)) if pad else live
-        result = products(inputs[run], targets[run], solver.vectors(run))
+        result = products(inputs[run], targets[run], solver.vectors(run), keys=[owner[s] for s in run])
         result = result[[run.index(s) for s in live]] if pad else result
         estimates, residuals, done = solver.update(live, result)
         for s, estimate, residual, finished in zip(live, estimates, residuals, done):
