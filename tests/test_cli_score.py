@@ -146,8 +146,8 @@ def _kill_when(proc, folder, suffix=".npz", timeout=120):
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, capsys):
     _checkpoint(tmp_path / "a.pt", seed=3)
     _checkpoint(tmp_path / "b.pt", seed=4)
-    # 175 batches of 8, a chunk after each: the kill lands after the first chunk, long before the last
-    common = ["--checkpoint", str(tmp_path / "a.pt"), "--checkpoint", str(tmp_path / "b.pt"),
+    # 60 batches of 8, a chunk after each: the kill lands after the first chunk, long before the last
+    common = ["--checkpoint", str(tmp_path / "a.pt"), "--checkpoint", str(tmp_path / "b.pt"), "--limit", "480",
               "--batch-size", "8", "--chunk-size", "8", "--method", "el2n", "--quiet"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "kdfast.cli.score", *common, "--out", str(killed)],
@@ -170,9 +170,9 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, capsys):
 
 
 def test_resume_mid_training_keeps_the_forgetting_state(tmp_path, capsys):
-    # 16 steps per epoch: after seed 1's first epoch, 112 steps remain for the kill to land in
-    common = ["--method", "forgetting", "--model", "mlp", "--limit", "256", "--train-epochs", "8", "--seeds", "2",
-              "--train-batch-size", "16", "--quiet"]
+    # 16 steps per epoch: after seed 1's first epoch, 64 steps remain for the kill to land in
+    common = ["--method", "forgetting", "--model", "mlp", "--limit", "128", "--train-epochs", "5", "--seeds", "2",
+              "--train-batch-size", "8", "--quiet"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "kdfast.cli.score", *common, "--out", str(killed)],
                             stderr=subprocess.PIPE, text=True)
