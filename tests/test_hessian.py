@@ -263,3 +263,14 @@ def test_compiled_product_matches_eager_and_reports_its_variant():
         BatchedHVP(model, engine="loop", compile=True)
     with pytest.raises(InvalidArgumentError, match="compile"):
         BatchedHVP(model, engine="vmap", compile="jit")
+
+
+def test_spectral_norms_stream_a_generator_with_mixed_shapes_in_order():
+    model = _tiny_net()
+    batches = _tiny_batches(count=2, ragged=4)
+    batches.insert(1, batches.pop())  # the odd-shaped batch in the middle
+    want = spectral_norms(model, batches, chunk=2)
+    got = spectral_norms(model, (pair for pair in batches), chunk=2)
+    assert torch.equal(got, want)
+    with pytest.raises(InvalidArgumentError, match=r"batches\[1\]"):
+        spectral_norms(model, [batches[0], batches[1][0]])

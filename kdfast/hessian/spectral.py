@@ -6,7 +6,8 @@ once, so converged batches drop out of the batched work and the batch dimension 
 """
 from __future__ import annotations
 
-import math
+import functools
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -57,7 +58,8 @@ def spectral_norms(model: nn.Module, batches, *, loss="ce", curvature: str = "he
                    products: BatchedHVP | None = None):
     """L_j = max |eigenvalue| of the curvature of each batch's mean loss at the model's current weights.
 
-    batches: iterable of (inputs, targets) pairs (moved to the model's device). Returns (num_batches,)
+    batches: iterable of (inputs, targets) pairs, consumed lazily (moved to the model's device as slots free
+    up, so a data set larger than memory streams through). Returns (num_batches,)
     float32 on the CPU, in batch order; with return_info=True also a SpectralInfo. engine: "vmap"
     (torch.func, compiled on CUDA when compile="auto"), "loop" (eager double backward per batch) or
     "auto" (vmap on CUDA, loop on CPU: what measured fastest on each, bench/RESULTS.md). Start vectors are
@@ -66,12 +68,6 @@ def spectral_norms(model: nn.Module, batches, *, loss="ce", curvature: str = "he
     function win over the arguments here), so a compiled product is compiled once (keep `chunk` fixed too).
     """
     _validate(iters, tol, method, chunk)
-    batches = list(batches)
-    if not batches:
-        raise InvalidArgumentError("spectral_norms: batches is empty; expected (inputs, targets) pairs")
-    for j, pair in enumerate(batches):
-        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-            raise InvalidArgumentError(f"spectral_norms: batches[{j}] must be an (inputs, targets) pair, got {type(pair).__name__}")
     trainable = [p for p in model.parameters() if p.requires_grad] if isinstance(model, nn.Module) else []
     if not trainable:
         raise InvalidArgumentError(f"spectral_norms: model must be an nn.Module with trainable parameters, got "
@@ -89,18 +85,49 @@ def spectral_norms(model: nn.Module, batches, *, loss="ce", curvature: str = "he
     size = products.flat.size
     chunk = chunk or _default_chunk(size, iters, dtype, device)
 
-    norms = torch.full((len(batches),), math.nan, dtype=torch.float32)
-    info = SpectralInfo(products=[0] * len(batches), residuals=[math.nan] * len(batches),
-                        converged=[False] * len(batches), chunk=chunk)
-    # Batches of one shape stack together; a ragged last batch gets its own group.
-    groups: dict[tuple, list[int]] = {}
-    for j, (x, y) in enumerate(batches):
-        groups.setdefault((tuple(x.shape), tuple(torch.as_tensor(y).shape)), []).append(j)
-    for members in groups.values():
-        _run_group(products, batches, members, METHODS[method], iters, tol, chunk, seed, device, dtype,
-                   pad=use_compile, norms=norms, info=info, on_batch_done=on_batch_done)
-    info.engine = products.variant
+    # Batches stream in (only `chunk` of them sit on the device at a time) and stack with batches of the same
+    # shape; a batch of another shape (the ragged last one) is set aside and run after, in its own stack.
+    stream = _numbered_pairs(batches)
+    first = next(stream, None)
+    if first is None:
+        raise InvalidArgumentError("spectral_norms: batches is empty; expected (inputs, targets) pairs")
+    results: dict[int, tuple[float, int, float]] = {}
+    set_aside: dict[tuple, list] = {}
+    run = functools.partial(_run_group, products, solver_cls=METHODS[method], iters=iters, tol=tol, seed=seed,
+                            device=device, dtype=dtype, pad=use_compile, results=results, on_batch_done=on_batch_done)
+    # Slots beyond the number of batches would only hold idle bases.
+    run(first, _same_shape(stream, _shape_key(first), set_aside),
+        chunk=min(chunk, len(batches)) if hasattr(batches, "__len__") else chunk)
+    for items in set_aside.values():
+        run(items[0], iter(items[1:]), chunk=min(chunk, len(items)))
+    count = len(results)
+    norms = torch.tensor([results[j][0] for j in range(count)], dtype=torch.float32)
+    info = SpectralInfo(products=[results[j][1] for j in range(count)],
+                        residuals=[results[j][2] for j in range(count)],
+                        converged=[results[j][2] <= tol * results[j][0] for j in range(count)],
+                        engine=products.variant, chunk=chunk)
     return (norms, info) if return_info else norms
+
+
+def _numbered_pairs(batches):
+    for j, pair in enumerate(batches):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise InvalidArgumentError(
+                f"spectral_norms: batches[{j}] must be an (inputs, targets) pair, got {type(pair).__name__}")
+        yield j, torch.as_tensor(pair[0]), torch.as_tensor(pair[1])
+
+
+def _shape_key(item) -> tuple:
+    _, x, y = item
+    return tuple(x.shape), x.dtype, tuple(y.shape), y.dtype
+
+
+def _same_shape(stream, key, set_aside):
+    for item in stream:
+        if _shape_key(item) == key:
+            yield item
+        else:
+            set_aside.setdefault(_shape_key(item), []).append(item)
 
 
 def _start_vector(size: int, seed: int, index: int, dtype, device) -> torch.Tensor:
@@ -108,43 +135,40 @@ def _start_vector(size: int, seed: int, index: int, dtype, device) -> torch.Tens
     return torch.randn(size, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
 
 
-def _run_group(products, batches, members, solver_cls, iters, tol, chunk, seed, device, dtype, *, pad, norms, info,
+def _run_group(products, first, rest, *, solver_cls, iters, tol, chunk, seed, device, dtype, pad, results,
                on_batch_done):
-    slots = min(chunk, len(members))
-    x0, y0 = batches[members[0]]
-    inputs = torch.empty((slots, *x0.shape), dtype=x0.dtype, device=device)
-    targets = torch.empty((slots, *torch.as_tensor(y0).shape), dtype=torch.as_tensor(y0).dtype, device=device)
-    solver = solver_cls(slots, products.flat.size, iters, tol, dtype=dtype, device=device)
-    owner: list[int | None] = [None] * slots
-    queue = iter(members)
+    _, x0, y0 = first
+    inputs = torch.zeros((chunk, *x0.shape), dtype=x0.dtype, device=device)
+    targets = torch.zeros((chunk, *y0.shape), dtype=y0.dtype, device=device)  # idle slots: valid class 0
+    solver = solver_cls(chunk, products.flat.size, iters, tol, dtype=dtype, device=device)
+    owner: list[int | None] = [None] * chunk
+    used = [0] * chunk
+    queue = itertools.chain([first], rest)
 
     def load(slot: int) -> None:
-        j = next(queue, None)
-        owner[slot] = j
-        if j is not None:
-            x, y = batches[j]
-            inputs[slot].copy_(torch.as_tensor(x))
-            targets[slot].copy_(torch.as_tensor(y))
+        item = next(queue, None)
+        owner[slot], used[slot] = (None if item is None else item[0]), 0
+        if item is not None:
+            j, x, y = item
+            inputs[slot].copy_(x)
+            targets[slot].copy_(y)
             solver.start(slot, _start_vector(products.flat.size, seed, j, dtype, device))
 
-    for s in range(slots):
+    for s in range(chunk):
         load(s)
     while True:
-        live = [s for s in range(slots) if owner[s] is not None]
+        live = [s for s in range(chunk) if owner[s] is not None]
         if not live:
             break
         # A compiled product keeps its batch dimension fixed (no recompiles): idle slots ride along.
-        run = list(range(slots)) if pad else live
+        run = list(range(chunk)) if pad else live
         result = products(inputs[run], targets[run], solver.vectors(run), keys=[owner[s] for s in run])
-        result = result[[run.index(s) for s in live]] if pad else result
+        result = result[live] if pad else result
         estimates, residuals, done = solver.update(live, result)
         for s, estimate, residual, finished in zip(live, estimates, residuals, done):
-            j = owner[s]
-            info.products[j] += 1
+            used[s] += 1
             if finished:
-                norms[j] = estimate
-                info.residuals[j] = residual
-                info.converged[j] = residual <= tol * estimate
+                results[owner[s]] = (estimate, used[s], residual)
                 if on_batch_done is not None:
-                    on_batch_done(j)
+                    on_batch_done(owner[s])
                 load(s)
