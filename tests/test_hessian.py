@@ -1,5 +1,7 @@
 """Hessian spectral norms against float64 oracles: closed forms vs torch.func.hessian + eigvalsh,
 the secular-equation solver vs dense eigvalsh (and mpmath where float64 eigvalsh is not exact)."""
+import json
+
 import mpmath
 import pytest
 import torch
@@ -274,3 +276,14 @@ def test_spectral_norms_stream_a_generator_with_mixed_shapes_in_order():
     assert torch.equal(got, want)
     with pytest.raises(InvalidArgumentError, match=r"batches\[1\]"):
         spectral_norms(model, [batches[0], batches[1][0]])
+
+
+def test_bench_hessian_smoke_writes_rows(tmp_path):
+    # The benchmark on a tiny CNN, so it cannot rot: one row per provider, accurate, with throughput.
+    from bench.bench_hessian import main
+    out = tmp_path / "rows.jsonl"
+    assert main(["--device", "cpu", "--smoke", "--batches", "2", "--baseline-batches", "1", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["provider"] for r in rows] == ["kdfast-loop", "kdfast-vmap", "sequential-power-eager"]
+    for r in rows:
+        assert r["batches_per_s"] > 0 and r["hvps_per_batch"] >= 1 and r["max_rel_err"] < 1e-3
