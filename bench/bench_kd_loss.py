@@ -22,7 +22,7 @@ import importlib
 import torch
 
 from kdfast import kd_loss
-from kdfast.backends import resolve_backend
+from kdfast.dispatch import resolve_backend
 from kdfast.reference.kd_loss import KD_STAT_NAMES, kd_loss_ref, kd_stats_ref
 
 from .common import copy_bandwidth_gbs, make_row, peak_extra_mib, time_ms

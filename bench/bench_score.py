@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdfast.backends import resolve_backend
+from kdfast.dispatch import resolve_backend
 from kdfast.models import create_model
 from kdfast.scoring import BatchScorer, get_method
 

@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 _API = {
     "kd_loss": "kdfast.ops.kd_loss",
     "KDLoss": "kdfast.ops.kd_loss",
-    "backends": "kdfast.backends",
+    "backends": "kdfast.dispatch",
     "score": "kdfast.scoring",
     "ForgettingTracker": "kdfast.scoring",
     "per_example_grad_norms": "kdfast.grad_norms",

@@ -11,7 +11,7 @@ import time
 import torch
 from torch import nn
 
-from .backends import resolve_backend
+from .dispatch import resolve_backend
 from .ops.kd_loss import kd_loss
 
 

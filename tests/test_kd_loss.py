@@ -19,7 +19,7 @@ import torch
 
 import kdfast
 from kdfast import KDLoss, kd_loss
-from kdfast.backends import resolve_backend, triton_interpret
+from kdfast.dispatch import resolve_backend, triton_interpret
 from kdfast.errors import BackendUnavailableError, InvalidArgumentError
 from kdfast.reference.kd_loss import KD_STAT_NAMES, kd_loss_ref, kd_stats_ref
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kdfast
-from kdfast.backends import BACKEND_NAMES, ENV_VAR, backends, resolve_backend
+from kdfast.dispatch import BACKEND_NAMES, ENV_VAR, backends, resolve_backend
 from kdfast.errors import BackendUnavailableError, InvalidArgumentError
 
 

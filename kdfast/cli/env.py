@@ -19,8 +19,7 @@ def report() -> list[tuple[str, str]]:
     import torch
 
     import kdfast
-    # the function, not the attribute: importing the submodule kdfast.backends rebinds kdfast.backends to it
-    from kdfast.backends import backends
+    from kdfast.dispatch import backends
     rows = [("kdfast", kdfast.__version__), ("python", sys.version.split()[0]),
             ("platform", platform.platform())]
     for name in _PACKAGES:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..backends import resolve_backend
+from ..dispatch import resolve_backend
 from ..errors import BackendUnavailableError, InvalidArgumentError, UnsupportedModuleError
 from . import rules  # noqa: F401  (registers the built-in rules)
 from .fallback import fallback_sqnorms, log_fallback_once

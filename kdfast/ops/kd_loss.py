@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import cpp_module, resolve_backend
+from ..dispatch import cpp_module, resolve_backend
 from ..errors import BackendUnavailableError, InvalidArgumentError
 from ..reference.kd_loss import KD_STAT_NAMES, kd_loss_fwd_torch
 
