@@ -5,9 +5,12 @@ import json
 import mpmath
 import pytest
 import torch
+from torch import nn
 
-from kdfast.errors import InvalidArgumentError
-from kdfast.hessian import softmax_ce_lipschitz, softmax_hessian_lambda_max, squared_loss_lipschitz
+from kdfast.errors import InvalidArgumentError, UnsupportedModuleError
+from kdfast.hessian import (BatchedHVP, softmax_ce_lipschitz, softmax_hessian_lambda_max, spectral_norms,
+                            squared_loss_lipschitz)
+from kdfast.hessian.hvp import FlatParams
 
 
 def _rel_err(got, want):
@@ -129,11 +132,6 @@ def test_closed_form_bad_inputs_name_the_argument():
 
 
 # ---------------------------------------------------------------------------------- batch spectral norms
-from torch import nn  # noqa: E402
-
-from kdfast.errors import UnsupportedModuleError  # noqa: E402
-from kdfast.hessian import BatchedHVP, spectral_norms  # noqa: E402
-from kdfast.hessian.hvp import FlatParams  # noqa: E402
 
 
 def _tiny_net():

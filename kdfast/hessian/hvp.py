@@ -239,10 +239,6 @@ def hvp(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, vector: t
     return BatchedHVP(model, loss=loss, curvature=curvature, engine=engine)(inputs[None], targets[None], vector[None])[0]
 
 
-def num_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def chunk_for_memory(num_params: int, steps: int, itemsize: int, budget_bytes: float) -> int:
     """How many batches' Krylov bases (steps + 2 vectors of num_params each) fit in budget_bytes."""
     per_batch = (steps + 2) * num_params * itemsize
