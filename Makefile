@@ -14,12 +14,20 @@ $(VENV)/.kdfast-installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.
 	$(PY) -m pip install -q --upgrade pip setuptools wheel pybind11 ninja
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	# --no-build-isolation: the C++ extension compiles against the torch installed above
-	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
-	$(PY) -c "import kdfast; print('kdfast backends:', kdfast.backends())"
+	$(PY) -m pip install -q --no-build-isolation -e '.[data,test]'
+	$(VENV)/bin/kdfast env
 	touch $@
 
+# The main job on the bundled digits data: score every example (EL2N of 3 small CNNs), keep 30%, train a
+# student on the kept 30% with and without distillation from a teacher trained on all the data.
+DEMO ?= runs/demo
 demo: setup
-	$(PY) -m kdfast.demo
+	rm -rf $(DEMO)
+	$(VENV)/bin/kdfast-score --method el2n --out $(DEMO)/scores
+	$(VENV)/bin/kdfast-prune --scores $(DEMO)/scores --fraction 0.3 --mode moderate --class-balanced \
+		--out $(DEMO)/keep.npy
+	$(VENV)/bin/kdfast-distill --train-teacher --keep $(DEMO)/keep.npy --alpha auto --out $(DEMO)/student-kd
+	$(VENV)/bin/kdfast-distill --keep $(DEMO)/keep.npy --alpha 0 --out $(DEMO)/student-no-kd
 
 test: setup
 	$(PY) -m pytest -q

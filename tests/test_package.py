@@ -1,4 +1,4 @@
-"""The package surface: lazy public API, backend discovery and dispatch, the bundled demo."""
+"""The package surface: lazy public API, backend discovery and dispatch."""
 from __future__ import annotations
 
 import subprocess

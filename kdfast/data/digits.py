@@ -1,7 +1,7 @@
 """scikit-learn's bundled 8x8 digits: 1797 images, 10 classes, offline (the embedded default data set).
 
-There is no official split; "train" and "test" come from one fixed permutation (seed 0, 400 test images,
-the same split as `python -m kdfast.demo`), each kept in the original order; "all" is all 1797.
+There is no official split; "train" and "test" come from one fixed permutation (seed 0, 400 test images),
+each kept in the original order; "all" is all 1797.
 """
 from __future__ import annotations
 
