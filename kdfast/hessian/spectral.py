@@ -22,6 +22,7 @@ METHODS = {"lanczos": LanczosSlots, "power": PowerSlots}
 # Fraction of free accelerator memory the Krylov bases may take (the rest: activations of the products).
 _BASIS_MEMORY_FRACTION = 0.25
 _CPU_CHUNK = 8
+_CPU_BASIS_BYTES = 2 * 1024**3  # host memory is shared with everything else: ResNet-18 gets 2 slots
 
 
 @dataclass
@@ -46,10 +47,11 @@ def _validate(iters, tol, method, chunk):
 
 
 def _default_chunk(num_params: int, steps: int, dtype: torch.dtype, device: torch.device) -> int:
+    itemsize = torch.finfo(dtype).bits // 8
     if device.type != "cuda":
-        return _CPU_CHUNK
+        return min(_CPU_CHUNK, chunk_for_memory(num_params, steps, itemsize, _CPU_BASIS_BYTES))
     free, _ = torch.cuda.mem_get_info(device)
-    return min(16, chunk_for_memory(num_params, steps, torch.finfo(dtype).bits // 8, free * _BASIS_MEMORY_FRACTION))
+    return min(16, chunk_for_memory(num_params, steps, itemsize, free * _BASIS_MEMORY_FRACTION))
 
 
 def spectral_norms(model: nn.Module, batches, *, loss="ce", curvature: str = "hessian", iters: int = 20,
