@@ -89,7 +89,7 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def _commit() -> str:
+def code_commit() -> str:
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -130,7 +130,7 @@ def make_row(*, op: str, provider: str, mode: str, shape, dtype, device: torch.d
         "op": op, "provider": provider, "mode": mode,
         "shape": "x".join(str(d) for d in shape), "dtype": str(dtype).replace("torch.", ""),
         "device": device_name(device), "device_type": device.type,
-        "versions": versions(), "commit": _commit(),
+        "versions": versions(), "commit": code_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable), "-m", "bench.run", *sys.argv[1:]]),
         # CPU timings on a shared machine are only as good as its idleness: keep the load beside them

@@ -19,10 +19,9 @@ Writes bench/figures/repro_digits_kd.{md,png,json}.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 import kdfast
+from bench.common import code_commit, device_name, versions
 from kdfast.data import load_dataset
 from kdfast.distill import alpha_for_fraction, distill_step
 from kdfast.models import create_model
@@ -146,7 +146,7 @@ def claims(main, sweep):
     return lines
 
 
-def table(main, sweep, teacher, args, elapsed, command, commit):
+def table(main, sweep, teacher, args, prov):
     head = "| method | KD | " + " | ".join(f"f = {f}" for f in FRACTIONS) + " |"
     rows = [head, "|" + "---|" * (len(FRACTIONS) + 2)]
     for method in METHODS:
@@ -166,16 +166,9 @@ def table(main, sweep, teacher, args, elapsed, command, commit):
         f"{teacher[0]:.1f} ± {teacher[1]:.1f}. alpha auto = alpha_for_fraction(f) = {autos} for f = "
         f"{', '.join(map(str, FRACTIONS))}.",
         "", *rows, "", "Alpha sweep, random pruning:", "", *sweep_rows, "",
-        f"{elapsed:.0f} s on {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"kdfast {kdfast.__version__} (commit {commit}), command: {command}"])
-
-
-def _commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(FIGURES)).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
+        f"Measured {prov['date']} on {prov['device']} in {prov['elapsed_s']:.0f} s; "
+        f"{', '.join(f'{k} {v}' for k, v in sorted(prov['versions'].items()))}; commit {prov['commit']}; "
+        f"command: `{prov['command']}`"])
 
 
 def plot(main, path):
@@ -198,17 +191,17 @@ def plot(main, path):
     plt.close(fig)
 
 
-def write_outputs(runs, args, elapsed, command, commit):
+def write_outputs(runs, args, prov):
     main_stats, sweep = summarise(runs)
     teacher = _mean_std([r["teacher_acc"] for r in runs])
     os.makedirs(args.out, exist_ok=True)
-    text = table(main_stats, sweep, teacher, args, elapsed, command, commit) + "\n\nClaims:\n\n" + "\n".join(
+    text = table(main_stats, sweep, teacher, args, prov) + "\n\nClaims:\n\n" + "\n".join(
         f"- {line}" for line in claims(main_stats, sweep)) + "\n"
     with open(os.path.join(args.out, "repro_digits_kd.md"), "w") as fh:
         fh.write(text)
     with open(os.path.join(args.out, "repro_digits_kd.json"), "w") as fh:
-        json.dump({"args": {"seeds": args.seeds, "epochs": args.epochs}, "command": command, "commit": commit,
-                   "runs": runs, "elapsed_s": elapsed}, fh, indent=1)
+        json.dump({"args": {"seeds": args.seeds, "epochs": args.epochs}, "provenance": prov, "runs": runs}, fh,
+                  indent=1)
     plot(main_stats, os.path.join(args.out, "repro_digits_kd.png"))
     return text
 
@@ -224,10 +217,12 @@ def main(argv=None) -> int:
         with open(args.from_json) as fh:
             saved = json.load(fh)
         args.seeds, args.epochs = saved["args"]["seeds"], saved["args"]["epochs"]
-        print(write_outputs(saved["runs"], args, saved["elapsed_s"], saved["command"], saved["commit"]))
+        print(write_outputs(saved["runs"], args, saved["provenance"]))
         return 0
     torch.set_num_threads(1)  # tiny matrices: threads only contend
-    commit = _commit()  # the code that runs (the tree may move on while it does)
+    prov = {"commit": code_commit(),  # the code that runs (the tree may move on while it does)
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": device_name(torch.device("cpu")), "versions": versions()}
     start = time.perf_counter()
     x, y, ds = _tensors("train")
     xt, yt, _ = _tensors("test")
@@ -235,8 +230,9 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.perf_counter() - start:6.1f} s] {msg}", file=sys.stderr, flush=True)
     runs = [run_seed(seed, x, y, xt, yt, ds, args.epochs, log) for seed in range(args.seeds)]
-    command = f"python -m bench.repro_digits_kd {' '.join(sys.argv[1:])}".rstrip()
-    print(write_outputs(runs, args, time.perf_counter() - start, command, commit))
+    prov["command"] = f"python -m bench.repro_digits_kd {' '.join(sys.argv[1:])}".rstrip()
+    prov["elapsed_s"] = time.perf_counter() - start
+    print(write_outputs(runs, args, prov))
     return 0
 
 
