@@ -16,6 +16,7 @@ import time
 import numpy as np
 import torch
 
+from .. import distributed
 from .common import CliError, UsageError, log, progress, save_config, write_json_atomic
 
 EPILOG = """examples:
@@ -221,42 +222,57 @@ def _load_models(args, num_classes, shape):
 
 
 def _train_models(args, train_data, num_classes, shape, track_forgetting):
-    """Trains --seeds models (resuming an interrupted one); returns models, their checkpoints, forgetting rows."""
+    """Trains --seeds models (resuming an interrupted one); returns models, their checkpoints, forgetting rows.
+
+    Under torchrun, seed k is trained by rank k % world; after a barrier every rank loads the others' saved
+    weights, so all ranks score with the same models as a single process.
+    """
     from ..models import file_sha256, load_checkpoint
-    from ..scoring import ForgettingTracker
-    from ..training import fit
     folder = os.path.join(args.out, "models")
     os.makedirs(folder, exist_ok=True)
+    world, rank = distributed.world_size(), distributed.rank()
+    trained = {k: _train_one(args, train_data, num_classes, shape, track_forgetting, k) for k in range(args.seeds)
+               if k % world == rank and not os.path.exists(os.path.join(folder, f"seed{args.seed + k}.pt"))}
+    distributed.barrier()  # every seed's final checkpoint is on disk
     models, provenance, forgetting = [], [], []
     for k in range(args.seeds):
         seed = args.seed + k
         final = os.path.join(folder, f"seed{seed}.pt")
-        forget_path = os.path.join(folder, f"seed{seed}.forgetting.npy")
-        torch.manual_seed(seed)
-        model = _new_model(args, num_classes, shape)
-        if os.path.exists(final):
-            load_checkpoint(model, final)
+        model = trained.get(k)
+        if model is None:
+            torch.manual_seed(seed)
+            model = load_checkpoint(_new_model(args, num_classes, shape), final)
             log(f"model {k + 1}/{args.seeds}: reusing {final}", quiet=args.quiet)
-        else:
-            tracker = ForgettingTracker(len(train_data)) if track_forgetting else None
-            partial = os.path.join(folder, f"seed{seed}.partial.pt")
-            tic = time.perf_counter()
-            history = fit(model, train_data, epochs=args.train_epochs, batch_size=args.train_batch_size, lr=args.lr,
-                          forgetting=tracker, device=args.device, precision=args.precision, seed=seed,
-                          num_workers=args.num_workers, checkpoint_path=partial, resume=args.resume,
-                          progress=not args.quiet)
-            if tracker is not None:
-                _save_npy(forget_path, tracker.scores().cpu().numpy())
-            _save_weights(final, model)  # its existence marks the seed finished (forgetting saved before it)
-            os.remove(partial)
-            log(f"model {k + 1}/{args.seeds} (seed {seed}): {args.train_epochs} epochs in "
-                f"{time.perf_counter() - tic:.1f} s, train acc {history[-1]['train_acc']:.3f} -> {final}",
-                quiet=args.quiet)
         if track_forgetting:
-            forgetting.append(np.load(forget_path))
+            forgetting.append(np.load(os.path.join(folder, f"seed{seed}.forgetting.npy")))
         models.append(model)
         provenance.append({"path": os.path.abspath(final), "sha256": file_sha256(final), "seed": seed})
     return models, provenance, forgetting
+
+
+def _train_one(args, train_data, num_classes, shape, track_forgetting, k):
+    """Trains model k (seed --seed + k) and saves it as models/seed{seed}.pt, resuming its partial checkpoint."""
+    from ..scoring import ForgettingTracker
+    from ..training import fit
+    seed = args.seed + k
+    folder = os.path.join(args.out, "models")
+    final = os.path.join(folder, f"seed{seed}.pt")
+    torch.manual_seed(seed)
+    model = _new_model(args, num_classes, shape)
+    tracker = ForgettingTracker(len(train_data)) if track_forgetting else None
+    partial = os.path.join(folder, f"seed{seed}.partial.pt")
+    tic = time.perf_counter()
+    history = fit(model, train_data, epochs=args.train_epochs, batch_size=args.train_batch_size, lr=args.lr,
+                  forgetting=tracker, device=args.device, precision=args.precision, seed=seed,
+                  num_workers=args.num_workers, checkpoint_path=partial, resume=args.resume,
+                  progress=not args.quiet)
+    if tracker is not None:
+        _save_npy(os.path.join(folder, f"seed{seed}.forgetting.npy"), tracker.scores().cpu().numpy())
+    _save_weights(final, model)  # its existence marks the seed finished (forgetting saved before it)
+    os.remove(partial)
+    log(f"model {k + 1}/{args.seeds} (seed {seed}): {args.train_epochs} epochs in "
+        f"{time.perf_counter() - tic:.1f} s, train acc {history[-1]['train_acc']:.3f} -> {final}", quiet=args.quiet)
+    return model
 
 
 def _save_weights(path, model):
@@ -273,18 +289,28 @@ def _save_npy(path, array):
 
 # --------------------------------------------------------------------------------------------- scoring
 def _score_chunked(args, method, models, data, job):
-    """Scores with the resumable chunk store; returns (K, N) float32 and the images/s of this pass."""
+    """Scores with the resumable chunk store; returns (K, N) float32 (main rank only, else None), the store and
+    the images/s of this pass.
+
+    Under torchrun each rank scores a contiguous block of the single-process batches (so every value comes from
+    the same batch as in a plain run) and writes its own chunk files; rank 0 gathers after a barrier.
+    """
     from ..scoring import index_batches, score_batches
     from .chunks import ChunkStore
     n = len(data)
-    store = ChunkStore(os.path.join(args.out, "chunks"), num_rows=n, width=len(models), job=job, resume=args.resume,
-                       rows_per_chunk=args.chunk_size)
+    store = _open_main_first(lambda resume: ChunkStore(
+        os.path.join(args.out, "chunks"), num_rows=n, width=len(models), job=job, resume=resume,
+        rank=distributed.rank(), rows_per_chunk=args.chunk_size), args.resume)
+    writer = _open_main_first(lambda resume: _logit_writer(args, models[0], data, resume), args.resume) \
+        if args.save_logits else None
     done = store.done_mask()
-    batches = [b for b in index_batches(range(n), args.batch_size) if not done[b[0]]]
-    writer = _logit_writer(args, models[0], data) if args.save_logits else None
+    batches = index_batches(range(n), args.batch_size)
+    mine = [batches[i] for i in distributed.shard_indices(len(batches), distributed.rank(), distributed.world_size())]
+    batches = [b for b in mine if not done[b[0]]]
     todo = sum(len(b) for b in batches)
-    if done.any():
-        log(f"resuming: {n - todo} of {n} examples already scored", quiet=args.quiet)
+    if todo < sum(len(b) for b in mine):
+        log(f"resuming: {sum(len(b) for b in mine) - todo} of {sum(len(b) for b in mine)} examples already scored",
+            quiet=args.quiet)
     tic = time.perf_counter()
     results = score_batches(models, data, method, batches=batches, device=args.device, precision=args.precision,
                             num_workers=args.num_workers, head=args.head, keep_logits=writer is not None)
@@ -294,35 +320,58 @@ def _score_chunked(args, method, models, data, job):
             writer.write(idx, logits)  # before the chunk: a row on disk always has its logits
         store.write(idx.numpy(), values.numpy())
     store.close()
+    del writer  # its rows are in the shared files; the main rank reopens them to check all are there and close
+    todo = int(distributed.all_reduce_sum(torch.tensor([todo], dtype=torch.int64))[0])  # every rank's share
+    distributed.barrier()  # every rank's chunks and logits are on disk
     seconds = time.perf_counter() - tic
-    if writer is not None:
-        writer.close()
+    if not distributed.is_main():
+        return None, store, None
+    if args.save_logits:
+        _logit_writer(args, models[0], data, True).close()
     per_model = store.gather().T.copy()
     return per_model, store, (todo / seconds if todo else None)
 
 
-def _logit_writer(args, model, data):
+def _open_main_first(open_fn, resume):
+    """open_fn(resume) on the main rank (which validates or creates the shared files), then on the others."""
+    if distributed.is_main():
+        opened = open_fn(resume)
+    distributed.barrier()
+    if not distributed.is_main():
+        opened = open_fn(True)
+    return opened
+
+
+def _logit_writer(args, model, data, resume):
     from ..data import labels_fingerprint
     from ..models import model_fingerprint
     from ..teacher_cache import TeacherCache
     return TeacherCache.create(os.path.join(args.out, "teacher-logits"), num_examples=len(data),
                                num_classes=data.num_classes, dataset_fingerprint=labels_fingerprint(data.targets),
-                               teacher_fingerprint=model_fingerprint(model), resume=args.resume)
+                               teacher_fingerprint=model_fingerprint(model), resume=resume)
 
 
 def _score_liprune(args, models, data):
-    """Per-batch Hessian norms per model (each model's result saved, so --resume skips it); (K, N), batch ids."""
+    """Per-batch Hessian norms per model (each model's result saved, so --resume skips it); (K, N), batch ids.
+
+    Under torchrun model k is scored by rank k % world; the main rank collects them (others return None, None).
+    """
     from ..liprune import liprune_batch_scores
-    rows, batch_ids = [], None
-    for k, model in enumerate(models):
-        path = os.path.join(args.out, f"liprune-model{k}.npz")
-        if not os.path.exists(path):
+    world, rank = distributed.world_size(), distributed.rank()
+    paths = [os.path.join(args.out, f"liprune-model{k}.npz") for k in range(len(models))]
+    for k, (model, path) in enumerate(zip(models, paths)):
+        if k % world == rank and not os.path.exists(path):
             s, ids = liprune_batch_scores(model, data, args.batch_size, seed=args.seed, device=args.device,
                                           progress=not args.quiet)
             tmp = f"{path[:-4]}.tmp.npz"
             np.savez(tmp, scores=np.asarray(torch.as_tensor(s, dtype=torch.float32).cpu()),
                      batch_ids=np.asarray(torch.as_tensor(ids, dtype=torch.int64).cpu()))
             os.replace(tmp, path)
+    distributed.barrier()
+    if not distributed.is_main():
+        return None, None
+    rows, batch_ids = [], None
+    for path in paths:
         with np.load(path) as z:
             rows.append(z["scores"])
             batch_ids = z["batch_ids"]
@@ -331,17 +380,30 @@ def _score_liprune(args, models, data):
 
 # ------------------------------------------------------------------------------------------------- run
 def run(args) -> int:
+    """Scores as one process, or as one rank of a torchrun job (see kdfast.distributed); 0 on success."""
+    _resolve(args)
+    args.device = str(distributed.init_from_env(args.device))
+    try:
+        return _run(args)
+    finally:
+        distributed.destroy()
+
+
+def _run(args) -> int:
     from .. import __version__
     from ..data import labels_fingerprint
     from ..scoring import get_method, random_scores
     from .summary import format_summary, show_grid, summarize
-    _resolve(args)
     method = get_method(args.method)
     start = time.perf_counter()
-    if _prepare_out(args):
+    finished = _prepare_out(args) if distributed.is_main() else False
+    distributed.barrier()  # the main rank has checked, cleared or created --out
+    if finished or os.path.exists(os.path.join(args.out, "meta.json")):
         log(f"{args.out} already holds a finished run (meta.json); nothing to do", quiet=args.quiet)
         return 0
-    save_config(args.out, args)
+    if distributed.is_main():
+        save_config(args.out, args)
+    args.quiet = args.quiet or not distributed.is_main()  # one rank reports progress
     data, train_data = _load_data(args)
     n, num_classes = len(data), data.num_classes
     targets = data.targets.numpy()
@@ -368,6 +430,8 @@ def run(args) -> int:
                "labels_fingerprint": labels_fingerprint(data.targets), "precision": args.precision,
                "batch_size": args.batch_size, "checkpoints": [c["sha256"] for c in checkpoints], "head": args.head}
         per_model, store, rate = _score_chunked(args, method, models, data, job)
+    if not distributed.is_main():
+        return 0  # the main rank merges every rank's rows and writes the outputs
     per_model = per_model.astype(np.float32)
     scores = per_model.mean(0) if len(per_model) > 1 else per_model[0]
 
@@ -399,6 +463,7 @@ def run(args) -> int:
             "checkpoints": checkpoints, "trained_here": bool(args.train_epochs), "seeds":
             [args.seed + k for k in range(args.seeds)] if args.seeds else None, "epochs": args.train_epochs,
             "seed": args.seed, "precision": args.precision, "batch_size": args.batch_size, "device": args.device,
+            "world_size": distributed.world_size(),
             "kdfast_version": __version__, "torch_version": torch.__version__, "wall_time_s": round(wall, 3),
             "images_per_s": round(rate, 1) if rate else None, "files": outputs,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
