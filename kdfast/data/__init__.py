@@ -31,7 +31,7 @@ __all__ = ["DATASETS", "SPLITS", "INPUT_SHAPES", "DataError", "LabeledDataset", 
 
 
 def load_dataset(name: str, *, root: str | None = None, split: str = "train", download: bool = False,
-                 augment: bool = False, image_size: int | None = None) -> LabeledDataset:
+                 augment: bool = False, image_size: int | None = None, decode: str | None = None) -> LabeledDataset:
     """The data set `name` (see DATASETS) under `root`.
 
     Args:
@@ -41,6 +41,10 @@ def load_dataset(name: str, *, root: str | None = None, split: str = "train", do
         download: must stay False: kdfast reads data, it never fetches it (use torchvision once to download).
         augment: random training augmentation (crop + flip) instead of the deterministic evaluation view.
         image_size: crop side for image folders (224 by default; the resize scales with it).
+        decode: for imagenet/folder only: None decodes each image with PIL in the loader workers (any format);
+            "gpu" has the workers read JPEG bytes and the scoring loop decode and resize whole batches on the
+            GPU (nvJPEG), falling back to "cpu" with a logged note when it cannot; "cpu" runs that batched
+            decoder in the workers; "auto" is "gpu" when scoring on CUDA, else "cpu" (see data/gpu_decode.py).
     """
     key = str(name).lower()
     if key not in DATASETS:
@@ -53,6 +57,14 @@ def load_dataset(name: str, *, root: str | None = None, split: str = "train", do
                                    f"got {split!r}")
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise InvalidArgumentError(f"load_dataset: image_size must be a positive int or None, got {image_size!r}")
+    if decode is not None:
+        from .gpu_decode import DECODES
+        if decode not in DECODES:
+            raise InvalidArgumentError(f"load_dataset: decode must be None or one of {', '.join(DECODES)}, "
+                                       f"got {decode!r}")
+        if key not in ("imagenet", "folder") or augment:
+            raise InvalidArgumentError(f"load_dataset: decode={decode!r} applies to the evaluation view of JPEG "
+                                       f"image folders (imagenet, folder) only, got name={key!r}, augment={augment}")
     if key == "digits":
         from .digits import Digits
         return Digits(split)
@@ -69,6 +81,10 @@ def load_dataset(name: str, *, root: str | None = None, split: str = "train", do
         return SVHN(root, split, augment=augment)
     from .imagefolder import FOLDER_LAYOUT, IMAGENET_LAYOUT, ImageFolderDataset
     size = image_size or 224
+    if decode is not None:
+        from .gpu_decode import EncodedImageFolder
+        folder, layout = (os.path.join(root, split), IMAGENET_LAYOUT) if key == "imagenet" else (root, FOLDER_LAYOUT)
+        return EncodedImageFolder(key, folder, layout, image_size=size, decode=decode)
     if key == "imagenet":
         return ImageFolderDataset("imagenet", os.path.join(root, split), IMAGENET_LAYOUT, image_size=size,
                                   augment=augment)

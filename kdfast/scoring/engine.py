@@ -10,7 +10,7 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, Subset
 
 from ..errors import InvalidArgumentError
 from ..ops.kd_loss import kd_loss
@@ -144,15 +144,26 @@ def _check_labels(y: torch.Tensor, idx: torch.Tensor, num_classes: int) -> None:
                                    f"[0, {num_classes}) (the model has {num_classes} outputs)")
 
 
+def batch_pipeline(data, device: torch.device):
+    """The data set's own batch pipeline (JPEG bytes decoded in batches, data/gpu_decode.py), through Subsets;
+    None for data sets whose items are model inputs already."""
+    while isinstance(data, Subset):
+        data = data.dataset
+    make = getattr(data, "batch_pipeline", None)
+    return make(device) if make is not None else None
+
+
 def score_batches(models, data, method: Method, *, batch_size=256, batches=None, device=None, precision="fp32",
                   num_workers=0, head=None, keep_logits=False):
     """Yields (indices (n,) int64, scores (n, K) float32, logits (n, C) float32 or None) on the CPU per batch.
 
     `data` is a map-style Dataset (batched on the grid `batches`, lists of dataset indices, default: all in
     order) or an ordered DataLoader (see check_loader). Labels are checked against the number of classes on
-    the host copy, without a device sync.
+    the host copy, without a device sync. A data set with a batch pipeline (JPEG folders loaded with decode=)
+    has its workers read bytes and its batches decoded on the device here.
     """
     device = resolve_device(models, device)
+    pipeline = None
     if isinstance(data, DataLoader):
         if batches is not None:
             raise InvalidArgumentError("score: batches= needs a Dataset, not a DataLoader")
@@ -160,8 +171,12 @@ def score_batches(models, data, method: Method, *, batch_size=256, batches=None,
         loader, batch_ids = data, None
     else:
         batch_ids = batches if batches is not None else index_batches(range(len(data)), batch_size)
-        loader = DataLoader(data, batch_sampler=batch_ids, num_workers=num_workers,
-                            pin_memory=device.type == "cuda", persistent_workers=False)
+        pipeline = batch_pipeline(data, device)
+        extra = dict(collate_fn=pipeline.collate_fn) if pipeline is not None else {}
+        pin = pipeline.pin_memory if pipeline is not None else device.type == "cuda"
+        loader = DataLoader(data, batch_sampler=batch_ids, num_workers=num_workers, pin_memory=pin,
+                            persistent_workers=False, **extra)
+    to_device = pipeline.to_device if pipeline is not None else None
     cuda = device.type == "cuda"
     pending, offset = None, 0
     with BatchScorer(models, method, device=device, precision=precision, head=head, keep_logits=keep_logits) as scorer:
@@ -170,6 +185,7 @@ def score_batches(models, data, method: Method, *, batch_size=256, batches=None,
             y = torch.as_tensor(y)
             idx = torch.as_tensor(batch_ids[b]) if batch_ids is not None else torch.arange(offset, offset + len(y))
             offset += len(y)
+            x = to_device(batch) if to_device is not None else x
             values, logits = scorer(scorer.prepare(x), y.to(device, non_blocking=True))
             if scorer.num_classes is not None:  # gradient methods without a head: the engine's loss checks labels
                 _check_labels(y, idx, scorer.num_classes)
