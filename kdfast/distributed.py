@@ -84,6 +84,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copies rank 0's buffers (e.g. BatchNorm running statistics) to every rank; a no-op for one process."""
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def shard_indices(n: int, rank: int, world: int) -> range:
     """The contiguous block of range(n) that `rank` of `world` owns.
 

@@ -12,8 +12,10 @@ import sys
 import time
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
 
+from . import distributed as dist
 from .distill import distill_step
 from .errors import InvalidArgumentError
 from .ops.kd_loss import kd_loss
@@ -93,26 +95,36 @@ def _scheduler(optimizer, schedule, epochs, milestones):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
-def _loader(data, batch_size, shuffle, seed, num_workers, device):
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", drop_last=False)
+def _loader(data, batch_size, shuffle, seed, num_workers, device, sampler=None):
+    generator = torch.Generator().manual_seed(seed) if shuffle and sampler is None else None
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      generator=generator, num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=False)
 
 
 @torch.no_grad()
-def evaluate(model, dataset, *, batch_size=256, device=None, num_workers=0, precision="fp32") -> dict:
-    """Accuracy and mean cross-entropy of `model` (eval mode) on a map-style dataset of (input, label)."""
+def evaluate(model, dataset, *, batch_size=256, device=None, num_workers=0, precision="fp32",
+             distributed=False) -> dict:
+    """Accuracy and mean cross-entropy of `model` (eval mode) on a map-style dataset of (input, label).
+
+    distributed=True (inside a torchrun process group, the same model on every rank): each rank evaluates its
+    shard (kdfast.distributed.shard_indices) and the sums are all-reduced, so every rank returns the totals.
+    """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
-    for x, y in _loader(dataset, batch_size, False, 0, num_workers, device):
+    part = Subset(dataset, dist.shard_indices(len(dataset), dist.rank(), dist.world_size())) if distributed \
+        else dataset
+    for x, y in _loader(part, batch_size, False, 0, num_workers, device):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = model(x)
         loss, stats = kd_loss(logits, None, y, alpha=0.0, reduction="sum", return_stats=True)
         loss_sum += loss
         correct += stats["correct"].sum()
+    if distributed:
+        dist.all_reduce_sum(loss_sum)
+        dist.all_reduce_sum(correct)
     n = len(dataset)
     return {"loss": float(loss_sum) / n, "acc": float(correct) / n}
 
@@ -160,7 +172,7 @@ def _epoch_line(record, epochs):
 def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine",
         milestones=(), teacher=None, teacher_cache=None, alpha=0.0, temperature=4.0, indices=None, forgetting=None,
         device=None, precision="fp32", seed=0, num_workers=0, checkpoint_path=None, resume=False, progress=True,
-        eval_dataset=None, on_epoch=None) -> list[dict]:
+        eval_dataset=None, on_epoch=None, distributed=False) -> list[dict]:
     """Trains `model` with SGD on `dataset` (or its `indices` subset), distilling from a teacher if alpha > 0.
 
     Args:
@@ -183,12 +195,21 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
         progress: on stderr, a bar with examples/s on a terminal and one line per epoch.
         eval_dataset: evaluated after every epoch (accuracy and loss in the metrics).
         on_epoch: called as on_epoch(history) after every epoch's checkpoint (e.g. to write metrics files).
+        distributed: inside a torchrun process group of more than one rank (kdfast.distributed.init_from_env),
+            train with DistributedDataParallel: each rank takes a DistributedSampler share of the (kept)
+            examples, reshuffled every epoch from `seed`; metrics are totals over ranks; only rank 0 writes the
+            checkpoint and calls on_epoch; resume loads the checkpoint on every rank. With one process it is
+            the plain loop. forgetting is not supported with it (each rank sees only its share).
 
     Returns:
         one dict per epoch: epoch, lr, train_loss, train_acc, seconds, examples_per_s (+ eval_loss,
         eval_acc with eval_dataset), including epochs restored from the checkpoint.
     """
     _check_fit_args(dataset, epochs, batch_size, lr, schedule, milestones, teacher, teacher_cache, alpha, precision)
+    ddp = bool(distributed) and dist.world_size() > 1
+    if ddp and forgetting is not None:
+        raise InvalidArgumentError("fit: forgetting needs every example's outcome on one process; it cannot go with "
+                                   "distributed=True (train on one process, or drop forgetting)")
     subset = IndexedSubset(dataset, _check_indices(indices, len(dataset)))
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
@@ -199,36 +220,50 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
     start, history = 0, []
     if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
         start, history = _load_checkpoint(checkpoint_path, model, optimizer, scheduler, forgetting)
+    net, sampler = model, None
+    if ddp:  # wraps the same parameters, so the optimizer above and the checkpoints keep working on `model`
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        sampler = DistributedSampler(subset, shuffle=True, seed=seed, drop_last=False)
+    writes_files = dist.is_main() or not ddp
     amp = "bf16" if precision == "bf16" else None
     for epoch in range(start, epochs):
         model.train()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         lr_now = optimizer.param_groups[0]["lr"]
         tic = time.perf_counter()
-        with _progress_bar(len(subset), f"epoch {epoch + 1}/{epochs}", progress) as bar:
-            for x, y, idx in _loader(subset, batch_size, True, seed + epoch, num_workers, device):
+        with _progress_bar(len(subset), f"epoch {epoch + 1}/{epochs}", progress and writes_files) as bar:
+            for x, y, idx in _loader(subset, batch_size, True, seed + epoch, num_workers, device, sampler):
                 cached = None if teacher_cache is None or alpha == 0 else teacher_cache[idx]
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 idx_dev = idx.to(device, non_blocking=True)
                 if cached is not None:
                     cached = cached.to(device, non_blocking=True)
-                out = distill_step(model, teacher, x, y, optimizer, alpha=alpha, temperature=temperature,
+                out = distill_step(net, teacher, x, y, optimizer, alpha=alpha, temperature=temperature,
                                    teacher_logits=cached, indices=idx_dev, forgetting=forgetting, amp=amp,
                                    validate=epoch == start)  # the first epoch sees every example: check once
                 loss_sum += out["loss"] * len(y)
                 correct += out["correct"].sum()
                 bar.update(len(y))
         scheduler.step()
+        if ddp:
+            dist.all_reduce_sum(loss_sum)
+            dist.all_reduce_sum(correct)
+            dist.broadcast_buffers(model)  # BatchNorm statistics: rank 0's, the ones its checkpoint holds
         seconds = time.perf_counter() - tic
         n = len(subset)
         record = {"epoch": epoch + 1, "lr": lr_now, "train_loss": float(loss_sum) / n,
                   "train_acc": float(correct) / n, "seconds": seconds, "examples_per_s": n / max(seconds, 1e-9)}
         if eval_dataset is not None:
             ev = evaluate(model, eval_dataset, batch_size=max(batch_size, 256), device=device,
-                          num_workers=num_workers, precision=precision)
+                          num_workers=num_workers, precision=precision, distributed=ddp)
             record.update(eval_loss=ev["loss"], eval_acc=ev["acc"])
         history.append(record)
+        if not writes_files:
+            continue
         if progress:
             print(_epoch_line(record, epochs), file=sys.stderr, flush=True)
         if checkpoint_path is not None:

@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 
+from .. import distributed
 from .common import CliError, UsageError, log, save_config, write_json_atomic
 
 # The data-pruning paper's recipes (its App. A): RepDistiller's for CIFAR/SVHN, DeepCore's for ImageNet; the
@@ -292,20 +293,31 @@ def _train_teacher(args, train, evaluation, device):
         weight_decay=args.weight_decay, schedule=args.schedule, milestones=args.milestones, indices=indices,
         device=device, precision=args.precision, seed=args.seed + 1, num_workers=args.num_workers,
         checkpoint_path=os.path.join(folder, "checkpoint.pt"), resume=args.resume, progress=not args.quiet,
-        eval_dataset=evaluation, on_epoch=lambda history: write_metrics(folder, history))
-    torch.save(teacher.state_dict(), final)
+        eval_dataset=evaluation, on_epoch=lambda history: write_metrics(folder, history), distributed=True)
+    if distributed.is_main():
+        torch.save(teacher.state_dict(), final)
     return teacher
 
 
 def run(args) -> int:
+    """Distills as one process, or as one rank of a torchrun job (DistributedDataParallel); 0 on success."""
+    resolve(args)
+    device = distributed.init_from_env(_device(args.device))
+    try:
+        return _run(args, device)
+    finally:
+        distributed.destroy()
+
+
+def _run(args, device) -> int:
     import torch
 
     from ..data import load_dataset
     from ..distill import alpha_for_fraction
     from ..models import load_checkpoint, model_fingerprint
     from ..training import fit
-    resolve(args)
-    device = _device(args.device)
+    main_rank = distributed.is_main()  # the one rank that writes files and reports
+    args.quiet = args.quiet or not main_rank
     train = load_dataset(args.dataset, root=args.data_root, split="train", augment=args.augment,
                          **({"image_size": args.image_size} if args.image_size else {}))
     eval_split = EVAL_SPLIT[args.dataset]
@@ -318,7 +330,8 @@ def run(args) -> int:
     if alpha == "auto":
         alpha = alpha_for_fraction(fraction, schedule=args.alpha_schedule_points)
     os.makedirs(args.out, exist_ok=True)
-    save_config(args.out, args)
+    if main_rank:
+        save_config(args.out, args)
 
     teacher, cache = None, None
     if args.train_teacher:
@@ -345,7 +358,9 @@ def run(args) -> int:
                   precision=args.precision, seed=args.seed, num_workers=args.num_workers,
                   checkpoint_path=os.path.join(args.out, "checkpoint.pt"), resume=args.resume,
                   progress=not args.quiet, eval_dataset=evaluation,
-                  on_epoch=lambda h: write_metrics(args.out, h))
+                  on_epoch=lambda h: write_metrics(args.out, h), distributed=True)
+    if not main_rank:
+        return 0
     torch.save(student.state_dict(), os.path.join(args.out, "student.pt"))
     write_metrics(args.out, history)
     last = history[-1]
