@@ -85,7 +85,7 @@ def _band(curves: torch.Tensor):
     return mean, mean - half, mean + half
 
 
-def _plot(results: dict, title: str, ylabel: str, path: str) -> None:
+def _plot(results: dict, title: str, ylabel: str, path: str, *, log: bool) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -96,7 +96,8 @@ def _plot(results: dict, title: str, ylabel: str, path: str) -> None:
             steps = range(len(mean))
             ax.plot(steps, mean, color=color, label=method)
             ax.fill_between(steps, lo, hi, color=color, alpha=0.25)
-        ax.set_yscale("log")
+        if log:
+            ax.set_yscale("log")
         ax.set_title(f"r = {ratio}")
         ax.set_xlabel("iteration")
     axes[0].set_ylabel(ylabel)
@@ -124,8 +125,10 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     linear = {r: linear_experiment(r, runs=args.runs) for r in RATIOS}
     sin = {r: sin_experiment(r, runs=args.runs) for r in RATIOS}
-    _plot(linear, "Linear model: test loss (mean, 95% interval)", "test loss", os.path.join(args.out, "liprune_linear.png"))
-    _plot(sin, "sin(w x): training loss (mean, 95% interval)", "training loss", os.path.join(args.out, "liprune_sin.png"))
+    _plot(linear, "Linear model: test loss (mean, 95% interval)", "test loss", os.path.join(args.out, "liprune_linear.png"),
+          log=True)
+    _plot(sin, "sin(w x): training loss (mean, 95% interval)", "training loss", os.path.join(args.out, "liprune_sin.png"),
+          log=False)
     lines = [f"# LiPrune toy experiments ({args.runs} runs; `python -m bench.repro_liprune`)", "",
              "## Linear model, test loss", *_table(linear, (0, 1, 2, 5, 10, 30)), "",
              "## sin(w x), training loss", *_table(sin, (0, 10, 25, 50, 100))]
