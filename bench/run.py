@@ -16,7 +16,8 @@ import torch
 from .common import append_rows, read_rows
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = {"kd_loss": "bench.bench_kd_loss", "grad_norms": "bench.bench_grad_norms", "score": "bench.bench_score"}
+BENCHMARKS = {"kd_loss": "bench.bench_kd_loss", "grad_norms": "bench.bench_grad_norms", "score": "bench.bench_score",
+              "e2e": "bench.bench_e2e"}
 
 
 def _fmt(x, spec=".3f") -> str:
