@@ -280,7 +280,12 @@ def test_bench_hessian_smoke_writes_rows(tmp_path):
     # The benchmark on a tiny CNN, so it cannot rot: one row per provider, accurate, with throughput.
     from bench.bench_hessian import main
     out = tmp_path / "rows.jsonl"
-    assert main(["--device", "cpu", "--smoke", "--batches", "2", "--baseline-batches", "1", "--out", str(out)]) == 0
+    threads = torch.get_num_threads()  # the bench sets one thread (two contended ones ran 15x slower here)
+    try:
+        assert main(["--device", "cpu", "--smoke", "--batches", "2", "--baseline-batches", "1", "--threads", "1",
+                     "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["provider"] for r in rows] == ["kdfast-loop", "kdfast-vmap", "sequential-power-eager"]
     for r in rows:
