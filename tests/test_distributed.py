@@ -1,0 +1,194 @@
+"""Multi-process runs under torchrun (2 gloo ranks on the CPU): shards, kdfast-score equal to one process (also
+after one rank is SIGKILLed and the job resumed), kdfast-distill with DistributedDataParallel and --resume."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from kdfast import distributed
+from kdfast.cli.main import distill_main, score_main
+from kdfast.errors import InvalidArgumentError
+from kdfast.models import create_model, file_sha256
+from kdfast.teacher_cache import TeacherCache
+
+# torchrun itself sets one OpenMP thread per rank; the single-process references use one too, so every
+# reduction runs in the same order and the comparisons can be exact
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _torchrun(module, argv, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", f"kdfast.cli.{module}", *argv]
+
+
+def _run_torchrun(module, argv, nproc=2):
+    done = subprocess.run(_torchrun(module, argv, nproc), env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _single_process(main, argv, capsys):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- shards
+@pytest.mark.parametrize("world", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("n", [0, 1, 5, 7, 100, 1397])
+def test_shards_tile_the_range_in_rank_order(n, world):
+    shards = [distributed.shard_indices(n, r, world) for r in range(world)]
+    assert [i for s in shards for i in s] == list(range(n))  # nothing duplicated, dropped or reordered
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= 1
+    assert shards == [distributed.shard_indices(n, r, world) for r in range(world)]  # deterministic
+
+
+@pytest.mark.parametrize("n, rank, world, message", [
+    (-1, 0, 1, "n must be >= 0, got -1"), (4, 0, 0, "world must be >= 1, got 0"),
+    (4, 2, 2, r"rank must lie in \[0, world=2\), got 2"), (4, -1, 2, "got -1"),
+    (4.0, 0, 1, "n must be an integer, got 4.0"), (4, True, 2, "rank must be an integer, got True")])
+def test_bad_shard_arguments_are_named(n, rank, world, message):
+    with pytest.raises(InvalidArgumentError, match=message):
+        distributed.shard_indices(n, rank, world)
+
+
+def test_without_torchrun_nothing_is_initialised(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.init_from_env("cpu") == torch.device("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a 1-process torchrun job runs the plain code path
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert distributed.init_from_env("cpu") == torch.device("cpu")
+    assert not torch.distributed.is_initialized()
+    assert (distributed.world_size(), distributed.rank(), distributed.is_main()) == (1, 0, True)
+    distributed.barrier()
+    distributed.destroy()
+
+
+@pytest.mark.parametrize("env, message", [({"WORLD_SIZE": "two"}, "WORLD_SIZE must be an integer, got 'two'"),
+                                          ({"WORLD_SIZE": "2", "RANK": "2", "LOCAL_RANK": "0"}, "RANK=2")])
+def test_a_broken_torchrun_environment_is_named(monkeypatch, env, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(InvalidArgumentError, match=message):
+        distributed.init_from_env("cpu")
+
+
+# ------------------------------------------------------------------------------------------ kdfast-score
+def test_two_ranks_train_and_score_exactly_as_one_process(tmp_path, capsys):
+    # seed 0 is trained by rank 0, seed 1 by rank 1; 7 batches of 32: rank 0 scores 4, rank 1 scores 3
+    common = ["--model", "mlp", "--limit", "200", "--train-epochs", "1", "--seeds", "2", "--batch-size", "32",
+              "--chunk-size", "32", "--method", "grand", "--quiet"]
+    done = _run_torchrun("score", [*common, "--out", str(tmp_path / "two")])
+    assert done.stdout.count("scored 200 examples") == 1  # one rank reports
+    _single_process(score_main, [*common, "--out", str(tmp_path / "one")], capsys)
+    for name in ("scores.npy", "scores_per_model.npy"):
+        np.testing.assert_array_equal(np.load(tmp_path / "two" / name), np.load(tmp_path / "one" / name))
+    for seed in (0, 1):
+        name = f"models/seed{seed}.pt"
+        assert file_sha256(tmp_path / "two" / name) == file_sha256(tmp_path / "one" / name)
+    assert not (tmp_path / "two" / "chunks").exists()
+
+
+def _rank_pid(launcher_pid, rank, timeout=60):
+    """The process id of torchrun's worker `rank` (a child of the launcher, told apart by its RANK variable)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    environ = f.read().split(b"\0")
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == launcher_pid and f"RANK={rank}".encode() in environ:
+                return int(entry)
+        time.sleep(0.01)
+    raise AssertionError(f"torchrun started no worker with RANK={rank}")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker to kill through /proc")
+def test_a_rank_killed_mid_run_resumes_to_the_single_process_output(tmp_path, capsys):
+    torch.manual_seed(3)
+    torch.save({"model": create_model("cnn", num_classes=10, in_channels=1).state_dict()}, tmp_path / "a.pt")
+    # 60 batches of 8, a chunk after each; rank 1 owns batches 30..59 and is killed after its first chunk
+    common = ["--checkpoint", str(tmp_path / "a.pt"), "--limit", "480", "--batch-size", "8", "--chunk-size", "8",
+              "--method", "el2n", "--save-logits", "--quiet"]
+    killed = tmp_path / "killed"
+    launcher = subprocess.Popen(_torchrun("score", [*common, "--out", str(killed)]), env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        rank1 = _rank_pid(launcher.pid, 1)
+        deadline = time.time() + 120
+        while not (os.path.isdir(killed / "chunks") and any(f.startswith("rank00001-") and f.endswith(".npz")
+                                                            for f in os.listdir(killed / "chunks"))):
+            assert launcher.poll() is None, f"the job ended before rank 1 could be killed: {launcher.stderr.read()}"
+            assert time.time() < deadline, "rank 1 wrote no chunk in time"
+            time.sleep(0.001)
+        os.kill(rank1, signal.SIGKILL)
+        assert launcher.wait(timeout=120) != 0  # torchrun stops the job when a rank dies
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+    assert not (killed / "meta.json").exists()
+    rank1_rows = sum(len(np.load(killed / "chunks" / f)["indices"]) for f in os.listdir(killed / "chunks")
+                     if f.startswith("rank00001-") and f.endswith(".npz"))
+    assert 8 <= rank1_rows < 240  # rank 1 died mid-shard
+    _run_torchrun("score", [*common, "--out", str(killed), "--resume"])
+    _single_process(score_main, [*common, "--out", str(tmp_path / "whole")], capsys)
+    np.testing.assert_array_equal(np.load(killed / "scores.npy"), np.load(tmp_path / "whole" / "scores.npy"))
+    for name in ("logits.npy", "written.npy"):
+        np.testing.assert_array_equal(np.load(killed / "teacher-logits" / name),
+                                      np.load(tmp_path / "whole" / "teacher-logits" / name))
+    assert len(TeacherCache.open(str(killed / "teacher-logits"))) == 480  # closed, every row written
+
+
+# ---------------------------------------------------------------------------------------- kdfast-distill
+def _metrics(folder):
+    with open(folder / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_rank_distillation_writes_once_and_resumes(tmp_path, capsys):
+    np.save(tmp_path / "keep.npy", np.arange(0, 1397, 2))
+    common = ["--train-teacher", "--teacher-epochs", "1", "--model", "mlp", "--keep", str(tmp_path / "keep.npy"),
+              "--batch-size", "16", "--quiet"]
+    out = tmp_path / "ddp"
+    done = _run_torchrun("distill", [*common, "--epochs", "1", "--out", str(out)])
+    assert done.stdout.count("mlp student") == 1  # rank 0 alone reports and writes
+    assert sorted(os.listdir(out)) == ["accuracy.png", "checkpoint.pt", "config.json", "metrics.csv", "student.pt",
+                                       "summary.json", "teacher"]
+    assert sorted(os.listdir(out / "teacher")) == ["accuracy.png", "checkpoint.pt", "metrics.csv", "teacher.pt"]
+    first = _metrics(out)
+    assert [row["epoch"] for row in first] == ["1"] and float(first[0]["eval_acc"]) > 0.1
+    # --resume continues after the finished epoch on both ranks, reusing the teacher and keeping epoch 1's row
+    _run_torchrun("distill", [*common, "--epochs", "2", "--out", str(out), "--resume"])
+    rows = _metrics(out)
+    assert [row["epoch"] for row in rows] == ["1", "2"] and rows[0] == first[0]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    # one process under torchrun is the plain run
+    _run_torchrun("distill", [*common, "--epochs", "1", "--out", str(tmp_path / "one-rank")], nproc=1)
+    _single_process(distill_main, [*common, "--epochs", "1", "--out", str(tmp_path / "plain")], capsys)
+    a = torch.load(tmp_path / "one-rank" / "student.pt", weights_only=True)
+    b = torch.load(tmp_path / "plain" / "student.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
