@@ -20,6 +20,10 @@ BENCHMARKS = {"kd_loss": "bench.bench_kd_loss", "grad_norms": "bench.bench_grad_
               "e2e": "bench.bench_e2e"}
 
 
+# ratio fields some benchmarks record, and how the table names them
+RATIOS = {"ratio_to_inference": "x inference throughput", "time_vs_plain": "x plain fwd+bwd time"}
+
+
 def _fmt(x, spec=".3f") -> str:
     return "" if x is None else format(x, spec)
 
@@ -33,7 +37,7 @@ def _latest(rows: list[dict]) -> list[dict]:
 
 
 def _timing_table(rows: list[dict]) -> list[str]:
-    lines = ["| shape | dtype | mode | provider | median ms | p20-p80 ms | x floor | peak extra MiB | kdfast speedup |",
+    lines = ["| shape | dtype | mode | provider | median ms | p20-p80 ms | x floor | peak extra MiB | ratios |",
              "| --- | --- | --- | --- | ---: | --- | ---: | ---: | --- |"]
     mode_order = {"forward": 0, "backward": 1, "full": 2}
     for r in sorted(rows, key=lambda r: (int(r["shape"].split("x")[0]) * int(r["shape"].split("x")[-1]),
@@ -42,7 +46,8 @@ def _timing_table(rows: list[dict]) -> list[str]:
             lines.append(f"| {r['shape']} | {r['dtype']} | {r['mode']} | {r['provider']} | {r.get('note', '')} "
                          "| | | | |")
             continue
-        speedup = ", ".join(f"{v:.2f}x vs {k}" for k, v in sorted((r.get("speedup_vs") or {}).items()))
+        speedup = ", ".join([*(f"{v:.2f}x faster than {k}" for k, v in sorted((r.get("speedup_vs") or {}).items())),
+                             *(f"{r[key]:.2f} {what}" for key, what in RATIOS.items() if r.get(key) is not None)])
         provider = r["provider"] + (f" ({r['backend']})" if r.get("backend") else "")
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['mode']} | {provider} | {r['ms']:.4f} | "
                      f"{r['p20']:.4f}-{r['p80']:.4f} | {_fmt(r.get('ratio_to_floor'), '.2f')} | "
@@ -129,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for bench in args.only or sorted(BENCHMARKS):
         rows += importlib.import_module(BENCHMARKS[bench]).run(device=device, quick=args.quick, smoke=args.smoke)
+    command = "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv)
+    for r in rows:  # the command that produced the row is this runner's, whichever module measured it
+        r["command"] = command.strip()
     append_rows(rows, args.out)
     args.markdown.write_text(render_markdown(read_rows(args.out)))
     for r in rows:
