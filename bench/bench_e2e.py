@@ -67,7 +67,7 @@ class Config:
 
 GPU_CONFIGS = {"resnet50-224px-b256-bf16": Config("resnet50", 224, 256, 1000, "bf16", files=512, width=500,
                                                   height=375, repeats=8, workers=12, passes=5)}
-CPU_CONFIGS = {"resnet8-64px-b32": Config("resnet8", 64, 32, 10, "fp32", files=64, width=500, height=375,
+CPU_CONFIGS = {"resnet8-64px-b32": Config("resnet8", 64, 32, 10, "fp32", files=128, width=500, height=375,
                                           repeats=1, workers=2, passes=3)}
 SMOKE_CONFIGS = {"cnn-16px-b4": Config("cnn", 16, 4, 10, "fp32", files=12, width=64, height=48, repeats=1,
                                        workers=0, passes=1)}

@@ -57,11 +57,18 @@ def test_items_are_file_bytes_labels_and_indices_in_pil_order(jpeg_root):
         assert (label, index) == (int(pil.targets[i]), i)
 
 
+# (integer_resize, mean |diff| bound in 8-bit levels): the 8-bit kernel (the CPU default) is PIL's arithmetic,
+# rare rounding ties aside; fp32 + rounding (what CUDA runs) differs on a fraction of the pixels by one level.
+RESIZE_KERNELS = [(None, 0.02), (False, 0.3)]
+
+
+@pytest.mark.parametrize("integer_resize, mean_levels", RESIZE_KERNELS)
 @pytest.mark.parametrize("crop", [224, 32])
-def test_batched_decode_matches_the_pil_eval_transform(jpeg_root, crop):
+def test_batched_decode_matches_the_pil_eval_transform(jpeg_root, crop, integer_resize, mean_levels):
     pil = ImageFolderDataset("folder", jpeg_root, FOLDER_LAYOUT, image_size=crop)
     enc = EncodedImageFolder("folder", jpeg_root, FOLDER_LAYOUT, image_size=crop, decode="cpu")
-    batch = enc.decoder([enc.read(i) for i in range(len(enc))], "cpu", enc.files)
+    decoder = JpegBatchDecoder(crop, integer_resize=integer_resize)
+    batch = decoder([enc.read(i) for i in range(len(enc))], "cpu", enc.files)
     want = torch.stack([pil.load(i) for i in range(len(pil))])
     assert batch.shape == want.shape == (len(SIZES), 3, crop, crop) and batch.dtype == torch.float32
     diff = (batch.double() - want.double()).abs()
@@ -71,9 +78,10 @@ def test_batched_decode_matches_the_pil_eval_transform(jpeg_root, crop):
            f"{int((diff > 1e-5).sum())} of {diff.numel()} values differ")
     print(msg)
     assert float(diff.max()) <= ONE_LEVEL + 1e-5, msg
-    assert float(diff.mean()) <= 0.3 * ONE_LEVEL, msg  # rounding ties only, not a shifted or blurred image
-    for i in range(len(enc)):  # single-image load is the same decoder
-        assert torch.equal(enc.load(i), batch[i])
+    assert float(diff.mean()) <= mean_levels * ONE_LEVEL, msg  # rounding only, not a shifted or blurred image
+    if integer_resize is None:
+        for i in range(len(enc)):  # single-image load is the same decoder
+            assert torch.equal(enc.load(i), batch[i])
 
 
 def test_normalisation_against_a_float64_oracle():
@@ -114,7 +122,7 @@ def test_scoring_a_jpeg_folder_through_the_engine_matches_the_pil_path(jpeg_root
     assert torch.equal(torch.cat([g[0] for g in got]), torch.arange(4))
     a, b = torch.cat([g[1] for g in got]), torch.cat([w[1] for w in want])
     rel = float(((a - b).abs() / b.abs()).max())
-    assert rel < 0.05, f"el2n from batched decode vs PIL: max rel diff {rel:.3g}"
+    assert rel < 1e-3, f"el2n from batched decode vs PIL: max rel diff {rel:.3g}"
 
 
 def test_fallback_is_noted_once(monkeypatch, caplog):

@@ -9,10 +9,11 @@ device is one.
 
 The evaluation view is ImageNet's, as in imagefolder.py: shorter side to `resize` (256 for a 224 crop) with
 antialiased bilinear filtering, centre crop, pixels rounded to 8 bits like PIL's, per-channel normalisation.
-Against the PIL path the result differs only by the filters' rounding: on the CPU (the same libjpeg-turbo
-IDCT), within one 8-bit level, 1 / (255 * 0.224) = 0.0175 in normalised units, with a mean of about 0.17
-levels (tests/test_gpu_decode.py asserts it on upscaled, downscaled and odd-sized images); nvJPEG's IDCT
-may add a level or two (not yet measured on a GPU). Scores do not depend on the decoder beyond that.
+Measured against the PIL path on the CPU (the same libjpeg-turbo IDCT; tests/test_gpu_decode.py, on
+upscaled, downscaled and odd-sized images): at most one 8-bit level, 1 / (255 * 0.224) = 0.0175 in
+normalised units; on average 0.002 levels with the CPU's 8-bit resize kernel (PIL's arithmetic) and 0.1 to
+0.2 levels with the fp32 resize that CUDA runs. nvJPEG's IDCT may add a level or two (not yet measured on a
+GPU). Scores do not depend on the decoder beyond that.
 """
 from __future__ import annotations
 
@@ -80,14 +81,27 @@ def eval_size(width: int, height: int, resize: int, crop: int) -> tuple[int, int
 class JpegBatchDecoder:
     """A list of JPEG byte tensors -> (B, 3, crop, crop) float32 normalised batch on the decode device.
 
-    Images of one size are resized together (one interpolate call per distinct size). The resize runs in
-    fp32 and is rounded to 8 bits, as PIL's output is, before normalising.
+    Images of one size are resized together (one interpolate call per distinct size). The resized pixels are
+    8-bit, as PIL's are: `integer_resize` runs torch's 8-bit antialiased kernel (PIL's fixed-point arithmetic;
+    CPU only, and 9x faster there than fp32), else the resize runs in fp32 and is rounded (what CUDA runs, it
+    has no 8-bit antialiased kernel). None picks the 8-bit kernel on the CPU.
     """
 
-    def __init__(self, crop: int = 224, resize: int | None = None, mean=MEAN, std=STD):
+    def __init__(self, crop: int = 224, resize: int | None = None, mean=MEAN, std=STD, *,
+                 integer_resize: bool | None = None):
         self.crop = int(crop)
         self.resize = int(resize) if resize is not None else int(round(crop * 256 / 224))
         self.mean, self.std = tuple(mean), tuple(std)
+        self.integer_resize = integer_resize
+
+    def resize_group(self, group: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(n, 3, h, w) uint8 -> (n, 3, *size) float32 holding whole 8-bit values."""
+        integer = self.integer_resize if self.integer_resize is not None else group.device.type == "cpu"
+        if integer:
+            return torch.nn.functional.interpolate(group, size=size, mode="bilinear", antialias=True,
+                                                   align_corners=False).float()
+        return torch.nn.functional.interpolate(group.float(), size=size, mode="bilinear", antialias=True,
+                                               align_corners=False).round_().clamp_(0, 255)
 
     def decode(self, datas: list[torch.Tensor], device, names: list[str]) -> list[torch.Tensor]:
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -113,12 +127,9 @@ class JpegBatchDecoder:
             by_size.setdefault(tuple(img.shape[-2:]), []).append(i)
         for (h, w), members in by_size.items():
             new_w, new_h = eval_size(w, h, self.resize, self.crop)
-            group = torch.stack([images[i] for i in members]).float()
-            group = torch.nn.functional.interpolate(group, size=(new_h, new_w), mode="bilinear", antialias=True,
-                                                    align_corners=False)
+            group = self.resize_group(torch.stack([images[i] for i in members]), (new_h, new_w))
             top, left = (new_h - self.crop) // 2, (new_w - self.crop) // 2
-            group = group[..., top:top + self.crop, left:left + self.crop]
-            out[torch.tensor(members, device=device)] = group.round_().clamp_(0, 255)
+            out[torch.tensor(members, device=device)] = group[..., top:top + self.crop, left:left + self.crop]
         mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
         return out.div_(255.0).sub_(mean).div_(std)
