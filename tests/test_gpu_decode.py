@@ -125,6 +125,27 @@ def test_scoring_a_jpeg_folder_through_the_engine_matches_the_pil_path(jpeg_root
     assert rel < 1e-3, f"el2n from batched decode vs PIL: max rel diff {rel:.3g}"
 
 
+def test_loop_side_decode_path_keeps_order_and_values(jpeg_root, monkeypatch):
+    """The GPU layout (workers send bytes, the scoring loop decodes each batch) run on the CPU."""
+    from functools import partial
+
+    from kdfast.scoring import get_method, score_batches
+    enc = load_dataset("folder", root=jpeg_root, decode="cpu", image_size=16)
+    pipeline = enc.batch_pipeline("cpu", decode_in_workers=False)
+    batches = list(DataLoader(enc, batch_size=4, num_workers=2, collate_fn=pipeline.collate_fn))
+    assert all(isinstance(b[0], list) and b[0][0].dtype == torch.uint8 for b in batches)
+    decoded = torch.cat([pipeline.to_device(b) for b in batches])
+    assert torch.equal(decoded, torch.stack([enc.load(i) for i in range(len(enc))]))
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 3))
+    workers = list(score_batches([model], enc, get_method("el2n"), batch_size=4, num_workers=2, device="cpu"))
+    in_loop = partial(EncodedImageFolder.batch_pipeline, decode_in_workers=False)
+    monkeypatch.setattr(EncodedImageFolder, "batch_pipeline", lambda self, device: in_loop(self, device))
+    loop = list(score_batches([model], enc, get_method("el2n"), batch_size=4, num_workers=2, device="cpu"))
+    assert torch.equal(torch.cat([b[0] for b in loop]), torch.arange(len(enc)))
+    assert torch.equal(torch.cat([b[1] for b in loop]), torch.cat([b[1] for b in workers]))
+
+
 def test_fallback_is_noted_once(monkeypatch, caplog):
     monkeypatch.setattr(gpu_decode, "_NOTED", set())
     with caplog.at_level(logging.WARNING, logger="kdfast.data"):

@@ -45,6 +45,8 @@ def load_dataset(name: str, *, root: str | None = None, split: str = "train", do
             "gpu" has the workers read JPEG bytes and the scoring loop decode and resize whole batches on the
             GPU (nvJPEG), falling back to "cpu" with a logged note when it cannot; "cpu" runs that batched
             decoder in the workers; "auto" is "gpu" when scoring on CUDA, else "cpu" (see data/gpu_decode.py).
+            Such a data set's items are (JPEG bytes, label, index): score it with kdfast.score / score_batches,
+            which apply its batch pipeline; `.load(i)` gives one decoded image.
     """
     key = str(name).lower()
     if key not in DATASETS:

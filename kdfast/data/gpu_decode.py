@@ -195,9 +195,10 @@ class EncodedImageFolder(LabeledDataset):
     def load(self, index: int) -> torch.Tensor:
         return self.decoder([self.read(index)], "cpu", [self.files[index]])[0]
 
-    def batch_pipeline(self, device) -> BatchPipeline:
+    def batch_pipeline(self, device, *, decode_in_workers: bool | None = None) -> BatchPipeline:
+        """Workers decode when the decode device is the CPU (default), else the loop decodes each batch there."""
         where = resolve_decode_device(self.decode_on, device)
-        if where.type == "cpu":
+        if decode_in_workers if decode_in_workers is not None else where.type == "cpu":
             return BatchPipeline(DecodingCollate(self.decoder, self.files), pin_memory=torch.device(device).type
                                  == "cuda", to_device=None)
 
