@@ -254,7 +254,7 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
             dist.all_reduce_sum(correct)
             dist.broadcast_buffers(model)  # BatchNorm statistics: rank 0's, the ones its checkpoint holds
         seconds = time.perf_counter() - tic
-        n = len(subset)
+        n = len(sampler) * dist.world_size() if ddp else len(subset)  # DistributedSampler pads to equal shares
         record = {"epoch": epoch + 1, "lr": lr_now, "train_loss": float(loss_sum) / n,
                   "train_acc": float(correct) / n, "seconds": seconds, "examples_per_s": n / max(seconds, 1e-9)}
         if eval_dataset is not None:

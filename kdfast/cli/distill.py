@@ -42,6 +42,8 @@ EPILOG = """examples:
   kdfast-distill --dataset cifar100 --data-root ~/data --model resnet32 --teacher-model resnet110 \\
                  --teacher t110.pt --keep keep.npy --alpha 0.5 --out runs/capacity
   kdfast-distill ... --out runs/student --resume      (continues after the last finished epoch)
+  torchrun --nproc-per-node 8 -m kdfast.cli.distill ...   (DistributedDataParallel, --batch-size per GPU; rank 0
+                                                           writes the files)
 
 Defaults follow the data-pruning paper's recipes: CIFAR/SVHN SGD lr 0.05, momentum 0.9, wd 5e-4, batch 64,
 240 epochs, LR / 10 at epochs 150/180/210 (scaled to --epochs when only --epochs is given); ImageNet lr 0.1,

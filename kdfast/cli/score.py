@@ -40,6 +40,11 @@ outputs (in --out):
   teacher-logits/       --save-logits: a TeacherCache for kdfast-distill
   show.png              --show K: the K hardest and K easiest images
 A killed run (even SIGKILL) finishes with --resume; the files equal those of an uninterrupted run.
+
+distributed (torchrun; each rank scores a contiguous share of the batches, rank 0 merges; files equal those of
+one process; --out must be a folder every node sees):
+  torchrun --nproc-per-node 8 -m kdfast.cli.score --dataset imagenet --data-root /data/imagenet --method grand \\
+           --model resnet50 --checkpoint a.pt --out runs/imagenet-grand
 """
 
 DEFAULT_EPOCHS = {"digits": 3}  # others: 10% of a typical schedule, where EL2N is measured (Paul et al.)
@@ -321,7 +326,8 @@ def _score_chunked(args, method, models, data, job):
         store.write(idx.numpy(), values.numpy())
     store.close()
     del writer  # its rows are in the shared files; the main rank reopens them to check all are there and close
-    todo = int(distributed.all_reduce_sum(torch.tensor([todo], dtype=torch.int64))[0])  # every rank's share
+    # every rank's share, counted on the scoring device (NCCL reduces GPU tensors only)
+    todo = int(distributed.all_reduce_sum(torch.tensor([todo], device=args.device))[0])
     distributed.barrier()  # every rank's chunks and logits are on disk
     seconds = time.perf_counter() - tic
     if not distributed.is_main():
