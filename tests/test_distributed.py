@@ -1,5 +1,6 @@
-"""Multi-process runs under torchrun (2 gloo ranks on the CPU): shards, kdfast-score equal to one process (also
-after one rank is SIGKILLed and the job resumed), kdfast-distill with DistributedDataParallel and --resume."""
+"""Multi-process runs under torchrun (2 gloo ranks on the CPU): shards; kdfast-score (chunked and liprune)
+equal to one process, also after one rank is SIGKILLed and the job resumed; kdfast-distill with
+DistributedDataParallel against a float64 oracle, writing once, resuming."""
 from __future__ import annotations
 
 import csv
@@ -16,7 +17,7 @@ import torch
 from kdfast import distributed
 from kdfast.cli.main import score_main
 from kdfast.errors import InvalidArgumentError
-from kdfast.models import file_sha256
+from kdfast.models import create_model, file_sha256
 from kdfast.teacher_cache import TeacherCache
 
 # torchrun itself sets one OpenMP thread per rank; the single-process references use one too, so every
@@ -104,6 +105,18 @@ def test_two_ranks_write_the_teacher_logits_of_one_process(tmp_path, capsys):
                                       np.load(tmp_path / "one" / "teacher-logits" / name))
     assert len(TeacherCache.open(str(tmp_path / "two" / "teacher-logits"))) == 200  # closed, every row written
     assert not (tmp_path / "two" / "chunks").exists()
+
+
+def test_liprune_models_split_across_ranks_equal_one_process(tmp_path, capsys):
+    for seed in (3, 4):  # model k is scored by rank k % 2, whole fixed batches as in one process
+        torch.manual_seed(seed)
+        torch.save({"model": create_model("mlp", num_classes=10, in_channels=1).state_dict()}, tmp_path / f"{seed}.pt")
+    common = ["--model", "mlp", "--checkpoint", str(tmp_path / "3.pt"), "--checkpoint", str(tmp_path / "4.pt"),
+              "--method", "liprune", "--limit", "64", "--batch-size", "32", "--quiet"]
+    _run_torchrun("score", [*common, "--out", str(tmp_path / "two")])
+    _single_process(score_main, [*common, "--out", str(tmp_path / "one")], capsys)
+    for name in ("scores.npy", "scores_per_model.npy", "batch_ids.npy"):
+        np.testing.assert_array_equal(np.load(tmp_path / "two" / name), np.load(tmp_path / "one" / name))
 
 
 def _rank_pid(launcher_pid, rank, timeout=60):
