@@ -21,7 +21,8 @@ BENCHMARKS = {"kd_loss": "bench.bench_kd_loss", "grad_norms": "bench.bench_grad_
 
 
 # ratio fields some benchmarks record, and how the table names them
-RATIOS = {"ratio_to_inference": "x inference throughput", "time_vs_plain": "x plain fwd+bwd time"}
+RATIOS = {"ratio_to_inference": "x inference throughput", "time_vs_plain": "x plain fwd+bwd time",
+          "ratio_to_ceiling": "x its ceiling (decode, inference or fwd+bwd throughput)"}
 
 
 def _fmt(x, spec=".3f") -> str:
@@ -69,8 +70,7 @@ def render_markdown(rows: list[dict], figures: Path = HERE / "figures") -> str:
         here = [r for r in latest if r["device"] == device]
         newest = max(here, key=lambda r: r["date"])
         versions = ", ".join(f"{k} {v}" for k, v in sorted(newest["versions"].items()))
-        out += [f"## {device}", "", f"- versions: {versions}", f"- commit: {newest['commit']}, date: {newest['date']}",
-                f"- command: `{newest['command']}`"]
+        out += [f"## {device}", "", f"- versions: {versions} (newest run {newest['date']})"]
         if newest.get("load_avg_1min") is not None:
             out.append(f"- 1-minute load average when the newest run finished: {newest['load_avg_1min']:.1f} "
                        f"(CPU timings are only as steady as the machine is idle)")
@@ -78,7 +78,9 @@ def render_markdown(rows: list[dict], figures: Path = HERE / "figures") -> str:
                 for r in here if r["mode"] == "bandwidth"]
         for op in sorted({r["op"] for r in here} - {"copy"}):
             mine = [r for r in here if r["op"] == op]
-            out += ["", f"### {op}"]
+            out += ["", f"### {op}", ""]
+            runs = sorted({(r["date"][:10], r["commit"], r["command"]) for r in mine})
+            out += [f"- measured {date} at commit {commit} by `{command}`" for date, commit, command in runs]
             checks = [r for r in mine if r["mode"] == "check" and "rel_err" in r]
             if checks:
                 out += ["", "Correctness on this device (relative error against the float64 reference):", "",
