@@ -54,6 +54,11 @@ def init_from_env(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
+def spans_nodes() -> bool:
+    """True when torchrun's job runs on more than one node (WORLD_SIZE > LOCAL_WORLD_SIZE); read before init."""
+    return _env_int("WORLD_SIZE", 1) > _env_int("LOCAL_WORLD_SIZE", _env_int("WORLD_SIZE", 1))
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 

@@ -119,6 +119,15 @@ def test_liprune_models_split_across_ranks_equal_one_process(tmp_path, capsys):
         np.testing.assert_array_equal(np.load(tmp_path / "two" / name), np.load(tmp_path / "one" / name))
 
 
+def test_save_logits_across_nodes_is_refused(tmp_path, capsys, monkeypatch):
+    for name, value in (("WORLD_SIZE", "4"), ("LOCAL_WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    code = score_main(["--save-logits", "--seeds", "1", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--save-logits writes one memory-mapped file" in err and "--nnodes 1" in err, err
+    assert not (tmp_path / "x").exists()
+
+
 def _rank_pid(launcher_pid, rank, timeout=60):
     """The process id of torchrun's worker `rank` (a child of the launcher, told apart by its RANK variable)."""
     deadline = time.time() + timeout

@@ -388,6 +388,10 @@ def _score_liprune(args, models, data):
 def run(args) -> int:
     """Scores as one process, or as one rank of a torchrun job (see kdfast.distributed); 0 on success."""
     _resolve(args)
+    if args.save_logits and distributed.spans_nodes():
+        # ranks fill disjoint rows of one memory-mapped file, which is coherent only within a node
+        raise UsageError("--save-logits writes one memory-mapped file from every rank, so it needs a single-node "
+                         "job (torchrun --nnodes 1); score without it, or with --nnodes 1")
     args.device = str(distributed.init_from_env(args.device))
     try:
         return _run(args)
