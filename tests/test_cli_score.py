@@ -312,3 +312,29 @@ def test_liprune_is_wired_through_liprune_batch_scores(tmp_path, capsys, monkeyp
                        torch.utils.data.Subset(load_dataset("digits"), range(200)), "liprune", batch_size=50, seed=5,
                        progress=False)
     np.testing.assert_array_equal(api.numpy(), per[0])
+
+
+def test_batched_jpeg_decode_matches_the_pil_path(tmp_path, capsys):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        os.makedirs(tmp_path / "imgs" / c)
+        for i in range(5):  # smooth content, so JPEG keeps it close to what was drawn
+            base = np.kron(rng.integers(0, 256, (5, 7, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+            Image.fromarray(base).save(tmp_path / "imgs" / c / f"img{i}.JPEG", quality=95)
+    _checkpoint(tmp_path / "m.pt", name="resnet8", num_classes=2, in_channels=3)
+    runs = {}
+    for decode in ("pil", "cpu"):
+        out_dir = tmp_path / decode
+        code, _, err = _run(["--dataset", "folder", "--data-root", str(tmp_path / "imgs"), "--model", "resnet8",
+                             "--checkpoint", str(tmp_path / "m.pt"), "--image-size", "32", "--decode", decode,
+                             "--method", "el2n", "--out", str(out_dir), "--quiet"], capsys)
+        assert code == 0, err
+        runs[decode] = np.load(out_dir / "scores.npy")
+    # the batched decoder is within one 8-bit level of PIL's eval view per pixel
+    np.testing.assert_allclose(runs["cpu"], runs["pil"], rtol=2e-2, atol=1e-3)
+
+
+def test_decode_on_a_data_set_without_image_files_is_a_usage_error(tmp_path, capsys):
+    code, _, err = _run(["--decode", "cpu", "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "decode" in err and len(err.strip().splitlines()) == 1, err

@@ -64,6 +64,10 @@ def add_parser(subparsers):
     g.add_argument("--split", default="train", help="split to score (default: %(default)s)")
     g.add_argument("--image-size", type=int, help="crop side for image folders (default: 224)")
     g.add_argument("--limit", type=int, help="score only the first N examples (quick trials)")
+    g.add_argument("--decode", choices=("pil", "cpu", "gpu", "auto"), default="pil",
+                   help="image folders: PIL per image in the loader workers (any format), or batched JPEG decoding "
+                        "on the GPU (gpu, or auto when scoring on CUDA; falls back to the CPU with a note) or in the "
+                        "workers (cpu) (default: pil)")
     g = p.add_argument_group("Model")
     g.add_argument("--model", type=lambda s: s.lower().replace("-", "_"), choices=MODELS,
                    help="architecture (default: cnn for digits, resnet20 for cifar10/svhn, resnet32 for cifar100, "
@@ -184,8 +188,9 @@ def _load_data(args):
     from ..data import load_dataset
     from ..errors import InvalidArgumentError
     kw = dict(root=args.data_root, split=args.split, image_size=args.image_size)
+    decode = None if args.decode == "pil" else args.decode  # load_dataset refuses it for other data sets
     try:
-        data = load_dataset(args.dataset, **kw)
+        data = load_dataset(args.dataset, **kw, decode=decode)  # training below keeps the PIL path (augmented)
     except InvalidArgumentError as exc:  # a bad split or size is the user's argument; DataError is the data's
         raise UsageError(str(exc)) from exc
     train = None
@@ -203,8 +208,10 @@ def _load_data(args):
     return data, (train if train is not None else data)
 
 
-def _input_shape(args, dataset):
-    x = dataset[0][0]
+def _input_shape(dataset):
+    """(channels, side) of one decoded input (also for byte-loading data sets, whose items are JPEG bytes)."""
+    base = getattr(dataset, "dataset", dataset)  # through the Subset of --limit
+    x = base.load(0)
     return int(x.shape[0]), int(x.shape[-1])
 
 
@@ -417,7 +424,7 @@ def _run(args) -> int:
     data, train_data = _load_data(args)
     n, num_classes = len(data), data.num_classes
     targets = data.targets.numpy()
-    shape = _input_shape(args, data)
+    shape = _input_shape(data)
     log(f"{args.dataset} ({args.split}): {n} examples, {num_classes} classes; method {args.method}; "
         f"device {args.device}; output -> {args.out}", quiet=args.quiet)
 
