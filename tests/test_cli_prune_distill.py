@@ -230,3 +230,29 @@ def test_distill_recipe_defaults_and_milestone_scaling():
     args = distill.resolve(parser.parse_args(["--dataset", "imagenet", "--data-root", ".", "--alpha", "0",
                                               "--out", "/nonexistent/x"]))
     assert (args.lr, args.batch_size, args.schedule) == (0.1, 128, "cosine")
+
+
+def test_prune_whole_batches_of_a_liprune_run(tmp_path, capsys):
+    """Every example carries its fixed batch's score; the round(f * B) batches with the largest scores are
+    kept whole, ties to the lower batch id."""
+    folder = tmp_path / "liprune"
+    folder.mkdir()
+    batch_ids = torch.randperm(50).numpy() % 7  # 7 batches of 7 or 8 examples, interleaved in data set order
+    per_batch = np.array([0.5, 2.0, 1.0, 2.0, 0.1, 3.0, 0.7], dtype=np.float32)
+    np.save(folder / "scores.npy", per_batch[batch_ids])
+    np.save(folder / "batch_ids.npy", batch_ids)
+    (folder / "meta.json").write_text(json.dumps({"method": "liprune"}))
+    rc = prune_main(["--scores", str(folder), "--fraction", "0.4", "--whole-batches", "--out", str(tmp_path / "k.npy")])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    keep = np.load(tmp_path / "k.npy")
+    assert np.array_equal(keep, np.flatnonzero(np.isin(batch_ids, [5, 1, 3])))  # round(0.4 * 7) = 3 batches
+    assert "whole batches of 7" in captured.out
+    assert json.loads((tmp_path / "k.npy.json").read_text())["num_batches"] == 7
+
+    rc = prune_main(["--scores", str(folder), "--fraction", "0.4", "--whole-batches", "--mode", "easy",
+                     "--out", str(tmp_path / "k.npy")])
+    assert rc == 2 and "--whole-batches" in _one_error_line(capsys.readouterr().err, "kdfast-prune")
+    (folder / "batch_ids.npy").unlink()
+    rc = prune_main(["--scores", str(folder), "--fraction", "0.4", "--whole-batches", "--out", str(tmp_path / "k.npy")])
+    assert rc == 2 and "no batch_ids.npy" in _one_error_line(capsys.readouterr().err, "kdfast-prune")

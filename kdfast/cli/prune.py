@@ -39,6 +39,9 @@ def add_parser(subparsers):
                    help="hard: highest scores; easy: lowest; moderate: around the median; random: seeded; "
                         "ccs: coverage-centric (default: %(default)s)")
     g.add_argument("--class-balanced", action="store_true", help="draw equally from each class")
+    g.add_argument("--whole-batches", action="store_true",
+                   help="LiPrune's batch pruning: keep the round(f * B) fixed batches with the largest scores, each "
+                        "whole (needs a kdfast-score --method liprune folder, which holds batch_ids.npy)")
     g.add_argument("--seed", type=int, default=0, help="seed of random and ccs (default: %(default)s)")
     g.add_argument("--ccs-beta", type=float, default=0.1,
                    help="ccs: hardest share dropped before stratified sampling (default: %(default)s)")
@@ -65,6 +68,9 @@ def _validate(args):
         problems.append(f"--scores {args.scores} does not exist")
     if args.labels and not os.path.isfile(args.labels):
         problems.append(f"--labels {args.labels} does not exist")
+    if args.whole_batches and (args.mode != "hard" or args.class_balanced):
+        problems.append("--whole-batches keeps the batches with the largest scores: it goes with --mode hard and "
+                        "without --class-balanced")
     if args.labels and args.dataset:
         problems.append("give --labels or --dataset, not both")
     if not args.out.endswith(".npy"):
@@ -128,6 +134,23 @@ def _labels(args, meta, n):
     return labels
 
 
+def _whole_batches(args, scores):
+    """LiPrune's batch pruning: dataset indices of the round(f * B) batches with the largest scores."""
+    import torch
+
+    from ..liprune import keep_top_batches
+    path = os.path.join(args.scores, "batch_ids.npy")
+    if not os.path.isfile(path):
+        raise UsageError(f"--whole-batches: {args.scores} holds no batch_ids.npy; score with kdfast-score --method "
+                         "liprune first")
+    batch_ids = _load_npy(path, "batch ids")
+    if batch_ids.shape != scores.shape or not np.issubdtype(batch_ids.dtype, np.integer):
+        raise CliError(f"{path}: expected {scores.shape[0]} integer batch ids, got {batch_ids.dtype} "
+                       f"{batch_ids.shape}")
+    return keep_top_batches(torch.from_numpy(scores), torch.from_numpy(batch_ids.astype(np.int64)),
+                            args.fraction).numpy(), int(batch_ids.max()) + 1
+
+
 def run(args) -> int:
     from ..selection import prune
     _validate(args)
@@ -135,8 +158,12 @@ def run(args) -> int:
     if scores.ndim != 1:
         raise CliError(f"scores in {args.scores} have shape {scores.shape}, expected (N,)")
     labels = _labels(args, meta, len(scores)) if args.class_balanced else None
-    keep = prune(scores, args.fraction, args.mode, labels=labels, class_balanced=args.class_balanced,
-                 seed=args.seed, ccs_beta=args.ccs_beta, ccs_strata=args.ccs_strata).numpy()
+    num_batches = None
+    if args.whole_batches:
+        keep, num_batches = _whole_batches(args, scores)
+    else:
+        keep = prune(scores, args.fraction, args.mode, labels=labels, class_balanced=args.class_balanced,
+                     seed=args.seed, ccs_beta=args.ccs_beta, ccs_strata=args.ccs_strata).numpy()
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
     tmp = f"{args.out}.tmp{os.getpid()}.npy"
@@ -146,11 +173,14 @@ def run(args) -> int:
               "mode": args.mode, "class_balanced": args.class_balanced, "seed": args.seed,
               "scores": os.path.abspath(args.scores), "method": meta.get("method"), "dataset": meta.get("dataset"),
               "labels_fingerprint": _meta_labels_fingerprint(meta), "argv": sys.argv}
+    if num_batches is not None:
+        record.update(whole_batches=True, num_batches=num_batches)
     if args.mode == "ccs":
         record.update(ccs_beta=args.ccs_beta, ccs_strata=args.ccs_strata)
     write_json_atomic(f"{args.out}.json", record)
     print(f"kept {len(keep)} of {len(scores)} examples (fraction {args.fraction}, mode {args.mode}"
-          f"{', class-balanced' if args.class_balanced else ''}) -> {args.out}")
+          f"{', class-balanced' if args.class_balanced else ''}"
+          f"{f', whole batches of {num_batches}' if num_batches else ''}) -> {args.out}")
     kept = scores[keep]
     finite = kept[np.isfinite(kept)]
     if finite.size:
