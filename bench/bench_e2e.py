@@ -43,7 +43,7 @@ from kdfast.data.imagefolder import IMAGENET_LAYOUT, ImageFolderDataset
 from kdfast.models import create_model
 from kdfast.scoring import BatchScorer, get_method, score_batches
 
-from .common import append_rows, make_row, sync, time_ms
+from .common import make_row, report, sync, time_ms
 
 OP = "e2e"
 CACHE_ROOT = Path(tempfile.gettempdir()) / "kdfast-bench-e2e"
@@ -246,11 +246,7 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     rows = run(device, quick=args.quick, configs=args.configs)
-    print(format_table(rows))
-    if args.out:
-        append_rows(rows, args.out)
-        print(f"rows appended to {args.out}", file=sys.stderr)
-    return 0
+    return report(rows, format_table(rows), args.out)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from torch import nn
 from kdfast.grad_norms import per_example_grad_norms
 from kdfast.reference.grad_norms import per_example_grad_norms_ref
 
-from .common import QUANTILES, append_rows, make_row, peak_extra_mib, time_ms
+from .common import QUANTILES, make_row, peak_extra_mib, report, time_ms
 
 OP = "per_example_grad_norms"
 # name -> (architecture, image size, batch, dtype on GPU); the CPU runs the small variants below in fp32
@@ -243,11 +243,7 @@ def main(argv=None) -> int:
     device = torch.device("cpu" if args.smoke else args.device)
     rows = run(device, smoke=args.smoke, configs=args.configs, providers=args.providers, reps=args.reps,
                command=" ".join(["python", "-m", "bench.bench_grad_norms", *sys.argv[1:]]))
-    print(format_table(rows))
-    if args.out:
-        append_rows(rows, args.out)
-        print(f"rows appended to {args.out}", file=sys.stderr)
-    return 0
+    return report(rows, format_table(rows), args.out)
 
 
 if __name__ == "__main__":

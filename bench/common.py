@@ -146,6 +146,15 @@ def append_rows(rows: list[dict], path: Path) -> None:
             f.write(json.dumps(row, sort_keys=True) + "\n")
 
 
+def report(rows: list[dict], table: str, out: Path | None) -> int:
+    """A standalone benchmark's ending: print its table, append its rows to `out` when given."""
+    print(table)
+    if out:
+        append_rows(rows, out)
+        print(f"rows appended to {out}", file=sys.stderr)
+    return 0
+
+
 def read_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []

@@ -21,6 +21,8 @@ from kdfast.dispatch import BACKEND_NAMES, ENV_VAR, backends
 from kdfast.errors import BackendUnavailableError, InvalidArgumentError
 from kdfast.reference.kd_loss import KD_STAT_NAMES, kd_loss_fwd_torch
 
+from _assertions import assert_close, max_abs_err
+
 kd_ops = importlib.import_module("kdfast.ops.kd_loss")  # the module: kdfast.ops.kd_loss is also the function
 IGNORE = -100
 # The C++ kernels may be EAGER_FACTOR times less accurate than eager fp32 PyTorch (the "torch" backend's
@@ -41,32 +43,6 @@ def _cpp():
     return _C
 
 
-def assert_close(name, actual, expected, *, rtol, budget=0.0):
-    """|actual - expected| <= rtol |expected| + budget elementwise; NaN and inf must match exactly.
-    On failure reports the mismatch count, the worst entry and the max abs and rel errors."""
-    a, e = actual.detach().double().reshape(-1), expected.detach().double().reshape(-1)
-    assert a.shape == e.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    special = ~torch.isfinite(e)
-    same = (a[special] == e[special]) | (a[special].isnan() & e[special].isnan())
-    assert bool(same.all()), f"{name}: non-finite entries differ: got {a[special][~same][:5].tolist()}, " \
-                             f"expected {e[special][~same][:5].tolist()}"
-    a, e = a[~special], e[~special]
-    err = (a - e).abs().nan_to_num(nan=float("inf"))
-    bad = err > rtol * e.abs() + budget
-    if bool(bad.any()):
-        worst = int((err - rtol * e.abs()).argmax())
-        rel = err / e.abs().clamp(min=1e-30)
-        raise AssertionError(f"{name}: {int(bad.sum())}/{e.numel()} mismatches; worst at flat index {worst}: got "
-                             f"{a[worst].item():.9g}, expected {e[worst].item():.9g}; max abs err "
-                             f"{err.max().item():.3g}, max rel err {rel.max().item():.3g} (rtol {rtol:.3g}, "
-                             f"budget {budget:.3g})")
-
-
-def _max_abs_err(x, ref) -> float:
-    finite = torch.isfinite(ref)
-    return float((x.double()[finite] - ref.double()[finite]).abs().max()) if bool(finite.any()) else 0.0
-
-
 def _contract(dtype, student, teacher, target, weight, grad_scale, alpha, temperature):
     """The kernels' contract (the "torch" backend) computed in `dtype` on the same, already rounded, inputs."""
     t = None if teacher is None else teacher.to(dtype)
@@ -84,7 +60,7 @@ def check_outputs(outputs, student, teacher, target, weight, grad_scale, alpha, 
               ("grad", grad[ok], ref[1][ok], eager[1][ok], GRAD_RTOL[grad.dtype])]
     checks += [(name, stats[k], ref[2][k], eager[2][k], REL_FLOOR) for k, name in enumerate(KD_STAT_NAMES)]
     for name, x, expected, x_eager, rtol in checks:
-        assert_close(name, x, expected, rtol=rtol, budget=EAGER_FACTOR * _max_abs_err(x_eager, expected))
+        assert_close(name, x, expected, rtol=rtol, budget=EAGER_FACTOR * max_abs_err(x_eager, expected))
 
 
 def _hostile_batch(N, C, s_dtype, t_dtype):

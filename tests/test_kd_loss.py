@@ -23,6 +23,8 @@ from kdfast.dispatch import resolve_backend, triton_interpret
 from kdfast.errors import BackendUnavailableError, InvalidArgumentError
 from kdfast.reference.kd_loss import KD_STAT_NAMES, kd_loss_ref, kd_stats_ref
 
+from _assertions import assert_close, max_abs_err
+
 kd_ops = importlib.import_module("kdfast.ops.kd_loss")  # the module: kdfast.ops.kd_loss is also the function
 
 # The Triton interpreter computes with numpy, which warns about the NaN / -inf intermediates of ignored rows
@@ -58,40 +60,6 @@ DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def assert_close(name, actual, expected, *, atol=0.0, rtol=0.0, budget=0.0):
-    """|actual - expected| <= atol + rtol |expected| + budget elementwise; NaN and inf must match exactly.
-
-    On failure reports the mismatch count, the worst index, and the max abs and rel errors.
-    """
-    a = actual.detach().double().cpu().reshape(-1)
-    e = expected.detach().double().cpu().reshape(-1)
-    assert a.shape == e.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
-    special = ~torch.isfinite(e)
-    same_special = (a[special] == e[special]) | (a[special].isnan() & e[special].isnan())
-    where = special.nonzero().reshape(-1)[~same_special][:5].tolist()
-    assert bool(same_special.all()), (f"{name}: non-finite values differ at flat indices {where}: got "
-                                      f"{a[where].tolist()}, expected {e[where].tolist()}")
-    finite = (~special).nonzero().reshape(-1)
-    a, e = a[finite], e[finite]
-    if a.numel() == 0:
-        return
-    err = (a - e).abs().nan_to_num(nan=float("inf"))
-    bad = err > atol + rtol * e.abs() + budget
-    if bool(bad.any()):
-        worst = int(err.argmax())
-        rel = err / e.abs().clamp(min=1e-30)
-        raise AssertionError(f"{name}: {int(bad.sum())}/{a.numel()} mismatches; worst at flat index "
-                             f"{int(finite[worst])}: got {a[worst].item():.9g}, expected {e[worst].item():.9g}; "
-                             f"max abs err {err.max().item():.3g}, max rel err {rel.max().item():.3g} (atol {atol:.3g}, "
-                             f"rtol {rtol:.3g}, budget {budget:.3g})")
-
-
-def _max_err(x, ref) -> float:
-    d = (x.detach().double() - ref.detach().double()).abs()
-    d = d[torch.isfinite(ref.detach().double())]
-    return float(d.nan_to_num(nan=float("inf")).max()) if d.numel() else 0.0
-
-
 def _magnitude(ref) -> float:
     """Largest finite |value| (at least 1): absolute tolerances scale with the values compared."""
     finite = ref.detach().abs()[torch.isfinite(ref.detach())]
@@ -183,10 +151,10 @@ def check_against_reference(s, t, y, *, backend, alpha, temperature, reduction, 
     f32_atol, f32_rtol = DTYPE_TOL[torch.float32]
     assert loss.dtype == torch.float32 and loss.shape == ref_loss.shape
     assert_close("loss", loss, ref_loss, atol=f32_atol * _magnitude(ref_loss), rtol=f32_rtol,
-                 budget=EAGER_ERROR_FACTOR * _max_err(e_loss, ref_loss))
+                 budget=EAGER_ERROR_FACTOR * max_abs_err(e_loss, ref_loss))
     assert leaf.grad.dtype == s.dtype and leaf.grad.shape == s.shape
     assert_close("grad", leaf.grad, ref_grad, atol=atol * _magnitude(ref_grad), rtol=rtol,
-                 budget=EAGER_ERROR_FACTOR * _max_err(e_grad, ref_grad))
+                 budget=EAGER_ERROR_FACTOR * max_abs_err(e_grad, ref_grad))
     if s.dtype != torch.float32:  # no worse than eager PyTorch computing in the low precision itself
         _, low_grad, _ = _reference(s, t, y, go, dtype=s.dtype, **kw)
         err, eager_err = _rel_norm_err(leaf.grad, ref_grad), _rel_norm_err(low_grad, ref_grad)
@@ -198,7 +166,7 @@ def check_against_reference(s, t, y, *, backend, alpha, temperature, reduction, 
     for name in KD_STAT_NAMES:
         assert stats[name].dtype == torch.float32 and stats[name].shape == (y.numel(),), name
         assert_close(f"stats[{name}]", stats[name], ref_stats[name], atol=f32_atol * _magnitude(ref_stats[name]),
-                     rtol=f32_rtol, budget=EAGER_ERROR_FACTOR * _max_err(e_stats[name], ref_stats[name]))
+                     rtol=f32_rtol, budget=EAGER_ERROR_FACTOR * max_abs_err(e_stats[name], ref_stats[name]))
 
 
 def _upstream(reduction, y):
