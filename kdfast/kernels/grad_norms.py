@@ -116,6 +116,22 @@ def conv_wgrad_sqnorm(x, g, *, kernel_size, stride, padding, dilation, groups):
 
 
 @triton.jit
+def _gram_tile(base, rows_i, rows_j, ok_i, ok_j, st, sd, D,
+               BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """X[rows_i] @ X[rows_j]^T for one (T, D) example X, accumulated over D in BLOCK_D slices."""
+    d = tl.arange(0, BLOCK_D)
+    gram = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + d
+        xi = tl.load(base + rows_i[:, None] * st + cols[None, :] * sd, mask=ok_i[:, None] & (cols < D)[None, :],
+                     other=0.0)
+        xj = tl.load(base + rows_j[None, :] * st + cols[:, None] * sd, mask=ok_j[None, :] & (cols < D)[:, None],
+                     other=0.0)
+        gram += tl.dot(xi, xj, input_precision=PRECISION)
+    return gram
+
+
+@triton.jit
 def _gram_sqnorm_kernel(
     # pointers
     a_ptr,    # (N, T, DA) activations, any strides
@@ -132,29 +148,14 @@ def _gram_sqnorm_kernel(
     bi = tl.program_id(1)
     rows_i = bi * BLOCK_T + tl.arange(0, BLOCK_T)
     ok_i = rows_i < T
-    d = tl.arange(0, BLOCK_D)
     a_base = a_ptr + n.to(tl.int64) * san
     g_base = g_ptr + n.to(tl.int64) * sgn
     acc = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
     for bj in range(bi, tl.cdiv(T, BLOCK_T)):
         rows_j = bj * BLOCK_T + tl.arange(0, BLOCK_T)
         ok_j = rows_j < T
-        gram_a = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
-        for d0 in range(0, DA, BLOCK_D):
-            cols = d0 + d
-            ai = tl.load(a_base + rows_i[:, None] * sat + cols[None, :] * sad,
-                         mask=ok_i[:, None] & (cols < DA)[None, :], other=0.0)
-            aj = tl.load(a_base + rows_j[None, :] * sat + cols[:, None] * sad,
-                         mask=ok_j[None, :] & (cols < DA)[:, None], other=0.0)
-            gram_a += tl.dot(ai, aj, input_precision=PRECISION)
-        gram_g = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
-        for d0 in range(0, DG, BLOCK_D):
-            cols = d0 + d
-            gi = tl.load(g_base + rows_i[:, None] * sgt + cols[None, :] * sgd,
-                         mask=ok_i[:, None] & (cols < DG)[None, :], other=0.0)
-            gj = tl.load(g_base + rows_j[None, :] * sgt + cols[:, None] * sgd,
-                         mask=ok_j[None, :] & (cols < DG)[:, None], other=0.0)
-            gram_g += tl.dot(gi, gj, input_precision=PRECISION)
+        gram_a = _gram_tile(a_base, rows_i, rows_j, ok_i, ok_j, sat, sad, DA, BLOCK_T, BLOCK_D, PRECISION)
+        gram_g = _gram_tile(g_base, rows_i, rows_j, ok_i, ok_j, sgt, sgd, DG, BLOCK_T, BLOCK_D, PRECISION)
         weight = tl.where(bj == bi, 1.0, 2.0)  # block (j, i) mirrors block (i, j)
         acc += gram_a * gram_g * weight
     tl.atomic_add(out_ptr + n, tl.sum(tl.sum(acc, axis=1), axis=0))
