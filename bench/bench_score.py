@@ -27,7 +27,7 @@ from kdfast.dispatch import resolve_backend
 from kdfast.models import create_model
 from kdfast.scoring import BatchScorer, get_method
 
-from .common import make_row, report, sync, time_ms
+from .common import Budget, make_row, report, skipped_row, sync, time_ms
 
 OP = "score"
 # name -> (model, in_channels, image size, batch, num_classes, precision)
@@ -65,7 +65,8 @@ def _check(method, scores, model, x, y, autocast):
     return float(((scores.double() - want[method]).abs() / want[method].abs().clamp_min(1e-6)).max())
 
 
-def bench_config(name, arch, channels, size, batch, num_classes, precision, device, methods, quick):
+def bench_config(name, arch, channels, size, batch, num_classes, precision, device, methods, quick, budget=None,
+                 emit=None):
     torch.manual_seed(0)
     model = create_model(arch, num_classes=num_classes, in_channels=channels, image_size=size).to(device).eval()
     x = torch.randn(batch, channels, size, size, device=device)
@@ -77,11 +78,17 @@ def bench_config(name, arch, channels, size, batch, num_classes, precision, devi
     rows = []
 
     def record(provider, fn, **extra):
-        med, p20, p80 = time_ms(fn, device, **rep)
-        rows.append(make_row(op=OP, provider=provider, mode="forward", shape=shape, dtype=dtype, device=device,
-                             config=name, model=arch, ms=med, p20=p20, p80=p80, images_per_s=batch / (med * 1e-3),
-                             ratio_to_inference=paired_ratio(inference, fn, device, rounds),
-                             command=" ".join(["python", "-m", "bench.bench_score", *sys.argv[1:]]), **extra))
+        if budget is not None and budget.spent():
+            rows.append(skipped_row(op=OP, provider=provider, shape=shape, dtype=dtype, device=device, config=name,
+                                    note=budget.note(f"{provider} at {name}")))
+        else:
+            med, p20, p80 = time_ms(fn, device, **rep)
+            rows.append(make_row(op=OP, provider=provider, mode="forward", shape=shape, dtype=dtype, device=device,
+                                 config=name, model=arch, ms=med, p20=p20, p80=p80, images_per_s=batch / (med * 1e-3),
+                                 ratio_to_inference=paired_ratio(inference, fn, device, rounds),
+                                 command=" ".join(["python", "-m", "bench.bench_score", *sys.argv[1:]]), **extra))
+        if emit is not None:
+            emit(rows[-1])
 
     rounds = 5 if quick else 21
     backend = resolve_backend(None, device, op="kd_loss")
@@ -121,17 +128,47 @@ def paired_ratio(reference, fn, device, rounds) -> float:
     return float(torch.tensor(ratios).median())
 
 
-def run(device: torch.device, quick: bool = False, smoke: bool = False, methods=None, configs=None) -> list[dict]:
-    """The `bench.run` entry point: rows for this device's configurations."""
+def run(device: torch.device, *, quick: bool = False, smoke: bool = False, budget_s: float | None = None,
+        emit=None, methods=None, configs=None) -> list[dict]:
+    """The `bench.run` entry point: rows for this device's configurations, each passed to `emit` when measured;
+    within `budget_s` seconds (what is left unmeasured gets a "skipped" row)."""
     table = SMOKE_CONFIGS if smoke else (GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS)
     methods = methods or (FAST_METHODS[:2] if smoke else (*FAST_METHODS, "grand"))
-    rows = []
+    rows, budget = [], Budget(budget_s)
     for name in configs or table:
         rows += bench_config(name, *{**GPU_CONFIGS, **CPU_CONFIGS, **SMOKE_CONFIGS}[name], device, methods,
-                             quick or smoke)
+                             quick or smoke, budget, emit)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def _newest(rows, **match):
+    hits = [r for r in rows if all(r.get(k) == v for k, v in match.items()) and "ms" in r]
+    return max(hits, key=lambda r: r["date"]) if hits else None
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """Issue 11's scoring targets on the GPU configuration (ResNet-50, 224 px, b256, bf16): EL2N and grand-last
+    within 2% of inference time; GraNd within 1.3x a plain forward+backward (this benchmark's own "fwd+bwd"
+    row if it has one, else the end-to-end benchmark's of the same configuration, device and commit)."""
+    name = next(iter(GPU_CONFIGS))
+    gpu = [r for r in rows if r.get("device_type") == "cuda" and r.get("config") == name]
+    out = []
+    for method in ("el2n", "grand-last"):
+        r = _newest(gpu, op=OP, provider=method)
+        measured = 1.0 / r["ratio_to_inference"] if r and r.get("ratio_to_inference") else None
+        out.append({"issue": 11, "what": f"GPU score({method}) {name} time vs inference", "measured": measured,
+                    "target": "<= 1.02", "unit": "x inference", "met": None if measured is None else measured <= 1.02,
+                    "commit": r and r["commit"]})
+    r = _newest(gpu, op=OP, provider="grand")
+    plain = r and (_newest(gpu, op=OP, provider="fwd+bwd", commit=r["commit"])
+                   or _newest(gpu, op="e2e", provider="fwd+bwd", commit=r["commit"], device=r["device"]))
+    measured = r["ms"] / plain["ms"] if r and plain else None
+    out.append({"issue": 11, "what": f"GPU score(grand) {name} time vs plain fwd+bwd", "measured": measured,
+                "target": "<= 1.3", "unit": "x fwd+bwd", "met": None if measured is None else measured <= 1.3,
+                "commit": r and r["commit"]})
+    return out
 
 
 def format_table(rows) -> str:
@@ -158,7 +195,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    rows = run(device, quick=args.quick, methods=args.methods, configs=args.configs)
+    rows = run(device=device, quick=args.quick, methods=args.methods, configs=args.configs)
     return report(rows, format_table(rows), args.out)
 
 

@@ -1,8 +1,10 @@
-"""Timing, memory and row-recording helpers shared by every benchmark module.
+"""Timing, memory, budget and row-recording helpers shared by every benchmark module.
 
 Times are medians with the 20th and 80th percentiles, in milliseconds: on a GPU through
 `triton.testing.do_bench` (CUDA events, cache flushed between calls), on the CPU through a perf_counter
-loop. A row is a flat dict that says what ran, where, with which versions, and from which command.
+loop. Host-bound calls are timed by wall clock over back-to-back calls instead (`wall_per_call_ms`): that is
+what a training loop sees, and do_bench's cache flush hides host time. A row is a flat dict that says what
+ran, where, with which versions, and from which command.
 """
 from __future__ import annotations
 
@@ -63,6 +65,46 @@ def time_ms(fn, device: torch.device, *, setup=None, warmup_ms: float = 25.0, re
     while sum(samples) < rep_ms or len(samples) < min_reps:
         samples.append(run_once())
     return _quantiles(samples)
+
+
+def wall_per_call_ms(fns: dict, device: torch.device, *, rounds: int = 5, calls: int = 100,
+                     warmup: int = 20) -> dict[str, list[float]]:
+    """Wall-clock ms per call of each `fns[name]()`, called `calls` times back to back and synchronised once at
+    the end, per round; the providers interleaved in each round so that a drifting machine load hits all of
+    them alike. Returns each name's per-round samples (report the best: the least disturbed round)."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync(device)
+            samples[name].append((time.perf_counter() - t0) * 1e3 / calls)
+    return samples
+
+
+class Budget:
+    """Wall-clock seconds a benchmark may still spend (None: unbounded). Check `spent()` before starting
+    a new configuration; a configuration already started runs to its end."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.start = time.monotonic()
+
+    def left(self) -> float:
+        return float("inf") if self.seconds is None else self.seconds - (time.monotonic() - self.start)
+
+    def spent(self, need_s: float = 0.0) -> bool:
+        return self.left() <= need_s
+
+    def note(self, what: str) -> str:
+        return (f"budget spent: {what} not measured ({self.seconds:.0f} s budget, "
+                f"{time.monotonic() - self.start:.0f} s used)")
 
 
 def peak_extra_mib(fn, device: torch.device) -> float | None:
@@ -139,11 +181,21 @@ def make_row(*, op: str, provider: str, mode: str, shape, dtype, device: torch.d
     }
 
 
+def skipped_row(*, op: str, device: torch.device, note: str, provider: str = "all", shape=(), dtype="-",
+                **extra) -> dict:
+    """A row that says what was not measured and why (budget spent, import failed, peer absent, ...)."""
+    return make_row(op=op, provider=provider, mode="skipped", shape=shape, dtype=dtype, device=device, note=note,
+                    **extra)
+
+
 def append_rows(rows: list[dict], path: Path) -> None:
+    """Append rows as JSON lines, each in one write and flushed before the next: a process killed between two
+    rows leaves every finished row in the file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         for row in rows:
             f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.flush()
 
 
 def report(rows: list[dict], table: str, out: Path | None) -> int:
@@ -156,6 +208,14 @@ def report(rows: list[dict], table: str, out: Path | None) -> int:
 
 
 def read_rows(path: Path) -> list[dict]:
+    """Every row of a results file; a last line cut short by a kill mid-write is left out."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in lines[:-1]]
+    if lines:
+        try:
+            rows.append(json.loads(lines[-1]))
+        except json.JSONDecodeError:
+            print(f"{path}: ignoring a truncated last line", file=sys.stderr)
+    return rows
