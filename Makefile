@@ -32,8 +32,11 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# Rows and report go to runs/bench/ (untracked); add them to the tracked record with
+#   $(PY) -m bench.run --record --merge runs/bench/results.jsonl
+BENCH_ARGS ?= --quick
 bench: setup
-	$(PY) -m bench.run --quick
+	$(PY) -m bench.run $(BENCH_ARGS) --out runs/bench/results.jsonl
 
 clean:
 	rm -rf $(VENV) build *.egg-info kdfast/*.so

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import importlib.metadata
 import json
 import os
 import platform
@@ -166,13 +167,29 @@ def versions() -> dict[str, str]:
     return out
 
 
+# optional peers the benchmarks compare against: distribution name -> where its rows appear
+PEERS = {"liger-kernel": "kd_loss (GPU)", "backpack-for-pytorch": "grad_norms", "opacus": "grad_norms"}
+
+
+@functools.lru_cache(maxsize=None)
+def peer_versions() -> dict[str, str | None]:
+    """The installed version of each optional peer, None where it is not installed (its rows are then missing)."""
+    found = {}
+    for name in PEERS:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def make_row(*, op: str, provider: str, mode: str, shape, dtype, device: torch.device, **metrics) -> dict:
     """One result row: what ran (op, provider, mode, shape, dtype), where, with what, and the numbers."""
     return {
         "op": op, "provider": provider, "mode": mode,
         "shape": "x".join(str(d) for d in shape), "dtype": str(dtype).replace("torch.", ""),
         "device": device_name(device), "device_type": device.type,
-        "versions": versions(), "commit": code_commit(),
+        "versions": versions(), "peers": peer_versions(), "commit": code_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable), "-m", "bench.run", *sys.argv[1:]]),
         # CPU timings on a shared machine are only as good as its idleness: keep the load beside them

@@ -10,13 +10,14 @@ name other files or `--record` names the tracked record, `bench/results.jsonl` a
 is appended the moment it is measured (a killed run loses nothing it finished); RESULTS.md is regenerated from
 all rows of the file at the end (the newest row of each measurement, labelled by commit).
 
-Budget (--budget-s): the benchmarks run in the order of BENCHMARKS, each in a child process of its own (a
-crash, a hung compile or a broken CUDA context ends that benchmark only). Each gets the share of the time still
+Budget (--budget-s): the benchmarks run in the order of BENCHMARKS, each in a child process of its own when a
+budget is set or the device is a GPU (a crash, a hung compile or a broken CUDA context then ends that benchmark
+only; on the CPU without a budget, e.g. --smoke, they run in this process). Each gets the share of the time still
 left that its weight is of the weights still to run (kd_loss 0.30, grad_norms 0.20, score 0.15, e2e 0.15,
 hessian 0.20): time one leaves unused is carried forward to the rest in proportion. A benchmark is told 85% of
 its share (`budget_s`, it stops starting new configurations when spent and says so in a "skipped" row) and
-is killed at 100%; a share under MIN_START_S is not started. The runner keeps RESERVE_S of the budget for
-the summary. Without --budget-s nothing is bounded.
+is killed at 100%; a share under MIN_START_S is not started. The runner keeps 5% of the budget (at most
+15 s) for the summary. Without --budget-s nothing is bounded.
 
 At the end it prints every open performance target (each benchmark's `targets(rows)`) with measured / target /
 met, which RESULTS.md shows too. A benchmark that cannot be imported (a missing peer) or raises gets a
@@ -28,7 +29,6 @@ import argparse
 import contextlib
 import ctypes
 import importlib
-import importlib.util
 import inspect
 import json
 import os
@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from .common import append_rows, make_row, read_rows, skipped_row
+from .common import PEERS, append_rows, read_rows, skipped_row
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -58,9 +58,6 @@ BENCHMARKS = {
 }
 SOFT_FRACTION = 0.85  # of its share, the time a benchmark is told it has; it is killed at the whole share
 MIN_START_S = 3.0
-# optional peers the benchmarks compare against: import name -> (pip name, where it appears)
-PEERS = {"liger_kernel": ("liger-kernel", "kd_loss (GPU)"), "backpack": ("backpack-for-pytorch", "grad_norms"),
-         "opacus": ("opacus", "grad_norms")}
 
 # ratio fields some benchmarks record, and how the table names them
 RATIOS = {"ratio_to_inference": "x inference throughput", "time_vs_plain": "x plain fwd+bwd time",
@@ -138,23 +135,10 @@ def run_child(name: str, args, share_s: float | None, run_id: str, command: str,
                          note=f"its process exited with code {rc} (see the log); the rows it finished are kept"))
 
 
-def peers_row(device: torch.device) -> dict:
-    """Which optional peers this machine has (their rows are missing where they are not installed)."""
-    installed = {}
-    for name in PEERS:
-        try:
-            installed[name] = getattr(importlib.import_module(name), "__version__", "unknown") \
-                if importlib.util.find_spec(name) else None
-        except Exception:  # installed but broken: as good as absent
-            installed[name] = None
-    return make_row(op="peers", provider="all", mode="peers", shape=(), dtype="-", device=device, installed=installed)
-
-
 def run_all(args, names: list[str], command: str, run_id: str) -> None:
     """Every named benchmark, in order, each within its share of the budget (see the module doc)."""
     device = torch.device(args.device)
     emit = make_emit(args.out, command, run_id)
-    emit(peers_row(device))
     start = time.monotonic()
     reserve = min(15.0, 0.05 * args.budget_s) if args.budget_s is not None else 0.0
     for i, name in enumerate(names):
@@ -168,7 +152,7 @@ def run_all(args, names: list[str], command: str, run_id: str) -> None:
                                       f"for it (under {MIN_START_S:.0f} s: not started)"))
                 continue
         print(f"== {name}" + (f" (share {share:.0f} s)" if share is not None else ""), flush=True)
-        if args.in_process:
+        if args.in_process or (share is None and device.type == "cpu"):
             run_module(name, device=device, quick=args.quick, smoke=args.smoke,
                        budget_s=None if share is None else share * SOFT_FRACTION, emit=emit)
         else:
@@ -263,16 +247,17 @@ def _backward_work(row: dict) -> str | None:
 
 
 def _speedups(row: dict, rows: list[dict]) -> dict:
-    """x faster than each peer of the same run, shape and mode (kdfast rows only); backward rows only against
-    peers whose backward does the same work."""
-    if not row["provider"].startswith("kdfast") or "ms" not in row:
+    """x faster than each peer (a provider of the op itself, not kdfast's, not a training step) of the same run,
+    shape and mode, for kdfast's op-level rows; backward rows only against peers whose backward does the same work."""
+    if not row["provider"].startswith("kdfast") or row["provider"] == "kdfast-kernel" or "ms" not in row:
         return {}
-    if "speedup_vs" in row and row.get("run_id") is None:  # older rows carry their own
-        found = dict(row["speedup_vs"] or {})
+    if row.get("speedup_vs") is not None and row.get("run_id") is None:  # older rows carry their own
+        found = dict(row["speedup_vs"])
     else:
+        same = ("op", "shape", "dtype", "mode")
         found = {r["provider"]: r["ms"] / row["ms"] for r in rows
-                 if "ms" in r and not r["provider"].startswith("kdfast") and _run_key(r) == _run_key(row)
-                 and (r["shape"], r["dtype"], r["mode"]) == (row["shape"], row["dtype"], row["mode"])}
+                 if "ms" in r and not r["provider"].startswith(("kdfast", "step-")) and _run_key(r) == _run_key(row)
+                 and all(r[k] == row[k] for k in same)}
     if row["mode"] == "backward":
         found = {p: v for p, v in found.items()
                  if _backward_work({**row, "provider": p, "backward_work": None}) == _backward_work(row)}
@@ -303,7 +288,7 @@ def _timing_table(rows: list[dict], all_rows: list[dict], notes: list[str]) -> l
         compared = ", ".join([*(f"{v:.2f}x faster than {k}" for k, v in sorted(_speedups(r, all_rows).items())),
                               *(f"{r[key]:.2f} {what}" for key, what in RATIOS.items() if r.get(key) is not None)])
         if r["mode"] == "backward" and r.get("op") == "kd_loss" and not compared:
-            compared = f"not compared (backward work: {_backward_work(r)})"
+            compared = f"not compared (backward: {_backward_work(r)})"
         # one sample has no spread to show
         spread = f"{r['p20']:.4f}-{r['p80']:.4f}" if r.get("p20") is not None and r["p20"] < r["p80"] else ""
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['mode']} | {provider} | {r['ms']:.4f} | {spread} | "
@@ -407,16 +392,16 @@ def render_markdown(rows: list[dict], figures: Path = HERE / "figures") -> str:
                        f"(CPU timings are only as steady as the machine is idle)")
         out += [f"- copy bandwidth: {r['gbs']:.1f} GB/s at commit {r['commit']} (read + write; the floor is 3 passes "
                 f"of N x C at this rate)" for r in here if r["mode"] == "bandwidth"]
-        for r in here:
-            if r["mode"] == "peers":
-                missing = [f"{name} (`pip install {PEERS[name][0]}`; {PEERS[name][1]})"
-                           for name, version in sorted(r["installed"].items()) if version is None and name in PEERS]
-                if missing:
-                    out.append("- peers not installed in the newest run, so their rows are missing: "
-                               + ", ".join(missing))
+        with_peers = [r for r in here if r.get("peers")]
+        if with_peers:
+            peers = max(with_peers, key=lambda r: r["date"])["peers"]
+            missing = [f"{name} (`pip install {name}`; {PEERS.get(name, '')})"
+                       for name, version in sorted(peers.items()) if version is None]
+            if missing:
+                out.append("- peers not installed in the newest run, so their rows are missing: " + ", ".join(missing))
         merged = sorted({r["merged_from"] for r in here if r.get("merged_from")})
         out += [f"- rows merged from `{m}`" for m in merged]
-        for op in sorted({r["op"] for r in here} - {"copy", "peers"}):
+        for op in sorted({r["op"] for r in here} - {"copy"}):
             mine = [r for r in here if r["op"] == op]
             out += ["", f"### {op}", ""]
             runs = sorted({(r["date"][:10], r["commit"], r["command"]) for r in mine})
@@ -438,9 +423,10 @@ def render_markdown(rows: list[dict], figures: Path = HERE / "figures") -> str:
                 out += ["", *_timing_table(timed, here, notes)]
                 if op == "kd_loss":
                     out += ["", "Backward rows are compared only between providers whose backward does the same work: "
-                                "kdfast's forward writes the gradient, so its backward (a no-op for loss.backward()) "
-                                "is not compared with eager's or torch.compile's softmax gradients; compare the full "
-                                "(forward + backward) rows."]
+                                "kdfast's forward writes the gradient, so its backward (a scale by the upstream "
+                                "gradient, a no-op for loss.backward()) is not compared with the softmax gradients of "
+                                "eager and torch.compile, nor with Liger's KL gradient; compare the full (forward + "
+                                "backward) rows."]
                 out += [""] + [f"[{i + 1}] {text}" for i, text in enumerate(notes)]
             sections = (("eager-call", _eager_call_table), ("sweep-best", _sweep_table), ("census", _census_table))
             for mode, table in sections:
@@ -503,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="total wall-clock seconds for the run, split between the benchmarks (default: unbounded)")
     parser.add_argument("--in-process", action="store_true",
-                        help="run the benchmarks in this process (no hard kill at the end of a share)")
+                        help="run the benchmarks in this process even with a budget or on a GPU (no hard kill at "
+                             "the end of a share)")
     parser.add_argument("--render-only", action="store_true",
                         help="only regenerate --markdown from the rows in --out (e.g. after adding a GPU run's rows)")
     parser.add_argument("--merge", type=Path, action="append", default=[],
@@ -513,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", action="store_true",
                         help="--out bench/results.jsonl --markdown bench/RESULTS.md (the tracked record)")
     parser.add_argument("--out", type=Path, default=None,
-                        help=f"rows are appended here (default {SCRATCH.relative_to(ROOT)}, untracked)")
+                        help="rows are appended here (default runs/bench/results.jsonl, untracked)")
     parser.add_argument("--markdown", type=Path, default=None,
                         help="regenerated from --out (default: RESULTS.md beside it)")
     # the runner's own child processes: one benchmark each
