@@ -327,11 +327,11 @@ def launcher_takes_config(launcher=None) -> bool:
     return "config" in inspect.signature(launcher or kernels.kd_loss_fwd).parameters
 
 
-def launch_forward(s, t, y, scale, *, config=None, launcher=None):
-    """The forward launcher alone (loss rows and gradient, no stats): the one place that knows its arguments."""
+def launch_forward(s, t, y, scale, *, config=None, launcher=None, return_stats=False):
+    """The forward launcher alone (loss rows and gradient): the one place that knows its arguments."""
     launcher = launcher or kernels.kd_loss_fwd
     extra = {} if config is None else {"config": config}
-    return launcher(s, t, y, None, scale, ALPHA, TEMPERATURE, -100, True, False, None, **extra)
+    return launcher(s, t, y, None, scale, ALPHA, TEMPERATURE, -100, True, return_stats, None, **extra)
 
 
 def bench_kernel_only(device, rep_ms, emit) -> None:
