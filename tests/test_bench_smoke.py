@@ -174,3 +174,25 @@ def test_render_with_gpu_rows():
     target = next(line for line in text.splitlines() if "GPU 8192x128256 bf16 fwd+bwd" in line)
     assert "3.55 x floor" in target and "**no**" in target and "NVIDIA H200" in target
     assert json.dumps(rows)  # the rows themselves are left as they were
+
+
+def test_sweep_records_the_best_config_and_skips_a_launcher_without_config():
+    def launcher(s, t, y, weight, scale, alpha, temperature, ignore_index, need_grad, stats, out, *, config=None):
+        if config is not None and config["BLOCK"] == 64:
+            raise RuntimeError("out of resources: shared memory")
+        time.sleep(4e-3 if config is None else 1e-3 * config["BLOCK"] / 16)
+
+    rows = []
+    grid = {"BLOCK": (16, 32, 64), "num_warps": (4,), "num_stages": (2,)}
+    bench_kd_loss.sweep("16x50-fp32", CPU, 10.0, grid, 5.0, bench_kd_loss.Budget(None), rows.append, launcher)
+    assert [r["mode"] for r in rows] == ["sweep", "sweep", "sweep-best"]
+    best = rows[-1]
+    assert best["config"] == {"BLOCK": 16, "num_warps": 4, "num_stages": 2} and best["speedup_vs_default"] > 1.5
+    assert "2 configs timed, 1 refused" in best["note"] and rows[0]["variant"] != rows[1]["variant"]
+
+    def old_launcher(s, t, y, weight, scale, alpha, temperature, ignore_index, need_grad, stats, out):
+        raise AssertionError("not called")
+
+    rows = []
+    bench_kd_loss.sweep("16x50-fp32", CPU, 10.0, grid, 5.0, bench_kd_loss.Budget(None), rows.append, old_launcher)
+    assert [r["mode"] for r in rows] == ["skipped"] and "takes no config=" in rows[0]["note"]
