@@ -1,1 +1,2 @@
-"""Benchmarks: `python -m bench.run [--quick]` appends rows to bench/results.jsonl and writes RESULTS.md."""
+"""Benchmarks: `python -m bench.run [--budget-s S]` appends rows to runs/bench/results.jsonl (`--record`: the tracked
+bench/results.jsonl) as they are measured and writes RESULTS.md beside them."""
