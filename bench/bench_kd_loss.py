@@ -40,7 +40,8 @@ from kdfast.dispatch import resolve_backend
 from kdfast.kernels import kd_loss as kernels
 from kdfast.reference.kd_loss import KD_STAT_NAMES, kd_loss_ref, kd_stats_ref
 
-from .common import Budget, copy_bandwidth_gbs, make_row, peak_extra_mib, skipped_row, time_ms, wall_per_call_ms
+from .common import (Budget, copy_bandwidth_gbs, make_row, newest_row, peak_extra_mib, skipped_row, time_ms,
+                     wall_per_call_ms)
 
 OP = "kd_loss"
 ALPHA, TEMPERATURE = 0.5, 4.0
@@ -493,12 +494,6 @@ def run(*, device: torch.device, quick: bool = False, smoke: bool = False, budge
 
 
 # ------------------------------------------------------------------------------------------ targets
-def _newest(rows, **match) -> dict | None:
-    """The newest row whose fields equal `match` (None when there is none)."""
-    hits = [r for r in rows if all(r.get(k) == v for k, v in match.items()) and "ms" in r]
-    return max(hits, key=lambda r: r["date"]) if hits else None
-
-
 def _target(what, row, measured, bound, unit, target) -> dict:
     return {"issue": 10, "what": what, "measured": measured, "target": target, "unit": unit,
             "met": None if measured is None else measured <= bound, "commit": row["commit"] if row else None}
@@ -511,23 +506,23 @@ def targets(rows: list[dict]) -> list[dict]:
     cpu = [r for r in rows if r.get("op") == OP and r.get("device_type") == "cpu"]
     out = []
     for shape, bound in (("8192x128256", 1.5), ("4096x32000", 2.0)):
-        r = _newest(gpu, provider="kdfast", mode="full", shape=shape, dtype="bfloat16")
+        r = newest_row(gpu, provider="kdfast", mode="full", shape=shape, dtype="bfloat16")
         out.append(_target(f"GPU {shape} bf16 fwd+bwd vs the 3-pass floor", r, r and r.get("ratio_to_floor"), bound,
                            "x floor", f"<= {bound:g}"))
-    r = _newest(gpu, provider="kdfast-kernel", mode="forward", shape="256x1000", dtype="float32")
+    r = newest_row(gpu, provider="kdfast-kernel", mode="forward", shape="256x1000", dtype="float32")
     out.append(_target("GPU forward launcher alone, 256x1000 fp32 (do_bench)", r, r and r["ms"] * 1e3, 10.0, "us",
                        "<= 10"))
     for device_rows, shapes, where in ((gpu, ("128x10", "128x100", "256x1000"), "GPU"),
                                        (cpu, ("8x10", "128x10", "128x100"), "CPU (1 thread)")):
         for shape in shapes:
-            r = _newest(device_rows, provider="kdfast", mode="eager-call", shape=shape, dtype="float32")
+            r = newest_row(device_rows, provider="kdfast", mode="eager-call", shape=shape, dtype="float32")
             out.append(_target(f"{where} eager fwd+bwd call {shape} fp32, wall vs F.cross_entropy fwd+bwd", r,
                                r and r.get("ratio_to_cross_entropy"), 1.0, "x F.cross_entropy", "<= 1"))
     # ahead of torch.compile at every shape: the worst kdfast / compile ratio over the shapes both measured
     worst, worst_row = None, None
     for mode in ("full", "eager-call"):
         for r in [r for r in gpu if r["provider"] == "kdfast" and r["mode"] == mode and "ms" in r]:
-            c = _newest(gpu, provider="compile", mode=mode, shape=r["shape"], dtype=r["dtype"], commit=r["commit"])
+            c = newest_row(gpu, provider="compile", mode=mode, shape=r["shape"], dtype=r["dtype"], commit=r["commit"])
             if c is not None and (worst is None or r["ms"] / c["ms"] > worst):
                 worst, worst_row = r["ms"] / c["ms"], r
     out.append(_target("GPU kdfast vs torch.compile, worst shape (fwd+bwd, do_bench and eager call)", worst_row,

@@ -27,7 +27,7 @@ from kdfast.dispatch import resolve_backend
 from kdfast.models import create_model
 from kdfast.scoring import BatchScorer, get_method
 
-from .common import Budget, make_row, report, skipped_row, sync, time_ms
+from .common import Budget, make_row, newest_row, report, skipped_row, sync, time_ms
 
 OP = "score"
 # name -> (model, in_channels, image size, batch, num_classes, precision)
@@ -143,11 +143,6 @@ def run(device: torch.device, *, quick: bool = False, smoke: bool = False, budge
     return rows
 
 
-def _newest(rows, **match):
-    hits = [r for r in rows if all(r.get(k) == v for k, v in match.items()) and "ms" in r]
-    return max(hits, key=lambda r: r["date"]) if hits else None
-
-
 def targets(rows: list[dict]) -> list[dict]:
     """Issue 11's scoring targets on the GPU configuration (ResNet-50, 224 px, b256, bf16): EL2N and grand-last
     within 2% of inference time; GraNd within 1.3x a plain forward+backward (this benchmark's own "fwd+bwd"
@@ -156,14 +151,14 @@ def targets(rows: list[dict]) -> list[dict]:
     gpu = [r for r in rows if r.get("device_type") == "cuda" and r.get("config") == name]
     out = []
     for method in ("el2n", "grand-last"):
-        r = _newest(gpu, op=OP, provider=method)
+        r = newest_row(gpu, op=OP, provider=method)
         measured = 1.0 / r["ratio_to_inference"] if r and r.get("ratio_to_inference") else None
         out.append({"issue": 11, "what": f"GPU score({method}) {name} time vs inference", "measured": measured,
                     "target": "<= 1.02", "unit": "x inference", "met": None if measured is None else measured <= 1.02,
                     "commit": r and r["commit"]})
-    r = _newest(gpu, op=OP, provider="grand")
-    plain = r and (_newest(gpu, op=OP, provider="fwd+bwd", commit=r["commit"])
-                   or _newest(gpu, op="e2e", provider="fwd+bwd", commit=r["commit"], device=r["device"]))
+    r = newest_row(gpu, op=OP, provider="grand")
+    plain = r and (newest_row(gpu, op=OP, provider="fwd+bwd", commit=r["commit"])
+                   or newest_row(gpu, op="e2e", provider="fwd+bwd", commit=r["commit"], device=r["device"]))
     measured = r["ms"] / plain["ms"] if r and plain else None
     out.append({"issue": 11, "what": f"GPU score(grand) {name} time vs plain fwd+bwd", "measured": measured,
                 "target": "<= 1.3", "unit": "x fwd+bwd", "met": None if measured is None else measured <= 1.3,

@@ -198,6 +198,12 @@ def make_row(*, op: str, provider: str, mode: str, shape, dtype, device: torch.d
     }
 
 
+def newest_row(rows: list[dict], **match) -> dict | None:
+    """The newest timed row whose fields equal `match` (None when there is none): what `targets()` reads."""
+    hits = [r for r in rows if all(r.get(k) == v for k, v in match.items()) and "ms" in r]
+    return max(hits, key=lambda r: r["date"]) if hits else None
+
+
 def skipped_row(*, op: str, device: torch.device, note: str, provider: str = "all", shape=(), dtype="-",
                 **extra) -> dict:
     """A row that says what was not measured and why (budget spent, import failed, peer absent, ...)."""

@@ -48,13 +48,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RECORD = HERE / "results.jsonl"  # the tracked record (RESULTS.md beside it)
 SCRATCH = ROOT / "runs" / "bench" / "results.jsonl"  # where a run writes unless told otherwise
-# name -> (module, weight in the budget split); also the order they run in: the KD loss first
+# name -> (module, weight in the budget split, the op its rows are filed under); also the order they run in
 BENCHMARKS = {
-    "kd_loss": ("bench.bench_kd_loss", 0.30),
-    "grad_norms": ("bench.bench_grad_norms", 0.20),
-    "score": ("bench.bench_score", 0.15),
-    "e2e": ("bench.bench_e2e", 0.15),
-    "hessian": ("bench.bench_hessian", 0.20),
+    "kd_loss": ("bench.bench_kd_loss", 0.30, "kd_loss"),
+    "grad_norms": ("bench.bench_grad_norms", 0.20, "per_example_grad_norms"),
+    "score": ("bench.bench_score", 0.15, "score"),
+    "e2e": ("bench.bench_e2e", 0.15, "e2e"),
+    "hessian": ("bench.bench_hessian", 0.20, "hessian_spectral_norms"),
 }
 SOFT_FRACTION = 0.85  # of its share, the time a benchmark is told it has; it is killed at the whole share
 MIN_START_S = 3.0
@@ -75,13 +75,14 @@ INPLACE_CAVEAT = ("timed on gradient values: before the benchmark cloned inputs 
 def run_module(name: str, *, device: torch.device, quick: bool, smoke: bool, budget_s: float | None, emit) -> None:
     """One benchmark in this process: its rows through `emit`; an import failure or an exception becomes a
     "skipped" row that says why. Modules without `emit`/`budget_s` parameters get their rows emitted at the end."""
+    path, _, op = BENCHMARKS[name]
     try:
-        module = importlib.import_module(BENCHMARKS[name][0])
+        module = importlib.import_module(path)
     except Exception as exc:  # a missing peer or a broken module must not end the run
-        emit(skipped_row(op=name, device=device, note=f"import failed: {type(exc).__name__}: {str(exc)[:300]}"))
+        emit(skipped_row(op=op, device=device, note=f"import failed: {type(exc).__name__}: {str(exc)[:300]}"))
         return
     if not callable(getattr(module, "run", None)):
-        emit(skipped_row(op=name, device=device, note=f"{BENCHMARKS[name][0]} defines no run() entry point"))
+        emit(skipped_row(op=op, device=device, note=f"{path} defines no run() entry point"))
         return
     offered = dict(device=device, quick=quick, smoke=smoke, budget_s=budget_s, emit=emit)
     params = inspect.signature(module.run).parameters
@@ -89,7 +90,7 @@ def run_module(name: str, *, device: torch.device, quick: bool, smoke: bool, bud
         rows = module.run(**{k: v for k, v in offered.items() if k in params})
     except Exception as exc:
         traceback.print_exc()
-        emit(skipped_row(op=name, device=device, note=f"raised {type(exc).__name__}: {str(exc)[:300]}"))
+        emit(skipped_row(op=op, device=device, note=f"raised {type(exc).__name__}: {str(exc)[:300]}"))
         return
     if "emit" not in params:
         for row in rows:
@@ -126,12 +127,12 @@ def run_child(name: str, args, share_s: float | None, run_id: str, command: str,
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGKILL)
         child.wait()
-        emit(skipped_row(op=name, device=torch.device(args.device),
+        emit(skipped_row(op=BENCHMARKS[name][2], device=torch.device(args.device),
                          note=f"killed at its hard limit of {share_s:.0f} s (its share of the budget); the rows it "
                               "finished before are kept"))
         return
     if rc != 0:
-        emit(skipped_row(op=name, device=torch.device(args.device),
+        emit(skipped_row(op=BENCHMARKS[name][2], device=torch.device(args.device),
                          note=f"its process exited with code {rc} (see the log); the rows it finished are kept"))
 
 
@@ -147,7 +148,7 @@ def run_all(args, names: list[str], command: str, run_id: str) -> None:
             left = args.budget_s - reserve - (time.monotonic() - start)
             share = left * BENCHMARKS[name][1] / sum(BENCHMARKS[n][1] for n in names[i:])
             if share < MIN_START_S:
-                emit(skipped_row(op=name, device=device,
+                emit(skipped_row(op=BENCHMARKS[name][2], device=device,
                                  note=f"budget spent: {max(share, 0.0):.1f} s of the {args.budget_s:.0f} s budget left "
                                       f"for it (under {MIN_START_S:.0f} s: not started)"))
                 continue
