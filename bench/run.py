@@ -119,7 +119,8 @@ def run_child(name: str, args, share_s: float | None, run_id: str, command: str,
     cmd += ["--quick"] * args.quick + ["--smoke"] * args.smoke
     cmd += ["--threads", str(args.threads)] if args.threads else []
     cmd += ["--budget-s", str(share_s * SOFT_FRACTION)] if share_s is not None else []
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "PYTHONUNBUFFERED": "1"}  # its log up to a kill
     child = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if os.name == "posix" else None)
     try:
         rc = child.wait(timeout=share_s)
