@@ -213,11 +213,16 @@ def skipped_row(*, op: str, device: torch.device, note: str, provider: str = "al
 
 def append_rows(rows: list[dict], path: Path) -> None:
     """Append rows as JSON lines, each in one write and flushed before the next: a process killed between two
-    rows leaves every finished row in the file."""
+    rows leaves every finished row in the file (and a line cut short by a kill mid-write is closed first)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
+    with open(path, "a+b") as f:  # appends go to the end wherever the read position is
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
         for row in rows:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+            f.write((json.dumps(row, sort_keys=True) + "\n").encode())
             f.flush()
 
 
@@ -231,14 +236,14 @@ def report(rows: list[dict], table: str, out: Path | None) -> int:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """Every row of a results file; a last line cut short by a kill mid-write is left out."""
+    """Every row of a results file; a line cut short by a kill mid-write is left out (and said so)."""
     if not path.exists():
         return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    rows = [json.loads(line) for line in lines[:-1]]
-    if lines:
-        try:
-            rows.append(json.loads(lines[-1]))
-        except json.JSONDecodeError:
-            print(f"{path}: ignoring a truncated last line", file=sys.stderr)
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                print(f"{path}:{number}: ignoring a line cut short", file=sys.stderr)
     return rows

@@ -198,3 +198,13 @@ def test_sweep_records_the_best_config_and_skips_a_launcher_without_config():
     rows = []
     bench_kd_loss.sweep("16x50-fp32", CPU, 10.0, grid, 5.0, bench_kd_loss.Budget(None), rows.append, old_launcher)
     assert [r["mode"] for r in rows] == ["skipped"] and "takes no config=" in rows[0]["note"]
+
+
+def test_a_row_cut_short_by_a_kill_is_closed_and_skipped(tmp_path):
+    from bench.common import append_rows
+    out = tmp_path / "results.jsonl"
+    append_rows([{"a": 1}], out)
+    with open(out, "a") as f:
+        f.write('{"a": 2, "b"')  # a kill mid-write
+    append_rows([{"a": 3}], out)
+    assert read_rows(out) == [{"a": 1}, {"a": 3}]
