@@ -191,17 +191,20 @@ def _met(t: dict) -> str:
 
 
 def _measured(t: dict) -> str:
-    return "not measured" if t["measured"] is None else f"{t['measured']:.3g} {t['unit']}"
+    if t["measured"] is None:
+        return "not measured"
+    return f"{t['measured']:{'.3f' if abs(t['measured']) < 10 else '.1f'}} {t['unit']}"
 
 
 def targets_table(rows: list[dict]) -> str:
     """Plain-text table of `collect_targets(rows)`, for the terminal."""
     ts = collect_targets(rows)
     width = max(len(t["what"]) for t in ts)
-    lines = [f"{'issue':>5}  {'target':{width}}  {'measured':>22}  {'goal':>18}  met",
-             "-" * (width + 58)]
-    lines += [f"{t['issue'] or '':>5}  {t['what']:{width}}  {_measured(t):>22}  {t['target']:>18}  "
-              f"{ {True: 'yes', False: 'NO', None: '-'}[t['met']]}" for t in ts]
+    lines = [f"{'issue':>5}  {'benchmark':10}  {'target':{width}}  {'measured':>22}  {'goal':>18}  met",
+             "-" * (width + 70)]
+    met = {True: "yes", False: "NO", None: "-"}
+    lines += [f"{t['issue'] or '':>5}  {t['bench']:10}  {t['what']:{width}}  {_measured(t):>22}  {t['target']:>18}  "
+              f"{met[t['met']]}" for t in ts]
     return "\n".join(lines)
 
 

@@ -174,7 +174,7 @@ def test_render_with_gpu_rows():
     assert "| 4096x32000 | bfloat16 | BLOCK=4096, num_warps=8, num_stages=3 | 0.5000 | 0.9000 | 1.80 |" in text
     assert "| 16x3x32x32 | float32 | kdfast | 190 | 12 | 1.34 | abc1234 |" in text
     target = next(line for line in text.splitlines() if "GPU 8192x128256 bf16 fwd+bwd" in line)
-    assert "3.55 x floor" in target and "**no**" in target and "NVIDIA H200" in target
+    assert "3.550 x floor" in target and "**no**" in target and "NVIDIA H200" in target
     assert json.dumps(rows)  # the rows themselves are left as they were
 
 
