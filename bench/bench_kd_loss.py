@@ -525,6 +525,7 @@ def targets(rows: list[dict]) -> list[dict]:
             c = newest_row(gpu, provider="compile", mode=mode, shape=r["shape"], dtype=r["dtype"], commit=r["commit"])
             if c is not None and (worst is None or r["ms"] / c["ms"] > worst):
                 worst, worst_row = r["ms"] / c["ms"], r
+    where = f" (at {worst_row['shape']} {worst_row['dtype']}, {worst_row['mode']})" if worst_row else ""
     out.append(_target("GPU kdfast vs torch.compile, worst shape (fwd+bwd, do_bench and eager call)", worst_row,
-                       worst, 1.0 - 1e-9, "x torch.compile", "< 1 at every shape"))
+                       worst, 1.0 - 1e-9, "x torch.compile" + where, "< 1 at every shape"))
     return out
