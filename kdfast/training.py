@@ -18,10 +18,12 @@ from torch.utils.data.distributed import DistributedSampler
 from . import distributed as dist
 from .distill import distill_step
 from .errors import InvalidArgumentError
+from .jobs.atomic import save_torch
 from .ops.kd_loss import kd_loss
+from .progress import progress as _progress
+from .scoring.engine import PRECISIONS
 
 SCHEDULES = ("cosine", "step", "constant")
-PRECISIONS = ("fp32", "bf16")
 CHECKPOINT_FORMAT = "kdfast-fit/1"
 
 
@@ -83,8 +85,7 @@ def _check_fit_args(dataset, epochs, batch_size, lr, schedule, milestones, teach
     if problems:
         raise InvalidArgumentError("fit: " + "; ".join(problems))
     if teacher_cache is not None and hasattr(dataset, "targets"):
-        from .data import labels_fingerprint
-        teacher_cache.check(dataset_fingerprint=labels_fingerprint(dataset.targets))
+        teacher_cache.check_dataset(dataset)
 
 
 def _scheduler(optimizer, schedule, epochs, milestones):
@@ -134,10 +135,7 @@ def _save_checkpoint(path, model, optimizer, scheduler, epoch, history, forgetti
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history}
     if forgetting is not None and hasattr(forgetting, "state_dict"):
         state["forgetting"] = forgetting.state_dict()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint intact
+    save_torch(path, state)  # atomic: a kill mid-save leaves the previous checkpoint intact
 
 
 def _load_checkpoint(path, model, optimizer, scheduler, forgetting):
@@ -154,13 +152,6 @@ def _load_checkpoint(path, model, optimizer, scheduler, forgetting):
     if forgetting is not None and "forgetting" in state and hasattr(forgetting, "load_state_dict"):
         forgetting.load_state_dict(state["forgetting"])
     return state["epoch"], list(state["history"])
-
-
-def _progress_bar(total, desc, enabled):
-    """A tqdm bar (examples/s) on a terminal; elsewhere (logs, pipes) only the per-epoch line of `fit`."""
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="ex", unit_scale=True, file=sys.stderr,
-                disable=not (enabled and sys.stderr.isatty()), leave=False, dynamic_ncols=True)
 
 
 def _epoch_line(record, epochs):
@@ -235,19 +226,21 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
         correct = torch.zeros((), device=device)
         lr_now = optimizer.param_groups[0]["lr"]
         tic = time.perf_counter()
-        with _progress_bar(len(subset), f"epoch {epoch + 1}/{epochs}", progress and writes_files) as bar:
-            for x, y, idx in _loader(subset, batch_size, True, seed + epoch, num_workers, device, sampler):
-                cached = None if teacher_cache is None or alpha == 0 else teacher_cache[idx]
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                idx_dev = idx.to(device, non_blocking=True)
-                if cached is not None:
-                    cached = cached.to(device, non_blocking=True)
-                out = distill_step(net, teacher, x, y, optimizer, alpha=alpha, temperature=temperature,
-                                   teacher_logits=cached, indices=idx_dev, forgetting=forgetting, amp=amp,
-                                   validate=epoch == start)  # the first epoch sees every example: check once
-                loss_sum += out["loss"] * len(y)
-                correct += out["correct"].sum()
-                bar.update(len(y))
+        batches = _progress(_loader(subset, batch_size, True, seed + epoch, num_workers, device, sampler),
+                            total=len(sampler) if sampler is not None else len(subset),
+                            desc=f"epoch {epoch + 1}/{epochs}", quiet=not (progress and writes_files),
+                            count=lambda b: len(b[1]), plain=False)  # off a terminal: the per-epoch line alone
+        for x, y, idx in batches:
+            cached = None if teacher_cache is None or alpha == 0 else teacher_cache[idx]
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            idx_dev = idx.to(device, non_blocking=True)
+            if cached is not None:
+                cached = cached.to(device, non_blocking=True)
+            out = distill_step(net, teacher, x, y, optimizer, alpha=alpha, temperature=temperature,
+                               teacher_logits=cached, indices=idx_dev, forgetting=forgetting, amp=amp,
+                               validate=epoch == start)  # the first epoch sees every example: check once
+            loss_sum += out["loss"] * len(y)
+            correct += out["correct"].sum()
         scheduler.step()
         if ddp:
             dist.all_reduce_sum(loss_sum)

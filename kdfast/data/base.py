@@ -1,11 +1,12 @@
 """What every data set of kdfast shares: the (input, label) contract, label checks, fingerprints, errors."""
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from ..errors import KDFastError
 
@@ -46,11 +47,43 @@ class LabeledDataset(Dataset):
     def __len__(self) -> int:
         return int(self.targets.numel())
 
+    @functools.cached_property
+    def files_fingerprint(self) -> str | None:
+        """sha256 of the relative paths and sizes of `files` (data/identity.py); None without files."""
+        from .identity import files_fingerprint
+        return None if self.files is None else files_fingerprint(self.folder, self.files)
+
     def load(self, index: int) -> torch.Tensor:
         raise NotImplementedError
 
     def __getitem__(self, index: int):
         return self.load(int(index)), int(self.targets[index])
+
+
+class LabeledSubset(Subset):
+    """The examples `indices` of a LabeledDataset, itself one: `.targets`, `.num_classes`, `.name`, `.files`,
+    `.folder` and `.classes` describe the subset; `load(i)` and items come from the parent's index `indices[i]`.
+    A torch Subset, so code that looks through Subsets (batch pipelines) still finds the parent."""
+
+    def __init__(self, dataset: LabeledDataset, indices):
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        super().__init__(dataset, idx.tolist())
+        self.targets = dataset.targets[idx]
+        self.num_classes, self.name = dataset.num_classes, dataset.name
+        self.files = None if dataset.files is None else [dataset.files[i] for i in self.indices]
+        self.folder = getattr(dataset, "folder", None)
+        self.classes = getattr(dataset, "classes", None)
+
+    files_fingerprint = LabeledDataset.files_fingerprint
+
+    def load(self, index: int) -> torch.Tensor:
+        return self.dataset.load(self.indices[int(index)])
+
+
+def class_names(dataset) -> list[str]:
+    """Names of the classes: the folder names of image folders, else the class indices as text."""
+    classes = getattr(dataset, "classes", None)
+    return list(classes) if classes else [str(c) for c in range(dataset.num_classes)]
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:

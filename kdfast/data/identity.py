@@ -1,0 +1,86 @@
+"""Data identity: what ties an artifact (scores, keep files, teacher caches, jobs) to one data set.
+
+    identity = data_identity(dataset)   # {"name", "num_examples", "num_classes", "labels_fingerprint",
+                                        #  "files_fingerprint" (file-backed data sets, else None)}
+    check_identity(recorded, dataset, what="--keep keep.npy", recorded_files=[...])   # DataIdentityError
+
+The labels fingerprint catches another data set or split; the files fingerprint (sha256 of every relative
+path and file size, in index order) catches renamed, moved, added or replaced files of an image folder
+even when the labels stay the same.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+from .base import DataError, labels_fingerprint
+
+
+class DataIdentityError(DataError):
+    """An artifact was made from another data set (other labels, other files) than the one given."""
+
+
+def files_fingerprint(folder: str, files: list[str]) -> str:
+    """sha256 hex over `relative path <TAB> size in bytes` of every file, in index order."""
+    h = hashlib.sha256()
+    for rel in files:
+        try:
+            size = os.stat(os.path.join(folder, rel)).st_size
+        except OSError:
+            size = -1  # a vanished file: the fingerprint changes, the consumer reports it
+        h.update(f"{rel}\t{size}\n".encode())
+    return h.hexdigest()
+
+
+def data_identity(dataset) -> dict:
+    """The identity of a kdfast data set (see the module docstring); JSON-able."""
+    return {"name": getattr(dataset, "name", None), "num_examples": len(dataset),
+            "num_classes": getattr(dataset, "num_classes", None),
+            "labels_fingerprint": labels_fingerprint(dataset.targets),
+            "files_fingerprint": dataset_files_fingerprint(dataset)}
+
+
+def dataset_files_fingerprint(dataset) -> str | None:
+    """The data set's files fingerprint (computed once per data set object), None when it has no files."""
+    fingerprint = getattr(dataset, "files_fingerprint", None)
+    if fingerprint is not None or getattr(dataset, "files", None) is None:
+        return fingerprint
+    return files_fingerprint(dataset.folder, dataset.files)
+
+
+def describe_file_mismatch(recorded: list[str], current: list[str], limit: int = 5) -> str:
+    """The first differing positions of two file lists, for error messages."""
+    diffs = [f"index {i}: {a or '(none)'} then, {b or '(none)'} now"
+             for i, (a, b) in enumerate(zip(recorded + [""] * (len(current) - len(recorded)),
+                                            current + [""] * (len(recorded) - len(current)))) if a != b]
+    if not diffs:
+        return "the same file names, but file sizes differ: files were replaced"
+    more = f" and {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return f"{len(diffs)} of {max(len(recorded), len(current))} files differ: " + "; ".join(diffs[:limit]) + more
+
+
+def check_identity(recorded: dict | None, dataset, *, what: str, recorded_files: list[str] | None = None) -> None:
+    """Raises DataIdentityError unless `dataset` is the data set `recorded` (a data_identity dict) describes.
+
+    Fields missing from `recorded` (older artifacts) are not checked. The message names the artifact (`what`),
+    the differing fields and, for file lists, the first mismatched files when `recorded_files` is given.
+    """
+    if not recorded:
+        return
+    now = data_identity(dataset)
+    problems = []
+    for key in ("num_examples", "labels_fingerprint", "files_fingerprint"):
+        old = recorded.get(key)
+        if old is None and key == "files_fingerprint" and now[key] is None:
+            continue
+        if key in recorded and old != now[key]:
+            problems.append(key)
+    if not problems:
+        return
+    text = f"{what} was made from another data set than {dataset.name!r} here ({', '.join(problems)} differ"
+    if "files_fingerprint" in problems:
+        if recorded_files is not None and dataset.files is not None:
+            text += "; " + describe_file_mismatch(list(recorded_files), list(dataset.files))
+        elif "labels_fingerprint" not in problems:
+            text += "; the image files were renamed, moved, added or replaced"
+    raise DataIdentityError(text + "); rebuild it from this data set, or point it at the data it was made from")
