@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+import warnings
 
 from ..errors import KDFastError
 from ..jobs.atomic import write_json
@@ -72,7 +73,9 @@ def run_cli(parser_fn, run_fn, argv=None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
-        return int(run_fn(args) or 0)
+        with warnings.catch_warnings():  # library warnings as one line each, like the errors
+            warnings.showwarning = lambda message, *_, **__: print(f"{prog}: warning: {message}", file=sys.stderr)
+            return int(run_fn(args) or 0)
     except UsageError as exc:
         if debug:
             traceback.print_exc()

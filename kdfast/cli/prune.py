@@ -142,7 +142,8 @@ def _labels(args, meta, n):
             raise CliError(f"--scores {args.scores} holds {identity['num_examples']} scores but {name} ({split}) has "
                            f"{len(dataset)} examples: check --dataset, --data-root and --split")
         check_identity(identity, dataset, what=f"--scores {args.scores}",
-                       recorded_files=read_file_list(files) if files else None)
+                       recorded_files=read_file_list(files) if files else None,
+                       hint="check --dataset, --data-root and --split")
         labels = dataset.targets.numpy()
         source = f"{name} ({split})"
     if labels.ndim != 1 or len(labels) != n:

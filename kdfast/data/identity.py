@@ -49,17 +49,24 @@ def dataset_files_fingerprint(dataset) -> str | None:
 
 
 def describe_file_mismatch(recorded: list[str], current: list[str], limit: int = 5) -> str:
-    """The first differing positions of two file lists, for error messages."""
-    diffs = [f"index {i}: {a or '(none)'} then, {b or '(none)'} now"
-             for i, (a, b) in enumerate(zip(recorded + [""] * (len(current) - len(recorded)),
-                                            current + [""] * (len(recorded) - len(current)))) if a != b]
-    if not diffs:
-        return "the same file names, but file sizes differ: files were replaced"
-    more = f" and {len(diffs) - limit} more" if len(diffs) > limit else ""
-    return f"{len(diffs)} of {max(len(recorded), len(current))} files differ: " + "; ".join(diffs[:limit]) + more
+    """The first files that differ between two file lists, for error messages: files gone and new ones by
+    name, else (the same names) the first positions that differ, else a note that sizes differ."""
+    def first(names):
+        more = f" and {len(names) - limit} more" if len(names) > limit else ""
+        return ", ".join(names[:limit]) + more
+    old, new = set(recorded), set(current)
+    gone, added = [f for f in recorded if f not in new], [f for f in current if f not in old]
+    if gone or added:
+        return "; ".join(part for part in (f"{len(gone)} files gone: {first(gone)}" if gone else "",
+                                           f"{len(added)} new: {first(added)}" if added else "") if part)
+    moved = [f"index {i}: {a} then, {b} now" for i, (a, b) in enumerate(zip(recorded, current)) if a != b]
+    if moved:
+        return f"{len(moved)} files at other positions: {first(moved)}"
+    return "the same file names, but file sizes differ: files were replaced"
 
 
-def check_identity(recorded: dict | None, dataset, *, what: str, recorded_files: list[str] | None = None) -> None:
+def check_identity(recorded: dict | None, dataset, *, what: str, recorded_files: list[str] | None = None,
+                   hint: str = "rebuild it from this data set, or point it at the data it was made from") -> None:
     """Raises DataIdentityError unless `dataset` is the data set `recorded` (a data_identity dict) describes.
 
     Fields missing from `recorded` (older artifacts) are not checked. The message names the artifact (`what`),
@@ -83,4 +90,4 @@ def check_identity(recorded: dict | None, dataset, *, what: str, recorded_files:
             text += "; " + describe_file_mismatch(list(recorded_files), list(dataset.files))
         elif "labels_fingerprint" not in problems:
             text += "; the image files were renamed, moved, added or replaced"
-    raise DataIdentityError(text + "); rebuild it from this data set, or point it at the data it was made from")
+    raise DataIdentityError(f"{text}); {hint}")
