@@ -74,10 +74,32 @@ def test_checkpoint_ensemble_matches_the_api(tmp_path, capsys):
     meta = json.loads((out_dir / "meta.json").read_text())
     assert meta["checkpoints"][1]["sha256"] == file_sha256(tmp_path / "b.pt") and meta["seeds"] is None
     assert "hardest 3 examples" in out
+    # issue 14, problem 5: each scoring model's accuracy in eval mode, the mode it scores in
+    x = torch.stack([data[i][0] for i in range(150)])
+    y = torch.as_tensor([data[i][1] for i in range(150)])
+    for k, model in enumerate((a, b)):
+        with torch.no_grad():
+            expected = (model.eval()(x).argmax(1) == y).double().mean().item()
+        assert f"model {k + 1}: eval-mode accuracy {expected:.4f} on the 150 scored examples" in out
+        assert meta["checkpoints"][k]["eval_acc"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_trained_models_report_eval_mode_accuracy_not_the_training_mode_one(tmp_path, capsys):
+    # a BatchNorm CNN: train-mode accuracy during training and eval-mode accuracy differ; the latter is reported
+    code, out, err = _run(["--model", "cnn", "--limit", "200", "--seeds", "1", "--train-epochs", "1", "--out",
+                           str(tmp_path / "r"), "--quiet"], capsys)
+    assert code == 0, err
+    model = load_checkpoint(create_model("cnn", num_classes=10, in_channels=1), tmp_path / "r" / "models" / "seed0.pt")
+    data = load_dataset("digits")
+    x = torch.stack([data[i][0] for i in range(200)])
+    with torch.no_grad():
+        expected = (model.eval()(x).argmax(1) == data.targets[:200]).double().mean().item()
+    assert f"model 1: eval-mode accuracy {expected:.4f}" in out
 
 
 def test_folder_dataset_writes_file_list_and_show_grid(tmp_path, capsys):
     files = write_image_folder(tmp_path / "imgs")
+    (tmp_path / "imgs" / "dog" / "readme.txt").write_text("not an image")
     _checkpoint(tmp_path / "m.pt", name="resnet8", num_classes=3, in_channels=3)
     out_dir = tmp_path / "run"
     code, out, err = _run(["--dataset", "folder", "--data-root", str(tmp_path / "imgs"), "--model", "resnet8",
@@ -88,6 +110,11 @@ def test_folder_dataset_writes_file_list_and_show_grid(tmp_path, capsys):
     assert (out_dir / "show.png").stat().st_size > 1000
     assert "files.txt" in json.loads((out_dir / "meta.json").read_text())["files"]
     assert any(f in out for f in files)  # the hardest list names files
+    # issue 14, problem 6: class names in the histogram, skipped files counted, show.png's path printed
+    histogram = out.split("score histogram by class")[1].split("hardest")[0]
+    assert [ln.split()[0] for ln in histogram.splitlines()[2:]] == ["cat", "dog", "emu"]
+    assert "(1 non-image files skipped, e.g. dog/readme.txt)" in err
+    assert f"wrote {out_dir / 'show.png'}" in out
 
 
 def test_forgetting_is_tracked_while_training(tmp_path, capsys):
