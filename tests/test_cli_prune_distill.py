@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -347,3 +348,17 @@ def test_folder_distillation_evaluates_on_a_stratified_held_out_share(tmp_path, 
     rc = distill_main(_folder_argv(root) + ["--epochs", "1", "--alpha", "0", "--out", str(tmp_path / "d"),
                                             "--quiet"])
     assert rc == 0 and json.loads((tmp_path / "d" / "summary.json").read_text())["num_held_out"] == 3
+
+
+def test_the_prune_help_example_prints_what_the_command_prints(scores_dir, tmp_path, capsys, monkeypatch):
+    # issue 14, problem 4: the --help example promised 431 kept where the run keeps 419
+    from kdfast.cli.prune import EPILOG
+    lines = EPILOG.splitlines()
+    i = next(k for k, ln in enumerate(lines) if ln.strip().startswith("kdfast-prune --scores runs/digits-el2n"))
+    command, promised = lines[i].split(), lines[i + 1].strip()
+    folder, _ = scores_dir
+    (tmp_path / "runs").mkdir()
+    os.symlink(folder, tmp_path / "runs" / "digits-el2n")
+    monkeypatch.chdir(tmp_path)
+    assert prune_main(command[1:]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == promised
