@@ -266,9 +266,10 @@ def test_distill_resume_with_another_alpha_is_refused(tmp_path, capsys):
     argv = FAST + ["--train-teacher", "--teacher-epochs", "1", "--out", str(out)]
     assert distill_main(argv) == 0, capsys.readouterr().err
     first = (out / "summary.json").read_text()
-    rc = distill_main([a if a != "1" else "1" for a in argv] + ["--alpha", "0", "--temperature", "2", "--resume"])
+    rc = distill_main(argv + ["--alpha", "0", "--temperature", "2", "--resume"])
     line = _one_error_line(capsys.readouterr().err, "kdfast-distill")
-    assert rc == 1 and "--alpha: 'auto' in the run, 0.0 now" in line and "--temperature: 4.0 in the run, 2.0 now" in line
+    assert rc == 1 and "--alpha: 'auto' in the run, 0.0 now" in line
+    assert "--temperature: 4.0 in the run, 2.0 now" in line
     assert (out / "summary.json").read_text() == first and json.loads((out / "job.json").read_text())[
         "config"]["alpha"] == "auto"
     assert distill_main(argv + ["--alpha", "0", "--overwrite"]) == 0
@@ -307,7 +308,8 @@ def test_renamed_folder_files_are_caught_by_prune_distill_and_the_teacher_cache(
     rc = prune_main(["--scores", str(scores), "--fraction", "0.5", "--class-balanced", "--out",
                      str(tmp_path / "k2.npy")])
     line = _one_error_line(capsys.readouterr().err, "kdfast-prune")
-    assert rc == 1 and "files_fingerprint" in line and "2 files gone: cat/img0.JPEG, dog/img1.png; 2 new: cat/renamed0.JPEG, dog/zz1.png" in line, line
+    assert rc == 1 and "files_fingerprint" in line, line
+    assert "2 files gone: cat/img0.JPEG, dog/img1.png; 2 new: cat/renamed0.JPEG, dog/zz1.png" in line, line
     rc = distill_main(student + ["--keep", str(keep), "--alpha", "0", "--out", str(tmp_path / "k")])
     line = _one_error_line(capsys.readouterr().err, "kdfast-distill")
     assert rc == 1 and f"--keep {keep} was made from another data set" in line and "2 files gone" in line, line
@@ -319,9 +321,9 @@ def test_renamed_folder_files_are_caught_by_prune_distill_and_the_teacher_cache(
 
 def test_a_bare_keep_file_still_works_with_a_warning(tmp_path, digits, capsys):
     np.save(tmp_path / "keep.npy", np.arange(0, len(digits), 3))
-    with pytest.warns(UserWarning, match="cannot be checked"):
-        assert distill_main(FAST + ["--alpha", "0", "--keep", str(tmp_path / "keep.npy"),
-                                    "--out", str(tmp_path / "o")]) == 0
+    assert distill_main(FAST + ["--alpha", "0", "--keep", str(tmp_path / "keep.npy"), "--out", str(tmp_path / "o")]) == 0
+    warning = [ln for ln in capsys.readouterr().err.splitlines() if "cannot be checked" in ln]
+    assert len(warning) == 1 and warning[0].startswith("kdfast-distill: warning: --keep ")
 
 
 def test_folder_distillation_evaluates_on_a_stratified_held_out_share(tmp_path, capsys):

@@ -17,8 +17,8 @@ from ..progress import log, progress
 from ..scoring.engine import PRECISIONS
 
 __all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "UsageError", "CliError", "make_parser", "add_common_options",
-           "run_cli", "flag", "lower", "add_output_options", "add_performance_options", "check_common",
-           "default_device", "log", "progress", "write_json", "PRECISIONS"]
+           "run_cli", "flag", "lower", "model_name", "add_output_options", "add_performance_options",
+           "check_common", "default_device", "log", "progress", "write_json", "PRECISIONS"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -106,6 +106,11 @@ def flag(field: str) -> str:
 def lower(text: str) -> str:
     """argparse `type=` for case-insensitive choices."""
     return text.lower()
+
+
+def model_name(text: str) -> str:
+    """argparse `type=` for architectures: case-insensitive, '-' or '_' (resnet-18 = resnet18, wrn40-2 = wrn40_2)."""
+    return text.lower().replace("-", "_")
 
 
 def add_output_options(group, *, out_help: str, resume_help: str) -> None:

@@ -13,7 +13,7 @@ import sys
 from .. import distributed
 from ..jobs.distill import EVAL_SPLIT
 from .common import (UsageError, add_output_options, add_performance_options, check_common, default_device, flag,
-                     log, lower)
+                     log, lower, model_name)
 
 # The data-pruning paper's recipes (its App. A): RepDistiller's for CIFAR/SVHN, DeepCore's for ImageNet; the
 # digits recipe is this project's, sized to run in seconds on a CPU.
@@ -74,10 +74,11 @@ def add_parser(subparsers):
                         f"evaluate on it every epoch; kept indices falling in it are not trained on (default: "
                         f"{DEFAULT_VAL_FRACTION} for data sets without a test split (folder), else 0: the test split)")
     g = p.add_argument_group("Model")
-    g.add_argument("--model", type=lambda s: s.lower().replace("-", "_"), choices=MODELS,
+    g.add_argument("--model", type=model_name, choices=MODELS,
                    help="student architecture (default: the data set's)")
     g.add_argument("--teacher", help="teacher checkpoint (.pt)")
-    g.add_argument("--teacher-model", type=lambda s: s.lower().replace("-", "_"), choices=MODELS, help="teacher architecture (default: --model)")
+    g.add_argument("--teacher-model", type=model_name, choices=MODELS,
+                   help="teacher architecture (default: --model)")
     g.add_argument("--train-teacher", action="store_true",
                    help="train the teacher here first (on all data, or on --teacher-fraction of it)")
     g.add_argument("--teacher-fraction", type=float, default=1.0,
@@ -219,7 +220,6 @@ def run(args) -> int:
 def _run(args, device) -> int:
     from ..data import data_identity
     from ..jobs import Job
-    from ..jobs.atomic import read_json
     from ..jobs.distill import load_distill_data, run_distill_job
     main_rank = distributed.is_main()  # the one rank that writes files and reports
     args.quiet = args.quiet or not main_rank
@@ -229,8 +229,7 @@ def _run(args, device) -> int:
         job = Job.start(args.out, "distill", vars(args), data=data_identity(data.train), files=data.train.files,
                         resume=args.resume, overwrite=args.overwrite, label=flag)
     distributed.barrier()  # the main rank has checked, cleared or created --out
-    if job is None:
-        job = Job(args.out, read_json(os.path.join(args.out, "job.json")), created_folder=False)
+    job = job if job is not None else Job.attach(args.out)
     if job.finished:
         log(f"{args.out} already holds a finished run; nothing to do", quiet=args.quiet)
         return 0

@@ -148,12 +148,10 @@ def _labels(args, meta, n):
         source = f"{name} ({split})"
     if labels.ndim != 1 or len(labels) != n:
         raise CliError(f"labels from {source} have shape {labels.shape}, expected ({n},) (one per score)")
-    expected = _meta_labels_fingerprint(meta)
-    if expected is not None:
-        from ..data import labels_fingerprint
-        if labels_fingerprint(labels) != expected:
-            raise CliError(f"labels from {source} are not those the scores were computed on (fingerprint "
-                           "mismatch): check --dataset, --data-root and --split")
+    if args.labels:  # a data set was checked whole above; a labels file can only be checked for its labels
+        from ..data import check_identity
+        identity = {"labels_fingerprint": _meta_labels_fingerprint(meta)} if _meta_labels_fingerprint(meta) else None
+        check_identity(identity, labels, what=f"--scores {args.scores}", hint=f"check --labels {args.labels}")
     return labels
 
 

@@ -13,7 +13,7 @@ import sys
 
 from .. import distributed
 from .common import (UsageError, add_output_options, add_performance_options, check_common, default_device, flag,
-                     log, lower)
+                     log, lower, model_name)
 
 EPILOG = """examples:
   kdfast-score
@@ -68,7 +68,7 @@ def add_parser(subparsers):
                         "on the GPU (gpu, or auto when scoring on CUDA; falls back to the CPU with a note) or in the "
                         "workers (cpu) (default: pil)")
     g = p.add_argument_group("Model")
-    g.add_argument("--model", type=lambda s: s.lower().replace("-", "_"), choices=MODELS,
+    g.add_argument("--model", type=model_name, choices=MODELS,
                    help="architecture (default: cnn for digits, resnet20 for cifar10/svhn, resnet32 for cifar100, "
                         "resnet18 for image folders)")
     g.add_argument("--checkpoint", action="append", default=[], metavar="PATH",

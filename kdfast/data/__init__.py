@@ -2,9 +2,9 @@
 
 Every data set has `.targets` (LongTensor (N,)), `.num_classes`, `.name`, and `.files` (paths relative to
 its folder for image folders, else None); image folders also list `.skipped_files` (not images). Outputs
-carry `data_identity(dataset)` (labels and file-list fingerprints), checked by `check_identity`. Nothing is ever downloaded at run time: `digits` ships with
-scikit-learn; the others read an existing root and, when it is missing or malformed, raise DataError
-saying which layout was expected.
+carry `data_identity(dataset)` (labels and file-list fingerprints), checked by `check_identity`. Nothing
+is ever downloaded at run time: `digits` ships with scikit-learn; the others read an existing root and, when
+it is missing or malformed, raise DataError saying which layout was expected.
 
     digits     scikit-learn's 8x8 digits (1797 images, 10 classes; splits train/test/all), no root needed
     cifar10    ROOT/cifar-10-batches-py/...          (torchvision layout)

@@ -8,11 +8,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from ..errors import KDFastError
+from ..errors import InvalidArgumentError, KDFastError
 
 
 class DataError(KDFastError, ValueError):
     """A data set root is missing or malformed, an image is unreadable, or a label is out of range."""
+
+
+class LabelError(DataError, InvalidArgumentError):
+    """A label outside [0, num_classes): the one error of every label-range check (data sets, scoring)."""
 
 
 def labels_fingerprint(targets) -> str:
@@ -21,13 +25,16 @@ def labels_fingerprint(targets) -> str:
     return hashlib.sha256(arr.tobytes()).hexdigest()
 
 
-def check_labels(targets: torch.Tensor, num_classes: int, where: str) -> None:
-    """Every label must lie in [0, num_classes); the message names the first bad index."""
+def check_labels(targets: torch.Tensor, num_classes: int, where: str, *, indices=None,
+                 why: str = "the data set is malformed") -> None:
+    """Every label must lie in [0, num_classes); LabelError naming the first bad one and its dataset index
+    (`indices[j]` for a batch, else its position)."""
     bad = (targets < 0) | (targets >= num_classes)
     if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise DataError(f"{where}: label {int(targets[i])} at index {i} is outside [0, {num_classes}) "
-                        f"({int(bad.sum())} bad labels in all); the data set is malformed")
+        j = int(bad.nonzero()[0, 0])
+        at = f"of dataset index {int(indices[j])}" if indices is not None else f"at index {j}"
+        raise LabelError(f"{where}: label {int(targets[j])} {at} is outside [0, {num_classes}) "
+                         f"({int(bad.sum())} bad labels in all); {why}")
 
 
 class LabeledDataset(Dataset):

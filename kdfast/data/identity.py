@@ -33,7 +33,10 @@ def files_fingerprint(folder: str, files: list[str]) -> str:
 
 
 def data_identity(dataset) -> dict:
-    """The identity of a kdfast data set (see the module docstring); JSON-able."""
+    """The identity of a kdfast data set (see the module docstring), or of bare labels (an int array); JSON-able."""
+    if not hasattr(dataset, "targets"):
+        return {"name": None, "num_examples": len(dataset), "num_classes": None,
+                "labels_fingerprint": labels_fingerprint(dataset), "files_fingerprint": None}
     return {"name": getattr(dataset, "name", None), "num_examples": len(dataset),
             "num_classes": getattr(dataset, "num_classes", None),
             "labels_fingerprint": labels_fingerprint(dataset.targets),
@@ -84,9 +87,10 @@ def check_identity(recorded: dict | None, dataset, *, what: str, recorded_files:
             problems.append(key)
     if not problems:
         return
-    text = f"{what} was made from another data set than {dataset.name!r} here ({', '.join(problems)} differ"
+    here = f"{dataset.name!r} here" if getattr(dataset, "name", None) else "these labels"
+    text = f"{what} was made from another data set than {here} ({', '.join(problems)} differ"
     if "files_fingerprint" in problems:
-        if recorded_files is not None and dataset.files is not None:
+        if recorded_files is not None and getattr(dataset, "files", None) is not None:
             text += "; " + describe_file_mismatch(list(recorded_files), list(dataset.files))
         elif "labels_fingerprint" not in problems:
             text += "; the image files were renamed, moved, added or replaced"

@@ -79,8 +79,13 @@ def read_file_list(path: str) -> list[str]:
 
 
 class Job:
-    def __init__(self, out: str, record: dict, created_folder: bool):
-        self.out, self.record, self._created_folder = out, record, created_folder
+    def __init__(self, out: str, record: dict, created_folder: bool, owner: bool = True):
+        self.out, self.record, self._created_folder, self._owner = out, record, created_folder, owner
+
+    @classmethod
+    def attach(cls, out) -> "Job":
+        """The job another process started in `out` (torchrun's other ranks); it never cleans up the folder."""
+        return cls(os.fspath(out), read_json(os.path.join(out, JOB_FILE)), created_folder=False, owner=False)
 
     @property
     def kind(self) -> str:
@@ -176,6 +181,6 @@ class Job:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
+        if exc_type is not None and self._owner:
             self.abandon_if_empty()
         return False

@@ -230,10 +230,7 @@ def start_score_job(cfg, data, *, label=None) -> Job | None:
         job = Job.start(cfg.out, "score", vars(cfg), data=data_identity(data), files=data.files, resume=cfg.resume,
                         overwrite=cfg.overwrite, label=label)
     distributed.barrier()  # the main rank has checked, cleared or created the folder
-    if job is None:
-        from .atomic import read_json
-        job = Job(cfg.out, read_json(os.path.join(cfg.out, "job.json")), created_folder=False)
-    return job
+    return job if job is not None else Job.attach(cfg.out)
 
 
 def run_score_job(cfg, job, data, train_data) -> dict | None:
