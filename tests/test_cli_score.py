@@ -66,7 +66,7 @@ def test_checkpoint_ensemble_matches_the_api(tmp_path, capsys):
                            "--quiet", "--top", "3"], capsys)
     assert code == 0, err
     # --quiet: no progress; the untrained checkpoints are at chance, which is worth a warning all the same
-    assert err.count("did not learn") == 2 and all(ln.startswith("warning: ") for ln in err.splitlines())
+    assert err.count("did not learn") == 2 and all(ln.startswith("kdfast-score: warning: model ") for ln in err.splitlines())
     data = torch.utils.data.Subset(load_dataset("digits"), range(150))
     mean, per = kdfast.score([a, b], data, "grand-last", progress=False, return_per_model=True)
     np.testing.assert_allclose(np.load(out_dir / "scores_per_model.npy"), per.numpy(), rtol=1e-6, atol=1e-7)

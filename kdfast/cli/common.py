@@ -73,7 +73,8 @@ def run_cli(parser_fn, run_fn, argv=None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
-        with warnings.catch_warnings():  # library warnings as one line each, like the errors
+        with warnings.catch_warnings():  # library warnings as one line each, like the errors, every time
+            warnings.simplefilter("always")
             warnings.showwarning = lambda message, *_, **__: print(f"{prog}: warning: {message}", file=sys.stderr)
             return int(run_fn(args) or 0)
     except UsageError as exc:

@@ -9,6 +9,7 @@ import argparse
 import math
 import os
 import sys
+import warnings
 
 from .. import distributed
 from ..jobs.distill import EVAL_SPLIT
@@ -198,6 +199,8 @@ def resolve(args):
     from ..models import file_sha256
     args.keep_sha256 = file_sha256(args.keep) if args.keep else None
     args.teacher_sha256 = file_sha256(args.teacher) if args.teacher else None
+    cache_meta = os.path.join(args.teacher_cache, "meta.json") if args.teacher_cache else None
+    args.teacher_cache_sha256 = file_sha256(cache_meta) if cache_meta and os.path.isfile(cache_meta) else None
     return args
 
 
@@ -243,7 +246,7 @@ def _run(args, device) -> int:
     print(f"{args.model} student, f = {summary['fraction']:.3g}, alpha = {summary['alpha']:.3g}: {acc} after "
           f"{args.epochs} epochs -> {job.path('student.pt')}")
     for warning in summary["warnings"]:
-        log(f"warning: {warning}")
+        warnings.warn(warning, stacklevel=1)  # one line on stderr through run_cli
     return 0
 
 

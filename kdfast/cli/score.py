@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from .. import distributed
 from .common import (UsageError, add_output_options, add_performance_options, check_common, default_device, flag,
@@ -141,6 +142,9 @@ def _resolve(args) -> None:
     args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.method}")
     if args.num_workers is None:
         args.num_workers = min(8, os.cpu_count() or 1) if args.dataset in ("imagenet", "folder") else 0
+    # the weights behind the paths join the job's identity: a checkpoint replaced in place is another job
+    from ..models import file_sha256
+    args.checkpoint_sha256 = [file_sha256(path) for path in args.checkpoint]
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -198,7 +202,7 @@ def _run(args) -> int:
     for k, acc in enumerate(result["accuracies"]):
         print(f"model {k + 1}: eval-mode accuracy {acc:.4f} on the {len(data)} scored examples")
     for warning in result["warnings"]:
-        log(f"warning: {warning}", quiet=False)
+        warnings.warn(warning, stacklevel=1)  # one line on stderr through run_cli
     print(format_summary(summarize(result["scores"], result["targets"], top=args.top, files=data.files,
                                    class_names=class_names(data))))
     if args.show:

@@ -132,9 +132,10 @@ def model_accuracies(cfg, models, data) -> list[float]:
 def not_learning_warnings(accuracies, targets, what="model") -> list[str]:
     """A note for each accuracy at (or below) the majority-class share: such a model predicts one class."""
     majority = float(np.bincount(np.asarray(targets)).max()) / len(targets)
-    return [f"{what} {k + 1}: eval-mode accuracy {acc:.3f} is at the majority-class share {majority:.3f}; it did "
-            "not learn (more epochs, a lower learning rate or a model suited to the images may help)"
-            for k, acc in enumerate(accuracies) if acc <= majority + NOT_LEARNING_MARGIN]
+    names = [f"{what} {k + 1}" for k in range(len(accuracies))] if len(accuracies) > 1 else [what]
+    return [f"{name}: eval-mode accuracy {acc:.3f} is at the majority-class share {majority:.3f}; it did not "
+            "learn (more epochs, a lower learning rate or a model suited to the images may help)"
+            for name, acc in zip(names, accuracies) if acc <= majority + NOT_LEARNING_MARGIN]
 
 
 def _score_chunked(cfg, job, method, models, data):
