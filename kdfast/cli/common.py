@@ -74,7 +74,7 @@ def run_cli(parser_fn, run_fn, argv=None) -> int:
     try:
         args = parser.parse_args(argv)
         with warnings.catch_warnings():  # library warnings as one line each, like the errors, every time
-            warnings.simplefilter("always")
+            warnings.simplefilter("always", UserWarning)
             warnings.showwarning = lambda message, *_, **__: print(f"{prog}: warning: {message}", file=sys.stderr)
             return int(run_fn(args) or 0)
     except UsageError as exc:
