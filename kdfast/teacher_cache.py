@@ -178,20 +178,21 @@ class TeacherCache:
         _check_fingerprints(self.path, self.meta, dataset_fingerprint, teacher_fingerprint)
 
     def check_dataset(self, dataset) -> None:
-        """Raises TeacherCacheMismatchError unless the cache was built for `dataset`: its size, its labels and,
-        when the cache recorded one, its file list (the message names the first mismatched files)."""
-        from .data import check_identity
+        """Raises TeacherCacheMismatchError unless the cache was built for `dataset`: its labels and, when the
+        cache recorded one, its file list (the message then names the first mismatched files)."""
+        from .data import check_identity, labels_fingerprint
         from .data.identity import DataIdentityError
-        recorded = {"num_examples": len(self), "labels_fingerprint": self.meta["dataset_fingerprint"]}
-        if self.meta.get("files_fingerprint"):
-            recorded["files_fingerprint"] = self.meta["files_fingerprint"]
+        _check_fingerprints(self.path, self.meta, labels_fingerprint(dataset.targets), None)
+        if not self.meta.get("files_fingerprint"):
+            return
         files_txt = os.path.join(self.path, "files.txt")
         recorded_files = None
         if os.path.isfile(files_txt):
             with open(files_txt) as fh:
                 recorded_files = fh.read().splitlines()
         try:
-            check_identity(recorded, dataset, what=f"TeacherCache {str(self.path)!r}", recorded_files=recorded_files)
+            check_identity({"files_fingerprint": self.meta["files_fingerprint"]}, dataset,
+                           what=f"TeacherCache {str(self.path)!r}", recorded_files=recorded_files)
         except DataIdentityError as exc:
             raise TeacherCacheMismatchError(str(exc)) from None
 

@@ -219,3 +219,23 @@ def test_image_folders_count_the_files_they_skip(tmp_path):
     (tmp_path / "f" / "dog" / ".DS_Store").write_text("x")
     data = load_dataset("folder", root=tmp_path / "f", image_size=8)
     assert data.skipped_files == [os.path.join("cat", "notes.txt")]
+
+
+# ------------------------------------------------------------------------------------------ fit resume
+def test_fit_refuses_to_resume_a_checkpoint_of_another_run(tmp_path, digits):
+    from kdfast.training import fit
+    data = LabeledSubset(digits, range(64))
+    args = dict(epochs=2, batch_size=32, lr=0.05, progress=False, checkpoint_path=tmp_path / "c.pt")
+    torch.manual_seed(0)
+    fit(create_model("mlp", num_classes=10, in_channels=1), data, **args)
+    with pytest.raises(JobMismatchError, match=r"lr: 0.05 then, 0.2 now; temperature") as info:
+        fit(create_model("mlp", num_classes=10, in_channels=1), data, **{**args, "lr": 0.2}, temperature=2.0,
+            resume=True)
+    assert {f for f, _, _ in info.value.differences} == {"lr", "temperature"}
+    with pytest.raises(JobMismatchError, match="data.labels_fingerprint"):
+        fit(create_model("mlp", num_classes=10, in_channels=1), LabeledSubset(digits, range(1, 65)), **args,
+            resume=True)
+    with pytest.raises(JobMismatchError, match="epochs: 2 then, 3 now"):  # cosine: epochs set every epoch's LR
+        fit(create_model("mlp", num_classes=10, in_channels=1), data, **{**args, "epochs": 3}, resume=True)
+    history = fit(create_model("mlp", num_classes=10, in_channels=1), data, **args, resume=True)
+    assert [h["epoch"] for h in history] == [1, 2]  # the same run: restored, nothing left to train
