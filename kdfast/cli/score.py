@@ -163,11 +163,14 @@ def run(args) -> int:
 
 
 def _load_data(args):
+    from ..data import DataError
     from ..errors import InvalidArgumentError
     from ..jobs.score import load_score_data
     try:
         return load_score_data(args)
-    except InvalidArgumentError as exc:  # a bad split or size is the user's argument; DataError is the data's
+    except DataError:
+        raise  # the data's fault (exit 1), also for a bad label (a LabelError is both)
+    except InvalidArgumentError as exc:  # a bad split or size is the user's argument
         raise UsageError(str(exc)) from exc
 
 
