@@ -172,6 +172,10 @@ def test_distill_with_teacher_checkpoint_other_architecture_and_cache(tmp_path, 
     rc = distill_main(FAST + ["--teacher", str(tmp_path / "t.pt"), "--out", str(tmp_path / "d")])
     line = _one_error_line(capsys.readouterr().err, "kdfast-distill")
     assert rc == 1 and "does not fit" in line
+    assert not (tmp_path / "d").exists()  # issue 14, problem 3: nothing left to block the corrected command
+    rc = distill_main(FAST + ["--teacher", str(tmp_path / "t.pt"), "--teacher-model", "cnn", "--out",
+                              str(tmp_path / "d")])
+    assert rc == 0, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -172,6 +172,9 @@ def run_distill_job(cfg, job, data: DistillData, device) -> dict | None:
     if alpha == 0:
         teacher, cache = None, None
     n_train = len(data.train) if data.keep is None else len(data.keep)
+    skipped = getattr(data.train, "skipped_files", None)
+    if skipped:
+        log(f"{cfg.dataset}: {len(skipped)} non-image files skipped (e.g. {skipped[0]})", quiet=cfg.quiet)
     log(f"student: {cfg.model} on {n_train} of {len(data.train)} {cfg.dataset} examples (f = {data.fraction:.3g}), "
         f"alpha = {alpha:.3g}, T = {cfg.temperature}, {cfg.epochs} epochs, device {device}; eval: {data.eval_name}",
         quiet=cfg.quiet)
