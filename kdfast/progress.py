@@ -36,34 +36,54 @@ class _PlainProgress:
         self._print(time.perf_counter())
 
 
-def progress(iterable, *, total=None, desc="", quiet=False, unit="ex", count=None, plain=True):
-    """Yields from `iterable`, reporting progress on stderr: a tqdm bar on a TTY, plain lines otherwise
-    (none with plain=False, for callers that print their own line per pass).
+class _Silent:
+    def update(self, n):
+        pass
 
-    `count(item)` gives how many `unit`s each item stands for (e.g. examples in a batch; 1 by default), so
-    the rate reads in examples per second.
-    """
-    if quiet:
-        yield from iterable
-        return
+    def close(self):
+        pass
+
+
+class _Closing:
+    """Makes a bar a context manager that closes it."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __enter__(self):
+        return self.bar
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        return False
+
+
+def progress_bar(total=None, *, desc="", quiet=False, unit="ex", plain=True):
+    """A bar with update(n) and close(), also a context manager: tqdm on a terminal, plain lines elsewhere
+    (nothing with plain=False, for callers that print their own line per pass), nothing when quiet."""
     bar = None
-    if sys.stderr.isatty():
+    if not quiet and sys.stderr.isatty():
         try:
             from tqdm import tqdm
             bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=sys.stderr, dynamic_ncols=True,
                        leave=False)
         except ImportError:
             pass
-    if bar is None and not plain:
-        yield from iterable
-        return
-    bar = bar if bar is not None else _PlainProgress(total, desc, unit)
-    try:
+    if bar is None:
+        bar = _PlainProgress(total, desc, unit) if plain and not quiet else _Silent()
+    return _Closing(bar)
+
+
+def progress(iterable, *, total=None, desc="", quiet=False, unit="ex", count=None, plain=True):
+    """Yields from `iterable`, reporting progress on stderr as progress_bar does.
+
+    `count(item)` gives how many `unit`s each item stands for (e.g. examples in a batch; 1 by default), so
+    the rate reads in examples per second.
+    """
+    with progress_bar(total, desc=desc, quiet=quiet, unit=unit, plain=plain) as bar:
         for item in iterable:
             yield item
             bar.update(count(item) if count else 1)
-    finally:
-        bar.close()
 
 
 def log(message: str, *, quiet: bool = False) -> None:

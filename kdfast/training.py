@@ -20,7 +20,7 @@ from .distill import distill_step
 from .errors import InvalidArgumentError
 from .jobs.atomic import save_torch
 from .ops.kd_loss import kd_loss
-from .progress import progress as _progress
+from .progress import progress_bar
 from .scoring.engine import PRECISIONS
 
 SCHEDULES = ("cosine", "step", "constant")
@@ -134,14 +134,14 @@ def _run_identity(dataset, indices, **settings) -> dict:
     """What makes two fit() calls the same run, recorded in the checkpoint and checked when resuming."""
     import hashlib
 
-    from .jobs.job import _plain
+    from .jobs.job import jsonable
     data = {"num_examples": len(dataset)}
     if hasattr(dataset, "targets"):
         from .data import labels_fingerprint
         data["labels_fingerprint"] = labels_fingerprint(dataset.targets)
     if indices is not None:
         data["indices_sha256"] = hashlib.sha256(indices.numpy().astype("<i8").tobytes()).hexdigest()
-    return _plain({**settings, "data": data})
+    return jsonable({**settings, "data": data})
 
 
 def _save_checkpoint(path, model, optimizer, scheduler, epoch, history, forgetting, identity):
@@ -232,8 +232,8 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
             teacher_cache.meta["teacher_fingerprint"] if teacher_cache is not None else None
         # epochs shape the cosine schedule from the first epoch on; a step or constant schedule may be extended
         identity = _run_identity(dataset, None if indices is None else subset.indices,
-                                 epochs=epochs if schedule == "cosine" else None, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                 schedule=schedule, milestones=list(milestones), alpha=alpha, temperature=temperature,
+                                 epochs=epochs if schedule == "cosine" else None, batch_size=batch_size, lr=lr,
+                                 momentum=momentum, weight_decay=weight_decay, schedule=schedule, milestones=list(milestones), alpha=alpha, temperature=temperature,
                                  seed=seed, precision=precision, teacher=teacher_id,
                                  forgetting=forgetting is not None)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -260,21 +260,21 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
         correct = torch.zeros((), device=device)
         lr_now = optimizer.param_groups[0]["lr"]
         tic = time.perf_counter()
-        batches = _progress(_loader(subset, batch_size, True, seed + epoch, num_workers, device, sampler),
-                            total=len(sampler) if sampler is not None else len(subset),
-                            desc=f"epoch {epoch + 1}/{epochs}", quiet=not (progress and writes_files),
-                            count=lambda b: len(b[1]), plain=False)  # off a terminal: the per-epoch line alone
-        for x, y, idx in batches:
-            cached = None if teacher_cache is None or alpha == 0 else teacher_cache[idx]
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            idx_dev = idx.to(device, non_blocking=True)
-            if cached is not None:
-                cached = cached.to(device, non_blocking=True)
-            out = distill_step(net, teacher, x, y, optimizer, alpha=alpha, temperature=temperature,
-                               teacher_logits=cached, indices=idx_dev, forgetting=forgetting, amp=amp,
-                               validate=epoch == start)  # the first epoch sees every example: check once
-            loss_sum += out["loss"] * len(y)
-            correct += out["correct"].sum()
+        # off a terminal (logs, pipes) only the per-epoch line below
+        with progress_bar(len(subset), desc=f"epoch {epoch + 1}/{epochs}", quiet=not (progress and writes_files),
+                          plain=False) as bar:
+            for x, y, idx in _loader(subset, batch_size, True, seed + epoch, num_workers, device, sampler):
+                cached = None if teacher_cache is None or alpha == 0 else teacher_cache[idx]
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                idx_dev = idx.to(device, non_blocking=True)
+                if cached is not None:
+                    cached = cached.to(device, non_blocking=True)
+                out = distill_step(net, teacher, x, y, optimizer, alpha=alpha, temperature=temperature,
+                                   teacher_logits=cached, indices=idx_dev, forgetting=forgetting, amp=amp,
+                                   validate=epoch == start)  # the first epoch sees every example: check once
+                loss_sum += out["loss"] * len(y)
+                correct += out["correct"].sum()
+                bar.update(len(y))
         scheduler.step()
         if ddp:
             dist.all_reduce_sum(loss_sum)

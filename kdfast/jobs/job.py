@@ -35,7 +35,7 @@ _OWN_FILES = frozenset({JOB_FILE, FILES_FILE})
 _LEGACY_MARKERS = ("config.json", "meta.json", "chunks", "checkpoint.pt")
 
 
-def _plain(value):
+def jsonable(value):
     """The JSON form of a value, so stored and fresh configurations compare equal (tuples are lists, ...)."""
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
@@ -47,7 +47,7 @@ def job_identity(config: dict, data: dict | None = None, non_identity=()) -> dic
     identity = {k: v for k, v in config.items() if k not in skip and not k.startswith("_")}
     identity["data"] = data
     identity["kdfast_version"] = __version__
-    return _plain(identity)
+    return jsonable(identity)
 
 
 def _flatten(d: dict, prefix=""):
@@ -143,7 +143,7 @@ class Job:
         if files is not None:
             write_text(os.path.join(out, FILES_FILE), "\n".join(files) + "\n")
         record = {"format": FORMAT, "kind": kind, "status": "running", "identity": identity,
-                  "config": _plain(config), "argv": sys.argv,
+                  "config": jsonable(config), "argv": sys.argv,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         write_json(record_path, record)
         return cls(out, record, created_folder=created)
@@ -165,7 +165,7 @@ class Job:
     def complete(self, **info) -> None:
         """Marks the job finished (after its outputs are written)."""
         self.record.update(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info)
-        write_json(self.path(JOB_FILE), _plain(self.record))
+        write_json(self.path(JOB_FILE), jsonable(self.record))
 
     def abandon_if_empty(self) -> None:
         """Removes the job record (and the folder, if the job created it) when no work was written."""
