@@ -7,6 +7,9 @@ Public API (imported lazily, so `import kdfast` stays cheap and never touches a 
     per_example_grad_norms               exact per-example gradient norms of whole networks
     hessian, liprune_batches, ImportanceSampler
     prune, distill_step, alpha_for_fraction, optimal_alpha, TeacherCache
+    fit                                  the training loop behind kdfast-distill (checkpoints, exact resumption)
+    jobs                                 runs as jobs: job records checked on resume, chunk stores, atomic writes
+    data_identity, check_identity        what ties scores, keep files and caches to one data set
 """
 from __future__ import annotations
 
@@ -29,8 +32,11 @@ _API = {
     "alpha_for_fraction": "kdfast.distill",
     "optimal_alpha": "kdfast.distill",
     "TeacherCache": "kdfast.teacher_cache",
+    "fit": "kdfast.training",
+    "data_identity": "kdfast.data",
+    "check_identity": "kdfast.data",
 }
-_SUBMODULES = ("hessian",)
+_SUBMODULES = ("hessian", "jobs")
 
 __all__ = sorted([*_API, *_SUBMODULES])
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .errors import InvalidArgumentError
+from .jobs.atomic import write_json, write_text
 
 FORMAT = "kdfast-teacher-cache/1"
 STORE_DTYPES = ("float16", "float32")
@@ -53,10 +54,7 @@ def _read_meta(path):
 
 
 def _write_meta(path, meta):
-    tmp = _meta_path(path) + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(meta, fh, indent=2)
-    os.replace(tmp, _meta_path(path))  # atomic: a reader never sees half a file
+    write_json(_meta_path(path), meta)  # atomic: a reader never sees half a file
 
 
 def _check_fingerprints(path, meta, dataset_fingerprint, teacher_fingerprint):
@@ -124,8 +122,13 @@ class TeacherCache:
 
     @staticmethod
     def create(path, *, num_examples, num_classes, dataset_fingerprint, teacher_fingerprint, topk=None,
-               dtype="float16", resume=False) -> TeacherCacheWriter:
-        """A writer for a new cache at directory `path` (resume=True reopens an unfinished one)."""
+               dtype="float16", resume=False, files=None, files_fingerprint=None) -> TeacherCacheWriter:
+        """A writer for a new cache at directory `path` (resume=True reopens an unfinished one).
+
+        For file-backed data sets pass `files` (relative paths, index order) and their `files_fingerprint`
+        (kdfast.data.data_identity): the cache keeps both, and check_dataset() then refuses a data set whose
+        files differ, naming the first mismatched ones.
+        """
         for name, value in (("num_examples", num_examples), ("num_classes", num_classes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidArgumentError(f"TeacherCache.create: {name} must be a positive integer, got {value!r}")
@@ -139,7 +142,7 @@ class TeacherCache:
                 raise InvalidArgumentError(f"TeacherCache.create: {name} must be a non-empty string, got {value!r}")
         meta = {"format": FORMAT, "num_examples": num_examples, "num_classes": num_classes, "topk": topk,
                 "dtype": dtype, "dataset_fingerprint": dataset_fingerprint,
-                "teacher_fingerprint": teacher_fingerprint, "complete": False}
+                "teacher_fingerprint": teacher_fingerprint, "files_fingerprint": files_fingerprint, "complete": False}
         if resume and os.path.exists(_meta_path(path)):
             stored = _read_meta(path)
             _check_fingerprints(path, stored, dataset_fingerprint, teacher_fingerprint)
@@ -155,6 +158,8 @@ class TeacherCache:
         arrays = _open_arrays(path, meta, "w+")
         written = np.lib.format.open_memmap(os.path.join(path, "written.npy"), mode="w+", dtype=np.bool_,
                                             shape=(num_examples,))
+        if files is not None:
+            write_text(os.path.join(path, "files.txt"), "\n".join(files) + "\n")
         _write_meta(path, meta)
         return TeacherCacheWriter(path, meta, arrays, written)
 
@@ -171,6 +176,25 @@ class TeacherCache:
     def check(self, *, dataset_fingerprint=None, teacher_fingerprint=None) -> None:
         """Raises TeacherCacheMismatchError unless the cache was built from these (None: not checked)."""
         _check_fingerprints(self.path, self.meta, dataset_fingerprint, teacher_fingerprint)
+
+    def check_dataset(self, dataset) -> None:
+        """Raises TeacherCacheMismatchError unless the cache was built for `dataset`: its labels and, when the
+        cache recorded one, its file list (the message then names the first mismatched files)."""
+        from .data import check_identity, labels_fingerprint
+        from .data.identity import DataIdentityError
+        _check_fingerprints(self.path, self.meta, labels_fingerprint(dataset.targets), None)
+        if not self.meta.get("files_fingerprint"):
+            return
+        files_txt = os.path.join(self.path, "files.txt")
+        recorded_files = None
+        if os.path.isfile(files_txt):
+            with open(files_txt) as fh:
+                recorded_files = fh.read().splitlines()
+        try:
+            check_identity({"files_fingerprint": self.meta["files_fingerprint"]}, dataset,
+                           what=f"TeacherCache {str(self.path)!r}", recorded_files=recorded_files)
+        except DataIdentityError as exc:
+            raise TeacherCacheMismatchError(str(exc)) from None
 
     @property
     def num_classes(self) -> int:

@@ -18,10 +18,12 @@ from torch.utils.data.distributed import DistributedSampler
 from . import distributed as dist
 from .distill import distill_step
 from .errors import InvalidArgumentError
+from .jobs.atomic import save_torch
 from .ops.kd_loss import kd_loss
+from .progress import progress_bar
+from .scoring.engine import PRECISIONS
 
 SCHEDULES = ("cosine", "step", "constant")
-PRECISIONS = ("fp32", "bf16")
 CHECKPOINT_FORMAT = "kdfast-fit/1"
 
 
@@ -83,8 +85,7 @@ def _check_fit_args(dataset, epochs, batch_size, lr, schedule, milestones, teach
     if problems:
         raise InvalidArgumentError("fit: " + "; ".join(problems))
     if teacher_cache is not None and hasattr(dataset, "targets"):
-        from .data import labels_fingerprint
-        teacher_cache.check(dataset_fingerprint=labels_fingerprint(dataset.targets))
+        teacher_cache.check_dataset(dataset)
 
 
 def _scheduler(optimizer, schedule, epochs, milestones):
@@ -129,22 +130,42 @@ def evaluate(model, dataset, *, batch_size=256, device=None, num_workers=0, prec
     return {"loss": float(loss_sum) / n, "acc": float(correct) / n}
 
 
-def _save_checkpoint(path, model, optimizer, scheduler, epoch, history, forgetting):
+def _run_identity(dataset, indices, **settings) -> dict:
+    """What makes two fit() calls the same run, recorded in the checkpoint and checked when resuming."""
+    import hashlib
+
+    from .jobs.job import jsonable
+    data = {"num_examples": len(dataset)}
+    if hasattr(dataset, "targets"):
+        from .data import labels_fingerprint
+        data["labels_fingerprint"] = labels_fingerprint(dataset.targets)
+    if indices is not None:
+        data["indices_sha256"] = hashlib.sha256(indices.numpy().astype("<i8").tobytes()).hexdigest()
+    return jsonable({**settings, "data": data})
+
+
+def _save_checkpoint(path, model, optimizer, scheduler, epoch, history, forgetting, identity):
     state = {"format": CHECKPOINT_FORMAT, "epoch": epoch, "model": model.state_dict(),
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history}
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
+             "run": identity}
     if forgetting is not None and hasattr(forgetting, "state_dict"):
         state["forgetting"] = forgetting.state_dict()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a kill mid-save leaves the previous checkpoint intact
+    save_torch(path, state)  # atomic: a kill mid-save leaves the previous checkpoint intact
 
 
-def _load_checkpoint(path, model, optimizer, scheduler, forgetting):
+def _load_checkpoint(path, model, optimizer, scheduler, forgetting, identity):
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise InvalidArgumentError(f"fit: {path!r} is not a kdfast training checkpoint (format "
                                    f"{CHECKPOINT_FORMAT!r}); remove it or start without resume")
+    if "run" in state:  # checkpoints of older versions carry no record: nothing to compare
+        from .jobs.errors import JobMismatchError
+        from .jobs.job import differences
+        diffs = differences(state["run"], identity)
+        if diffs:
+            raise JobMismatchError(f"fit: resume=True found a checkpoint {path!r} of another run ("
+                                   + "; ".join(f"{k}: {a!r} then, {b!r} now" for k, a, b in diffs)
+                                   + "); pass the same arguments, or start without resume", diffs)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
@@ -154,13 +175,6 @@ def _load_checkpoint(path, model, optimizer, scheduler, forgetting):
     if forgetting is not None and "forgetting" in state and hasattr(forgetting, "load_state_dict"):
         forgetting.load_state_dict(state["forgetting"])
     return state["epoch"], list(state["history"])
-
-
-def _progress_bar(total, desc, enabled):
-    """A tqdm bar (examples/s) on a terminal; elsewhere (logs, pipes) only the per-epoch line of `fit`."""
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="ex", unit_scale=True, file=sys.stderr,
-                disable=not (enabled and sys.stderr.isatty()), leave=False, dynamic_ncols=True)
 
 
 def _epoch_line(record, epochs):
@@ -211,6 +225,17 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
         raise InvalidArgumentError("fit: forgetting needs every example's outcome on one process; it cannot go with "
                                    "distributed=True (train on one process, or drop forgetting)")
     subset = IndexedSubset(dataset, _check_indices(indices, len(dataset)))
+    identity = None
+    if checkpoint_path is not None:
+        from .models import model_fingerprint
+        teacher_id = model_fingerprint(teacher) if teacher is not None else \
+            teacher_cache.meta["teacher_fingerprint"] if teacher_cache is not None else None
+        # epochs shape the cosine schedule from the first epoch on; a step or constant schedule may be extended
+        identity = _run_identity(dataset, None if indices is None else subset.indices,
+                                 epochs=epochs if schedule == "cosine" else None, batch_size=batch_size, lr=lr,
+                                 momentum=momentum, weight_decay=weight_decay, schedule=schedule, milestones=list(milestones), alpha=alpha, temperature=temperature,
+                                 seed=seed, precision=precision, teacher=teacher_id,
+                                 forgetting=forgetting is not None)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     if teacher is not None:
@@ -219,7 +244,7 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
     scheduler = _scheduler(optimizer, schedule, epochs, milestones)
     start, history = 0, []
     if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
-        start, history = _load_checkpoint(checkpoint_path, model, optimizer, scheduler, forgetting)
+        start, history = _load_checkpoint(checkpoint_path, model, optimizer, scheduler, forgetting, identity)
     net, sampler = model, None
     if ddp:  # wraps the same parameters, so the optimizer above and the checkpoints keep working on `model`
         from torch.nn.parallel import DistributedDataParallel
@@ -235,7 +260,9 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
         correct = torch.zeros((), device=device)
         lr_now = optimizer.param_groups[0]["lr"]
         tic = time.perf_counter()
-        with _progress_bar(len(subset), f"epoch {epoch + 1}/{epochs}", progress and writes_files) as bar:
+        # off a terminal (logs, pipes) only the per-epoch line below
+        with progress_bar(len(subset), desc=f"epoch {epoch + 1}/{epochs}", quiet=not (progress and writes_files),
+                          plain=False) as bar:
             for x, y, idx in _loader(subset, batch_size, True, seed + epoch, num_workers, device, sampler):
                 cached = None if teacher_cache is None or alpha == 0 else teacher_cache[idx]
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -267,7 +294,7 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
         if progress:
             print(_epoch_line(record, epochs), file=sys.stderr, flush=True)
         if checkpoint_path is not None:
-            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch + 1, history, forgetting)
+            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch + 1, history, forgetting, identity)
         if on_epoch is not None:
             on_epoch(history)
     return history

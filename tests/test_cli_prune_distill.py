@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -96,7 +97,7 @@ def test_prune_failures(tmp_path, digits, capsys):
         (["--scores", str(tmp_path / "nan.npy"), "--fraction", "0.5"], 1, "index 1 holds nan"),
         (["--scores", str(tmp_path / "empty"), "--fraction", "0.5"], 1, "holds no scores.npy"),
         (["--scores", str(tmp_path / "nan.npy"), "--fraction", "0.5", "--class-balanced"], 2, "needs labels"),
-        (["--scores", str(bad_meta), "--fraction", "0.5", "--class-balanced"], 1, "fingerprint mismatch"),
+        (["--scores", str(bad_meta), "--fraction", "0.5", "--class-balanced"], 1, "labels_fingerprint differ"),
         (["--scores", str(tmp_path / "none.npy"), "--fraction", "0.5"], 2, "does not exist"),
     ]
     for argv, code, match in cases:
@@ -123,7 +124,7 @@ def test_distill_trains_teacher_then_student_on_kept_subset_and_resumes(tmp_path
     rc = distill_main(argv)
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    for name in ("student.pt", "checkpoint.pt", "metrics.csv", "accuracy.png", "config.json", "summary.json",
+    for name in ("student.pt", "checkpoint.pt", "metrics.csv", "accuracy.png", "job.json", "summary.json",
                  "teacher/teacher.pt", "teacher/metrics.csv"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
@@ -133,8 +134,8 @@ def test_distill_trains_teacher_then_student_on_kept_subset_and_resumes(tmp_path
     assert len(_metrics(out)) == 1 and len(_metrics(out / "teacher")) == 2
     assert float(_metrics(out / "teacher")[-1]["eval_acc"]) > 0.5  # the teacher learned something
     # rerunning into the same folder needs --resume; a finished run resumes to the same student
-    assert distill_main(argv) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert distill_main(argv) == 1
+    assert "already holds a distill run" in capsys.readouterr().err
     before = torch.load(out / "student.pt", weights_only=True)
     assert distill_main(argv + ["--resume"]) == 0
     after = torch.load(out / "student.pt", weights_only=True)
@@ -171,6 +172,10 @@ def test_distill_with_teacher_checkpoint_other_architecture_and_cache(tmp_path, 
     rc = distill_main(FAST + ["--teacher", str(tmp_path / "t.pt"), "--out", str(tmp_path / "d")])
     line = _one_error_line(capsys.readouterr().err, "kdfast-distill")
     assert rc == 1 and "does not fit" in line
+    assert not (tmp_path / "d").exists()  # issue 14, problem 3: nothing left to block the corrected command
+    rc = distill_main(FAST + ["--teacher", str(tmp_path / "t.pt"), "--teacher-model", "cnn", "--out",
+                              str(tmp_path / "d")])
+    assert rc == 0, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -256,3 +261,110 @@ def test_prune_whole_batches_of_a_liprune_run(tmp_path, capsys):
     (folder / "batch_ids.npy").unlink()
     rc = prune_main(["--scores", str(folder), "--fraction", "0.4", "--whole-batches", "--out", str(tmp_path / "k.npy")])
     assert rc == 2 and "no batch_ids.npy" in _one_error_line(capsys.readouterr().err, "kdfast-prune")
+
+
+# ------------------------------------------------------------------------- jobs and data identity (issue 14)
+def test_distill_resume_with_another_alpha_is_refused(tmp_path, capsys):
+    # problem 1: a run resumed with --alpha 0 used to continue with alpha 0 and report 0 for the whole run
+    out = tmp_path / "run"
+    argv = FAST + ["--train-teacher", "--teacher-epochs", "1", "--out", str(out)]
+    assert distill_main(argv) == 0, capsys.readouterr().err
+    first = (out / "summary.json").read_text()
+    rc = distill_main(argv + ["--alpha", "0", "--temperature", "2", "--resume"])
+    line = _one_error_line(capsys.readouterr().err, "kdfast-distill")
+    assert rc == 1 and "--alpha: 'auto' in the run, 0.0 now" in line
+    assert "--temperature: 4.0 in the run, 2.0 now" in line
+    assert (out / "summary.json").read_text() == first and json.loads((out / "job.json").read_text())[
+        "config"]["alpha"] == "auto"
+    assert distill_main(argv + ["--alpha", "0", "--overwrite"]) == 0
+    assert json.loads((out / "summary.json").read_text())["alpha"] == 0.0
+
+
+def _folder_argv(root):
+    return ["--dataset", "folder", "--data-root", str(root), "--image-size", "8", "--model", "mlp"]
+
+
+def test_renamed_folder_files_are_caught_by_prune_distill_and_the_teacher_cache(tmp_path, capsys):
+    # problem 2: renaming files (labels unchanged) used to go unnoticed by every consumer of scores and keep files
+    from _fake_datasets import write_image_folder
+
+    from kdfast.cli.main import score_main
+    root = tmp_path / "photos"
+    write_image_folder(root, per_class=4, size=(10, 10))
+    scores = tmp_path / "scores"
+    rc = score_main(_folder_argv(root) + ["--train-epochs", "1", "--seeds", "1", "--save-logits", "--quiet",
+                                          "--out", str(scores)])
+    assert rc == 0, capsys.readouterr().err
+    meta = json.loads((scores / "meta.json").read_text())
+    assert meta["data"]["files_fingerprint"] == meta["files_fingerprint"] is not None
+    keep = tmp_path / "keep.npy"
+    assert prune_main(["--scores", str(scores), "--fraction", "0.5", "--class-balanced", "--out", str(keep)]) == 0
+    record = json.loads((tmp_path / "keep.npy.json").read_text())
+    assert record["data"]["files_fingerprint"] == meta["files_fingerprint"]
+    assert record["files_list"] == str(scores / "files.txt")
+    capsys.readouterr()
+    # the same folder still works with the keep file and the cache
+    student = _folder_argv(root) + ["--epochs", "1", "--quiet", "--no-augment"]
+    assert distill_main(student + ["--keep", str(keep), "--alpha", "0", "--out", str(tmp_path / "ok")]) == 0
+    capsys.readouterr()
+    (root / "cat" / "img0.JPEG").rename(root / "cat" / "renamed0.JPEG")
+    (root / "dog" / "img1.png").rename(root / "dog" / "zz1.png")
+    rc = prune_main(["--scores", str(scores), "--fraction", "0.5", "--class-balanced", "--out",
+                     str(tmp_path / "k2.npy")])
+    line = _one_error_line(capsys.readouterr().err, "kdfast-prune")
+    assert rc == 1 and "files_fingerprint" in line, line
+    assert "2 files gone: cat/img0.JPEG, dog/img1.png; 2 new: cat/renamed0.JPEG, dog/zz1.png" in line, line
+    rc = distill_main(student + ["--keep", str(keep), "--alpha", "0", "--out", str(tmp_path / "k")])
+    line = _one_error_line(capsys.readouterr().err, "kdfast-distill")
+    assert rc == 1 and f"--keep {keep} was made from another data set" in line and "2 files gone" in line, line
+    assert not (tmp_path / "k").exists()  # refused before the job started
+    rc = distill_main(student + ["--teacher-cache", str(scores / "teacher-logits"), "--out", str(tmp_path / "c")])
+    line = _one_error_line(capsys.readouterr().err, "kdfast-distill")
+    assert rc == 1 and "TeacherCache" in line and "2 new: cat/renamed0.JPEG, dog/zz1.png" in line, line
+
+
+def test_a_bare_keep_file_still_works_with_a_warning(tmp_path, digits, capsys):
+    np.save(tmp_path / "keep.npy", np.arange(0, len(digits), 3))
+    assert distill_main(FAST + ["--alpha", "0", "--keep", str(tmp_path / "keep.npy"), "--out", str(tmp_path / "o")]) == 0
+    warning = [ln for ln in capsys.readouterr().err.splitlines() if "cannot be checked" in ln]
+    assert len(warning) == 1 and warning[0].startswith("kdfast-distill: warning: --keep ")
+
+
+def test_folder_distillation_evaluates_on_a_stratified_held_out_share(tmp_path, capsys):
+    # problem 5: an image folder has no test split; every epoch is now evaluated on a held-out share
+    from _fake_datasets import write_image_folder
+
+    from kdfast.data import stratified_split
+    root = tmp_path / "photos"
+    write_image_folder(root, per_class=6, size=(10, 10))
+    out = tmp_path / "o"
+    rc = distill_main(_folder_argv(root) + ["--epochs", "2", "--alpha", "0", "--val-fraction", "0.34", "--out",
+                                            str(out), "--quiet"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    summary = json.loads((out / "summary.json").read_text())
+    data = load_dataset("folder", root=root, image_size=8)
+    _, held = stratified_split(data.targets, 0.34, seed=0)
+    assert summary["num_held_out"] == len(held) == 6 and summary["num_kept"] == 12
+    assert np.bincount(data.targets[held].numpy()).tolist() == [2, 2, 2]
+    assert len(summary["eval_acc_per_epoch"]) == 2 and summary["eval_acc"] == summary["eval_acc_per_epoch"][-1]
+    assert "held-out 0.34 of train" in summary["eval"] and "on the held-out 0.34" in captured.out
+    assert [float(r["eval_acc"]) for r in _metrics(out)] == summary["eval_acc_per_epoch"]
+    # the default for folders holds out 10% (at least one example per class)
+    rc = distill_main(_folder_argv(root) + ["--epochs", "1", "--alpha", "0", "--out", str(tmp_path / "d"),
+                                            "--quiet"])
+    assert rc == 0 and json.loads((tmp_path / "d" / "summary.json").read_text())["num_held_out"] == 3
+
+
+def test_the_prune_help_example_prints_what_the_command_prints(scores_dir, tmp_path, capsys, monkeypatch):
+    # issue 14, problem 4: the --help example promised 431 kept where the run keeps 419
+    from kdfast.cli.prune import EPILOG
+    lines = EPILOG.splitlines()
+    i = next(k for k, ln in enumerate(lines) if ln.strip().startswith("kdfast-prune --scores runs/digits-el2n"))
+    command, promised = lines[i].split(), lines[i + 1].strip()
+    folder, _ = scores_dir
+    (tmp_path / "runs").mkdir()
+    os.symlink(folder, tmp_path / "runs" / "digits-el2n")
+    monkeypatch.chdir(tmp_path)
+    assert prune_main(command[1:]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == promised

@@ -47,7 +47,7 @@ def test_default_command_trains_scores_and_writes_runs_digits_el2n(tmp_path, mon
     assert meta["labels_fingerprint"] == labels_fingerprint(data.targets) and meta["num_examples"] == 1397
     assert meta["epochs"] == 3 and meta["torch_version"] == torch.__version__ and meta["images_per_s"] > 0
     assert [c["sha256"] for c in meta["checkpoints"]] == [file_sha256(run / "models" / f"seed{s}.pt") for s in range(3)]
-    assert not (run / "chunks").exists() and (run / "config.json").exists()
+    assert not (run / "chunks").exists() and (run / "job.json").exists()
     # the kept checkpoints reproduce the scores
     models = [load_checkpoint(create_model("cnn", num_classes=10, in_channels=1), run / "models" / f"seed{s}.pt")
               for s in range(3)]
@@ -65,7 +65,8 @@ def test_checkpoint_ensemble_matches_the_api(tmp_path, capsys):
                            "--method", "grand-last", "--limit", "150", "--batch-size", "64", "--out", str(out_dir),
                            "--quiet", "--top", "3"], capsys)
     assert code == 0, err
-    assert err == ""  # --quiet
+    # --quiet: no progress; the untrained checkpoints are at chance, which is worth a warning all the same
+    assert err.count("did not learn") == 2 and all(ln.startswith("kdfast-score: warning: model ") for ln in err.splitlines())
     data = torch.utils.data.Subset(load_dataset("digits"), range(150))
     mean, per = kdfast.score([a, b], data, "grand-last", progress=False, return_per_model=True)
     np.testing.assert_allclose(np.load(out_dir / "scores_per_model.npy"), per.numpy(), rtol=1e-6, atol=1e-7)
@@ -73,10 +74,32 @@ def test_checkpoint_ensemble_matches_the_api(tmp_path, capsys):
     meta = json.loads((out_dir / "meta.json").read_text())
     assert meta["checkpoints"][1]["sha256"] == file_sha256(tmp_path / "b.pt") and meta["seeds"] is None
     assert "hardest 3 examples" in out
+    # issue 14, problem 5: each scoring model's accuracy in eval mode, the mode it scores in
+    x = torch.stack([data[i][0] for i in range(150)])
+    y = torch.as_tensor([data[i][1] for i in range(150)])
+    for k, model in enumerate((a, b)):
+        with torch.no_grad():
+            expected = (model.eval()(x).argmax(1) == y).double().mean().item()
+        assert f"model {k + 1}: eval-mode accuracy {expected:.4f} on the 150 scored examples" in out
+        assert meta["checkpoints"][k]["eval_acc"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_trained_models_report_eval_mode_accuracy_not_the_training_mode_one(tmp_path, capsys):
+    # a BatchNorm CNN: train-mode accuracy during training and eval-mode accuracy differ; the latter is reported
+    code, out, err = _run(["--model", "cnn", "--limit", "200", "--seeds", "1", "--train-epochs", "1", "--out",
+                           str(tmp_path / "r"), "--quiet"], capsys)
+    assert code == 0, err
+    model = load_checkpoint(create_model("cnn", num_classes=10, in_channels=1), tmp_path / "r" / "models" / "seed0.pt")
+    data = load_dataset("digits")
+    x = torch.stack([data[i][0] for i in range(200)])
+    with torch.no_grad():
+        expected = (model.eval()(x).argmax(1) == data.targets[:200]).double().mean().item()
+    assert f"model 1: eval-mode accuracy {expected:.4f}" in out
 
 
 def test_folder_dataset_writes_file_list_and_show_grid(tmp_path, capsys):
     files = write_image_folder(tmp_path / "imgs")
+    (tmp_path / "imgs" / "dog" / "readme.txt").write_text("not an image")
     _checkpoint(tmp_path / "m.pt", name="resnet8", num_classes=3, in_channels=3)
     out_dir = tmp_path / "run"
     code, out, err = _run(["--dataset", "folder", "--data-root", str(tmp_path / "imgs"), "--model", "resnet8",
@@ -87,6 +110,11 @@ def test_folder_dataset_writes_file_list_and_show_grid(tmp_path, capsys):
     assert (out_dir / "show.png").stat().st_size > 1000
     assert "files.txt" in json.loads((out_dir / "meta.json").read_text())["files"]
     assert any(f in out for f in files)  # the hardest list names files
+    # issue 14, problem 6: class names in the histogram, skipped files counted, show.png's path printed
+    histogram = out.split("score histogram by class")[1].split("hardest")[0]
+    assert [ln.split()[0] for ln in histogram.splitlines()[2:]] == ["cat", "dog", "emu"]
+    assert "(1 non-image files skipped, e.g. dog/readme.txt)" in err
+    assert f"wrote {out_dir / 'show.png'}" in out
 
 
 def test_forgetting_is_tracked_while_training(tmp_path, capsys):
@@ -189,13 +217,41 @@ def test_resume_mid_training_keeps_the_forgetting_state(tmp_path, capsys):
         assert file_sha256(killed / name) == file_sha256(tmp_path / "whole" / name)
 
 
-def test_resume_with_other_settings_is_refused(tmp_path, capsys):
+def test_resume_with_other_settings_is_refused_naming_each_field(tmp_path, capsys):
+    # issue 14, problem 1: a run killed after model 1, resumed with other epochs and lr, used to mix the two runs
+    common = ["--model", "mlp", "--limit", "64", "--seeds", "2", "--train-batch-size", "16", "--quiet"]
+    out = tmp_path / "run"
+    code, _, err = _run([*common, "--train-epochs", "2", "--out", str(out)], capsys)
+    assert code == 0, err
+    (out / "meta.json").unlink()  # as if killed before the end: seed 0's model is on disk
+    (out / "models" / "seed1.pt").unlink()
+    code, _, err = _run([*common, "--train-epochs", "3", "--lr", "0.2", "--out", str(out), "--resume"], capsys)
+    assert code == 1 and "holds another job" in err
+    assert "--lr: 0.05 in the run, 0.2 now" in err and "--train-epochs: 2 in the run, 3 now" in err
+    assert not (out / "models" / "seed1.pt").exists() and not (out / "meta.json").exists()  # nothing ran
+    job = json.loads((out / "job.json").read_text())
+    assert job["identity"]["train_epochs"] == 2 and job["config"]["lr"] == 0.05  # the record is the first run's
+    code, _, err = _run([*common, "--train-epochs", "3", "--lr", "0.2", "--out", str(out), "--overwrite"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "meta.json").read_text())["epochs"] == 3
+
+
+def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path, capsys):
+    # issue 14, problem 3: a bad checkpoint used to leave config.json behind, so the fixed command was refused
+    bad = tmp_path / "bad.pt"
+    torch.save({"model": {"nope": torch.zeros(1)}}, bad)
+    out = tmp_path / "run"
+    code, _, err = _run(["--checkpoint", str(bad), "--out", str(out), "--quiet"], capsys)
+    assert code == 1 and "does not fit" in err or "checkpoint" in err
+    assert not out.exists()
     _checkpoint(tmp_path / "a.pt")
-    chunks = tmp_path / "run" / "chunks"
-    from kdfast.cli.chunks import ChunkStore
-    ChunkStore(str(chunks), num_rows=10, width=1, job={"method": "loss"}).write(np.arange(4), np.zeros((4, 1)))
-    code, _, err = _run(["--checkpoint", str(tmp_path / "a.pt"), "--out", str(tmp_path / "run"), "--resume"], capsys)
-    assert code == 1 and "used other settings" in err and "method" in err
+    code, _, err = _run(["--checkpoint", str(tmp_path / "a.pt"), "--out", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    # the same into a folder that existed before: only the job record was written, and it is gone again
+    out2 = tmp_path / "existing"
+    out2.mkdir()
+    code, _, err = _run(["--checkpoint", str(bad), "--out", str(out2), "--quiet"], capsys)
+    assert code == 1 and out2.exists() and not list(out2.iterdir())
 
 
 @pytest.mark.parametrize("argv, code, message", [
@@ -210,7 +266,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     (["--method", "forgetting", "--checkpoint", "{ck}"], 2, "forgetting is measured while training"),
     (["--save-logits"], 2, "--save-logits caches one model's logits"),
     (["--method", "random", "--seeds", "2"], 2, "--method random uses no model"),
-    (["--out", "{tmp}", "--overwrite"], 1, "holds no kdfast-score run; choose another folder"),
+    (["--out", "{tmp}", "--overwrite"], 1, "holds no kdfast run; choose another folder"),
     (["--resume", "--overwrite"], 2, "give --resume or --overwrite, not both"),
     (["--device", "tpu:x"], 2, "--device must be like cpu, cuda or cuda:1"),
     (["--split", "val"], 2, "split for 'digits' must be one of train, test, all"),
@@ -243,32 +299,6 @@ def test_debug_prints_the_traceback(tmp_path, capsys):
     code, _, err = _run(["--dataset", "cifar10", "--data-root", str(tmp_path), "--debug", "--out", str(tmp_path / "o")],
                         capsys)
     assert code == 1 and "Traceback" in err and err.strip().endswith(err.strip().splitlines()[-1])
-
-
-def test_chunk_store_merges_ranks_by_index_and_resumes(tmp_path):
-    from kdfast.cli.chunks import ChunkStore
-    from kdfast.cli.common import CliError
-    job = {"method": "el2n"}
-    ranks = [ChunkStore(str(tmp_path / "c"), num_rows=10, width=2, job=job, rank=r, rows_per_chunk=2)
-             if r == 0 else ChunkStore(str(tmp_path / "c"), num_rows=10, width=2, job=job, rank=r, rows_per_chunk=2,
-                                       resume=True) for r in range(2)]
-    values = np.random.default_rng(0).random((10, 2), dtype=np.float32)
-    for r, store in enumerate(ranks):  # rank r owns rows r, r + 2, ... (a distributed sampler's split)
-        rows = np.arange(r, 10, 2)
-        for part in np.array_split(rows, 3):
-            store.write(part, values[part])
-    (tmp_path / "c" / "rank00001-00000009.npz.tmp123").write_bytes(b"half a chunk")  # a kill mid-write
-    ranks[0].close()
-    with pytest.raises(CliError, match="rows were never written"):
-        ChunkStore(str(tmp_path / "c"), num_rows=10, width=2, job=job, resume=True).gather()
-    ranks[1].close()
-    again = ChunkStore(str(tmp_path / "c"), num_rows=10, width=2, job=job, resume=True, rank=1)
-    assert again.done_mask().all() and not list((tmp_path / "c").glob("rank00001-*.tmp*"))
-    np.testing.assert_array_equal(again.gather(), values)
-    with pytest.raises(CliError, match="pass --resume"):
-        ChunkStore(str(tmp_path / "c"), num_rows=10, width=2, job=job)
-    with pytest.raises(CliError, match="num_rows"):
-        ChunkStore(str(tmp_path / "c"), num_rows=11, width=2, job=job, resume=True)
 
 
 def test_env_prints_a_paste_ready_report(capsys):

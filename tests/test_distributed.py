@@ -199,17 +199,44 @@ def test_two_rank_distillation_writes_once_and_resumes(tmp_path):
     out = tmp_path / "ddp"
     done = _run_torchrun("distill", [*common, "--epochs", "1", "--out", str(out)])
     assert done.stdout.count("mlp student") == 1  # rank 0 alone reports and writes
-    assert sorted(os.listdir(out)) == ["accuracy.png", "checkpoint.pt", "config.json", "metrics.csv", "student.pt",
+    assert sorted(os.listdir(out)) == ["accuracy.png", "checkpoint.pt", "job.json", "metrics.csv", "student.pt",
                                        "summary.json", "teacher"]
     assert sorted(os.listdir(out / "teacher")) == ["accuracy.png", "checkpoint.pt", "metrics.csv", "teacher.pt"]
     _check_teacher_against_a_float64_oracle(out / "teacher" / "teacher.pt")
     first = _metrics(out)
     assert [row["epoch"] for row in first] == ["1"] and float(first[0]["eval_acc"]) > 0.1
-    # --resume continues after the finished epoch on both ranks, reusing the teacher and keeping epoch 1's row
-    _run_torchrun("distill", [*common, "--epochs", "2", "--out", str(out), "--resume"])
-    rows = _metrics(out)
-    assert [row["epoch"] for row in rows] == ["1", "2"] and rows[0] == first[0]
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    # resuming with another schedule is another job: refused on rank 0, naming the field; nothing changes
+    refused = subprocess.run(_torchrun("distill", [*common, "--epochs", "2", "--out", str(out), "--resume"]),
+                             env=ENV, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "--epochs: 1 in the run, 2 now" in refused.stderr
+    assert _metrics(out) == first
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="kills the job's process group")
+def test_two_rank_distillation_killed_mid_run_resumes_after_its_last_epoch(tmp_path):
+    np.save(tmp_path / "keep.npy", np.arange(0, 1397, 2))
+    argv = ["--alpha", "0", "--model", "mlp", "--keep", str(tmp_path / "keep.npy"), "--batch-size", "16",
+            "--epochs", "20", "--quiet", "--out", str(tmp_path / "ddp")]
+    launcher = subprocess.Popen(_torchrun("distill", argv), env=ENV, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "ddp" / "metrics.csv").exists():  # written after epoch 1's checkpoint
+            assert launcher.poll() is None, f"the job ended before it could be killed: {launcher.stderr.read()}"
+            assert time.time() < deadline, "no epoch finished in time"
+            time.sleep(0.005)
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    before = _metrics(tmp_path / "ddp")
+    assert 1 <= len(before) < 20 and not (tmp_path / "ddp" / "summary.json").exists()
+    _run_torchrun("distill", [*argv, "--resume"])
+    rows = _metrics(tmp_path / "ddp")
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 21)) and rows[:len(before)] == before
+    assert torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)["epoch"] == 20
 
 
 def _check_teacher_against_a_float64_oracle(path, world=2, batch_size=16, lr=0.05, momentum=0.9, weight_decay=5e-4):
@@ -217,7 +244,7 @@ def _check_teacher_against_a_float64_oracle(path, world=2, batch_size=16, lr=0.0
     cross-entropy gradients, each rank's batches drawn from its DistributedSampler share."""
     from torch.utils.data.distributed import DistributedSampler
 
-    from kdfast.cli.distill import _build
+    from kdfast.jobs.distill import build_model as _build
     from kdfast.data import load_dataset
     data = load_dataset("digits", split="train", augment=False)
     torch.manual_seed(1)

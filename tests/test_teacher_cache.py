@@ -131,3 +131,28 @@ def test_open_reports_missing_damaged_or_foreign_caches(tmp_path):
     (tmp_path / "d" / "meta.json").write_text("{not json")
     with pytest.raises(InvalidArgumentError, match="not valid JSON"):
         TeacherCache.open(tmp_path / "d")
+
+
+def test_check_dataset_names_the_files_that_differ(tmp_path):
+    # issue 14, problem 2: a cache of an image folder is tied to its file list, not only to its labels
+    from _fake_datasets import write_image_folder
+
+    from kdfast.data import data_identity, load_dataset
+    write_image_folder(tmp_path / "f")
+    data = load_dataset("folder", root=tmp_path / "f", image_size=8)
+    identity = data_identity(data)
+    writer = TeacherCache.create(tmp_path / "c", num_examples=len(data), num_classes=3,
+                                 dataset_fingerprint=identity["labels_fingerprint"], teacher_fingerprint="t" * 64,
+                                 files=data.files, files_fingerprint=identity["files_fingerprint"])
+    writer.write(torch.arange(len(data)), torch.randn(len(data), 3))
+    writer.close()
+    cache = TeacherCache.open(tmp_path / "c")
+    cache.check_dataset(data)  # the same files
+    (tmp_path / "f" / "emu" / "img2.JPEG").rename(tmp_path / "f" / "emu" / "img9.JPEG")  # same labels, other file
+    renamed = load_dataset("folder", root=tmp_path / "f", image_size=8)
+    assert torch.equal(renamed.targets, data.targets)
+    with pytest.raises(TeacherCacheMismatchError, match=r"files_fingerprint differ; 1 files gone: emu/img2.JPEG; "
+                                                        r"1 new: emu/img9.JPEG"):
+        cache.check_dataset(renamed)
+    with pytest.raises(TeacherCacheMismatchError, match="was built from another dataset"):
+        cache.check_dataset(load_dataset("digits"))

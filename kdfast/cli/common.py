@@ -1,4 +1,5 @@
-"""What every kdfast command shares: exit codes and errors, the run wrapper, progress, saved configuration.
+"""What every kdfast command shares: exit codes and errors, the run wrapper, the shared options and their
+checks (one validation, one help style), progress and atomic writes (from the library).
 
 Exit codes: 0 success, 2 usage error (bad arguments), 1 failure (missing data, bad checkpoint, ...).
 Expected errors print one line `kdfast <cmd>: error: ...` to stderr; `--debug` prints the traceback too.
@@ -6,13 +7,18 @@ Expected errors print one line `kdfast <cmd>: error: ...` to stderr; `--debug` p
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import time
 import traceback
+import warnings
 
 from ..errors import KDFastError
+from ..jobs.atomic import write_json
+from ..progress import log, progress
+from ..scoring.engine import PRECISIONS
+
+__all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "UsageError", "CliError", "make_parser", "add_common_options",
+           "run_cli", "flag", "lower", "model_name", "add_output_options", "add_performance_options",
+           "check_common", "default_device", "log", "progress", "write_json", "PRECISIONS"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -67,7 +73,10 @@ def run_cli(parser_fn, run_fn, argv=None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
-        return int(run_fn(args) or 0)
+        with warnings.catch_warnings():  # library warnings as one line each, like the errors, every time
+            warnings.simplefilter("always", UserWarning)
+            warnings.showwarning = lambda message, *_, **__: print(f"{prog}: warning: {message}", file=sys.stderr)
+            return int(run_fn(args) or 0)
     except UsageError as exc:
         if debug:
             traceback.print_exc()
@@ -90,76 +99,61 @@ def run_cli(parser_fn, run_fn, argv=None) -> int:
         return EXIT_FAILURE
 
 
-class _PlainProgress:
-    """Progress as plain lines on stderr (logs, pipes): at most one every `interval` seconds, and one at the end."""
-
-    def __init__(self, total, desc, unit, interval=10.0):
-        self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
-        self.n, self.start = 0, time.perf_counter()
-        self.last = self.start
-
-    def update(self, n):
-        self.n += n
-        now = time.perf_counter()
-        if now - self.last >= self.interval:
-            self.last = now
-            self._print(now)
-
-    def _print(self, now):
-        rate = self.n / max(now - self.start, 1e-9)
-        done = f"{self.n}/{self.total}" if self.total else str(self.n)
-        eta = ""
-        if self.total and rate > 0 and self.n < self.total:
-            eta = f", ETA {(self.total - self.n) / rate:.0f} s"
-        print(f"{self.desc}: {done} {self.unit} ({rate:,.0f} {self.unit}/s{eta})", file=sys.stderr, flush=True)
-
-    def close(self):
-        self._print(time.perf_counter())
+def flag(field: str) -> str:
+    """The command-line flag of a resolved argument: train_epochs -> --train-epochs."""
+    return "--" + field.replace("_", "-")
 
 
-def progress(iterable, *, total=None, desc="", quiet=False, unit="ex", count=None):
-    """Yields from `iterable`, reporting progress on stderr: a tqdm bar on a TTY, plain lines otherwise.
+def lower(text: str) -> str:
+    """argparse `type=` for case-insensitive choices."""
+    return text.lower()
 
-    `count(item)` gives how many `unit`s each item stands for (e.g. examples in a batch; 1 by default), so
-    the rate reads in examples per second.
-    """
-    if quiet:
-        yield from iterable
-        return
-    if sys.stderr.isatty():
+
+def model_name(text: str) -> str:
+    """argparse `type=` for architectures: case-insensitive, '-' or '_' (resnet-18 = resnet18, wrn40-2 = wrn40_2)."""
+    return text.lower().replace("-", "_")
+
+
+def add_output_options(group, *, out_help: str, resume_help: str) -> None:
+    group.add_argument("--out", help=out_help)
+    group.add_argument("--resume", action="store_true", help=resume_help + "; refused when the arguments resolve to "
+                       "another job (each differing field is named)")
+    group.add_argument("--overwrite", action="store_true", help="delete an earlier run in --out and start afresh")
+
+
+def add_performance_options(group, *, num_workers_default=None, num_workers_help="data loading processes"):
+    group.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    group.add_argument("--precision", default="fp32", type=lower, choices=PRECISIONS, help="(default: %(default)s)")
+    group.add_argument("--num-workers", type=int, default=num_workers_default, help=num_workers_help)
+
+
+def check_common(args, problems: list[str], *, positive=(), fractions=()) -> None:
+    """The checks every command shares, appended to `problems`: --resume/--overwrite, --device, --num-workers,
+    positive integers (`positive` names) and open-interval fractions (`fractions`: name -> (low, high))."""
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        problems.append("give --resume or --overwrite, not both")
+    for name in positive:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            problems.append(f"{flag(name)} must be >= 1, got {value}")
+    for name in fractions:
+        value = getattr(args, name)
+        if value is not None and not 0.0 < value < 1.0:
+            problems.append(f"{flag(name)} must be in (0, 1), got {value}")
+    if getattr(args, "num_workers", None) is not None and args.num_workers < 0:
+        problems.append(f"--num-workers must be >= 0, got {args.num_workers}")
+    device = getattr(args, "device", None)
+    if device:
+        import torch
         try:
-            from tqdm import tqdm
-            bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=sys.stderr, dynamic_ncols=True)
-        except ImportError:
-            bar = _PlainProgress(total, desc, unit)
-    else:
-        bar = _PlainProgress(total, desc, unit)
-    try:
-        for item in iterable:
-            yield item
-            bar.update(count(item) if count else 1)
-    finally:
-        bar.close()
+            dev = torch.device(device)
+        except RuntimeError:
+            problems.append(f"--device must be like cpu, cuda or cuda:1, got {device!r}")
+        else:
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                problems.append(f"--device {device}: no CUDA device here")
 
 
-def log(message: str, *, quiet: bool = False) -> None:
-    if not quiet:
-        print(message, file=sys.stderr, flush=True)
-
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def save_config(out_dir: str, args: argparse.Namespace, name: str = "config.json") -> str:
-    """Writes the resolved arguments beside the outputs (so a run can be repeated); returns the path."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, name)
-    config = {k: v for k, v in sorted(vars(args).items()) if not k.startswith("_") and not callable(v)}
-    config["argv"] = sys.argv
-    write_json_atomic(path, config)
-    return path
+def default_device(name):
+    import torch
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")

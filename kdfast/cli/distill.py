@@ -6,17 +6,15 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import functools
-import json
 import math
 import os
 import sys
-
-import numpy as np
+import warnings
 
 from .. import distributed
-from .common import CliError, UsageError, log, save_config, write_json_atomic
+from ..jobs.distill import EVAL_SPLIT
+from .common import (UsageError, add_output_options, add_performance_options, check_common, default_device, flag,
+                     log, lower, model_name)
 
 # The data-pruning paper's recipes (its App. A): RepDistiller's for CIFAR/SVHN, DeepCore's for ImageNet; the
 # digits recipe is this project's, sized to run in seconds on a CPU.
@@ -30,9 +28,7 @@ RECIPES = {
 }
 DATASET_RECIPE = {"digits": "digits", "cifar10": "cifar", "cifar100": "cifar", "svhn": "cifar",
                   "imagenet": "imagenet", "folder": "imagenet"}
-EVAL_SPLIT = {"digits": "test", "cifar10": "test", "cifar100": "test", "svhn": "test", "imagenet": "val",
-              "folder": None}
-METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "eval_loss", "eval_acc", "seconds", "examples_per_s")
+DEFAULT_VAL_FRACTION = 0.1  # held out of the training data where the data set has no test split (folder)
 
 EPILOG = """examples:
   kdfast-distill --train-teacher --keep keep.npy --out runs/digits-student
@@ -41,37 +37,49 @@ EPILOG = """examples:
                  --keep keep.npy --alpha auto --temperature 4 --out runs/student
   kdfast-distill --dataset cifar100 --data-root ~/data --model resnet32 --teacher-model resnet110 \\
                  --teacher t110.pt --keep keep.npy --alpha 0.5 --out runs/capacity
-  kdfast-distill ... --out runs/student --resume      (continues after the last finished epoch)
+  kdfast-distill --dataset folder --data-root ~/photos --model resnet18 --train-teacher --keep keep.npy \\
+                 --val-fraction 0.2 --out runs/photos   (evaluates on a stratified 20% held out of the folder)
+  kdfast-distill ... --out runs/student --resume      (continues after the last finished epoch; refused when
+                                                       the arguments resolve to another job)
   torchrun --nproc-per-node 8 -m kdfast.cli.distill ...   (DistributedDataParallel, --batch-size per GPU; rank 0
                                                            writes the files)
 
 Defaults follow the data-pruning paper's recipes: CIFAR/SVHN SGD lr 0.05, momentum 0.9, wd 5e-4, batch 64,
 240 epochs, LR / 10 at epochs 150/180/210 (scaled to --epochs when only --epochs is given); ImageNet lr 0.1,
 batch 128, cosine; digits a 30-epoch cosine run. --alpha auto takes kdfast.alpha_for_fraction(f), f = kept /
-total. Writes OUT/student.pt, OUT/checkpoint.pt (every epoch), OUT/metrics.csv, OUT/accuracy.png,
-OUT/config.json and OUT/summary.json; a teacher trained here goes to OUT/teacher/.
+total. Every epoch is evaluated (eval mode) on the test split, or on --val-fraction of the training data held
+out (stratified, seeded; the default for image folders, which have no test split). Writes OUT/job.json (every
+resolved argument and the data identity, before any work), OUT/student.pt, OUT/checkpoint.pt (every epoch),
+OUT/metrics.csv, OUT/accuracy.png and OUT/summary.json (eval accuracy per epoch, final and best); a teacher
+trained here goes to OUT/teacher/.
 """
 
 
 def add_parser(subparsers):
     from ..data import DATASETS
     from ..models import MODELS
-    from ..training import PRECISIONS, SCHEDULES
+    from ..training import SCHEDULES
     p = subparsers.add_parser("distill", help="train a student on the kept subset with a teacher",
                               description="Train a student on the kept subset of a data set, distilling from a "
                                           "teacher trained on more data.",
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("Data")
-    g.add_argument("--dataset", default="digits", choices=DATASETS, help="(default: %(default)s)")
+    g.add_argument("--dataset", default="digits", type=lower, choices=DATASETS, help="(default: %(default)s)")
     g.add_argument("--data-root", help="root folder of the data set (not needed for digits)")
     g.add_argument("--keep", help=".npy of kept dataset indices (kdfast-prune); default: every example")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crop + flip (default: on for CIFAR/SVHN/ImageNet, off for digits)")
     g.add_argument("--image-size", type=int, help="crop side for image folders (default 224)")
+    g.add_argument("--val-fraction", type=float,
+                   help=f"hold out this share of the training data (stratified by class, seeded by --seed) and "
+                        f"evaluate on it every epoch; kept indices falling in it are not trained on (default: "
+                        f"{DEFAULT_VAL_FRACTION} for data sets without a test split (folder), else 0: the test split)")
     g = p.add_argument_group("Model")
-    g.add_argument("--model", choices=MODELS, help="student architecture (default: the data set's)")
+    g.add_argument("--model", type=model_name, choices=MODELS,
+                   help="student architecture (default: the data set's)")
     g.add_argument("--teacher", help="teacher checkpoint (.pt)")
-    g.add_argument("--teacher-model", choices=MODELS, help="teacher architecture (default: --model)")
+    g.add_argument("--teacher-model", type=model_name, choices=MODELS,
+                   help="teacher architecture (default: --model)")
     g.add_argument("--train-teacher", action="store_true",
                    help="train the teacher here first (on all data, or on --teacher-fraction of it)")
     g.add_argument("--teacher-fraction", type=float, default=1.0,
@@ -86,22 +94,20 @@ def add_parser(subparsers):
     g.add_argument("--alpha-schedule", help="anchors for --alpha auto, e.g. '0.1:1,0.7:0.5' (the default)")
     g.add_argument("--temperature", type=float, default=4.0, help="(default: %(default)s)")
     g = p.add_argument_group("Optimisation (default: the data set's recipe)")
-    g.add_argument("--recipe", choices=sorted(RECIPES), help="recipe the defaults come from")
+    g.add_argument("--recipe", type=lower, choices=sorted(RECIPES), help="recipe the defaults come from")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int)
     g.add_argument("--lr", type=float)
     g.add_argument("--momentum", type=float)
     g.add_argument("--weight-decay", type=float)
-    g.add_argument("--schedule", choices=SCHEDULES)
+    g.add_argument("--schedule", type=lower, choices=SCHEDULES)
     g.add_argument("--milestones", help="epochs where the LR is divided by 10, e.g. 150,180,210")
     g = p.add_argument_group("Performance")
-    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    g.add_argument("--precision", default="fp32", choices=PRECISIONS, help="(default: %(default)s)")
-    g.add_argument("--num-workers", type=int, default=0, help="data loader workers (default: %(default)s)")
+    add_performance_options(g, num_workers_default=0, num_workers_help="data loader workers (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     g = p.add_argument_group("Output")
-    g.add_argument("--out", required=True, help="output folder")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out after its last epoch")
+    add_output_options(g, out_help="output folder (required)", resume_help="continue the run in --out after its "
+                       "last finished epoch")
     return p
 
 
@@ -141,19 +147,19 @@ def resolve(args):
     args.milestones = tuple(args.milestones)
     if args.schedule == "step" and not args.milestones:
         problems.append("--schedule step needs --milestones")
-    for name in ("epochs", "batch_size"):
-        if getattr(args, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.teacher_epochs is not None and args.teacher_epochs < 1:
-        problems.append(f"--teacher-epochs must be >= 1, got {args.teacher_epochs}")
+    if args.out is None:
+        problems.append("--out is required (the output folder)")
+    if args.val_fraction is None:
+        args.val_fraction = DEFAULT_VAL_FRACTION if EVAL_SPLIT[args.dataset] is None else 0.0
+    elif args.val_fraction != 0.0 and not 0.0 < args.val_fraction < 1.0:
+        problems.append(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    check_common(args, problems, positive=("epochs", "batch_size", "teacher_epochs", "image_size"))
     if not (args.lr > 0 and math.isfinite(args.lr)):
         problems.append(f"--lr must be > 0, got {args.lr}")
     if not args.temperature > 0:
         problems.append(f"--temperature must be > 0, got {args.temperature}")
     if not 0.0 < args.teacher_fraction <= 1.0:
         problems.append(f"--teacher-fraction must be in (0, 1], got {args.teacher_fraction}")
-    if args.num_workers < 0:
-        problems.append(f"--num-workers must be >= 0, got {args.num_workers}")
     if args.alpha != "auto":
         try:
             args.alpha = float(args.alpha)
@@ -183,122 +189,25 @@ def resolve(args):
         problems.append("--teacher-cache needs --no-augment: cached logits are of the un-augmented images")
     if args.dataset != "digits" and not args.data_root:
         problems.append(f"--dataset {args.dataset} needs --data-root (kdfast never downloads data)")
-    if args.image_size is not None and args.image_size < 1:
-        problems.append(f"--image-size must be >= 1, got {args.image_size}")
-    checkpoint = os.path.join(args.out, "checkpoint.pt")
-    if os.path.exists(checkpoint) and not args.resume:
-        problems.append(f"--out {args.out} already holds a run; pass --resume to continue it or choose another --out")
     if problems:
         raise UsageError("; ".join(problems))
     from ..models import DEFAULT_MODEL
     args.model = args.model or DEFAULT_MODEL[args.dataset]
     args.teacher_model = args.teacher_model or args.model
     args.teacher_epochs = args.teacher_epochs or args.epochs
+    # the contents behind the paths join the job's identity: a keep file or teacher replaced in place is another job
+    from ..models import file_sha256
+    args.keep_sha256 = file_sha256(args.keep) if args.keep else None
+    args.teacher_sha256 = file_sha256(args.teacher) if args.teacher else None
+    cache_meta = os.path.join(args.teacher_cache, "meta.json") if args.teacher_cache else None
+    args.teacher_cache_sha256 = file_sha256(cache_meta) if cache_meta and os.path.isfile(cache_meta) else None
     return args
 
 
 # ----------------------------------------------------------------------------------------- the work
 def _device(name):
     import torch
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device must be a torch device such as cpu or cuda:0, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError(f"--device {name}: no CUDA device is available here")
-    return device
-
-
-def _load_keep(path, dataset):
-    keep = np.load(path, allow_pickle=False)
-    n = len(dataset)
-    if keep.ndim != 1 or keep.size == 0 or keep.dtype.kind not in "iu":
-        raise CliError(f"--keep {path} must hold a non-empty 1-d integer array, got {keep.dtype} {keep.shape}")
-    if keep.min() < 0 or keep.max() >= n or len(np.unique(keep)) != len(keep):
-        raise CliError(f"--keep {path} must hold distinct indices in [0, {n}) ({dataset.name} has {n} examples); "
-                       "was it made for another data set or split?")
-    record = f"{path}.json"
-    if os.path.isfile(record):
-        with open(record) as fh:
-            expected = json.load(fh).get("labels_fingerprint")
-        from ..data import labels_fingerprint
-        if expected and expected != labels_fingerprint(dataset.targets):
-            raise CliError(f"--keep {path} was made from scores of another data set (labels fingerprint mismatch)")
-    return keep.astype(np.int64)
-
-
-def _build(name, dataset_name, num_classes, image_size):
-    from ..data import INPUT_SHAPES
-    from ..models import create_model
-    channels, side = INPUT_SHAPES[dataset_name]
-    return create_model(name, num_classes=num_classes, in_channels=channels, image_size=image_size or side)
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_no_matplotlib():
-    print("kdfast-distill: accuracy.png skipped: matplotlib is not installed (pip install matplotlib)",
-          file=sys.stderr)
-
-
-def write_metrics(out, history):
-    """OUT/metrics.csv (one row per epoch) and OUT/accuracy.png (train and eval accuracy per epoch)."""
-    path = os.path.join(out, "metrics.csv")
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _warn_no_matplotlib()
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    epochs = [h["epoch"] for h in history]
-    ax.plot(epochs, [h["train_acc"] for h in history], label="train (kept subset)")
-    if "eval_acc" in history[0]:
-        ax.plot(epochs, [h["eval_acc"] for h in history], label="eval")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "accuracy.png"), dpi=100)
-    plt.close(fig)
-
-
-def _train_teacher(args, train, evaluation, device):
-    import torch
-
-    from ..selection import prune
-    from ..training import fit
-    folder = os.path.join(args.out, "teacher")
-    os.makedirs(folder, exist_ok=True)
-    final = os.path.join(folder, "teacher.pt")
-    torch.manual_seed(args.seed + 1)
-    teacher = _build(args.teacher_model, args.dataset, train.num_classes, args.image_size)
-    if args.resume and os.path.isfile(final):
-        from ..models import load_checkpoint
-        log(f"teacher: reusing {final}", quiet=args.quiet)
-        return load_checkpoint(teacher, final)
-    indices = None
-    if args.teacher_fraction < 1.0:
-        indices = prune(torch.zeros(len(train)), args.teacher_fraction, "random", seed=args.seed + 1)
-    log(f"teacher: training {args.teacher_model} on {len(train) if indices is None else len(indices)} examples "
-        f"for {args.teacher_epochs} epochs", quiet=args.quiet)
-    fit(teacher, train, epochs=args.teacher_epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, schedule=args.schedule, milestones=args.milestones, indices=indices,
-        device=device, precision=args.precision, seed=args.seed + 1, num_workers=args.num_workers,
-        checkpoint_path=os.path.join(folder, "checkpoint.pt"), resume=args.resume, progress=not args.quiet,
-        eval_dataset=evaluation, on_epoch=lambda history: write_metrics(folder, history), distributed=True)
-    if distributed.is_main():
-        torch.save(teacher.state_dict(), final)
-    return teacher
+    return torch.device(default_device(name))
 
 
 def run(args) -> int:
@@ -312,72 +221,32 @@ def run(args) -> int:
 
 
 def _run(args, device) -> int:
-    import torch
-
-    from ..data import load_dataset
-    from ..distill import alpha_for_fraction
-    from ..models import load_checkpoint, model_fingerprint
-    from ..training import fit
+    from ..data import data_identity
+    from ..jobs import Job
+    from ..jobs.distill import load_distill_data, run_distill_job
     main_rank = distributed.is_main()  # the one rank that writes files and reports
     args.quiet = args.quiet or not main_rank
-    train = load_dataset(args.dataset, root=args.data_root, split="train", augment=args.augment,
-                         **({"image_size": args.image_size} if args.image_size else {}))
-    eval_split = EVAL_SPLIT[args.dataset]
-    evaluation = None if eval_split is None else load_dataset(args.dataset, root=args.data_root, split=eval_split,
-                                                              **({"image_size": args.image_size}
-                                                                 if args.image_size else {}))
-    keep = None if args.keep is None else _load_keep(args.keep, train)
-    fraction = 1.0 if keep is None else len(keep) / len(train)
-    alpha = args.alpha
-    if alpha == "auto":
-        alpha = alpha_for_fraction(fraction, schedule=args.alpha_schedule_points)
-    os.makedirs(args.out, exist_ok=True)
+    data = load_distill_data(args)  # before the job starts: a data or keep-file error leaves --out untouched
+    job = None
     if main_rank:
-        save_config(args.out, args)
-
-    teacher, cache = None, None
-    if args.train_teacher:
-        teacher = _train_teacher(args, train, evaluation, device)
-    elif args.teacher:
-        teacher = load_checkpoint(_build(args.teacher_model, args.dataset, train.num_classes, args.image_size),
-                                  args.teacher)
-    if args.teacher_cache:
-        from ..teacher_cache import TeacherCache
-        cache = TeacherCache.open(args.teacher_cache,
-                                  teacher_fingerprint=None if teacher is None else model_fingerprint(teacher))
-        teacher = None  # the cache replaces the online teacher
-    if alpha == 0:
-        teacher, cache = None, None
-    log(f"student: {args.model} on {len(train) if keep is None else len(keep)} of {len(train)} {args.dataset} "
-        f"examples (f = {fraction:.3g}), alpha = {alpha:.3g}, T = {args.temperature}, {args.epochs} epochs, "
-        f"device {device}", quiet=args.quiet)
-    torch.manual_seed(args.seed)
-    student = _build(args.model, args.dataset, train.num_classes, args.image_size)
-    history = fit(student, train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
-                  weight_decay=args.weight_decay, schedule=args.schedule, milestones=args.milestones,
-                  teacher=teacher, teacher_cache=cache, alpha=alpha, temperature=args.temperature,
-                  indices=None if keep is None else torch.from_numpy(keep), device=device,
-                  precision=args.precision, seed=args.seed, num_workers=args.num_workers,
-                  checkpoint_path=os.path.join(args.out, "checkpoint.pt"), resume=args.resume,
-                  progress=not args.quiet, eval_dataset=evaluation,
-                  on_epoch=lambda h: write_metrics(args.out, h), distributed=True)
-    if not main_rank:
+        job = Job.start(args.out, "distill", vars(args), data=data_identity(data.train), files=data.train.files,
+                        resume=args.resume, overwrite=args.overwrite, label=flag)
+    distributed.barrier()  # the main rank has checked, cleared or created --out
+    job = job if job is not None else Job.attach(args.out)
+    if job.finished:
+        log(f"{args.out} already holds a finished run; nothing to do", quiet=args.quiet)
         return 0
-    torch.save(student.state_dict(), os.path.join(args.out, "student.pt"))
-    write_metrics(args.out, history)
-    last = history[-1]
-    summary = {"dataset": args.dataset, "model": args.model, "teacher_model": args.teacher_model if (
-        teacher is not None or cache is not None) else None, "num_train": len(train),
-        "num_kept": len(train) if keep is None else len(keep), "fraction": fraction, "alpha": alpha,
-        "temperature": args.temperature, "epochs": args.epochs, "final": last}
-    if "eval_acc" in last:
-        best = max(history, key=lambda h: h["eval_acc"])
-        summary["best_eval_acc"], summary["best_epoch"] = best["eval_acc"], best["epoch"]
-    write_json_atomic(os.path.join(args.out, "summary.json"), summary)
-    acc = f"eval acc {last['eval_acc']:.4f} (best {summary['best_eval_acc']:.4f} at epoch {summary['best_epoch']})" \
-        if "eval_acc" in last else f"train acc {last['train_acc']:.4f}"
-    print(f"{args.model} student, f = {fraction:.3g}, alpha = {alpha:.3g}: {acc} after {args.epochs} epochs -> "
-          f"{os.path.join(args.out, 'student.pt')}")
+    with job:  # a failure before any work product leaves nothing that blocks a corrected rerun
+        summary = run_distill_job(args, job, data, device)
+    if summary is None:
+        return 0
+    acc = (f"eval acc {summary['eval_acc']:.4f} (best {summary['best_eval_acc']:.4f} at epoch "
+           f"{summary['best_epoch']}) on the {summary['eval']}") if "eval_acc" in summary else \
+        f"train acc {summary['final']['train_acc']:.4f} (no evaluation data)"
+    print(f"{args.model} student, f = {summary['fraction']:.3g}, alpha = {summary['alpha']:.3g}: {acc} after "
+          f"{args.epochs} epochs -> {job.path('student.pt')}")
+    for warning in summary["warnings"]:
+        warnings.warn(warning, stacklevel=1)  # one line on stderr through run_cli
     return 0
 
 

@@ -11,18 +11,20 @@ import sys
 
 import numpy as np
 
-from .common import CliError, UsageError, log, write_json_atomic
+from .common import CliError, UsageError, log
 
 EPILOG = """examples:
   kdfast-prune --scores runs/digits-el2n --fraction 0.3 --out keep.npy
-      kept 431 of 1397 examples (fraction 0.3, mode hard) -> keep.npy
+      kept 419 of 1397 examples (fraction 0.3, mode hard) -> keep.npy
   kdfast-prune --scores runs/c100-el2n --fraction 0.3 --mode moderate --class-balanced --out keep.npy
   kdfast-prune --scores scores.npy --fraction 0.1 --mode random --seed 3 --out keep.npy
 
 --scores is a `kdfast-score` output folder (scores.npy + meta.json) or a .npy file of float scores in data
 set order, higher = harder. --class-balanced needs the labels: from --labels FILE.npy, or from the data set
 (--dataset, else the one named in the scores' meta.json); they must match the labels the scores were
-computed on (fingerprint). Besides OUT, OUT.json records what was kept and from what.
+computed on (fingerprint), and for image folders the same files (file-list fingerprint; the first mismatched
+files are named). Besides OUT, OUT.json records what was kept and from what, including the scores' data
+identity, which kdfast-distill checks against its data.
 """
 
 
@@ -109,28 +111,47 @@ def _meta_labels_fingerprint(meta):
     return None
 
 
+def _scores_identity(args, meta):
+    """The data identity the scores were computed on (meta.json's), and the file list beside them."""
+    identity = meta.get("data") or ({"labels_fingerprint": _meta_labels_fingerprint(meta)}
+                                    if _meta_labels_fingerprint(meta) else None)
+    files = os.path.join(args.scores, "files.txt") if os.path.isdir(args.scores) else None
+    return identity, (os.path.abspath(files) if files and os.path.isfile(files) else None)
+
+
 def _labels(args, meta, n):
     if args.labels:
         labels = _load_npy(args.labels, "labels")
         source = args.labels
     else:
-        from ..data import load_dataset
+        from ..data import check_identity, load_dataset
+        from ..jobs.job import read_file_list
         name = args.dataset or meta.get("dataset")
         if not name:
             raise UsageError("--class-balanced needs labels: pass --labels FILE.npy or --dataset (the scores carry "
                              "no meta.json naming their data set)")
         root = args.data_root or meta.get("data_root")
         split = args.split or meta.get("split") or "train"
-        labels = load_dataset(name, root=root, split=split).targets.numpy()
+        dataset = load_dataset(name, root=root, split=split)
+        limit = meta.get("limit")
+        if limit and limit < len(dataset):
+            from ..data import LabeledSubset
+            dataset = LabeledSubset(dataset, range(limit))
+        identity, files = _scores_identity(args, meta)
+        if identity and "num_examples" in identity and identity["num_examples"] != len(dataset):
+            raise CliError(f"--scores {args.scores} holds {identity['num_examples']} scores but {name} ({split}) has "
+                           f"{len(dataset)} examples: check --dataset, --data-root and --split")
+        check_identity(identity, dataset, what=f"--scores {args.scores}",
+                       recorded_files=read_file_list(files) if files else None,
+                       hint="check --dataset, --data-root and --split")
+        labels = dataset.targets.numpy()
         source = f"{name} ({split})"
     if labels.ndim != 1 or len(labels) != n:
         raise CliError(f"labels from {source} have shape {labels.shape}, expected ({n},) (one per score)")
-    expected = _meta_labels_fingerprint(meta)
-    if expected is not None:
-        from ..data import labels_fingerprint
-        if labels_fingerprint(labels) != expected:
-            raise CliError(f"labels from {source} are not those the scores were computed on (fingerprint "
-                           "mismatch): check --dataset, --data-root and --split")
+    if args.labels:  # a data set was checked whole above; a labels file can only be checked for its labels
+        from ..data import check_identity
+        identity = {"labels_fingerprint": _meta_labels_fingerprint(meta)} if _meta_labels_fingerprint(meta) else None
+        check_identity(identity, labels, what=f"--scores {args.scores}", hint=f"check --labels {args.labels}")
     return labels
 
 
@@ -164,20 +185,21 @@ def run(args) -> int:
     else:
         keep = prune(scores, args.fraction, args.mode, labels=labels, class_balanced=args.class_balanced,
                      seed=args.seed, ccs_beta=args.ccs_beta, ccs_strata=args.ccs_strata).numpy()
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = f"{args.out}.tmp{os.getpid()}.npy"
-    np.save(tmp, keep.astype(np.int64))
-    os.replace(tmp, args.out)
+    from ..jobs.keep import write_keep
+    identity, files = _scores_identity(args, meta)
+    if identity is None:
+        log(f"note: --scores {args.scores} carries no data identity (no meta.json), so {args.out} cannot be checked "
+            "against the data it is used with", quiet=args.quiet)
     record = {"num_examples": int(len(scores)), "num_kept": int(len(keep)), "fraction": args.fraction,
               "mode": args.mode, "class_balanced": args.class_balanced, "seed": args.seed,
               "scores": os.path.abspath(args.scores), "method": meta.get("method"), "dataset": meta.get("dataset"),
-              "labels_fingerprint": _meta_labels_fingerprint(meta), "argv": sys.argv}
+              "labels_fingerprint": _meta_labels_fingerprint(meta), "data": identity, "files_list": files,
+              "argv": sys.argv}
     if num_batches is not None:
         record.update(whole_batches=True, num_batches=num_batches)
     if args.mode == "ccs":
         record.update(ccs_beta=args.ccs_beta, ccs_strata=args.ccs_strata)
-    write_json_atomic(f"{args.out}.json", record)
+    write_keep(args.out, keep, record)
     print(f"kept {len(keep)} of {len(scores)} examples (fraction {args.fraction}, mode {args.mode}"
           f"{', class-balanced' if args.class_balanced else ''}"
           f"{f', whole batches of {num_batches}' if num_batches else ''}) -> {args.out}")

@@ -10,8 +10,10 @@ _SPARKS = " ▁▂▃▄▅▆▇█"
 
 
 def summarize(scores: np.ndarray, targets: np.ndarray, *, top: int = 10, bins: int = 10,
-              files: list[str] | None = None) -> dict:
-    """Per-class counts, mean, median and histogram over shared bins; the `top` hardest examples."""
+              files: list[str] | None = None, class_names: list[str] | None = None) -> dict:
+    """Per-class counts, mean, median and histogram over shared bins; the `top` hardest examples.
+    `class_names[c]` names class c (image folders: the folder names); default: the index."""
+    name = (lambda c: class_names[c]) if class_names else str
     finite = np.isfinite(scores)
     lo, hi = (float(scores[finite].min()), float(scores[finite].max())) if finite.any() else (0.0, 1.0)
     edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
@@ -19,12 +21,14 @@ def summarize(scores: np.ndarray, targets: np.ndarray, *, top: int = 10, bins: i
     for c in np.unique(targets):
         s = scores[targets == c]
         f = s[np.isfinite(s)]
-        classes.append({"class": int(c), "count": int(len(s)), "mean": float(f.mean()) if len(f) else float("nan"),
+        classes.append({"class": int(c), "name": name(int(c)), "count": int(len(s)),
+                        "mean": float(f.mean()) if len(f) else float("nan"),
                         "median": float(np.median(f)) if len(f) else float("nan"),
                         "nonfinite": int(len(s) - len(f)), "hist": np.histogram(f, edges)[0].tolist()})
     # NaN (never scored) sorts last; stable sort so ties keep dataset order
     order = np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")[:top]
-    hardest = [{"index": int(i), "label": int(targets[i]), "score": float(scores[i]),
+    hardest = [{"index": int(i), "label": int(targets[i]), "name": name(int(targets[i])),
+                "score": float(scores[i]),
                 **({"file": files[i]} if files else {})} for i in order]
     return {"num_examples": int(len(scores)), "edges": edges.tolist(), "classes": classes, "hardest": hardest}
 
@@ -36,17 +40,18 @@ def _spark(hist: list[int]) -> str:
 
 def format_summary(summary: dict) -> str:
     edges = summary["edges"]
+    width = max([6] + [len(row["name"]) for row in summary["classes"]])
     lines = [f"score histogram by class ({len(edges) - 1} bins from {edges[0]:.4g} to {edges[-1]:.4g}):",
-             f"{'class':>6} {'count':>7} {'mean':>10} {'median':>10}  histogram"]
+             f"{'class':>{width}} {'count':>7} {'mean':>10} {'median':>10}  histogram"]
     for row in summary["classes"]:
         extra = f"  (+{row['nonfinite']} inf/nan)" if row["nonfinite"] else ""
-        lines.append(f"{row['class']:>6} {row['count']:>7} {row['mean']:>10.4g} {row['median']:>10.4g}  "
+        lines.append(f"{row['name']:>{width}} {row['count']:>7} {row['mean']:>10.4g} {row['median']:>10.4g}  "
                      f"|{_spark(row['hist'])}|{extra}")
     lines.append(f"hardest {len(summary['hardest'])} examples:")
-    lines.append(f"{'rank':>5} {'index':>8} {'label':>6} {'score':>10}  file" if summary["hardest"] and
-                 "file" in summary["hardest"][0] else f"{'rank':>5} {'index':>8} {'label':>6} {'score':>10}")
+    lines.append(f"{'rank':>5} {'index':>8} {'label':>{width}} {'score':>10}  file" if summary["hardest"] and
+                 "file" in summary["hardest"][0] else f"{'rank':>5} {'index':>8} {'label':>{width}} {'score':>10}")
     for rank, row in enumerate(summary["hardest"], 1):
-        lines.append(f"{rank:>5} {row['index']:>8} {row['label']:>6} {row['score']:>10.4g}"
+        lines.append(f"{rank:>5} {row['index']:>8} {row['name']:>{width}} {row['score']:>10.4g}"
                      + (f"  {row['file']}" if "file" in row else ""))
     return "\n".join(lines)
 
@@ -73,8 +78,10 @@ def _displayable(dataset, index: int) -> np.ndarray:
     return np.clip(x, 0.0, 1.0)
 
 
-def show_grid(path: str, dataset, scores: np.ndarray, targets: np.ndarray, k: int, method: str) -> None:
+def show_grid(path: str, dataset, scores: np.ndarray, targets: np.ndarray, k: int, method: str, *,
+              class_names: list[str] | None = None) -> None:
     """PNG with the k hardest examples on the top row and the k easiest below, each titled label / score."""
+    label_of = (lambda c: class_names[c]) if class_names else str
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -89,7 +96,7 @@ def show_grid(path: str, dataset, scores: np.ndarray, targets: np.ndarray, k: in
             ax = axes[r][c]
             img = _displayable(dataset, int(i))
             ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
-            ax.set_title(f"y={int(targets[i])}\n{scores[i]:.3g}", fontsize=8)
+            ax.set_title(f"{label_of(int(targets[i]))}\n{scores[i]:.3g}", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r][0].set_ylabel(name, fontsize=9)

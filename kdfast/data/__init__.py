@@ -1,9 +1,10 @@
 """Data set registry: `load_dataset(name, root=..., split=...)` -> a Dataset of (input tensor, int label).
 
 Every data set has `.targets` (LongTensor (N,)), `.num_classes`, `.name`, and `.files` (paths relative to
-its folder for image folders, else None). Nothing is ever downloaded at run time: `digits` ships with
-scikit-learn; the others read an existing root and, when it is missing or malformed, raise DataError
-saying which layout was expected.
+its folder for image folders, else None); image folders also list `.skipped_files` (not images). Outputs
+carry `data_identity(dataset)` (labels and file-list fingerprints), checked by `check_identity`. Nothing
+is ever downloaded at run time: `digits` ships with scikit-learn; the others read an existing root and, when
+it is missing or malformed, raise DataError saying which layout was expected.
 
     digits     scikit-learn's 8x8 digits (1797 images, 10 classes; splits train/test/all), no root needed
     cifar10    ROOT/cifar-10-batches-py/...          (torchvision layout)
@@ -17,7 +18,9 @@ from __future__ import annotations
 import os
 
 from ..errors import InvalidArgumentError
-from .base import DataError, LabeledDataset, labels_fingerprint
+from .base import DataError, LabeledDataset, LabeledSubset, class_names, labels_fingerprint
+from .identity import DataIdentityError, check_identity, data_identity, describe_file_mismatch
+from .split import stratified_split
 
 DATASETS = ("digits", "cifar10", "cifar100", "svhn", "imagenet", "folder")
 SPLITS = {"digits": ("train", "test", "all"), "cifar10": ("train", "test"), "cifar100": ("train", "test"),
@@ -26,8 +29,9 @@ SPLITS = {"digits": ("train", "test", "all"), "cifar10": ("train", "test"), "cif
 INPUT_SHAPES = {"digits": (1, 8), "cifar10": (3, 32), "cifar100": (3, 32), "svhn": (3, 32),
                 "imagenet": (3, 224), "folder": (3, 224)}
 
-__all__ = ["DATASETS", "SPLITS", "INPUT_SHAPES", "DataError", "LabeledDataset", "load_dataset",
-           "labels_fingerprint"]
+__all__ = ["DATASETS", "SPLITS", "INPUT_SHAPES", "DataError", "LabeledDataset", "LabeledSubset", "load_dataset",
+           "labels_fingerprint", "class_names", "DataIdentityError", "check_identity", "data_identity",
+           "describe_file_mismatch", "stratified_split"]
 
 
 def load_dataset(name: str, *, root: str | None = None, split: str = "train", download: bool = False,

@@ -1,17 +1,22 @@
 """What every data set of kdfast shares: the (input, label) contract, label checks, fingerprints, errors."""
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
-from ..errors import KDFastError
+from ..errors import InvalidArgumentError, KDFastError
 
 
 class DataError(KDFastError, ValueError):
     """A data set root is missing or malformed, an image is unreadable, or a label is out of range."""
+
+
+class LabelError(DataError, InvalidArgumentError):
+    """A label outside [0, num_classes): the one error of every label-range check (data sets, scoring)."""
 
 
 def labels_fingerprint(targets) -> str:
@@ -20,13 +25,16 @@ def labels_fingerprint(targets) -> str:
     return hashlib.sha256(arr.tobytes()).hexdigest()
 
 
-def check_labels(targets: torch.Tensor, num_classes: int, where: str) -> None:
-    """Every label must lie in [0, num_classes); the message names the first bad index."""
+def check_labels(targets: torch.Tensor, num_classes: int, where: str, *, indices=None,
+                 why: str = "the data set is malformed") -> None:
+    """Every label must lie in [0, num_classes); LabelError naming the first bad one and its dataset index
+    (`indices[j]` for a batch, else its position)."""
     bad = (targets < 0) | (targets >= num_classes)
     if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise DataError(f"{where}: label {int(targets[i])} at index {i} is outside [0, {num_classes}) "
-                        f"({int(bad.sum())} bad labels in all); the data set is malformed")
+        j = int(bad.nonzero()[0, 0])
+        at = f"of dataset index {int(indices[j])}" if indices is not None else f"at index {j}"
+        raise LabelError(f"{where}: label {int(targets[j])} {at} is outside [0, {num_classes}) "
+                         f"({int(bad.sum())} bad labels in all); {why}")
 
 
 class LabeledDataset(Dataset):
@@ -46,11 +54,43 @@ class LabeledDataset(Dataset):
     def __len__(self) -> int:
         return int(self.targets.numel())
 
+    @functools.cached_property
+    def files_fingerprint(self) -> str | None:
+        """sha256 of the relative paths and sizes of `files` (data/identity.py); None without files."""
+        from .identity import files_fingerprint
+        return None if self.files is None else files_fingerprint(self.folder, self.files)
+
     def load(self, index: int) -> torch.Tensor:
         raise NotImplementedError
 
     def __getitem__(self, index: int):
         return self.load(int(index)), int(self.targets[index])
+
+
+class LabeledSubset(Subset):
+    """The examples `indices` of a LabeledDataset, itself one: `.targets`, `.num_classes`, `.name`, `.files`,
+    `.folder` and `.classes` describe the subset; `load(i)` and items come from the parent's index `indices[i]`.
+    A torch Subset, so code that looks through Subsets (batch pipelines) still finds the parent."""
+
+    def __init__(self, dataset: LabeledDataset, indices):
+        idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
+        super().__init__(dataset, idx.tolist())
+        self.targets = dataset.targets[idx]
+        self.num_classes, self.name = dataset.num_classes, dataset.name
+        self.files = None if dataset.files is None else [dataset.files[i] for i in self.indices]
+        self.folder = getattr(dataset, "folder", None)
+        self.classes = getattr(dataset, "classes", None)
+
+    files_fingerprint = LabeledDataset.files_fingerprint
+
+    def load(self, index: int) -> torch.Tensor:
+        return self.dataset.load(self.indices[int(index)])
+
+
+def class_names(dataset) -> list[str]:
+    """Names of the classes: the folder names of image folders, else the class indices as text."""
+    classes = getattr(dataset, "classes", None)
+    return list(classes) if classes else [str(c) for c in range(dataset.num_classes)]
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:

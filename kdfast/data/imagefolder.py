@@ -21,14 +21,24 @@ IMAGENET_LAYOUT = "ROOT/<split>/<wnid>/*.JPEG (ImageFolder layout, e.g. ROOT/tra
 FOLDER_LAYOUT = "ROOT/<class name>/<image file> (ImageFolder layout: one subfolder per class)"
 
 
-def scan_image_folder(folder: str, name: str, layout: str) -> tuple[list[str], list[str], list[int]]:
+class FolderScan(tuple):
+    """(classes, relative file paths, labels), unpacked as a 3-tuple; `.skipped` lists the relative paths of
+    files that were not taken as images (other extensions), so callers can say how many were left out."""
+
+    def __new__(cls, classes, files, labels, skipped):
+        scan = super().__new__(cls, (classes, files, labels))
+        scan.skipped = skipped
+        return scan
+
+
+def scan_image_folder(folder: str, name: str, layout: str) -> FolderScan:
     """(classes, relative file paths, labels) of an ImageFolder tree; DataError when it is not one."""
     if not os.path.isdir(folder):
         raise DataError(f"dataset {name!r}: {folder} is not a directory; expected {layout}")
     classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
     if not classes:
         raise DataError(f"dataset {name!r}: {folder} has no class subfolders; expected {layout}")
-    files, labels = [], []
+    files, labels, skipped = [], [], []
     for label, cls in enumerate(classes):
         for dirpath, dirnames, filenames in os.walk(os.path.join(folder, cls)):
             dirnames.sort()
@@ -36,16 +46,20 @@ def scan_image_folder(folder: str, name: str, layout: str) -> tuple[list[str], l
                 if fname.lower().endswith(IMAGE_EXTENSIONS):
                     files.append(os.path.relpath(os.path.join(dirpath, fname), folder))
                     labels.append(label)
+                elif not fname.startswith("."):  # hidden files (.DS_Store, ...) are not worth a note
+                    skipped.append(os.path.relpath(os.path.join(dirpath, fname), folder))
     if not files:
         raise DataError(f"dataset {name!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}; "
                         f"expected {layout}")
-    return classes, files, labels
+    return FolderScan(classes, files, labels, skipped)
 
 
 class ImageFolderDataset(LabeledDataset):
     def __init__(self, name: str, folder: str, layout: str, *, image_size: int = 224, augment: bool = False):
         self.folder = folder
-        self.classes, files, labels = scan_image_folder(folder, name, layout)
+        scan = scan_image_folder(folder, name, layout)
+        self.classes, files, labels = scan
+        self.skipped_files = scan.skipped
         self.crop = int(image_size)
         self.resize = int(round(image_size * 256 / 224))
         self.augment = None

@@ -15,12 +15,14 @@ Scoring runs every model in eval mode: BatchNorm uses its running statistics and
 """
 from __future__ import annotations
 
-import sys
+import os
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from ..errors import InvalidArgumentError
+from ..progress import progress as _progress
 from .engine import PRECISIONS, BatchScorer, as_model_list, index_batches, resolve_device, score_batches
 from .forgetting import ForgettingTracker
 from .methods import METHOD_NAMES, METHODS, Method, get_method
@@ -47,7 +49,7 @@ def _check_score_args(data, batch_size, precision, num_workers):
 
 
 def score(model, data, method, *, batch_size=256, device=None, precision="fp32", progress=True, num_workers=0,
-          seed=0, head=None, return_per_model=False):
+          seed=0, head=None, return_per_model=False, out=None, resume=False, overwrite=False, chunk_size=8192):
     """Scores every example of `data` with `method`; higher means harder.
 
     Args:
@@ -64,12 +66,22 @@ def score(model, data, method, *, batch_size=256, device=None, precision="fp32",
         head: the linear layer producing the logits (module or qualified name) for grand-last and
             liprune-last; default: the model's last nn.Linear.
         return_per_model: also return the (K, N) scores of each ensemble member.
+        out: a folder to run as a resumable job (kdfast.jobs): job.json (method, settings, model and data
+            fingerprints) is written first, rows land in atomic chunks as they are scored, and the result
+            goes to scores.npy and scores_per_model.npy. resume=True finishes an interrupted job (or returns
+            a finished one) after checking that it is the same job (JobMismatchError names each differing
+            field); overwrite=True starts afresh; without either, a folder holding a run is refused.
+        chunk_size: rows per resumable chunk with `out`.
 
     Returns:
         (N,) float32 CPU tensor in dataset order; with return_per_model, (scores, per_model (K, N)).
     """
     m = get_method(method)
     _check_score_args(data, batch_size, precision, num_workers)
+    if out is not None:
+        return _score_job(model, data, m, out, resume=resume, overwrite=overwrite, chunk_size=chunk_size,
+                          return_per_model=return_per_model, batch_size=batch_size, device=device,
+                          precision=precision, progress=progress, num_workers=num_workers, seed=seed, head=head)
     n = len(data.dataset) if isinstance(data, DataLoader) else len(data)
     if m.kind == "training":
         raise InvalidArgumentError("score: method 'forgetting' is measured during training: feed "
@@ -84,15 +96,62 @@ def score(model, data, method, *, batch_size=256, device=None, precision="fp32",
             per_model = _liprune_scores(models, data, batch_size, seed, device, progress)
         else:
             per_model = torch.empty(len(models), n, dtype=torch.float32)
-            bar = _progress_bar(n, m.name, progress)
-            try:
-                for idx, values, _ in score_batches(models, data, m, batch_size=batch_size, device=device,
-                                                    precision=precision, num_workers=num_workers, head=head):
-                    per_model[:, idx] = values.T
-                    bar.update(len(idx))
-            finally:
-                bar.close()
+            for idx, values, _ in _progress(score_batches(models, data, m, batch_size=batch_size, device=device,
+                                                          precision=precision, num_workers=num_workers, head=head),
+                                            total=n, desc=m.name, quiet=not progress, count=lambda r: len(r[0])):
+                per_model[:, idx] = values.T
     scores = per_model.mean(0)
+    return (scores, per_model) if return_per_model else scores
+
+
+def _score_job(model, data, m, out, *, resume, overwrite, chunk_size, return_per_model, **kw):
+    """score(..., out=DIR): the same scores, computed as a resumable job in DIR (see score's docstring)."""
+    from ..jobs import ChunkStore, Job, save_npy
+    from ..models import model_fingerprint
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise InvalidArgumentError(f"score: chunk_size must be a positive int, got {chunk_size!r}")
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    models = [] if m.kind == "random" else as_model_list(model)
+    head = kw["head"]
+    config = {"method": m.name, "batch_size": kw["batch_size"], "precision": kw["precision"], "seed": kw["seed"],
+              "head": head if head is None or isinstance(head, str) else type(head).__name__,
+              "models": [model_fingerprint(mod) for mod in models]}
+    if isinstance(data, DataLoader):
+        config["batch_size"] = data.batch_size
+    identity = None
+    if hasattr(dataset, "targets"):
+        from ..data import data_identity
+        identity = data_identity(dataset)
+    else:
+        identity = {"num_examples": len(dataset)}
+    job = Job.start(out, "score", config, data=identity, files=getattr(dataset, "files", None), resume=resume,
+                    overwrite=overwrite)
+    with job:
+        if job.finished:
+            per_model = torch.from_numpy(np.load(job.path("scores_per_model.npy")))
+        elif m.kind in ("forward", "gradient"):
+            n = len(dataset)
+            store = ChunkStore(job.path("chunks"), num_rows=n, width=len(models), resume=True,
+                               rows_per_chunk=chunk_size)
+            done = store.done_mask()
+            batches = [b for b in index_batches(range(n), kw["batch_size"]) if not done[b[0]]]
+            for idx, values, _ in _progress(score_batches(models, dataset, m, batches=batches, device=kw["device"],
+                                                          precision=kw["precision"], num_workers=kw["num_workers"],
+                                                          head=head),
+                                            total=sum(len(b) for b in batches), desc=m.name,
+                                            quiet=not kw["progress"], count=lambda r: len(r[0])):
+                store.write(idx.numpy(), values.numpy())
+            store.close()
+            per_model = torch.from_numpy(store.gather().T.copy())
+        else:
+            _, per_model = score(model, data, m.name, return_per_model=True, **kw)
+        scores = per_model.mean(0)
+        if not job.finished:
+            save_npy(job.path("scores_per_model.npy"), per_model.numpy())
+            save_npy(job.path("scores.npy"), scores.numpy())
+            job.complete()
+            if os.path.isdir(job.path("chunks")):
+                ChunkStore(job.path("chunks"), num_rows=len(dataset), width=len(models), resume=True).remove()
     return (scores, per_model) if return_per_model else scores
 
 
@@ -107,9 +166,3 @@ def _liprune_scores(models, data, batch_size, seed, device, progress):
                                     progress=progress)
         rows.append(torch.as_tensor(s, dtype=torch.float32).cpu())
     return torch.stack(rows)
-
-
-def _progress_bar(total, desc, enabled):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="ex", unit_scale=True, file=sys.stderr, disable=not enabled,
-                leave=False, dynamic_ncols=True)

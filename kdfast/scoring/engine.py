@@ -137,11 +137,8 @@ def index_batches(indices, batch_size: int) -> list[list[int]]:
 
 
 def _check_labels(y: torch.Tensor, idx: torch.Tensor, num_classes: int) -> None:
-    bad = (y < 0) | (y >= num_classes)
-    if bool(bad.any()):
-        j = int(bad.nonzero()[0, 0])
-        raise InvalidArgumentError(f"score: label {int(y[j])} of dataset index {int(idx[j])} is outside "
-                                   f"[0, {num_classes}) (the model has {num_classes} outputs)")
+    from ..data.base import check_labels
+    check_labels(y, num_classes, "score", indices=idx, why=f"the model has {num_classes} outputs")
 
 
 def batch_pipeline(data, device: torch.device):

@@ -1,18 +1,19 @@
 """Resumable row storage for long jobs: rows keyed by dataset index, written in atomic chunk files.
 
-    store = ChunkStore("runs/x/chunks", num_rows=N, width=K, job={...settings...}, resume=args.resume)
+    store = ChunkStore("runs/x/chunks", num_rows=N, width=K, resume=resume)
     todo = [b for b in batches if not store.done_mask()[b].all()]
     for indices, values in work(todo):     # values: (n, K) float32 rows of those dataset indices
         store.write(indices, values)       # buffered; a chunk file lands every `rows_per_chunk` rows or
     store.close()                          #   `seconds_per_chunk` seconds, always at a write boundary
     table = store.gather()                 # (N, K), every row present exactly once
 
-Each chunk is `rank{R:05d}-{seq:08d}.npz` (indices, values), written to a temporary name and renamed, so a
-kill at any moment (even SIGKILL) leaves only whole chunks: a resumed job skips the rows they hold and
-recomputes the rest. Callers write whole batches, so resumed batches are the batches of an uninterrupted
-run and give the same values. Distributed jobs: every rank opens the store with its `rank` and writes its
-own rows (files never collide); after a barrier one rank gathers. `job.json` records the settings; resuming
-with other settings is refused.
+Each chunk is `rank{R:05d}-{seq:08d}.npz` (indices, values), written atomically (jobs/atomic.py), so a kill
+at any moment (even SIGKILL) leaves only whole chunks: a resumed job skips the rows they hold and recomputes
+the rest. Callers write whole batches, so resumed batches are the batches of an uninterrupted run and give
+the same values. Distributed jobs: every rank opens the store with its `rank` and writes its own rows (files
+never collide); after a barrier one rank gathers. `store.json` records the shape (and the optional `job`
+settings); reopening with others raises JobMismatchError. The job that owns the store (jobs/job.py) checks
+the whole configuration before; this check keeps a store safe on its own.
 """
 from __future__ import annotations
 
@@ -24,30 +25,35 @@ import time
 
 import numpy as np
 
-from .common import CliError, write_json_atomic
+from .atomic import read_json, save_npz, write_json
+from .errors import IncompleteStoreError, JobExistsError, JobMismatchError
 
 
 class ChunkStore:
-    def __init__(self, directory: str, *, num_rows: int, width: int, job: dict, resume: bool = False, rank: int = 0,
-                 rows_per_chunk: int = 8192, seconds_per_chunk: float = 60.0):
-        self.directory, self.num_rows, self.width, self.rank = directory, int(num_rows), int(width), int(rank)
+    def __init__(self, directory: str, *, num_rows: int, width: int, job: dict | None = None, resume: bool = False,
+                 rank: int = 0, rows_per_chunk: int = 8192, seconds_per_chunk: float = 60.0):
+        self.directory, self.num_rows, self.width, self.rank = os.fspath(directory), int(num_rows), int(width), \
+            int(rank)
         self.rows_per_chunk, self.seconds_per_chunk = max(1, int(rows_per_chunk)), float(seconds_per_chunk)
-        job = json.loads(json.dumps({**job, "num_rows": self.num_rows, "width": self.width}, default=str))
-        job_path = os.path.join(directory, "job.json")
-        if os.path.exists(job_path):
+        settings = json.loads(json.dumps({**(job or {}), "num_rows": self.num_rows, "width": self.width},
+                                         default=str))
+        record = os.path.join(self.directory, "store.json")
+        if os.path.exists(record):
             if not resume:
-                raise CliError(f"{directory} holds chunks of an earlier run; pass --resume to finish it or --overwrite "
-                               "to start over")
-            with open(job_path) as f:
-                stored = json.load(f)
-            changed = sorted(k for k in set(stored) | set(job) if stored.get(k) != job.get(k))
-            if changed:
-                raise CliError(f"--resume: the run in {directory} used other settings ({', '.join(changed)} differ); "
-                               "repeat its command line, or pass --overwrite to start over")
+                raise JobExistsError(f"{self.directory} holds chunks of an earlier run; pass resume=True (--resume) to "
+                                     "finish it or overwrite it (--overwrite)")
+            stored = read_json(record)
+            diffs = [(k, stored.get(k), settings.get(k)) for k in sorted(set(stored) | set(settings))
+                     if stored.get(k) != settings.get(k)]
+            if diffs:
+                raise JobMismatchError(
+                    f"{self.directory} holds rows of another job ("
+                    + "; ".join(f"{k}: {a!r} recorded, {b!r} now" for k, a, b in diffs)
+                    + "); repeat its settings, or overwrite it (--overwrite)", diffs)
         else:
-            os.makedirs(directory, exist_ok=True)
-            write_json_atomic(job_path, job)
-        for tmp in glob.glob(os.path.join(directory, f"rank{self.rank:05d}-*.tmp*")):
+            os.makedirs(self.directory, exist_ok=True)
+            write_json(record, settings)
+        for tmp in glob.glob(os.path.join(self.directory, f"rank{self.rank:05d}-*.tmp*")):
             os.remove(tmp)  # a chunk that was being written when the job died: its rows are recomputed
         self._seq = 1 + max((self._seq_of(p) for p in self._chunk_paths(self.rank)), default=-1)
         self._indices, self._values, self._buffered = [], [], 0
@@ -88,10 +94,7 @@ class ChunkStore:
         if not self._buffered:
             return
         path = os.path.join(self.directory, f"rank{self.rank:05d}-{self._seq:08d}.npz")
-        tmp = f"{path}.tmp{os.getpid()}"  # not *.npz: readers never see a half-written chunk
-        with open(tmp, "wb") as f:
-            np.savez(f, indices=np.concatenate(self._indices), values=np.concatenate(self._values))
-        os.replace(tmp, path)
+        save_npz(path, indices=np.concatenate(self._indices), values=np.concatenate(self._values))
         self._seq += 1
         self._indices, self._values, self._buffered = [], [], 0
         self._last_flush = time.monotonic()
@@ -100,7 +103,7 @@ class ChunkStore:
         self.flush()
 
     def gather(self) -> np.ndarray:
-        """(N, width) float32 of all ranks' rows; CliError naming the count when rows are missing."""
+        """(N, width) float32 of all ranks' rows; IncompleteStoreError naming the count when rows are missing."""
         out = np.empty((self.num_rows, self.width), dtype=np.float32)
         seen = np.zeros(self.num_rows, dtype=bool)
         for idx, vals in self.chunks():
@@ -108,8 +111,8 @@ class ChunkStore:
             seen[idx] = True
         if not seen.all():
             missing = np.flatnonzero(~seen)
-            raise CliError(f"{self.directory}: {len(missing)} of {self.num_rows} rows were never written (first: "
-                           f"index {missing[0]}); run again with --resume")
+            raise IncompleteStoreError(f"{self.directory}: {len(missing)} of {self.num_rows} rows were never written "
+                                       f"(first: index {missing[0]}); run again with resume=True (--resume)")
         return out
 
     def remove(self) -> None:

@@ -1,0 +1,97 @@
+"""Data identity: what ties an artifact (scores, keep files, teacher caches, jobs) to one data set.
+
+    identity = data_identity(dataset)   # {"name", "num_examples", "num_classes", "labels_fingerprint",
+                                        #  "files_fingerprint" (file-backed data sets, else None)}
+    check_identity(recorded, dataset, what="--keep keep.npy", recorded_files=[...])   # DataIdentityError
+
+The labels fingerprint catches another data set or split; the files fingerprint (sha256 of every relative
+path and file size, in index order) catches renamed, moved, added or replaced files of an image folder
+even when the labels stay the same.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+from .base import DataError, labels_fingerprint
+
+
+class DataIdentityError(DataError):
+    """An artifact was made from another data set (other labels, other files) than the one given."""
+
+
+def files_fingerprint(folder: str, files: list[str]) -> str:
+    """sha256 hex over `relative path <TAB> size in bytes` of every file, in index order."""
+    h = hashlib.sha256()
+    for rel in files:
+        try:
+            size = os.stat(os.path.join(folder, rel)).st_size
+        except OSError:
+            size = -1  # a vanished file: the fingerprint changes, the consumer reports it
+        h.update(f"{rel}\t{size}\n".encode())
+    return h.hexdigest()
+
+
+def data_identity(dataset) -> dict:
+    """The identity of a kdfast data set (see the module docstring), or of bare labels (an int array); JSON-able."""
+    if not hasattr(dataset, "targets"):
+        return {"name": None, "num_examples": len(dataset), "num_classes": None,
+                "labels_fingerprint": labels_fingerprint(dataset), "files_fingerprint": None}
+    return {"name": getattr(dataset, "name", None), "num_examples": len(dataset),
+            "num_classes": getattr(dataset, "num_classes", None),
+            "labels_fingerprint": labels_fingerprint(dataset.targets),
+            "files_fingerprint": dataset_files_fingerprint(dataset)}
+
+
+def dataset_files_fingerprint(dataset) -> str | None:
+    """The data set's files fingerprint (computed once per data set object), None when it has no files."""
+    fingerprint = getattr(dataset, "files_fingerprint", None)
+    if fingerprint is not None or getattr(dataset, "files", None) is None:
+        return fingerprint
+    return files_fingerprint(dataset.folder, dataset.files)
+
+
+def describe_file_mismatch(recorded: list[str], current: list[str], limit: int = 5) -> str:
+    """The first files that differ between two file lists, for error messages: files gone and new ones by
+    name, else (the same names) the first positions that differ, else a note that sizes differ."""
+    def first(names):
+        more = f" and {len(names) - limit} more" if len(names) > limit else ""
+        return ", ".join(names[:limit]) + more
+    old, new = set(recorded), set(current)
+    gone, added = [f for f in recorded if f not in new], [f for f in current if f not in old]
+    if gone or added:
+        return "; ".join(part for part in (f"{len(gone)} files gone: {first(gone)}" if gone else "",
+                                           f"{len(added)} new: {first(added)}" if added else "") if part)
+    moved = [f"index {i}: {a} then, {b} now" for i, (a, b) in enumerate(zip(recorded, current)) if a != b]
+    if moved:
+        return f"{len(moved)} files at other positions: {first(moved)}"
+    return "the same file names, but file sizes differ: files were replaced"
+
+
+def check_identity(recorded: dict | None, dataset, *, what: str, recorded_files: list[str] | None = None,
+                   hint: str = "rebuild it from this data set, or point it at the data it was made from") -> None:
+    """Raises DataIdentityError unless `dataset` is the data set `recorded` (a data_identity dict) describes.
+
+    Fields missing from `recorded` (older artifacts) are not checked. The message names the artifact (`what`),
+    the differing fields and, for file lists, the first mismatched files when `recorded_files` is given.
+    """
+    if not recorded:
+        return
+    now = data_identity(dataset)
+    problems = []
+    for key in ("num_examples", "labels_fingerprint", "files_fingerprint"):
+        old = recorded.get(key)
+        if old is None and key == "files_fingerprint" and now[key] is None:
+            continue
+        if key in recorded and old != now[key]:
+            problems.append(key)
+    if not problems:
+        return
+    here = f"{dataset.name!r} here" if getattr(dataset, "name", None) else "these labels"
+    text = f"{what} was made from another data set than {here} ({', '.join(problems)} differ"
+    if "files_fingerprint" in problems:
+        if recorded_files is not None and getattr(dataset, "files", None) is not None:
+            text += "; " + describe_file_mismatch(list(recorded_files), list(dataset.files))
+        elif "labels_fingerprint" not in problems:
+            text += "; the image files were renamed, moved, added or replaced"
+    raise DataIdentityError(f"{text}); {hint}")

@@ -1,0 +1,26 @@
+"""Held-out splits for data sets without a test split: stratified by class and seeded."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import InvalidArgumentError
+
+
+def stratified_split(targets, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, held-out indices), both sorted int64: round(fraction * n_c) examples of each class c
+    are held out (at least one of every class with two or more examples), drawn with a generator seeded by
+    `seed`, so the split is the same on every machine."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+        raise InvalidArgumentError(f"stratified_split: fraction must be in (0, 1), got {fraction!r}")
+    targets = torch.as_tensor(targets, dtype=torch.int64).reshape(-1)
+    gen = torch.Generator().manual_seed(int(seed))
+    held = []
+    for c in torch.unique(targets).tolist():
+        members = torch.nonzero(targets == c).reshape(-1)
+        k = int(round(fraction * len(members)))
+        k = min(max(k, 1 if len(members) >= 2 else 0), len(members) - 1)
+        held.append(members[torch.randperm(len(members), generator=gen)[:k]])
+    val = torch.sort(torch.cat(held)).values if held else torch.empty(0, dtype=torch.int64)
+    mask = torch.ones(len(targets), dtype=torch.bool)
+    mask[val] = False
+    return torch.nonzero(mask).reshape(-1), val

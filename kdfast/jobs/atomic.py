@@ -1,0 +1,59 @@
+"""Atomic file writes: every file kdfast writes lands whole or not at all.
+
+Each helper writes a temporary sibling `<path>.tmp<pid>` (a name no reader globs for) and renames it over
+`path`, so a kill at any moment (even SIGKILL) leaves either the previous file or the new one, never half.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import IO
+
+import numpy as np
+
+
+def atomic_write(path: str, write: Callable[[IO], None], *, mode: str = "wb") -> str:
+    """Calls write(fh) on a temporary file beside `path`, then renames it to `path`; returns `path`."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode) as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def write_json(path: str, obj) -> str:
+    def dump(fh):
+        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+        fh.write("\n")
+    return atomic_write(path, dump, mode="w")
+
+
+def write_text(path: str, text: str) -> str:
+    return atomic_write(path, lambda fh: fh.write(text), mode="w")
+
+
+def save_npy(path: str, array) -> str:
+    return atomic_write(path, lambda fh: np.save(fh, np.asarray(array), allow_pickle=False))
+
+
+def save_npz(path: str, **arrays) -> str:
+    return atomic_write(path, lambda fh: np.savez(fh, **arrays))
+
+
+def save_torch(path: str, obj) -> str:
+    import torch
+    return atomic_write(path, lambda fh: torch.save(obj, fh))
+
+
+def read_json(path: str):
+    with open(path) as fh:
+        return json.load(fh)

@@ -1,0 +1,91 @@
+"""Progress and log lines on stderr, shared by training, scoring and the command line.
+
+`progress(iterable, ...)` reports counts, rate and ETA: a tqdm bar on a terminal, plain lines (at most one
+every 10 s, and one at the end) in logs and pipes, nothing when quiet.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+
+class _PlainProgress:
+    """Progress as plain lines on stderr (logs, pipes): at most one every `interval` seconds, and one at the end."""
+
+    def __init__(self, total, desc, unit, interval=10.0):
+        self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
+        self.n, self.start = 0, time.perf_counter()
+        self.last = self.start
+
+    def update(self, n):
+        self.n += n
+        now = time.perf_counter()
+        if now - self.last >= self.interval:
+            self.last = now
+            self._print(now)
+
+    def _print(self, now):
+        rate = self.n / max(now - self.start, 1e-9)
+        done = f"{self.n}/{self.total}" if self.total else str(self.n)
+        eta = ""
+        if self.total and rate > 0 and self.n < self.total:
+            eta = f", ETA {(self.total - self.n) / rate:.0f} s"
+        print(f"{self.desc}: {done} {self.unit} ({rate:,.0f} {self.unit}/s{eta})", file=sys.stderr, flush=True)
+
+    def close(self):
+        self._print(time.perf_counter())
+
+
+class _Silent:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+class _Closing:
+    """Makes a bar a context manager that closes it."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __enter__(self):
+        return self.bar
+
+    def __exit__(self, *exc):
+        self.bar.close()
+        return False
+
+
+def progress_bar(total=None, *, desc="", quiet=False, unit="ex", plain=True):
+    """A bar with update(n) and close(), also a context manager: tqdm on a terminal, plain lines elsewhere
+    (nothing with plain=False, for callers that print their own line per pass), nothing when quiet."""
+    bar = None
+    if not quiet and sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=sys.stderr, dynamic_ncols=True,
+                       leave=False)
+        except ImportError:
+            pass
+    if bar is None:
+        bar = _PlainProgress(total, desc, unit) if plain and not quiet else _Silent()
+    return _Closing(bar)
+
+
+def progress(iterable, *, total=None, desc="", quiet=False, unit="ex", count=None, plain=True):
+    """Yields from `iterable`, reporting progress on stderr as progress_bar does.
+
+    `count(item)` gives how many `unit`s each item stands for (e.g. examples in a batch; 1 by default), so
+    the rate reads in examples per second.
+    """
+    with progress_bar(total, desc=desc, quiet=quiet, unit=unit, plain=plain) as bar:
+        for item in iterable:
+            yield item
+            bar.update(count(item) if count else 1)
+
+
+def log(message: str, *, quiet: bool = False) -> None:
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,241 @@
+"""The job layer (kdfast/jobs): job records and identity checks, atomic writes, the resumable chunk store,
+kdfast.score(out=, resume=), and the data identity helpers it relies on."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import kdfast
+from kdfast.data import (DataIdentityError, LabeledSubset, check_identity, data_identity, describe_file_mismatch,
+                         load_dataset, stratified_split)
+from kdfast.errors import KDFastError
+from kdfast.jobs import (ChunkStore, IncompleteStoreError, Job, JobError, JobExistsError, JobMismatchError,
+                         atomic_write, save_npy, write_json)
+from kdfast.models import create_model
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+def test_a_job_records_its_identity_before_work_and_resumes_only_the_same_job(tmp_path):
+    out = tmp_path / "run"
+    job = Job.start(out, "score", {"lr": 0.1, "epochs": 3, "device": "cpu", "quiet": True}, data={"n": 5})
+    record = json.loads((out / "job.json").read_text())
+    assert record["status"] == "running" and record["identity"]["lr"] == 0.1 and record["identity"]["data"] == {"n": 5}
+    assert "device" not in record["identity"] and "quiet" not in record["identity"]  # where/how, not what
+    assert record["identity"]["kdfast_version"] == kdfast.__version__
+    (out / "work.npy").write_bytes(b"x")  # some work product
+    # where it runs may change; what it computes may not
+    again = Job.start(out, "score", {"lr": 0.1, "epochs": 3, "device": "cuda", "quiet": False}, data={"n": 5},
+                      resume=True)
+    assert not again.finished
+    with pytest.raises(JobMismatchError) as info:
+        Job.start(out, "score", {"lr": 0.2, "epochs": 3, "new_flag": 1}, data={"n": 6}, resume=True,
+                  label=lambda f: "--" + f)
+    message = str(info.value)
+    assert "--lr: 0.1 in the run, 0.2 now" in message and "--new_flag: None in the run, 1 now" in message
+    assert "data.n: 5 in the run, 6 now" in message
+    assert {f for f, _, _ in info.value.differences} == {"lr", "new_flag", "data.n"}
+    with pytest.raises(JobExistsError, match="already holds a score run"):
+        Job.start(out, "score", {"lr": 0.1, "epochs": 3}, data={"n": 5})
+    with pytest.raises(JobMismatchError, match="not a 'distill' run"):
+        Job.start(out, "distill", {"lr": 0.1, "epochs": 3}, data={"n": 5}, resume=True)
+    fresh = Job.start(out, "score", {"lr": 0.2}, overwrite=True)
+    assert not (out / "work.npy").exists() and fresh.record["identity"]["lr"] == 0.2
+    fresh.complete()
+    assert Job.start(out, "score", {"lr": 0.2}, resume=True).finished is False  # no work product: a fresh start
+
+
+def test_a_failed_start_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "new"
+    with pytest.raises(RuntimeError), Job.start(out, "score", {"a": 1}):
+        raise RuntimeError("bad checkpoint")
+    assert not out.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(RuntimeError), Job.start(existing, "score", {"a": 1}, files=["x.png"]):
+        raise RuntimeError("bad checkpoint")
+    assert existing.exists() and not list(existing.iterdir())
+    # a record without any work (a start killed early) never blocks another job
+    Job.start(existing, "score", {"a": 1})
+    assert Job.start(existing, "score", {"a": 2}).record["identity"]["a"] == 2
+    # once work exists, a failure keeps everything for --resume
+    with pytest.raises(RuntimeError), Job.start(existing, "score", {"a": 2}, overwrite=True) as job:
+        save_npy(job.path("part.npy"), np.zeros(3))
+        raise RuntimeError("killed")
+    assert (existing / "part.npy").exists() and (existing / "job.json").exists()
+
+
+def test_foreign_and_legacy_folders_are_refused(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.txt").write_text("mine")
+    with pytest.raises(JobError, match="holds no kdfast run"):
+        Job.start(tmp_path / "photos", "score", {}, overwrite=True)
+    assert (tmp_path / "photos" / "a.txt").exists()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text("{}")
+    with pytest.raises(JobExistsError, match="without a job record"):
+        Job.start(tmp_path / "old", "score", {}, resume=True)
+    Job.start(tmp_path / "old", "score", {}, overwrite=True)
+    with pytest.raises(JobError, match="resume or overwrite, not both"):
+        Job.start(tmp_path / "x", "score", {}, resume=True, overwrite=True)
+
+
+def test_mismatched_files_are_listed_on_resume(tmp_path):
+    out = tmp_path / "run"
+    identity = {"files_fingerprint": "a"}
+    Job.start(out, "score", {}, data=identity, files=["cat/a.png", "cat/b.png", "dog/c.png"])
+    (out / "scores.npy").write_bytes(b"x")
+    with pytest.raises(JobMismatchError, match="1 files gone: cat/b.png; 1 new: cat/bb.png"):
+        Job.start(out, "score", {}, data={"files_fingerprint": "b"}, files=["cat/a.png", "cat/bb.png", "dog/c.png"],
+                  resume=True)
+
+
+# ---------------------------------------------------------------------------------------- atomic writes
+def test_atomic_writes_leave_the_old_file_when_the_writer_fails(tmp_path):
+    path = tmp_path / "meta.json"
+    write_json(path, {"a": 1})
+
+    def half(fh):
+        fh.write("{\"a\": ")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, half, mode="w")
+    assert json.loads(path.read_text()) == {"a": 1} and os.listdir(tmp_path) == ["meta.json"]
+    save_npy(tmp_path / "x.npy", np.arange(3))  # no .npy appended to the temporary name, no leftovers
+    assert sorted(os.listdir(tmp_path)) == ["meta.json", "x.npy"] and np.load(tmp_path / "x.npy").tolist() == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------------- chunk store
+def test_chunk_store_merges_ranks_by_index_and_resumes_with_typed_errors(tmp_path):
+    job = {"method": "el2n"}
+    ranks = [ChunkStore(tmp_path / "c", num_rows=10, width=2, job=job, rank=r, rows_per_chunk=2, resume=r > 0)
+             for r in range(2)]
+    values = np.random.default_rng(0).random((10, 2), dtype=np.float32)
+    for r, store in enumerate(ranks):  # rank r owns rows r, r + 2, ... (a distributed sampler's split)
+        rows = np.arange(r, 10, 2)
+        for part in np.array_split(rows, 3):
+            store.write(part, values[part])
+    (tmp_path / "c" / "rank00001-00000009.npz.tmp123").write_bytes(b"half a chunk")  # a kill mid-write
+    ranks[0].close()
+    with pytest.raises(IncompleteStoreError, match="rows were never written"):
+        ChunkStore(tmp_path / "c", num_rows=10, width=2, job=job, resume=True).gather()
+    ranks[1].close()
+    again = ChunkStore(tmp_path / "c", num_rows=10, width=2, job=job, resume=True, rank=1)
+    assert again.done_mask().all() and not list((tmp_path / "c").glob("rank00001-*.tmp*"))
+    np.testing.assert_array_equal(again.gather(), values)
+    with pytest.raises(JobExistsError, match="resume"):
+        ChunkStore(tmp_path / "c", num_rows=10, width=2, job=job)
+    with pytest.raises(JobMismatchError, match="num_rows: 10 recorded, 11 now"):
+        ChunkStore(tmp_path / "c", num_rows=11, width=2, job=job, resume=True)
+    assert issubclass(JobMismatchError, KDFastError) and issubclass(IncompleteStoreError, KDFastError)
+
+
+# ------------------------------------------------------------------------------- score(out=, resume=)
+class _Interrupt(Exception):
+    pass
+
+
+def test_library_score_resumes_a_killed_job_and_refuses_another(tmp_path, digits, monkeypatch):
+    torch.manual_seed(0)
+    model = create_model("cnn", num_classes=10, in_channels=1)
+    data = LabeledSubset(digits, range(300))
+    whole = kdfast.score(model, data, "el2n", batch_size=32, progress=False)
+    import kdfast.scoring as scoring
+    real, calls = scoring.score_batches, []
+
+    def dying(*args, **kw):  # dies after 4 batches, as a killed process would
+        for item in real(*args, **kw):
+            calls.append(1)
+            if len(calls) > 4:
+                raise _Interrupt
+            yield item
+    monkeypatch.setattr(scoring, "score_batches", dying)
+    with pytest.raises(_Interrupt):
+        kdfast.score(model, data, "el2n", batch_size=32, progress=False, out=tmp_path / "s", chunk_size=32)
+    monkeypatch.setattr(scoring, "score_batches", real)
+    assert len(os.listdir(tmp_path / "s" / "chunks")) >= 4 and not (tmp_path / "s" / "scores.npy").exists()
+    with pytest.raises(JobExistsError):
+        kdfast.score(model, data, "el2n", batch_size=32, progress=False, out=tmp_path / "s")
+    with pytest.raises(JobMismatchError, match="batch_size: 32 in the run, 64 now"):
+        kdfast.score(model, data, "el2n", batch_size=64, progress=False, out=tmp_path / "s", resume=True)
+    other = create_model("cnn", num_classes=10, in_channels=1)
+    with pytest.raises(JobMismatchError, match="models"):
+        kdfast.score(other, data, "el2n", batch_size=32, progress=False, out=tmp_path / "s", resume=True)
+    with pytest.raises(JobMismatchError, match="data.labels_fingerprint"):
+        kdfast.score(model, LabeledSubset(digits, range(1, 301)), "el2n", batch_size=32, progress=False,
+                     out=tmp_path / "s", resume=True)
+    resumed, per_model = kdfast.score(model, data, "el2n", batch_size=32, progress=False, out=tmp_path / "s",
+                                      resume=True, return_per_model=True)
+    torch.testing.assert_close(resumed, whole, rtol=0, atol=0)
+    assert per_model.shape == (1, 300) and not (tmp_path / "s" / "chunks").exists()
+    np.testing.assert_array_equal(np.load(tmp_path / "s" / "scores.npy"), whole.numpy())
+    again = kdfast.score(model, data, "el2n", batch_size=32, progress=False, out=tmp_path / "s", resume=True)
+    torch.testing.assert_close(again, whole, rtol=0, atol=0)  # a finished job returns its result
+
+
+# -------------------------------------------------------------------------------------- data identity
+def test_stratified_split_holds_out_each_class_in_proportion_and_is_seeded(digits):
+    train, held = stratified_split(digits.targets, 0.2, seed=3)
+    assert sorted(torch.cat([train, held]).tolist()) == list(range(len(digits)))
+    counts, held_counts = np.bincount(digits.targets.numpy()), np.bincount(digits.targets[held].numpy())
+    np.testing.assert_array_equal(held_counts, np.round(0.2 * counts).astype(int))
+    assert torch.equal(held, stratified_split(digits.targets, 0.2, seed=3)[1])
+    assert not torch.equal(held, stratified_split(digits.targets, 0.2, seed=4)[1])
+    assert stratified_split(torch.tensor([0, 0, 1, 1, 1, 2]), 0.01)[1].tolist().__len__() == 2  # >= 1 per class
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\)"):
+        stratified_split(digits.targets, 1.0)
+
+
+def test_file_fingerprint_sees_renames_and_replaced_files(tmp_path):
+    from _fake_datasets import write_image_folder
+    write_image_folder(tmp_path / "f")
+    data = load_dataset("folder", root=tmp_path / "f", image_size=8)
+    identity = data_identity(data)
+    assert identity["files_fingerprint"] and identity["num_examples"] == 9
+    check_identity(identity, load_dataset("folder", root=tmp_path / "f", image_size=8), what="scores")
+    (tmp_path / "f" / "dog" / "img1.png").write_bytes((tmp_path / "f" / "dog" / "img1.png").read_bytes() + b"\0")
+    with pytest.raises(DataIdentityError, match="sizes differ: files were replaced"):
+        check_identity(identity, load_dataset("folder", root=tmp_path / "f", image_size=8), what="scores",
+                       recorded_files=data.files)
+    assert describe_file_mismatch(["a", "b"], ["b", "a"]) == "2 files at other positions: index 0: a then, b now, " \
+                                                             "index 1: b then, a now"
+    sub = LabeledSubset(data, [1, 4])
+    assert sub.files == [data.files[1], data.files[4]] and sub.targets.tolist() == [0, 1] and sub.folder == data.folder
+    torch.testing.assert_close(sub.load(1), data.load(4))
+
+
+def test_image_folders_count_the_files_they_skip(tmp_path):
+    from _fake_datasets import write_image_folder
+    write_image_folder(tmp_path / "f")
+    (tmp_path / "f" / "cat" / "notes.txt").write_text("x")
+    (tmp_path / "f" / "dog" / ".DS_Store").write_text("x")
+    data = load_dataset("folder", root=tmp_path / "f", image_size=8)
+    assert data.skipped_files == [os.path.join("cat", "notes.txt")]
+
+
+# ------------------------------------------------------------------------------------------ fit resume
+def test_fit_refuses_to_resume_a_checkpoint_of_another_run(tmp_path, digits):
+    from kdfast.training import fit
+    data = LabeledSubset(digits, range(64))
+    args = dict(epochs=2, batch_size=32, lr=0.05, progress=False, checkpoint_path=tmp_path / "c.pt")
+    torch.manual_seed(0)
+    fit(create_model("mlp", num_classes=10, in_channels=1), data, **args)
+    with pytest.raises(JobMismatchError, match=r"lr: 0.05 then, 0.2 now; temperature") as info:
+        fit(create_model("mlp", num_classes=10, in_channels=1), data, **{**args, "lr": 0.2}, temperature=2.0,
+            resume=True)
+    assert {f for f, _, _ in info.value.differences} == {"lr", "temperature"}
+    with pytest.raises(JobMismatchError, match="data.labels_fingerprint"):
+        fit(create_model("mlp", num_classes=10, in_channels=1), LabeledSubset(digits, range(1, 65)), **args,
+            resume=True)
+    with pytest.raises(JobMismatchError, match="epochs: 2 then, 3 now"):  # cosine: epochs set every epoch's LR
+        fit(create_model("mlp", num_classes=10, in_channels=1), data, **{**args, "epochs": 3}, resume=True)
+    history = fit(create_model("mlp", num_classes=10, in_channels=1), data, **args, resume=True)
+    assert [h["epoch"] for h in history] == [1, 2]  # the same run: restored, nothing left to train
