@@ -11,7 +11,7 @@ from torch import nn
 from kdfast.errors import InvalidArgumentError, UnsupportedModuleError
 from kdfast.grad_norms import check, per_example_grad_norms, register_rule
 from kdfast.grad_norms.forms import gram_sqnorm, outer_sqnorm, prefer_gram
-from kdfast.grad_norms.registry import RULES, find_rule
+from kdfast.grad_norms.registry import RULES, Sink, find_rule
 from kdfast.reference.grad_norms import per_example_grad_norms_ref
 
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
@@ -352,9 +352,11 @@ def test_register_rule_overwrite_and_mro():
         register_rule(nn.Linear)(lambda *a, **k: {})
     calls = []
 
-    def my_rule(module, x, grad_output, *, want, backend):
+    def my_rule(module, x, grad_output, *, want, backend):  # the dict-returning signature, still accepted
         calls.append(type(module).__name__)
-        return RULES[nn.Linear](module, x, grad_output, want=want, backend=backend)
+        sink = Sink(per_param={n: torch.zeros(x.shape[0], dtype=x.dtype) for n in want})
+        RULES[nn.Linear](module, x, grad_output, want=want, backend=backend, sink=sink, saved=None)
+        return sink.per_param
 
     register_rule(MyLinear)(my_rule)
     try:
