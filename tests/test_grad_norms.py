@@ -396,9 +396,32 @@ CONV_CASES = [
 ]
 
 
+def _added(form, *args, dtype=torch.float64):
+    """A form's contribution, added into a zeroed (B,) buffer (how the engine calls it)."""
+    out = torch.zeros(args[0].shape[0], dtype=dtype)
+    form(*args, out) if not isinstance(form, str) else _triton_form(form, *args, out)
+    return out
+
+
+def _as_kernel_casts_to_bf16(x):
+    """x rounded to bf16 the way a kernel's .to(bfloat16) does, in float64: to nearest even on a GPU,
+    toward zero in the interpreter (so a kernel that upcast the bf16 operand instead would miss by ~4e-3)."""
+    from kdfast.dispatch import triton_interpret
+    if not triton_interpret():
+        return x.bfloat16().double()
+    return (x.float().view(torch.int32) & -65536).view(torch.float32).double()
+
+
+def _triton_form(form, *args):
+    from kdfast.grad_norms.rules.conv import _triton
+    _triton(form, *args)
+
+
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"conv{c[0]}d-{c[1]}x{c[2]}-g{c[7]}")
-def test_conv_forms_and_triton_kernel(case):
-    from kdfast.grad_norms.rules.conv import _direct_torch, _direct_triton, _gram_form
+def test_conv_forms_and_triton_kernels(case):
+    """Both forms in torch (float64) and in Triton, contiguous and channels-last, fp32 and under bf16
+    autocast (an fp32 input beside a bf16 gradient: the input is cast down, the gradient never up)."""
+    from kdfast.grad_norms.rules.conv import _direct_torch, _gram_torch
     n, cin, cout, k, stride, padding, dilation, groups, spatial = case
     x = torch.randn(3, cin, *spatial, dtype=torch.float64)
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
@@ -407,11 +430,19 @@ def test_conv_forms_and_triton_kernel(case):
     g = torch.randn(shape, dtype=torch.float64)
     want = _explicit_conv_sqnorms(x, g, n, stride, padding, dilation, groups, k)
     args = (k, stride, padding, dilation, groups)
-    assert_close_rel(_direct_torch(x, g, *args), want, 1e-10, "direct (torch)")
-    assert_close_rel(_gram_form(x, g, *args, "torch"), want, 1e-10, "Gram (torch)")
-    xs = x.float().contiguous(memory_format=torch.channels_last) if n == 2 else x.float()  # any strides
-    assert_close_rel(_direct_triton(xs, g.float(), *args), want, 1e-4, "direct (Triton)")
-    assert_close_rel(_gram_form(x.float(), g.float(), *args, "triton"), want, 1e-4, "Gram (Triton)")
+    assert_close_rel(_added(_direct_torch, x, g, *args), want, 1e-10, "direct (torch)")
+    assert_close_rel(_added(_gram_torch, x, g, *args), want, 1e-10, "Gram (torch)")
+    g_bf = g.bfloat16()
+    want_bf = _explicit_conv_sqnorms(_as_kernel_casts_to_bf16(x.float()), g_bf.double(), n, stride, padding,
+                                     dilation, groups, k)
+    layouts = [x.float()] + ([x.float().contiguous(memory_format=torch.channels_last)] if n == 2 else [])
+    for form in ("direct", "gram"):
+        for xs in layouts:
+            what = f"{form} (Triton, {'channels-last' if not xs.is_contiguous() else 'contiguous'})"
+            assert_close_rel(_added(form, xs, g.float(), *args, dtype=torch.float32), want, 1e-4, what)
+        # bf16 products are exact in fp32: the result matches the float64 norm of the bf16-rounded operands
+        assert_close_rel(_added(form, x.float(), g_bf, *args, dtype=torch.float32), want_bf, 1e-4,
+                         f"{form} (Triton, fp32 input, bf16 gradient)")
 
 
 @pytest.mark.parametrize("T, da, dg", [(1, 5, 3), (7, 20, 9), (70, 6, 17)])
@@ -452,23 +483,29 @@ def test_input_modified_in_place_after_the_layer_is_refused():
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "features_last"])
-def test_norm_channel_sums_triton_kernel(layout):
-    from kdfast.grad_norms.forms import channel_sums
-    B, C, L = 3, 21, 150  # more than one channel block (16) and position block (128)
+@pytest.mark.parametrize("stats", ["rstd", "var", None, "neg_part"])
+def test_norm_affine_sqnorms_torch_and_triton(layout, stats):
+    from kdfast.grad_norms.forms import affine_sqnorms
+    B, C, L, G = 3, 21, 150, 7  # more than one channel block (16) and position block (128); 3 channels a group
     x = torch.randn(B, C, L, dtype=torch.float64) * 2 + 1
     g = torch.randn(B, C, L, dtype=torch.float64)
-    mean, rstd = torch.randn(C, dtype=torch.float64).expand(B, C), torch.rand(B, C, dtype=torch.float64) + 0.5
-    want_gx = (g * (x - mean[..., None]) * rstd[..., None]).sum(2)
+    mean, stat = torch.randn(G, dtype=torch.float64).expand(B, G), torch.rand(B, G, dtype=torch.float64) + 0.5
+    eps = 1e-3
+    rstd = stat if stats == "rstd" else (stat + eps).rsqrt() if stats == "var" else None
+    x_hat = (x.clamp(max=0) if stats == "neg_part" else x) if rstd is None else (
+        (x - mean.repeat_interleave(C // G, 1)[..., None]) * rstd.repeat_interleave(C // G, 1)[..., None])
+    want_w, want_b = (g * x_hat).sum(2).square().sum(1), g.sum(2).square().sum(1)
     if layout == "features_last":
         x = x.transpose(1, 2).contiguous().transpose(1, 2)
     elif layout == "channels_last":
         x = x.reshape(B, C, 10, 15).contiguous(memory_format=torch.channels_last).reshape(B, C, L)
     assert x.is_contiguous() == (layout == "contiguous") and x.float().stride() == x.stride()
-    for backend, tol in (("torch", 1e-10), ("triton", 1e-4)):
-        low = backend == "triton"
-        sgx, sg = channel_sums(x.float() if low else x, g.float() if low else g, mean, rstd, backend)
-        assert_close_rel(sgx, want_gx, tol, f"sum g x_hat ({backend})")
-        assert_close_rel(sg, g.sum(2), tol, f"sum g ({backend})")
+    kw = dict(stats=None if stats == "neg_part" else stats, eps=eps, neg_part=stats == "neg_part")
+    for backend, tol, dt in (("torch", 1e-10, torch.float64), ("triton", 1e-4, torch.float32)):
+        out_w, out_b = torch.zeros(B, dtype=dt), torch.ones(B, dtype=dt)  # adds into what is there
+        affine_sqnorms(x.to(dt), g.to(dt), mean, stat, out_w=out_w, out_b=out_b, backend=backend, **kw)
+        assert_close_rel(out_w, want_w, tol, f"sum_c (sum_l g x_hat)^2 ({backend})")
+        assert_close_rel(out_b - 1, want_b, tol, f"sum_c (sum_l g)^2 ({backend})")
 
 
 def test_fallback_for_multi_output_modules_and_weights_used_by_the_parent():
@@ -506,6 +543,7 @@ def test_under_autocast_the_rules_keep_fp32_accumulation():
 _COMPILE_FOR_SM90 = """
 import inspect, sys
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import kdfast.kernels.grad_norms as kernels
@@ -518,17 +556,21 @@ def compile_for_sm90(kernel, pointers, constexprs):
     if compiled.metadata.shared > 227 * 1024:
         sys.exit(f"{kernel.fn.__name__} needs {compiled.metadata.shared} bytes of shared memory, sm_90 has 227 KiB")
 
-for dtype, precision in (("fp32", "tf32x3"), ("bf16", "tf32")):
-    compile_for_sm90(kernels._conv_wgrad_sqnorm_kernel,
-                     {"x_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "out_ptr": "*fp32"},
-                     {"BLOCK_M": kernels.MAX_TILE, "BLOCK_N": kernels.MAX_TILE, "BLOCK_P": kernels.BLOCK_P,
-                      "PRECISION": precision})
-    compile_for_sm90(kernels._gram_sqnorm_kernel, {"a_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "out_ptr": "*fp32"},
-                     {"BLOCK_T": kernels.MAX_TILE, "BLOCK_D": kernels.MAX_TILE, "PRECISION": precision})
-compile_for_sm90(kernels._channel_sums_kernel,
-                 {"x_ptr": "*bf16", "g_ptr": "*bf16", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "sgx_ptr": "*fp32",
-                  "sg_ptr": "*fp32"},
-                 {"BLOCK_C": kernels.NORM_BLOCK_C, "BLOCK_L": kernels.NORM_MAX_BLOCK_L})
+conv = {"KD": 1, "KH": 3, "KW": 3, "NUM_STAGES": kernels.NUM_STAGES}
+for dtype, precision, dot in (("fp32", "tf32x3", "fp32"), ("bf16", "tf32", "bf16"), ("fp32", "tf32", "bf16")):
+    pointers = {"x_ptr": f"*{dtype}", "g_ptr": "*bf16" if dot == "bf16" else f"*{dtype}", "out_ptr": "*fp32"}
+    dt = {"fp32": tl.float32, "bf16": tl.bfloat16}[dot]
+    compile_for_sm90(kernels._conv_wgrad_sqnorm_kernel, pointers,
+                     {**conv, "BLOCK_M": kernels.MAX_TILE, "BLOCK_N": kernels.MAX_TILE, "BLOCK_H": 8, "BLOCK_W": 8,
+                      "DOT_DTYPE": dt, "MMA_DTYPE": dt, "PRECISION": precision})
+    compile_for_sm90(kernels._conv_gram_sqnorm_kernel, pointers,
+                     {**conv, "BLOCK_T": kernels.MAX_TILE, "BLOCK_C": kernels.MAX_TILE, "DOT_DTYPE": dt,
+                      "MMA_DTYPE": dt, "PRECISION": precision})
+compile_for_sm90(kernels._affine_sqnorm_kernel,
+                 {"x_ptr": "*bf16", "g_ptr": "*bf16", "mean_ptr": "*fp32", "stat_ptr": "*fp32", "outw_ptr": "*fp32",
+                  "outb_ptr": "*fp32", "eps": "fp32"},
+                 {"STATS": kernels.STATS_RSTD, "NEG_PART": False, "HAS_W": True, "HAS_B": True,
+                  "BLOCK_C": kernels.NORM_BLOCK_C, "BLOCK_L": kernels.NORM_MAX_BLOCK_L})
 """
 
 

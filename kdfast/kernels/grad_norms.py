@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 # Tile caps: tl.dot needs every dimension >= 16; 64 keeps a 64x64 fp32 accumulator plus its two operand
-# tiles in registers at 4 warps. Not yet tuned on a GPU (bench_grad_norms' tile sweep row is open).
+# tiles in registers at 4 warps. Not yet tuned on a GPU.
 MIN_TILE = 16
 MAX_TILE = 64
 BLOCK_P = 64          # output positions per step of the direct kernel
@@ -55,6 +55,13 @@ def dot_dtype(*tensors: torch.Tensor) -> torch.dtype:
         if any(t.dtype == dt for t in tensors):
             return dt
     return torch.float32
+
+
+def _mma_dtype(dtype: torch.dtype):
+    """The dtype the products run in: the operand dtype; fp32 under TRITON_INTERPRET=1, whose 16-bit dot is
+    wrong (a bf16 x bf16 product is exact in fp32, so the rounding tested is the same)."""
+    from ..dispatch import triton_interpret
+    return tl.float32 if triton_interpret() else _TL_DTYPES[dtype]
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -83,7 +90,7 @@ def _conv_wgrad_sqnorm_kernel(
     # constexprs
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    NUM_STAGES: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    NUM_STAGES: tl.constexpr, DOT_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_bg = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -123,7 +130,8 @@ def _conv_wgrad_sqnorm_kernel(
             x_ok = p_ok & (i_h >= 0) & (i_h < IH) & (i_w >= 0) & (i_w < IW) & (i_d >= 0) & (i_d < ID)
             x_tile = tl.load(x_base + x_cols + (i_d * sxd + i_h * sxh + i_w * sxw)[:, None],
                              mask=x_ok[:, None] & n_ok[None, :], other=0.0)
-            acc += tl.dot(g_tile.to(DOT_DTYPE), x_tile.to(DOT_DTYPE), input_precision=PRECISION)
+            acc += tl.dot(g_tile.to(DOT_DTYPE).to(MMA_DTYPE), x_tile.to(DOT_DTYPE).to(MMA_DTYPE),
+                          input_precision=PRECISION)
         sq += acc * acc
     tl.atomic_add(out_ptr + b, tl.sum(tl.sum(sq, axis=1), axis=0))
 
@@ -151,7 +159,7 @@ def conv_wgrad_sqnorm(x, g, *, kernel_size, stride, padding, dilation, groups, o
         *stride, *padding, *dilation,
         KD=kernel_size[0], KH=kernel_size[1], KW=kernel_size[2],
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_W=block_w,
-        NUM_STAGES=NUM_STAGES, DOT_DTYPE=_TL_DTYPES[dt], PRECISION=_precision(dt),
+        NUM_STAGES=NUM_STAGES, DOT_DTYPE=_TL_DTYPES[dt], MMA_DTYPE=_mma_dtype(dt), PRECISION=_precision(dt),
     )
     return out
 
@@ -171,7 +179,7 @@ def _conv_gram_sqnorm_kernel(
     # constexprs
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-    NUM_STAGES: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    NUM_STAGES: tl.constexpr, DOT_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_bg = tl.program_id(0)
     bi = tl.program_id(1)
@@ -216,7 +224,8 @@ def _conv_gram_sqnorm_kernel(
                               other=0.0)
                 u_j = tl.load(x_base + off_j[None, :] + cols[:, None] * sxc, mask=in_j[None, :] & c_ok[:, None],
                               other=0.0)
-                gram_u += tl.dot(u_i.to(DOT_DTYPE), u_j.to(DOT_DTYPE), input_precision=PRECISION)
+                gram_u += tl.dot(u_i.to(DOT_DTYPE).to(MMA_DTYPE), u_j.to(DOT_DTYPE).to(MMA_DTYPE),
+                                  input_precision=PRECISION)
         g_off_j = od_j * sgd + oh_j * sgh + ow_j * sgw
         gram_g = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
         for c0 in tl.range(0, COUT_G, BLOCK_C, num_stages=NUM_STAGES):
@@ -226,7 +235,8 @@ def _conv_gram_sqnorm_kernel(
                           other=0.0)
             g_j = tl.load(g_base + g_off_j[None, :] + cols[:, None] * sgc, mask=ok_j[None, :] & c_ok[:, None],
                           other=0.0)
-            gram_g += tl.dot(g_i.to(DOT_DTYPE), g_j.to(DOT_DTYPE), input_precision=PRECISION)
+            gram_g += tl.dot(g_i.to(DOT_DTYPE).to(MMA_DTYPE), g_j.to(DOT_DTYPE).to(MMA_DTYPE),
+                              input_precision=PRECISION)
         weight = tl.where(bj == bi, 1.0, 2.0)  # block (j, i) mirrors block (i, j)
         acc += gram_u * gram_g * weight
     tl.atomic_add(out_ptr + b, tl.sum(tl.sum(acc, axis=1), axis=0))
@@ -251,7 +261,7 @@ def conv_gram_sqnorm(x, g, *, kernel_size, stride, padding, dilation, groups, ou
         *stride, *padding, *dilation,
         KD=kernel_size[0], KH=kernel_size[1], KW=kernel_size[2],
         BLOCK_T=BLOCK_T, BLOCK_C=_tile(max(cin_g, cout_g)),
-        NUM_STAGES=NUM_STAGES, DOT_DTYPE=_TL_DTYPES[dt], PRECISION=_precision(dt),
+        NUM_STAGES=NUM_STAGES, DOT_DTYPE=_TL_DTYPES[dt], MMA_DTYPE=_mma_dtype(dt), PRECISION=_precision(dt),
     )
     return out
 
