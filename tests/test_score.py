@@ -106,6 +106,33 @@ def test_grand_matches_torch_func_full_gradient():
     assert _rel(got, want) < 1e-4, _rel(got, want)
 
 
+def test_grand_runs_through_one_plan_and_splits_batches_that_do_not_fit(monkeypatch):
+    """One GradNormPlan per model for the whole data set (hooks installed once); a batch whose backward runs
+    out of device memory is scored in halves, and the size that fitted is kept."""
+    from kdfast.grad_norms import GradNormPlan
+    model, data = _cnn(), _data(n=11)
+    want = _per_example_sqnorms(model, data, lambda k: True).sqrt()
+    opened, sizes = [], []
+    enter, call = GradNormPlan.__enter__, GradNormPlan.__call__
+
+    def counted_enter(self):
+        opened.append(self)
+        return enter(self)
+
+    def small_memory(self, x, y, **kw):
+        sizes.append(x.shape[0])
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+        return call(self, x, y, **kw)
+
+    monkeypatch.setattr(GradNormPlan, "__enter__", counted_enter)
+    monkeypatch.setattr(GradNormPlan, "__call__", small_memory)
+    got = kdfast.score(model, data, "grand", batch_size=8, progress=False)
+    assert _rel(got, want) < 1e-4, _rel(got, want)
+    assert len(opened) == 1 and sizes[:4] == [8, 4, 2, 2] and max(sizes[4:]) == 2
+    assert all(not m._forward_hooks for m in model.modules())  # released after scoring
+
+
 def test_liprune_last_matches_dense_hessian_eigenvalue():
     model, data = _cnn(c=4), _data(n=6, c=4)
     m = copy.deepcopy(model).double().eval()
