@@ -8,10 +8,14 @@ Providers, on one synthetic batch already on the device (ImageNet-shaped on the 
     el2n, grand-last, loss, margin, liprune-last
                   kdfast's BatchScorer: the same forward, the fused loss's stats, the head's feature norms
     eager-el2n    what users write today: softmax, one-hot, norm in separate torch ops after the forward
-    grand         full per-example gradient norms (one forward + backward; for scale, not for the target)
+    fwd-bwd       a plain training step's forward + backward (mean cross-entropy) under the same autocast: GraNd's
+                  yardstick
+    grand         full per-example gradient norms through the scorer's GradNormPlan (one forward + backward)
 Each row has images/s and `ratio_to_inference`: the median over rounds of inference time / provider time,
-the two timed back to back in each round (the issue's target is >= 0.90 for el2n and grand-last). Scores
-are checked against a float64 recomputation from the logits.
+the two timed back to back in each round; grand's row also has `time_vs_fwd_bwd`, the median over rounds of
+its time / fwd-bwd's, paired the same way. Scores are checked against a float64 recomputation from the
+logits. `targets(rows)`: issue 11's (el2n and grand-last <= 1.02x inference time, grand <= 1.3x fwd-bwd on
+the GPU config).
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ CPU_CONFIGS = {
     "cnn-digits-b512": ("cnn", 1, 8, 512, 10, "fp32"),
 }
 SMOKE_CONFIGS = {"cnn-digits-b64": ("cnn", 1, 8, 64, 10, "fp32")}
+ALL_CONFIGS = {**GPU_CONFIGS, **CPU_CONFIGS, **SMOKE_CONFIGS}
 FAST_METHODS = ("el2n", "grand-last", "loss", "margin", "liprune-last")
 
 
@@ -77,6 +82,8 @@ def bench_config(name, arch, channels, size, batch, num_classes, precision, devi
     rows = []
 
     def record(provider, fn, **extra):
+        if provider == "grand":
+            extra["time_vs_fwd_bwd"] = 1.0 / paired_ratio(fn, fwd_bwd, device, rounds)
         med, p20, p80 = time_ms(fn, device, **rep)
         rows.append(make_row(op=OP, provider=provider, mode="forward", shape=shape, dtype=dtype, device=device,
                              config=name, model=arch, ms=med, p20=p20, p80=p80, images_per_s=batch / (med * 1e-3),
@@ -91,8 +98,16 @@ def bench_config(name, arch, channels, size, batch, num_classes, precision, devi
     def inference():
         with torch.no_grad(), autocast():
             return model(xin)
+    def fwd_bwd():
+        model.zero_grad(set_to_none=True)
+        with autocast():
+            loss = nn.functional.cross_entropy(model(xin), y)
+        loss.backward()
+
     record("inference", inference)
     record("eager-el2n", lambda: _eager_el2n(model, xin, y, autocast))
+    if "grand" in methods:
+        record("fwd-bwd", fwd_bwd)
     for method in methods:
         m = get_method(method)
         with BatchScorer([model], m, device=device, precision=precision) as scorer:
@@ -121,17 +136,52 @@ def paired_ratio(reference, fn, device, rounds) -> float:
     return float(torch.tensor(ratios).median())
 
 
-def run(device: torch.device, quick: bool = False, smoke: bool = False, methods=None, configs=None) -> list[dict]:
-    """The `bench.run` entry point: rows for this device's configurations."""
+def run(*, device, quick: bool = False, smoke: bool = False, budget_s: float | None = None, emit=None, methods=None,
+        configs=None) -> list[dict]:
+    """The `bench.run` entry point: rows for this device's configurations, each handed to `emit` when measured;
+    no new configuration starts once `budget_s` seconds are spent (a "skipped" row says so)."""
+    device = torch.device(device)
+    start = time.perf_counter()
     table = SMOKE_CONFIGS if smoke else (GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS)
     methods = methods or (FAST_METHODS[:2] if smoke else (*FAST_METHODS, "grand"))
     rows = []
     for name in configs or table:
-        rows += bench_config(name, *{**GPU_CONFIGS, **CPU_CONFIGS, **SMOKE_CONFIGS}[name], device, methods,
-                             quick or smoke)
+        arch, channels, size, batch, num_classes, precision = ALL_CONFIGS[name]
+        if budget_s is not None and time.perf_counter() - start > budget_s:
+            new = [make_row(op=OP, provider="inference", mode="skipped", shape=(batch, channels, size, size),
+                            dtype=torch.bfloat16 if precision == "bf16" else torch.float32, device=device,
+                            config=name, model=arch, note=f"skipped: the module's budget of {budget_s:.0f} s was spent")]
+        else:
+            new = bench_config(name, *ALL_CONFIGS[name], device, methods, quick or smoke)
+        for row in new:
+            rows.append(row)
+            if emit is not None:
+                emit(row)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def _newest(rows, **match):
+    found = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+    return max(found, key=lambda r: r["date"]) if found else None
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """Issue 11's scoring targets on the GPU config, from the newest rows (None where not measured)."""
+    config = next(iter(GPU_CONFIGS))
+    out = []
+    for method, limit in (("el2n", 1.02), ("grand-last", 1.02)):
+        r = _newest(rows, op=OP, provider=method, mode="forward", config=config, device_type="cuda")
+        v = 1.0 / r["ratio_to_inference"] if r else None
+        out.append({"issue": 11, "what": f"score(..., {method!r}) ResNet-50 224px b256 bf16 vs inference (GPU)",
+                    "measured": v, "target": f"<= {limit}", "met": None if v is None else v <= limit,
+                    "unit": "x inference time"})
+    r = _newest(rows, op=OP, provider="grand", mode="forward", config=config, device_type="cuda")
+    v = r.get("time_vs_fwd_bwd") if r else None
+    out.append({"issue": 11, "what": "score(..., 'grand') ResNet-50 224px b256 bf16 vs plain fwd+bwd (GPU)",
+                "measured": v, "target": "<= 1.3", "met": None if v is None else v <= 1.3, "unit": "x fwd+bwd time"})
+    return out
 
 
 def format_table(rows) -> str:
@@ -139,6 +189,9 @@ def format_table(rows) -> str:
            f"{'rel err':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
+        if r["mode"] == "skipped":
+            lines.append(f"{r['config']:26} {r['provider']:13} {r['note']}")
+            continue
         err = r.get("max_rel_err_vs_float64")
         lines.append(f"{r['config']:26} {r['provider']:13} {r['ms']:10.3f} {r['p20']:9.3f} {r['p80']:9.3f} "
                      f"{r['images_per_s']:10.0f} {r['ratio_to_inference']:8.3f} "
@@ -158,7 +211,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    rows = run(device, quick=args.quick, methods=args.methods, configs=args.configs)
+    rows = run(device=device, quick=args.quick, methods=args.methods, configs=args.configs)
     return report(rows, format_table(rows), args.out)
 
 

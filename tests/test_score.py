@@ -231,8 +231,16 @@ def test_head_that_does_not_make_the_logits_is_refused():
 
 
 def test_benchmark_smoke_runs_and_checks_its_scores():
-    from bench.bench_score import run
-    rows = run(torch.device("cpu"), smoke=True)
+    from bench.bench_score import run, targets
+    emitted = []
+    rows = run(device=torch.device("cpu"), smoke=True, emit=emitted.append)
+    assert emitted == rows
     assert [r["provider"] for r in rows] == ["inference", "eager-el2n", "el2n", "grand-last"]
     assert all(r["images_per_s"] > 0 and r["ratio_to_inference"] > 0 for r in rows)
     assert rows[2]["max_rel_err_vs_float64"] < 1e-5
+    grand = run(device=torch.device("cpu"), smoke=True, methods=["grand"])
+    assert [r["provider"] for r in grand] == ["inference", "eager-el2n", "fwd-bwd", "grand"]
+    assert grand[-1]["time_vs_fwd_bwd"] > 0
+    assert [r["mode"] for r in run(device=torch.device("cpu"), smoke=True, budget_s=0.0)] == ["skipped"]
+    goals = targets(rows + grand)
+    assert [g["issue"] for g in goals] == [11, 11, 11] and all(g["measured"] is None for g in goals)  # GPU only
