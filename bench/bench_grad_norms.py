@@ -297,11 +297,53 @@ def census_rows(configs=None, smoke=False, command=None) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------------- cost model check
+def cost_model_rows(device, command=None) -> list[dict]:
+    """Per conv layer of ResNet-50 (224 px, b64, bf16): both Triton forms timed, against the choice of
+    forms.prefer_gram. A GPU-only measurement; elsewhere one "skipped" row says so."""
+    shape, dtype = (64, 3, 224, 224), torch.bfloat16
+    extra = {"command": command} if command else {}
+    if device.type != "cuda":
+        return [make_row(op=OP, provider="kdfast", mode="skipped", shape=shape, dtype=dtype, device=device,
+                         config="cost-model-resnet50", note="cost model check: needs a GPU (Triton kernels timed)",
+                         **extra)]
+    import math
+
+    from kdfast.grad_norms.forms import prefer_gram
+    from kdfast.kernels import grad_norms as kernels
+    model = build_model("resnet50").to(device).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, a, o: seen.append((m, a[0], o))) for m in model.modules()
+             if isinstance(m, nn.Conv2d)]
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+        model(x)
+    for h in hooks:
+        h.remove()
+    chosen_ms = best_ms = agree = 0
+    for m, a, o in seen:
+        g = torch.randn_like(o)
+        kw = dict(kernel_size=(1, *m.kernel_size), stride=(1, *m.stride), padding=(0, *m.padding),
+                  dilation=(1, *m.dilation), groups=m.groups)
+        a5, g5 = a[:, :, None], g[:, :, None]
+        direct = time_ms(lambda: kernels.conv_wgrad_sqnorm(a5, g5, **kw), device)[0]
+        gram = time_ms(lambda: kernels.conv_gram_sqnorm(a5, g5, **kw), device)[0]
+        taps = math.prod(m.kernel_size)
+        pick_gram = prefer_gram(math.prod(o.shape[2:]), m.in_channels // m.groups * taps,
+                                m.out_channels // m.groups, taps=taps, backend="triton")
+        chosen_ms += gram if pick_gram else direct
+        best_ms += min(gram, direct)
+        agree += pick_gram == (gram < direct)
+    return [make_row(op=OP, provider="kdfast", mode="cost_model", shape=shape, dtype=dtype, device=device,
+                     config="cost-model-resnet50", layers=len(seen), agree_fraction=agree / len(seen),
+                     chosen_ms=chosen_ms, best_ms=best_ms, ratio_to_best=chosen_ms / best_ms, **extra)]
+
+
 def format_table(rows) -> str:
     head = f"{'config':24} {'provider':9} {'median ms':>10} {'p20':>9} {'p80':>9} {'peak MiB':>9} " \
            f"{'x plain':>8} {'mem x':>6} {'kdfast x':>9} {'rel err':>9}"
     speedups = {r["config"]: r["speedup_vs"] for r in rows if "speedup_vs" in r}
-    rows = [r for r in rows if r["mode"] != "census"] + [r for r in rows if r["mode"] == "census"]
+    rows = [r for r in rows if r["mode"] == "full"] + [r for r in rows if r["mode"] != "full"]
     rows = [{**r, "kdfast_speedup": speedups.get(r["config"], {}).get(r["provider"])} for r in rows]
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -309,6 +351,10 @@ def format_table(rows) -> str:
             lines.append(f"{r['config']:24} {r['provider']:9} census: {r['aten_ops']} aten ops, "
                          f"{r['kernel_launches']} launches ({r['ratio_to_plain']:.2f}x plain's launches, "
                          f"{r['ops_ratio_to_plain']:.2f}x its ops)")
+            continue
+        if r["mode"] == "cost_model":
+            lines.append(f"{r['config']:24} {r['provider']:9} cost model agrees on {r['agree_fraction']:.0%} of "
+                         f"{r['layers']} layers; its choices take {r['ratio_to_best']:.2f}x the best forms' time")
             continue
         if r["mode"] == "skipped":
             lines.append(f"{r['config']:24} {r['provider']:9} skipped: {r['note']}")
@@ -345,6 +391,8 @@ def run(*, device, quick: bool = False, smoke: bool = False, budget_s: float | N
 
     if census:
         keep(census_rows(smoke=smoke, command=command))
+    if not smoke:
+        keep(cost_model_rows(device, command))
     for name in configs or table:
         if budget_s is not None and time.perf_counter() - start > budget_s:
             arch, size, batch, dtype = ALL_CONFIGS[name]
@@ -380,6 +428,11 @@ def targets(rows: list[dict]) -> list[dict]:
         out.append({"issue": 11, "what": f"op/launch census of per_example_grad_norms, {arch}, vs plain fwd+bwd",
                     "measured": v, "target": f"<= {CENSUS_TARGET}", "met": None if v is None else v <= CENSUS_TARGET,
                     "unit": "x plain kernel launches"})
+    r = _newest(rows, op=OP, mode="cost_model", config="cost-model-resnet50", device_type="cuda")
+    v = r["ratio_to_best"] if r else None
+    out.append({"issue": 11, "what": "Gram/direct cost model: time of its per-layer choices vs the best form, "
+                "ResNet-50 b64 bf16 (GPU)", "measured": v, "target": "<= 1.05", "met": None if v is None else v <= 1.05,
+                "unit": "x best forms' time"})
     return out
 
 
