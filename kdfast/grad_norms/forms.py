@@ -61,11 +61,11 @@ def _sink(out, a):
 
 
 def _lift(a):
-    """(N, T, D) -> (N, D, 1, 1, T): a linear map over T positions is a 1x1x1 convolution (views only)."""
-    return a.transpose(1, 2)[:, :, None, None, :]
+    """(N, T, D) -> (N, D, T): a linear map over T positions is a 1-wide 1-D convolution (a view)."""
+    return a.transpose(1, 2)
 
 
-_UNIT = dict(kernel_size=(1, 1, 1), stride=(1, 1, 1), padding=(0, 0, 0), dilation=(1, 1, 1), groups=1)
+_UNIT = dict(kernel_size=(1,), stride=(1,), padding=(0,), dilation=(1,), groups=1)
 
 
 def gram_sqnorm(a: torch.Tensor, g: torch.Tensor, backend: str, out=None) -> torch.Tensor:

@@ -16,7 +16,8 @@ engine passes one buffer for the whole network (no per-parameter adds afterwards
    for layers with few output positions: a program owns row block i of the P x P Gram matrices and walks
    the blocks j >= i (off-diagonal blocks count twice); the unfold is address arithmetic done once per
    block pair, the reduction loops run over (tap, input-channel block) and output-channel blocks.
-   A Linear over T positions is the 1 x 1 x 1 convolution of both kernels.
+   A Linear over T positions is the 1 x 1 x 1 convolution of both kernels. 1-D and 2-D convolutions run as
+   3-D ones with unit leading spatial dims, by their strides (no view is made).
 3. `_affine_sqnorm_kernel`: per-example squared norms of a normalisation layer's gamma and beta gradients,
    sum_c (sum_l g (x - mean) rstd)^2 and sum_c (sum_l g)^2, in one read of x and g, with the statistics
    read from what the forward saved (GroupNorm), from running statistics (BatchNorm: rstd formed here),
@@ -67,6 +68,17 @@ def _mma_dtype(dtype: torch.dtype):
 def _precision(dtype: torch.dtype) -> str:
     # fp32: three TF32 products (tensor cores, ~fp32 accuracy); "tf32" leaves 16-bit operands as they are
     return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _as_3d(t: torch.Tensor):
+    """(sizes, strides) of a (B, C, *S) tensor with 1 <= len(S) <= 3 as if lifted to (B, C, D, H, W) by unit
+    leading spatial dims: the kernels take strides, so no view op is needed."""
+    pad = 5 - t.dim()
+    return (*t.shape[:2], *(1,) * pad, *t.shape[2:]), (*t.stride()[:2], *(0,) * pad, *t.stride()[2:])
+
+
+def _lift(values, n: int, fill: int) -> tuple:
+    return (fill,) * (3 - n) + tuple(values)
 
 
 def position_window(ow: int, block_p: int) -> tuple[int, int]:
@@ -137,10 +149,11 @@ def _conv_wgrad_sqnorm_kernel(
 
 
 def conv_wgrad_sqnorm(x, g, *, kernel_size, stride, padding, dilation, groups, out=None):
-    """Adds each example's squared conv weight-gradient norm into `out` ((B,) fp32; new zeros when None);
-    x, g 5-D (1-D and 2-D convolutions lifted with unit leading dims)."""
-    B, Cin = x.shape[:2]
-    Cout = g.shape[1]
+    """Adds each example's squared conv weight-gradient norm into `out` ((B,) fp32; new zeros when None) for
+    x (B, Cin, *S), g (B, Cout, *O) with 1 to 3 spatial dims (a Linear over T positions: 1x1 over T)."""
+    n = x.dim() - 2
+    (B, Cin, *in_size), x_strides = _as_3d(x)
+    (_, Cout, *out_size), g_strides = _as_3d(g)
     cin_g, cout_g = Cin // groups, Cout // groups
     out = torch.zeros(B, dtype=torch.float32, device=x.device) if out is None else out
     if B == 0 or g.numel() == 0:
@@ -149,15 +162,16 @@ def conv_wgrad_sqnorm(x, g, *, kernel_size, stride, padding, dilation, groups, o
     # channels-last input (channels contiguous): wide channel tiles; otherwise rows are contiguous and the
     # position window carries the coalescing
     block_n = _tile(cin_g) if x.stride(1) == 1 else min(_tile(cin_g), 32)
-    block_h, block_w = position_window(g.shape[4], BLOCK_P)
+    block_h, block_w = position_window(out_size[2], BLOCK_P)
     BLOCK_M = _tile(cout_g)
+    kd, kh, kw = _lift(kernel_size, n, 1)
     grid = (B * groups, triton.cdiv(cin_g, block_n), triton.cdiv(cout_g, BLOCK_M))
     _conv_wgrad_sqnorm_kernel[grid](
         x, g, out,
-        *x.stride(), *g.stride(),
-        groups, cin_g, cout_g, *x.shape[2:], *g.shape[2:],
-        *stride, *padding, *dilation,
-        KD=kernel_size[0], KH=kernel_size[1], KW=kernel_size[2],
+        *x_strides, *g_strides,
+        groups, cin_g, cout_g, *in_size, *out_size,
+        *_lift(stride, n, 1), *_lift(padding, n, 0), *_lift(dilation, n, 1),
+        KD=kd, KH=kh, KW=kw,
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_W=block_w,
         NUM_STAGES=NUM_STAGES, DOT_DTYPE=_TL_DTYPES[dt], MMA_DTYPE=_mma_dtype(dt), PRECISION=_precision(dt),
     )
@@ -244,22 +258,24 @@ def _conv_gram_sqnorm_kernel(
 
 def conv_gram_sqnorm(x, g, *, kernel_size, stride, padding, dilation, groups, out=None):
     """As conv_wgrad_sqnorm, by the Gram form (cheaper where few output positions meet many weights)."""
-    B, Cin = x.shape[:2]
-    Cout = g.shape[1]
+    n = x.dim() - 2
+    (B, Cin, *in_size), x_strides = _as_3d(x)
+    (_, Cout, *out_size), g_strides = _as_3d(g)
     cin_g, cout_g = Cin // groups, Cout // groups
-    P = g.shape[2] * g.shape[3] * g.shape[4]
+    P = out_size[0] * out_size[1] * out_size[2]
     out = torch.zeros(B, dtype=torch.float32, device=x.device) if out is None else out
     if B == 0 or P == 0:
         return out
     dt = dot_dtype(x, g)
     BLOCK_T = _tile(P)
+    kd, kh, kw = _lift(kernel_size, n, 1)
     grid = (B * groups, triton.cdiv(P, BLOCK_T))
     _conv_gram_sqnorm_kernel[grid](
         x, g, out,
-        *x.stride(), *g.stride(),
-        groups, cin_g, cout_g, *x.shape[2:], *g.shape[2:],
-        *stride, *padding, *dilation,
-        KD=kernel_size[0], KH=kernel_size[1], KW=kernel_size[2],
+        *x_strides, *g_strides,
+        groups, cin_g, cout_g, *in_size, *out_size,
+        *_lift(stride, n, 1), *_lift(padding, n, 0), *_lift(dilation, n, 1),
+        KD=kd, KH=kh, KW=kw,
         BLOCK_T=BLOCK_T, BLOCK_C=_tile(max(cin_g, cout_g)),
         NUM_STAGES=NUM_STAGES, DOT_DTYPE=_TL_DTYPES[dt], MMA_DTYPE=_mma_dtype(dt), PRECISION=_precision(dt),
     )

@@ -81,11 +81,8 @@ def _direct_torch(x, g, kernel_size, stride, padding, dilation, groups, out):
 
 def _triton(form, x, g, kernel_size, stride, padding, dilation, groups, out):
     from ...kernels import grad_norms as kernels
-    pad = 3 - len(kernel_size)  # lift 1-D and 2-D convolutions to 3-D with unit leading dims (views)
-    lift = (slice(None), slice(None)) + (None,) * pad
     launch = kernels.conv_gram_sqnorm if form == "gram" else kernels.conv_wgrad_sqnorm
-    launch(x[lift], g[lift], kernel_size=(1,) * pad + tuple(kernel_size), stride=(1,) * pad + tuple(stride),
-           padding=(0,) * pad + tuple(padding), dilation=(1,) * pad + tuple(dilation), groups=groups, out=out)
+    launch(x, g, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups, out=out)
 
 
 def conv_weight_sqnorm(x, g, kernel_size, stride, padding, dilation, groups, backend, out):
