@@ -534,6 +534,23 @@ def test_fallback_for_multi_output_modules_and_weights_used_by_the_parent():
     compare(model, ids, torch.randint(0, 3, (3,)), on_missing="fallback")
 
 
+def test_fallback_module_using_its_parameter_before_a_nested_layer():
+    """The nested layers' inputs depend on the parent's own parameter, not on an earlier layer's output: the
+    backward must still reach them."""
+
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shift = nn.Parameter(torch.randn(3, 1, 1))
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.head = nn.Linear(4 * 4 * 4, 3)
+
+        def forward(self, x):
+            return self.head(self.conv(x + self.shift).flatten(1))
+
+    compare(Shifted(), torch.randn(2, 3, 6, 6), torch.randint(0, 3, (2,)), on_missing="fallback")
+
+
 def test_under_autocast_the_rules_keep_fp32_accumulation():
     model = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 3))
     x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))

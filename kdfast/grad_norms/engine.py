@@ -10,8 +10,9 @@ How:
      forward hook per layer for as long as it is open; the hooks do nothing outside the plan's own calls.
   2. Per call the hooks keep each layer's input and attach a tensor hook to its output. Parameters keep their
      requires_grad flags: the backward is `autograd.grad` of the loss w.r.t. the outputs of the entry layers
-     (those whose inputs need no gradient), taken as graph edges at forward time, so autograd computes the
-     activation gradients only: no weight-gradient GEMM runs and no .grad is touched.
+     (those whose inputs need no gradient; every layer's with a torch.func fallback in the model), taken as
+     graph edges at forward time, so autograd computes the activation gradients only: no weight-gradient
+     GEMM runs and no .grad is touched.
   3. The loss is the SUM of per-example losses: examples are independent (eval-mode semantics), so the
      gradient of the sum w.r.t. a layer's output holds each example's own output gradient. The internal loss
      skips kd_loss's host-side label check (a bad label gives that example a NaN norm).
@@ -180,6 +181,7 @@ class GradNormPlan:
         if coupled:
             _refuse_coupled(coupled)
         self.layers = _find_layers(model, on_missing)
+        self._every_edge = any(layer.rule is None for layer in self.layers)
         self._params = list(model.parameters())
         self._flags = [p.requires_grad for p in self._params]
         self._handles, self._call, self._graphs, self._open = [], None, {}, False
@@ -250,8 +252,12 @@ class GradNormPlan:
         call.versions[index] = tuple(a._version if isinstance(a, torch.Tensor) else None for a in args)
         if layer.save is not None:
             call.saved[index] = layer.save(module, args, output)
-        entry = not any(isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values()))
-        if entry:  # the backward is taken w.r.t. these edges (before any later in-place op moves them)
+        # The backward is taken w.r.t. the edges of the entry layers' outputs (before any later in-place op moves
+        # them): every other rule layer's input depends on trainable parameters only through the outputs of
+        # earlier layers, so its output lies on a path to an entry. A fallback module may use parameters in its
+        # own code (before a nested layer's input, say): with fallbacks, every output is requested.
+        if self._every_edge or not any(isinstance(a, torch.Tensor) and a.requires_grad
+                                       for a in (*args, *kwargs.values())):
             call.edges.extend(get_gradient_edge(t) for t in tensors)
         on_grad = functools.partial(self._on_grad, call, index)
         if several:
