@@ -58,6 +58,7 @@ class _Layer:
     module: nn.Module
     rule: Rule | None                  # None: the torch.func fallback
     want: tuple[str, ...]              # own parameters requiring grad, in registration order
+    want_set: frozenset = frozenset()
     sink_rule: bool = False            # the rule adds into a Sink (else it returns a dict)
     save: object = None                # the rule's forward-time saver
     inner: list = field(default_factory=list)  # fallback only: indices of the layers nested in this module
@@ -102,7 +103,8 @@ def _find_layers(model: nn.Module, on_missing: str) -> list[_Layer]:
         for pn in want:
             owners.setdefault(id(getattr(module, pn)), []).append(f"{name}.{pn}" if name else pn)
         rule = find_rule(module)
-        layers.append(_Layer(name, module, rule, want, rule is not None and takes_sink(rule), SAVERS.get(rule)))
+        layers.append(_Layer(name, module, rule, want, frozenset(want), rule is not None and takes_sink(rule),
+                             SAVERS.get(rule)))
     for outer in layers:
         if outer.rule is None:
             prefix = f"{outer.name}." if outer.name else ""
@@ -145,6 +147,10 @@ class _Call:
     def __init__(self, layers, backend, batch_size, total, per_layer):
         n = len(layers)
         self.backend, self.B, self.total = backend, batch_size, total
+        device = total.device.type
+        # rules choose their own accumulation dtype: autocast off in the backward hooks where it is on
+        self.no_autocast = (functools.partial(torch.autocast, device, enabled=False)
+                            if torch.is_autocast_enabled(device) else nullcontext)
         self.args, self.kwargs, self.versions, self.saved = [None] * n, [None] * n, [()] * n, [None] * n
         self.calls, self.edges, self.replaying = [0] * n, [], False
         if per_layer:
@@ -274,12 +280,11 @@ class GradNormPlan:
             raise UnsupportedModuleError(
                 f"per_example_grad_norms: the input of `{layer.name}` ({type(layer.module).__name__}) was modified "
                 "in place after the layer ran, so its saved value is gone; make the later operation out of place")
-        device = (grad_output if isinstance(grad_output, torch.Tensor) else grad_output[0]).device
-        with torch.autocast(device.type, enabled=False):  # rules choose their own accumulation dtype
+        with call.no_autocast():
             if layer.rule is None:
                 self._fallback(call, index, grad_output)
             elif layer.sink_rule:
-                layer.rule(layer.module, args[0], grad_output, want=frozenset(layer.want), backend=call.backend,
+                layer.rule(layer.module, args[0], grad_output, want=layer.want_set, backend=call.backend,
                            sink=call.sinks[index], saved=call.saved[index])
             else:
                 self._dict_rule(call, index, grad_output)
@@ -288,8 +293,7 @@ class GradNormPlan:
 
     def _dict_rule(self, call, index, grad_output):
         layer = self.layers[index]
-        sq = layer.rule(layer.module, call.args[index][0], grad_output, want=frozenset(layer.want),
-                        backend=call.backend)
+        sq = layer.rule(layer.module, call.args[index][0], grad_output, want=layer.want_set, backend=call.backend)
         missing = [n for n in layer.want if n not in sq]
         if missing:
             raise UnsupportedModuleError(f"per_example_grad_norms: the rule for `{layer.name}` "

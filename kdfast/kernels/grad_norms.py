@@ -43,8 +43,16 @@ NORM_MAX_BLOCK_L = 128
 STATS_NONE, STATS_RSTD, STATS_VAR = 0, 1, 2
 
 
+def _pow2(n: int) -> int:  # plain Python: triton's helpers cost a wrapped call per use on the launch path
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _tile(n: int) -> int:
-    return min(MAX_TILE, max(MIN_TILE, triton.next_power_of_2(n)))
+    return min(MAX_TILE, max(MIN_TILE, _pow2(n)))
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -83,7 +91,7 @@ def _lift(values, n: int, fill: int) -> tuple:
 
 def position_window(ow: int, block_p: int) -> tuple[int, int]:
     """(BLOCK_H, BLOCK_W): a block_p-position window of the output, as wide as the output row allows."""
-    block_w = min(block_p, triton.next_power_of_2(max(ow, 1)))
+    block_w = min(block_p, _pow2(max(ow, 1)))
     return block_p // block_w, block_w
 
 
@@ -165,7 +173,7 @@ def conv_wgrad_sqnorm(x, g, *, kernel_size, stride, padding, dilation, groups, o
     block_h, block_w = position_window(out_size[2], BLOCK_P)
     BLOCK_M = _tile(cout_g)
     kd, kh, kw = _lift(kernel_size, n, 1)
-    grid = (B * groups, triton.cdiv(cin_g, block_n), triton.cdiv(cout_g, BLOCK_M))
+    grid = (B * groups, _cdiv(cin_g, block_n), _cdiv(cout_g, BLOCK_M))
     _conv_wgrad_sqnorm_kernel[grid](
         x, g, out,
         *x_strides, *g_strides,
@@ -269,7 +277,7 @@ def conv_gram_sqnorm(x, g, *, kernel_size, stride, padding, dilation, groups, ou
     dt = dot_dtype(x, g)
     BLOCK_T = _tile(P)
     kd, kh, kw = _lift(kernel_size, n, 1)
-    grid = (B * groups, triton.cdiv(P, BLOCK_T))
+    grid = (B * groups, _cdiv(P, BLOCK_T))
     _conv_gram_sqnorm_kernel[grid](
         x, g, out,
         *x_strides, *g_strides,
@@ -345,12 +353,12 @@ def affine_sqnorm(x, g, mean, stat, *, stats, eps=0.0, neg_part=False, out_w=Non
     G = mean.shape[1] if stats != STATS_NONE else C
     mean = mean if stats != STATS_NONE else x
     stat = stat if stats != STATS_NONE else x
-    grid = (B, triton.cdiv(C, NORM_BLOCK_C))
+    grid = (B, _cdiv(C, NORM_BLOCK_C))
     _affine_sqnorm_kernel[grid](
         x, g, mean, stat, out_w if out_w is not None else out_b, out_b if out_b is not None else out_w,
         *x.stride(), *g.stride(), *mean.stride()[:2], *stat.stride()[:2],
         C, L, C // G,
         float(eps),
         STATS=stats, NEG_PART=neg_part, HAS_W=out_w is not None, HAS_B=out_b is not None,
-        BLOCK_C=NORM_BLOCK_C, BLOCK_L=min(NORM_MAX_BLOCK_L, triton.next_power_of_2(max(L, 1))),
+        BLOCK_C=NORM_BLOCK_C, BLOCK_L=min(NORM_MAX_BLOCK_L, _pow2(max(L, 1))),
     )
