@@ -76,7 +76,12 @@ class BatchScorer:
             self._captures = [HeadCapture(h) for h in self.heads]
         if self.method.kind == "gradient":
             from ..grad_norms import GradNormPlan
-            self._plans = [GradNormPlan(m).__enter__() for m in self.models]
+            try:
+                for m in self.models:
+                    self._plans.append(GradNormPlan(m).__enter__())
+            except BaseException:  # e.g. a module without a rule: leave every model as it was
+                self.__exit__(None, None, None)
+                raise
         return self
 
     def __exit__(self, *exc):
