@@ -592,6 +592,9 @@ compile_for_sm90(kernels._affine_sqnorm_kernel,
                   "outb_ptr": "*fp32", "eps": "fp32"},
                  {"STATS": kernels.STATS_RSTD, "NEG_PART": False, "HAS_W": True, "HAS_B": True,
                   "BLOCK_C": kernels.NORM_BLOCK_C, "BLOCK_L": kernels.NORM_MAX_BLOCK_L})
+compile_for_sm90(kernels._rank_one_sqnorm_kernel,
+                 {"a_ptr": "*bf16", "g_ptr": "*bf16", "outw_ptr": "*fp32", "outb_ptr": "*fp32"},
+                 {"HAS_W": True, "HAS_B": True, "BLOCK": kernels.RANK_ONE_BLOCK})
 """
 
 

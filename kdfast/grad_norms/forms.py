@@ -102,11 +102,23 @@ def weight_sqnorm(a: torch.Tensor, g: torch.Tensor, backend: str, out=None) -> t
     """out (N,) += ||g_n^T a_n||_F^2 by whichever form costs less for this shape; returns out."""
     T, da, dg = a.shape[1], a.shape[2], g.shape[2]
     if T == 1:
-        dt = acc_dtype(a)
-        value = a[:, 0].to(dt).square().sum(1) * g[:, 0].to(dt).square().sum(1)
-        return value if out is None else out.add_(value)
+        return rank_one_sqnorms(a[:, 0], g[:, 0], backend, out_w=_sink(out, a))
     form = gram_sqnorm if prefer_gram(T, da, dg, backend=backend) else outer_sqnorm
     return form(a, g, backend, out)
+
+
+def rank_one_sqnorms(a, g, backend, *, out_w=None, out_b=None):
+    """A Linear on one position per example, a (B, Da), g (B, Dg): out_w (B,) += ||a||^2 ||g||^2 (its weight
+    gradient g a^T), out_b += ||g||^2 (its bias gradient); None skips one. Returns out_w."""
+    if backend == "triton":
+        from ..kernels.grad_norms import rank_one_sqnorm
+        rank_one_sqnorm(a, g, out_w=out_w, out_b=out_b)
+        return out_w
+    dt = acc_dtype(a)
+    gg = g.to(dt).square().sum(1)
+    if out_b is not None:
+        out_b.add_(gg)
+    return None if out_w is None else out_w.add_(a.to(dt).square().sum(1) * gg)
 
 
 def affine_sqnorms(x, g, mean=None, stat=None, *, stats="rstd", eps=0.0, neg_part=False, out_w=None, out_b=None,
@@ -135,6 +147,11 @@ def affine_sqnorms(x, g, mean=None, stat=None, *, stats="rstd", eps=0.0, neg_par
         out_w.add_((gd * xd.reshape(B, C, L)).sum(2).square().sum(1))
     if out_b is not None:
         out_b.add_(gd.sum(2).square().sum(1))
+
+
+def bias_sqnorm(g: torch.Tensor, out: torch.Tensor, backend: str) -> None:
+    """out (B,) += sum_c (sum_l g)^2 for g (B, C, L): the squared norm of each example's bias gradient."""
+    affine_sqnorms(g, g, stats=None, out_b=out, backend=backend)
 
 
 def trailing_channels(t: torch.Tensor, features: int) -> torch.Tensor:

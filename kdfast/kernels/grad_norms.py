@@ -22,6 +22,8 @@ engine passes one buffer for the whole network (no per-parameter adds afterwards
    sum_c (sum_l g (x - mean) rstd)^2 and sum_c (sum_l g)^2, in one read of x and g, with the statistics
    read from what the forward saved (GroupNorm), from running statistics (BatchNorm: rstd formed here),
    or none (x_hat given; PReLU's negative part).
+4. `_rank_one_sqnorm_kernel`: a Linear on one position per example, whose weight gradient g a^T has the
+   squared norm ||a||^2 ||g||^2 and whose bias gradient g has ||g||^2: both from one read of a and g.
 Matmul operands are cast in registers to the narrower input dtype (an fp32 input beside a bf16 gradient
 under autocast is cast down, the gradient never up); products accumulate in fp32, fp32 operands as
 3xTF32 (not plain TF32: the 1e-4 relative budget).
@@ -361,4 +363,54 @@ def affine_sqnorm(x, g, mean, stat, *, stats, eps=0.0, neg_part=False, out_w=Non
         float(eps),
         STATS=stats, NEG_PART=neg_part, HAS_W=out_w is not None, HAS_B=out_b is not None,
         BLOCK_C=NORM_BLOCK_C, BLOCK_L=min(NORM_MAX_BLOCK_L, _pow2(max(L, 1))),
+    )
+
+
+@triton.jit
+def _rank_one_sqnorm_kernel(
+    # pointers
+    a_ptr,     # (B, DA) layer input, any strides
+    g_ptr,     # (B, DG) gradient w.r.t. the layer output, any strides
+    outw_ptr,  # (B,) fp32 += ||a_b||^2 ||g_b||^2     (weight)
+    outb_ptr,  # (B,) fp32 += ||g_b||^2               (bias)
+    # strides
+    sab, sad, sgb, sgd,
+    # sizes
+    DA, DG,
+    # constexprs
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    d = tl.arange(0, BLOCK)
+    g_base = g_ptr + b.to(tl.int64) * sgb
+    sg = tl.zeros((BLOCK,), dtype=tl.float32)
+    for d0 in range(0, DG, BLOCK):
+        g = tl.load(g_base + (d0 + d) * sgd, mask=d0 + d < DG, other=0.0).to(tl.float32)
+        sg += g * g
+    gg = tl.sum(sg, axis=0)
+    if HAS_W:
+        a_base = a_ptr + b.to(tl.int64) * sab
+        sa = tl.zeros((BLOCK,), dtype=tl.float32)
+        for d0 in range(0, DA, BLOCK):
+            a = tl.load(a_base + (d0 + d) * sad, mask=d0 + d < DA, other=0.0).to(tl.float32)
+            sa += a * a
+        tl.atomic_add(outw_ptr + b, tl.sum(sa, axis=0) * gg)
+    if HAS_B:
+        tl.atomic_add(outb_ptr + b, gg)
+
+
+RANK_ONE_BLOCK = 1024
+
+
+def rank_one_sqnorm(a, g, *, out_w=None, out_b=None):
+    """Adds ||a_b||^2 ||g_b||^2 into out_w and ||g_b||^2 into out_b ((B,) fp32, or None to skip) for a (B, DA),
+    g (B, DG)."""
+    B = a.shape[0]
+    if B == 0 or (out_w is None and out_b is None):
+        return
+    _rank_one_sqnorm_kernel[(B,)](
+        a, g, out_w if out_w is not None else out_b, out_b if out_b is not None else out_w,
+        *a.stride(), *g.stride(),
+        a.shape[1], g.shape[1],
+        HAS_W=out_w is not None, HAS_B=out_b is not None, BLOCK=min(RANK_ONE_BLOCK, _pow2(max(a.shape[1], g.shape[1]))),
     )

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import UnsupportedModuleError
-from ..forms import acc_dtype, chunks, gram_sqnorm, prefer_gram
+from ..forms import acc_dtype, bias_sqnorm, chunks, gram_sqnorm, prefer_gram
 from ..registry import register_rule
 
 
@@ -108,5 +108,5 @@ def conv_rule(module, x, grad_output, *, want, backend, sink, saved=None):
         conv_weight_sqnorm(xp, grad_output, module.kernel_size, module.stride, padding, module.dilation,
                            module.groups, backend, sink.buffer("weight"))
     if "bias" in want:
-        g = grad_output.to(acc_dtype(grad_output))
-        sink.add("bias", g.reshape(g.shape[0], g.shape[1], -1).sum(2).square().sum(1))
+        bias_sqnorm(grad_output.reshape(grad_output.shape[0], grad_output.shape[1], -1), sink.buffer("bias"),
+                    backend)
