@@ -7,7 +7,8 @@
 
 Providers, all on the same model, batch and device (eval mode: BatchNorm with running statistics):
     plain     one training step's forward + backward of the mean cross-entropy (the yardstick)
-    kdfast    kdfast.per_example_grad_norms (activation-only backward, a rule per layer)
+    kdfast    kdfast.per_example_grad_norms (activation-only backward, a rule per layer) through an open plan
+    kdfast-graph  the same plan with cuda_graph=True: captured once, replayed (CUDA only)
     vmap      torch.func vmap(grad) over the whole model (kdfast.reference.grad_norms, the oracle)
     backpack  BackPACK's BatchL2Grad (when installed)
     opacus    Opacus' GradSampleModule, norms from its per-example gradients (when installed)
@@ -60,7 +61,7 @@ SMOKE_CENSUS = {"smallcnn-8px-b4": ("smallcnn", 8, 4)}
 CENSUS_TARGET = 1.5
 ALL_CONFIGS = {**CONFIGS, **CPU_CONFIGS, **SMOKE_CONFIGS}
 NUM_CLASSES = 10
-PROVIDERS = ("plain", "kdfast", "vmap", "backpack", "opacus")
+PROVIDERS = ("plain", "kdfast", "kdfast-graph", "vmap", "backpack", "opacus")
 
 
 def build_model(arch: str) -> nn.Module:
@@ -122,8 +123,12 @@ def _opacus(model, x, y):
     return torch.stack([p.grad_sample.flatten(1).square().sum(1) for p in model.parameters()]).sum(0).sqrt()
 
 
-def _provider(name, model):
-    """(callable(x, y), or None when the peer is not installed)."""
+def _provider(name, model, stack=None):
+    """(callable(x, y), or None when the peer is not installed or the provider needs CUDA)."""
+    if name == "kdfast-graph":
+        if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
+            return None
+        return stack.enter_context(GradNormPlan(model, cuda_graph=True))
     if name in ("backpack", "opacus"):
         try:
             __import__(name)
@@ -161,11 +166,12 @@ def bench_config(name, arch, size, batch, dtype, device, providers, reps, comman
     shape = (batch, 3, size, size)
     oracle = _vmap(model, x, y)
     extras, runs = {}, {}
-    with GradNormPlan(model):  # kdfast's calls run through it: hooks installed once, as scoring does
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(GradNormPlan(model))  # kdfast's calls run through it: hooks once, as scoring does
         for provider in providers:
             extra = extras[provider] = {"config": name, "model": arch}
             try:
-                fn = _provider(provider, model)
+                fn = _provider(provider, model, stack)
                 if fn is None:
                     del extras[provider]
                     continue

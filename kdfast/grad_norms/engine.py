@@ -166,7 +166,7 @@ class GradNormPlan:
             norms = plan(inputs, targets)             # as per_example_grad_norms(model, inputs, targets)
 
     While it is open, per_example_grad_norms(model, ...) with the same on_missing and backend runs through
-    it. On exit (or release()) the hooks go and the model is exactly as before: parameters, flags, .grad,
+    it (not through a cuda_graph plan, which only its own calls use). On exit (or release()) the hooks go and the model is exactly as before: parameters, flags, .grad,
     modes. cuda_graph=True captures each new (shape, dtype) once in a CUDA graph and replays it (CUDA tensors
     only; the loss and layers must not synchronise or change shapes between calls).
     """
@@ -204,7 +204,8 @@ class GradNormPlan:
         except BaseException:
             self.release()
             raise
-        _OPEN[self.model] = self
+        if not self.cuda_graph:  # a graph plan replays fixed shapes: only explicit calls go through it
+            _OPEN[self.model] = self
         return self
 
     def __exit__(self, *exc):
