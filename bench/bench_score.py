@@ -150,7 +150,8 @@ def run(*, device, quick: bool = False, smoke: bool = False, budget_s: float | N
         if budget_s is not None and time.perf_counter() - start > budget_s:
             new = [make_row(op=OP, provider="inference", mode="skipped", shape=(batch, channels, size, size),
                             dtype=torch.bfloat16 if precision == "bf16" else torch.float32, device=device,
-                            config=name, model=arch, note=f"skipped: the module's budget of {budget_s:.0f} s was spent")]
+                            config=name, model=arch,
+                            note=f"skipped: the module's budget of {budget_s:.0f} s was spent")]
         else:
             new = bench_config(name, *ALL_CONFIGS[name], device, methods, quick or smoke)
         for row in new:

@@ -166,9 +166,10 @@ class GradNormPlan:
             norms = plan(inputs, targets)             # as per_example_grad_norms(model, inputs, targets)
 
     While it is open, per_example_grad_norms(model, ...) with the same on_missing and backend runs through
-    it (not through a cuda_graph plan, which only its own calls use). On exit (or release()) the hooks go and the model is exactly as before: parameters, flags, .grad,
-    modes. cuda_graph=True captures each new (shape, dtype) once in a CUDA graph and replays it (CUDA tensors
-    only; the loss and layers must not synchronise or change shapes between calls).
+    it (not through a cuda_graph plan, which only its own calls use). On exit (or release()) the hooks go
+    and the model is exactly as before: parameters, flags, .grad, modes. cuda_graph=True captures each new
+    (shape, dtype) once in a CUDA graph and replays it (CUDA tensors only; the loss and layers must not
+    synchronise or change shapes between calls).
     """
 
     def __init__(self, model, *, on_missing="error", backend=None, cuda_graph=False):

@@ -1,7 +1,8 @@
 """nn.Linear: weight gradient sum_t g_t a_t^T over the positions t of one example, bias sum_t g_t.
 
-2-D input: ||a||^2 ||g||^2 (one outer product) and ||g||^2, both in one pass (one kernel on the GPU). With sequence dims (B, *, d): the Gram form or the
-materialised product, whichever costs less for the shape (see forms.weight_sqnorm).
+2-D input: ||a||^2 ||g||^2 (one outer product) and ||g||^2, both in one pass (one kernel on the GPU).
+With sequence dims (B, *, d): the Gram form or the materialised product, whichever costs less for the
+shape (see forms.weight_sqnorm).
 """
 from __future__ import annotations
 
