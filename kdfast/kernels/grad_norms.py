@@ -7,10 +7,11 @@ engine passes one buffer for the whole network (no per-parameter adds afterwards
 1. `_conv_wgrad_sqnorm_kernel`: ||W_b||_F^2 of each example b's convolution weight gradient
        W_b[co, ci, k] = sum_p g_b[co, p] * x_b[ci, in(p, k)]          (p: output position, k: kernel tap)
    an implicit GEMM per tap: a program owns a (BLOCK_M output channels) x (BLOCK_N input channels) tile of
-   one example and group, and for each tap (window loops over constexpr KD x KH x KW) sums over output
-   positions in pipelined steps of a BLOCK_H x BLOCK_W window of the output (power-of-two sides: the
-   position split is a shift and a mask, and the per-step coordinates are scalars), then adds the
-   squared tile. The unfolded input and W_b are never written; zero padding is a masked load.
+   one example, group and kernel tap (the tap split once per program by constexpr KD x KH x KW, so the
+   taps also spread the work over the GPU), sums over output positions in pipelined steps of a
+   BLOCK_H x BLOCK_W window of the output (power-of-two sides: the position split is a shift and a mask,
+   and the per-step coordinates are scalars), then adds the squared tile. The unfolded input and W_b are
+   never written; zero padding is a masked load.
 2. `_conv_gram_sqnorm_kernel`: the same norm in the Gram ("ghost") form of Li et al. 2022 / Bu et al. 2023,
        ||W_b||^2 = sum_{p,q} (u_p . u_q)(g_p . g_q)        (u_p: the unfolded input window of position p)
    for layers with few output positions: a program owns row block i of the P x P Gram matrices and walks
@@ -108,19 +109,23 @@ def _conv_wgrad_sqnorm_kernel(
     sgb, sgc, sgd, sgh, sgw,
     # sizes
     GROUPS, CIN_G, COUT_G, ID, IH, IW, OD, OH, OW,
-    SD, SH, SW, PD, PH, PW, DD, DH, DW,
+    SD, SH, SW, PD, PH, PW, DD, DH, DW, N_BLOCKS,
     # constexprs
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
     NUM_STAGES: tl.constexpr, DOT_DTYPE: tl.constexpr, MMA_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_bg = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_tn = tl.program_id(1)                          # (tap, input-channel block)
     pid_m = tl.program_id(2)
     b = pid_bg // GROUPS
     grp = pid_bg % GROUPS
+    tap = pid_tn // N_BLOCKS                           # scalars, once per program
+    kd = tap // (KH * KW)
+    kh = (tap // KW) % KH
+    kw = tap % KW
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)   # output channel within the group
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)   # input channel within the group
+    offs_n = pid_tn % N_BLOCKS * BLOCK_N + tl.arange(0, BLOCK_N)   # input channel within the group
     m_ok = offs_m < COUT_G
     n_ok = offs_n < CIN_G
     win = tl.arange(0, BLOCK_H * BLOCK_W)
@@ -133,29 +138,23 @@ def _conv_wgrad_sqnorm_kernel(
     nbw = tl.cdiv(OW, BLOCK_W)
     nbh = tl.cdiv(OH, BLOCK_H)
     steps = OD * nbh * nbw
-    sq = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in range(KD * KH * KW):                    # scalar split by constexpr divisors
-        kd = tap // (KH * KW)
-        kh = (tap // KW) % KH
-        kw = tap % KW
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for step in tl.range(0, steps, num_stages=NUM_STAGES):
-            od = step // (nbh * nbw)                   # scalars: one split per step, not per element
-            oh = (step // nbw) % nbh * BLOCK_H + wh
-            ow = step % nbw * BLOCK_W + ww
-            p_ok = (oh < OH) & (ow < OW)
-            g_tile = tl.load(g_base + g_rows + (od * sgd + oh * sgh + ow * sgw)[None, :],
-                             mask=m_ok[:, None] & p_ok[None, :], other=0.0)
-            i_d = od * SD - PD + kd * DD
-            i_h = oh * SH - PH + kh * DH
-            i_w = ow * SW - PW + kw * DW
-            x_ok = p_ok & (i_h >= 0) & (i_h < IH) & (i_w >= 0) & (i_w < IW) & (i_d >= 0) & (i_d < ID)
-            x_tile = tl.load(x_base + x_cols + (i_d * sxd + i_h * sxh + i_w * sxw)[:, None],
-                             mask=x_ok[:, None] & n_ok[None, :], other=0.0)
-            acc += tl.dot(g_tile.to(DOT_DTYPE).to(MMA_DTYPE), x_tile.to(DOT_DTYPE).to(MMA_DTYPE),
-                          input_precision=PRECISION)
-        sq += acc * acc
-    tl.atomic_add(out_ptr + b, tl.sum(tl.sum(sq, axis=1), axis=0))
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in tl.range(0, steps, num_stages=NUM_STAGES):
+        od = step // (nbh * nbw)                       # scalars: one split per step, not per element
+        oh = (step // nbw) % nbh * BLOCK_H + wh
+        ow = step % nbw * BLOCK_W + ww
+        p_ok = (oh < OH) & (ow < OW)
+        g_tile = tl.load(g_base + g_rows + (od * sgd + oh * sgh + ow * sgw)[None, :],
+                         mask=m_ok[:, None] & p_ok[None, :], other=0.0)
+        i_d = od * SD - PD + kd * DD
+        i_h = oh * SH - PH + kh * DH
+        i_w = ow * SW - PW + kw * DW
+        x_ok = p_ok & (i_h >= 0) & (i_h < IH) & (i_w >= 0) & (i_w < IW) & (i_d >= 0) & (i_d < ID)
+        x_tile = tl.load(x_base + x_cols + (i_d * sxd + i_h * sxh + i_w * sxw)[:, None],
+                         mask=x_ok[:, None] & n_ok[None, :], other=0.0)
+        acc += tl.dot(g_tile.to(DOT_DTYPE).to(MMA_DTYPE), x_tile.to(DOT_DTYPE).to(MMA_DTYPE),
+                      input_precision=PRECISION)
+    tl.atomic_add(out_ptr + b, tl.sum(tl.sum(acc * acc, axis=1), axis=0))
 
 
 def conv_wgrad_sqnorm(x, g, *, kernel_size, stride, padding, dilation, groups, out=None):
@@ -175,12 +174,13 @@ def conv_wgrad_sqnorm(x, g, *, kernel_size, stride, padding, dilation, groups, o
     block_h, block_w = position_window(out_size[2], BLOCK_P)
     BLOCK_M = _tile(cout_g)
     kd, kh, kw = _lift(kernel_size, n, 1)
-    grid = (B * groups, _cdiv(cin_g, block_n), _cdiv(cout_g, BLOCK_M))
+    n_blocks = _cdiv(cin_g, block_n)
+    grid = (B * groups, kd * kh * kw * n_blocks, _cdiv(cout_g, BLOCK_M))
     _conv_wgrad_sqnorm_kernel[grid](
         x, g, out,
         *x_strides, *g_strides,
         groups, cin_g, cout_g, *in_size, *out_size,
-        *_lift(stride, n, 1), *_lift(padding, n, 0), *_lift(dilation, n, 1),
+        *_lift(stride, n, 1), *_lift(padding, n, 0), *_lift(dilation, n, 1), n_blocks,
         KD=kd, KH=kh, KW=kw,
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_W=block_w,
         NUM_STAGES=NUM_STAGES, DOT_DTYPE=_TL_DTYPES[dt], MMA_DTYPE=_mma_dtype(dt), PRECISION=_precision(dt),
