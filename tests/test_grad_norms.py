@@ -551,6 +551,44 @@ def test_fallback_module_using_its_parameter_before_a_nested_layer():
     compare(Shifted(), torch.randn(2, 3, 6, 6), torch.randint(0, 3, (2,)), on_missing="fallback")
 
 
+def test_triton_engine_on_a_channels_last_net_under_bf16_autocast():
+    model = _randomise_bn(nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.GroupNorm(4, 16), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2),
+        nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 2 * 2, 3)))
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 3, (2,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = per_example_grad_norms(model, x, y, backend="triton")
+        torch_path = per_example_grad_norms(model, x, y, backend="torch")
+    ref, _ = per_example_grad_norms_ref(model.double(), x.double(), y)
+    assert got.dtype == torch.float32
+    assert_close_rel(got, ref, 5e-2, "Triton, bf16 autocast vs float64")  # bf16 activations: ~1e-2 budget
+    assert_close_rel(got, torch_path, 1e-2, "Triton vs torch rules on the same bf16 activations")
+
+
+def test_groupnorm_reads_the_statistics_of_its_forward(monkeypatch):
+    model = tiny_resnet("gn").double()
+    x, y = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (2,))
+    want, _ = per_example_grad_norms_ref(model, x, y)
+
+    def no_recompute(*a, **k):
+        raise AssertionError("GroupNorm statistics recomputed")
+
+    monkeypatch.setattr(torch, "var_mean", no_recompute)
+    assert_close_rel(per_example_grad_norms(model, x, y), want, 1e-10, "GroupNorm with its saved statistics")
+
+
+def test_triton_cost_model_picks_gram_where_few_positions_meet_many_weights():
+    # ResNet-50 at 224 px: layer1's 3x3 (56x56 positions, 64 -> 64) direct, layer4's 3x3 (7x7, 512 -> 512) Gram
+    assert not prefer_gram(56 * 56, 64 * 9, 64, taps=9, backend="triton")
+    assert prefer_gram(7 * 7, 512 * 9, 512, taps=9, backend="triton")
+    # narrow input channels pay a whole 16-wide tile per tap in the direct kernel: conv1 (3 -> 64, 7x7, 112x112)
+    assert not prefer_gram(112 * 112, 3 * 49, 64, taps=49, backend="triton")
+    assert prefer_gram(16, 256, 256, backend="triton") and not prefer_gram(64, 8, 8, backend="triton")
+    assert not prefer_gram(4, 100, 100, backend="triton")  # 4 positions still fill a 16-row Gram tile
+
+
 def test_under_autocast_the_rules_keep_fp32_accumulation():
     model = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 3))
     x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
