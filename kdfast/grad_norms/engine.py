@@ -152,6 +152,7 @@ class _Call:
         self.no_autocast = (functools.partial(torch.autocast, device, enabled=False)
                             if torch.is_autocast_enabled(device) else nullcontext)
         self.args, self.kwargs, self.versions, self.saved = [None] * n, [None] * n, [()] * n, [None] * n
+        self.slots = [None] * n  # fallback modules with several outputs: positions of the tensor outputs
         self.calls, self.edges, self.replaying = [0] * n, [], False
         if per_layer:
             self.sinks = [Sink(per_param={pn: torch.zeros_like(total) for pn in layer.want}) for layer in layers]
@@ -270,7 +271,7 @@ class GradNormPlan:
         on_grad = functools.partial(self._on_grad, call, index)
         if several:
             slots = tuple(i for i, o in enumerate(output) if _is_float_tensor(o))
-            call.kwargs[index]["__slots__"] = slots
+            call.slots[index] = slots
             tapped = iter(_TapOutputs.apply(on_grad, *[output[i] for i in slots]))
             return type(output)(next(tapped) if i in slots else o for i, o in enumerate(output))
         output.register_hook(on_grad)
@@ -313,11 +314,10 @@ class GradNormPlan:
             if call.calls[inner] == 0:
                 targets.update({f"{self.layers[inner].name[start:]}.{pn}": (inner, pn)
                                 for pn in self.layers[inner].want})
-        kwargs = dict(call.kwargs[index])
-        slots = kwargs.pop("__slots__", None)
         call.replaying = True
         try:
-            sq = fallback_sqnorms(layer.module, call.args[index], kwargs, grad_output, slots, tuple(targets))
+            sq = fallback_sqnorms(layer.module, call.args[index], call.kwargs[index], grad_output, call.slots[index],
+                                  tuple(targets))
         finally:
             call.replaying = False
         for name, (owner, pn) in targets.items():
