@@ -764,6 +764,13 @@ def test_a_plan_installs_its_hooks_once_flips_no_flag_and_leaves_the_model_as_it
             plan(x, y)
         model[-1].bias.requires_grad_(True)
         assert_close_rel(plan(x, y), want, 1e-10, "after the refusal")
+    from kdfast.grad_norms.engine import _OPEN
+    with GradNormPlan(model) as plan:
+        with GradNormPlan(model, backend="torch") as inner:  # another plan on the same model, closed first
+            assert _OPEN[model] is inner
+            assert_close_rel(per_example_grad_norms(model, x, y), want, 1e-10, "two plans open")
+        assert _OPEN[model] is plan
+    assert model not in _OPEN
     bn = tiny_resnet("bn")
     with GradNormPlan(bn) as plan:
         bn.train()

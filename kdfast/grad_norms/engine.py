@@ -192,7 +192,7 @@ class GradNormPlan:
         self._every_edge = any(layer.rule is None for layer in self.layers)
         self._params = list(model.parameters())
         self._flags = [p.requires_grad for p in self._params]
-        self._handles, self._call, self._graphs, self._open = [], None, {}, False
+        self._handles, self._call, self._graphs, self._open, self._outer = [], None, {}, False, None
 
     # ------------------------------------------------------------------------------------- lifetime
     def __enter__(self):
@@ -207,6 +207,7 @@ class GradNormPlan:
             self.release()
             raise
         if not self.cuda_graph:  # a graph plan replays fixed shapes: only explicit calls go through it
+            self._outer = _OPEN.get(self.model)  # a plan opened earlier is back in use when this one closes
             _OPEN[self.model] = self
         return self
 
@@ -220,7 +221,11 @@ class GradNormPlan:
             handle.remove()
         self._handles, self._call, self._graphs, self._open = [], None, {}, False
         if _OPEN.get(self.model) is self:
-            del _OPEN[self.model]
+            if self._outer is not None and self._outer._open:
+                _OPEN[self.model] = self._outer
+            else:
+                del _OPEN[self.model]
+        self._outer = None
 
     # ------------------------------------------------------------------------------------- hooks
     def _on_forward(self, index, module, args, kwargs, output):
