@@ -4,7 +4,7 @@ Public API (imported lazily, so `import kdfast` stays cheap and never touches a 
     kd_loss, KDLoss                      fused KD loss (alpha = weight of the DISTILLATION term)
     backends                             which kernel backends are live here, and why not the others
     score, ForgettingTracker             per-example scores (el2n, grand, grand-last, forgetting, ...)
-    per_example_grad_norms               exact per-example gradient norms of whole networks
+    per_example_grad_norms, GradNormPlan exact per-example gradient norms of whole networks (a plan: hooks once)
     hessian, liprune_batches, ImportanceSampler
     prune, distill_step, alpha_for_fraction, optimal_alpha, TeacherCache
     fit                                  the training loop behind kdfast-distill (checkpoints, exact resumption)
@@ -25,6 +25,7 @@ _API = {
     "score": "kdfast.scoring",
     "ForgettingTracker": "kdfast.scoring",
     "per_example_grad_norms": "kdfast.grad_norms",
+    "GradNormPlan": "kdfast.grad_norms",
     "liprune_batches": "kdfast.liprune",
     "ImportanceSampler": "kdfast.sampling",
     "prune": "kdfast.selection",

@@ -8,10 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdfast.errors import InvalidArgumentError, UnsupportedModuleError
-from kdfast.grad_norms import check, per_example_grad_norms, register_rule
+from contextlib import nullcontext
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from kdfast.errors import BackendUnavailableError, InvalidArgumentError, UnsupportedModuleError
+from kdfast.grad_norms import GradNormPlan, check, per_example_grad_norms, register_rule
 from kdfast.grad_norms.forms import gram_sqnorm, outer_sqnorm, prefer_gram
-from kdfast.grad_norms.registry import RULES, find_rule
+from kdfast.grad_norms.registry import RULES, Sink, find_rule
 from kdfast.reference.grad_norms import per_example_grad_norms_ref
 
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
@@ -352,9 +356,11 @@ def test_register_rule_overwrite_and_mro():
         register_rule(nn.Linear)(lambda *a, **k: {})
     calls = []
 
-    def my_rule(module, x, grad_output, *, want, backend):
+    def my_rule(module, x, grad_output, *, want, backend):  # the dict-returning signature, still accepted
         calls.append(type(module).__name__)
-        return RULES[nn.Linear](module, x, grad_output, want=want, backend=backend)
+        sink = Sink(per_param={n: torch.zeros(x.shape[0], dtype=x.dtype) for n in want})
+        RULES[nn.Linear](module, x, grad_output, want=want, backend=backend, sink=sink, saved=None)
+        return sink.per_param
 
     register_rule(MyLinear)(my_rule)
     try:
@@ -394,9 +400,32 @@ CONV_CASES = [
 ]
 
 
+def _added(form, *args, dtype=torch.float64):
+    """A form's contribution, added into a zeroed (B,) buffer (how the engine calls it)."""
+    out = torch.zeros(args[0].shape[0], dtype=dtype)
+    form(*args, out) if not isinstance(form, str) else _triton_form(form, *args, out)
+    return out
+
+
+def _as_kernel_casts_to_bf16(x):
+    """x rounded to bf16 the way a kernel's .to(bfloat16) does, in float64: to nearest even on a GPU,
+    toward zero in the interpreter (so a kernel that upcast the bf16 operand instead would miss by ~4e-3)."""
+    from kdfast.dispatch import triton_interpret
+    if not triton_interpret():
+        return x.bfloat16().double()
+    return (x.float().view(torch.int32) & -65536).view(torch.float32).double()
+
+
+def _triton_form(form, *args):
+    from kdfast.grad_norms.rules.conv import _triton
+    _triton(form, *args)
+
+
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"conv{c[0]}d-{c[1]}x{c[2]}-g{c[7]}")
-def test_conv_forms_and_triton_kernel(case):
-    from kdfast.grad_norms.rules.conv import _direct_torch, _direct_triton, _gram_form
+def test_conv_forms_and_triton_kernels(case):
+    """Both forms in torch (float64) and in Triton, contiguous and channels-last, fp32 and under bf16
+    autocast (an fp32 input beside a bf16 gradient: the input is cast down, the gradient never up)."""
+    from kdfast.grad_norms.rules.conv import _direct_torch, _gram_torch
     n, cin, cout, k, stride, padding, dilation, groups, spatial = case
     x = torch.randn(3, cin, *spatial, dtype=torch.float64)
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
@@ -405,11 +434,19 @@ def test_conv_forms_and_triton_kernel(case):
     g = torch.randn(shape, dtype=torch.float64)
     want = _explicit_conv_sqnorms(x, g, n, stride, padding, dilation, groups, k)
     args = (k, stride, padding, dilation, groups)
-    assert_close_rel(_direct_torch(x, g, *args), want, 1e-10, "direct (torch)")
-    assert_close_rel(_gram_form(x, g, *args, "torch"), want, 1e-10, "Gram (torch)")
-    xs = x.float().contiguous(memory_format=torch.channels_last) if n == 2 else x.float()  # any strides
-    assert_close_rel(_direct_triton(xs, g.float(), *args), want, 1e-4, "direct (Triton)")
-    assert_close_rel(_gram_form(x.float(), g.float(), *args, "triton"), want, 1e-4, "Gram (Triton)")
+    assert_close_rel(_added(_direct_torch, x, g, *args), want, 1e-10, "direct (torch)")
+    assert_close_rel(_added(_gram_torch, x, g, *args), want, 1e-10, "Gram (torch)")
+    g_bf = g.bfloat16()
+    want_bf = _explicit_conv_sqnorms(_as_kernel_casts_to_bf16(x.float()), g_bf.double(), n, stride, padding,
+                                     dilation, groups, k)
+    layouts = [x.float()] + ([x.float().contiguous(memory_format=torch.channels_last)] if n == 2 else [])
+    for form in ("direct", "gram"):
+        for xs in layouts:
+            what = f"{form} (Triton, {'channels-last' if not xs.is_contiguous() else 'contiguous'})"
+            assert_close_rel(_added(form, xs, g.float(), *args, dtype=torch.float32), want, 1e-4, what)
+        # bf16 products are exact in fp32: the result matches the float64 norm of the bf16-rounded operands
+        assert_close_rel(_added(form, x.float(), g_bf, *args, dtype=torch.float32), want_bf, 1e-4,
+                         f"{form} (Triton, fp32 input, bf16 gradient)")
 
 
 @pytest.mark.parametrize("T, da, dg", [(1, 5, 3), (7, 20, 9), (70, 6, 17)])
@@ -450,23 +487,29 @@ def test_input_modified_in_place_after_the_layer_is_refused():
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "features_last"])
-def test_norm_channel_sums_triton_kernel(layout):
-    from kdfast.grad_norms.forms import channel_sums
-    B, C, L = 3, 21, 150  # more than one channel block (16) and position block (128)
+@pytest.mark.parametrize("stats", ["rstd", "var", None, "neg_part"])
+def test_norm_affine_sqnorms_torch_and_triton(layout, stats):
+    from kdfast.grad_norms.forms import affine_sqnorms
+    B, C, L, G = 3, 21, 150, 7  # more than one channel block (16) and position block (128); 3 channels a group
     x = torch.randn(B, C, L, dtype=torch.float64) * 2 + 1
     g = torch.randn(B, C, L, dtype=torch.float64)
-    mean, rstd = torch.randn(C, dtype=torch.float64).expand(B, C), torch.rand(B, C, dtype=torch.float64) + 0.5
-    want_gx = (g * (x - mean[..., None]) * rstd[..., None]).sum(2)
+    mean, stat = torch.randn(G, dtype=torch.float64).expand(B, G), torch.rand(B, G, dtype=torch.float64) + 0.5
+    eps = 1e-3
+    rstd = stat if stats == "rstd" else (stat + eps).rsqrt() if stats == "var" else None
+    x_hat = (x.clamp(max=0) if stats == "neg_part" else x) if rstd is None else (
+        (x - mean.repeat_interleave(C // G, 1)[..., None]) * rstd.repeat_interleave(C // G, 1)[..., None])
+    want_w, want_b = (g * x_hat).sum(2).square().sum(1), g.sum(2).square().sum(1)
     if layout == "features_last":
         x = x.transpose(1, 2).contiguous().transpose(1, 2)
     elif layout == "channels_last":
         x = x.reshape(B, C, 10, 15).contiguous(memory_format=torch.channels_last).reshape(B, C, L)
     assert x.is_contiguous() == (layout == "contiguous") and x.float().stride() == x.stride()
-    for backend, tol in (("torch", 1e-10), ("triton", 1e-4)):
-        low = backend == "triton"
-        sgx, sg = channel_sums(x.float() if low else x, g.float() if low else g, mean, rstd, backend)
-        assert_close_rel(sgx, want_gx, tol, f"sum g x_hat ({backend})")
-        assert_close_rel(sg, g.sum(2), tol, f"sum g ({backend})")
+    kw = dict(stats=None if stats == "neg_part" else stats, eps=eps, neg_part=stats == "neg_part")
+    for backend, tol, dt in (("torch", 1e-10, torch.float64), ("triton", 1e-4, torch.float32)):
+        out_w, out_b = torch.zeros(B, dtype=dt), torch.ones(B, dtype=dt)  # adds into what is there
+        affine_sqnorms(x.to(dt), g.to(dt), mean, stat, out_w=out_w, out_b=out_b, backend=backend, **kw)
+        assert_close_rel(out_w, want_w, tol, f"sum_c (sum_l g x_hat)^2 ({backend})")
+        assert_close_rel(out_b - 1, want_b, tol, f"sum_c (sum_l g)^2 ({backend})")
 
 
 def test_fallback_for_multi_output_modules_and_weights_used_by_the_parent():
@@ -491,6 +534,61 @@ def test_fallback_for_multi_output_modules_and_weights_used_by_the_parent():
     compare(model, ids, torch.randint(0, 3, (3,)), on_missing="fallback")
 
 
+def test_fallback_module_using_its_parameter_before_a_nested_layer():
+    """The nested layers' inputs depend on the parent's own parameter, not on an earlier layer's output: the
+    backward must still reach them."""
+
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shift = nn.Parameter(torch.randn(3, 1, 1))
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.head = nn.Linear(4 * 4 * 4, 3)
+
+        def forward(self, x):
+            return self.head(self.conv(x + self.shift).flatten(1))
+
+    compare(Shifted(), torch.randn(2, 3, 6, 6), torch.randint(0, 3, (2,)), on_missing="fallback")
+
+
+def test_triton_engine_on_a_channels_last_net_under_bf16_autocast():
+    model = _randomise_bn(nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.GroupNorm(4, 16), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2),
+        nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 2 * 2, 3)))
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 3, (2,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = per_example_grad_norms(model, x, y, backend="triton")
+        torch_path = per_example_grad_norms(model, x, y, backend="torch")
+    ref, _ = per_example_grad_norms_ref(model.double(), x.double(), y)
+    assert got.dtype == torch.float32
+    assert_close_rel(got, ref, 5e-2, "Triton, bf16 autocast vs float64")  # bf16 activations: ~1e-2 budget
+    assert_close_rel(got, torch_path, 1e-2, "Triton vs torch rules on the same bf16 activations")
+
+
+def test_groupnorm_reads_the_statistics_of_its_forward(monkeypatch):
+    model = tiny_resnet("gn").double()
+    x, y = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (2,))
+    want, _ = per_example_grad_norms_ref(model, x, y)
+
+    def no_recompute(*a, **k):
+        raise AssertionError("GroupNorm statistics recomputed")
+
+    monkeypatch.setattr(torch, "var_mean", no_recompute)
+    assert_close_rel(per_example_grad_norms(model, x, y), want, 1e-10, "GroupNorm with its saved statistics")
+
+
+def test_triton_cost_model_picks_gram_where_few_positions_meet_many_weights():
+    # ResNet-50 at 224 px: layer1's 3x3 (56x56 positions, 64 -> 64) direct, layer4's 3x3 (7x7, 512 -> 512) Gram
+    assert not prefer_gram(56 * 56, 64 * 9, 64, taps=9, backend="triton")
+    assert prefer_gram(7 * 7, 512 * 9, 512, taps=9, backend="triton")
+    # narrow input channels pay a whole 16-wide tile per tap in the direct kernel: conv1 (3 -> 64, 7x7, 112x112)
+    assert not prefer_gram(112 * 112, 3 * 49, 64, taps=49, backend="triton")
+    assert prefer_gram(16, 256, 256, backend="triton") and not prefer_gram(64, 8, 8, backend="triton")
+    assert not prefer_gram(4, 100, 100, backend="triton")  # 4 positions still fill a 16-row Gram tile
+
+
 def test_under_autocast_the_rules_keep_fp32_accumulation():
     model = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 3))
     x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
@@ -504,6 +602,7 @@ def test_under_autocast_the_rules_keep_fp32_accumulation():
 _COMPILE_FOR_SM90 = """
 import inspect, sys
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import kdfast.kernels.grad_norms as kernels
@@ -516,17 +615,24 @@ def compile_for_sm90(kernel, pointers, constexprs):
     if compiled.metadata.shared > 227 * 1024:
         sys.exit(f"{kernel.fn.__name__} needs {compiled.metadata.shared} bytes of shared memory, sm_90 has 227 KiB")
 
-for dtype, precision in (("fp32", "tf32x3"), ("bf16", "tf32")):
-    compile_for_sm90(kernels._conv_wgrad_sqnorm_kernel,
-                     {"x_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "out_ptr": "*fp32"},
-                     {"BLOCK_M": kernels.MAX_TILE, "BLOCK_N": kernels.MAX_TILE, "BLOCK_P": kernels.BLOCK_P,
-                      "PRECISION": precision})
-    compile_for_sm90(kernels._gram_sqnorm_kernel, {"a_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "out_ptr": "*fp32"},
-                     {"BLOCK_T": kernels.MAX_TILE, "BLOCK_D": kernels.MAX_TILE, "PRECISION": precision})
-compile_for_sm90(kernels._channel_sums_kernel,
-                 {"x_ptr": "*bf16", "g_ptr": "*bf16", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "sgx_ptr": "*fp32",
-                  "sg_ptr": "*fp32"},
-                 {"BLOCK_C": kernels.NORM_BLOCK_C, "BLOCK_L": kernels.NORM_MAX_BLOCK_L})
+conv = {"KD": 1, "KH": 3, "KW": 3, "NUM_STAGES": kernels.NUM_STAGES}
+for dtype, precision, dot in (("fp32", "tf32x3", "fp32"), ("bf16", "tf32", "bf16"), ("fp32", "tf32", "bf16")):
+    pointers = {"x_ptr": f"*{dtype}", "g_ptr": "*bf16" if dot == "bf16" else f"*{dtype}", "out_ptr": "*fp32"}
+    dt = {"fp32": tl.float32, "bf16": tl.bfloat16}[dot]
+    compile_for_sm90(kernels._conv_wgrad_sqnorm_kernel, pointers,
+                     {**conv, "BLOCK_M": kernels.MAX_TILE, "BLOCK_N": kernels.MAX_TILE, "BLOCK_H": 8, "BLOCK_W": 8,
+                      "DOT_DTYPE": dt, "MMA_DTYPE": dt, "PRECISION": precision})
+    compile_for_sm90(kernels._conv_gram_sqnorm_kernel, pointers,
+                     {**conv, "BLOCK_T": kernels.MAX_TILE, "BLOCK_C": kernels.MAX_TILE, "DOT_DTYPE": dt,
+                      "MMA_DTYPE": dt, "PRECISION": precision})
+compile_for_sm90(kernels._affine_sqnorm_kernel,
+                 {"x_ptr": "*bf16", "g_ptr": "*bf16", "mean_ptr": "*fp32", "stat_ptr": "*fp32", "outw_ptr": "*fp32",
+                  "outb_ptr": "*fp32", "eps": "fp32"},
+                 {"STATS": kernels.STATS_RSTD, "NEG_PART": False, "HAS_W": True, "HAS_B": True,
+                  "BLOCK_C": kernels.NORM_BLOCK_C, "BLOCK_L": kernels.NORM_MAX_BLOCK_L})
+compile_for_sm90(kernels._rank_one_sqnorm_kernel,
+                 {"a_ptr": "*bf16", "g_ptr": "*bf16", "outw_ptr": "*fp32", "outb_ptr": "*fp32"},
+                 {"HAS_W": True, "HAS_B": True, "BLOCK": kernels.RANK_ONE_BLOCK})
 """
 
 
@@ -550,8 +656,132 @@ def test_triton_kernels_compile_for_a_hopper_gpu():
 def test_benchmark_smoke_run():
     """The benchmark on a tiny CNN, so it cannot rot: every provider checked against vmap, rows complete."""
     bench = pytest.importorskip("bench.bench_grad_norms", reason="bench/ ships with the repository only")
-    rows = bench.run(torch.device("cpu"), smoke=True, providers=("plain", "kdfast", "vmap"), reps=1)
-    by = {r["provider"]: r for r in rows}
-    assert set(by) == {"plain", "kdfast", "vmap"} and all("ms" in r and r["p20"] <= r["p80"] for r in rows)
+    emitted = []
+    rows = bench.run(device=torch.device("cpu"), smoke=True, providers=("plain", "kdfast", "vmap"), reps=1,
+                     emit=emitted.append)
+    assert emitted == rows and {r["mode"] for r in rows} == {"census", "full"}
+    by = {r["provider"]: r for r in rows if r["mode"] == "full"}
+    assert set(by) == {"plain", "kdfast", "vmap"} and all("ms" in r and r["p20"] <= r["p80"] for r in by.values())
     assert by["kdfast"]["max_rel_err_vs_vmap"] < 1e-4 and set(by["kdfast"]["speedup_vs"]) == {"plain", "vmap"}
     assert "kdfast" in bench.format_table(rows)
+    skipped = bench.run(device=torch.device("cpu"), smoke=True, budget_s=0.0, census=False)
+    assert [r["mode"] for r in skipped] == ["skipped"] and "budget" in skipped[0]["note"]
+    goals = bench.targets(rows)
+    assert all(t["issue"] == 11 for t in goals) and all(t["measured"] is None for t in goals)  # no GPU, no R18/R50
+
+
+def test_op_and_launch_census_within_1_5x_of_plain():
+    """The GPU path's host-side work (aten ops + Triton launches, counted without running them) for
+    ResNet-18 GroupNorm and ResNet-50 (BatchNorm eval) against the plain forward + backward."""
+    bench = pytest.importorskip("bench.bench_grad_norms", reason="bench/ ships with the repository only")
+    pytest.importorskip("torchvision")
+    rows = bench.census_rows()
+    kdfast_rows = [r for r in rows if r["provider"] == "kdfast"]
+    assert len(kdfast_rows) == 2
+    for r in kdfast_rows:
+        assert r["kernel_launches"] > 0 and r["ratio_to_plain"] <= 1.5, r
+    met = {t["what"]: t["met"] for t in bench.targets(rows) if "census" in t["what"]}
+    assert list(met.values()) == [True, True]
+
+
+# ------------------------------------------------------------------------------------------ plan, syncs
+SYNCING_OPS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "nonzero_static", "equal", "masked_select",
+               "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave"}
+
+
+class _ForbidSyncs(TorchDispatchMode):
+    """Fails on every aten op that makes the host wait for the device (on CUDA; flagged here on the CPU)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        assert name not in SYNCING_OPS, f"host synchronisation: aten.{name}"
+        if name in ("_to_copy", "copy_") and any(isinstance(a, torch.Tensor) and a.device.type == "cuda"
+                                                  for a in args):
+            assert kwargs.get("device", args[0].device).type == "cuda", f"device-to-host copy: aten.{name}"
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_host_synchronisation_in_the_path(monkeypatch, backend):
+    bench = pytest.importorskip("bench.bench_grad_norms", reason="bench/ ships with the repository only")
+    # kd_loss's CPU backends read labels and scalars on the host (no device synchronisation, but they would
+    # trip the check; CUDA tensors take its Triton kernels): here the engine is checked with a plain loss,
+    # and that its internal kd_loss call skips the label check's synchronisation
+    import importlib
+    kd_module = importlib.import_module("kdfast.ops.kd_loss")
+    validates = []
+    real = kd_module.kd_loss
+    monkeypatch.setattr(kd_module, "kd_loss", lambda *a, **k: validates.append(k.get("validate")) or real(*a, **k))
+    per_example_grad_norms(nn.Linear(4, 3), torch.randn(2, 4), torch.randint(0, 3, (2,)), backend=backend)
+    assert validates == [False]
+
+    def ce(out, t):
+        return F.cross_entropy(out, t, reduction="none")
+
+    for name in ("item", "tolist", "__bool__"):
+        def refuse(*a, _name=name, **k):
+            raise AssertionError(f"host synchronisation: Tensor.{_name}")
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    cases = [(tiny_resnet("gn"), torch.randn(2, 3, 8, 8), torch.randint(0, 5, (2,))),
+             (tiny_resnet("bn"), torch.randn(2, 3, 8, 8), torch.randint(0, 5, (2,))),
+             (TinyTransformer(T=5).eval(), torch.randint(0, 11, (2, 5)), torch.randint(0, 4, (2,)))]
+    census = bench.OpCensus()
+    launches = bench.counted_triton_launches(census) if backend == "triton" else nullcontext()
+    with launches:
+        for model, x, y in cases:
+            with GradNormPlan(model, backend=backend) as plan, _ForbidSyncs():
+                plan(x, y, loss=ce)
+                plan(x, y, loss=ce, per_layer=True)
+    assert (census.launches > 0) == (backend == "triton")
+
+
+def test_a_plan_installs_its_hooks_once_flips_no_flag_and_leaves_the_model_as_it_was():
+    model = tiny_resnet("gn").double()
+    model[0].weight.requires_grad_(False)
+    model[-1].weight.grad = torch.randn_like(model[-1].weight)
+    x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (3,))
+    before = _state(model)
+    flags = [p.requires_grad for p in model.parameters()]
+    seen = []
+    watch = model[3].register_forward_pre_hook(lambda m, a: seen.append([p.requires_grad for p in model.parameters()]))
+    want, _ = per_example_grad_norms_ref(model, x, y)
+    with GradNormPlan(model) as plan:
+        hooks = [len(m._forward_hooks) for m in model.modules()]
+        assert sum(hooks) == sum(len(m._forward_hooks) for m in model.modules()) > 0
+        for _ in range(3):
+            assert_close_rel(plan(x, y), want, 1e-10, "plan call")
+            assert_close_rel(per_example_grad_norms(model, x, y), want, 1e-10, "call through the open plan")
+            assert [len(m._forward_hooks) for m in model.modules()] == hooks  # installed once, not per call
+        model(x)  # a plain forward while the plan is open: its hooks stay idle
+    watch.remove()
+    assert seen and all(s == flags for s in seen)  # requires_grad never flipped during a call
+    _same_state(before, _state(model))
+    with pytest.raises(InvalidArgumentError, match="not open"):
+        plan(x, y)
+    with GradNormPlan(model) as plan:
+        model[-1].bias.requires_grad_(False)
+        with pytest.raises(InvalidArgumentError, match="requires_grad .* changed"):
+            plan(x, y)
+        model[-1].bias.requires_grad_(True)
+        assert_close_rel(plan(x, y), want, 1e-10, "after the refusal")
+    from kdfast.grad_norms.engine import _OPEN
+    with GradNormPlan(model) as plan:
+        with GradNormPlan(model, backend="torch") as inner:  # another plan on the same model, closed first
+            assert _OPEN[model] is inner
+            assert_close_rel(per_example_grad_norms(model, x, y), want, 1e-10, "two plans open")
+        assert _OPEN[model] is plan
+    assert model not in _OPEN
+    bn = tiny_resnet("bn")
+    with GradNormPlan(bn) as plan:
+        bn.train()
+        with pytest.raises(InvalidArgumentError, match="batch statistics"):
+            plan(x.float(), y)
+
+
+def test_cuda_graph_is_refused_cleanly_off_cuda():
+    model = nn.Sequential(nn.Linear(4, 3)).eval()
+    with GradNormPlan(model, cuda_graph=True) as plan:
+        with pytest.raises(BackendUnavailableError, match="cuda_graph=True captures CUDA work.*cuda_graph=False"):
+            plan(torch.randn(2, 4), torch.randint(0, 3, (2,)))
+    with pytest.raises(InvalidArgumentError, match="cuda_graph must be a bool"):
+        GradNormPlan(model, cuda_graph="yes")

@@ -106,6 +106,46 @@ def test_grand_matches_torch_func_full_gradient():
     assert _rel(got, want) < 1e-4, _rel(got, want)
 
 
+def test_grand_runs_through_one_plan_and_splits_batches_that_do_not_fit(monkeypatch):
+    """One GradNormPlan per model for the whole data set (hooks installed once); a batch whose backward runs
+    out of device memory is scored in halves, and the size that fitted is kept."""
+    from kdfast.grad_norms import GradNormPlan
+    model, data = _cnn(), _data(n=11)
+    want = _per_example_sqnorms(model, data, lambda k: True).sqrt()
+    opened, sizes = [], []
+    enter, call = GradNormPlan.__enter__, GradNormPlan.__call__
+
+    def counted_enter(self):
+        opened.append(self)
+        return enter(self)
+
+    def small_memory(self, x, y, **kw):
+        sizes.append(x.shape[0])
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+        return call(self, x, y, **kw)
+
+    monkeypatch.setattr(GradNormPlan, "__enter__", counted_enter)
+    monkeypatch.setattr(GradNormPlan, "__call__", small_memory)
+    got = kdfast.score(model, data, "grand", batch_size=8, progress=False)
+    assert _rel(got, want) < 1e-4, _rel(got, want)
+    assert len(opened) == 1 and sizes[:4] == [8, 4, 2, 2] and max(sizes[4:]) == 2
+    assert all(not m._forward_hooks for m in model.modules())  # released after scoring
+
+    class Scale(nn.Module):  # no rule: refused before any batch, and the first model is left as it was
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return x * self.s
+
+    model.train()
+    with pytest.raises(kdfast.errors.UnsupportedModuleError, match="no rule"):
+        kdfast.score([model, nn.Sequential(_cnn(), Scale())], data, "grand", progress=False)
+    assert model.training and all(not m._forward_hooks for m in model.modules())
+
+
 def test_liprune_last_matches_dense_hessian_eigenvalue():
     model, data = _cnn(c=4), _data(n=6, c=4)
     m = copy.deepcopy(model).double().eval()
@@ -204,8 +244,17 @@ def test_head_that_does_not_make_the_logits_is_refused():
 
 
 def test_benchmark_smoke_runs_and_checks_its_scores():
-    from bench.bench_score import run
-    rows = run(torch.device("cpu"), smoke=True)
+    from bench.bench_score import run, targets
+    emitted = []
+    rows = run(device=torch.device("cpu"), smoke=True, emit=emitted.append)
+    assert emitted == rows
     assert [r["provider"] for r in rows] == ["inference", "eager-el2n", "el2n", "grand-last"]
     assert all(r["images_per_s"] > 0 and r["ratio_to_inference"] > 0 for r in rows)
     assert rows[2]["max_rel_err_vs_float64"] < 1e-5
+    grand = run(device=torch.device("cpu"), smoke=True, methods=["grand"])
+    assert [r["provider"] for r in grand] == ["inference", "eager-el2n", "fwd-bwd", "grand"]
+    assert grand[-1]["time_vs_fwd_bwd"] > 0
+    spent = run(device=torch.device("cpu"), smoke=True, budget_s=0.0)  # every provider says it was skipped
+    assert [r["mode"] for r in spent] == ["skipped"] * 4 and all("budget" in r["note"] for r in spent)
+    goals = targets(rows + grand)
+    assert [g["issue"] for g in goals] == [11, 11, 11] and all(g["measured"] is None for g in goals)  # GPU only

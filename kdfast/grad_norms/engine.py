@@ -1,19 +1,28 @@
 """Exact per-example gradient norms of a whole network at the cost of about one forward and one backward.
 
     norms = per_example_grad_norms(model, inputs, targets, loss="ce")      # (B,)
+    with GradNormPlan(model) as plan:                                      # hooks installed once
+        for x, y in batches:
+            norms = plan(x, y)                                             # per_example_grad_norms reuses it too
 
 How:
-  1. Forward hooks on every module holding trainable parameters save its input (detached).
-  2. Parameters stop requiring grad for the duration (restored on exit, also after an exception), so the
-     backward computes gradients w.r.t. activations only: no weight-gradient GEMM runs, no .grad is
-     touched. Layers with no trainable path behind them get their output tied to a zero "anchor" leaf so
-     the backward reaches them.
+  1. A plan finds the layers once per model (a rule per module holding trainable parameters) and installs one
+     forward hook per layer for as long as it is open; the hooks do nothing outside the plan's own calls.
+  2. Per call the hooks keep each layer's input and attach a tensor hook to its output. Parameters keep their
+     requires_grad flags: the backward is `autograd.grad` of the loss w.r.t. the outputs of the entry layers
+     (those whose inputs need no gradient; every layer's with a torch.func fallback in the model), taken as
+     graph edges at forward time, so autograd computes the activation gradients only: no weight-gradient
+     GEMM runs and no .grad is touched.
   3. The loss is the SUM of per-example losses: examples are independent (eval-mode semantics), so the
-     gradient of the sum w.r.t. a layer's output holds each example's own output gradient.
-  4. A tensor hook on each captured output receives that gradient during the backward (before any
-     in-place op that later rewrote the output, as autograd guarantees for hooks registered earlier),
-     applies the layer's rule (input, output gradient) -> per-example squared norms, and frees the input.
+     gradient of the sum w.r.t. a layer's output holds each example's own output gradient. The internal loss
+     skips kd_loss's host-side label check (a bad label gives that example a NaN norm).
+  4. Each tensor hook receives its output's gradient during the backward (before any in-place op that later
+     rewrote the output, as autograd guarantees for hooks registered earlier), applies the layer's rule,
+     which adds the per-example squared norms into one (B,) buffer (kernels add into it directly), and frees
+     the input. Nothing in the path synchronises with the host.
 The squared norms of all parameters add up to the squared norm of the whole gradient.
+With cuda_graph=True the plan captures forward, loss and backward in a CUDA graph per input shape and
+replays it (fixed shapes; the host then only copies the batch in).
 
 Refused with an explanation, since no rule sees the needed quantities: BatchNorm using batch statistics;
 a module called twice in one forward or parameters tied between modules (cross terms between the uses);
@@ -23,20 +32,24 @@ an input modified in place after the layer consumed it.
 from __future__ import annotations
 
 import functools
+import weakref
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..dispatch import resolve_backend
 from ..errors import BackendUnavailableError, InvalidArgumentError, UnsupportedModuleError
 from . import rules  # noqa: F401  (registers the built-in rules)
 from .fallback import fallback_sqnorms, log_fallback_once
-from .registry import Rule, find_rule
+from .registry import SAVERS, Rule, Sink, find_rule, takes_sink
 
 LOSSES = ("ce", "kd")
 ON_MISSING = ("error", "fallback")
+BACKENDS = (None, "triton", "torch", "cpp")
 
 
 @dataclass
@@ -45,13 +58,10 @@ class _Layer:
     module: nn.Module
     rule: Rule | None                  # None: the torch.func fallback
     want: tuple[str, ...]              # own parameters requiring grad, in registration order
-    inner: list = field(default_factory=list)  # fallback only: the layers nested in this module
-    args: tuple | None = None
-    kwargs: dict | None = None
-    versions: tuple = ()
-    slots: tuple | None = None         # fallback with several outputs: positions of the tensor outputs
-    calls: int = 0
-    sq: dict = field(default_factory=dict)
+    want_set: frozenset = frozenset()
+    sink_rule: bool = False            # the rule adds into a Sink (else it returns a dict)
+    save: object = None                # the rule's forward-time saver
+    inner: list = field(default_factory=list)  # fallback only: indices of the layers nested in this module
 
 
 def _trainable_modules(model: nn.Module):
@@ -68,15 +78,19 @@ def check(model: nn.Module) -> dict[str, str]:
     return {name or "<model>": type(m).__name__ for name, m, _ in _trainable_modules(model) if find_rule(m) is None}
 
 
-def _plan(model: nn.Module, on_missing: str) -> list[_Layer]:
+def _coupled_batchnorms(batchnorms) -> list[str]:
+    return [name or "<model>" for name, m in batchnorms if m.training or m.running_mean is None]
+
+
+def _refuse_coupled(coupled):
+    raise InvalidArgumentError(
+        f"per_example_grad_norms: BatchNorm normalises with batch statistics at {', '.join(coupled)} (train "
+        "mode or track_running_stats=False), which couples the examples of a batch, so per-example "
+        "gradients are not defined; call model.eval() to use the running statistics")
+
+
+def _find_layers(model: nn.Module, on_missing: str) -> list[_Layer]:
     """The layers to capture; raises once listing every problem of a kind."""
-    coupled = [name or "<model>" for name, m in model.named_modules()
-               if isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)]
-    if coupled:
-        raise InvalidArgumentError(
-            f"per_example_grad_norms: BatchNorm normalises with batch statistics at {', '.join(coupled)} (train "
-            "mode or track_running_stats=False), which couples the examples of a batch, so per-example "
-            "gradients are not defined; call model.eval() to use the running statistics")
     missing = check(model) if on_missing == "error" else {}
     if missing:
         listed = ", ".join(f"`{n}` ({c})" for n, c in missing.items())
@@ -88,17 +102,22 @@ def _plan(model: nn.Module, on_missing: str) -> list[_Layer]:
     for name, module, want in _trainable_modules(model):
         for pn in want:
             owners.setdefault(id(getattr(module, pn)), []).append(f"{name}.{pn}" if name else pn)
-        layers.append(_Layer(name, module, find_rule(module), want))
+        rule = find_rule(module)
+        layers.append(_Layer(name, module, rule, want, frozenset(want), rule is not None and takes_sink(rule),
+                             SAVERS.get(rule)))
     for outer in layers:
         if outer.rule is None:
             prefix = f"{outer.name}." if outer.name else ""
-            outer.inner = [layer for layer in layers if layer is not outer and layer.name.startswith(prefix)]
+            outer.inner = [i for i, layer in enumerate(layers) if layer is not outer and layer.name.startswith(prefix)]
     shared = [" = ".join(names) for names in owners.values() if len(names) > 1]
     if shared:
         raise UnsupportedModuleError(
             f"per_example_grad_norms: parameters shared between modules ({'; '.join(shared)}): the per-example "
             "gradient of a tied weight sums its uses, whose cross terms no rule computes; untie them or "
             "freeze one use")
+    for layer in layers:
+        if layer.rule is None:
+            log_fallback_once(layer.module)
     return layers
 
 
@@ -122,47 +141,100 @@ class _TapOutputs(torch.autograd.Function):
         return (None, *grads)
 
 
-class _Capture:
-    """Hooks, frozen parameters and saved inputs for one call; everything undone on exit."""
+class _Call:
+    """One call's state: saved inputs per layer, the graph edges to differentiate, the sinks."""
 
-    def __init__(self, model, layers, backend, batch_size):
-        self.model, self.layers, self.backend, self.B = model, layers, backend, batch_size
-        self.handles, self.anchors, self.replaying = [], {}, False
+    def __init__(self, layers, backend, batch_size, total, per_layer):
+        n = len(layers)
+        self.backend, self.B, self.total = backend, batch_size, total
+        device = total.device.type
+        # rules choose their own accumulation dtype: autocast off in the backward hooks where it is on
+        self.no_autocast = (functools.partial(torch.autocast, device, enabled=False)
+                            if torch.is_autocast_enabled(device) else nullcontext)
+        self.args, self.kwargs, self.versions, self.saved = [None] * n, [None] * n, [()] * n, [None] * n
+        self.slots = [None] * n  # fallback modules with several outputs: positions of the tensor outputs
+        self.calls, self.edges, self.replaying = [0] * n, [], False
+        if per_layer:
+            self.sinks = [Sink(per_param={pn: torch.zeros_like(total) for pn in layer.want}) for layer in layers]
+        else:
+            self.sinks = [Sink(total)] * n
 
+
+class GradNormPlan:
+    """Per-example gradient norms of one model, with its hooks installed once: a context manager.
+
+        with GradNormPlan(model) as plan:
+            norms = plan(inputs, targets)             # as per_example_grad_norms(model, inputs, targets)
+
+    While it is open, per_example_grad_norms(model, ...) with the same on_missing and backend runs through
+    it (not through a cuda_graph plan, which only its own calls use). On exit (or release()) the hooks go
+    and the model is exactly as before: parameters, flags, .grad, modes. cuda_graph=True captures each new
+    (shape, dtype) once in a CUDA graph and replays it (CUDA tensors only; the loss and layers must not
+    synchronise or change shapes between calls).
+    """
+
+    def __init__(self, model, *, on_missing="error", backend=None, cuda_graph=False):
+        if not isinstance(model, nn.Module):
+            raise InvalidArgumentError(f"GradNormPlan: model must be an nn.Module, got {type(model).__name__}")
+        if on_missing not in ON_MISSING:
+            raise InvalidArgumentError(f"per_example_grad_norms: on_missing must be one of {ON_MISSING}, got "
+                                       f"{on_missing!r}")
+        if backend not in BACKENDS:
+            raise InvalidArgumentError(f"per_example_grad_norms: backend must be one of {BACKENDS}, got {backend!r}")
+        if not isinstance(cuda_graph, bool):
+            raise InvalidArgumentError(f"GradNormPlan: cuda_graph must be a bool, got {cuda_graph!r}")
+        self.model, self.on_missing, self.backend, self.cuda_graph = model, on_missing, backend, cuda_graph
+        self._batchnorms = [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+        coupled = _coupled_batchnorms(self._batchnorms)
+        if coupled:
+            _refuse_coupled(coupled)
+        self.layers = _find_layers(model, on_missing)
+        self._every_edge = any(layer.rule is None for layer in self.layers)
+        self._params = list(model.parameters())
+        self._flags = [p.requires_grad for p in self._params]
+        self._handles, self._call, self._graphs, self._open, self._outer = [], None, {}, False, None
+
+    # ------------------------------------------------------------------------------------- lifetime
     def __enter__(self):
-        self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        if self._open:
+            raise InvalidArgumentError("GradNormPlan: this plan is open already; open it once")
+        self._open = True
         try:
-            for layer in self.layers:
-                hook = functools.partial(self._on_forward, layer)
-                self.handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
-            for p, _ in self.flags:
-                p.requires_grad_(False)
+            for index, layer in enumerate(self.layers):
+                hook = functools.partial(self._on_forward, index)
+                self._handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
         except BaseException:
-            self.__exit__(None, None, None)
+            self.release()
             raise
+        if not self.cuda_graph:  # a graph plan replays fixed shapes: only explicit calls go through it
+            self._outer = _OPEN.get(self.model)  # a plan opened earlier is back in use when this one closes
+            _OPEN[self.model] = self
         return self
 
     def __exit__(self, *exc):
-        for p, flag in self.flags:
-            p.requires_grad_(flag)
-        for handle in self.handles:
-            handle.remove()
-        for layer in self.layers:
-            layer.args = layer.kwargs = None
-        self.handles, self.anchors = [], {}
+        self.release()
         return False
 
-    def _anchor(self, like: torch.Tensor) -> torch.Tensor:
-        key = (like.dtype, like.device)
-        if key not in self.anchors:
-            self.anchors[key] = torch.zeros((), dtype=like.dtype, device=like.device, requires_grad=True)
-        return self.anchors[key]
+    def release(self) -> None:
+        """Removes the hooks and drops captured graphs; the plan can be opened again."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._call, self._graphs, self._open = [], None, {}, False
+        if _OPEN.get(self.model) is self:
+            if self._outer is not None and self._outer._open:
+                _OPEN[self.model] = self._outer
+            else:
+                del _OPEN[self.model]
+        self._outer = None
 
-    def _on_forward(self, layer, module, args, kwargs, output):
-        if self.replaying:  # the fallback re-running a module: not part of the captured forward
+    # ------------------------------------------------------------------------------------- hooks
+    def _on_forward(self, index, module, args, kwargs, output):
+        call = self._call
+        if call is None or call.replaying:  # not our call, or the fallback re-running a module
             return None
-        layer.calls += 1
-        if layer.calls > 1:
+        layer = self.layers[index]
+        call.calls[index] += 1
+        if call.calls[index] > 1:
             raise UnsupportedModuleError(
                 f"per_example_grad_norms: `{layer.name}` ({type(module).__name__}) ran more than once in one "
                 "forward; the per-example gradient of a reused module sums its calls, whose cross terms no rule "
@@ -173,69 +245,181 @@ class _Capture:
                 "input tensor; its rule reads the first positional argument")
         several = layer.rule is None and type(output) in (tuple, list)
         tensors = [o for o in output if _is_float_tensor(o)] if several else [output]
-        if not tensors or any(not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != self.B
+        if not tensors or any(not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != call.B
                               for t in tensors):
             got = (tuple(output.shape) if isinstance(output, torch.Tensor)
                    else [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in output]
                    if type(output) in (tuple, list) else type(output).__name__)
             raise UnsupportedModuleError(
                 f"per_example_grad_norms: `{layer.name}` ({type(module).__name__}) must return batch-first "
-                f"tensors with {self.B} rows (one tensor for modules with a rule), got {got}; a layer applied to "
+                f"tensors with {call.B} rows (one tensor for modules with a rule), got {got}; a layer applied to "
                 "an input shared by the whole batch (e.g. positional embeddings of arange(T)) sums the examples' "
                 "gradients before any rule sees them: feed it a batch-first input such as arange(T).expand(B, T)")
-        layer.args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        layer.kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        layer.versions = tuple(a._version if isinstance(a, torch.Tensor) else None for a in args)
-        tensors = [t if t.requires_grad else t + self._anchor(t) for t in tensors]
+        tensors = [t for t in tensors if t.requires_grad]
+        if not tensors:  # no trainable path reaches this output (its parameters went unused)
+            return None
+        if layer.rule is None:  # torch.func re-runs the module on these
+            call.args[index] = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+            call.kwargs[index] = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        else:  # grad mode is off in the backward: the rule builds no graph on them
+            call.args[index] = args
+        call.versions[index] = tuple(a._version if isinstance(a, torch.Tensor) else None for a in args)
+        if layer.save is not None:
+            call.saved[index] = layer.save(module, args, output)
+        # The backward is taken w.r.t. the edges of the entry layers' outputs (before any later in-place op moves
+        # them): every other rule layer's input depends on trainable parameters only through the outputs of
+        # earlier layers, so its output lies on a path to an entry. A fallback module may use parameters in its
+        # own code (before a nested layer's input, say): with fallbacks, every output is requested.
+        if self._every_edge or not any(isinstance(a, torch.Tensor) and a.requires_grad
+                                       for a in (*args, *kwargs.values())):
+            call.edges.extend(get_gradient_edge(t) for t in tensors)
+        on_grad = functools.partial(self._on_grad, call, index)
         if several:
-            layer.slots = tuple(i for i, o in enumerate(output) if _is_float_tensor(o))
-            tapped = iter(_TapOutputs.apply(functools.partial(self._on_grad, layer), *tensors))
-            return type(output)(next(tapped) if _is_float_tensor(o) else o for o in output)
-        self.handles.append(tensors[0].register_hook(functools.partial(self._on_grad, layer)))
-        return None if tensors[0] is output else tensors[0]
+            slots = tuple(i for i, o in enumerate(output) if _is_float_tensor(o))
+            call.slots[index] = slots
+            tapped = iter(_TapOutputs.apply(on_grad, *[output[i] for i in slots]))
+            return type(output)(next(tapped) if i in slots else o for i, o in enumerate(output))
+        output.register_hook(on_grad)
+        return None
 
-    def _on_grad(self, layer, grad_output):
-        if any(isinstance(a, torch.Tensor) and a._version != v for a, v in zip(layer.args, layer.versions)):
+    def _on_grad(self, call, index, grad_output):
+        layer, args = self.layers[index], call.args[index]
+        if any(isinstance(a, torch.Tensor) and a._version != v for a, v in zip(args, call.versions[index])):
             raise UnsupportedModuleError(
                 f"per_example_grad_norms: the input of `{layer.name}` ({type(layer.module).__name__}) was modified "
                 "in place after the layer ran, so its saved value is gone; make the later operation out of place")
-        device = (grad_output if isinstance(grad_output, torch.Tensor) else grad_output[0]).device
-        with torch.autocast(device.type, enabled=False):  # rules choose their own accumulation dtype
-            self._apply_rule(layer, grad_output)
-        layer.args = layer.kwargs = None
+        with call.no_autocast():
+            if layer.rule is None:
+                self._fallback(call, index, grad_output)
+            elif layer.sink_rule:
+                layer.rule(layer.module, args[0], grad_output, want=layer.want_set, backend=call.backend,
+                           sink=call.sinks[index], saved=call.saved[index])
+            else:
+                self._dict_rule(call, index, grad_output)
+        call.args[index] = call.kwargs[index] = call.saved[index] = None
         return None
 
-    def _apply_rule(self, layer, grad_output):
-        if layer.rule is None:
-            self._fallback(layer, grad_output)
-        else:
-            sq = layer.rule(layer.module, layer.args[0], grad_output, want=frozenset(layer.want),
-                            backend=self.backend)
-            missing = [n for n in layer.want if n not in sq]
-            if missing:
-                raise UnsupportedModuleError(f"per_example_grad_norms: the rule for `{layer.name}` "
-                                             f"({type(layer.module).__name__}) returned no norms for {missing}")
-            layer.sq = {n: sq[n] for n in layer.want}
+    def _dict_rule(self, call, index, grad_output):
+        layer = self.layers[index]
+        sq = layer.rule(layer.module, call.args[index][0], grad_output, want=layer.want_set, backend=call.backend)
+        missing = [n for n in layer.want if n not in sq]
+        if missing:
+            raise UnsupportedModuleError(f"per_example_grad_norms: the rule for `{layer.name}` "
+                                         f"({type(layer.module).__name__}) returned no norms for {missing}")
+        for pn in layer.want:
+            call.sinks[index].add(pn, sq[pn])
 
-    def _fallback(self, layer, grad_output):
+    def _fallback(self, call, index, grad_output):
         """torch.func on the module, covering also nested layers that never ran their own forward: their
         weights were used by this module's code directly (e.g. MultiheadAttention's out_proj)."""
-        targets = {pn: (layer, pn) for pn in layer.want}
+        layer = self.layers[index]
+        targets = {pn: (index, pn) for pn in layer.want}
         start = len(layer.name) + 1 if layer.name else 0
         for inner in layer.inner:
-            if inner.calls == 0:
-                targets.update({f"{inner.name[start:]}.{pn}": (inner, pn) for pn in inner.want})
-        self.replaying = True
+            if call.calls[inner] == 0:
+                targets.update({f"{self.layers[inner].name[start:]}.{pn}": (inner, pn)
+                                for pn in self.layers[inner].want})
+        call.replaying = True
         try:
-            sq = fallback_sqnorms(layer.module, layer.args, layer.kwargs, grad_output, layer.slots, tuple(targets))
+            sq = fallback_sqnorms(layer.module, call.args[index], call.kwargs[index], grad_output, call.slots[index],
+                                  tuple(targets))
         finally:
-            self.replaying = False
+            call.replaying = False
         for name, (owner, pn) in targets.items():
-            owner.sq[pn] = sq[name]
+            call.sinks[owner].add(pn, sq[name])
 
-    def backward(self, total: torch.Tensor) -> None:
-        if total.requires_grad and self.anchors:
-            torch.autograd.grad(total, list(self.anchors.values()), allow_unused=True)
+    # ------------------------------------------------------------------------------------- calls
+    def _check_current(self, where):
+        if not self._open:
+            raise InvalidArgumentError(f"{where}: the plan is not open; use it as `with GradNormPlan(model) as "
+                                       "plan:`")
+        coupled = _coupled_batchnorms(self._batchnorms)
+        if coupled:
+            _refuse_coupled(coupled)
+        flags = [p.requires_grad for p in self._params]
+        if flags != self._flags:
+            raise InvalidArgumentError(f"{where}: requires_grad of the model's parameters changed after the plan "
+                                       "was made; make a new GradNormPlan")
+        return any(p.dtype == torch.float64 for p in self._params)
+
+    def __call__(self, inputs, targets, *, loss="ce", alpha=0.5, temperature=4.0, teacher_logits=None,
+                 per_layer=False):
+        """(B,) norms (and the per-parameter squared norms with per_layer=True): see per_example_grad_norms."""
+        _check_args(self.model, inputs, targets, loss, teacher_logits, per_layer, self.on_missing)
+        float64 = self._check_current("GradNormPlan")
+        backend = _choose_backend(self.backend, inputs.device, float64)
+        out_dtype = torch.float64 if float64 else torch.float32
+        run = functools.partial(self._run, inputs, targets, loss, alpha, temperature, teacher_logits, per_layer,
+                                backend, out_dtype)
+        if not self.cuda_graph:
+            return run()
+        if inputs.device.type != "cuda":
+            raise BackendUnavailableError(f"GradNormPlan: cuda_graph=True captures CUDA work; the inputs are on "
+                                          f"{inputs.device.type}; pass cuda_graph=False")
+        if per_layer:
+            raise InvalidArgumentError("GradNormPlan: cuda_graph=True returns the total norms only; per_layer=True "
+                                       "needs cuda_graph=False")
+        return self._replay(inputs, targets, teacher_logits, loss, alpha, temperature, backend, out_dtype)
+
+    def _run(self, inputs, targets, loss, alpha, temperature, teacher_logits, per_layer, backend, out_dtype):
+        B = inputs.shape[0]
+        total = torch.zeros(B, dtype=out_dtype, device=inputs.device)
+        if B and self.layers:
+            call = _Call(self.layers, backend, B, total, per_layer)
+            self._call = call
+            try:
+                with torch.enable_grad():
+                    output = self.model(inputs.detach() if inputs.requires_grad else inputs)
+                    summed = _summed_loss(output, targets, loss, alpha, temperature, teacher_logits)
+                    if call.edges and summed.requires_grad:
+                        torch.autograd.grad(summed, call.edges, allow_unused=True)
+            finally:
+                self._call = None
+        elif per_layer:
+            call = _Call(self.layers, backend, B, total, True)
+        if not per_layer:
+            return total.clamp_(min=0).sqrt_()
+        sq = {}
+        for layer, sink in zip(self.layers, call.sinks):
+            for pn in layer.want:
+                sq[f"{layer.name}.{pn}" if layer.name else pn] = sink.per_param[pn].clamp_(min=0)
+        if sq:
+            torch.sum(torch.stack(list(sq.values())), 0, out=total)
+        return total.sqrt(), sq
+
+    def _replay(self, inputs, targets, teacher_logits, loss, alpha, temperature, backend, out_dtype):
+        """Captures forward + loss + backward for this input signature once, then replays the graph."""
+        autocast = torch.is_autocast_enabled("cuda")
+        key = (tuple(inputs.shape), inputs.dtype, tuple(targets.shape), targets.dtype, loss, alpha, temperature,
+               autocast, torch.get_autocast_dtype("cuda") if autocast else None, teacher_logits is None)
+        state = self._graphs.get(key)
+        if state is None:
+            static = [inputs.clone(), targets.clone(), None if teacher_logits is None else teacher_logits.clone()]
+            # autocast's weight-cast cache must not outlive a capture (its tensors live in the graph's pool)
+            ctx = (lambda: torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+                   if autocast else nullcontext())
+            run = functools.partial(self._run, static[0], static[1], loss, alpha, temperature, static[2], False,
+                                    backend, out_dtype)
+            side = torch.cuda.Stream(inputs.device)
+            side.wait_stream(torch.cuda.current_stream(inputs.device))
+            with torch.cuda.stream(side), ctx():  # warm-up: Triton compilation, cuDNN choices, allocator
+                run(), run()
+            torch.cuda.current_stream(inputs.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), ctx():
+                out = run()
+            state = self._graphs[key] = (graph, static, out)
+        graph, static, out = state
+        static[0].copy_(inputs)
+        static[1].copy_(targets)
+        if teacher_logits is not None:
+            static[2].copy_(teacher_logits)
+        graph.replay()
+        return out.clone()
+
+
+# Plans currently open, by model: per_example_grad_norms(model, ...) runs through them.
+_OPEN: "weakref.WeakKeyDictionary[nn.Module, GradNormPlan]" = weakref.WeakKeyDictionary()
 
 
 def _check_args(model, inputs, targets, loss, teacher_logits, per_layer, on_missing):
@@ -274,10 +458,11 @@ def _summed_loss(output, targets, loss, alpha, temperature, teacher_logits):
     if not isinstance(output, torch.Tensor):
         raise InvalidArgumentError(f"per_example_grad_norms: loss={loss!r} needs the model to return logits "
                                    f"(B, ..., C), got {type(output).__name__}")
+    # validate=False: no host-side label check (a synchronisation); a bad label makes that row's loss NaN
     if loss == "ce":
-        return kd_loss(output, None, targets, alpha=0.0, reduction="sum")
+        return kd_loss(output, None, targets, alpha=0.0, reduction="sum", validate=False)
     return kd_loss(output, teacher_logits.detach(), targets, alpha=alpha, temperature=temperature,
-                   reduction="sum")
+                   reduction="sum", validate=False)
 
 
 def _choose_backend(backend, device, float64):
@@ -300,36 +485,23 @@ def per_example_grad_norms(model, inputs, targets, *, loss="ce", alpha=0.5, temp
         model: the network; BatchNorm must be in eval mode (running statistics).
         inputs: (B, ...) batch-first input tensor.
         targets: (B,) class indices (or (B, ...) matching the logits' leading dims, summed per example).
+            An index outside [0, C) gives that example a NaN norm (no host-side check: it would synchronise).
         loss: "ce", "kd" (kdfast.kd_loss with alpha, temperature and teacher_logits) or a callable
             (output, targets) -> (B,) per-example losses.
         per_layer: also return {parameter name: (B,) squared norms}; they sum to norms ** 2.
         on_missing: "error" (list every module without a rule) or "fallback" (torch.func for those modules).
         backend: "triton", "torch" or None (Triton for CUDA tensors; "cpp" runs the torch path).
 
+    Runs through the model's open GradNormPlan when there is one with the same on_missing and backend (hooks
+    installed once for many calls); otherwise installs the hooks for this call and removes them after.
+
     Returns:
         (B,) float32 norms (float64 when the model is float64), and the dict with per_layer=True.
     """
     _check_args(model, inputs, targets, loss, teacher_logits, per_layer, on_missing)
-    layers = _plan(model, on_missing)
-    for layer in layers:
-        if layer.rule is None:
-            log_fallback_once(layer.module)
-    float64 = any(p.dtype == torch.float64 for p in model.parameters())
-    out_dtype = torch.float64 if float64 else torch.float32
-    chosen = _choose_backend(backend, inputs.device, float64)
-    B = inputs.shape[0]
-    if B:
-        with _Capture(model, layers, chosen, B) as capture, torch.enable_grad():
-            output = model(inputs.detach())
-            capture.backward(_summed_loss(output, targets, loss, alpha, temperature, teacher_logits))
-    sq = {}
-    for layer in layers:
-        for pn in layer.want:
-            value = layer.sq.get(pn)
-            sq[f"{layer.name}.{pn}" if layer.name else pn] = (
-                torch.zeros(B, dtype=out_dtype, device=inputs.device) if value is None else value.to(out_dtype))
-    total = torch.zeros(B, dtype=out_dtype, device=inputs.device)
-    for value in sq.values():
-        total += value
-    norms = total.sqrt()
-    return (norms, sq) if per_layer else norms
+    kwargs = dict(loss=loss, alpha=alpha, temperature=temperature, teacher_logits=teacher_logits, per_layer=per_layer)
+    plan = _OPEN.get(model)
+    if plan is not None and plan.on_missing == on_missing and plan.backend == backend:
+        return plan(inputs, targets, **kwargs)
+    with GradNormPlan(model, on_missing=on_missing, backend=backend) as plan:
+        return plan(inputs, targets, **kwargs)

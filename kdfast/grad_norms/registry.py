@@ -2,39 +2,67 @@
 
 A rule has one fixed signature:
 
-    rule(module, x, grad_output, *, want, backend) -> {local parameter name: (B,) squared norms}
+    rule(module, x, grad_output, *, want, backend, sink, saved) -> None
 
 `x` is the module's first positional input and `grad_output` the gradient of the summed per-example
 loss w.r.t. the module's output, both batch-first (the engine guarantees it); since examples are
 independent, grad_output[i] is example i's own output gradient. `want` names the module's own parameters
-that require grad (the rule may skip the others); `backend` is "triton" or "torch".
+that require grad (the rule may skip the others); `backend` is "triton" or "torch". The rule adds each
+example's squared norm of parameter `name` into `sink.buffer(name)` ((B,) accumulator: the network's one
+total, or the parameter's own with per_layer=True; kernels add into it directly) or calls
+`sink.add(name, value)`. `saved` is what the rule's `save(module, args, output)` (given to register_rule)
+took from the forward, e.g. the statistics a normalisation layer computed, or None.
+
+A rule without a `sink` parameter (rule(module, x, grad_output, *, want, backend) -> {name: (B,) squared
+norms}) is accepted too; the engine adds its values.
 Lookup: the exact type first, then its MRO, so subclasses find their parent's rule.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
+import torch
 from torch import nn
 
 from ..errors import InvalidArgumentError
 
-Rule = Callable[..., dict]
+Rule = Callable[..., dict | None]
 RULES: dict[type, Rule] = {}
+SAVERS: dict[Rule, Callable] = {}
 
 
-def register_rule(*module_types: type, overwrite: bool = False):
+class Sink:
+    """Where rules add per-example squared norms: one (B,) total, or one (B,) buffer per parameter name."""
+
+    __slots__ = ("total", "per_param")
+
+    def __init__(self, total: torch.Tensor | None = None, per_param: dict[str, torch.Tensor] | None = None):
+        self.total, self.per_param = total, per_param
+
+    def buffer(self, name: str) -> torch.Tensor:
+        return self.total if self.per_param is None else self.per_param[name]
+
+    def add(self, name: str, value: torch.Tensor) -> None:
+        self.buffer(name).add_(value)
+
+
+def register_rule(*module_types: type, overwrite: bool = False, save: Callable | None = None):
     """Decorator registering a rule for one or more nn.Module subclasses.
 
         @register_rule(MyConv)
-        def my_conv_rule(module, x, grad_output, *, want, backend): ...
+        def my_conv_rule(module, x, grad_output, *, want, backend, sink, saved): ...
 
-    Replacing an existing rule needs overwrite=True.
+    `save(module, args, output)`, when given, runs in the forward and its result reaches the rule as
+    `saved`. Replacing an existing rule needs overwrite=True.
     """
     if not module_types:
         raise InvalidArgumentError("register_rule: give at least one nn.Module subclass, got none")
     for cls in module_types:
         if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
             raise InvalidArgumentError(f"register_rule: module types must be nn.Module subclasses, got {cls!r}")
+    if save is not None and not callable(save):
+        raise InvalidArgumentError(f"register_rule: save must be callable or None, got {save!r}")
 
     def decorate(rule: Rule) -> Rule:
         if not callable(rule):
@@ -45,6 +73,8 @@ def register_rule(*module_types: type, overwrite: bool = False):
                                        "overwrite=True to replace it")
         for cls in module_types:
             RULES[cls] = rule
+        if save is not None:
+            SAVERS[rule] = save
         return rule
 
     return decorate
@@ -57,3 +87,11 @@ def find_rule(module: nn.Module) -> Rule | None:
         if rule is not None:
             return rule
     return None
+
+
+def takes_sink(rule: Rule) -> bool:
+    """Whether the rule adds into a sink (the current signature) rather than returning a dict."""
+    try:
+        return "sink" in inspect.signature(rule).parameters
+    except (TypeError, ValueError):
+        return False

@@ -49,7 +49,9 @@ class BatchScorer:
     On entry each model is moved to `device` and put in eval mode (BatchNorm uses its running statistics);
     on CUDA, conv nets are converted to channels_last. On exit the modes come back and hooks are removed
     (device and memory format stay). `precision="bf16"` runs the models under bf16 autocast; the scores are
-    computed in fp32 from the bf16 logits.
+    computed in fp32 from the bf16 logits. Gradient methods run through one GradNormPlan per model, open while
+    the scorer is (hooks installed once for the whole data set), in sub-batches where a batch's backward does
+    not fit in device memory.
     """
 
     def __init__(self, models, method: Method, *, device, precision="fp32", head=None, keep_logits=False):
@@ -59,9 +61,7 @@ class BatchScorer:
                          else nullcontext())
         self.channels_last = self.device.type == "cuda" and any(_has_conv(m) for m in models)
         self.heads = [find_head(m, head) for m in models] if method.needs_features or head is not None else None
-        if method.kind == "gradient":
-            from ..grad_norms import per_example_grad_norms
-            self._grad_norms = per_example_grad_norms
+        self._plans, self._grad_batch = [], None  # gradient methods: one GradNormPlan per model while open
         self.num_classes = self.heads[0].out_features if self.heads else None
         self._captures, self._modes = [], []
 
@@ -74,15 +74,25 @@ class BatchScorer:
             m.eval()
         if self.method.needs_features:
             self._captures = [HeadCapture(h) for h in self.heads]
+        if self.method.kind == "gradient":
+            from ..grad_norms import GradNormPlan
+            try:
+                for m in self.models:
+                    self._plans.append(GradNormPlan(m).__enter__())
+            except BaseException:  # e.g. a module without a rule: leave every model as it was
+                self.__exit__(None, None, None)
+                raise
         return self
 
     def __exit__(self, *exc):
         for c in self._captures:
             c.remove()
+        for plan in self._plans:
+            plan.release()
         for modes in self._modes:
             for mod, training in modes:
                 mod.training = training
-        self._captures, self._modes = [], []
+        self._captures, self._modes, self._plans = [], [], []
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -104,8 +114,7 @@ class BatchScorer:
                 bias = self._captures[k].has_bias if self.method.needs_features else True
                 columns.append(self.method.fn(logits, stats, sq, bias).float())
             else:  # gradient
-                with self.autocast:
-                    columns.append(self._grad_norms(model, x, y, loss="ce").float())
+                columns.append(self._grad_norms(self._plans[k], x, y))
                 logits = None
             if k == 0 and self.keep_logits:
                 if logits is None:
@@ -113,6 +122,24 @@ class BatchScorer:
                         logits = model(x)
                 kept = logits.float()
         return torch.stack(columns, 1), kept
+
+
+    def _grad_norms(self, plan, x, y):
+        """The plan's norms for the batch, in sub-batches when a whole one does not fit in device memory (the
+        largest size that fitted is kept for the next batches)."""
+        size = self._grad_batch or x.shape[0]
+        while True:
+            try:
+                with self.autocast:
+                    if size >= x.shape[0]:
+                        return plan(x, y)
+                    return torch.cat([plan(x[s:s + size], y[s:s + size]) for s in range(0, x.shape[0], size)])
+            except torch.OutOfMemoryError:
+                if size == 1:
+                    raise
+                size = self._grad_batch = max(1, size // 2)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
 
 
 def check_loader(loader: DataLoader, where: str = "score") -> None:

@@ -4,7 +4,7 @@ Kinds:
   forward    one forward pass + the fused loss's per-example stats (+ the head's input norm): el2n, grand-last,
              loss, margin, liprune-last. Nothing of size N x C is kept; per batch, only liprune-last builds
              the (B, C) probabilities (its eigenvalue needs them).
-  gradient   one forward and backward per batch through kdfast.per_example_grad_norms: grand.
+  gradient   one forward and backward per batch through a GradNormPlan per model (kdfast.grad_norms): grand.
   training   measured while training (kdfast.ForgettingTracker): forgetting.
   batch      fixed mini-batches scored as wholes (kdfast.liprune.liprune_batch_scores): liprune.
   random     seeded uniform noise, the baseline every pruning paper compares with: random.

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..forms import acc_dtype, channel_sums
+from ..forms import affine_sqnorms
 from ..registry import register_rule
 
 
 @register_rule(nn.PReLU)
-def prelu_rule(module, x, grad_output, *, want, backend):
-    if "weight" not in want:
-        return {}
-    B, C = x.shape[0], module.num_parameters
-    negative = x.to(acc_dtype(grad_output)).clamp(max=0).reshape(B, C, -1)
-    zeros = negative.new_zeros(()).expand(B, C)
-    sgx, _ = channel_sums(negative, grad_output.reshape(B, C, -1), zeros, zeros + 1, backend)
-    return {"weight": sgx.square().sum(1)}
+def prelu_rule(module, x, grad_output, *, want, backend, sink, saved=None):
+    if "weight" in want:
+        B, C = x.shape[0], module.num_parameters
+        affine_sqnorms(x.reshape(B, C, -1), grad_output.reshape(B, C, -1), stats=None, neg_part=True,
+                       out_w=sink.buffer("weight"), backend=backend)

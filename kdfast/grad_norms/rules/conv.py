@@ -2,12 +2,13 @@
 
 Per example and group, the weight gradient is G^T U: G (P, Cout/groups) the output gradient over the P
 output positions, U (P, Cin/groups * prod(kernel)) the unfolded (im2col) input. Its squared norm comes
-from one of two forms (forms.prefer_gram picks by cost):
+from one of two forms (forms.prefer_gram's cost model picks per layer):
   - direct: Triton accumulates G^T U tile by tile as an implicit GEMM (the unfolded input is never
     built, G^T U never written); torch computes G^T U for a chunk of examples with one grouped
     weight-gradient convolution (examples as groups), then its squared norm.
-  - Gram: sum_{p,q} (u_p . u_q)(g_p . g_q), from the unfolded input of a chunk of examples; cheap where
-    few output positions meet many weights (the deep layers of a CNN).
+  - Gram: sum_{p,q} (u_p . u_q)(g_p . g_q); cheap where few output positions meet many weights (the deep
+    layers of a CNN). Triton reads the windows straight from the input (zero padding as masked loads, any
+    layout); torch builds the unfolded input of a chunk of examples.
 Bias: ||sum_p g_p||^2.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import UnsupportedModuleError
-from ..forms import acc_dtype, chunks, gram_sqnorm, prefer_gram
+from ..forms import acc_dtype, bias_sqnorm, chunks, gram_sqnorm, prefer_gram
 from ..registry import register_rule
 
 
@@ -32,6 +33,8 @@ def explicit_padding(module, x: torch.Tensor):
         return x, (0,) * n
     if module.padding == "same":
         total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+        if all(t % 2 == 0 for t in total):  # symmetric: the kernels pad by masking
+            return x, tuple(t // 2 for t in total)
         pairs = [(t // 2, t - t // 2) for t in total]
         return F.pad(x, [p for pair in reversed(pairs) for p in pair]), (0,) * n
     return x, tuple(module.padding)
@@ -45,11 +48,10 @@ def unfold(x: torch.Tensor, kernel_size, stride, padding, dilation) -> torch.Ten
     return x
 
 
-def _gram_form(x, g, kernel_size, stride, padding, dilation, groups, backend):
+def _gram_torch(x, g, kernel_size, stride, padding, dilation, groups, out):
     B, Cin = x.shape[:2]
     Cout, P, n = g.shape[1], math.prod(g.shape[2:]), len(kernel_size)
     kg = Cin // groups * math.prod(kernel_size)
-    out = torch.empty(B, dtype=acc_dtype(x), device=x.device)
     starts, step = chunks(B, Cin * math.prod(kernel_size) * P)
     for s in starts:
         windows = unfold(x[s:s + step], kernel_size, stride, padding, dilation)   # (b, Cin, *O, *K)
@@ -57,15 +59,13 @@ def _gram_form(x, g, kernel_size, stride, padding, dilation, groups, backend):
         order = (0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n))                 # (b, *O, Cin, *K)
         u = windows.permute(order).reshape(b, P, groups, kg).transpose(1, 2).reshape(b * groups, P, kg)
         gc = g[s:s + step].reshape(b * groups, Cout // groups, P).transpose(1, 2)
-        out[s:s + step] = gram_sqnorm(u, gc, backend).view(b, groups).sum(1)
-    return out
+        out[s:s + step] += gram_sqnorm(u, gc, "torch").view(b, groups).sum(1)
 
 
-def _direct_torch(x, g, kernel_size, stride, padding, dilation, groups):
+def _direct_torch(x, g, kernel_size, stride, padding, dilation, groups, out):
     B, Cin = x.shape[:2]
     Cout, n = g.shape[1], len(kernel_size)
     dt = acc_dtype(x)
-    out = torch.empty(B, dtype=dt, device=x.device)
     starts, step = chunks(B, Cout * Cin // groups * math.prod(kernel_size))
     for s in starts:
         xc, gc = x[s:s + step].to(dt), g[s:s + step].to(dt)
@@ -76,41 +76,37 @@ def _direct_torch(x, g, kernel_size, stride, padding, dilation, groups):
             gc.reshape(1, b * Cout, *gc.shape[2:]), xc.reshape(1, b * Cin, *xc.shape[2:]),
             torch.empty((), dtype=dt, device=x.device).expand(shape), None, list(stride), list(padding),
             list(dilation), False, [0] * n, b * groups, [False, True, False])
-        out[s:s + step] = per_example_grad.reshape(b, -1).square().sum(1)
-    return out
+        out[s:s + step] += per_example_grad.reshape(b, -1).square().sum(1)
 
 
-def _direct_triton(x, g, kernel_size, stride, padding, dilation, groups):
-    from ...kernels.grad_norms import conv_wgrad_sqnorm
-    pad = 3 - len(kernel_size)  # lift 1-D and 2-D convolutions to 3-D with unit leading dims
-    lift = (slice(None), slice(None)) + (None,) * pad
-    return conv_wgrad_sqnorm(x[lift], g[lift], kernel_size=(1,) * pad + tuple(kernel_size),
-                             stride=(1,) * pad + tuple(stride), padding=(0,) * pad + tuple(padding),
-                             dilation=(1,) * pad + tuple(dilation), groups=groups)
+def _triton(form, x, g, kernel_size, stride, padding, dilation, groups, out):
+    from ...kernels import grad_norms as kernels
+    launch = kernels.conv_gram_sqnorm if form == "gram" else kernels.conv_wgrad_sqnorm
+    launch(x, g, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups, out=out)
 
 
-def conv_weight_sqnorm(x, g, kernel_size, stride, padding, dilation, groups, backend):
-    """(B,) squared norms of each example's convolution weight gradient."""
-    Cin, Cout, P = x.shape[1], g.shape[1], math.prod(g.shape[2:])
-    if prefer_gram(P, Cin // groups * math.prod(kernel_size), Cout // groups):
-        return _gram_form(x, g, kernel_size, stride, padding, dilation, groups, backend)
+def conv_weight_sqnorm(x, g, kernel_size, stride, padding, dilation, groups, backend, out):
+    """out (B,) += squared norms of each example's convolution weight gradient."""
+    Cin, Cout, P, taps = x.shape[1], g.shape[1], math.prod(g.shape[2:]), math.prod(kernel_size)
+    gram = prefer_gram(P, Cin // groups * taps, Cout // groups, taps=taps, backend=backend)
     if backend == "triton":
-        return _direct_triton(x, g, kernel_size, stride, padding, dilation, groups)
-    return _direct_torch(x, g, kernel_size, stride, padding, dilation, groups)
+        _triton("gram" if gram else "direct", x, g, kernel_size, stride, padding, dilation, groups, out)
+    elif gram:
+        _gram_torch(x, g, kernel_size, stride, padding, dilation, groups, out)
+    else:
+        _direct_torch(x, g, kernel_size, stride, padding, dilation, groups, out)
 
 
 @register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-def conv_rule(module, x, grad_output, *, want, backend):
+def conv_rule(module, x, grad_output, *, want, backend, sink, saved=None):
     n = len(module.kernel_size)
     if x.dim() != n + 2:
         raise UnsupportedModuleError(f"per_example_grad_norms: {type(module).__name__} needs a batched "
                                      f"{n + 2}-D input (B, C, ...), got shape {tuple(x.shape)}")
-    out = {}
     if "weight" in want:
         xp, padding = explicit_padding(module, x)
-        out["weight"] = conv_weight_sqnorm(xp, grad_output, module.kernel_size, module.stride, padding,
-                                           module.dilation, module.groups, backend)
+        conv_weight_sqnorm(xp, grad_output, module.kernel_size, module.stride, padding, module.dilation,
+                           module.groups, backend, sink.buffer("weight"))
     if "bias" in want:
-        g = grad_output.to(acc_dtype(grad_output))
-        out["bias"] = g.reshape(g.shape[0], g.shape[1], -1).sum(2).square().sum(1)
-    return out
+        bias_sqnorm(grad_output.reshape(grad_output.shape[0], grad_output.shape[1], -1), sink.buffer("bias"),
+                    backend)
