@@ -7,6 +7,7 @@ Public API (imported lazily, so `import kdfast` stays cheap and never touches a 
     per_example_grad_norms               exact per-example gradient norms of whole networks
     hessian, liprune_batches, ImportanceSampler
     prune, distill_step, alpha_for_fraction, optimal_alpha, TeacherCache
+    teacher_gradient, teacher_report     unbiased self-distillation (Eq. 16) and its Eq. 14-15 diagnostics
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ _API = {
     "alpha_for_fraction": "kdfast.distill",
     "optimal_alpha": "kdfast.distill",
     "TeacherCache": "kdfast.teacher_cache",
+    # distillation as partial variance reduction: Eq. 16's correction and the Eq. 14-15 report
+    "teacher_gradient": "kdfast.variance",
+    "teacher_report": "kdfast.variance",
 }
 _SUBMODULES = ("hessian",)
 
