@@ -42,6 +42,10 @@ EPILOG = """examples:
   kdfast-distill --dataset cifar100 --data-root ~/data --model resnet32 --teacher-model resnet110 \\
                  --teacher t110.pt --keep keep.npy --alpha 0.5 --out runs/capacity
   kdfast-distill ... --out runs/student --resume      (continues after the last finished epoch)
+  kdfast-distill --train-teacher --sampler lipschitz --scores runs/liprune --fraction 0.3 --out runs/stoch
+      (stochastic pruning, LiPrune Eq. 2: each epoch draws 0.3 n examples with p ~ score, loss weights 1/(r n p))
+  kdfast-distill --train-teacher --alpha 0.5 --temperature 1 --correction unbiased --teacher-report --out runs/u
+      (unbiased self-distillation, Eq. 16 of the KD-variance-reduction paper; OUT/teacher_report.json)
   torchrun --nproc-per-node 8 -m kdfast.cli.distill ...   (DistributedDataParallel, --batch-size per GPU; rank 0
                                                            writes the files)
 
@@ -85,6 +89,7 @@ def add_parser(subparsers):
                         "fraction) (default: %(default)s)")
     g.add_argument("--alpha-schedule", help="anchors for --alpha auto, e.g. '0.1:1,0.7:0.5' (the default)")
     g.add_argument("--temperature", type=float, default=4.0, help="(default: %(default)s)")
+    _add_variance_options(p)
     g = p.add_argument_group("Optimisation (default: the data set's recipe)")
     g.add_argument("--recipe", choices=sorted(RECIPES), help="recipe the defaults come from")
     g.add_argument("--epochs", type=int)
@@ -103,6 +108,78 @@ def add_parser(subparsers):
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--resume", action="store_true", help="continue the run in --out after its last epoch")
     return p
+
+
+def _add_variance_options(p):
+    g = p.add_argument_group(
+        "Stochastic pruning and variance reduction",
+        "LiPrune's stochastic pruning (Eq. 2) instead of --keep; unbiased self-distillation (Eq. 16 of the "
+        "KD-variance-reduction paper) and its Eq. 14-15 diagnostic")
+    g.add_argument("--sampler", choices=("lipschitz",),
+                   help="lipschitz: every epoch draws round(r n) examples with p_i ~ score_i (--scores) and weights "
+                        "their loss by 1/(r n p_i)")
+    g.add_argument("--scores", help="scores for --sampler: a kdfast-score folder (e.g. --method liprune-last) or "
+                                    "a .npy, one positive score per training example")
+    g.add_argument("--fraction", type=float, help="r in (0, 1]: share of the data drawn per epoch by --sampler")
+    g.add_argument("--correction", choices=("none", "unbiased"), default="none",
+                   help="unbiased: add alpha times the teacher's full-data gradient to every step (needs a teacher "
+                        "of the student's architecture, exact at --temperature 1) (default: %(default)s)")
+    g.add_argument("--teacher-report", action="store_true",
+                   help="after training write OUT/teacher_report.json: beta, rho, lambda* and N(lambda*)/N(0) of "
+                        "Eqs. 14-15 from mini-batch gradients of the student and the teacher")
+    g.add_argument("--report-batches", type=int, default=200,
+                   help="mini-batches the teacher report averages over (default: %(default)s)")
+
+
+def _resolve_variance_options(args, problems):
+    if args.sampler:
+        if not args.scores or args.fraction is None:
+            problems.append("--sampler lipschitz needs --scores DIR and --fraction r")
+        if args.keep:
+            problems.append("--sampler (stochastic pruning) and --keep (a fixed subset) cannot go together")
+    elif args.scores or args.fraction is not None:
+        problems.append("--scores and --fraction go with --sampler lipschitz")
+    if args.fraction is not None and not 0.0 < args.fraction <= 1.0:
+        problems.append(f"--fraction must be in (0, 1], got {args.fraction}")
+    if args.scores and not os.path.exists(args.scores):
+        problems.append(f"--scores {args.scores} does not exist")
+    for flag, on in (("--correction unbiased", args.correction == "unbiased"), ("--teacher-report", args.teacher_report)):
+        if not on:
+            continue
+        if not (args.teacher or args.train_teacher) or args.teacher_cache:
+            problems.append(f"{flag} needs the teacher module (--teacher or --train-teacher), not --teacher-cache")
+        if args.teacher_model and args.teacher_model != (args.model or args.teacher_model):
+            problems.append(f"{flag} needs a teacher of the student's architecture (self-distillation), got "
+                            f"--teacher-model {args.teacher_model} and --model {args.model}")
+    if args.correction == "unbiased" and args.alpha == 0.0:
+        problems.append("--correction unbiased with --alpha 0 changes nothing (it adds alpha times the teacher's "
+                        "gradient)")
+    if args.report_batches < 2:
+        problems.append(f"--report-batches must be >= 2, got {args.report_batches}")
+
+
+def _importance_sampler(args, train):
+    """The ImportanceSampler of --sampler lipschitz, after checking the scores belong to this data set."""
+    from ..data import labels_fingerprint
+    from ..sampling import ImportanceSampler
+    from .prune import _meta_labels_fingerprint, load_scores
+    scores, meta = load_scores(args.scores)
+    if scores.ndim != 1 or len(scores) != len(train):
+        raise CliError(f"--scores {args.scores} holds {scores.shape} scores, expected ({len(train)},) (one per "
+                       f"training example of {args.dataset})")
+    expected = _meta_labels_fingerprint(meta)
+    if expected is not None and expected != labels_fingerprint(train.targets):
+        raise CliError(f"--scores {args.scores} were computed on another data set (labels fingerprint mismatch)")
+    return ImportanceSampler(np.asarray(scores, dtype=np.float64), args.fraction, seed=args.seed)
+
+
+def _write_teacher_report(args, student, teacher, train, keep, device):
+    from ..variance import teacher_report
+    report = teacher_report(student, teacher, train, lr=args.lr, batch_size=min(args.batch_size, len(train)),
+                            num_batches=args.report_batches, indices=keep, seed=args.seed, device=device)
+    report = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in report.items()}
+    write_json_atomic(os.path.join(args.out, "teacher_report.json"), report)
+    return report
 
 
 # --------------------------------------------------------------------------------- argument resolution
@@ -188,6 +265,7 @@ def resolve(args):
     checkpoint = os.path.join(args.out, "checkpoint.pt")
     if os.path.exists(checkpoint) and not args.resume:
         problems.append(f"--out {args.out} already holds a run; pass --resume to continue it or choose another --out")
+    _resolve_variance_options(args, problems)
     if problems:
         raise UsageError("; ".join(problems))
     from ..models import DEFAULT_MODEL
@@ -328,6 +406,10 @@ def _run(args, device) -> int:
                                                                  if args.image_size else {}))
     keep = None if args.keep is None else _load_keep(args.keep, train)
     fraction = 1.0 if keep is None else len(keep) / len(train)
+    sampler = None
+    if args.sampler:
+        sampler = _importance_sampler(args, train)
+        fraction = len(sampler) / len(train)
     alpha = args.alpha
     if alpha == "auto":
         alpha = alpha_for_fraction(fraction, schedule=args.alpha_schedule_points)
@@ -360,7 +442,8 @@ def _run(args, device) -> int:
                   precision=args.precision, seed=args.seed, num_workers=args.num_workers,
                   checkpoint_path=os.path.join(args.out, "checkpoint.pt"), resume=args.resume,
                   progress=not args.quiet, eval_dataset=evaluation,
-                  on_epoch=lambda h: write_metrics(args.out, h), distributed=True)
+                  on_epoch=lambda h: write_metrics(args.out, h), distributed=True, sampler=sampler,
+                  correction=None if args.correction == "none" else args.correction)
     if not main_rank:
         return 0
     torch.save(student.state_dict(), os.path.join(args.out, "student.pt"))
@@ -368,8 +451,15 @@ def _run(args, device) -> int:
     last = history[-1]
     summary = {"dataset": args.dataset, "model": args.model, "teacher_model": args.teacher_model if (
         teacher is not None or cache is not None) else None, "num_train": len(train),
-        "num_kept": len(train) if keep is None else len(keep), "fraction": fraction, "alpha": alpha,
+        "num_kept": len(sampler) if sampler is not None else len(train) if keep is None else len(keep), "fraction": fraction, "alpha": alpha,
         "temperature": args.temperature, "epochs": args.epochs, "final": last}
+    if sampler is not None or args.correction != "none":
+        summary.update(sampler=args.sampler, scores=args.scores, correction=args.correction)
+    if args.teacher_report:
+        rep = _write_teacher_report(args, student, teacher, train, keep, device)
+        log(f"teacher report: lambda* = {rep['lambda_star']}, N(lambda*)/N(0) = {rep['noise_ratio']}, "
+            f"beta = {rep['beta']}, rho = {rep['rho']} -> {os.path.join(args.out, 'teacher_report.json')}",
+            quiet=args.quiet)
     if "eval_acc" in last:
         best = max(history, key=lambda h: h["eval_acc"])
         summary["best_eval_acc"], summary["best_epoch"] = best["eval_acc"], best["epoch"]
