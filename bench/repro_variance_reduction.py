@@ -309,14 +309,14 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=0.5, help="SGD step size γ (default: %(default)s)")
     parser.add_argument("--full", action="store_true", help="5 seeds x 50 epochs")
-    parser.add_argument("--smoke", action="store_true", help="1 seed, 2 epochs, 3 values of λ (seconds)")
+    parser.add_argument("--smoke", action="store_true", help="1 seed, 1 epoch, 3 values of λ (seconds)")
     parser.add_argument("--out", default=FIGURES)
     args = parser.parse_args(argv)
     args.lambdas = LAMBDAS
     if args.full:
         args.seeds, args.epochs = 5, 50
     if args.smoke:
-        args.seeds, args.epochs, args.lambdas = 1, 2, SMOKE_LAMBDAS
+        args.seeds, args.epochs, args.lambdas = 1, 1, SMOKE_LAMBDAS
     args.last = max(1, min(10, args.epochs // 2))
     torch.set_num_threads(1)  # tiny matrices: threads only contend
     prov = {"commit": code_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
