@@ -261,7 +261,7 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
     start, history = 0, []
     if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
         start, history = _load_checkpoint(checkpoint_path, model, optimizer, scheduler, forgetting, sampler)
-    importance, sampler = sampler, None
+    importance, sampler = sampler, None  # from here on `sampler` is the DistributedSampler (ddp) or None
     net = model
     if ddp:  # wraps the same parameters, so the optimizer above and the checkpoints keep working on `model`
         from torch.nn.parallel import DistributedDataParallel
