@@ -212,10 +212,16 @@ def _per_example_grads(model, x, y):
     return torch.cat([g.reshape(g.shape[0], -1) for g in gs], dim=1)
 
 
+def _batch_moment(full, per_example_mean, n, batch_size):
+    """E<U, V> over uniform batches of B distinct examples, U and V the batch means of per-example vectors u_i,
+    v_i (population n): <ū, v̄> + (n - B) / (B (n - 1)) · (mean_i <u_i, v_i> - <ū, v̄>)."""
+    shrink = (n - batch_size) / (batch_size * (n - 1)) if n > 1 else 0.0
+    return full + shrink * (per_example_mean - full)
+
+
 def _exact_moments(student, teacher, fetch, idx, batch_size, device):
-    """Exact E over uniform batches of B distinct examples of <G_ξ(x), G_ξ(θ)>, ||G_ξ(x)||², ||G_ξ(θ)||²:
-    for batch means of per-example vectors u_i, v_i (population n),
-        E<U, V> = <ū, v̄> + (n - B) / (B (n - 1)) · (mean_i <u_i, v_i> - <ū, v̄>)."""
+    """Exact E over uniform batches of B distinct examples of <G_ξ(x), G_ξ(θ)>, ||G_ξ(x)||², ||G_ξ(θ)||², from
+    per-example gradients (torch.func)."""
     n = idx.numel()
     sums = {"ss": 0.0, "tt": 0.0, "st": 0.0}
     mean_s = mean_t = None
@@ -230,13 +236,24 @@ def _exact_moments(student, teacher, fetch, idx, batch_size, device):
         mean_t = gt.sum(0) if mean_t is None else mean_t + gt.sum(0)
     mean_s, mean_t = mean_s / n, mean_t / n
     full = {"ss": float(mean_s @ mean_s), "tt": float(mean_t @ mean_t), "st": float(mean_s @ mean_t)}
-    shrink = (n - batch_size) / (batch_size * (n - 1)) if n > 1 else 0.0
-    moments = {k: full[k] + shrink * (sums[k] / n - full[k]) for k in sums}
-    return moments, full["tt"], full["ss"]
+    return {k: _batch_moment(full[k], sums[k] / n, n, batch_size) for k in sums}
 
 
-def _minibatch_moments(student, teacher, fetch, idx, batch_size, num_batches, seed, device):
-    """Monte Carlo over `num_batches` uniform batches of B distinct examples, with standard errors."""
+def _sq_moment(model, fetch, idx, batch_size, full_sq, device):
+    """Exact E||G_ξ||² over uniform batches of B distinct examples from the per-example gradient norms of
+    kdfast's engine (one forward and backward per chunk, any model it has rules for) and ||∇f||²."""
+    from .grad_norms import per_example_grad_norms
+    total = 0.0
+    for start in range(0, idx.numel(), 256):
+        x, y = fetch(idx[start:start + 256])
+        norms = per_example_grad_norms(model, x.to(device), y.to(device), loss="ce", on_missing="fallback")
+        total += float(norms.double().square().sum())
+    return _batch_moment(full_sq, total / idx.numel(), idx.numel(), batch_size)
+
+
+def _cross_moment(student, teacher, fetch, idx, batch_size, num_batches, seed, device):
+    """E<G_ξ(x), G_ξ(θ)> by Monte Carlo over `num_batches` uniform batches of B distinct examples, and its
+    standard error (the one moment per-example norms cannot give)."""
     ps = [p for _, p in _params(student)]
     pt = [p for _, p in _params(teacher)]
     gen = torch.Generator().manual_seed(seed)
@@ -247,12 +264,9 @@ def _minibatch_moments(student, teacher, fetch, idx, batch_size, num_batches, se
         x, y = x.to(device), y.to(device)
         gs, _ = _batch_grad(student, ps, x, y)
         gt, _ = _batch_grad(teacher, pt, x, y)
-        rows.append(torch.stack([gs @ gs, gt @ gt, gs @ gt]).detach().double().cpu())
-    table = torch.stack(rows)
-    mean = table.mean(0)
-    se = table.std(0) / math.sqrt(num_batches) if num_batches > 1 else torch.full((3,), float("nan"))
-    keys = ("ss", "tt", "st")
-    return dict(zip(keys, mean.tolist())), dict(zip(keys, se.tolist()))
+        rows.append(float(gs @ gt))
+    table = torch.tensor(rows, dtype=torch.float64)
+    return float(table.mean()), float(table.std()) / math.sqrt(num_batches)
 
 
 def _full_sqnorm(model, fetch, idx, device):
@@ -293,8 +307,9 @@ def teacher_report(student, teacher, data, *, lr, batch_size=64, method="minibat
         teacher: θ. Both run in eval mode (restored afterwards).
         data: (inputs, targets) tensors or a map-style dataset of (input, label); `indices` restricts it.
         lr: γ, the SGD step size the weight is chosen for. batch_size: B of the stochastic gradients.
-        method: "minibatch" (Monte Carlo over `num_batches` random batches of B distinct examples; any model;
-            standard errors of the three moments under "stderr") or "exact" (per-example gradients by
+        method: "minibatch" (any model: E||∇f_ξ||² of each model exactly, from kdfast's per-example gradient
+            norms; the cross moment E<∇f_ξ(x), ∇f_ξ(θ)> by Monte Carlo over `num_batches` random batches of B
+            distinct examples, its standard error under "stderr") or "exact" (per-example gradients by
             torch.func, then the exact expectation over all such batches; small models).
 
     Returns a dict: beta β(θ), rho ρ(x, θ), lambda_star λ* (Eq. 14: kdfast's alpha at T = 1), noise_ratio
@@ -324,10 +339,12 @@ def teacher_report(student, teacher, data, *, lr, batch_size=64, method="minibat
         teacher_full_sq, teacher_loss = _full_sqnorm(teacher, fetch, idx, device)
         student_full_sq, student_loss = _full_sqnorm(student, fetch, idx, device)
         if method == "exact":
-            moments, _, _ = _exact_moments(student, teacher, fetch, idx, batch_size, device)
+            moments = _exact_moments(student, teacher, fetch, idx, batch_size, device)
             stderr = None
         else:
-            moments, stderr = _minibatch_moments(student, teacher, fetch, idx, batch_size, num_batches, seed, device)
+            cross, stderr = _cross_moment(student, teacher, fetch, idx, batch_size, num_batches, seed, device)
+            moments = {"ss": _sq_moment(student, fetch, idx, batch_size, student_full_sq, device),
+                       "tt": _sq_moment(teacher, fetch, idx, batch_size, teacher_full_sq, device), "st": cross}
     finally:
         student.train(was_s)
         teacher.train(was_t)
@@ -337,5 +354,5 @@ def teacher_report(student, teacher, data, *, lr, batch_size=64, method="minibat
                   student_loss=student_loss, lr=float(lr), batch_size=batch_size, method=method,
                   num_examples=int(idx.numel()), num_batches=num_batches if method == "minibatch" else None)
     if stderr is not None:
-        report["stderr"] = {"student_sq": stderr["ss"], "teacher_sq": stderr["tt"], "cross": stderr["st"]}
+        report["stderr"] = {"cross": stderr}
     return report
