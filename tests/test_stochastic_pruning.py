@@ -194,3 +194,17 @@ def test_cli_variance_usage_errors(tmp_path, capsys, argv, match):
     from kdfast.cli.main import distill_main
     assert distill_main(FAST + argv + ["--out", str(tmp_path / "o")]) == 2
     assert match in capsys.readouterr().err
+
+
+def test_cli_sampler_refuses_scores_that_are_not_positive(tmp_path, capsys):
+    import numpy as np
+
+    from kdfast.cli.main import distill_main
+    from kdfast.data import load_dataset
+    scores = np.ones(len(load_dataset("digits")), dtype=np.float32)
+    scores[7] = 0.0
+    np.save(tmp_path / "s.npy", scores)
+    rc = distill_main(FAST + ["--alpha", "0", "--sampler", "lipschitz", "--scores", str(tmp_path / "s.npy"),
+                              "--fraction", "0.3", "--out", str(tmp_path / "o")])
+    assert rc == 1
+    assert "1 scores that are <= 0 or not finite (first: example 7" in capsys.readouterr().err

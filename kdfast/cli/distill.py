@@ -170,7 +170,14 @@ def _importance_sampler(args, train):
     expected = _meta_labels_fingerprint(meta)
     if expected is not None and expected != labels_fingerprint(train.targets):
         raise CliError(f"--scores {args.scores} were computed on another data set (labels fingerprint mismatch)")
-    return ImportanceSampler(np.asarray(scores, dtype=np.float64), args.fraction, seed=args.seed)
+    scores = np.asarray(scores, dtype=np.float64)
+    bad = ~np.isfinite(scores) | (scores <= 0)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise CliError(f"--scores {args.scores} holds {int(bad.sum())} scores that are <= 0 or not finite (first: "
+                       f"example {first}, {scores[first]}); --sampler lipschitz draws p_i ~ score_i, so every example "
+                       "needs a positive score (liprune-last, el2n or grand scores are)")
+    return ImportanceSampler(scores, args.fraction, seed=args.seed)
 
 
 def _write_teacher_report(args, student, teacher, train, keep, device):
