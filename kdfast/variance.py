@@ -137,6 +137,10 @@ class TeacherGradient:
                 f"{where}: correction holds the gradient of a teacher with another parameter space ({detail}); the "
                 "unbiased correction (Eq. 16) needs self-distillation (same architecture). Use correction=None")
 
+    def to(self, device) -> "TeacherGradient":
+        """The same gradient on `device` (once, so no step copies it)."""
+        return TeacherGradient(self.names, tuple(g.to(device) for g in self.grads), self.loss, self.num_examples)
+
     def apply(self, student, alpha: float) -> None:
         """Adds alpha·∇f(θ) to the student's .grad (after backward, before the optimizer step)."""
         for (_, p), g in zip(_params(student), self.grads):
@@ -183,7 +187,7 @@ def resolve_correction(correction, student, teacher, data, *, indices=None, batc
         return None
     if isinstance(correction, TeacherGradient):
         correction.check(student, where)
-        return correction
+        return correction.to(_device_of(student, device))
     if correction not in CORRECTIONS:
         raise InvalidArgumentError(f"{where}: correction must be None, one of {CORRECTIONS} or a "
                                    f"kdfast.variance.TeacherGradient, got {correction!r}")
