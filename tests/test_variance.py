@@ -117,15 +117,17 @@ def test_correction_refuses_another_parameter_space():
             progress=False)
 
 
-def test_fit_with_correction_follows_the_corrected_steps():
-    # fit(correction="unbiased") = a hand loop of distill_step with the teacher's full gradient (full batches,
-    # so the loader's order does not matter)
+@pytest.mark.parametrize("given", ["unbiased", "TeacherGradient"])
+def test_fit_with_correction_follows_the_corrected_steps(given):
+    # fit(correction=...) = a hand loop of distill_step with the teacher's full gradient (full batches, so the
+    # loader's order does not matter)
     x, y = _problem(n=16)
     data = torch.utils.data.TensorDataset(x, y)
     teacher = _linear(7)
     student, manual = _linear(8), _linear(8)
     fit(student, data, epochs=3, batch_size=16, lr=0.3, momentum=0.0, weight_decay=0.0, schedule="constant",
-        teacher=teacher, alpha=0.8, temperature=1.0, correction="unbiased", progress=False)
+        teacher=teacher, alpha=0.8, temperature=1.0, progress=False,
+        correction=given if given == "unbiased" else teacher_gradient(teacher, data))
     correction = teacher_gradient(teacher, (x, y))
     opt = torch.optim.SGD(manual.parameters(), lr=0.3)
     for _ in range(3):
