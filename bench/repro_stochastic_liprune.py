@@ -15,7 +15,7 @@ budget of a pruned run). "stochastic uniform" (p_i = 1/n, weights 1/r) separates
    digits recipe (SGD momentum 0.9, cosine), the same number of epochs of r n examples for every method; test
    accuracy, mean ± std over seeds.
 
-    python -m bench.repro_stochastic_liprune                # 100 linear runs, 2 digits seeds x 30 epochs: minutes
+    python -m bench.repro_stochastic_liprune                # 100 linear runs, 2 digits seeds x 30 epochs: 1-2 min
     python -m bench.repro_stochastic_liprune --full         # 400 linear runs, 5 seeds x 60 epochs
     python -m bench.repro_stochastic_liprune --smoke --out /tmp/x   # seconds
 
