@@ -17,7 +17,8 @@ applied stochastic gradient and the true one, E||ĝ − ∇f(x)||² (Fig. 3 righ
 grid-best λ; also shown: λ minimising a noisy-quadratic model of the stationary gap (not in the paper):
     gap(λ) ≈ ½ λ² ∇f(θ)ᵀ H⁺ ∇f(θ) + (γ/4) tr Cov(∇f_ξ(x*) − λ ∇f_ξ(θ)),  H = ∇²f(x*).
 
-    python -m bench.repro_variance_reduction            # 2 seeds x 20 epochs: 21 min on a CPU shared by 8 jobs
+    python -m bench.repro_variance_reduction            # 2 seeds x 20 epochs: ~4 CPU-minutes (21 min wall when
+                                                        # 8 jobs shared 2 cores)
     python -m bench.repro_variance_reduction --full     # 5 seeds x 50 epochs
     python -m bench.repro_variance_reduction --smoke --out /tmp/x   # seconds, for the test suite
 
