@@ -162,8 +162,10 @@ def test_cli_stochastic_pruning_from_liprune_last_scores(tmp_path, capsys):
     assert distill_main(argv + ["--resume"]) == 0
     after = torch.load(out / "student.pt", weights_only=True)
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # the job record refuses it before any work, naming the field (fit's own "saved sampler differs" check,
+    # one level down, is tested above)
     assert distill_main([a if a != "0.3" else "0.5" for a in argv] + ["--epochs", "2", "--resume"]) == 1
-    assert "saved sampler differs" in capsys.readouterr().err
+    assert "--fraction: 0.3 in the run, 0.5 now" in capsys.readouterr().err
 
 
 def test_cli_unbiased_correction_and_teacher_report(tmp_path, capsys):
@@ -208,3 +210,29 @@ def test_cli_sampler_refuses_scores_that_are_not_positive(tmp_path, capsys):
                               "--fraction", "0.3", "--out", str(tmp_path / "o")])
     assert rc == 1
     assert "1 scores that are <= 0 or not finite (first: example 7" in capsys.readouterr().err
+
+
+def test_cli_sampler_checks_the_scores_data_and_content(tmp_path, capsys):
+    # scores go through the job layer's reader (data identity), and their content joins the job identity
+    import json
+
+    import numpy as np
+
+    from kdfast.cli.main import distill_main
+    from kdfast.data import data_identity, load_dataset
+    train = load_dataset("digits")
+    folder = tmp_path / "scores"
+    folder.mkdir()
+    np.save(folder / "scores.npy", np.ones(len(train), dtype=np.float32))
+    other = dict(data_identity(train), labels_fingerprint="0" * 64)
+    (folder / "meta.json").write_text(json.dumps({"data": other}))
+    argv = FAST + ["--alpha", "0", "--sampler", "lipschitz", "--scores", str(folder), "--fraction", "0.3",
+                   "--out", str(tmp_path / "o")]
+    assert distill_main(argv) == 1
+    assert f"--scores {folder} was made from another data set" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before the job started
+    (folder / "meta.json").write_text(json.dumps({"data": data_identity(train)}))
+    assert distill_main(argv) == 0, capsys.readouterr().err
+    np.save(folder / "scores.npy", np.linspace(1, 2, len(train), dtype=np.float32))
+    assert distill_main(argv + ["--resume"]) == 1
+    assert "--scores-sha256: " in capsys.readouterr().err

@@ -139,6 +139,27 @@ def test_fit_with_correction_follows_the_corrected_steps(given):
     assert moved
 
 
+def test_resume_checks_the_correction(tmp_path):
+    # the correction is part of fit's run record: a checkpoint of a corrected run is not resumed without it, nor
+    # with another teacher gradient
+    from kdfast.jobs import JobMismatchError
+    x, y = _problem(n=16)
+    data = torch.utils.data.TensorDataset(x, y)
+    teacher, ckpt = _linear(7), str(tmp_path / "ckpt.pt")
+    kw = dict(epochs=2, batch_size=16, lr=0.3, schedule="constant", teacher=teacher, alpha=0.8, temperature=1.0,
+              checkpoint_path=ckpt, progress=False)
+    fit(_linear(8), data, correction="unbiased", **kw)
+    assert fit(_linear(8), data, correction="unbiased", resume=True, **kw)[-1]["epoch"] == 2
+    with pytest.raises(JobMismatchError, match="correction: 'unbiased' then, None now"):
+        fit(_linear(8), data, correction=None, resume=True, **kw)
+    ckpt2 = str(tmp_path / "ckpt2.pt")
+    kw.update(checkpoint_path=ckpt2)
+    fit(_linear(8), data, correction=teacher_gradient(teacher, data), **kw)
+    fit(_linear(8), data, correction=teacher_gradient(teacher, data), resume=True, **kw)
+    with pytest.raises(JobMismatchError, match="correction: "):
+        fit(_linear(8), data, correction=teacher_gradient(_linear(9), data), resume=True, **kw)
+
+
 # ------------------------------------------------------------------------------------------- the report
 def _enumerated_moments(student, teacher, x, y, batch):
     """E over every batch of `batch` distinct examples of ||a||², ||b||², <a, b> (a, b: batch gradients)."""
