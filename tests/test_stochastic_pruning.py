@@ -191,6 +191,8 @@ def test_cli_unbiased_correction_and_teacher_report(tmp_path, capsys):
     (["--alpha", "0", "--correction", "unbiased"], "needs the teacher module"),
     (["--train-teacher", "--teacher-model", "cnn", "--correction", "unbiased"], "student's architecture"),
     (["--alpha", "0", "--teacher-report"], "needs the teacher module"),
+    (["--alpha", "0", "--sampler", "lipschitz", "--scores", "s.npy", "--fraction", "0.3", "--val-fraction", "0.2"],
+     "cannot hold out --val-fraction 0.2"),
 ])
 def test_cli_variance_usage_errors(tmp_path, capsys, argv, match):
     from kdfast.cli.main import distill_main
