@@ -10,6 +10,7 @@ Public API (imported lazily, so `import kdfast` stays cheap and never touches a 
     fit                                  the training loop behind kdfast-distill (checkpoints, exact resumption)
     jobs                                 runs as jobs: job records checked on resume, chunk stores, atomic writes
     data_identity, check_identity        what ties scores, keep files and caches to one data set
+    teacher_gradient, teacher_report     unbiased self-distillation (Eq. 16) and its Eq. 14-15 diagnostics
 """
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ _API = {
     "fit": "kdfast.training",
     "data_identity": "kdfast.data",
     "check_identity": "kdfast.data",
+    # distillation as partial variance reduction: Eq. 16's correction and the Eq. 14-15 report
+    "teacher_gradient": "kdfast.variance",
+    "teacher_report": "kdfast.variance",
 }
 _SUBMODULES = ("hessian", "jobs")
 

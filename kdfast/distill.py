@@ -18,6 +18,7 @@ import torch
 
 from .errors import InvalidArgumentError
 from .ops.kd_loss import kd_loss
+from .variance import TeacherGradient
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -60,8 +61,16 @@ def _check_step_args(teacher, inputs, targets, alpha, teacher_logits, indices, f
                                    f"{getattr(indices, 'shape', type(indices).__name__)}")
 
 
+def _check_correction(correction, student):
+    if not isinstance(correction, TeacherGradient):
+        raise InvalidArgumentError("distill_step: correction must be a kdfast.variance.TeacherGradient (from "
+                                   f"kdfast.teacher_gradient(teacher, data)) or None, got {type(correction).__name__}")
+    correction.check(student, "distill_step")
+
+
 def distill_step(student, teacher, inputs, targets, optimizer, *, alpha=0.5, temperature=4.0,
-                 teacher_logits=None, weight=None, indices=None, forgetting=None, amp=None, validate=False):
+                 teacher_logits=None, weight=None, indices=None, forgetting=None, amp=None, validate=False,
+                 correction=None):
     """One training step of `student` on a batch with the fused KD loss.
 
     loss = mean_i w_i ((1 - alpha) CE(s_i, y_i) + alpha T^2 KL(softmax(t_i/T) || softmax(s_i/T)))
@@ -84,12 +93,19 @@ def distill_step(student, teacher, inputs, targets, optimizer, *, alpha=0.5, tem
         validate: check on the host that every target lies in [0, C) (one synchronisation). Off by default
             so a step never waits for the device; a bad label then gives a NaN loss, never a wild read
             (`fit` validates during its first epoch, which presents every kept example once).
+        correction: a kdfast.variance.TeacherGradient (`teacher_gradient(teacher, data)`, the teacher's
+            full-data cross-entropy gradient, computed once): unbiased self-distillation (the KD-variance-
+            reduction paper's Eq. 16) adds alpha times it to the step's gradient before the optimizer step.
+            Exactly unbiased for softmax regression at temperature 1, and at student = teacher for any model;
+            needs the teacher's parameter space (raises otherwise).
 
     Returns:
         dict of device tensors, no host synchronisation: "loss" (0-d, detached) and the per-example
         statistics of the fused loss ("ce", "kl", "el2n", "grad_norm", "correct", "margin").
     """
     _check_step_args(teacher, inputs, targets, alpha, teacher_logits, indices, forgetting)
+    if correction is not None:
+        _check_correction(correction, student)
     amp_dtype = _amp_dtype(amp)
 
     def precision():  # a disabled autocast still costs a context switch per step: skip it in fp32
@@ -107,6 +123,8 @@ def distill_step(student, teacher, inputs, targets, optimizer, *, alpha=0.5, tem
                           temperature=temperature, weight=weight, return_stats=True, validate=validate)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if correction is not None and alpha != 0:
+        correction.apply(student, alpha)
     optimizer.step()
     if forgetting is not None:
         forgetting.update(indices, stats["correct"])

@@ -21,7 +21,9 @@ from .errors import InvalidArgumentError
 from .jobs.atomic import save_torch
 from .ops.kd_loss import kd_loss
 from .progress import progress_bar
+from .sampling import ImportanceSampler
 from .scoring.engine import PRECISIONS
+from .variance import TeacherGradient, resolve_correction
 
 SCHEDULES = ("cosine", "step", "constant")
 CHECKPOINT_FORMAT = "kdfast-fit/1"
@@ -88,6 +90,25 @@ def _check_fit_args(dataset, epochs, batch_size, lr, schedule, milestones, teach
         teacher_cache.check_dataset(dataset)
 
 
+def _check_sampler(sampler, dataset, indices, ddp):
+    if sampler is None:
+        return
+    if not isinstance(sampler, ImportanceSampler):
+        raise InvalidArgumentError(f"fit: sampler must be a kdfast.ImportanceSampler or None, got "
+                                   f"{type(sampler).__name__}")
+    problems = []
+    if sampler.probs.numel() != len(dataset):
+        problems.append(f"sampler holds {sampler.probs.numel()} scores but the dataset {len(dataset)} examples "
+                        "(one score per example of the whole dataset)")
+    if indices is not None:
+        problems.append("sampler (stochastic pruning) and indices (deterministic pruning) cannot go together; "
+                        "pass one of them")
+    if ddp:
+        problems.append("sampler is not supported with distributed=True (train on one process)")
+    if problems:
+        raise InvalidArgumentError("fit: " + "; ".join(problems))
+
+
 def _scheduler(optimizer, schedule, epochs, milestones):
     if schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
@@ -144,20 +165,52 @@ def _run_identity(dataset, indices, **settings) -> dict:
     return jsonable({**settings, "data": data})
 
 
-def _save_checkpoint(path, model, optimizer, scheduler, epoch, history, forgetting, identity):
+def _sha256(tensors) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _sampler_identity(sampler):
+    """The importance sampler's part of the run identity: its distribution, draws per epoch and seed."""
+    if sampler is None:
+        return None
+    return {"probs_sha256": _sha256([sampler.probs]), "num_samples": sampler.num_samples, "seed": sampler.seed}
+
+
+def _correction_identity(correction):
+    """None, the name of a correction computed inside fit, or the fingerprint of a given TeacherGradient."""
+    if isinstance(correction, TeacherGradient):
+        return {"teacher_gradient_sha256": _sha256(correction.grads), "num_examples": correction.num_examples}
+    return correction
+
+
+def _save_checkpoint(path, model, optimizer, scheduler, epoch, history, forgetting, identity, sampler=None):
     state = {"format": CHECKPOINT_FORMAT, "epoch": epoch, "model": model.state_dict(),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
              "run": identity}
     if forgetting is not None and hasattr(forgetting, "state_dict"):
         state["forgetting"] = forgetting.state_dict()
+    if sampler is not None:
+        state["sampler"] = sampler.state_dict()
     save_torch(path, state)  # atomic: a kill mid-save leaves the previous checkpoint intact
 
 
-def _load_checkpoint(path, model, optimizer, scheduler, forgetting, identity):
+def _load_checkpoint(path, model, optimizer, scheduler, forgetting, identity, sampler=None):
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise InvalidArgumentError(f"fit: {path!r} is not a kdfast training checkpoint (format "
                                    f"{CHECKPOINT_FORMAT!r}); remove it or start without resume")
+    # the sampler's own check first: it says in its terms what differs (scores, fraction or seed); the run
+    # record below covers every other argument
+    if (sampler is None) != ("sampler" not in state):
+        raise InvalidArgumentError(f"fit: checkpoint {path!r} was written " + (
+            "with an importance sampler; resume with the same sampler" if sampler is None else
+            "without an importance sampler; it cannot be resumed with one"))
+    if sampler is not None:
+        sampler.load_state_dict(state["sampler"])
     if "run" in state:  # checkpoints of older versions carry no record: nothing to compare
         from .jobs.errors import JobMismatchError
         from .jobs.job import differences
@@ -186,7 +239,7 @@ def _epoch_line(record, epochs):
 def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine",
         milestones=(), teacher=None, teacher_cache=None, alpha=0.0, temperature=4.0, indices=None, forgetting=None,
         device=None, precision="fp32", seed=0, num_workers=0, checkpoint_path=None, resume=False, progress=True,
-        eval_dataset=None, on_epoch=None, distributed=False) -> list[dict]:
+        eval_dataset=None, on_epoch=None, distributed=False, correction=None, sampler=None) -> list[dict]:
     """Trains `model` with SGD on `dataset` (or its `indices` subset), distilling from a teacher if alpha > 0.
 
     Args:
@@ -214,6 +267,15 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
             examples, reshuffled every epoch from `seed`; metrics are totals over ranks; only rank 0 writes the
             checkpoint and calls on_epoch; resume loads the checkpoint on every rank. With one process it is
             the plain loop. forgetting is not supported with it (each rank sees only its share).
+        correction: None, "unbiased" or a kdfast.variance.TeacherGradient: unbiased self-distillation (the
+            KD-variance-reduction paper's Eq. 16). "unbiased" computes the teacher's full-data gradient over the
+            training examples once, before the first epoch; every step adds alpha times it (distill_step). Needs
+            a teacher module with the student's parameter space.
+        sampler: a kdfast.ImportanceSampler over the whole `dataset` (one score per example): stochastic data
+            pruning (the LiPrune paper's Eq. 2). Each epoch draws round(r n) examples with p_i ∝ score_i (epoch
+            e from the sampler's seed and e, so resuming redraws the same) and weights their loss by
+            1/(round(r n) p_i), so an epoch's summed gradient is unbiased for a full epoch's. Not with
+            `indices` or distributed; its state goes into the checkpoint.
 
     Returns:
         one dict per epoch: epoch, lr, train_loss, train_acc, seconds, examples_per_s (+ eval_loss,
@@ -221,6 +283,7 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
     """
     _check_fit_args(dataset, epochs, batch_size, lr, schedule, milestones, teacher, teacher_cache, alpha, precision)
     ddp = bool(distributed) and dist.world_size() > 1
+    _check_sampler(sampler, dataset, indices, ddp)
     if ddp and forgetting is not None:
         raise InvalidArgumentError("fit: forgetting needs every example's outcome on one process; it cannot go with "
                                    "distributed=True (train on one process, or drop forgetting)")
@@ -235,17 +298,22 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
                                  epochs=epochs if schedule == "cosine" else None, batch_size=batch_size, lr=lr,
                                  momentum=momentum, weight_decay=weight_decay, schedule=schedule, milestones=list(milestones), alpha=alpha, temperature=temperature,
                                  seed=seed, precision=precision, teacher=teacher_id,
-                                 forgetting=forgetting is not None)
+                                 forgetting=forgetting is not None, correction=_correction_identity(correction),
+                                 sampler=_sampler_identity(sampler))
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     if teacher is not None:
         teacher.to(device).eval()
+    correction = resolve_correction(correction, model, teacher, dataset, indices=subset.indices,
+                                    batch_size=max(batch_size, 256), device=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = _scheduler(optimizer, schedule, epochs, milestones)
     start, history = 0, []
     if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
-        start, history = _load_checkpoint(checkpoint_path, model, optimizer, scheduler, forgetting, identity)
-    net, sampler = model, None
+        start, history = _load_checkpoint(checkpoint_path, model, optimizer, scheduler, forgetting, identity,
+                                          sampler)
+    importance, sampler = sampler, None  # from here on `sampler` is the DistributedSampler (ddp) or None
+    net = model
     if ddp:  # wraps the same parameters, so the optimizer above and the checkpoints keep working on `model`
         from torch.nn.parallel import DistributedDataParallel
         net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -256,22 +324,28 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
         model.train()
         if sampler is not None:
             sampler.set_epoch(epoch)
+        if importance is not None:
+            importance.set_epoch(epoch)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         lr_now = optimizer.param_groups[0]["lr"]
         tic = time.perf_counter()
+        total = len(subset) if importance is None else len(importance)
         # off a terminal (logs, pipes) only the per-epoch line below
-        with progress_bar(len(subset), desc=f"epoch {epoch + 1}/{epochs}", quiet=not (progress and writes_files),
+        with progress_bar(total, desc=f"epoch {epoch + 1}/{epochs}", quiet=not (progress and writes_files),
                           plain=False) as bar:
-            for x, y, idx in _loader(subset, batch_size, True, seed + epoch, num_workers, device, sampler):
+            for x, y, idx in _loader(subset, batch_size, True, seed + epoch, num_workers, device,
+                                     sampler if importance is None else importance):
                 cached = None if teacher_cache is None or alpha == 0 else teacher_cache[idx]
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 idx_dev = idx.to(device, non_blocking=True)
                 if cached is not None:
                     cached = cached.to(device, non_blocking=True)
+                weight = None if importance is None else importance.weights[idx].to(device, non_blocking=True)
                 out = distill_step(net, teacher, x, y, optimizer, alpha=alpha, temperature=temperature,
                                    teacher_logits=cached, indices=idx_dev, forgetting=forgetting, amp=amp,
-                                   validate=epoch == start)  # the first epoch sees every example: check once
+                                   validate=epoch == start,  # the first epoch sees every example: check once
+                                   weight=weight, correction=correction)
                 loss_sum += out["loss"] * len(y)
                 correct += out["correct"].sum()
                 bar.update(len(y))
@@ -281,7 +355,7 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
             dist.all_reduce_sum(correct)
             dist.broadcast_buffers(model)  # BatchNorm statistics: rank 0's, the ones its checkpoint holds
         seconds = time.perf_counter() - tic
-        n = len(sampler) * dist.world_size() if ddp else len(subset)  # DistributedSampler pads to equal shares
+        n = len(sampler) * dist.world_size() if ddp else total  # DistributedSampler pads to equal shares
         record = {"epoch": epoch + 1, "lr": lr_now, "train_loss": float(loss_sum) / n,
                   "train_acc": float(correct) / n, "seconds": seconds, "examples_per_s": n / max(seconds, 1e-9)}
         if eval_dataset is not None:
@@ -294,7 +368,8 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
         if progress:
             print(_epoch_line(record, epochs), file=sys.stderr, flush=True)
         if checkpoint_path is not None:
-            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch + 1, history, forgetting, identity)
+            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch + 1, history, forgetting, identity,
+                             importance)
         if on_epoch is not None:
             on_epoch(history)
     return history

@@ -41,6 +41,10 @@ EPILOG = """examples:
                  --val-fraction 0.2 --out runs/photos   (evaluates on a stratified 20% held out of the folder)
   kdfast-distill ... --out runs/student --resume      (continues after the last finished epoch; refused when
                                                        the arguments resolve to another job)
+  kdfast-distill --train-teacher --sampler lipschitz --scores runs/liprune --fraction 0.3 --out runs/stoch
+      (stochastic pruning, LiPrune Eq. 2: each epoch draws 0.3 n examples with p ~ score, loss weights 1/(r n p))
+  kdfast-distill --train-teacher --alpha 0.5 --temperature 1 --correction unbiased --teacher-report --out runs/u
+      (unbiased self-distillation, Eq. 16 of the KD-variance-reduction paper; OUT/teacher_report.json)
   torchrun --nproc-per-node 8 -m kdfast.cli.distill ...   (DistributedDataParallel, --batch-size per GPU; rank 0
                                                            writes the files)
 
@@ -93,6 +97,7 @@ def add_parser(subparsers):
                         "fraction) (default: %(default)s)")
     g.add_argument("--alpha-schedule", help="anchors for --alpha auto, e.g. '0.1:1,0.7:0.5' (the default)")
     g.add_argument("--temperature", type=float, default=4.0, help="(default: %(default)s)")
+    _add_variance_options(p)
     g = p.add_argument_group("Optimisation (default: the data set's recipe)")
     g.add_argument("--recipe", type=lower, choices=sorted(RECIPES), help="recipe the defaults come from")
     g.add_argument("--epochs", type=int)
@@ -109,6 +114,57 @@ def add_parser(subparsers):
     add_output_options(g, out_help="output folder (required)", resume_help="continue the run in --out after its "
                        "last finished epoch")
     return p
+
+
+def _add_variance_options(p):
+    g = p.add_argument_group(
+        "Stochastic pruning and variance reduction",
+        "LiPrune's stochastic pruning (Eq. 2) instead of --keep; unbiased self-distillation (Eq. 16 of the "
+        "KD-variance-reduction paper) and its Eq. 14-15 diagnostic")
+    g.add_argument("--sampler", type=lower, choices=("lipschitz",),
+                   help="lipschitz: every epoch draws round(r n) examples with p_i ~ score_i (--scores) and weights "
+                        "their loss by 1/(r n p_i)")
+    g.add_argument("--scores", help="scores for --sampler: a kdfast-score folder (e.g. --method liprune-last) or "
+                                    "a .npy, one positive score per training example")
+    g.add_argument("--fraction", type=float, help="r in (0, 1]: share of the data drawn per epoch by --sampler")
+    g.add_argument("--correction", type=lower, choices=("none", "unbiased"), default="none",
+                   help="unbiased: add alpha times the teacher's full-data gradient to every step (needs a teacher "
+                        "of the student's architecture, exact at --temperature 1) (default: %(default)s)")
+    g.add_argument("--teacher-report", action="store_true",
+                   help="after training write OUT/teacher_report.json: beta, rho, lambda* and N(lambda*)/N(0) of "
+                        "Eqs. 14-15 from mini-batch gradients of the student and the teacher")
+    g.add_argument("--report-batches", type=int, default=200,
+                   help="mini-batches the teacher report averages over (default: %(default)s)")
+
+
+def _resolve_variance_options(args, problems):
+    if args.sampler:
+        if not args.scores or args.fraction is None:
+            problems.append("--sampler lipschitz needs --scores DIR and --fraction r")
+        if args.keep:
+            problems.append("--sampler (stochastic pruning) and --keep (a fixed subset) cannot go together")
+    elif args.scores or args.fraction is not None:
+        problems.append("--scores and --fraction go with --sampler lipschitz")
+    if args.fraction is not None and not 0.0 < args.fraction <= 1.0:
+        problems.append(f"--fraction must be in (0, 1], got {args.fraction}")
+    if args.scores and not os.path.exists(args.scores):
+        problems.append(f"--scores {args.scores} does not exist")
+    if args.sampler and args.val_fraction:
+        problems.append(f"--sampler draws from every training example, so it cannot hold out --val-fraction "
+                        f"{args.val_fraction:g} (the default where the data set has no test split); pass --val-fraction 0")
+    for name, on in (("--correction unbiased", args.correction == "unbiased"), ("--teacher-report", args.teacher_report)):
+        if not on:
+            continue
+        if not (args.teacher or args.train_teacher) or args.teacher_cache:
+            problems.append(f"{name} needs the teacher module (--teacher or --train-teacher), not --teacher-cache")
+        if args.teacher_model and args.teacher_model != (args.model or args.teacher_model):
+            problems.append(f"{name} needs a teacher of the student's architecture (self-distillation), got "
+                            f"--teacher-model {args.teacher_model} and --model {args.model}")
+    if args.correction == "unbiased" and args.alpha == 0.0:
+        problems.append("--correction unbiased with --alpha 0 changes nothing (it adds alpha times the teacher's "
+                        "gradient)")
+    if args.report_batches < 2:
+        problems.append(f"--report-batches must be >= 2, got {args.report_batches}")
 
 
 # --------------------------------------------------------------------------------- argument resolution
@@ -189,16 +245,20 @@ def resolve(args):
         problems.append("--teacher-cache needs --no-augment: cached logits are of the un-augmented images")
     if args.dataset != "digits" and not args.data_root:
         problems.append(f"--dataset {args.dataset} needs --data-root (kdfast never downloads data)")
+    _resolve_variance_options(args, problems)
     if problems:
         raise UsageError("; ".join(problems))
     from ..models import DEFAULT_MODEL
     args.model = args.model or DEFAULT_MODEL[args.dataset]
     args.teacher_model = args.teacher_model or args.model
     args.teacher_epochs = args.teacher_epochs or args.epochs
-    # the contents behind the paths join the job's identity: a keep file or teacher replaced in place is another job
+    # the contents behind the paths join the job's identity: a keep file, scores or teacher replaced in place is
+    # another job
     from ..models import file_sha256
     args.keep_sha256 = file_sha256(args.keep) if args.keep else None
     args.teacher_sha256 = file_sha256(args.teacher) if args.teacher else None
+    scores_file = os.path.join(args.scores, "scores.npy") if args.scores and os.path.isdir(args.scores) else args.scores
+    args.scores_sha256 = file_sha256(scores_file) if scores_file and os.path.isfile(scores_file) else None
     cache_meta = os.path.join(args.teacher_cache, "meta.json") if args.teacher_cache else None
     args.teacher_cache_sha256 = file_sha256(cache_meta) if cache_meta and os.path.isfile(cache_meta) else None
     return args

@@ -5,12 +5,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import numpy as np
 
+from ..jobs.scores import labels_fingerprint_of, load_scores, scores_identity
 from .common import CliError, UsageError, log
 
 EPILOG = """examples:
@@ -88,37 +88,6 @@ def _load_npy(path, what):
         raise CliError(f"cannot read {what} {path}: {exc}") from None
 
 
-def load_scores(path):
-    """(scores, meta): a kdfast-score folder (scores.npy + meta.json) or a bare .npy file (meta {})."""
-    if os.path.isdir(path):
-        file = os.path.join(path, "scores.npy")
-        if not os.path.isfile(file):
-            raise CliError(f"--scores folder {path} holds no scores.npy; is it a kdfast-score output folder? "
-                           "(an unfinished run: finish it with kdfast-score --resume)")
-        meta_file = os.path.join(path, "meta.json")
-        meta = {}
-        if os.path.isfile(meta_file):
-            with open(meta_file) as fh:
-                meta = json.load(fh)
-        return _load_npy(file, "scores"), meta
-    return _load_npy(path, "scores"), {}
-
-
-def _meta_labels_fingerprint(meta):
-    for key in ("labels_fingerprint", "dataset_fingerprint"):
-        if isinstance(meta.get(key), str):
-            return meta[key]
-    return None
-
-
-def _scores_identity(args, meta):
-    """The data identity the scores were computed on (meta.json's), and the file list beside them."""
-    identity = meta.get("data") or ({"labels_fingerprint": _meta_labels_fingerprint(meta)}
-                                    if _meta_labels_fingerprint(meta) else None)
-    files = os.path.join(args.scores, "files.txt") if os.path.isdir(args.scores) else None
-    return identity, (os.path.abspath(files) if files and os.path.isfile(files) else None)
-
-
 def _labels(args, meta, n):
     if args.labels:
         labels = _load_npy(args.labels, "labels")
@@ -137,7 +106,7 @@ def _labels(args, meta, n):
         if limit and limit < len(dataset):
             from ..data import LabeledSubset
             dataset = LabeledSubset(dataset, range(limit))
-        identity, files = _scores_identity(args, meta)
+        identity, files = scores_identity(args.scores, meta)
         if identity and "num_examples" in identity and identity["num_examples"] != len(dataset):
             raise CliError(f"--scores {args.scores} holds {identity['num_examples']} scores but {name} ({split}) has "
                            f"{len(dataset)} examples: check --dataset, --data-root and --split")
@@ -150,7 +119,7 @@ def _labels(args, meta, n):
         raise CliError(f"labels from {source} have shape {labels.shape}, expected ({n},) (one per score)")
     if args.labels:  # a data set was checked whole above; a labels file can only be checked for its labels
         from ..data import check_identity
-        identity = {"labels_fingerprint": _meta_labels_fingerprint(meta)} if _meta_labels_fingerprint(meta) else None
+        identity = {"labels_fingerprint": labels_fingerprint_of(meta)} if labels_fingerprint_of(meta) else None
         check_identity(identity, labels, what=f"--scores {args.scores}", hint=f"check --labels {args.labels}")
     return labels
 
@@ -186,14 +155,14 @@ def run(args) -> int:
         keep = prune(scores, args.fraction, args.mode, labels=labels, class_balanced=args.class_balanced,
                      seed=args.seed, ccs_beta=args.ccs_beta, ccs_strata=args.ccs_strata).numpy()
     from ..jobs.keep import write_keep
-    identity, files = _scores_identity(args, meta)
+    identity, files = scores_identity(args.scores, meta)
     if identity is None:
         log(f"note: --scores {args.scores} carries no data identity (no meta.json), so {args.out} cannot be checked "
             "against the data it is used with", quiet=args.quiet)
     record = {"num_examples": int(len(scores)), "num_kept": int(len(keep)), "fraction": args.fraction,
               "mode": args.mode, "class_balanced": args.class_balanced, "seed": args.seed,
               "scores": os.path.abspath(args.scores), "method": meta.get("method"), "dataset": meta.get("dataset"),
-              "labels_fingerprint": _meta_labels_fingerprint(meta), "data": identity, "files_list": files,
+              "labels_fingerprint": labels_fingerprint_of(meta), "data": identity, "files_list": files,
               "argv": sys.argv}
     if num_batches is not None:
         record.update(whole_batches=True, num_batches=num_batches)

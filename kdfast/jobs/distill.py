@@ -1,6 +1,8 @@
 """The `kdfast-distill` job: a student trained on the kept subset, distilling from a teacher (online, trained
 here, or from a TeacherCache), evaluated every epoch on a test split or a held-out share of the training
-data. The command line resolves the options and prints; this module does the work and writes the files.
+data; or trained with stochastic pruning (an ImportanceSampler over scores, LiPrune Eq. 2) and the unbiased
+self-distillation correction (Eq. 16), with the Eq. 14-15 teacher report. The command line resolves the
+options and prints; this module does the work and writes the files.
 
     data = load_distill_data(cfg)            # train / eval views, kept and held-out indices, checked
     job = Job.start(cfg.out, "distill", vars(cfg), data=data_identity(data.train), ...)
@@ -11,6 +13,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ class DistillData:
     held_out: np.ndarray | None  # dataset indices held out for evaluation (--val-fraction)
     fraction: float             # kept / total (before holding out), the f of alpha_for_fraction
     eval_name: str              # "test split", "held-out 10% of train (stratified, seed 0)", ...
+    sampler: object | None = None  # the ImportanceSampler of --sampler (then keep and held_out are None)
 
 
 def indices_fingerprint(indices) -> str:
@@ -50,6 +54,9 @@ def load_distill_data(cfg) -> DistillData:
     train = load_dataset(cfg.dataset, root=cfg.data_root, split="train", augment=cfg.augment, **size)
     keep = None if cfg.keep is None else read_keep(cfg.keep, train, what=f"--keep {cfg.keep}")[0]
     fraction = 1.0 if keep is None else len(keep) / len(train)
+    sampler = importance_sampler(cfg, train) if cfg.sampler else None
+    if sampler is not None:
+        fraction = len(sampler) / len(train)
     held_out, evaluation, eval_name = None, None, "none"
     if cfg.val_fraction:
         _, held = stratified_split(train.targets, cfg.val_fraction, seed=cfg.seed)
@@ -61,7 +68,34 @@ def load_distill_data(cfg) -> DistillData:
     elif EVAL_SPLIT[cfg.dataset] is not None:
         evaluation = load_dataset(cfg.dataset, root=cfg.data_root, split=EVAL_SPLIT[cfg.dataset], **size)
         eval_name = f"{EVAL_SPLIT[cfg.dataset]} split ({len(evaluation)} examples)"
-    return DistillData(train, evaluation, keep, held_out, fraction, eval_name)
+    return DistillData(train, evaluation, keep, held_out, fraction, eval_name, sampler)
+
+
+def importance_sampler(cfg, train):
+    """The ImportanceSampler of --sampler lipschitz, after checking the scores belong to this data set."""
+    from ..errors import InvalidArgumentError
+    from ..sampling import ImportanceSampler
+    from .scores import read_scores
+    scores, _ = read_scores(cfg.scores, train, what=f"--scores {cfg.scores}")
+    bad = ~np.isfinite(scores) | (scores <= 0)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise InvalidArgumentError(
+            f"--scores {cfg.scores} holds {int(bad.sum())} scores that are <= 0 or not finite (first: example "
+            f"{first}, {scores[first]}); --sampler lipschitz draws p_i ~ score_i, so every example needs a positive "
+            "score (liprune-last, el2n or grand scores are)")
+    return ImportanceSampler(scores, cfg.fraction, seed=cfg.seed)
+
+
+def write_teacher_report(cfg, job, student, teacher, data, device) -> dict:
+    """OUT/teacher_report.json: Eqs. 14-15 of the KD-variance-reduction paper for the trained student and its
+    teacher, over the examples the student was trained on (every example under --sampler)."""
+    from ..variance import teacher_report
+    report = teacher_report(student, teacher, data.train, lr=cfg.lr, batch_size=min(cfg.batch_size, len(data.train)),
+                            num_batches=cfg.report_batches, indices=data.keep, seed=cfg.seed, device=device)
+    report = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in report.items()}
+    write_json(job.path("teacher_report.json"), report)
+    return report
 
 
 def build_model(name, dataset_name, num_classes, image_size):
@@ -163,6 +197,7 @@ def run_distill_job(cfg, job, data: DistillData, device) -> dict | None:
     elif cfg.teacher:
         teacher = load_checkpoint(build_model(cfg.teacher_model, cfg.dataset, data.train.num_classes, cfg.image_size),
                                   cfg.teacher)
+    online_teacher = teacher  # the report's teacher, also when alpha = 0 drops it from training
     if cfg.teacher_cache:
         from ..teacher_cache import TeacherCache
         cache = TeacherCache.open(cfg.teacher_cache,
@@ -171,7 +206,8 @@ def run_distill_job(cfg, job, data: DistillData, device) -> dict | None:
         teacher = None  # the cache replaces the online teacher
     if alpha == 0:
         teacher, cache = None, None
-    n_train = len(data.train) if data.keep is None else len(data.keep)
+    n_train = len(data.sampler) if data.sampler is not None else len(data.train) if data.keep is None else \
+        len(data.keep)
     skipped = getattr(data.train, "skipped_files", None)
     if skipped:
         log(f"{cfg.dataset}: {len(skipped)} non-image files skipped (e.g. {skipped[0]})", quiet=cfg.quiet)
@@ -183,7 +219,8 @@ def run_distill_job(cfg, job, data: DistillData, device) -> dict | None:
     history = fit(student, data.train, teacher=teacher, teacher_cache=cache, alpha=alpha,
                   temperature=cfg.temperature, indices=None if data.keep is None else torch.from_numpy(data.keep),
                   seed=cfg.seed, checkpoint_path=job.path("checkpoint.pt"), eval_dataset=data.evaluation,
-                  on_epoch=lambda h: write_metrics(job.out, h), **_fit_kwargs(cfg, device))
+                  on_epoch=lambda h: write_metrics(job.out, h), sampler=data.sampler,
+                  correction=None if cfg.correction == "none" else cfg.correction, **_fit_kwargs(cfg, device))
     if not distributed.is_main():
         return None
     save_torch(job.path("student.pt"), student.state_dict())
@@ -195,6 +232,12 @@ def run_distill_job(cfg, job, data: DistillData, device) -> dict | None:
         "alpha": alpha, "temperature": cfg.temperature, "epochs": cfg.epochs, "eval": data.eval_name,
         "eval_acc_per_epoch": [h["eval_acc"] for h in history] if "eval_acc" in last else None,
         "final": last, "warnings": []}
+    if data.sampler is not None or cfg.correction != "none":
+        summary.update(sampler=cfg.sampler, scores=cfg.scores, correction=cfg.correction)
+    if cfg.teacher_report:
+        rep = write_teacher_report(cfg, job, student, online_teacher, data, device)
+        log(f"teacher report: lambda* = {rep['lambda_star']}, N(lambda*)/N(0) = {rep['noise_ratio']}, "
+            f"beta = {rep['beta']}, rho = {rep['rho']} -> {job.path('teacher_report.json')}", quiet=cfg.quiet)
     if "eval_acc" in last:
         best = max(history, key=lambda h: h["eval_acc"])
         summary.update(eval_acc=last["eval_acc"], best_eval_acc=best["eval_acc"], best_epoch=best["epoch"])
