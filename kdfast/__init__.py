@@ -7,6 +7,7 @@ Public API (imported lazily, so `import kdfast` stays cheap and never touches a 
     per_example_grad_norms               exact per-example gradient norms of whole networks
     hessian, liprune_batches, ImportanceSampler
     prune, distill_step, alpha_for_fraction, optimal_alpha, TeacherCache
+    self_distill                         iterated self-distillation, each step's KD weight in closed form
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ _API = {
     "alpha_for_fraction": "kdfast.distill",
     "optimal_alpha": "kdfast.distill",
     "TeacherCache": "kdfast.teacher_cache",
+    # iterated self-distillation (self-distillation paper, Algorithm 1)
+    "self_distill": "kdfast.self_distill",
 }
 _SUBMODULES = ("hessian",)
 

@@ -44,6 +44,9 @@ EPILOG = """examples:
   kdfast-distill ... --out runs/student --resume      (continues after the last finished epoch)
   torchrun --nproc-per-node 8 -m kdfast.cli.distill ...   (DistributedDataParallel, --batch-size per GPU; rank 0
                                                            writes the files)
+  kdfast-distill --steps 3 --alpha optimal --temperature 1 --out runs/chain
+      (self-distillation chain: 3 students, each distilling from the previous one, each step's weight in closed
+       form on a held-out --val-fraction; OUT/self_distill.json/.csv hold the per-step alpha and accuracy)
 
 Defaults follow the data-pruning paper's recipes: CIFAR/SVHN SGD lr 0.05, momentum 0.9, wd 5e-4, batch 64,
 240 epochs, LR / 10 at epochs 150/180/210 (scaled to --epochs when only --epochs is given); ImageNet lr 0.1,
@@ -85,6 +88,7 @@ def add_parser(subparsers):
                         "fraction) (default: %(default)s)")
     g.add_argument("--alpha-schedule", help="anchors for --alpha auto, e.g. '0.1:1,0.7:0.5' (the default)")
     g.add_argument("--temperature", type=float, default=4.0, help="(default: %(default)s)")
+    add_chain_arguments(p)
     g = p.add_argument_group("Optimisation (default: the data set's recipe)")
     g.add_argument("--recipe", choices=sorted(RECIPES), help="recipe the defaults come from")
     g.add_argument("--epochs", type=int)
@@ -154,7 +158,10 @@ def resolve(args):
         problems.append(f"--teacher-fraction must be in (0, 1], got {args.teacher_fraction}")
     if args.num_workers < 0:
         problems.append(f"--num-workers must be >= 0, got {args.num_workers}")
-    if args.alpha != "auto":
+    chain = args.steps != 1 or args.alpha == "optimal"  # a self-distillation chain: its own checks
+    if chain:
+        resolve_chain(args, problems)
+    elif args.alpha != "auto":
         try:
             args.alpha = float(args.alpha)
             if not 0.0 <= args.alpha <= 1.0:
@@ -169,7 +176,7 @@ def resolve(args):
         problems.append("give --teacher or --train-teacher, not both")
     if args.teacher_cache and args.train_teacher:
         problems.append("--teacher-cache holds an existing teacher's logits; it cannot go with --train-teacher")
-    if not sources and args.alpha != 0.0:
+    if not sources and args.alpha != 0.0 and not chain:
         problems.append(f"--alpha {args.alpha} distills from a teacher: pass --teacher PATH, --train-teacher or "
                         "--teacher-cache DIR (or --alpha 0 to train without one)")
     for flag, path in (("--teacher", args.teacher), ("--keep", args.keep)):
@@ -186,7 +193,7 @@ def resolve(args):
     if args.image_size is not None and args.image_size < 1:
         problems.append(f"--image-size must be >= 1, got {args.image_size}")
     checkpoint = os.path.join(args.out, "checkpoint.pt")
-    if os.path.exists(checkpoint) and not args.resume:
+    if os.path.exists(checkpoint) and not args.resume and not chain:
         problems.append(f"--out {args.out} already holds a run; pass --resume to continue it or choose another --out")
     if problems:
         raise UsageError("; ".join(problems))
@@ -327,6 +334,8 @@ def _run(args, device) -> int:
                                                               **({"image_size": args.image_size}
                                                                  if args.image_size else {}))
     keep = None if args.keep is None else _load_keep(args.keep, train)
+    if args.steps != 1:
+        return run_chain(args, device, train, evaluation, keep)
     fraction = 1.0 if keep is None else len(keep) / len(train)
     alpha = args.alpha
     if alpha == "auto":
@@ -378,6 +387,89 @@ def _run(args, device) -> int:
         if "eval_acc" in last else f"train acc {last['train_acc']:.4f}"
     print(f"{args.model} student, f = {fraction:.3g}, alpha = {alpha:.3g}: {acc} after {args.epochs} epochs -> "
           f"{os.path.join(args.out, 'student.pt')}")
+    return 0
+
+
+# -------------------------------------------------------------- self-distillation chain (--steps)
+CHAIN_RECORDS = ("self_distill.json", "self_distill.csv")
+
+
+def add_chain_arguments(p):
+    g = p.add_argument_group("Self-distillation chain (kdfast.self_distill)")
+    g.add_argument("--steps", type=int, default=1,
+                   help="train a chain of this many students, each distilling from the previous one (the first "
+                        "from the labels alone); with --alpha optimal each step's weight is chosen in closed form "
+                        "on a held-out validation split (default: %(default)s, no chain)")
+    g.add_argument("--alpha-range", choices=("clip", "any"), default="clip",
+                   help="--alpha optimal: clip each step's weight to [0, 1] (recorded), or use it as is "
+                        "(extrapolation) (default: %(default)s)")
+    g.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the (kept) training examples held out to choose the weights "
+                        "(default: %(default)s)")
+
+
+def resolve_chain(args, problems):
+    if args.steps < 1:
+        problems.append(f"--steps must be >= 1 (the number of students in the chain), got {args.steps}")
+        return
+    if args.steps == 1:
+        problems.append("--alpha optimal chooses the weight of each distillation step: it needs --steps >= 2")
+        return
+    if args.alpha == "auto":
+        problems.append("--steps needs --alpha optimal or a fixed number (--alpha auto is the pruning schedule)")
+    elif args.alpha != "optimal":
+        try:
+            args.alpha = float(args.alpha)
+            if not math.isfinite(args.alpha) or (args.alpha_range == "clip" and not 0.0 <= args.alpha <= 1.0):
+                raise ValueError
+        except ValueError:
+            problems.append(f"--alpha must be 'optimal' or a number in [0, 1] (any finite number with --alpha-range "
+                            f"any), got {args.alpha!r}")
+    if not 0.0 < args.val_fraction < 1.0:
+        problems.append(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    for flag, on in (("--teacher", args.teacher), ("--train-teacher", args.train_teacher),
+                     ("--teacher-cache", args.teacher_cache)):
+        if on:
+            problems.append(f"--steps {args.steps} is self-distillation (each student's teacher is the previous "
+                            f"one); it cannot go with {flag}")
+    if os.path.exists(os.path.join(args.out, CHAIN_RECORDS[0])) and not args.resume:
+        problems.append(f"--out {args.out} already holds a chain; pass --resume to continue it or choose another --out")
+
+
+def run_chain(args, device, train, evaluation, keep) -> int:
+    import torch
+
+    from ..errors import InvalidArgumentError
+    from ..self_distill import self_distill
+    if distributed.world_size() > 1:
+        raise CliError("--steps runs on one process (the chain's fits are sequential); launch it without torchrun")
+    os.makedirs(args.out, exist_ok=True)
+    save_config(args.out, args)
+    log(f"self-distillation: {args.steps} students {args.model} on {len(train) if keep is None else len(keep)} "
+        f"{args.dataset} examples ({args.val_fraction:.3g} held out), alpha = {args.alpha} ({args.alpha_range}), "
+        f"T = {args.temperature}, {args.epochs} epochs each, device {device}", quiet=args.quiet)
+    try:
+        result = self_distill(
+            lambda: _build(args.model, args.dataset, train.num_classes, args.image_size), train, steps=args.steps,
+            epochs=args.epochs, alpha=args.alpha, extrapolate=args.alpha_range == "any",
+            val_fraction=args.val_fraction, indices=None if keep is None else torch.from_numpy(keep),
+            temperature=args.temperature, eval_dataset=evaluation, out=args.out, resume=args.resume, seed=args.seed,
+            device=device, progress=not args.quiet, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+            weight_decay=args.weight_decay, schedule=args.schedule, milestones=args.milestones,
+            precision=args.precision, num_workers=args.num_workers)
+    except InvalidArgumentError as exc:
+        raise CliError(str(exc)) from None
+    torch.save(result.model.state_dict(), os.path.join(args.out, "student.pt"))
+    write_json_atomic(os.path.join(args.out, "summary.json"), {
+        "dataset": args.dataset, "model": args.model, "steps": args.steps, "alpha": args.alpha,
+        "alpha_range": args.alpha_range, "temperature": args.temperature, "epochs": args.epochs,
+        "num_train": len(result.train_indices), "num_val": len(result.val_indices), "records": result.records})
+    for r in result.records:
+        optimal = "" if r["alpha_optimal"] is None else f" (optimal {r['alpha_optimal']:.3g}" + (
+            ", clipped)" if r["clipped"] else ")")
+        acc = f", eval acc {r['eval_acc']:.4f}" if "eval_acc" in r else ""
+        print(f"step {r['step']}: alpha = {r['alpha']:.3g}{optimal}, val acc {r['val_acc']:.4f}{acc}")
+    print(f"-> {os.path.join(args.out, 'student.pt')}, {os.path.join(args.out, CHAIN_RECORDS[1])}")
     return 0
 
 
