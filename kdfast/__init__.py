@@ -31,7 +31,7 @@ _API = {
     "optimal_alpha": "kdfast.distill",
     "TeacherCache": "kdfast.teacher_cache",
     # iterated self-distillation (self-distillation paper, Algorithm 1)
-    "self_distill": "kdfast.self_distill",
+    "self_distill": "kdfast.self_distillation",
 }
 _SUBMODULES = ("hessian",)
 

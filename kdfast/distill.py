@@ -214,8 +214,8 @@ def optimal_alpha(y_val, pred_labels_only, pred_teacher_only, *, clip=False) -> 
 
 # ------------------------------------------------------------------------ iterated self-distillation
 def __getattr__(name):
-    # kdfast.distill.self_distill: the chain lives in kdfast.self_distill, which imports this module
+    # kdfast.distill.self_distill: the chain lives in kdfast.self_distillation, which imports this module
     if name == "self_distill":
-        from .self_distill import self_distill
+        from .self_distillation import self_distill
         return self_distill
     raise AttributeError(f"module 'kdfast.distill' has no attribute {name!r}")

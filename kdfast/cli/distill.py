@@ -395,7 +395,7 @@ CHAIN_RECORDS = ("self_distill.json", "self_distill.csv")
 
 
 def add_chain_arguments(p):
-    g = p.add_argument_group("Self-distillation chain (kdfast.self_distill)")
+    g = p.add_argument_group("Self-distillation chain (kdfast.self_distillation)")
     g.add_argument("--steps", type=int, default=1,
                    help="train a chain of this many students, each distilling from the previous one (the first "
                         "from the labels alone); with --alpha optimal each step's weight is chosen in closed form "
@@ -440,7 +440,7 @@ def run_chain(args, device, train, evaluation, keep) -> int:
     import torch
 
     from ..errors import InvalidArgumentError
-    from ..self_distill import self_distill
+    from ..self_distillation import self_distill
     if distributed.world_size() > 1:
         raise CliError("--steps runs on one process (the chain's fits are sequential); launch it without torchrun")
     os.makedirs(args.out, exist_ok=True)

@@ -220,9 +220,9 @@ def self_distill(model_fn, dataset, *, steps, epochs, alpha="optimal", extrapola
     """
     from .training import evaluate, fit  # training imports this package's distill module: import at call time
     _check_chain_args("self_distill", steps, alpha, extrapolate)
-    if not callable(model_fn):
-        raise InvalidArgumentError(f"self_distill: model_fn must be a callable returning a fresh model, got "
-                                   f"{type(model_fn).__name__}")
+    if isinstance(model_fn, torch.nn.Module) or not callable(model_fn):  # a model is callable too
+        raise InvalidArgumentError(f"self_distill: model_fn must be a callable returning a fresh model (every fit "
+                                   f"starts from one), got {type(model_fn).__name__}")
     train_idx, val_idx = _split(dataset, indices, val_indices, val_fraction, seed)
     samples = [dataset[int(i)] for i in val_idx]
     val_x = torch.stack([x for x, _ in samples])
