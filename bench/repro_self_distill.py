@@ -243,7 +243,7 @@ def network_claims(runs, steps):
             f"ridge); a network trained with cross-entropy is not, so here it is an estimate."]
 
 
-def plot(res, runs, steps, path):
+def plot(res, runs, steps, net_steps, path):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -272,7 +272,8 @@ def plot(res, runs, steps, path):
     axes[2].set(xlabel="grid-best KD weight (explicit fits)", ylabel="closed-form KD weight", title="Theorem 4.4")
     if runs:
         for name, chains in runs.items():
-            axes[3].plot(steps_x, [100 * _mean([c[t]["eval_acc"] for c in chains]) for t in range(steps)], marker="o",
+            axes[3].plot(range(1, net_steps + 1), [100 * _mean([c[t]["eval_acc"] for c in chains])
+                                                   for t in range(net_steps)], marker="o",
                          label=name)
         axes[3].set(xlabel="step", ylabel="test accuracy %", title="digits MLP chains (Fig. 5 style)")
         axes[3].legend(fontsize=7)
@@ -293,14 +294,22 @@ def main(argv=None) -> int:
     parser.add_argument("--net-seeds", type=int, help="digits seeds (default 1, --full 3; 0 skips the networks)")
     parser.add_argument("--net-steps", type=int, help="digits chain length (default 3, --full 5)")
     parser.add_argument("--epochs", type=int, help="epochs per digits fit (default 10, --full 20)")
+    parser.add_argument("--net-weights", default="0.25,0.5,0.75,1",
+                        help="fixed KD weights of the digits chains (default: %(default)s)")
     parser.add_argument("--out", default=FIGURES, help=f"figure folder (default: {FIGURES})")
     args = parser.parse_args(argv)
     draws = args.draws or (1000 if args.full else 200)
     net_seeds = args.net_seeds if args.net_seeds is not None else (3 if args.full else 1)
     net_steps = args.net_steps or (5 if args.full else 3)
     epochs = args.epochs or (20 if args.full else 10)
-    if min(draws, args.steps, net_steps, epochs) < 1 or args.steps < 3 or net_seeds < 0:
-        parser.error("--draws, --net-steps and --epochs must be >= 1, --steps >= 3, --net-seeds >= 0")
+    try:
+        net_weights = tuple(float(v) for v in args.net_weights.split(","))
+    except ValueError:
+        parser.error(f"--net-weights must be comma-separated numbers in [0, 1], got {args.net_weights!r}")
+    if min(draws, args.steps, net_steps, epochs) < 1 or args.steps < 3 or net_seeds < 0 \
+            or not all(0 <= w <= 1 for w in net_weights):
+        parser.error("--draws, --net-steps and --epochs must be >= 1, --steps >= 3, --net-seeds >= 0, --net-weights "
+                     "in [0, 1]")
     tic = time.perf_counter()
     prov = {"commit": code_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": device_name(torch.device("cpu")), "versions": versions(),
@@ -310,11 +319,11 @@ def main(argv=None) -> int:
         print(f"[{time.perf_counter() - tic:6.1f} s] {msg}", file=sys.stderr, flush=True)
     res = kernel_experiment(draws=draws, steps=args.steps, lam=args.lam, gamma=args.gamma, val_size=args.val_size,
                             log=log)
-    runs = network_experiment(seeds=net_seeds, steps=net_steps, epochs=epochs, fixed=(0.25, 0.5, 0.75, 1.0),
+    runs = network_experiment(seeds=net_seeds, steps=net_steps, epochs=epochs, fixed=net_weights,
                               log=log) if net_seeds else None
     prov["elapsed_s"] = time.perf_counter() - tic
     os.makedirs(args.out, exist_ok=True)
-    has_png = plot(res, runs, args.steps, os.path.join(args.out, "repro_self_distill.png"))
+    has_png = plot(res, runs, args.steps, net_steps, os.path.join(args.out, "repro_self_distill.png"))
     loss_table, alpha_table, _ = kernel_tables(res, args.steps)
     text = [f"# Self-distillation chains (`{prov['command']}`)", "",
             "kdfast's alpha is the KD weight (of the distillation term) = 1 - the paper's alpha.", "",
