@@ -276,7 +276,8 @@ def main(argv=None) -> int:
     tic = time.perf_counter()
     prov = {"commit": code_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": device_name(torch.device("cpu")), "versions": versions(),
-            "command": "python -m bench.repro_kernel_regime " + shlex.join(argv if argv is not None else sys.argv[1:])}
+            "command": " ".join(["python -m bench.repro_kernel_regime",
+                                 shlex.join(argv if argv is not None else sys.argv[1:])]).strip()}
     data = digits_pair(classes)
     lam_max = float(torch.linalg.eigvalsh(ntk_gram(data[0]))[-1])
     lr = 0.9 / (2 * lam_max)
