@@ -21,7 +21,7 @@ scaled to ||x|| = 1. The learning rate is 0.9 / (2 lambda_max(H_infinity)) (the 
   NTK Gram matrix H_infinity_ij = x_i.x_j (pi - arccos x_i.x_j) / (2 pi): partial vs full teacher, and students of
   an imperfect vs a perfect teacher.
 
-    python -m bench.repro_kernel_regime          # paper widths (100/20) and wide (1000/200), 3 seeds; ~1 min on one core
+    python -m bench.repro_kernel_regime          # paper widths (100/20) and wide (1000/200), 3 seeds; a few minutes
     python -m bench.repro_kernel_regime --full   # 10 seeds, 4x the iterations, also 4000/800
 """
 from __future__ import annotations
