@@ -232,7 +232,8 @@ def plot(results, path):
                 for name in names:
                     its = [c[0] for c in seeds[0]["curves"][name]]
                     vals = [sum(s["curves"][name][i][column] for s in seeds) / len(seeds) for i in range(len(its))]
-                    ax.plot(its, vals, label=name.replace("lambda=0.01", "with teacher, lambda=0.01") if col == 0 else name)
+                    shown = {0: "with teacher, lambda=0.01", 2: "perfect teacher (lambda=0.01)"}.get(col, name)
+                    ax.plot(its, vals, label=shown if name == "lambda=0.01" else name)
                 ax.set(yscale="log", xlabel="GD iteration", ylabel=f"{what} MSE", title=f"{label}: {title} ({what})")
                 ax.legend(fontsize=7)
         for j, pair in enumerate((("teacher, partial", "teacher, full"),
