@@ -10,6 +10,7 @@ Public API (imported lazily, so `import kdfast` stays cheap and never touches a 
     fit                                  the training loop behind kdfast-distill (checkpoints, exact resumption)
     jobs                                 runs as jobs: job records checked on resume, chunk stores, atomic writes
     data_identity, check_identity        what ties scores, keep files and caches to one data set
+    self_distill                         iterated self-distillation, each step's KD weight in closed form
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ _API = {
     "fit": "kdfast.training",
     "data_identity": "kdfast.data",
     "check_identity": "kdfast.data",
+    # iterated self-distillation (self-distillation paper, Algorithm 1)
+    "self_distill": "kdfast.self_distillation",
 }
 _SUBMODULES = ("hessian", "jobs")
 
