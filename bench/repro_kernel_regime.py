@@ -38,6 +38,7 @@ import time
 import torch
 
 from bench.common import code_commit, device_name, versions
+from kdfast.jobs.atomic import atomic_write, write_text
 
 FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
 KAPPA = 1e-2
@@ -244,7 +245,7 @@ def plot(results, path):
             ax.set(xlabel="overlap with top eigenvectors of H_inf", title=f"{label}: Fig. 5{'ab'[j]}")
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=80))
     plt.close(fig)
     return True
 
@@ -306,14 +307,13 @@ def main(argv=None) -> int:
     text += [f"Measured {prov['date']} on {prov['device']} in {prov['elapsed_s']:.0f} s; "
              f"{', '.join(f'{k} {v}' for k, v in sorted(prov['versions'].items()))}; commit {prov['commit']}; "
              f"command: `{prov['command']}`" + ("; figure: repro_kernel_regime.png" if has_png else ""), ""]
-    with open(os.path.join(args.out, "repro_kernel_regime.md"), "w") as fh:
-        fh.write("\n".join(text))
-    with open(os.path.join(args.out, "repro_kernel_regime.json"), "w") as fh:
-        # curves at the tables' iterations (the png has them all): (iteration, train MSE, test MSE)
-        json.dump({"provenance": prov, "lr": lr, "results": {
-            k: [{"curves": {n: [_at(c, it) for it in checkpoints] for n, c in s["curves"].items()},
-                 "mean_overlap": {n: sum(o) / len(o) for n, o in s["overlaps"].items()}} for s in v]
-            for k, v in results.items()}}, fh)
+    write_text(os.path.join(args.out, "repro_kernel_regime.md"), "\n".join(text))
+    # curves at the tables' iterations (the png has them all): (iteration, train MSE, test MSE)
+    record = {"provenance": prov, "lr": lr, "results": {
+        k: [{"curves": {n: [_at(c, it) for it in checkpoints] for n, c in s["curves"].items()},
+             "mean_overlap": {n: sum(o) / len(o) for n, o in s["overlaps"].items()}} for s in v]
+        for k, v in results.items()}}
+    atomic_write(os.path.join(args.out, "repro_kernel_regime.json"), lambda fh: json.dump(record, fh), mode="w")
     print("\n".join(text))
     return 0
 

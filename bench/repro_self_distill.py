@@ -31,6 +31,7 @@ import time
 import torch
 
 from bench.common import code_commit, device_name, versions
+from kdfast.jobs.atomic import atomic_write, write_text
 from kdfast.self_distillation import kernel_ridge_chain, self_distill
 
 FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
@@ -291,7 +292,7 @@ def plot(res, runs, steps, net_steps, path):
         axes[3].set(xlabel="step", ylabel="test accuracy %", title="digits MLP chains (Fig. 5 style)")
         axes[3].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
     plt.close(fig)
     return True
 
@@ -354,14 +355,13 @@ def main(argv=None) -> int:
     text += [f"Measured {prov['date']} on {prov['device']} in {prov['elapsed_s']:.0f} s; "
              f"{', '.join(f'{k} {v}' for k, v in sorted(prov['versions'].items()))}; commit {prov['commit']}; "
              f"command: `{prov['command']}`" + ("; figure: repro_self_distill.png" if has_png else ""), ""]
-    with open(os.path.join(args.out, "repro_self_distill.md"), "w") as fh:
-        fh.write("\n".join(text))
-    with open(os.path.join(args.out, "repro_self_distill.json"), "w") as fh:
-        json.dump({"provenance": prov, "networks": runs,
-                   "kernel_mean_test_mse": {n: [_mean([c[t]["test_mse"] for c in ch]) for t in range(args.steps)]
-                                            for n, ch in res["cases"].items()},
-                   "kernel_max_closed_form_vs_grid": max(abs(c - g) for c, g in res["pairs"] if -9.99 < c < 9.99)},
-                  fh, indent=1)
+    write_text(os.path.join(args.out, "repro_self_distill.md"), "\n".join(text))
+    record = {"provenance": prov, "networks": runs,
+              "kernel_mean_test_mse": {n: [_mean([c[t]["test_mse"] for c in ch]) for t in range(args.steps)]
+                                       for n, ch in res["cases"].items()},
+              "kernel_max_closed_form_vs_grid": max(abs(c - g) for c, g in res["pairs"] if -9.99 < c < 9.99)}
+    atomic_write(os.path.join(args.out, "repro_self_distill.json"), lambda fh: json.dump(record, fh, indent=1),
+                 mode="w")
     print("\n".join(text))
     return 0
 
