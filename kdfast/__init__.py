@@ -11,6 +11,7 @@ Public API (imported lazily, so `import kdfast` stays cheap and never touches a 
     jobs                                 runs as jobs: job records checked on resume, chunk stores, atomic writes
     data_identity, check_identity        what ties scores, keep files and caches to one data set
     teacher_gradient, teacher_report     unbiased self-distillation (Eq. 16) and its Eq. 14-15 diagnostics
+    self_distill                         iterated self-distillation, each step's KD weight in closed form
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ _API = {
     # distillation as partial variance reduction: Eq. 16's correction and the Eq. 14-15 report
     "teacher_gradient": "kdfast.variance",
     "teacher_report": "kdfast.variance",
+    # iterated self-distillation (self-distillation paper, Algorithm 1)
+    "self_distill": "kdfast.self_distillation",
 }
 _SUBMODULES = ("hessian", "jobs")
 

@@ -70,7 +70,7 @@ def _check_correction(correction, student):
 
 def distill_step(student, teacher, inputs, targets, optimizer, *, alpha=0.5, temperature=4.0,
                  teacher_logits=None, weight=None, indices=None, forgetting=None, amp=None, validate=False,
-                 correction=None):
+                 correction=None, extrapolate=False):
     """One training step of `student` on a batch with the fused KD loss.
 
     loss = mean_i w_i ((1 - alpha) CE(s_i, y_i) + alpha T^2 KL(softmax(t_i/T) || softmax(s_i/T)))
@@ -81,7 +81,7 @@ def distill_step(student, teacher, inputs, targets, optimizer, *, alpha=0.5, tem
             teacher_logits is given (e.g. from a TeacherCache) or alpha == 0.
         inputs, targets: the batch; targets (B,) int64 class indices.
         optimizer: stepped once; gradients are zeroed first.
-        alpha: weight of the DISTILLATION term in [0, 1].
+        alpha: weight of the DISTILLATION term in [0, 1] (any finite value with extrapolate=True).
         temperature: T > 0 of the soft targets.
         teacher_logits: (B, C) precomputed teacher logits (a class at -inf has probability 0); wins
             over `teacher`.
@@ -98,6 +98,8 @@ def distill_step(student, teacher, inputs, targets, optimizer, *, alpha=0.5, tem
             reduction paper's Eq. 16) adds alpha times it to the step's gradient before the optimizer step.
             Exactly unbiased for softmax regression at temperature 1, and at student = teacher for any model;
             needs the teacher's parameter space (raises otherwise).
+        extrapolate: allow alpha outside [0, 1] (the self-distillation paper's optimum often lies there;
+            kd_loss(..., extrapolate=True), same formula).
 
     Returns:
         dict of device tensors, no host synchronisation: "loss" (0-d, detached) and the per-example
@@ -120,7 +122,8 @@ def distill_step(student, teacher, inputs, targets, optimizer, *, alpha=0.5, tem
         student_logits = student(inputs)
     # The fused loss computes in fp32 whatever the logits' dtype; alpha == 0 needs no teacher at all.
     loss, stats = kd_loss(student_logits, teacher_logits if alpha != 0 else None, targets, alpha=alpha,
-                          temperature=temperature, weight=weight, return_stats=True, validate=validate)
+                          temperature=temperature, weight=weight, return_stats=True, validate=validate,
+                          **_extrapolation(alpha, extrapolate))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if correction is not None and alpha != 0:
@@ -129,6 +132,11 @@ def distill_step(student, teacher, inputs, targets, optimizer, *, alpha=0.5, tem
     if forgetting is not None:
         forgetting.update(indices, stats["correct"])
     return {"loss": loss.detach(), **stats}
+
+
+def _extrapolation(alpha, extrapolate) -> dict:
+    """kd_loss's opt-in for alpha outside [0, 1], passed only where it is needed."""
+    return {"extrapolate": True} if extrapolate and not 0.0 <= alpha <= 1.0 else {}
 
 
 # ------------------------------------------------------------------------------ the KD weight vs f
@@ -219,3 +227,12 @@ def optimal_alpha(y_val, pred_labels_only, pred_teacher_only, *, clip=False) -> 
                                    "every weight gives the same predictions; no optimum to pick")
     w = float(direction @ (y - p1).reshape(-1)) / denom
     return min(1.0, max(0.0, w)) if clip else w
+
+
+# ------------------------------------------------------------------------ iterated self-distillation
+def __getattr__(name):
+    # kdfast.distill.self_distill: the chain lives in kdfast.self_distillation, which imports this module
+    if name == "self_distill":
+        from .self_distillation import self_distill
+        return self_distill
+    raise AttributeError(f"module 'kdfast.distill' has no attribute {name!r}")

@@ -61,7 +61,7 @@ def _check_indices(indices, n):
 
 
 def _check_fit_args(dataset, epochs, batch_size, lr, schedule, milestones, teacher, teacher_cache, alpha,
-                    precision):
+                    precision, extrapolate=False):
     problems = []
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         problems.append(f"epochs must be a positive integer, got {epochs!r}")
@@ -75,8 +75,14 @@ def _check_fit_args(dataset, epochs, batch_size, lr, schedule, milestones, teach
         problems.append("schedule='step' needs milestones (epochs where the LR is divided by 10)")
     if precision not in PRECISIONS:
         problems.append(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-        problems.append(f"alpha must be a number in [0, 1] (the weight of the distillation term), got {alpha!r}")
+    if extrapolate:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            problems.append(f"alpha must be a finite number with extrapolate=True, got {alpha!r}")
+        elif alpha != 0 and teacher is None and teacher_cache is None:
+            problems.append(f"alpha={alpha} needs a teacher or a teacher_cache")
+    elif not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        problems.append(f"alpha must be a number in [0, 1] (the weight of the distillation term; any finite value "
+                        f"with extrapolate=True), got {alpha!r}")
     elif alpha > 0 and teacher is None and teacher_cache is None:
         problems.append(f"alpha={alpha} needs a teacher or a teacher_cache")
     if teacher is not None and teacher_cache is not None:
@@ -239,7 +245,8 @@ def _epoch_line(record, epochs):
 def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine",
         milestones=(), teacher=None, teacher_cache=None, alpha=0.0, temperature=4.0, indices=None, forgetting=None,
         device=None, precision="fp32", seed=0, num_workers=0, checkpoint_path=None, resume=False, progress=True,
-        eval_dataset=None, on_epoch=None, distributed=False, correction=None, sampler=None) -> list[dict]:
+        eval_dataset=None, on_epoch=None, distributed=False, correction=None, sampler=None,
+        extrapolate=False) -> list[dict]:
     """Trains `model` with SGD on `dataset` (or its `indices` subset), distilling from a teacher if alpha > 0.
 
     Args:
@@ -251,6 +258,8 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
         teacher: a module run online in eval mode; or teacher_cache: a TeacherCache of its logits for
             `dataset` (checked against the dataset's labels when it has `.targets`). Not both.
         alpha, temperature: weight of the DISTILLATION term in [0, 1] and the softmax temperature.
+        extrapolate: allow any finite alpha (outside [0, 1] the loss is the same formula, one term then has a
+            negative weight: the self-distillation paper's extrapolation past the teacher or the labels).
         indices: dataset indices to train on (e.g. `kdfast.prune(...)`); None trains on everything.
         forgetting: an object with update(dataset_indices, correct) (kdfast.ForgettingTracker, created on
             the training device), fed every step with device tensors; its state is checkpointed when it has
@@ -281,7 +290,8 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
         one dict per epoch: epoch, lr, train_loss, train_acc, seconds, examples_per_s (+ eval_loss,
         eval_acc with eval_dataset), including epochs restored from the checkpoint.
     """
-    _check_fit_args(dataset, epochs, batch_size, lr, schedule, milestones, teacher, teacher_cache, alpha, precision)
+    _check_fit_args(dataset, epochs, batch_size, lr, schedule, milestones, teacher, teacher_cache, alpha, precision,
+                    extrapolate)
     ddp = bool(distributed) and dist.world_size() > 1
     _check_sampler(sampler, dataset, indices, ddp)
     if ddp and forgetting is not None:
@@ -299,7 +309,7 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
                                  momentum=momentum, weight_decay=weight_decay, schedule=schedule, milestones=list(milestones), alpha=alpha, temperature=temperature,
                                  seed=seed, precision=precision, teacher=teacher_id,
                                  forgetting=forgetting is not None, correction=_correction_identity(correction),
-                                 sampler=_sampler_identity(sampler))
+                                 sampler=_sampler_identity(sampler), extrapolate=bool(extrapolate))
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     if teacher is not None:
@@ -344,6 +354,7 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
                 weight = None if importance is None else importance.weights[idx].to(device, non_blocking=True)
                 out = distill_step(net, teacher, x, y, optimizer, alpha=alpha, temperature=temperature,
                                    teacher_logits=cached, indices=idx_dev, forgetting=forgetting, amp=amp,
+                                   extrapolate=extrapolate,
                                    validate=epoch == start,  # the first epoch sees every example: check once
                                    weight=weight, correction=correction)
                 loss_sum += out["loss"] * len(y)

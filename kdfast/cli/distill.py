@@ -13,8 +13,8 @@ import warnings
 
 from .. import distributed
 from ..jobs.distill import EVAL_SPLIT
-from .common import (UsageError, add_output_options, add_performance_options, check_common, default_device, flag,
-                     log, lower, model_name)
+from .common import (CliError, UsageError, add_output_options, add_performance_options, check_common, default_device,
+                     flag, log, lower, model_name)
 
 # The data-pruning paper's recipes (its App. A): RepDistiller's for CIFAR/SVHN, DeepCore's for ImageNet; the
 # digits recipe is this project's, sized to run in seconds on a CPU.
@@ -47,6 +47,10 @@ EPILOG = """examples:
       (unbiased self-distillation, Eq. 16 of the KD-variance-reduction paper; OUT/teacher_report.json)
   torchrun --nproc-per-node 8 -m kdfast.cli.distill ...   (DistributedDataParallel, --batch-size per GPU; rank 0
                                                            writes the files)
+  kdfast-distill --steps 3 --alpha optimal --temperature 1 --out runs/chain
+      (self-distillation chain: 3 students, each distilling from the previous one, each step's weight in closed
+       form on a held-out --val-fraction; OUT/self_distill.json/.csv hold the per-step alpha and accuracy;
+       --resume continues it, refused when the chain's arguments changed)
 
 Defaults follow the data-pruning paper's recipes: CIFAR/SVHN SGD lr 0.05, momentum 0.9, wd 5e-4, batch 64,
 240 epochs, LR / 10 at epochs 150/180/210 (scaled to --epochs when only --epochs is given); ImageNet lr 0.1,
@@ -77,7 +81,9 @@ def add_parser(subparsers):
     g.add_argument("--val-fraction", type=float,
                    help=f"hold out this share of the training data (stratified by class, seeded by --seed) and "
                         f"evaluate on it every epoch; kept indices falling in it are not trained on (default: "
-                        f"{DEFAULT_VAL_FRACTION} for data sets without a test split (folder), else 0: the test split)")
+                        f"{DEFAULT_VAL_FRACTION} for data sets without a test split (folder), else 0: the test split). "
+                        f"With --steps it is the chain's validation split, where each step's weight is chosen (default "
+                        f"{DEFAULT_VAL_FRACTION}; the chain is evaluated on the test split)")
     g = p.add_argument_group("Model")
     g.add_argument("--model", type=model_name, choices=MODELS,
                    help="student architecture (default: the data set's)")
@@ -98,6 +104,7 @@ def add_parser(subparsers):
     g.add_argument("--alpha-schedule", help="anchors for --alpha auto, e.g. '0.1:1,0.7:0.5' (the default)")
     g.add_argument("--temperature", type=float, default=4.0, help="(default: %(default)s)")
     _add_variance_options(p)
+    add_chain_arguments(p)
     g = p.add_argument_group("Optimisation (default: the data set's recipe)")
     g.add_argument("--recipe", type=lower, choices=sorted(RECIPES), help="recipe the defaults come from")
     g.add_argument("--epochs", type=int)
@@ -205,18 +212,22 @@ def resolve(args):
         problems.append("--schedule step needs --milestones")
     if args.out is None:
         problems.append("--out is required (the output folder)")
-    if args.val_fraction is None:
-        args.val_fraction = DEFAULT_VAL_FRACTION if EVAL_SPLIT[args.dataset] is None else 0.0
-    elif args.val_fraction != 0.0 and not 0.0 < args.val_fraction < 1.0:
+    chain = args.steps != 1 or args.alpha == "optimal"  # a self-distillation chain: its own checks
+    if args.val_fraction is None:  # a chain chooses its weights on the held-out share: it always needs one
+        args.val_fraction = DEFAULT_VAL_FRACTION if chain or EVAL_SPLIT[args.dataset] is None else 0.0
+    elif not chain and args.val_fraction != 0.0 and not 0.0 < args.val_fraction < 1.0:
         problems.append(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    check_common(args, problems, positive=("epochs", "batch_size", "teacher_epochs", "image_size"))
+    check_common(args, problems, positive=("epochs", "batch_size", "teacher_epochs", "image_size", "steps"),
+                 fractions=("val_fraction",) if chain else ())
     if not (args.lr > 0 and math.isfinite(args.lr)):
         problems.append(f"--lr must be > 0, got {args.lr}")
     if not args.temperature > 0:
         problems.append(f"--temperature must be > 0, got {args.temperature}")
     if not 0.0 < args.teacher_fraction <= 1.0:
         problems.append(f"--teacher-fraction must be in (0, 1], got {args.teacher_fraction}")
-    if args.alpha != "auto":
+    if chain:
+        resolve_chain(args, problems)
+    elif args.alpha != "auto":
         try:
             args.alpha = float(args.alpha)
             if not 0.0 <= args.alpha <= 1.0:
@@ -231,7 +242,7 @@ def resolve(args):
         problems.append("give --teacher or --train-teacher, not both")
     if args.teacher_cache and args.train_teacher:
         problems.append("--teacher-cache holds an existing teacher's logits; it cannot go with --train-teacher")
-    if not sources and args.alpha != 0.0:
+    if not sources and args.alpha != 0.0 and not chain:
         problems.append(f"--alpha {args.alpha} distills from a teacher: pass --teacher PATH, --train-teacher or "
                         "--teacher-cache DIR (or --alpha 0 to train without one)")
     for flag, path in (("--teacher", args.teacher), ("--keep", args.keep)):
@@ -284,8 +295,11 @@ def _run(args, device) -> int:
     from ..data import data_identity
     from ..jobs import Job
     from ..jobs.distill import load_distill_data, run_distill_job
+    from ..jobs.self_distill import run_chain_job
     main_rank = distributed.is_main()  # the one rank that writes files and reports
     args.quiet = args.quiet or not main_rank
+    if args.steps != 1 and distributed.world_size() > 1:
+        raise CliError("--steps runs on one process (the chain's fits are sequential); launch it without torchrun")
     data = load_distill_data(args)  # before the job starts: a data or keep-file error leaves --out untouched
     job = None
     if main_rank:
@@ -297,7 +311,9 @@ def _run(args, device) -> int:
         log(f"{args.out} already holds a finished run; nothing to do", quiet=args.quiet)
         return 0
     with job:  # a failure before any work product leaves nothing that blocks a corrected rerun
-        summary = run_distill_job(args, job, data, device)
+        summary = (run_chain_job if args.steps != 1 else run_distill_job)(args, job, data, device)
+    if args.steps != 1:
+        return report_chain(summary, job)
     if summary is None:
         return 0
     acc = (f"eval acc {summary['eval_acc']:.4f} (best {summary['best_eval_acc']:.4f} at epoch "
@@ -307,6 +323,52 @@ def _run(args, device) -> int:
           f"{args.epochs} epochs -> {job.path('student.pt')}")
     for warning in summary["warnings"]:
         warnings.warn(warning, stacklevel=1)  # one line on stderr through run_cli
+    return 0
+
+
+# -------------------------------------------------------------- self-distillation chain (--steps)
+def add_chain_arguments(p):
+    g = p.add_argument_group("Self-distillation chain (kdfast.self_distillation)")
+    g.add_argument("--steps", type=int, default=1,
+                   help="train a chain of this many students, each distilling from the previous one (the first "
+                        "from the labels alone); with --alpha optimal each step's weight is chosen in closed form "
+                        f"on the --val-fraction held out (default {DEFAULT_VAL_FRACTION} for a chain), the chain "
+                        "evaluated on the test split (default: %(default)s, no chain)")
+    g.add_argument("--alpha-range", type=lower, choices=("clip", "any"), default="clip",
+                   help="--alpha optimal: clip each step's weight to [0, 1] (recorded), or use it as is "
+                        "(extrapolation) (default: %(default)s)")
+
+
+def resolve_chain(args, problems):
+    if args.steps < 1:
+        return  # check_common names it
+    if args.steps == 1:
+        problems.append("--alpha optimal chooses the weight of each distillation step: it needs --steps >= 2")
+        return
+    if args.alpha == "auto":
+        problems.append("--steps needs --alpha optimal or a fixed number (--alpha auto is the pruning schedule)")
+    elif args.alpha != "optimal":
+        try:
+            args.alpha = float(args.alpha)
+            if not math.isfinite(args.alpha) or (args.alpha_range == "clip" and not 0.0 <= args.alpha <= 1.0):
+                raise ValueError
+        except ValueError:
+            problems.append(f"--alpha must be 'optimal' or a number in [0, 1] (any finite number with --alpha-range "
+                            f"any), got {args.alpha!r}")
+    for name, on in (("--teacher", args.teacher), ("--train-teacher", args.train_teacher),
+                     ("--teacher-cache", args.teacher_cache)):
+        if on:
+            problems.append(f"--steps {args.steps} is self-distillation (each student's teacher is the previous "
+                            f"one); it cannot go with {name}")
+
+
+def report_chain(summary, job) -> int:
+    for r in summary["records"]:
+        optimal = "" if r["alpha_optimal"] is None else f" (optimal {r['alpha_optimal']:.3g}" + (
+            ", clipped)" if r["clipped"] else ")")
+        acc = f", eval acc {r['eval_acc']:.4f}" if "eval_acc" in r else ""
+        print(f"step {r['step']}: alpha = {r['alpha']:.3g}{optimal}, val acc {r['val_acc']:.4f}{acc}")
+    print(f"-> {job.path('student.pt')}, {job.path('self_distill.csv')}")
     return 0
 
 

@@ -34,7 +34,7 @@ class DistillData:
     train: object               # the training split (augmented view when cfg.augment)
     evaluation: object | None   # what every epoch is evaluated on (None: nothing)
     keep: np.ndarray | None     # kept dataset indices, without held-out ones (None: every example)
-    held_out: np.ndarray | None  # dataset indices held out for evaluation (--val-fraction)
+    held_out: np.ndarray | None  # dataset indices held out (--val-fraction): evaluation, or a chain's validation
     fraction: float             # kept / total (before holding out), the f of alpha_for_fraction
     eval_name: str              # "test split", "held-out 10% of train (stratified, seed 0)", ...
     sampler: object | None = None  # the ImportanceSampler of --sampler (then keep and held_out are None)
@@ -58,13 +58,16 @@ def load_distill_data(cfg) -> DistillData:
     if sampler is not None:
         fraction = len(sampler) / len(train)
     held_out, evaluation, eval_name = None, None, "none"
+    # a self-distillation chain (--steps) chooses its weights on the held-out share: its evaluation stays the test split
+    chain = getattr(cfg, "steps", 1) != 1
     if cfg.val_fraction:
         _, held = stratified_split(train.targets, cfg.val_fraction, seed=cfg.seed)
         held_out = held.numpy()
+        keep = np.setdiff1d(np.arange(len(train)) if keep is None else keep, held_out)
+    if cfg.val_fraction and not chain:
         view = load_dataset(cfg.dataset, root=cfg.data_root, split="train", **size) if cfg.augment else train
         evaluation = LabeledSubset(view, torch.from_numpy(held_out))
         eval_name = f"held-out {cfg.val_fraction:g} of train (stratified, seed {cfg.seed}, {len(held_out)} examples)"
-        keep = np.setdiff1d(np.arange(len(train)) if keep is None else keep, held_out)
     elif EVAL_SPLIT[cfg.dataset] is not None:
         evaluation = load_dataset(cfg.dataset, root=cfg.data_root, split=EVAL_SPLIT[cfg.dataset], **size)
         eval_name = f"{EVAL_SPLIT[cfg.dataset]} split ({len(evaluation)} examples)"
