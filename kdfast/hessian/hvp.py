@@ -140,6 +140,7 @@ class BatchedHVP:
         self._retained: dict = {}
         self._spare: list = []
         self._capture_failed = False
+        self._warm: set = set()  # batch shapes run eagerly once before their first capture
 
     @property
     def variant(self) -> str:
@@ -263,12 +264,13 @@ class _Captured(_Retained):
         self.hvp, self.shapes = hvp, (x.shape, x.dtype, y.shape, y.dtype)
         self.x, self.y = x.detach().clone(), y.detach().clone()
         self.v = torch.zeros(hvp.flat.size, dtype=hvp._leaves[0].dtype, device=x.device)
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):  # warm-up before capture (cuDNN plans, autograd's device threads)
-            for _ in range(2):
+        if self.shapes not in hvp._warm:  # one eager run per shape before capturing (cuDNN plans, lazy init)
+            side = torch.cuda.Stream(x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
                 hvp._loop_one(hvp._loop_graph(self.x, self.y), self.v)
-        torch.cuda.current_stream(x.device).wait_stream(side)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            hvp._warm.add(self.shapes)
         self.build, self.replay = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.build):
             self.graph = hvp._loop_graph(self.x, self.y)
