@@ -244,7 +244,7 @@ def bench_config(name: str, cfg: Config, device: torch.device, quick: bool, emit
     for method_name, mode, model_ms in (("el2n", "forward", infer["ms"]), ("grand", "full", fwd_graph_ms)):
         if deadline is not None and time.perf_counter() > deadline:
             rows.append(make_row(op=OP, provider=f"e2e-{method_name}", mode="skipped", shape=shape, dtype=dtype,
-                                 device=device, ms=None, p20=None, p80=None, note="budget spent", **common))
+                                 device=device, note="budget spent", **common))
             if emit is not None:
                 emit(rows[-1])
             continue
@@ -280,7 +280,7 @@ def run(*, device, quick: bool = False, smoke: bool = False, budget_s: float | N
         cfg = ALL_CONFIGS[name]
         if deadline is not None and rows and time.perf_counter() > deadline:
             rows.append(make_row(op=OP, provider="all", mode="skipped", shape=(cfg.batch, 3, cfg.crop, cfg.crop),
-                                 dtype=torch.float32, device=device, config=name, ms=None, p20=None, p80=None,
+                                 dtype=torch.float32, device=device, config=name,
                                  note=f"budget of {budget_s:.0f} s spent before config {name}"))
             if emit is not None:
                 emit(rows[-1])

@@ -185,14 +185,12 @@ def run(*, device, quick: bool = False, smoke: bool = False, budget_s: float | N
     if not out_of_time():
         reference = spectral_norms(model, batches, tol=REFERENCE_TOL, iters=60, chunk=chunk, seed=1, products=loop)
         errors = {p: _max_rel_err(n, reference) for p, n in norms_of.items()}
-        add("reference", "accuracy", reference_tol=REFERENCE_TOL, max_rel_err_by_provider=errors,
-            ms=None, p20=None, p80=None)
+        add("reference", "accuracy", reference_tol=REFERENCE_TOL, max_rel_err_by_provider=errors)
 
     # 4. the other engines
     for provider, kwargs in pending:
         if out_of_time():
-            add(provider, "skipped", note=f"budget of {budget_s:.0f} s spent before {provider} started",
-                ms=None, p20=None, p80=None)
+            add(provider, "skipped", note=f"budget of {budget_s:.0f} s spent before {provider} started")
             continue
         products = BatchedHVP(model, **kwargs)
         compile_s = None
