@@ -331,6 +331,26 @@ def test_captured_cuda_products_match_eager(curvature):
     assert torch.allclose(captured(x, y, v, keys=["a", "b"]), eager(x, y, v), rtol=1e-4, atol=1e-6)
 
 
+def test_captured_slots_reload_static_buffers_in_any_order(monkeypatch):
+    # The capture protocol on the CPU: a "replay" reruns the captured function eagerly, so what is checked is
+    # the static-buffer bookkeeping (inputs copied in, the build replayed on a slot's reuse, outputs read).
+    import sys
+    monkeypatch.setattr(sys.modules["kdfast.hessian.hvp"], "_capture", lambda fn: (fn(), fn)[1])
+    model, batches = _tiny_net(), _tiny_batches(count=5, ragged=3)
+    captured = BatchedHVP(model)
+    captured.cuda_graphs = True  # what the constructor sets on CUDA
+    got, info = spectral_norms(model, batches, chunk=2, products=captured, return_info=True)
+    assert info.engine == "loop+cudagraph"
+    assert len(captured._spare) + len(captured._retained) <= 3  # two slots of one shape, one of the ragged shape
+    assert torch.allclose(got, spectral_norms(model, batches, chunk=2), rtol=1e-6, atol=0)
+    x, y = torch.stack([b[0] for b in batches[:2]]), torch.stack([b[1] for b in batches[:2]])
+    v = torch.randn(2, captured.flat.size, dtype=torch.float64)
+    want = BatchedHVP(model)(x, y, v)
+    assert torch.allclose(captured(x, y, v, keys=["a", "b"]), want, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(captured(x.flip(0), y.flip(0), v.flip(0), keys=["c", "d"]), want.flip(0), rtol=1e-10,
+                          atol=1e-12)  # both slots reloaded with the other's batch
+
+
 def test_cuda_graphs_need_the_loop_engine_on_cuda():
     with pytest.raises(InvalidArgumentError, match="cuda_graphs"):
         BatchedHVP(_tiny_net(), cuda_graphs=True)

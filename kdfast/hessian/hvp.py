@@ -258,35 +258,49 @@ class _Captured(_Retained):
     """A retained batch on CUDA whose build and product are captured once as CUDA graphs (on static input,
     target and vector buffers) and replayed: the autograd graph recorded while capturing the build keeps its
     saved tensors at fixed addresses, which every build replay refreshes and every product replay reads.
-    Each slot has private memory pools, so slots replay in any order."""
+    Each capture has a private memory pool, so slots replay in any order."""
 
     def __init__(self, hvp: BatchedHVP, x: torch.Tensor, y: torch.Tensor):
         self.hvp, self.shapes = hvp, (x.shape, x.dtype, y.shape, y.dtype)
         self.x, self.y = x.detach().clone(), y.detach().clone()
         self.v = torch.zeros(hvp.flat.size, dtype=hvp._leaves[0].dtype, device=x.device)
-        if self.shapes not in hvp._warm:  # one eager run per shape before capturing (cuDNN plans, lazy init)
+        if self.shapes not in hvp._warm and x.device.type == "cuda":
+            # one eager run per shape before capturing (cuDNN plans, lazy initialisation), on a side stream
             side = torch.cuda.Stream(x.device)
             side.wait_stream(torch.cuda.current_stream(x.device))
             with torch.cuda.stream(side):
-                hvp._loop_one(hvp._loop_graph(self.x, self.y), self.v)
+                self._build()
+                self._product()
             torch.cuda.current_stream(x.device).wait_stream(side)
-            hvp._warm.add(self.shapes)
-        self.build, self.replay = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.build):
-            self.graph = hvp._loop_graph(self.x, self.y)
-        with torch.cuda.graph(self.replay):
-            self.out = hvp._loop_one(self.graph, self.v)
-        self.build.replay()  # capture records without running
+        hvp._warm.add(self.shapes)
+        self.build = _capture(self._build)
+        self.replay = _capture(self._product)
+        self.build()  # capturing records the kernels without running them
+
+    def _build(self) -> None:
+        self.graph = None
+        self.graph = self.hvp._loop_graph(self.x, self.y)
+
+    def _product(self) -> None:
+        self.out = self.hvp._loop_one(self.graph, self.v)
 
     def load(self, x, y) -> None:
         self.x.copy_(x)
         self.y.copy_(y)
-        self.build.replay()
+        self.build()
 
     def product(self, v: torch.Tensor) -> torch.Tensor:
         self.v.copy_(v)
-        self.replay.replay()
+        self.replay()
         return self.out  # a static buffer: the caller's stack copies it before the next replay
+
+
+def _capture(fn):
+    """Records fn's kernels as a CUDA graph (in its own memory pool); returns the graph's replay."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 class _Compiled:
