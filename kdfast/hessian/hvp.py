@@ -229,7 +229,8 @@ class BatchedHVP:
             return run(self.flat.params, inputs, targets, vectors)
         if keys is None:
             return torch.stack([self._loop_one(self._loop_graph(x, y), v) for x, y, v in zip(inputs, targets, vectors)])
-        free = [r for k, r in self._retained.items() if k not in set(keys)]  # released by this call
+        wanted = set(keys)
+        free = [r for k, r in self._retained.items() if k not in wanted]  # released by this call
         live = {k: self._retained.get(k) or self._retain(x, y, free) for k, x, y in zip(keys, inputs, targets)}
         self._spare += [r for r in free if isinstance(r, _Captured)]
         self._retained = live
