@@ -253,3 +253,12 @@ def test_decoder_constants_are_made_once_per_device():
     assert decoder.constants(torch.device("cpu"))[0] is first[0]
     import pickle
     assert pickle.loads(pickle.dumps(decoder))._constants == {}  # workers get no device tensors
+
+
+def test_resizing_in_groups_changes_nothing(jpeg_root, monkeypatch):
+    enc = EncodedImageFolder("folder", jpeg_root, FOLDER_LAYOUT, image_size=32, decode="cpu")
+    same_size = [enc.read(0)] * 5 + [enc.read(1)] * 2  # two sizes, one of them spanning several groups
+    whole = enc.decoder(same_size, "cpu")
+    monkeypatch.setattr(gpu_decode, "RESIZE_GROUP", 2)
+    assert torch.equal(enc.decoder(same_size, "cpu"), whole)
+    assert torch.equal(whole[0], whole[4]) and torch.equal(whole[5], enc.load(1))
