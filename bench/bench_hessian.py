@@ -266,11 +266,13 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", choices=COMPILED_VARIANTS, help="also measure this compiled vmap product")
     parser.add_argument("--skip", nargs="+", default=(), help="providers to leave out, e.g. kdfast-vmap")
     parser.add_argument("--budget-s", type=float, help="wall-clock seconds; nothing new starts after them")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default on the CPU: 1, as the smoke "
+                        "setting's ops are too small to share; contended threads ran it 10x slower)")
     parser.add_argument("--out", type=Path, help="append JSON rows to this file")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or (1 if args.device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
     rows = run(device=args.device, quick=args.quick, smoke=args.smoke, budget_s=args.budget_s, setting=args.setting,
                tol=args.tol, iters=args.iters, chunk=args.chunk, baseline_iters=args.baseline_iters,
                compile=args.compile, skip=tuple(args.skip))
