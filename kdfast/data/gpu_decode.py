@@ -149,7 +149,11 @@ class JpegBatchDecoder:
             for s in range(0, len(members), RESIZE_GROUP):
                 part = members[s:s + RESIZE_GROUP]
                 group = self.resize_group(torch.stack([images[i] for i in part]), (new_h, new_w))
-                out.index_copy_(0, _index(part, device), group[..., top:top + self.crop, left:left + self.crop])
+                crop = group[..., top:top + self.crop, left:left + self.crop]
+                if part[-1] - part[0] == len(part) - 1:  # consecutive rows (one image size per batch): no index
+                    out[part[0]:part[-1] + 1].copy_(crop)
+                else:
+                    out.index_copy_(0, _index(part, device), crop)
         mean, std = self.constants(device)
         return out.div_(255.0).sub_(mean).div_(std)
 
