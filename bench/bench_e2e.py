@@ -297,7 +297,8 @@ def targets(rows: list[dict]) -> list[dict]:
     for device_type, configs, factor in (("cuda", GPU_CONFIGS, 0.8), ("cpu", CPU_CONFIGS, 0.9)):
         for method, ceiling in (("el2n", "min(decode, inference)"), ("grand", "model-only GraNd (score-grand)")):
             mine = [r for r in rows if r.get("op") == OP and r.get("device_type") == device_type
-                    and r.get("config") in configs and r.get("provider") == f"e2e-{method}" and r.get("mode") != "skipped"]
+                    and r.get("config") in configs and r.get("provider") == f"e2e-{method}"
+                    and r.get("mode") != "skipped"]
             newest = max(mine, key=lambda r: r["date"]) if mine else None
             ratio = None if newest is None else newest.get("ratio_to_ceiling")
             out.append({"issue": 12, "what": f"end-to-end {method.upper() if method == 'el2n' else 'GraNd'} from "

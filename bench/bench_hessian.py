@@ -279,8 +279,9 @@ def main(argv=None) -> int:
     rows = run(device=args.device, quick=args.quick, smoke=args.smoke, budget_s=args.budget_s, setting=args.setting,
                tol=args.tol, iters=args.iters, chunk=args.chunk, baseline_iters=args.baseline_iters,
                compile=args.compile, skip=tuple(args.skip))
-    table = "\n".join(f"issue {t['issue']}: {t['what']}: {t['measured'] if t['measured'] is None else round(t['measured'], 2)}"
-                      f" ({t['target']}, met: {t['met']})" for t in targets(rows))
+    table = "\n".join(f"issue {t['issue']}: {t['what']}: "
+                      f"{t['measured'] if t['measured'] is None else round(t['measured'], 2)} ({t['target']}, "
+                      f"met: {t['met']})" for t in targets(rows))
     return report(rows, table, args.out)
 
 

@@ -63,8 +63,8 @@ def liprune_batch_scores(model: nn.Module, dataset, batch_size: int, *, seed: in
         from tqdm import tqdm
         bar = tqdm(total=len(batches), desc="liprune", unit="batch", file=sys.stderr)
     try:
-        norms = spectral_norms(model, (_collate(dataset, b, pipeline) for b in batches), loss=loss, curvature=curvature,
-                               iters=iters, tol=tol, method=method, seed=seed,
+        norms = spectral_norms(model, (_collate(dataset, b, pipeline) for b in batches), loss=loss,
+                               curvature=curvature, iters=iters, tol=tol, method=method, seed=seed,
                                on_batch_done=(lambda j: bar.update(1)) if bar is not None else None)
     finally:
         model.train(was_training)

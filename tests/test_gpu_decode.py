@@ -205,7 +205,8 @@ def test_decode_argument_errors(jpeg_root):
 
 
 def test_packed_bytes_round_trip_including_empty_files():
-    datas = [torch.arange(5, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8), torch.full((3,), 7, dtype=torch.uint8)]
+    datas = [torch.arange(5, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8),
+             torch.full((3,), 7, dtype=torch.uint8)]
     packed = PackedBytes.pack(datas)
     assert packed.flat.numel() == 8 and len(packed) == 3
     assert all(torch.equal(a, b) for a, b in zip(packed.unpack(), datas))

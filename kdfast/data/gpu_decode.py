@@ -193,7 +193,8 @@ class PackedBytes:
 def collate_encoded(items):
     """Worker-side collate for the loop-side decode: (PackedBytes of the files, labels, indices)."""
     datas, labels, indices = zip(*items)
-    return PackedBytes.pack(list(datas)), torch.tensor(labels, dtype=torch.int64), torch.tensor(indices, dtype=torch.int64)
+    return (PackedBytes.pack(list(datas)), torch.tensor(labels, dtype=torch.int64),
+            torch.tensor(indices, dtype=torch.int64))
 
 
 class DecodingCollate:
