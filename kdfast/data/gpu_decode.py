@@ -1,8 +1,9 @@
 """JPEG image folders decoded in batches: loader workers read file bytes, the GPU decodes and resizes.
 
 At ImageNet scale PIL decoding is the bottleneck (about 220 images/s per core), so with `decode="gpu"` the
-workers only read each file into a uint8 tensor and the scoring loop decodes the whole batch on the device
-with `torchvision.io.decode_jpeg(list, device="cuda")` (nvJPEG), then resizes and crops it there.
+workers only read the files and send each batch as one flat byte buffer (PackedBytes, pinned), and a decode
+thread decodes the whole batch on the device with `torchvision.io.decode_jpeg(list, device="cuda")` (nvJPEG),
+then resizes and crops it there, up to two batches ahead of the model (`decoded_batches`).
 Without CUDA (or when nvJPEG fails), the same decoder runs on the CPU inside the loader workers, with one
 logged note saying so. `decode="cpu"` asks for that path directly; `"auto"` takes the GPU when the scoring
 device is one.
