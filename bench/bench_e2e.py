@@ -8,16 +8,23 @@ at several scales, a gradient and luminance grain, so they compress like photogr
 under the system temp dir, once, and reuses them. Rows (images/s in each):
 
     read            the loader workers' job alone: file bytes into uint8 tensors, one process, page cache warm
+    receive-per-image, receive-flat
+                    the main process receiving one batch of file bytes from a loader worker (the worker's batches
+                    already queued: unpickling and mapping the shared memory only), as one tensor per image
+                    (a plain collate) and as the one flat buffer + offsets kdfast's workers send
     decode-batched  decode + resize + crop + normalise of a batch already in memory on the decode device
                     (nvJPEG on a GPU; on the CPU one core, `images_per_s_workers` scales it to the workers)
     decode-pil      the PIL path (imagefolder.py) per core; `images_per_s_all_cores` scales it to the machine
     inference       model(x) on a synthetic in-memory batch (bf16 autocast + channels_last on a GPU)
     fwd+bwd         forward + backward of the mean cross-entropy on the same batch
+    score-el2n, score-grand
+                    BatchScorer alone on the in-memory batch (the model-only scoring throughput)
     e2e-el2n, e2e-grand
                     kdfast's score_batches over the folder (decode="auto": on the GPU when there is one),
                     steady state: from the first batch's arrival to the last (worker start-up excluded).
-                    `ratio_to_ceiling`: el2n against min(decode, inference), grand against fwd+bwd (the
-                    issue's target is >= 0.80 for both on one H100); `stages_ms`: read, decode, model and loss
+                    `ratio_to_ceiling`: el2n against min(decode, inference), grand against score-grand (issue
+                    12's targets: >= 0.80 for both on one H100 or H200; >= 0.90 on the CPU); `stages_ms`: read,
+                    decode, model and loss
                     per batch, each timed alone in one process (model = the forward, loss = the rest of the
                     BatchScorer call: the fused loss's stats, or for grand the backward and the norms).
 The per-batch median and p20/p80 of the e2e rows are over passes. With a few hundred files a GPU pass would
@@ -35,10 +42,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from kdfast.data import load_dataset
-from kdfast.data.gpu_decode import resolve_decode_device
+from kdfast.data.gpu_decode import collate_encoded, resolve_decode_device
 from kdfast.data.imagefolder import IMAGENET_LAYOUT, ImageFolderDataset
 from kdfast.models import create_model
 from kdfast.scoring import BatchScorer, get_method, score_batches
@@ -115,6 +122,42 @@ def _serial_ms(fn, n: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / n
 
 
+class _InMemoryBytes(Dataset):
+    """Items as the byte-reading folder yields them, from memory: the worker does no I/O."""
+
+    def __init__(self, datas):
+        self.datas = datas
+
+    def __len__(self):
+        return len(self.datas)
+
+    def __getitem__(self, i):
+        return self.datas[i], 0, i
+
+
+def _collate_per_image(items):
+    """What a plain collate sends for variable-length files: one tensor per image."""
+    datas, labels, indices = zip(*items)
+    return list(datas), torch.tensor(labels), torch.tensor(indices)
+
+
+def receive_ms(datas, batch: int, collate, batches: int = 4) -> float:
+    """Main-process ms per batch to take `batches` batches from one loader worker that has already queued
+    them: the receive cost alone (shared-memory handles, unpickling), not the worker's."""
+    loader = DataLoader(_InMemoryBytes(datas * (batches + 1)), batch_size=batch, num_workers=1, collate_fn=collate,
+                        prefetch_factor=batches)
+    it = iter(loader)
+    t0 = time.perf_counter()
+    next(it)  # the worker is up
+    time.sleep(max(0.5, 4 * (time.perf_counter() - t0)))  # ... and has queued the rest
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    ms = (time.perf_counter() - t0) * 1e3 / batches
+    del it
+    return ms
+
+
 def e2e_pass(model, data, method, cfg: Config, device) -> tuple[float, int, np.ndarray]:
     """(seconds from the first batch's arrival to the end, images after the first batch, scores).
 
@@ -131,7 +174,7 @@ def e2e_pass(model, data, method, cfg: Config, device) -> tuple[float, int, np.n
     return time.perf_counter() - t_first, counted, np.concatenate(scores)
 
 
-def bench_config(name: str, cfg: Config, device: torch.device, quick: bool) -> list[dict]:
+def bench_config(name: str, cfg: Config, device: torch.device, quick: bool, emit=None, deadline=None) -> list[dict]:
     torch.manual_seed(0)
     root = jpeg_folder(cfg)
     rep = dict(warmup_ms=10.0, rep_ms=30.0, min_reps=3) if quick else dict(warmup_ms=200.0, rep_ms=1500.0)
@@ -151,17 +194,25 @@ def bench_config(name: str, cfg: Config, device: torch.device, quick: bool) -> l
     def row(provider, mode, med, p20, p80, **extra):
         rows.append(make_row(op=OP, provider=provider, mode=mode, shape=shape, dtype=dtype, device=device, ms=med,
                              p20=p20, p80=p80, images_per_s=_rate(cfg.batch, med), **common, **extra))
+        if emit is not None:
+            emit(rows[-1])
         return rows[-1]
 
     batch_ids = [i % len(data) for i in range(cfg.batch)]
     read_ms = _serial_ms(lambda: [data.read(i) for i in batch_ids], 1 if quick else 3)
     row("read", "forward", read_ms, read_ms, read_ms)
     datas = [data.read(i) for i in batch_ids]
+    per_image = min(receive_ms(datas, cfg.batch, _collate_per_image) for _ in range(1 if quick else 3))
+    flat = min(receive_ms(datas, cfg.batch, collate_encoded) for _ in range(1 if quick else 3))
+    row("receive-per-image", "forward", per_image, per_image, per_image)
+    row("receive-flat", "forward", flat, flat, flat, ratio_to_per_image=flat / per_image)
     names = [data.files[i] for i in batch_ids]
-    decode = row("decode-batched", "forward", *time_ms(lambda: data.decoder(datas, decode_on, names), device, **rep))
+    decode_ms = time_ms(lambda: data.decoder(datas, decode_on, names), device, **rep)
+    # the row is emitted as it is made: its fields are complete before that
+    workers = {"images_per_s_workers": _rate(cfg.batch, decode_ms[0]) * max(1, cfg.workers)} \
+        if decode_on.type == "cpu" else {}
+    decode = row("decode-batched", "forward", *decode_ms, **workers)
     cores = os.cpu_count() or 1
-    if decode_on.type == "cpu":
-        decode["images_per_s_workers"] = decode["images_per_s"] * max(1, cfg.workers)
     pil_ms = _serial_ms(lambda: [pil.load(i) for i in batch_ids], 1)
     row("decode-pil", "forward", pil_ms, pil_ms, pil_ms, images_per_s_all_cores=_rate(cfg.batch, pil_ms) * cores,
         cores=cores)
@@ -187,40 +238,75 @@ def bench_config(name: str, cfg: Config, device: torch.device, quick: bool) -> l
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         loss.backward()
     infer = row("inference", "forward", *time_ms(inference, device, **rep))
-    train = row("fwd+bwd", "full", *time_ms(fwd_bwd, device, **rep))
+    row("fwd+bwd", "full", *time_ms(fwd_bwd, device, **rep))
     fwd_graph_ms = time_ms(forward_with_graph, device, **rep)[0]
     model.zero_grad(set_to_none=True)
 
-    targets = {"el2n": ("forward", min(decode_rate, infer["images_per_s"]), "min(decode, inference)", infer["ms"]),
-               "grand": ("full", train["images_per_s"], "fwd+bwd", fwd_graph_ms)}
     items = Subset(data, [i % len(data) for i in range(n)]) if cfg.repeats > 1 else data
-    for method_name, (mode, ceiling, ceiling_name, model_ms) in targets.items():
+    for method_name, mode, model_ms in (("el2n", "forward", infer["ms"]), ("grand", "full", fwd_graph_ms)):
+        if deadline is not None and time.perf_counter() > deadline:
+            rows.append(make_row(op=OP, provider=f"e2e-{method_name}", mode="skipped", shape=shape, dtype=dtype,
+                                 device=device, note="budget spent", **common))
+            if emit is not None:
+                emit(rows[-1])
+            continue
         method = get_method(method_name)
         with BatchScorer([model], method, device=device, precision=cfg.precision) as scorer:
-            score_ms = time_ms(lambda: scorer(x, y), device, **rep)[0]
+            alone = row(f"score-{method_name}", mode, *time_ms(lambda: scorer(x, y), device, **rep))
+        score_ms = alone["ms"]
+        ceiling, ceiling_name = ((min(decode_rate, infer["images_per_s"]), "min(decode, inference)")
+                                 if method_name == "el2n" else (alone["images_per_s"], "score-grand"))
         passes = [e2e_pass(model, items, method, cfg, device) for _ in range(1 if quick else cfg.passes)]
         # ms per batch in the steady state: the first batch (worker start-up, pipeline fill) is left out
         per_batch = [seconds * 1e3 * cfg.batch / counted for seconds, counted, _ in passes]
         med, p20, p80 = (float(np.quantile(per_batch, q)) for q in (0.5, 0.2, 0.8))
-        r = row(f"e2e-{method_name}", mode, med, p20, p80,
-                stages_ms={"read": read_ms, "decode": decode["ms"], "model": model_ms,
-                           "loss": max(0.0, score_ms - model_ms)},
-                images_scored=n, images_timed=passes[0][1], ceiling=ceiling_name, ceiling_images_per_s=ceiling,
-                scores_finite=bool(all(np.isfinite(p[2]).all() and len(p[2]) == n for p in passes)))
-        r["ratio_to_ceiling"] = r["images_per_s"] / ceiling
-        r["ratio_to_floor"] = ceiling / r["images_per_s"]
+        ips = _rate(cfg.batch, med)
+        row(f"e2e-{method_name}", mode, med, p20, p80,
+            stages_ms={"read": read_ms, "receive": flat, "decode": decode["ms"], "model": model_ms,
+                       "loss": max(0.0, score_ms - model_ms)},
+            images_scored=n, images_timed=passes[0][1], ceiling=ceiling_name, ceiling_images_per_s=ceiling,
+            scores_finite=bool(all(np.isfinite(p[2]).all() and len(p[2]) == n for p in passes)),
+            ratio_to_ceiling=ips / ceiling, ratio_to_floor=ceiling / ips)
     return rows
 
 
-def run(device: torch.device, quick: bool = False, smoke: bool = False, configs=None) -> list[dict]:
-    """The `bench.run` entry point: rows for this device's configurations."""
+def run(*, device, quick: bool = False, smoke: bool = False, budget_s: float | None = None, emit=None,
+        configs=None) -> list[dict]:
+    """The `bench.run` entry point: rows for this device's configurations, each emitted as it is measured;
+    once `budget_s` is spent no new configuration (or e2e method) starts and a "skipped" row says so."""
+    device = torch.device(device)
     table = SMOKE_CONFIGS if smoke else (GPU_CONFIGS if device.type == "cuda" else CPU_CONFIGS)
+    deadline = None if budget_s is None else time.perf_counter() + budget_s
     rows = []
     for name in configs or table:
-        rows += bench_config(name, ALL_CONFIGS[name], device, quick or smoke)
+        cfg = ALL_CONFIGS[name]
+        if deadline is not None and rows and time.perf_counter() > deadline:
+            rows.append(make_row(op=OP, provider="all", mode="skipped", shape=(cfg.batch, 3, cfg.crop, cfg.crop),
+                                 dtype=torch.float32, device=device, config=name,
+                                 note=f"budget of {budget_s:.0f} s spent before config {name}"))
+            if emit is not None:
+                emit(rows[-1])
+            continue
+        rows += bench_config(name, cfg, device, quick or smoke, emit=emit, deadline=deadline)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """Issue 12's end-to-end targets from the newest e2e rows of each device type."""
+    out = []
+    for device_type, configs, factor in (("cuda", GPU_CONFIGS, 0.8), ("cpu", CPU_CONFIGS, 0.9)):
+        for method, ceiling in (("el2n", "min(decode, inference)"), ("grand", "model-only GraNd (score-grand)")):
+            mine = [r for r in rows if r.get("op") == OP and r.get("device_type") == device_type
+                    and r.get("config") in configs and r.get("provider") == f"e2e-{method}"
+                    and r.get("mode") != "skipped"]
+            newest = max(mine, key=lambda r: r["date"]) if mine else None
+            ratio = None if newest is None else newest.get("ratio_to_ceiling")
+            out.append({"issue": 12, "what": f"end-to-end {method.upper() if method == 'el2n' else 'GraNd'} from "
+                        f"JPEG vs {ceiling} ({device_type})", "measured": ratio, "target": f">= {factor}",
+                        "met": None if ratio is None else ratio >= factor, "unit": "x ceiling"})
+    return out
 
 
 def format_table(rows) -> str:
@@ -229,6 +315,9 @@ def format_table(rows) -> str:
     for r in rows:
         ratio = r.get("ratio_to_ceiling")
         stages = " ".join(f"{k}={v:.1f}" for k, v in (r.get("stages_ms") or {}).items())
+        if r["mode"] == "skipped":
+            lines.append(f"{r.get('config', ''):26} {r['provider']:15} skipped: {r['note']}")
+            continue
         lines.append(f"{r['config']:26} {r['provider']:15} {r['ms']:9.2f} {r['images_per_s']:10.0f} "
                      f"{'' if ratio is None else format(ratio, '9.2f'):>9}  {stages}")
     return "\n".join(lines)
@@ -245,7 +334,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    rows = run(device, quick=args.quick, configs=args.configs)
+    rows = run(device=device, quick=args.quick, configs=args.configs)
     return report(rows, format_table(rows), args.out)
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from kdfast.errors import InvalidArgumentError
 from kdfast.hessian import spectral_norms
+from kdfast.scoring.engine import batch_pipeline
 
 
 def fixed_batches(num_examples: int, batch_size: int, seed: int) -> list[torch.Tensor]:
@@ -21,10 +22,15 @@ def fixed_batches(num_examples: int, batch_size: int, seed: int) -> list[torch.T
     return list(perm.split(batch_size))
 
 
-def _collate(dataset, indices: torch.Tensor):
+def _collate(dataset, indices: torch.Tensor, pipeline):
+    """(inputs, targets) of one fixed batch. Data sets with a batch pipeline (JPEG folders loaded with
+    decode=) yield (bytes, label, index) items that only their pipeline turns into inputs."""
     items = [dataset[i] for i in indices.tolist()]
-    inputs = torch.stack([torch.as_tensor(x) for x, _ in items])
-    targets = torch.as_tensor([int(y) for _, y in items], dtype=torch.int64)
+    if pipeline is not None:
+        batch = pipeline.collate_fn(items)
+        return (batch[0] if pipeline.to_device is None else pipeline.to_device(batch)), batch[1]
+    inputs = torch.stack([torch.as_tensor(item[0]) for item in items])
+    targets = torch.as_tensor([int(item[1]) for item in items], dtype=torch.int64)
     return inputs, targets
 
 
@@ -49,6 +55,7 @@ def liprune_batch_scores(model: nn.Module, dataset, batch_size: int, *, seed: in
     if device is not None:
         model.to(device)
     batches = fixed_batches(len(dataset), batch_size, seed)
+    pipeline = batch_pipeline(dataset, next(model.parameters(), torch.empty(0)).device)
     was_training = model.training
     model.eval()
     bar = None
@@ -56,8 +63,8 @@ def liprune_batch_scores(model: nn.Module, dataset, batch_size: int, *, seed: in
         from tqdm import tqdm
         bar = tqdm(total=len(batches), desc="liprune", unit="batch", file=sys.stderr)
     try:
-        norms = spectral_norms(model, (_collate(dataset, b) for b in batches), loss=loss, curvature=curvature,
-                               iters=iters, tol=tol, method=method, seed=seed,
+        norms = spectral_norms(model, (_collate(dataset, b, pipeline) for b in batches), loss=loss,
+                               curvature=curvature, iters=iters, tol=tol, method=method, seed=seed,
                                on_batch_done=(lambda j: bar.update(1)) if bar is not None else None)
     finally:
         model.train(was_training)

@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, Subset
 
 from kdfast.data import DataError, load_dataset
 from kdfast.data import gpu_decode
-from kdfast.data.gpu_decode import EncodedImageFolder, JpegBatchDecoder, resolve_decode_device
+from kdfast.data.gpu_decode import (EncodedImageFolder, JpegBatchDecoder, PackedBytes, decoded_batches,
+                                     resolve_decode_device)
 from kdfast.data.imagefolder import FOLDER_LAYOUT, STD, ImageFolderDataset
 from kdfast.errors import InvalidArgumentError
 
@@ -133,7 +134,9 @@ def test_loop_side_decode_path_keeps_order_and_values(jpeg_root, monkeypatch):
     enc = load_dataset("folder", root=jpeg_root, decode="cpu", image_size=16)
     pipeline = enc.batch_pipeline("cpu", decode_in_workers=False)
     batches = list(DataLoader(enc, batch_size=4, num_workers=2, collate_fn=pipeline.collate_fn))
-    assert all(isinstance(b[0], list) and b[0][0].dtype == torch.uint8 for b in batches)
+    assert all(isinstance(b[0], PackedBytes) for b in batches)  # one flat buffer per batch from the workers
+    files = [f for b in batches for f in b[0].unpack()]
+    assert [bytes(f.numpy()) for f in files] == [bytes(enc.read(i).numpy()) for i in range(len(enc))]
     decoded = torch.cat([pipeline.to_device(b) for b in batches])
     assert torch.equal(decoded, torch.stack([enc.load(i) for i in range(len(enc))]))
     torch.manual_seed(1)
@@ -199,3 +202,66 @@ def test_decode_argument_errors(jpeg_root):
         load_dataset("folder", root=jpeg_root, decode="cpu", augment=True)
     with pytest.raises(InvalidArgumentError, match="decode must be one of cpu, gpu, auto, got 'x'"):
         resolve_decode_device("x", "cpu")
+
+
+def test_packed_bytes_round_trip_including_empty_files():
+    datas = [torch.arange(5, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8),
+             torch.full((3,), 7, dtype=torch.uint8)]
+    packed = PackedBytes.pack(datas)
+    assert packed.flat.numel() == 8 and len(packed) == 3
+    assert all(torch.equal(a, b) for a, b in zip(packed.unpack(), datas))
+    assert all(v.data_ptr() >= packed.flat.data_ptr() for v in packed.unpack()[::2])  # views, not copies
+    if torch.cuda.is_available():
+        pinned = packed.pin_memory()
+        assert pinned.flat.is_pinned() and all(torch.equal(a, b) for a, b in zip(pinned.unpack(), datas))
+
+
+def test_decode_thread_keeps_order_runs_ahead_and_stops():
+    import threading
+    import time
+    calls = []
+
+    def to_device(batch):
+        calls.append(batch)
+        return torch.tensor([batch])
+    feed = decoded_batches(range(10), to_device, "cpu", depth=2)
+    batch, x = next(feed)
+    assert (batch, int(x)) == (0, 0)
+    deadline = time.time() + 5
+    while len(calls) < 3 and time.time() < deadline:  # decodes ahead while the caller holds batch 0
+        time.sleep(0.01)
+    time.sleep(0.05)
+    assert 3 <= len(calls) <= 4, calls  # at most `depth` queued and one in hand
+    assert [(b, int(v)) for b, v in feed] == [(i, i) for i in range(1, 10)]
+    early = decoded_batches(range(1000), to_device, "cpu")
+    next(early)
+    early.close()  # leaving the loop early stops the thread
+    assert not [t for t in threading.enumerate() if t.name == "kdfast-decode"]
+
+
+def test_decode_thread_reraises_a_decode_error_in_the_caller():
+    def to_device(batch):
+        if batch == 2:
+            raise DataError("cannot decode JPEG bee/im2.JPEG")
+        return torch.tensor([batch])
+    with pytest.raises(DataError, match="bee/im2"):
+        list(decoded_batches(range(5), to_device, "cpu"))
+
+
+def test_decoder_constants_are_made_once_per_device():
+    decoder = JpegBatchDecoder(16)
+    first = decoder.constants(torch.device("cpu"))
+    assert decoder.constants(torch.device("cpu"))[0] is first[0]
+    import pickle
+    assert pickle.loads(pickle.dumps(decoder))._constants == {}  # workers get no device tensors
+
+
+def test_resizing_in_groups_changes_nothing(jpeg_root, monkeypatch):
+    enc = EncodedImageFolder("folder", jpeg_root, FOLDER_LAYOUT, image_size=32, decode="cpu")
+    order = [0, 1, 0, 0, 0, 1, 0]  # two sizes, interleaved (rows by index) and in a run (rows by slice)
+    mixed = [enc.read(i) for i in order]
+    whole = enc.decoder(mixed, "cpu")
+    alone = torch.stack([enc.load(i) for i in order])
+    assert torch.equal(whole, alone)
+    monkeypatch.setattr(gpu_decode, "RESIZE_GROUP", 2)
+    assert torch.equal(enc.decoder(mixed, "cpu"), whole)

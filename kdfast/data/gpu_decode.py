@@ -1,8 +1,9 @@
 """JPEG image folders decoded in batches: loader workers read file bytes, the GPU decodes and resizes.
 
 At ImageNet scale PIL decoding is the bottleneck (about 220 images/s per core), so with `decode="gpu"` the
-workers only read each file into a uint8 tensor and the scoring loop decodes the whole batch on the device
-with `torchvision.io.decode_jpeg(list, device="cuda")` (nvJPEG), then resizes and crops it there.
+workers only read the files and send each batch as one flat byte buffer (PackedBytes, pinned), and a decode
+thread decodes the whole batch on the device with `torchvision.io.decode_jpeg(list, device="cuda")` (nvJPEG),
+then resizes and crops it there, up to two batches ahead of the model (`decoded_batches`).
 Without CUDA (or when nvJPEG fails), the same decoder runs on the CPU inside the loader workers, with one
 logged note saying so. `decode="cpu"` asks for that path directly; `"auto"` takes the GPU when the scoring
 device is one.
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,6 +33,11 @@ from .imagefolder import MEAN, STD, scan_image_folder
 
 DECODES = ("cpu", "gpu", "auto")
 JPEG_MAGIC = b"\xff\xd8\xff"
+# Images of one size are stacked, converted and resized this many at a time: a whole ImageNet batch at once
+# (256 of 500x375) would stack 144 MB of pixels and make a 576 MB float copy of them.
+RESIZE_GROUP = 32
+# Batches decoded ahead of the model by the decode thread.
+DECODE_AHEAD = 2
 
 log = logging.getLogger("kdfast.data")
 _NOTED: set[str] = set()
@@ -93,6 +101,17 @@ class JpegBatchDecoder:
         self.resize = int(resize) if resize is not None else int(round(crop * 256 / 224))
         self.mean, self.std = tuple(mean), tuple(std)
         self.integer_resize = integer_resize
+        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __getstate__(self):  # sent to loader workers: without device tensors
+        return {**self.__dict__, "_constants": {}}
+
+    def constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std as (1, 3, 1, 1) tensors on `device`, made once per device (no copy per batch)."""
+        if device not in self._constants:
+            self._constants[device] = (torch.tensor(self.mean, device=device).view(1, 3, 1, 1),
+                                       torch.tensor(self.std, device=device).view(1, 3, 1, 1))
+        return self._constants[device]
 
     def resize_group(self, group: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """(n, 3, h, w) uint8 -> (n, 3, *size) float32 holding whole 8-bit values."""
@@ -127,18 +146,56 @@ class JpegBatchDecoder:
             by_size.setdefault(tuple(img.shape[-2:]), []).append(i)
         for (h, w), members in by_size.items():
             new_w, new_h = eval_size(w, h, self.resize, self.crop)
-            group = self.resize_group(torch.stack([images[i] for i in members]), (new_h, new_w))
             top, left = (new_h - self.crop) // 2, (new_w - self.crop) // 2
-            out[torch.tensor(members, device=device)] = group[..., top:top + self.crop, left:left + self.crop]
-        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+            for s in range(0, len(members), RESIZE_GROUP):
+                part = members[s:s + RESIZE_GROUP]
+                group = self.resize_group(torch.stack([images[i] for i in part]), (new_h, new_w))
+                crop = group[..., top:top + self.crop, left:left + self.crop]
+                if part[-1] - part[0] == len(part) - 1:  # consecutive rows (one image size per batch): no index
+                    out[part[0]:part[-1] + 1].copy_(crop)
+                else:
+                    out.index_copy_(0, _index(part, device), crop)
+        mean, std = self.constants(device)
         return out.div_(255.0).sub_(mean).div_(std)
 
 
+def _index(members: list[int], device: torch.device) -> torch.Tensor:
+    """Row indices on the device; on CUDA copied from pinned memory without blocking the host."""
+    index = torch.tensor(members, dtype=torch.int64)
+    return index.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else index
+
+
+class PackedBytes:
+    """A batch's files as one flat uint8 buffer and their end offsets: what loader workers send, so the
+    main process receives two tensors per batch instead of one per image (each tensor crossing the process
+    boundary costs a shared-memory handle; bench/bench_e2e.py's receive rows measure both). The DataLoader
+    pins it (its `pin_memory` method) when the decode runs on CUDA."""
+
+    def __init__(self, flat: torch.Tensor, ends: torch.Tensor):
+        self.flat, self.ends = flat, ends
+
+    @classmethod
+    def pack(cls, datas: list[torch.Tensor]) -> "PackedBytes":
+        lengths = torch.tensor([d.numel() for d in datas], dtype=torch.int64)
+        return cls(torch.cat(datas) if datas else torch.empty(0, dtype=torch.uint8), lengths.cumsum(0))
+
+    def pin_memory(self, device=None) -> "PackedBytes":
+        return PackedBytes(self.flat.pin_memory(), self.ends)
+
+    def unpack(self) -> list[torch.Tensor]:
+        """Views of the flat buffer, one per file (no copies)."""
+        ends = self.ends.tolist()
+        return [self.flat[start:end] for start, end in zip([0] + ends[:-1], ends)]
+
+    def __len__(self) -> int:
+        return self.ends.numel()
+
+
 def collate_encoded(items):
-    """Worker-side collate that keeps the variable-length byte tensors as a list: (datas, labels, indices)."""
+    """Worker-side collate for the loop-side decode: (PackedBytes of the files, labels, indices)."""
     datas, labels, indices = zip(*items)
-    return list(datas), torch.tensor(labels, dtype=torch.int64), torch.tensor(indices, dtype=torch.int64)
+    return (PackedBytes.pack(list(datas)), torch.tensor(labels, dtype=torch.int64),
+            torch.tensor(indices, dtype=torch.int64))
 
 
 class DecodingCollate:
@@ -148,8 +205,74 @@ class DecodingCollate:
         self.decoder, self.files = decoder, files
 
     def __call__(self, items):
-        datas, labels, indices = collate_encoded(items)
-        return self.decoder(datas, "cpu", [self.files[int(i)] for i in indices]), labels, indices
+        datas, labels, indices = zip(*items)
+        names = [self.files[int(i)] for i in indices]
+        return (self.decoder(list(datas), "cpu", names), torch.tensor(labels, dtype=torch.int64),
+                torch.tensor(indices, dtype=torch.int64))
+
+
+class _Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+_DONE = object()
+
+
+def decoded_batches(batches, to_device: Callable, device, depth: int = DECODE_AHEAD):
+    """Yields (batch, to_device(batch)) for each batch of the iterable `batches` (a DataLoader), in order.
+
+    A thread pulls the batches and runs `to_device` (on its own CUDA stream on CUDA) up to `depth` batches
+    ahead, so reading (the loader workers), decoding (this thread) and the model (the caller) overlap; the
+    GPU decoder synchronises its stream, which would otherwise stall the thread that queues the model. On
+    CUDA the caller's stream waits for each batch's decode before using it. A decode error is re-raised in
+    the caller, and leaving the loop early stops the thread.
+    """
+    device = torch.device(device)
+    ahead: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work():
+        try:
+            stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+            for batch in batches:
+                if stop.is_set():
+                    return
+                if stream is None:
+                    ahead.put((batch, to_device(batch), None))
+                    continue
+                with torch.cuda.stream(stream):
+                    x = to_device(batch)
+                    done = torch.cuda.Event()
+                    done.record(stream)
+                ahead.put((batch, x, done))
+            ahead.put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, which re-raises it
+            ahead.put(_Failed(exc))
+
+    thread = threading.Thread(target=work, name="kdfast-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ahead.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failed):
+                raise item.exc
+            batch, x, done = item
+            if done is not None:
+                main = torch.cuda.current_stream(device)
+                main.wait_event(done)
+                x.record_stream(main)  # made on the decode stream, used on this one: keep it until then
+            yield batch, x
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a put on a full queue so the thread can see `stop`
+            try:
+                ahead.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
 
 
 @dataclass
@@ -158,6 +281,13 @@ class BatchPipeline:
     collate_fn: Callable
     pin_memory: bool
     to_device: Callable[[tuple], torch.Tensor] | None  # batch -> input on the device; None: batch[0] is it
+    device: torch.device | None = None  # where to_device puts its result
+
+    def feed(self, batches):
+        """(batch, model input) per batch of `batches`: decoded by the decode thread, or batch[0] as it is."""
+        if self.to_device is None:
+            return ((batch, batch[0]) for batch in batches)
+        return decoded_batches(batches, self.to_device, self.device)
 
 
 class EncodedImageFolder(LabeledDataset):
@@ -203,6 +333,6 @@ class EncodedImageFolder(LabeledDataset):
                                  == "cuda", to_device=None)
 
         def to_device(batch) -> torch.Tensor:
-            datas, _, indices = batch
-            return self.decoder(datas, where, [self.files[int(i)] for i in indices])
-        return BatchPipeline(collate_encoded, pin_memory=False, to_device=to_device)
+            packed, _, indices = batch
+            return self.decoder(packed.unpack(), where, [self.files[int(i)] for i in indices])
+        return BatchPipeline(collate_encoded, pin_memory=where.type == "cuda", to_device=to_device, device=where)

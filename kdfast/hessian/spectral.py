@@ -55,17 +55,18 @@ def _default_chunk(num_params: int, steps: int, dtype: torch.dtype, device: torc
 
 
 def spectral_norms(model: nn.Module, batches, *, loss="ce", curvature: str = "hessian", iters: int = 20,
-                   tol: float = 1e-3, method: str = "lanczos", engine: str = "auto", compile: bool | str = "auto",
+                   tol: float = 1e-3, method: str = "lanczos", engine: str = "loop", compile: bool | str = False,
                    chunk: int | None = None, seed: int = 0, return_info: bool = False, on_batch_done=None,
                    products: BatchedHVP | None = None):
     """L_j = max |eigenvalue| of the curvature of each batch's mean loss at the model's current weights.
 
     batches: iterable of (inputs, targets) pairs, consumed lazily (moved to the model's device as slots free
     up, so a data set larger than memory streams through). Returns (num_batches,)
-    float32 on the CPU, in batch order; with return_info=True also a SpectralInfo. engine: "vmap"
-    (torch.func, compiled on CUDA when compile="auto"), "loop" (eager double backward per batch) or
-    "auto" (vmap on CUDA, loop on CPU: what measured fastest on each, bench/RESULTS.md). Start vectors are
-    seeded per batch index, so results are reproducible. on_batch_done(j) is called as batch j finishes.
+    float32 on the CPU, in batch order; with return_info=True also a SpectralInfo. engine: "loop" (double
+    backward through each batch's retained gradient, replayed from CUDA graphs on CUDA) or "vmap"
+    (torch.func; `compile=True` or a variant name compiles it, opt-in, see BatchedHVP). Start vectors are
+    drawn on the device from a generator seeded by (seed, batch index), so results are reproducible on one
+    device type. on_batch_done(j) is called as batch j finishes.
     products: a BatchedHVP built once and reused across calls (its loss, curvature, engine and compiled
     function win over the arguments here), so a compiled product is compiled once (keep `chunk` fixed too).
     """
@@ -76,10 +77,7 @@ def spectral_norms(model: nn.Module, batches, *, loss="ce", curvature: str = "he
                                    f"{type(model).__name__}")
     device, dtype = trainable[0].device, trainable[0].dtype
     if products is None:
-        if engine == "auto":
-            engine = "vmap" if device.type == "cuda" else "loop"
-        use_compile = (device.type == "cuda" and engine == "vmap") if compile == "auto" else bool(compile)
-        products = BatchedHVP(model, loss=loss, curvature=curvature, engine=engine, compile=use_compile)
+        products = BatchedHVP(model, loss=loss, curvature=curvature, engine=engine, compile=compile)
     elif products.model is not model:
         raise InvalidArgumentError("spectral_norms: products was built for another model")
     use_compile = products.compiled
@@ -133,8 +131,9 @@ def _same_shape(stream, key, set_aside):
 
 
 def _start_vector(size: int, seed: int, index: int, dtype, device) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
-    return torch.randn(size, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+    """Drawn where it is used, in the working dtype: no host draw of P values per batch."""
+    gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
+    return torch.randn(size, generator=gen, dtype=dtype, device=device)
 
 
 def _run_group(products, first, rest, *, solver_cls, iters, tol, chunk, seed, device, dtype, pad, results,

@@ -200,17 +200,15 @@ def score_batches(models, data, method: Method, *, batch_size=256, batches=None,
         pin = pipeline.pin_memory if pipeline is not None else device.type == "cuda"
         loader = DataLoader(data, batch_sampler=batch_ids, num_workers=num_workers, pin_memory=pin,
                             persistent_workers=False, **extra)
-    to_device = pipeline.to_device if pipeline is not None else None
-    decode_stream = torch.cuda.Stream(device) if to_device is not None and device.type == "cuda" else None
+    # (batch, model input) pairs; a batch pipeline decodes on its own thread, ahead of the model
+    feed = pipeline.feed(loader) if pipeline is not None else ((batch, batch[0]) for batch in loader)
     cuda = device.type == "cuda"
     pending, offset = None, 0
     with BatchScorer(models, method, device=device, precision=precision, head=head, keep_logits=keep_logits) as scorer:
-        for b, batch in enumerate(loader):
-            x, y = batch[0], batch[1]
-            y = torch.as_tensor(y)
+        for b, (batch, x) in enumerate(feed):
+            y = torch.as_tensor(batch[1])
             idx = torch.as_tensor(batch_ids[b]) if batch_ids is not None else torch.arange(offset, offset + len(y))
             offset += len(y)
-            x = _on_side_stream(to_device, batch, decode_stream) if to_device is not None else x
             values, logits = scorer(scorer.prepare(x), y.to(device, non_blocking=True))
             if scorer.num_classes is not None:  # gradient methods without a head: the engine's loss checks labels
                 _check_labels(y, idx, scorer.num_classes)
@@ -224,19 +222,6 @@ def score_batches(models, data, method: Method, *, batch_size=256, batches=None,
             pending = (idx, values, logits, event)
         if pending is not None:
             yield _settle(pending)
-
-
-def _on_side_stream(to_device, batch, stream):
-    """The batch's decode on its own CUDA stream, so it overlaps the model work still queued for the previous
-    batch; the scoring stream waits for it before using the result. Off CUDA, a plain call."""
-    if stream is None:
-        return to_device(batch)
-    with torch.cuda.stream(stream):
-        x = to_device(batch)
-    main = torch.cuda.current_stream(stream.device)
-    main.wait_stream(stream)
-    x.record_stream(main)  # allocated on the side stream, consumed on this one: keep it alive until then
-    return x
 
 
 def _settle(pending):
