@@ -41,6 +41,8 @@ EPILOG = """examples:
                  --keep keep.npy --alpha auto --temperature 4 --out runs/student
   kdfast-distill --dataset cifar100 --data-root ~/data --model resnet32 --teacher-model resnet110 \\
                  --teacher t110.pt --keep keep.npy --alpha 0.5 --out runs/capacity
+  kdfast-distill --train-teacher --keep keep.npy --kd-term vid --out runs/digits-vid
+      (logit KD plus variational information distillation on the classifier heads' inputs)
   kdfast-distill ... --out runs/student --resume      (continues after the last finished epoch)
   torchrun --nproc-per-node 8 -m kdfast.cli.distill ...   (DistributedDataParallel, --batch-size per GPU; rank 0
                                                            writes the files)
@@ -85,6 +87,7 @@ def add_parser(subparsers):
                         "fraction) (default: %(default)s)")
     g.add_argument("--alpha-schedule", help="anchors for --alpha auto, e.g. '0.1:1,0.7:0.5' (the default)")
     g.add_argument("--temperature", type=float, default=4.0, help="(default: %(default)s)")
+    _add_kd_term_arguments(p)
     g = p.add_argument_group("Optimisation (default: the data set's recipe)")
     g.add_argument("--recipe", choices=sorted(RECIPES), help="recipe the defaults come from")
     g.add_argument("--epochs", type=int)
@@ -103,6 +106,45 @@ def add_parser(subparsers):
     g.add_argument("--out", required=True, help="output folder")
     g.add_argument("--resume", action="store_true", help="continue the run in --out after its last epoch")
     return p
+
+
+def _add_kd_term_arguments(p):
+    g = p.add_argument_group("Feature distillation (added to the logit KD term)")
+    g.add_argument("--kd-term", default="logit", choices=("logit", "hint", "vid", "at"),
+                   help="logit: the KD loss alone; hint (FitNets), vid (variational information distillation) or "
+                        "at (attention transfer): that feature term added, beta * term (default: %(default)s)")
+    g.add_argument("--kd-beta", type=float, help="weight beta of the feature term (default: the term's: hint 100, "
+                                                 "vid 1, at 1000)")
+    g.add_argument("--kd-layers", help="STUDENT_LAYER:TEACHER_LAYER module names (a trailing '.in' takes a "
+                                       "module's input); default: the classifier heads' inputs (hint, vid), the "
+                                       "last spatial stage (at)")
+
+
+def _check_kd_term(args, sources, problems):
+    if args.kd_term == "logit":
+        for flag in ("kd_beta", "kd_layers"):
+            if getattr(args, flag) is not None:
+                problems.append(f"--{flag.replace('_', '-')} goes with --kd-term hint|vid|at")
+        return
+    if not {"--teacher", "--train-teacher"} & set(sources):
+        problems.append(f"--kd-term {args.kd_term} distills from a teacher's features: pass --teacher PATH or "
+                        "--train-teacher (a --teacher-cache holds only logits)")
+    if args.kd_beta is not None and not (args.kd_beta >= 0 and math.isfinite(args.kd_beta)):
+        problems.append(f"--kd-beta must be a finite number >= 0, got {args.kd_beta}")
+    if args.kd_layers is not None and (args.kd_layers.count(":") != 1 or "" in args.kd_layers.split(":")):
+        problems.append(f"--kd-layers must be STUDENT_LAYER:TEACHER_LAYER, e.g. 9:9 or 12.in:12.in, got "
+                        f"{args.kd_layers!r}")
+
+
+def _kd_term(args, student, teacher, train, device):
+    """The feature term of --kd-term (None for logit), sized on one training example."""
+    if args.kd_term == "logit":
+        return None
+    from ..kd_terms import make_kd_term
+    layers = [None, None] if args.kd_layers is None else [
+        name[:-3] + ":in" if name.endswith(".in") else name for name in args.kd_layers.split(":")]
+    return make_kd_term(args.kd_term, student.to(device), teacher.to(device), train[0][0][None].to(device),
+                        student_layer=layers[0], teacher_layer=layers[1], beta=args.kd_beta)
 
 
 # --------------------------------------------------------------------------------- argument resolution
@@ -165,6 +207,7 @@ def resolve(args):
                                                                                          problems)
     sources = [name for name, on in (("--teacher", args.teacher), ("--train-teacher", args.train_teacher),
                                      ("--teacher-cache", args.teacher_cache)) if on]
+    _check_kd_term(args, sources, problems)
     if args.train_teacher and args.teacher:
         problems.append("give --teacher or --train-teacher, not both")
     if args.teacher_cache and args.train_teacher:
@@ -347,12 +390,13 @@ def _run(args, device) -> int:
                                   teacher_fingerprint=None if teacher is None else model_fingerprint(teacher))
         teacher = None  # the cache replaces the online teacher
     if alpha == 0:
-        teacher, cache = None, None
+        teacher, cache = (None, None) if args.kd_term == "logit" else (teacher, None)
     log(f"student: {args.model} on {len(train) if keep is None else len(keep)} of {len(train)} {args.dataset} "
         f"examples (f = {fraction:.3g}), alpha = {alpha:.3g}, T = {args.temperature}, {args.epochs} epochs, "
         f"device {device}", quiet=args.quiet)
     torch.manual_seed(args.seed)
     student = _build(args.model, args.dataset, train.num_classes, args.image_size)
+    kd_term = _kd_term(args, student, teacher, train, device)
     history = fit(student, train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                   weight_decay=args.weight_decay, schedule=args.schedule, milestones=args.milestones,
                   teacher=teacher, teacher_cache=cache, alpha=alpha, temperature=args.temperature,
@@ -360,7 +404,7 @@ def _run(args, device) -> int:
                   precision=args.precision, seed=args.seed, num_workers=args.num_workers,
                   checkpoint_path=os.path.join(args.out, "checkpoint.pt"), resume=args.resume,
                   progress=not args.quiet, eval_dataset=evaluation,
-                  on_epoch=lambda h: write_metrics(args.out, h), distributed=True)
+                  on_epoch=lambda h: write_metrics(args.out, h), distributed=True, kd_term=kd_term)
     if not main_rank:
         return 0
     torch.save(student.state_dict(), os.path.join(args.out, "student.pt"))
@@ -370,13 +414,17 @@ def _run(args, device) -> int:
         teacher is not None or cache is not None) else None, "num_train": len(train),
         "num_kept": len(train) if keep is None else len(keep), "fraction": fraction, "alpha": alpha,
         "temperature": args.temperature, "epochs": args.epochs, "final": last}
+    if kd_term is not None:
+        summary["kd_term"] = {"name": kd_term.name, "beta": kd_term.beta, "student_layer": kd_term.student_layer,
+                              "teacher_layer": kd_term.teacher_layer}
     if "eval_acc" in last:
         best = max(history, key=lambda h: h["eval_acc"])
         summary["best_eval_acc"], summary["best_epoch"] = best["eval_acc"], best["epoch"]
     write_json_atomic(os.path.join(args.out, "summary.json"), summary)
     acc = f"eval acc {last['eval_acc']:.4f} (best {summary['best_eval_acc']:.4f} at epoch {summary['best_epoch']})" \
         if "eval_acc" in last else f"train acc {last['train_acc']:.4f}"
-    print(f"{args.model} student, f = {fraction:.3g}, alpha = {alpha:.3g}: {acc} after {args.epochs} epochs -> "
+    term = "" if kd_term is None else f", kd_term {kd_term.name} (beta {kd_term.beta:g})"
+    print(f"{args.model} student, f = {fraction:.3g}, alpha = {alpha:.3g}{term}: {acc} after {args.epochs} epochs -> "
           f"{os.path.join(args.out, 'student.pt')}")
     return 0
 
