@@ -1,0 +1,24 @@
+"""The digits reproductions end to end at a few SGD steps, so they cannot rot (their numbers mean nothing here)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("bench.repro_digits_kd", reason="the bench/ folder ships with the repository, not the package")
+from bench import repro_digits_kd  # noqa: E402
+
+
+def test_repro_digits_kd_smoke(tmp_path, capsys):
+    assert repro_digits_kd.main(["--smoke", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "repro_digits_kd.md").read_text()
+    assert "| random | KD a=auto |" in text and "Alpha grows as f shrinks:" in text and "commit " in text
+    assert text.count("| holds |") + text.count("| within noise |") + text.count("| reversed |") == 40
+    saved = json.loads((tmp_path / "repro_digits_kd.json").read_text())
+    assert len(saved["runs"]) == 2 and saved["size"]["steps"] == 8
+    assert (tmp_path / "repro_digits_kd.png").stat().st_size > 0
+    # the table rebuilds from the saved runs without training
+    (tmp_path / "again").mkdir()
+    assert repro_digits_kd.main(["--from-json", str(tmp_path / "repro_digits_kd.json"), "--out",
+                                 str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "repro_digits_kd.md").read_text() == text
