@@ -7,6 +7,8 @@ Public API (imported lazily, so `import kdfast` stays cheap and never touches a 
     per_example_grad_norms               exact per-example gradient norms of whole networks
     hessian, liprune_batches, ImportanceSampler
     prune, distill_step, alpha_for_fraction, optimal_alpha, TeacherCache
+    make_kd_term                         feature-distillation terms (hint, vid, at) for distill_step / fit
+    load_score_file                      external per-example scores (.npy, or CSV / .npz keyed by file name)
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ _API = {
     "alpha_for_fraction": "kdfast.distill",
     "optimal_alpha": "kdfast.distill",
     "TeacherCache": "kdfast.teacher_cache",
+    "make_kd_term": "kdfast.kd_terms",
+    "load_score_file": "kdfast.score_files",
 }
 _SUBMODULES = ("hessian",)
 

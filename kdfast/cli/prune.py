@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 
+from ..score_files import is_keyed
 from .common import CliError, UsageError, log, write_json_atomic
 
 EPILOG = """examples:
@@ -18,9 +19,12 @@ EPILOG = """examples:
       kept 431 of 1397 examples (fraction 0.3, mode hard) -> keep.npy
   kdfast-prune --scores runs/c100-el2n --fraction 0.3 --mode moderate --class-balanced --out keep.npy
   kdfast-prune --scores scores.npy --fraction 0.1 --mode random --seed 3 --out keep.npy
+  kdfast-prune --scores memorization.csv --dataset folder --data-root ~/data/pets --fraction 0.5 --out keep.npy
 
 --scores is a `kdfast-score` output folder (scores.npy + meta.json) or a .npy file of float scores in data
-set order, higher = harder. --class-balanced needs the labels: from --labels FILE.npy, or from the data set
+set order, higher = harder; or a score file keyed by file name (CSV with file,score columns, or .npz with
+`files` and `scores`), matched to the files of --dataset folder|imagenet --data-root ROOT (see
+kdfast/score_files.py for the matching rules). --class-balanced needs the labels: from --labels FILE.npy, or from the data set
 (--dataset, else the one named in the scores' meta.json); they must match the labels the scores were
 computed on (fingerprint). Besides OUT, OUT.json records what was kept and from what.
 """
@@ -32,7 +36,8 @@ def add_parser(subparsers):
                               description="Keep a fraction of a data set from per-example scores.",
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("Scores")
-    g.add_argument("--scores", required=True, help="kdfast-score output folder, or a .npy file of scores")
+    g.add_argument("--scores", required=True, help="kdfast-score output folder, a .npy file of scores, or a .csv "
+                                                   "/ .npz keyed by file name (needs --dataset, --data-root)")
     g = p.add_argument_group("Selection")
     g.add_argument("--fraction", type=float, required=True, help="share of examples kept, in (0, 1]")
     g.add_argument("--mode", default="hard", choices=MODES,
@@ -102,6 +107,24 @@ def load_scores(path):
     return _load_npy(path, "scores"), {}
 
 
+def _keyed_scores(args):
+    """A CSV / .npz keyed by file name, matched to the files of --dataset (with --data-root, --split)."""
+    from ..data import labels_fingerprint, load_dataset
+    from ..score_files import load_score_file
+    if not args.dataset:
+        raise UsageError(f"--scores {args.scores} is keyed by file name: pass --dataset (folder or imagenet) and "
+                         "--data-root to match it to the data set's files")
+    data = load_dataset(args.dataset, root=args.data_root, split=args.split or "train")
+    if data.files is None:
+        raise UsageError(f"--scores {args.scores} is keyed by file name but --dataset {args.dataset} has no files; "
+                         "keyed score files go with image folders (folder, imagenet)")
+    scores, report = load_score_file(args.scores, files=data.files, return_report=True)
+    log(f"matched {report.exact} files exactly, {report.lenient} leniently; {report.ignored} score entries "
+        "match no file", quiet=args.quiet)
+    return scores, {"dataset": args.dataset, "data_root": args.data_root, "split": args.split or "train",
+                    "labels_fingerprint": labels_fingerprint(data.targets)}
+
+
 def _meta_labels_fingerprint(meta):
     for key in ("labels_fingerprint", "dataset_fingerprint"):
         if isinstance(meta.get(key), str):
@@ -154,7 +177,7 @@ def _whole_batches(args, scores):
 def run(args) -> int:
     from ..selection import prune
     _validate(args)
-    scores, meta = load_scores(args.scores)
+    scores, meta = _keyed_scores(args) if is_keyed(args.scores) else load_scores(args.scores)
     if scores.ndim != 1:
         raise CliError(f"scores in {args.scores} have shape {scores.shape}, expected (N,)")
     labels = _labels(args, meta, len(scores)) if args.class_balanced else None
