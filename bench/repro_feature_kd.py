@@ -31,8 +31,9 @@ import time
 
 import torch
 
+from bench.common import code_commit
 from bench.repro_digits_kd import (FIGURES, accuracy, converged, make_model, mean_std, paired, provenance,
-                                   tensors, train, train_state, verdict)
+                                   rendered, tensors, train, train_state, verdict)
 from kdfast.kd_terms import KD_TERMS, make_kd_term
 from kdfast.scoring import ForgettingTracker
 from kdfast.selection import prune
@@ -117,7 +118,7 @@ def report(runs, size, prov):
         *claim_rows, "",
         f"Measured {prov['date']} on {prov['device']} in {prov['elapsed_s']:.0f} s; "
         f"{', '.join(f'{k} {v}' for k, v in sorted(prov['versions'].items()))}; seeds {list(range(len(runs)))}; "
-        f"commit {prov['commit']}; command: `{prov['command']}`", ""])
+        f"commit {prov['commit']}; command: `{prov['command']}`" + rendered(prov), ""])
 
 
 def plot(runs, path):
@@ -163,6 +164,7 @@ def main(argv=None) -> int:
     if args.from_json:
         with open(args.from_json) as fh:
             saved = json.load(fh)
+        saved["provenance"]["rendered_by"] = code_commit()
         print(write_outputs(saved["runs"], saved["size"], saved["provenance"], args.out))
         return 0
     size = dict(SIZES["full" if args.full else "smoke" if args.smoke else "default"])
