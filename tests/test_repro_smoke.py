@@ -21,7 +21,8 @@ def test_repro_digits_kd_smoke(tmp_path, capsys):
     (tmp_path / "again").mkdir()
     assert repro_digits_kd.main(["--from-json", str(tmp_path / "repro_digits_kd.json"), "--out",
                                  str(tmp_path / "again")]) == 0
-    assert (tmp_path / "again" / "repro_digits_kd.md").read_text() == text
+    again = (tmp_path / "again" / "repro_digits_kd.md").read_text()
+    assert again.startswith(text.rstrip("\n")) and "; rendered from the saved runs at commit " in again
 
 
 def test_repro_feature_kd_smoke(tmp_path):
