@@ -266,3 +266,19 @@ def test_cli_kd_term(tmp_path, capsys):
     assert "kd_term at" in captured.out
     rc = distill_main(["--alpha", "0", "--kd-term", "vid", "--out", str(tmp_path / "x")])
     assert rc == 2 and "--kd-term vid distills from a teacher's features" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["hint", "vid", "at"])
+def test_bf16_autocast_features_are_compared_in_fp32(name):
+    import copy
+    s, t = _pair()
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    term = make_kd_term(name, s, t, x[:1])
+    values = {}
+    for amp in (None, "bf16"):
+        s2, term2 = copy.deepcopy(s), copy.deepcopy(term)
+        opt = torch.optim.SGD([*s2.parameters(), *term2.parameters()], lr=0.0)
+        out = kdfast.distill_step(s2, t, x, y, opt, alpha=0.5, kd_term=term2, amp=amp)
+        values[amp] = out["kd_term"]
+    assert values["bf16"].dtype == torch.float32
+    assert float(values["bf16"]) == pytest.approx(float(values[None]), rel=0.1)  # bf16 features: ~3 digits
