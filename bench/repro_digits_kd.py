@@ -162,23 +162,40 @@ def verdict(diff, se):
     return "holds" if diff > 0 else "reversed"
 
 
+CLAIMS = ("KD (alpha auto) beats no KD", "with KD, random pruning beats the score method (the paper: at small f)",
+          "alpha auto beats alpha 0.5 (random pruning)")
+
+
 def claims(runs):
-    """The paper's claims, each as (claim, measured, verdict) from paired per-seed differences."""
+    """The paper's claims as (claim, case, measured, verdict) rows from paired per-seed differences."""
     rows = []
+
+    def add(claim, case, a, b):
+        d, se = paired(runs, "main", a, b)
+        rows.append((claim, case, f"{d:+.1f} ± {se:.1f}", verdict(d, se)))
     for f in FRACTIONS:
         for method in METHODS:
-            d, se = paired(runs, "main", f"{f}|{method}|KD a=auto", f"{f}|{method}|no KD")
-            rows.append((f"KD (alpha auto) beats no KD, {method}, f = {f}", f"{d:+.1f} ± {se:.1f}", verdict(d, se)))
+            add(CLAIMS[0], f"{method}, f = {f}", f"{f}|{method}|KD a=auto", f"{f}|{method}|no KD")
     for f in FRACTIONS:
         for method in METHODS[1:]:
-            d, se = paired(runs, "main", f"{f}|random|KD a=auto", f"{f}|{method}|KD a=auto")
-            rows.append((f"with KD, random beats {method} at f = {f} (the paper: at small f)", f"{d:+.1f} ± {se:.1f}",
-                         verdict(d, se)))
+            add(CLAIMS[1], f"vs {method}, f = {f}", f"{f}|random|KD a=auto", f"{f}|{method}|KD a=auto")
     for f in FRACTIONS:
-        d, se = paired(runs, "main", f"{f}|random|KD a=auto", f"{f}|random|KD a=0.5")
-        rows.append((f"alpha auto ({alpha_for_fraction(f):.3g}) beats 0.5, random, f = {f}", f"{d:+.1f} ± {se:.1f}",
-                     verdict(d, se)))
+        if alpha_for_fraction(f) != 0.5:  # at f = 0.7 the two are the same run
+            add(CLAIMS[2], f"alpha {alpha_for_fraction(f):.3g}, f = {f}", f"{f}|random|KD a=auto",
+                f"{f}|random|KD a=0.5")
     return rows
+
+
+def claim_summary(rows):
+    """One line per claim: where it holds, where it is reversed; the rest is within noise."""
+    lines = []
+    for claim in CLAIMS:
+        mine = [r for r in rows if r[0] == claim]
+        parts = [f"{v} in {len([r for r in mine if r[3] == v])}/{len(mine)}"
+                 + (f" ({'; '.join(r[1] for r in mine if r[3] == v)})" if v != "within noise" else "")
+                 for v in ("holds", "reversed", "within noise") if any(r[3] == v for r in mine)]
+        lines.append(f"- {claim}: " + ", ".join(parts))
+    return lines
 
 
 def best_alphas(runs):
@@ -227,8 +244,10 @@ def report(runs, size, prov):
         sweep_rows.append(f"| {f} | " + " | ".join(f"{sweep[f'{f}|{a}'][0]:.1f} ± {sweep[f'{f}|{a}'][1]:.1f}"
                                                   for a in SWEEP_ALPHAS) + f" | {best[f][0]} |")
     trend = alpha_trend(best)
-    claim_rows = ["| claim | measured (points, mean ± s.e. of paired differences) | verdict |", "|---|---|---|"]
-    claim_rows += [f"| {c} | {m} | {v} |" for c, m, v in claims(runs)]
+    found = claims(runs)
+    claim_rows = ["| claim | case | measured (points, mean ± s.e. of paired differences) | verdict |",
+                  "|---|---|---|---|"]
+    claim_rows += [f"| {c} | {case} | {m} | {v} |" for c, case, m, v in found]
     autos = ", ".join(f"{alpha_for_fraction(f):.3g}" for f in FRACTIONS)
     return "\n".join([
         "# Data pruning with KD on digits: a fixed step budget, converged scores, several seeds",
@@ -243,9 +262,8 @@ def report(runs, size, prov):
         f"Teacher test accuracy {teacher[0]:.1f} ± {teacher[1]:.1f}. Convergence (train accuracy 100% and train CE "
         f"< {CONVERGED_CE}): {'all seeds converged' if all(conv) else 'NOT all seeds converged'} ({states}).",
         "", *rows, "", "Alpha sweep, random pruning:", "", *sweep_rows, "",
-        f"Alpha grows as f shrinks: {trend}.", "",
         "Claims, judged on per-seed paired differences (holds: mean > 2 s.e.; reversed: mean < -2 s.e.):", "",
-        *claim_rows, "",
+        "Summary:", "", *claim_summary(found), f"- the best alpha grows as f shrinks: {trend}", "", *claim_rows, "",
         f"Measured {prov['date']} on {prov['device']} in {prov['elapsed_s']:.0f} s; "
         f"{', '.join(f'{k} {v}' for k, v in sorted(prov['versions'].items()))}; seeds {list(range(len(runs)))}; "
         f"commit {prov['commit']}; command: `{prov['command']}`" + rendered(prov), ""])

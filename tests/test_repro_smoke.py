@@ -12,8 +12,8 @@ from bench import repro_digits_kd  # noqa: E402
 def test_repro_digits_kd_smoke(tmp_path, capsys):
     assert repro_digits_kd.main(["--smoke", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "repro_digits_kd.md").read_text()
-    assert "| random | KD a=auto |" in text and "Alpha grows as f shrinks:" in text and "commit " in text
-    assert text.count("| holds |") + text.count("| within noise |") + text.count("| reversed |") == 40
+    assert "| random | KD a=auto |" in text and "- the best alpha grows as f shrinks: " in text and "commit " in text
+    assert text.count("| holds |") + text.count("| within noise |") + text.count("| reversed |") == 39
     saved = json.loads((tmp_path / "repro_digits_kd.json").read_text())
     assert len(saved["runs"]) == 2 and saved["size"]["steps"] == 8
     assert (tmp_path / "repro_digits_kd.png").stat().st_size > 0
