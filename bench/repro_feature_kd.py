@@ -99,11 +99,19 @@ def report(runs, size, prov):
         ("KD + VID", s, f"VID beats {s.split('+ ')[1]}") for s in ("KD + hint", "KD + AT")]
     claim_rows = ["| claim | f | measured (points, mean ± s.e. of paired differences) | verdict | paper |",
                   "|---|---|---|---|---|"]
+    summary = []
     for a, b, claim in checks:
+        found = {}
         for j, f in enumerate(FRACTIONS):
             d, se = paired(runs, "acc", f"{f}|{a}", f"{f}|{b}")
-            claim_rows.append(f"| {claim} | {f} | {d:+.1f} ± {se:.1f} | {verdict(d, se)} | "
+            found[f] = verdict(d, se)
+            claim_rows.append(f"| {claim} | {f} | {d:+.1f} ± {se:.1f} | {found[f]} | "
                               f"{PAPER[a][j] - PAPER[b][j]:+.2f} |")
+        paper = [f for j, f in enumerate(FRACTIONS) if PAPER[a][j] > PAPER[b][j]]
+        summary.append(f"- {claim}: " + "; ".join(
+            f"{v} at f = {', '.join(str(f) for f in FRACTIONS if found[f] == v)}"
+            for v in ("holds", "reversed", "within noise") if v in found.values())
+            + f" (the paper: better at f = {', '.join(map(str, paper)) or 'none'})")
     layers = ", ".join(f"{t}: student {s!r}, teacher {te!r}" for t, (s, te) in runs[0]["layers"].items())
     return "\n".join([
         "# Feature distillation on pruned digits (the data-pruning paper's Table 1)",
@@ -113,7 +121,8 @@ def report(runs, size, prov):
         f"{size['teacher_steps']} steps; {len(runs)} seeds; test accuracy % as mean ± std over seeds. Teacher "
         f"{teacher[0]:.1f} ± {teacher[1]:.1f}; convergence (train accuracy 100% and CE < 0.01): "
         f"{'all seeds converged' if all(conv) else 'NOT all seeds converged'} ({states}). Layers: {layers}.",
-        "", *rows, "", "Claims, judged on per-seed paired differences (holds: mean > 2 s.e.; reversed: mean < "
+        "", *rows, "", "Summary (betas are the usual CIFAR ones, not tuned for 8x8 digits):", "", *summary, "",
+        "Claims, judged on per-seed paired differences (holds: mean > 2 s.e.; reversed: mean < "
                        "-2 s.e.); the paper's column is its Table 1 gap on CIFAR-100 (one run, no spread):", "",
         *claim_rows, "",
         f"Measured {prov['date']} on {prov['device']} in {prov['elapsed_s']:.0f} s; "
