@@ -141,6 +141,7 @@ def plot(runs, path):
                     label=setting)
     ax.set_xscale("log")
     ax.set_xticks(FRACTIONS, [str(f) for f in FRACTIONS])
+    ax.set_xticks([], minor=True)  # no log-scale minor labels over the fractions
     ax.set_xlabel("fraction kept f (forgetting pruning)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
