@@ -289,6 +289,9 @@ def plot(runs, path):
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test accuracy (%)")
     axes[0].legend()
+    low = min(ax.get_ylim()[0] for ax in axes[:-1])
+    for ax in axes[:-1]:  # one scale, so the pruning methods compare at a glance
+        ax.set_ylim(low, max(a.get_ylim()[1] for a in axes[:-1]))
     ax = axes[-1]
     for f in SWEEP_FRACTIONS:
         stats = [mean_std([r["sweep"][f"{f}|{a}"] for r in runs]) for a in SWEEP_ALPHAS]
