@@ -29,8 +29,8 @@ def test_repro_feature_kd_smoke(tmp_path):
     from bench import repro_feature_kd
     assert repro_feature_kd.main(["--smoke", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "repro_feature_kd.md").read_text()
-    for setting in ("no KD (a = 0)", "KD (a = 0.667)", "KD + VID (a = 0.5, beta = 0.5)", "KD + hint (a = 0.5, beta = 50)",
-                    "KD + AT (a = 0.5, beta = 500)"):
+    for setting in ("no KD (a = 0)", "KD (a = 0.667)", "KD + VID (a = 0.5, beta = 0.5)",
+                    "KD + hint (a = 0.5, beta = 50)", "KD + AT (a = 0.5, beta = 500)"):
         assert f"| {setting} |" in text
     assert "at: student '9', teacher '9'" in text and "vid: student '12:in', teacher '12:in'" in text
     saved = json.loads((tmp_path / "repro_feature_kd.json").read_text())

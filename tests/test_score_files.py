@@ -86,7 +86,8 @@ def test_ambiguous_and_duplicate_keys_raise():
 
 def test_malformed_files_raise(tmp_path, folder):
     _, data = folder
-    with pytest.raises(ScoreFileError, match="needs a header with 'file' and 'score' columns, got \\['name', 'value'\\]"):
+    with pytest.raises(ScoreFileError,
+                       match="needs a header with 'file' and 'score' columns, got \\['name', 'value'\\]"):
         load_score_file(str(_write_csv(tmp_path / "a.csv", [("x", 1)], header="name,value")), files=data.files)
     with pytest.raises(ScoreFileError, match="line 2: score 'high' is not a number"):
         load_score_file(str(_write_csv(tmp_path / "b.csv", [("x", "high")])), files=data.files)

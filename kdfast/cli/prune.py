@@ -24,8 +24,8 @@ EPILOG = """examples:
 --scores is a `kdfast-score` output folder (scores.npy + meta.json) or a .npy file of float scores in data
 set order, higher = harder; or a score file keyed by file name (CSV with file,score columns, or .npz with
 `files` and `scores`), matched to the files of --dataset folder|imagenet --data-root ROOT (see
-kdfast/score_files.py for the matching rules). --class-balanced needs the labels: from --labels FILE.npy, or from the data set
-(--dataset, else the one named in the scores' meta.json); they must match the labels the scores were
+kdfast/score_files.py for the matching rules). --class-balanced needs the labels: from --labels FILE.npy, or
+from the data set (--dataset, else the one named in the scores' meta.json); they must match the labels the scores were
 computed on (fingerprint). Besides OUT, OUT.json records what was kept and from what.
 """
 
