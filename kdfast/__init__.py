@@ -10,6 +10,8 @@ Public API (imported lazily, so `import kdfast` stays cheap and never touches a 
     fit                                  the training loop behind kdfast-distill (checkpoints, exact resumption)
     jobs                                 runs as jobs: job records checked on resume, chunk stores, atomic writes
     data_identity, check_identity        what ties scores, keep files and caches to one data set
+    make_kd_term                         feature-distillation terms (hint, vid, at) for distill_step / fit
+    load_score_file                      external per-example scores (.npy, or CSV / .npz keyed by file name)
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ _API = {
     "fit": "kdfast.training",
     "data_identity": "kdfast.data",
     "check_identity": "kdfast.data",
+    "make_kd_term": "kdfast.kd_terms",
+    "load_score_file": "kdfast.score_files",
 }
 _SUBMODULES = ("hessian", "jobs")
 
