@@ -253,6 +253,59 @@ def test_fit_trains_the_term_and_resumes_it(tmp_path):
         fit(s, data, epochs=1, indices=keep, kd_term=term, progress=False)
 
 
+def test_fit_resume_refuses_another_term(tmp_path):
+    # the term joins fit's run identity: its name, beta and layers are checked before any state is loaded
+    from kdfast.data import load_dataset
+    from kdfast.jobs import JobMismatchError
+    from kdfast.training import fit
+    data = load_dataset("digits")
+    s, t = _pair()
+    args = dict(epochs=1, batch_size=32, indices=torch.arange(64), teacher=t, alpha=0.5, progress=False,
+                checkpoint_path=str(tmp_path / "ck.pt"))
+    fit(s, data, kd_term=make_kd_term("hint", s, t, data[0][0][None]), **args)
+    with pytest.raises(JobMismatchError, match="kd_term") as info:
+        fit(s, data, kd_term=make_kd_term("hint", s, t, data[0][0][None], beta=5.0), resume=True, **args)
+    assert [f for f, _, _ in info.value.differences] == ["kd_term"]
+    assert info.value.differences[0][1]["beta"] == 100.0 and info.value.differences[0][2]["beta"] == 5.0
+    with pytest.raises(JobMismatchError, match="kd_term"):
+        fit(s, data, resume=True, **args)  # the checkpoint's term state would be silently dropped
+    with pytest.raises(JobMismatchError, match="kd_term"):
+        fit(s, data, kd_term=make_kd_term("vid", s, t, data[0][0][None]), resume=True, **args)
+
+
+def test_cli_kd_term_options_resolve_into_the_job_identity(tmp_path):
+    import argparse
+
+    from kdfast.cli import distill
+    from kdfast.cli.common import flag
+    from kdfast.jobs import Job, JobMismatchError
+
+    parser = distill.add_parser(argparse.ArgumentParser().add_subparsers())
+
+    def resolved(*argv):
+        return vars(distill.resolve(parser.parse_args(["--train-teacher", "--out", str(tmp_path / "run"), *argv])))
+
+    config = resolved("--kd-term", "hint", "--kd-layers", "12.in:9")
+    assert (config["kd_term"], config["kd_beta"], config["kd_layers"]) == ("hint", 100.0, ("12:in", "9"))
+    assert resolved()["kd_term"] == "logit" and resolved()["kd_beta"] is None
+    Job.start(tmp_path / "run", "distill", config, label=flag)
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"work")
+    with pytest.raises(JobMismatchError, match=r"--kd-beta: 100.0 in the run, 1.0 now.*--kd-term: 'hint' in the "
+                                               r"run, 'vid' now") as info:
+        Job.start(tmp_path / "run", "distill", resolved("--kd-term", "vid", "--kd-layers", "12.in:9"), resume=True,
+                  label=flag)
+    assert {f for f, _, _ in info.value.differences} == {"kd_term", "kd_beta"}
+    assert Job.start(tmp_path / "run", "distill", resolved("--kd-term", "hint", "--kd-beta", "100", "--kd-layers",
+                                                           "12.in:9"), resume=True, label=flag).record["config"] \
+        == Job.start(tmp_path / "run", "distill", config, resume=True).record["config"]
+    for argv, match in ((("--kd-term", "at", "--teacher-cache", str(tmp_path)), "cannot go with --teacher-cache"),
+                        (("--kd-beta", "2"), "--kd-beta goes with --kd-term hint|vid|at"),
+                        (("--kd-term", "at", "--kd-beta", "-1"), "--kd-beta must be a finite number >= 0"),
+                        (("--kd-term", "at", "--kd-layers", "9"), "--kd-layers must be STUDENT_LAYER:TEACHER_LAYER")):
+        with pytest.raises(distill.UsageError, match=match):
+            resolved(*argv)
+
+
 def test_cli_kd_term(tmp_path, capsys):
     from kdfast.cli.main import distill_main
     np.save(tmp_path / "keep.npy", np.arange(0, 1397, 10))
@@ -266,6 +319,15 @@ def test_cli_kd_term(tmp_path, capsys):
     assert "kd_term at" in captured.out
     rc = distill_main(["--alpha", "0", "--kd-term", "vid", "--out", str(tmp_path / "x")])
     assert rc == 2 and "--kd-term vid distills from a teacher's features" in capsys.readouterr().err
+
+
+def test_cli_kd_term_is_refused_under_torchrun_before_any_work(tmp_path, capsys, monkeypatch):
+    from kdfast import distributed
+    from kdfast.cli.main import distill_main
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    rc = distill_main(["--train-teacher", "--kd-term", "hint", "--out", str(tmp_path / "run")])
+    assert rc == 2 and "run on one process, not under torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("name", ["hint", "vid", "at"])

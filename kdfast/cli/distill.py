@@ -228,6 +228,9 @@ def _run(args, device) -> int:
     from ..data import data_identity
     from ..jobs import Job
     from ..jobs.distill import load_distill_data, run_distill_job
+    if args.kd_term != "logit" and distributed.world_size() > 1:  # before any teacher is trained in vain
+        raise UsageError(f"--kd-term {args.kd_term}: the term's parameters would train outside "
+                         "DistributedDataParallel; run on one process, not under torchrun")
     main_rank = distributed.is_main()  # the one rank that writes files and reports
     args.quiet = args.quiet or not main_rank
     data = load_distill_data(args)  # before the job starts: a data or keep-file error leaves --out untouched
