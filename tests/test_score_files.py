@@ -131,3 +131,26 @@ def test_prune_cli_with_a_keyed_csv(folder, tmp_path, capsys):
                      str(root), "--fraction", "0.5", "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 1 and "1 of 12 data set files have no score: 'dog/dog_1.png'" in err
+
+
+def test_a_keyed_score_file_gives_the_keep_file_the_folders_data_identity(folder, tmp_path, capsys):
+    # the keep file made from a keyed score file is checked like one from kdfast-score: by the folder's labels
+    # and file list, naming the files that differ
+    from kdfast.cli.main import prune_main
+    from kdfast.data import DataIdentityError, data_identity
+    from kdfast.jobs.keep import read_keep
+    root, data = folder
+    csv_path = _write_csv(tmp_path / "mem.csv", list(_scores_for(data.files).items()))
+    keep = tmp_path / "keep.npy"
+    rc = prune_main(["--scores", str(csv_path), "--dataset", "folder", "--data-root", str(root), "--fraction", "0.5",
+                     "--out", str(keep), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "keep.npy.json").read_text())
+    assert record["data"] == data_identity(data) and record["data"]["files_fingerprint"] is not None
+    assert (tmp_path / "keep.npy.files.txt").read_text().splitlines() == list(data.files)
+    indices, _ = read_keep(str(keep), load_dataset("folder", root=str(root)))
+    assert np.array_equal(indices, np.load(keep))
+    (root / "cat" / "cat_0.png").rename(root / "cat" / "cat_9.png")  # same labels, another file list
+    with pytest.raises(DataIdentityError, match="files_fingerprint differ; 1 files gone: cat/cat_0.png; 1 new: "
+                                                "cat/cat_9.png"):
+        read_keep(str(keep), load_dataset("folder", root=str(root)))
