@@ -12,6 +12,8 @@ Public API (imported lazily, so `import kdfast` stays cheap and never touches a 
     data_identity, check_identity        what ties scores, keep files and caches to one data set
     teacher_gradient, teacher_report     unbiased self-distillation (Eq. 16) and its Eq. 14-15 diagnostics
     self_distill                         iterated self-distillation, each step's KD weight in closed form
+    make_kd_term                         feature-distillation terms (hint, vid, at) for distill_step / fit
+    load_score_file                      external per-example scores (.npy, or CSV / .npz keyed by file name)
 """
 from __future__ import annotations
 
@@ -43,6 +45,8 @@ _API = {
     "teacher_report": "kdfast.variance",
     # iterated self-distillation (self-distillation paper, Algorithm 1)
     "self_distill": "kdfast.self_distillation",
+    "make_kd_term": "kdfast.kd_terms",
+    "load_score_file": "kdfast.score_files",
 }
 _SUBMODULES = ("hessian", "jobs")
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from .errors import InvalidArgumentError
+from .kd_terms import capture_pair as _capture_pair
 from .ops.kd_loss import kd_loss
 from .variance import TeacherGradient
 
@@ -70,7 +71,7 @@ def _check_correction(correction, student):
 
 def distill_step(student, teacher, inputs, targets, optimizer, *, alpha=0.5, temperature=4.0,
                  teacher_logits=None, weight=None, indices=None, forgetting=None, amp=None, validate=False,
-                 correction=None, extrapolate=False):
+                 correction=None, extrapolate=False, kd_term=None):
     """One training step of `student` on a batch with the fused KD loss.
 
     loss = mean_i w_i ((1 - alpha) CE(s_i, y_i) + alpha T^2 KL(softmax(t_i/T) || softmax(s_i/T)))
@@ -100,30 +101,45 @@ def distill_step(student, teacher, inputs, targets, optimizer, *, alpha=0.5, tem
             needs the teacher's parameter space (raises otherwise).
         extrapolate: allow alpha outside [0, 1] (the self-distillation paper's optimum often lies there;
             kd_loss(..., extrapolate=True), same formula).
+        kd_term: a feature-distillation term (kdfast.kd_terms.make_kd_term: hint, vid, at) added to the loss,
+            beta * mean_i w_i r_i; it needs the teacher module (its features are hooked during both forward
+            passes, hooks removed after). Its parameters must be in `optimizer` (make_kd_term's docstring).
 
     Returns:
         dict of device tensors, no host synchronisation: "loss" (0-d, detached) and the per-example
-        statistics of the fused loss ("ce", "kl", "el2n", "grad_norm", "correct", "margin").
+        statistics of the fused loss ("ce", "kl", "el2n", "grad_norm", "correct", "margin"); with kd_term
+        also "kd_term" (0-d, detached: its weighted contribution to the loss).
     """
     _check_step_args(teacher, inputs, targets, alpha, teacher_logits, indices, forgetting)
     if correction is not None:
         _check_correction(correction, student)
+    if kd_term is not None and not isinstance(teacher, torch.nn.Module):
+        raise InvalidArgumentError(f"distill_step: kd_term={getattr(kd_term, 'name', kd_term)!r} compares "
+                                   "features, so it needs the teacher module (not only teacher_logits), got "
+                                   f"teacher={type(teacher).__name__}")
     amp_dtype = _amp_dtype(amp)
 
     def precision():  # a disabled autocast still costs a context switch per step: skip it in fp32
         return contextlib.nullcontext() if amp_dtype is None else torch.autocast(targets.device.type, amp_dtype)
 
-    if teacher_logits is None and teacher is not None and alpha != 0:
-        if teacher.training:
-            teacher.eval()
-        with torch.no_grad(), precision():
-            teacher_logits = teacher(inputs)
-    with precision():
-        student_logits = student(inputs)
-    # The fused loss computes in fp32 whatever the logits' dtype; alpha == 0 needs no teacher at all.
-    loss, stats = kd_loss(student_logits, teacher_logits if alpha != 0 else None, targets, alpha=alpha,
-                          temperature=temperature, weight=weight, return_stats=True, validate=validate,
-                          **_extrapolation(alpha, extrapolate))
+    features = contextlib.nullcontext((None, None)) if kd_term is None else _capture_pair(kd_term, student, teacher)
+    with features as (student_feature, teacher_feature):
+        if teacher is not None and (kd_term is not None or (teacher_logits is None and alpha != 0)):
+            if teacher.training:
+                teacher.eval()
+            with torch.no_grad(), precision():
+                online_logits = teacher(inputs)
+            teacher_logits = online_logits if teacher_logits is None else teacher_logits
+        with precision():
+            student_logits = student(inputs)
+        # The fused loss computes in fp32 whatever the logits' dtype; alpha == 0 needs no teacher at all.
+        loss, stats = kd_loss(student_logits, teacher_logits if alpha != 0 else None, targets, alpha=alpha,
+                              temperature=temperature, weight=weight, return_stats=True, validate=validate,
+                              **_extrapolation(alpha, extrapolate))
+        if kd_term is not None:
+            extra = kd_term(student_feature.get(), teacher_feature.get(), weight)
+            loss = loss + extra
+            stats["kd_term"] = extra.detach()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if correction is not None and alpha != 0:

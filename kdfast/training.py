@@ -115,6 +115,21 @@ def _check_sampler(sampler, dataset, indices, ddp):
         raise InvalidArgumentError("fit: " + "; ".join(problems))
 
 
+def _check_kd_term(kd_term, teacher, ddp):
+    if kd_term is None:
+        return
+    from .kd_terms import KDTerm
+    if not isinstance(kd_term, KDTerm):
+        raise InvalidArgumentError(f"fit: kd_term must be a kdfast.kd_terms term (make_kd_term), got "
+                                   f"{type(kd_term).__name__}")
+    if teacher is None:
+        raise InvalidArgumentError(f"fit: kd_term {kd_term.name!r} compares features: it needs an online teacher "
+                                   "module (a teacher_cache holds only logits)")
+    if ddp:  # its parameters live outside DistributedDataParallel, so their gradients would not be averaged
+        raise InvalidArgumentError(f"fit: kd_term {kd_term.name!r} is not supported with distributed=True over "
+                                   "several ranks; train on one process")
+
+
 def _scheduler(optimizer, schedule, epochs, milestones):
     if schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
@@ -193,10 +208,13 @@ def _correction_identity(correction):
     return correction
 
 
-def _save_checkpoint(path, model, optimizer, scheduler, epoch, history, forgetting, identity, sampler=None):
+def _save_checkpoint(path, model, optimizer, scheduler, epoch, history, forgetting, identity, sampler=None,
+                     kd_term=None):
     state = {"format": CHECKPOINT_FORMAT, "epoch": epoch, "model": model.state_dict(),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
              "run": identity}
+    if kd_term is not None:
+        state["kd_term"] = kd_term.state_dict()
     if forgetting is not None and hasattr(forgetting, "state_dict"):
         state["forgetting"] = forgetting.state_dict()
     if sampler is not None:
@@ -204,7 +222,7 @@ def _save_checkpoint(path, model, optimizer, scheduler, epoch, history, forgetti
     save_torch(path, state)  # atomic: a kill mid-save leaves the previous checkpoint intact
 
 
-def _load_checkpoint(path, model, optimizer, scheduler, forgetting, identity, sampler=None):
+def _load_checkpoint(path, model, optimizer, scheduler, forgetting, identity, sampler=None, kd_term=None):
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise InvalidArgumentError(f"fit: {path!r} is not a kdfast training checkpoint (format "
@@ -229,6 +247,11 @@ def _load_checkpoint(path, model, optimizer, scheduler, forgetting, identity, sa
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
         raise InvalidArgumentError(f"fit: checkpoint {path!r} does not fit this model: {exc}") from None
+    if kd_term is not None:
+        if "kd_term" not in state:
+            raise InvalidArgumentError(f"fit: checkpoint {path!r} was trained without a kd_term; resume it without "
+                                       "one or start a new run")
+        kd_term.load_state_dict(state["kd_term"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if forgetting is not None and "forgetting" in state and hasattr(forgetting, "load_state_dict"):
@@ -246,7 +269,7 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
         milestones=(), teacher=None, teacher_cache=None, alpha=0.0, temperature=4.0, indices=None, forgetting=None,
         device=None, precision="fp32", seed=0, num_workers=0, checkpoint_path=None, resume=False, progress=True,
         eval_dataset=None, on_epoch=None, distributed=False, correction=None, sampler=None,
-        extrapolate=False) -> list[dict]:
+        extrapolate=False, kd_term=None) -> list[dict]:
     """Trains `model` with SGD on `dataset` (or its `indices` subset), distilling from a teacher if alpha > 0.
 
     Args:
@@ -285,6 +308,9 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
             e from the sampler's seed and e, so resuming redraws the same) and weights their loss by
             1/(round(r n) p_i), so an epoch's summed gradient is unbiased for a full epoch's. Not with
             `indices` or distributed; its state goes into the checkpoint.
+        kd_term: a feature-distillation term (kdfast.kd_terms.make_kd_term) added to every step's loss; needs
+            an online `teacher`. Its parameters are trained as a second SGD parameter group (same lr, momentum,
+            weight decay and schedule as the model) and its state is checkpointed with the model's.
 
     Returns:
         one dict per epoch: epoch, lr, train_loss, train_acc, seconds, examples_per_s (+ eval_loss,
@@ -294,6 +320,7 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
                     extrapolate)
     ddp = bool(distributed) and dist.world_size() > 1
     _check_sampler(sampler, dataset, indices, ddp)
+    _check_kd_term(kd_term, teacher, ddp)
     if ddp and forgetting is not None:
         raise InvalidArgumentError("fit: forgetting needs every example's outcome on one process; it cannot go with "
                                    "distributed=True (train on one process, or drop forgetting)")
@@ -306,22 +333,26 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
         # epochs shape the cosine schedule from the first epoch on; a step or constant schedule may be extended
         identity = _run_identity(dataset, None if indices is None else subset.indices,
                                  epochs=epochs if schedule == "cosine" else None, batch_size=batch_size, lr=lr,
-                                 momentum=momentum, weight_decay=weight_decay, schedule=schedule, milestones=list(milestones), alpha=alpha, temperature=temperature,
-                                 seed=seed, precision=precision, teacher=teacher_id,
-                                 forgetting=forgetting is not None, correction=_correction_identity(correction),
-                                 sampler=_sampler_identity(sampler), extrapolate=bool(extrapolate))
+                                 momentum=momentum, weight_decay=weight_decay, schedule=schedule,
+                                 milestones=list(milestones), alpha=alpha, temperature=temperature, seed=seed,
+                                 precision=precision, teacher=teacher_id, forgetting=forgetting is not None,
+                                 correction=_correction_identity(correction), sampler=_sampler_identity(sampler),
+                                 extrapolate=bool(extrapolate), kd_term=None if kd_term is None else kd_term.identity())
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     if teacher is not None:
         teacher.to(device).eval()
     correction = resolve_correction(correction, model, teacher, dataset, indices=subset.indices,
                                     batch_size=max(batch_size, 256), device=device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    params = [{"params": list(model.parameters())}]
+    if kd_term is not None:
+        params.append({"params": list(kd_term.to(device).parameters())})
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = _scheduler(optimizer, schedule, epochs, milestones)
     start, history = 0, []
     if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
         start, history = _load_checkpoint(checkpoint_path, model, optimizer, scheduler, forgetting, identity,
-                                          sampler)
+                                          sampler=sampler, kd_term=kd_term)
     importance, sampler = sampler, None  # from here on `sampler` is the DistributedSampler (ddp) or None
     net = model
     if ddp:  # wraps the same parameters, so the optimizer above and the checkpoints keep working on `model`
@@ -356,7 +387,7 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
                                    teacher_logits=cached, indices=idx_dev, forgetting=forgetting, amp=amp,
                                    extrapolate=extrapolate,
                                    validate=epoch == start,  # the first epoch sees every example: check once
-                                   weight=weight, correction=correction)
+                                   weight=weight, correction=correction, kd_term=kd_term)
                 loss_sum += out["loss"] * len(y)
                 correct += out["correct"].sum()
                 bar.update(len(y))
@@ -380,7 +411,7 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
             print(_epoch_line(record, epochs), file=sys.stderr, flush=True)
         if checkpoint_path is not None:
             _save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch + 1, history, forgetting, identity,
-                             importance)
+                             sampler=importance, kd_term=kd_term)
         if on_epoch is not None:
             on_epoch(history)
     return history

@@ -7,6 +7,7 @@ Expected errors print one line `kdfast <cmd>: error: ...` to stderr; `--debug` p
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import traceback
 import warnings
@@ -18,7 +19,8 @@ from ..scoring.engine import PRECISIONS
 
 __all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "UsageError", "CliError", "make_parser", "add_common_options",
            "run_cli", "flag", "lower", "model_name", "add_output_options", "add_performance_options",
-           "check_common", "default_device", "log", "progress", "write_json", "PRECISIONS"]
+           "check_common", "add_kd_term_options", "check_kd_term", "default_device", "log", "progress", "write_json",
+           "PRECISIONS"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -152,6 +154,49 @@ def check_common(args, problems: list[str], *, positive=(), fractions=()) -> Non
         else:
             if dev.type == "cuda" and not torch.cuda.is_available():
                 problems.append(f"--device {device}: no CUDA device here")
+
+
+def add_kd_term_options(group) -> None:
+    """--kd-term (the kdfast.kd_terms registry, or logit alone), --kd-beta, --kd-layers."""
+    from ..kd_terms import KD_TERMS
+    group.add_argument("--kd-term", default="logit", type=lower, choices=("logit", *sorted(KD_TERMS)),
+                       help="logit: the KD loss alone; hint (FitNets), vid (variational information distillation) "
+                            "or at (attention transfer): that feature term added, beta * term (default: %(default)s)")
+    group.add_argument("--kd-beta", type=float, help="weight beta of the feature term (default: the term's: " +
+                       ", ".join(f"{name} {KD_TERMS[name].default_beta:g}" for name in sorted(KD_TERMS)) + ")")
+    group.add_argument("--kd-layers", help="STUDENT_LAYER:TEACHER_LAYER module names (a trailing '.in' takes a "
+                                           "module's input); default: the classifier heads' inputs (hint, vid), the "
+                                           "last spatial stage (at)")
+
+
+def check_kd_term(args, sources: list[str], problems: list[str]) -> None:
+    """Checks the --kd-term options against the teacher `sources` given (flags), appending to `problems`, and
+    resolves them: --kd-beta to the term's default when not given, --kd-layers to a (student, teacher) pair of
+    kd_terms layer names ('12.in' -> '12:in'), None for the default layers."""
+    if args.kd_term == "logit":
+        for name in ("kd_beta", "kd_layers"):
+            if getattr(args, name) is not None:
+                problems.append(f"{flag(name)} goes with --kd-term hint|vid|at")
+        return
+    from ..kd_terms import KD_TERMS
+    from ..kd_terms.capture import INPUT_SUFFIX
+    if not {"--teacher", "--train-teacher"} & set(sources):
+        problems.append(f"--kd-term {args.kd_term} distills from a teacher's features: pass --teacher PATH or "
+                        "--train-teacher (a --teacher-cache holds only logits)")
+    elif "--teacher-cache" in sources:
+        problems.append(f"--kd-term {args.kd_term} runs the teacher online for its features; it cannot go with "
+                        "--teacher-cache (which holds only logits)")
+    if args.kd_beta is None:
+        args.kd_beta = KD_TERMS[args.kd_term].default_beta
+    elif not (args.kd_beta >= 0 and math.isfinite(args.kd_beta)):
+        problems.append(f"--kd-beta must be a finite number >= 0, got {args.kd_beta}")
+    if isinstance(args.kd_layers, str):
+        if args.kd_layers.count(":") != 1 or "" in args.kd_layers.split(":"):
+            problems.append(f"--kd-layers must be STUDENT_LAYER:TEACHER_LAYER, e.g. 9:9 or 12.in:12.in, got "
+                            f"{args.kd_layers!r}")
+        else:
+            args.kd_layers = tuple(name[:-3] + INPUT_SUFFIX if name.endswith(".in") else name
+                                   for name in args.kd_layers.split(":"))
 
 
 def default_device(name):

@@ -13,8 +13,8 @@ import warnings
 
 from .. import distributed
 from ..jobs.distill import EVAL_SPLIT
-from .common import (CliError, UsageError, add_output_options, add_performance_options, check_common, default_device,
-                     flag, log, lower, model_name)
+from .common import (CliError, UsageError, add_kd_term_options, add_output_options, add_performance_options,
+                     check_common, check_kd_term, default_device, flag, log, lower, model_name)
 
 # The data-pruning paper's recipes (its App. A): RepDistiller's for CIFAR/SVHN, DeepCore's for ImageNet; the
 # digits recipe is this project's, sized to run in seconds on a CPU.
@@ -37,6 +37,8 @@ EPILOG = """examples:
                  --keep keep.npy --alpha auto --temperature 4 --out runs/student
   kdfast-distill --dataset cifar100 --data-root ~/data --model resnet32 --teacher-model resnet110 \\
                  --teacher t110.pt --keep keep.npy --alpha 0.5 --out runs/capacity
+  kdfast-distill --train-teacher --keep keep.npy --kd-term vid --out runs/digits-vid
+      (logit KD plus variational information distillation on the classifier heads' inputs)
   kdfast-distill --dataset folder --data-root ~/photos --model resnet18 --train-teacher --keep keep.npy \\
                  --val-fraction 0.2 --out runs/photos   (evaluates on a stratified 20% held out of the folder)
   kdfast-distill ... --out runs/student --resume      (continues after the last finished epoch; refused when
@@ -105,6 +107,7 @@ def add_parser(subparsers):
     g.add_argument("--temperature", type=float, default=4.0, help="(default: %(default)s)")
     _add_variance_options(p)
     add_chain_arguments(p)
+    add_kd_term_options(p.add_argument_group("Feature distillation (added to the logit KD term)"))
     g = p.add_argument_group("Optimisation (default: the data set's recipe)")
     g.add_argument("--recipe", type=lower, choices=sorted(RECIPES), help="recipe the defaults come from")
     g.add_argument("--epochs", type=int)
@@ -238,6 +241,7 @@ def resolve(args):
                                                                                          problems)
     sources = [name for name, on in (("--teacher", args.teacher), ("--train-teacher", args.train_teacher),
                                      ("--teacher-cache", args.teacher_cache)) if on]
+    check_kd_term(args, sources, problems)
     if args.train_teacher and args.teacher:
         problems.append("give --teacher or --train-teacher, not both")
     if args.teacher_cache and args.train_teacher:
@@ -296,6 +300,9 @@ def _run(args, device) -> int:
     from ..jobs import Job
     from ..jobs.distill import load_distill_data, run_distill_job
     from ..jobs.self_distill import run_chain_job
+    if args.kd_term != "logit" and distributed.world_size() > 1:  # before any teacher is trained in vain
+        raise UsageError(f"--kd-term {args.kd_term}: the term's parameters would train outside "
+                         "DistributedDataParallel; run on one process, not under torchrun")
     main_rank = distributed.is_main()  # the one rank that writes files and reports
     args.quiet = args.quiet or not main_rank
     if args.steps != 1 and distributed.world_size() > 1:
@@ -319,7 +326,9 @@ def _run(args, device) -> int:
     acc = (f"eval acc {summary['eval_acc']:.4f} (best {summary['best_eval_acc']:.4f} at epoch "
            f"{summary['best_epoch']}) on the {summary['eval']}") if "eval_acc" in summary else \
         f"train acc {summary['final']['train_acc']:.4f} (no evaluation data)"
-    print(f"{args.model} student, f = {summary['fraction']:.3g}, alpha = {summary['alpha']:.3g}: {acc} after "
+    term = "" if summary["kd_term"] is None else \
+        f", kd_term {summary['kd_term']['name']} (beta {summary['kd_term']['beta']:g})"
+    print(f"{args.model} student, f = {summary['fraction']:.3g}, alpha = {summary['alpha']:.3g}{term}: {acc} after "
           f"{args.epochs} epochs -> {job.path('student.pt')}")
     for warning in summary["warnings"]:
         warnings.warn(warning, stacklevel=1)  # one line on stderr through run_cli

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 
 from ..jobs.scores import labels_fingerprint_of, load_scores, scores_identity
+from ..score_files import is_keyed
 from .common import CliError, UsageError, log
 
 EPILOG = """examples:
@@ -18,13 +19,17 @@ EPILOG = """examples:
       kept 419 of 1397 examples (fraction 0.3, mode hard) -> keep.npy
   kdfast-prune --scores runs/c100-el2n --fraction 0.3 --mode moderate --class-balanced --out keep.npy
   kdfast-prune --scores scores.npy --fraction 0.1 --mode random --seed 3 --out keep.npy
+  kdfast-prune --scores memorization.csv --dataset folder --data-root ~/data/pets --fraction 0.5 --out keep.npy
 
 --scores is a `kdfast-score` output folder (scores.npy + meta.json) or a .npy file of float scores in data
-set order, higher = harder. --class-balanced needs the labels: from --labels FILE.npy, or from the data set
-(--dataset, else the one named in the scores' meta.json); they must match the labels the scores were
-computed on (fingerprint), and for image folders the same files (file-list fingerprint; the first mismatched
-files are named). Besides OUT, OUT.json records what was kept and from what, including the scores' data
-identity, which kdfast-distill checks against its data.
+set order, higher = harder; or a score file keyed by file name (CSV with file,score columns, or .npz with
+`files` and `scores`), matched to the files of --dataset folder|imagenet --data-root ROOT (see
+kdfast/score_files.py for the matching rules). --class-balanced needs the labels: from --labels FILE.npy, or
+from the data set (--dataset, else the one named in the scores' meta.json); they must match the labels the
+scores were computed on (fingerprint), and for image folders the same files (file-list fingerprint; the first
+mismatched files are named). Besides OUT, OUT.json records what was kept and from what, including the scores'
+data identity (for a keyed score file: the image folder it was matched to, whose file list goes to
+OUT.files.txt), which kdfast-distill checks against its data.
 """
 
 
@@ -34,7 +39,8 @@ def add_parser(subparsers):
                               description="Keep a fraction of a data set from per-example scores.",
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("Scores")
-    g.add_argument("--scores", required=True, help="kdfast-score output folder, or a .npy file of scores")
+    g.add_argument("--scores", required=True, help="kdfast-score output folder, a .npy file of scores, or a .csv "
+                                                   "/ .npz keyed by file name (needs --dataset, --data-root)")
     g = p.add_argument_group("Selection")
     g.add_argument("--fraction", type=float, required=True, help="share of examples kept, in (0, 1]")
     g.add_argument("--mode", default="hard", choices=MODES,
@@ -88,31 +94,44 @@ def _load_npy(path, what):
         raise CliError(f"cannot read {what} {path}: {exc}") from None
 
 
-def _labels(args, meta, n):
+def _keyed_dataset(args):
+    """The data set a score file keyed by file name is matched to: --dataset (with --data-root, --split)."""
+    from ..data import load_dataset
+    if not args.dataset:
+        raise UsageError(f"--scores {args.scores} is keyed by file name: pass --dataset (folder or imagenet) and "
+                         "--data-root to match it to the data set's files")
+    data = load_dataset(args.dataset, root=args.data_root, split=args.split or "train")
+    if data.files is None:
+        raise UsageError(f"--scores {args.scores} is keyed by file name but --dataset {args.dataset} has no files; "
+                         "keyed score files go with image folders (folder, imagenet)")
+    return data
+
+
+def _keyed_scores(args, data):
+    """(scores, meta) of a CSV / .npz keyed by file name, in the order of `data`'s files; meta carries that
+    data set's identity (labels and file-list fingerprints), so the keep file is checked against the folder."""
+    from ..data import data_identity, labels_fingerprint
+    from ..score_files import load_score_file
+    scores, report = load_score_file(args.scores, files=data.files, return_report=True)
+    log(f"matched {report.exact} files exactly, {report.lenient} leniently; {report.ignored} score entries "
+        "match no file", quiet=args.quiet)
+    return scores, {"dataset": args.dataset, "data_root": args.data_root, "split": args.split or "train",
+                    "labels_fingerprint": labels_fingerprint(data.targets), "data": data_identity(data)}
+
+
+def _labels(args, meta, n, dataset=None):
+    """The labels of --class-balanced; `dataset`: the data set keyed scores were matched to (already checked)."""
     if args.labels:
         labels = _load_npy(args.labels, "labels")
         source = args.labels
     else:
-        from ..data import check_identity, load_dataset
-        from ..jobs.job import read_file_list
         name = args.dataset or meta.get("dataset")
         if not name:
             raise UsageError("--class-balanced needs labels: pass --labels FILE.npy or --dataset (the scores carry "
                              "no meta.json naming their data set)")
-        root = args.data_root or meta.get("data_root")
         split = args.split or meta.get("split") or "train"
-        dataset = load_dataset(name, root=root, split=split)
-        limit = meta.get("limit")
-        if limit and limit < len(dataset):
-            from ..data import LabeledSubset
-            dataset = LabeledSubset(dataset, range(limit))
-        identity, files = scores_identity(args.scores, meta)
-        if identity and "num_examples" in identity and identity["num_examples"] != len(dataset):
-            raise CliError(f"--scores {args.scores} holds {identity['num_examples']} scores but {name} ({split}) has "
-                           f"{len(dataset)} examples: check --dataset, --data-root and --split")
-        check_identity(identity, dataset, what=f"--scores {args.scores}",
-                       recorded_files=read_file_list(files) if files else None,
-                       hint="check --dataset, --data-root and --split")
+        if dataset is None:
+            dataset = _scores_dataset(args, meta, name, split)
         labels = dataset.targets.numpy()
         source = f"{name} ({split})"
     if labels.ndim != 1 or len(labels) != n:
@@ -122,6 +141,25 @@ def _labels(args, meta, n):
         identity = {"labels_fingerprint": labels_fingerprint_of(meta)} if labels_fingerprint_of(meta) else None
         check_identity(identity, labels, what=f"--scores {args.scores}", hint=f"check --labels {args.labels}")
     return labels
+
+
+def _scores_dataset(args, meta, name, split):
+    """The data set named for the labels, checked against the data identity the scores were computed on."""
+    from ..data import check_identity, load_dataset
+    from ..jobs.job import read_file_list
+    dataset = load_dataset(name, root=args.data_root or meta.get("data_root"), split=split)
+    limit = meta.get("limit")
+    if limit and limit < len(dataset):
+        from ..data import LabeledSubset
+        dataset = LabeledSubset(dataset, range(limit))
+    identity, files = scores_identity(args.scores, meta)
+    if identity and "num_examples" in identity and identity["num_examples"] != len(dataset):
+        raise CliError(f"--scores {args.scores} holds {identity['num_examples']} scores but {name} ({split}) has "
+                       f"{len(dataset)} examples: check --dataset, --data-root and --split")
+    check_identity(identity, dataset, what=f"--scores {args.scores}",
+                   recorded_files=read_file_list(files) if files else None,
+                   hint="check --dataset, --data-root and --split")
+    return dataset
 
 
 def _whole_batches(args, scores):
@@ -144,10 +182,11 @@ def _whole_batches(args, scores):
 def run(args) -> int:
     from ..selection import prune
     _validate(args)
-    scores, meta = load_scores(args.scores)
+    keyed = _keyed_dataset(args) if is_keyed(args.scores) else None
+    scores, meta = _keyed_scores(args, keyed) if keyed is not None else load_scores(args.scores)
     if scores.ndim != 1:
         raise CliError(f"scores in {args.scores} have shape {scores.shape}, expected (N,)")
-    labels = _labels(args, meta, len(scores)) if args.class_balanced else None
+    labels = _labels(args, meta, len(scores), keyed) if args.class_balanced else None
     num_batches = None
     if args.whole_batches:
         keep, num_batches = _whole_batches(args, scores)
@@ -168,7 +207,7 @@ def run(args) -> int:
         record.update(whole_batches=True, num_batches=num_batches)
     if args.mode == "ccs":
         record.update(ccs_beta=args.ccs_beta, ccs_strata=args.ccs_strata)
-    write_keep(args.out, keep, record)
+    write_keep(args.out, keep, record, files=None if keyed is None else keyed.files)
     print(f"kept {len(keep)} of {len(scores)} examples (fraction {args.fraction}, mode {args.mode}"
           f"{', class-balanced' if args.class_balanced else ''}"
           f"{f', whole batches of {num_batches}' if num_batches else ''}) -> {args.out}")

@@ -1,8 +1,8 @@
 """The `kdfast-distill` job: a student trained on the kept subset, distilling from a teacher (online, trained
-here, or from a TeacherCache), evaluated every epoch on a test split or a held-out share of the training
-data; or trained with stochastic pruning (an ImportanceSampler over scores, LiPrune Eq. 2) and the unbiased
-self-distillation correction (Eq. 16), with the Eq. 14-15 teacher report. The command line resolves the
-options and prints; this module does the work and writes the files.
+here, or from a TeacherCache; optionally plus a feature term of kdfast.kd_terms), evaluated every epoch on a
+test split or a held-out share of the training data; or trained with stochastic pruning (an ImportanceSampler
+over scores, LiPrune Eq. 2) and the unbiased self-distillation correction (Eq. 16), with the Eq. 14-15 teacher
+report. The command line resolves the options and prints; this module does the work and writes the files.
 
     data = load_distill_data(cfg)            # train / eval views, kept and held-out indices, checked
     job = Job.start(cfg.out, "distill", vars(cfg), data=data_identity(data.train), ...)
@@ -185,6 +185,16 @@ def resolve_alpha(cfg, fraction):
     return alpha_for_fraction(fraction, schedule=cfg.alpha_schedule_points) if cfg.alpha == "auto" else cfg.alpha
 
 
+def make_term(cfg, student, teacher, train, device):
+    """The feature term of cfg.kd_term (None for logit), sized on one training example."""
+    if cfg.kd_term == "logit":
+        return None
+    from ..kd_terms import make_kd_term
+    student_layer, teacher_layer = cfg.kd_layers or (None, None)
+    return make_kd_term(cfg.kd_term, student.to(device), teacher.to(device), train[0][0][None].to(device),
+                        student_layer=student_layer, teacher_layer=teacher_layer, beta=cfg.kd_beta)
+
+
 def run_distill_job(cfg, job, data: DistillData, device) -> dict | None:
     """Trains (or resumes) the student; the main rank writes student.pt, metrics and summary.json and returns
     the summary, the other ranks None."""
@@ -207,8 +217,8 @@ def run_distill_job(cfg, job, data: DistillData, device) -> dict | None:
                                   teacher_fingerprint=None if teacher is None else model_fingerprint(teacher))
         cache.check_dataset(data.train)
         teacher = None  # the cache replaces the online teacher
-    if alpha == 0:
-        teacher, cache = None, None
+    if alpha == 0:  # a feature term still needs the teacher's features
+        teacher, cache = (None, None) if cfg.kd_term == "logit" else (teacher, None)
     n_train = len(data.sampler) if data.sampler is not None else len(data.train) if data.keep is None else \
         len(data.keep)
     skipped = getattr(data.train, "skipped_files", None)
@@ -219,10 +229,11 @@ def run_distill_job(cfg, job, data: DistillData, device) -> dict | None:
         quiet=cfg.quiet)
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.model, cfg.dataset, data.train.num_classes, cfg.image_size)
+    kd_term = make_term(cfg, student, teacher, data.train, device)
     history = fit(student, data.train, teacher=teacher, teacher_cache=cache, alpha=alpha,
                   temperature=cfg.temperature, indices=None if data.keep is None else torch.from_numpy(data.keep),
                   seed=cfg.seed, checkpoint_path=job.path("checkpoint.pt"), eval_dataset=data.evaluation,
-                  on_epoch=lambda h: write_metrics(job.out, h), sampler=data.sampler,
+                  on_epoch=lambda h: write_metrics(job.out, h), sampler=data.sampler, kd_term=kd_term,
                   correction=None if cfg.correction == "none" else cfg.correction, **_fit_kwargs(cfg, device))
     if not distributed.is_main():
         return None
@@ -232,7 +243,8 @@ def run_distill_job(cfg, job, data: DistillData, device) -> dict | None:
     summary = {"dataset": cfg.dataset, "model": cfg.model, "teacher_model": cfg.teacher_model if (
         teacher is not None or cache is not None) else None, "num_train": len(data.train), "num_kept": n_train,
         "num_held_out": 0 if data.held_out is None else len(data.held_out), "fraction": data.fraction,
-        "alpha": alpha, "temperature": cfg.temperature, "epochs": cfg.epochs, "eval": data.eval_name,
+        "alpha": alpha, "temperature": cfg.temperature, "kd_term": None if kd_term is None else kd_term.identity(),
+        "epochs": cfg.epochs, "eval": data.eval_name,
         "eval_acc_per_epoch": [h["eval_acc"] for h in history] if "eval_acc" in last else None,
         "final": last, "warnings": []}
     if data.sampler is not None or cfg.correction != "none":

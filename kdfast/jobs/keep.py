@@ -2,6 +2,7 @@
 recording what was kept from what, including the data identity of the scores (labels and file lists).
 
     write_keep("keep.npy", keep, record)                  # record: {"data": data_identity, "files_list": ...}
+    write_keep("keep.npy", keep, record, files=dataset.files)   # + keep.npy.files.txt (keyed score files)
     keep, record = read_keep("keep.npy", dataset)         # DataIdentityError when made for other data
 
 A bare .npy (no record) is still accepted: nothing is known to check it against, so read_keep warns once.
@@ -15,11 +16,16 @@ import numpy as np
 
 from ..data.identity import DataIdentityError, check_identity
 from ..errors import InvalidArgumentError
-from .atomic import read_json, save_npy, write_json
+from .atomic import read_json, save_npy, write_json, write_text
 from .job import read_file_list
 
 
-def write_keep(path: str, keep, record: dict) -> None:
+def write_keep(path: str, keep, record: dict, *, files: list[str] | None = None) -> None:
+    """`files`: the data set's file list when no other copy is recorded (record["files_list"]): written to
+    KEEP.files.txt and recorded, so a later mismatch names the files that differ."""
+    if files is not None:
+        write_text(f"{path}.files.txt", "\n".join(files) + "\n")
+        record = {**record, "files_list": os.path.abspath(f"{path}.files.txt")}
     save_npy(path, np.asarray(keep, dtype=np.int64))
     write_json(f"{path}.json", record)
 
