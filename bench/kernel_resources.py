@@ -22,12 +22,12 @@ from triton.compiler import ASTSource
 from kdfast.kernels import kd_loss as kernels
 
 _FWD_CONSTEXPRS = ("HAS_TEACHER", "HAS_WEIGHT", "HAS_SCALE", "RETURN_GRAD", "RETURN_STATS", "SINGLE_TILE", "BLOCK_C",
-                   "COUNT_VALID", "BLOCK_N")
+                   "COUNT_VALID", "BLOCK_N", "REDUCE", "NUM_STAGES")
 
 
 def _fwd_signature(dtype: str) -> dict:
     sig = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "y_ptr": "*i64", "w_ptr": "*fp32", "scale_ptr": "*fp32",
-           "rows_ptr": "*fp32", "g_ptr": f"*{dtype}", "stats_ptr": "*fp32", "s_stride": "i64", "t_stride": "i64",
+           "rows_ptr": "*fp32", "loss_ptr": "*fp32", "count_ptr": "*i32", "g_ptr": f"*{dtype}", "stats_ptr": "*fp32", "s_stride": "i64", "t_stride": "i64",
            "g_stride": "i64", "N": "i32", "C": "i32", "alpha": "fp32", "temperature": "fp32", "ignore_index": "i64"}
     return {**sig, **{name: "constexpr" for name in _FWD_CONSTEXPRS}}
 
@@ -39,7 +39,9 @@ def resources(compiled) -> str:
         f.flush()
         out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
     m = re.search(r"REG:(\d+).*?STACK:(\d+).*?LOCAL:(\d+)", out, re.S)
-    return f"REG={m.group(1):>3} STACK={m.group(2):>3} LOCAL={m.group(3)}" if m else out.strip()
+    shared = getattr(compiled.metadata, "shared", "?")
+    return (f"REG={m.group(1):>3} STACK={m.group(2):>3} LOCAL={m.group(3)} SHARED={shared}" if m
+            else out.strip())
 
 
 def main(argv=None) -> int:
@@ -58,15 +60,16 @@ def main(argv=None) -> int:
                     continue
                 for stats in (True,) if args.quick else (False, True):
                     warps = kernels._num_warps(block)
+                    stages = 1 if single else kernels.NUM_STAGES
                     constexprs = dict(HAS_TEACHER=True, HAS_WEIGHT=True, HAS_SCALE=True, RETURN_GRAD=True,
                                       RETURN_STATS=stats, SINGLE_TILE=single, BLOCK_C=block, COUNT_VALID=False,
-                                      BLOCK_N=1024)
+                                      BLOCK_N=1024, REDUCE=True, NUM_STAGES=stages)
                     compiled = triton.compile(ASTSource(kernels._kd_loss_fwd_kernel, _fwd_signature(dtype), constexprs),
-                                              target=target, options={"num_warps": warps})
+                                              target=target, options={"num_warps": warps, "num_stages": stages})
                     path = "one-tile" if single else "tiled"
-                    print(f"fwd {dtype:4} {path:8} BLOCK_C={block:<5} warps={warps:<2} stats={stats!s:5} "
+                    print(f"fwd {dtype:4} {path:8} BLOCK_C={block:<5} warps={warps:<2} stages={stages} stats={stats!s:5} "
                           f"{resources(compiled)}")
-    sig = {"g_ptr": "*bf16", "go_ptr": "*fp32", "g_stride": "i64", "go_stride": "i64", "C": "i32",
+    sig = {"g_ptr": "*bf16", "go_ptr": "*fp32", "g_stride": "i64", "go_stride": "i64", "C": "i32", "n_tiles": "i32",
            "BLOCK_C": "constexpr"}
     block = kernels.BWD_BLOCK
     compiled = triton.compile(ASTSource(kernels._kd_loss_bwd_kernel, sig, {"BLOCK_C": block}), target=target,
