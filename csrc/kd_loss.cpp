@@ -6,11 +6,13 @@
 //   ce  = -log softmax(s)_y = log Z1 - (s_y - m)
 //   kl  = sum_c q_c (log q_c - log p_c) = (sum_c eu_c (u_c - v_c)) / Zt - log Zt + log ZT
 //         (a class with eu_c = 0, i.e. a teacher logit of -inf, adds exactly 0)
-//   h_c = d l / d s_c = w ((1 - a)(e1_c/Z1 - [c = y]) + a T (eT_c/ZT - eu_c/Zt)),  gradient = grad_scale * h
+//   h_c = d l / d s_c = w ((1 - a)(e1_c/Z1 - [c = y]) + a T (eT_c/ZT - eu_c/Zt)),  gradient = scale * h
 //   loss = w ((1 - a) ce + a T^2 kl)  (Hinton et al. 2015, "Distilling the knowledge in a neural network")
+// scale is the reduction's factor (1 / n for the mean), so the backward has nothing left to do for an upstream 1;
+// the reduction itself sums the rows in row order after the parallel loop (deterministic).
 // Pass 1 finds the maxima; pass 2 computes the exponentials into a row-sized fp32 scratch and sums them;
-// pass 3 writes the gradient and sums its squares. Each pass runs over [0, y) and (y, C) and treats the label's
-// class apart: 1 - softmax(s)_y = (sum of the other classes' e1) / Z1 then keeps its relative precision on
+// pass 3 writes the gradient and sums its squares. The label's class is masked out of every sum and treated
+// apart: 1 - softmax(s)_y = (sum of the other classes' e1) / Z1 then keeps its relative precision on
 // confidently right rows, and so do ce, el2n, grad_norm and the gradient's y entry. Sums run in fp32 vector
 // lanes within blocks of kSumBlock elements and in double across blocks (C up to 262144 and beyond).
 #include "kd_loss.h"
@@ -99,7 +101,9 @@ struct RowView {
   int64_t C_full;
   float tail[kLanes];
   RowView(const float* row, int64_t C) : x(row), C_full(C - C % kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) tail[j] = C_full + j < C ? row[C_full + j] : -kInf;
+    const int64_t n = C - C_full;
+    for (int64_t j = 0; j < n; ++j) tail[j] = row[C_full + j];
+    for (int64_t j = n; j < kLanes; ++j) tail[j] = -kInf;
   }
 };
 
@@ -212,35 +216,35 @@ KD_INLINE void kd_row_impl(const RowConsts& k, const RowView& sv, const RowView&
   ExpSums acc;
   exp_pass<HAS_TEACHER>(sv.x, tv.x, 0, C_full, y, m, mt, k.inv_T, e1, eT, eu, acc);
   exp_pass<HAS_TEACHER>(sv.tail, tv.tail, C_full, kLanes, y, m, mt, k.inv_T, e1, eT, eu, acc);
-  const double z1 = acc.z1 + e1[y];
-  const double one_minus_sm_y = acc.z1 / z1;
+  const double z1 = acc.z1 + e1[y], inv_z1 = 1.0 / z1, inv_zt = 1.0 / acc.zt;  // (reciprocals reused below)
+  const double one_minus_sm_y = acc.z1 * inv_z1;
   const double ce = s_y == m ? std::log1p(acc.z1) : std::log(z1) + (double(m) - double(s_y));
-  const double kl = HAS_TEACHER ? acc.kl / acc.zt + std::log(acc.zT / acc.zt) : double(kNaN);
+  const double kl = HAS_TEACHER ? acc.kl * inv_zt + std::log(acc.zT * inv_zt) : double(kNaN);
   // A weight of exactly 0 or 1 drops its term (an infinite ce or kl times 0 would be NaN).
   const double ce_term = k.alpha == 1.0f ? 0.0 : (1.0 - k.alpha) * ce;
   const double kd_term = k.alpha == 0.0f ? 0.0 : double(k.alpha) * k.temperature * k.temperature * kl;
   out[0] = static_cast<float>(w * (ce_term + kd_term));
   // Pass 3: gradient h (the label's entry from the exact 1 - softmax(s)_y) and its norm.
-  const float c1 = static_cast<float>(w * (1.0 - k.alpha) / z1);
+  const float c1 = static_cast<float>(w * (1.0 - k.alpha) * inv_z1);
   float c2 = 0.0f, c3 = 0.0f, h_y = static_cast<float>(-w * (1.0 - k.alpha) * one_minus_sm_y);
   if (HAS_TEACHER) {
     const double kd = double(w) * k.alpha * k.temperature;
     c2 = static_cast<float>(kd / acc.zT);
-    c3 = static_cast<float>(kd / acc.zt);
+    c3 = static_cast<float>(kd * inv_zt);
     h_y += c2 * eT[y] - c3 * eu[y];
   }
   float g_tail[kLanes];
   double sq = grad_pass<HAS_TEACHER, WRITE_GRAD>(e1, eT, eu, 0, C_full, y, c1, c2, c3, scale, g) +
               grad_pass<HAS_TEACHER, WRITE_GRAD>(e1, eT, eu, C_full, kLanes, y, c1, c2, c3, scale, g_tail);
   if (WRITE_GRAD) {
-    std::copy(g_tail, g_tail + (C - C_full), g + C_full);
+    for (int64_t j = 0; j < C - C_full; ++j) g[C_full + j] = g_tail[j];
     g[y] = scale * h_y;
   }
   sq += double(h_y) * h_y;
   const float margin = s_y - max_other;  // +inf when C == 1
   out[1] = static_cast<float>(ce);
   out[2] = static_cast<float>(kl);
-  out[3] = static_cast<float>(std::sqrt(acc.sq1 / (z1 * z1) + one_minus_sm_y * one_minus_sm_y));
+  out[3] = static_cast<float>(std::sqrt(acc.sq1 * (inv_z1 * inv_z1) + one_minus_sm_y * one_minus_sm_y));
   out[4] = static_cast<float>(std::sqrt(sq));
   out[5] = margin > 0.0f ? 1.0f : 0.0f;
   out[6] = margin;
