@@ -21,8 +21,24 @@ BACKEND_NAMES = ("triton", "cpp", "torch")
 ENV_VAR = "KDFAST_BACKEND"
 
 
+def _getenv(name: str) -> str | None:
+    """os.environ.get(name) without the KeyError that Mapping.get raises and catches for an unset name: on the
+    hot path of a small op that exception cost several microseconds (more than the rest of the dispatch)."""
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        encode = getattr(os.environ, "encodekey", None)
+        if encode is None or not isinstance(getattr(os.environ, "_data", None), dict):  # not CPython's _Environ
+            return os.environ.get(name)
+        key = _ENV_KEYS[name] = encode(name)
+    value = os.environ._data.get(key)
+    return None if value is None else os.environ.decodevalue(value)
+
+
+_ENV_KEYS: dict = {}  # name -> its key in os.environ's underlying dict
+
+
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return (_getenv("TRITON_INTERPRET") or "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,11 +103,11 @@ _resolved: dict = {}  # (backend, KDFAST_BACKEND, TRITON_INTERPRET, device type)
 def resolve_backend(backend: str | None, device: torch.device | None, *, op: str) -> str:
     """The backend that runs `op` on `device` (None: anywhere): explicit argument, then KDFAST_BACKEND, then
     default. Memoised on what the answer depends on, so the per-call cost is one or two environment reads."""
-    env = os.environ.get(ENV_VAR)
+    env = _getenv(ENV_VAR)
     if backend is not None and type(backend) is not str:
         return _resolve(backend, env, device, op)  # raises, naming the value
     # TRITON_INTERPRET decides only whether Triton runs without a GPU: read it only where that is asked
-    interpret = os.environ.get("TRITON_INTERPRET") if (backend or env) == "triton" or device is None else None
+    interpret = _getenv("TRITON_INTERPRET") if (backend or env) == "triton" or device is None else None
     key = (backend, env, interpret, None if device is None else device.type)
     chosen = _resolved.get(key)
     if chosen is None:
