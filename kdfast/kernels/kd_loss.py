@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dispatch import triton_interpret
+
 # Largest row the forward keeps in registers in one tile, and the tile width of the two-pass path, with
 # the warp ladder below: from the sm_90 compile (`python -m bench.kernel_resources`, no GPU needed), every
 # 8192-wide variant at 16 warps fits its registers (96-128) without spilling, whereas 16384-wide fp32 with
@@ -322,8 +324,9 @@ def forward_config(C: int, config: dict | None = None) -> dict:
             "num_stages": config.get("num_stages", 1 if single else NUM_STAGES)}
 
 
-# Compiled kernels by specialisation, launched without Triton's per-call binding (None: unavailable here).
-_compiled: dict | None = {}
+# Compiled kernels by specialisation, launched without Triton's per-call binding (None: unavailable here, as
+# under the interpreter, which has no compiled kernels; Triton reads TRITON_INTERPRET at decoration, as here).
+_compiled: dict | None = None if triton_interpret() else {}
 _counters: dict = {}  # device -> int32 ticket counter, reset to 0 by the kernel that uses it
 
 
@@ -341,18 +344,18 @@ def _launch(kernel, grid, args: tuple, constexprs: dict, num_warps: int, num_sta
     """kernel[grid](*args, **constexprs) through the cache of compiled kernels where Triton exposes them."""
     global _compiled
     if _compiled is not None and _hooks() == (None, None):
-        key = (kernel, grid[1:], num_warps, num_stages, *constexprs.values(), *map(_spec, args))
+        device = _driver.get_current_device()  # a compiled kernel is loaded into one device's context
+        key = (kernel, device, grid[1:], num_warps, num_stages, *constexprs.values(), *map(_spec, args))
         compiled = _compiled.get(key)
         if compiled is not None:
             try:
-                device = _driver.get_current_device()
                 compiled.run(*grid, _driver.get_current_stream(device), compiled.function,
                              compiled.packed_metadata, None, None, None, *args, *constexprs.values())
                 return
             except (AttributeError, TypeError):  # another Triton's launcher API: the ordinary launch from now on
                 _compiled = None
         compiled = kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
-        if _compiled is not None and hasattr(compiled, "packed_metadata"):  # None under the interpreter
+        if _compiled is not None and hasattr(compiled, "packed_metadata"):
             _compiled[key] = compiled
         return
     kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
