@@ -22,12 +22,13 @@ from triton.compiler import ASTSource
 from kdfast.kernels import kd_loss as kernels
 
 _FWD_CONSTEXPRS = ("HAS_TEACHER", "HAS_WEIGHT", "HAS_SCALE", "RETURN_GRAD", "RETURN_STATS", "SINGLE_TILE", "BLOCK_C",
-                   "COUNT_VALID", "BLOCK_N", "REDUCE", "NUM_STAGES")
+                   "COUNT_VALID", "BLOCK_N", "REDUCE", "NUM_STAGES", "SPLIT")
 
 
 def _fwd_signature(dtype: str) -> dict:
     sig = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "y_ptr": "*i64", "w_ptr": "*fp32", "scale_ptr": "*fp32",
-           "rows_ptr": "*fp32", "loss_ptr": "*fp32", "count_ptr": "*i32", "g_ptr": f"*{dtype}", "stats_ptr": "*fp32", "s_stride": "i64", "t_stride": "i64",
+           "rows_ptr": "*fp32", "loss_ptr": "*fp32", "count_ptr": "*i32",
+           "part_ptr": "*fp32", "row_count_ptr": "*i32", "g_ptr": f"*{dtype}", "stats_ptr": "*fp32", "s_stride": "i64", "t_stride": "i64",
            "g_stride": "i64", "N": "i32", "C": "i32", "alpha": "fp32", "temperature": "fp32", "ignore_index": "i64"}
     return {**sig, **{name: "constexpr" for name in _FWD_CONSTEXPRS}}
 
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
                     stages = 1 if single else kernels.NUM_STAGES
                     constexprs = dict(HAS_TEACHER=True, HAS_WEIGHT=True, HAS_SCALE=True, RETURN_GRAD=True,
                                       RETURN_STATS=stats, SINGLE_TILE=single, BLOCK_C=block, COUNT_VALID=False,
-                                      BLOCK_N=1024, REDUCE=True, NUM_STAGES=stages)
+                                      BLOCK_N=1024, REDUCE=True, NUM_STAGES=stages, SPLIT=1)
                     compiled = triton.compile(ASTSource(kernels._kd_loss_fwd_kernel, _fwd_signature(dtype), constexprs),
                                               target=target, options={"num_warps": warps, "num_stages": stages})
                     path = "one-tile" if single else "tiled"

@@ -104,13 +104,17 @@ def _force_tiled_path(monkeypatch):
     monkeypatch.setattr(kernels, "TILE", 16)
 
 
-@pytest.fixture(params=[*BACKENDS, "triton-tiled"])
+@pytest.fixture(params=[*BACKENDS, "triton-tiled", "triton-split"])
 def kernel_path(request, monkeypatch):
-    """Every backend, plus the Triton kernel's tiled path (the others have no one-tile cap): the backend name."""
-    backend, _, tiled = request.param.partition("-")
+    """Every backend, plus the Triton kernel's tiled path (the others have no one-tile cap) and its row split
+    (4 programs per row over 16-wide tiles, the last to finish combining them): the backend name."""
+    backend, _, variant = request.param.partition("-")
     _require(backend)
-    if tiled:
+    if variant:
         _force_tiled_path(monkeypatch)
+    if variant == "split":
+        from kdfast.kernels import kd_loss as kernels
+        monkeypatch.setattr(kernels, "SPLIT", 4)
     return backend
 
 

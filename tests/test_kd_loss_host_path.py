@@ -117,17 +117,21 @@ def test_triton_config_overrides_tiles_warps_and_stages():
     if not _triton_runs_here():
         pytest.skip("Triton cannot run here")
     kernels = importlib.import_module("kdfast.kernels.kd_loss")
-    assert kernels.forward_config(37) == {"SINGLE_TILE": True, "BLOCK_C": 64, "num_warps": 4, "num_stages": 1}
-    cfg = kernels.forward_config(37, {"BLOCK": 16, "num_warps": 2, "num_stages": 3})
-    assert cfg == {"SINGLE_TILE": False, "BLOCK_C": 16, "num_warps": 2, "num_stages": 3}
-    for bad in ({"TILE": 16}, {"BLOCK": 24}):
+    assert kernels.forward_config(37) == {"SINGLE_TILE": True, "BLOCK_C": 64, "num_warps": 4, "num_stages": 1,
+                                          "SPLIT": 1}
+    cfg = kernels.forward_config(37, {"BLOCK": 16, "num_warps": 2, "num_stages": 3, "SPLIT": 4})
+    assert cfg == {"SINGLE_TILE": False, "BLOCK_C": 16, "num_warps": 2, "num_stages": 3, "SPLIT": 4}
+    for bad in ({"TILE": 16}, {"BLOCK": 24}, {"SPLIT": 3}):
         with pytest.raises(ValueError, match="config"):
             kernels.forward_config(37, bad)
     s, t, y = torch.randn(5, 37) * 3, torch.randn(5, 37), torch.randint(0, 37, (5,))
-    out = kernels.kd_loss_fwd(s, t, y, None, 0.3, 2.0, -100, 0, True, True, config={"BLOCK": 16, "num_stages": 3})
     ref = kd_loss_fwd_torch(s.double(), t.double(), y, None, 0.3, 2.0, -100, 0, True, True)
-    for name, a, b in zip(("rows", "grad", "stats"), out, ref):
-        assert_close(name, a, b, atol=1e-5, rtol=1e-5)
+    # SPLIT 8 over 3 tiles: five programs of each row fold no tile at all
+    for config in ({"BLOCK": 16, "num_stages": 3}, {"BLOCK": 16, "SPLIT": 2}, {"BLOCK": 16, "SPLIT": 8}):
+        out = kernels.kd_loss_fwd(s, t, y, None, 0.3, 2.0, -100, 0, True, True, config=config)
+        for name, a, b in zip(("rows", "grad", "stats"), out, ref):
+            assert_close(f"{name} with {config}", a, b, atol=1e-5, rtol=1e-5)
+    assert int(kernels._row_counters[s.device].abs().sum()) == 0, "the last part of each row resets its counter"
 
 
 # ------------------------------------------------------------------------- the launcher's compiled cache

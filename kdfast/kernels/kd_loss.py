@@ -40,8 +40,10 @@ from ..dispatch import triton_interpret
 # tiled path on small C; `config=` overrides them per call (the benchmark's sweep).
 MAX_SINGLE_TILE = 8192
 TILE = 8192
-# Tiles in flight in the tiled path's pass 1 (software pipelining of the loads).
+# Tiles in flight in the tiled path's pass 1 (software pipelining of the loads, where Triton applies it).
 NUM_STAGES = 2
+# Programs per row on the tiled path (1: no split; see forward_config). Tests raise it to cover the split.
+SPLIT = 1
 # Up to this many rows every forward program counts the non-ignored labels itself (count_valid): N int64
 # loads per program, from L2 (N^2 in all: 8 MB at 1024 rows), instead of four tiny launches, which matter
 # only where host overhead dominates; above it the launcher counts with torch ops.
@@ -54,7 +56,7 @@ _COLUMNS_PER_WARP = 512
 _MAX_WARPS = 16
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
-CONFIG_KEYS = ("BLOCK", "num_warps", "num_stages")
+CONFIG_KEYS = ("BLOCK", "num_warps", "num_stages", "SPLIT")
 
 
 @triton.jit
@@ -114,6 +116,8 @@ def _kd_loss_fwd_kernel(
     rows_ptr,       # (N,) fp32 out: weighted loss per row
     loss_ptr,       # () fp32 out: the reduced loss (REDUCE)
     count_ptr,      # () int32 ticket counter, 0 between launches (REDUCE)
+    part_ptr,       # (N, SPLIT, 9) fp32 scratch: each part's pass-1 statistics (SPLIT > 1)
+    row_count_ptr,  # (>= N,) int32 per-row ticket counters, 0 between launches (SPLIT > 1)
     g_ptr,          # (N, C) out: scale * dl_i/ds_i in its own dtype (RETURN_GRAD); may alias s_ptr
     stats_ptr,      # (6, N) fp32 out: ce, kl, el2n, grad_norm, correct, margin (RETURN_STATS)
     # strides (elements)
@@ -126,8 +130,10 @@ def _kd_loss_fwd_kernel(
     HAS_TEACHER: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SCALE: tl.constexpr,
     RETURN_GRAD: tl.constexpr, RETURN_STATS: tl.constexpr, SINGLE_TILE: tl.constexpr, BLOCK_C: tl.constexpr,
     COUNT_VALID: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE: tl.constexpr, NUM_STAGES: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    # SPLIT programs per row (tiled path), adjacent in the grid so that a row's parts run together
+    row = (tl.program_id(0) // SPLIT).to(tl.int64)
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride
     g_row = g_ptr + row * g_stride
@@ -167,7 +173,14 @@ def _kd_loss_fwd_kernel(
         m, z, zT, mt, zt, A, m_other, bad_s, bad_t = _online_tile(s_reg, t_reg, cols0, y, k1, kT, m, z, zT, mt, zt,
                                                                   A, m_other, bad_s, bad_t, HAS_TEACHER)
     else:
-        for start in tl.range(0, C, BLOCK_C, num_stages=NUM_STAGES):
+        # this program's share of the row's tiles (all of them without a split)
+        lo = 0
+        hi = C
+        if SPLIT > 1:
+            per = tl.cdiv(tl.cdiv(C, BLOCK_C), SPLIT) * BLOCK_C
+            lo = (tl.program_id(0) % SPLIT) * per
+            hi = tl.minimum(lo + per, C)
+        for start in tl.range(lo, hi, BLOCK_C, num_stages=NUM_STAGES):
             cols = start + cols0
             mask = (cols < C) & valid
             # evict_last: pass 2 reads these lines again
@@ -177,6 +190,37 @@ def _kd_loss_fwd_kernel(
                 t = tl.load(t_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_last").to(tl.float32)
             m, z, zT, mt, zt, A, m_other, bad_s, bad_t = _online_tile(s, t, cols, y, k1, kT, m, z, zT, mt, zt, A,
                                                                       m_other, bad_s, bad_t, HAS_TEACHER)
+        if SPLIT > 1:
+            # Publish this part's statistics; the row's last part to finish combines them and carries on (pass 2
+            # over the whole row, which the parts have just read: the re-read comes from L2). No program waits.
+            part_row = part_ptr + (row * SPLIT + tl.program_id(0) % SPLIT) * 9
+            tl.store(part_row, m)
+            tl.store(part_row + 1, z)
+            tl.store(part_row + 2, zT)
+            tl.store(part_row + 3, mt)
+            tl.store(part_row + 4, zt)
+            tl.store(part_row + 5, A)
+            tl.store(part_row + 6, m_other)
+            tl.store(part_row + 7, bad_s.to(tl.float32))
+            tl.store(part_row + 8, bad_t.to(tl.float32))
+            tl.debug_barrier()  # every thread's stores happen before the ticket (released by acq_rel)
+            if tl.atomic_add(row_count_ptr + row, 1, sem="acq_rel") != SPLIT - 1:
+                return
+            tl.atomic_xchg(row_count_ptr + row, 0, sem="relaxed")
+            parts = part_ptr + (row * SPLIT + tl.arange(0, SPLIT)) * 9
+            ms = tl.load(parts, cache_modifier=".cg")
+            m = tl.max(ms, 0)
+            m_safe = tl.where(m == float("-inf"), 0.0, m)
+            z = tl.sum(tl.load(parts + 1, cache_modifier=".cg") * tl.exp2((ms - m_safe) * k1), 0)
+            zT = tl.sum(tl.load(parts + 2, cache_modifier=".cg") * tl.exp2((ms - m_safe) * kT), 0)
+            mts = tl.load(parts + 3, cache_modifier=".cg")
+            mt = tl.max(mts, 0)
+            rescale = tl.exp2((mts - tl.where(mt == float("-inf"), 0.0, mt)) * kT)
+            zt = tl.sum(tl.load(parts + 4, cache_modifier=".cg") * rescale, 0)
+            A = tl.sum(tl.where(rescale > 0, tl.load(parts + 5, cache_modifier=".cg") * rescale, 0.0), 0)
+            m_other = tl.max(tl.load(parts + 6, cache_modifier=".cg"), 0)
+            bad_s = tl.sum(tl.load(parts + 7, cache_modifier=".cg"), 0).to(tl.int32)
+            bad_t = tl.sum(tl.load(parts + 8, cache_modifier=".cg"), 0).to(tl.int32)
     # Non-finite logits: a student row with NaN/+inf or no finite logit is undefined (NaN everywhere but
     # correct = 0); so is the teacher's, which poisons kl, and the loss and gradient unless alpha == 0.
     s_undefined = (bad_s > 0) | (m == float("-inf"))
@@ -306,28 +350,34 @@ def forward_config(C: int, config: dict | None = None) -> dict:
     """The forward's tile and launch parameters for C classes: SINGLE_TILE, BLOCK_C, num_warps, num_stages.
 
     config: None (the tuned default) or a dict with any of BLOCK (the tile width: the row is one tile when
-    its power-of-two width fits, else it is tiled at BLOCK), num_warps and num_stages (pipelined tiles of
-    the tiled path; the one-tile path has no loop to pipeline).
+    its power-of-two width fits, else it is tiled at BLOCK), num_warps, num_stages (pipelined tiles of
+    the tiled path; the one-tile path has no loop to pipeline) and SPLIT (a power of two: programs per row on
+    the tiled path, each folding a share of the row's tiles, the last to finish running pass 2; default 1
+    until a GPU sweep shows it helps).
     """
     config = config or {}
     unknown = set(config) - set(CONFIG_KEYS)
     if unknown:
         raise ValueError(f"kd_loss_fwd: config keys must be among {CONFIG_KEYS}, got {sorted(unknown)}")
-    block = config.get("BLOCK")
+    block, split = config.get("BLOCK"), config.get("SPLIT", SPLIT)
     if block is not None and (block < 16 or block & (block - 1)):
         raise ValueError(f"kd_loss_fwd: config['BLOCK'] must be a power of two >= 16, got {block}")
+    if split < 1 or split & (split - 1):
+        raise ValueError(f"kd_loss_fwd: config['SPLIT'] must be a power of two >= 1, got {split}")
     width = max(16, _pow2(C))
     single = width <= (MAX_SINGLE_TILE if block is None else block)
     block_c = width if single else (TILE if block is None else block)
     return {"SINGLE_TILE": single, "BLOCK_C": block_c,
             "num_warps": config.get("num_warps", _num_warps(block_c)),
-            "num_stages": config.get("num_stages", 1 if single else NUM_STAGES)}
+            "num_stages": config.get("num_stages", 1 if single else NUM_STAGES),
+            "SPLIT": 1 if single else split}
 
 
 # Compiled kernels by specialisation, launched without Triton's per-call binding (None: unavailable here, as
 # under the interpreter, which has no compiled kernels; Triton reads TRITON_INTERPRET at decoration, as here).
 _compiled: dict | None = None if triton_interpret() else {}
 _counters: dict = {}  # device -> int32 ticket counter, reset to 0 by the kernel that uses it
+_row_counters: dict = {}  # device -> int32 per-row ticket counters of the split path, reset likewise
 
 
 def _spec(x) -> tuple:
@@ -392,6 +442,16 @@ def _counter(device: torch.device) -> torch.Tensor:
     return counter
 
 
+def _row_counter(device: torch.device, N: int) -> torch.Tensor:
+    counters = _row_counters.get(device)
+    if counters is None or counters.numel() < N:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("kd_loss: call it once at this size before capturing a CUDA graph (the split "
+                               "path's counters are allocated on first use)")
+        counters = _row_counters[device] = torch.zeros(max(N, 1024), dtype=torch.int32, device=device)
+    return counters
+
+
 def kd_loss_fwd(student, teacher, target, weight, alpha: float, temperature: float, ignore_index: int,
                 reduction: int, need_grad: bool, return_stats: bool, grad_out=None, *, config: dict | None = None):
     """Loss ((N,) rows for reduction 0, else 0-d; fp32), gradient (N, C) in the student's dtype or None, stats
@@ -417,11 +477,13 @@ def kd_loss_fwd(student, teacher, target, weight, alpha: float, temperature: flo
             loss.zero_()
         return loss, grad, stats
     cfg = forward_config(C, config)
-    reduce = reduction != 0
-    _launch(_kd_loss_fwd_kernel, (N, 1, 1), (
+    reduce, split = reduction != 0, cfg["SPLIT"]
+    _launch(_kd_loss_fwd_kernel, (N * split, 1, 1), (
         student, teacher if teacher is not None else student, target,
         weight if weight is not None else rows, scale if scale is not None else rows,
         rows, loss, _counter(device) if reduce else target,
+        torch.empty(N * split * 9, dtype=torch.float32, device=device) if split > 1 else rows,
+        _row_counter(device, N) if split > 1 else target,
         grad if grad is not None else rows, stats if stats is not None else rows,
         student.stride(0), teacher.stride(0) if teacher is not None else 0, grad.stride(0) if grad is not None else 0,
         N, C, float(alpha), float(temperature), int(ignore_index)),
@@ -429,7 +491,7 @@ def kd_loss_fwd(student, teacher, target, weight, alpha: float, temperature: flo
          "RETURN_GRAD": grad is not None, "RETURN_STATS": return_stats, "SINGLE_TILE": cfg["SINGLE_TILE"],
          "BLOCK_C": cfg["BLOCK_C"], "COUNT_VALID": count_valid,
          "BLOCK_N": min(1024, max(16, _pow2(N))) if count_valid or reduce else 16, "REDUCE": reduce,
-         "NUM_STAGES": cfg["num_stages"]},
+         "NUM_STAGES": cfg["num_stages"], "SPLIT": split},
         cfg["num_warps"], cfg["num_stages"])
     return loss, grad, stats
 
