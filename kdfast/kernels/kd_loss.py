@@ -11,9 +11,11 @@ The forward kernel runs one program per row:
   * larger C: pass 1 streams the row in BLOCK_C-wide tiles keeping running maxima and rescaled sums (online
     softmax, Milakov & Gimelshein 2018), its loads pipelined over NUM_STAGES tiles; pass 2 re-reads the row
     backwards (newest tiles first, the likeliest still in L2) to write the gradient and the two norm
-    statistics. Without gradient and stats only pass 1 runs.
-Every exponential is one exp2 of a pre-scaled argument (x * log2(e) / T - m * log2(e) / T: one FMA and one
-MUFU op instead of a multiply and the five instructions of tl.exp).
+    statistics. Without gradient and stats only pass 1 runs. Optionally (config SPLIT > 1) a row's pass 1 is
+    shared by SPLIT adjacent programs; the last of them to finish (a per-row ticket) combines their partial
+    statistics and runs pass 2, so no program ever waits on another.
+Every exponential is one exp2 of a pre-scaled argument, (x - m) * (log2(e) / T) with the constant folded on
+the host side of the loop (the max subtracted first: exact near it), instead of tl.exp's longer expansion.
 The reduction ("sum", "mean") happens in the same launch: each program stores its row's loss and takes a
 ticket from a per-device counter; the program holding the last ticket sums the rows in row order
 (deterministic) and resets the counter. With reduction="mean" and N <= COUNT_VALID_MAX_ROWS every program
