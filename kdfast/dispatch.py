@@ -100,18 +100,19 @@ def backends() -> dict[str, str]:
 _resolved: dict = {}  # (backend, KDFAST_BACKEND, TRITON_INTERPRET, device type) -> backend; errors are not kept
 
 
-def resolve_backend(backend: str | None, device: torch.device | None, *, op: str) -> str:
-    """The backend that runs `op` on `device` (None: anywhere): explicit argument, then KDFAST_BACKEND, then
-    default. Memoised on what the answer depends on, so the per-call cost is one or two environment reads."""
+def resolve_backend(backend: str | None, device: torch.device | str | None, *, op: str) -> str:
+    """The backend that runs `op` on `device` (a device, its type as a string, or None: anywhere): explicit
+    argument, then KDFAST_BACKEND, then default. Memoised on what the answer depends on, so the per-call cost
+    is one or two environment reads."""
     env = _getenv(ENV_VAR)
     if backend is not None and type(backend) is not str:
         return _resolve(backend, env, device, op)  # raises, naming the value
     # TRITON_INTERPRET decides only whether Triton runs without a GPU: read it only where that is asked
     interpret = _getenv("TRITON_INTERPRET") if (backend or env) == "triton" or device is None else None
-    key = (backend, env, interpret, None if device is None else device.type)
+    key = (backend, env, interpret, device if device is None or type(device) is str else device.type)
     chosen = _resolved.get(key)
     if chosen is None:
-        chosen = _resolved[key] = _resolve(backend, env, device, op)
+        chosen = _resolved[key] = _resolve(backend, env, torch.device(device) if type(device) is str else device, op)
     return chosen
 
 

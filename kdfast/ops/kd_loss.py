@@ -189,8 +189,8 @@ def _check_tensors(student_logits, teacher_logits, target, alpha, weight, inplac
     return device
 
 
-def _choose_backend(backend, device, student_logits, teacher_logits):
-    chosen = resolve_backend(backend, device, op="kd_loss")
+def _choose_backend(backend, device_type, student_logits, teacher_logits):
+    chosen = resolve_backend(backend, device_type, op="kd_loss")
     if chosen != "torch" and (student_logits.dtype == torch.float64 or (
             teacher_logits is not None and teacher_logits.dtype == torch.float64)):
         if backend is None:
@@ -352,9 +352,11 @@ def kd_loss(student_logits, teacher_logits, target, *, alpha=0.5, temperature=4.
     """
     _check_scalars(alpha, temperature, reduction, ignore_index, extrapolate)
     device = _check_tensors(student_logits, teacher_logits, target, alpha, weight, inplace)
-    chosen = _choose_backend(backend, device, student_logits, teacher_logits)
+    # (torch.device.type is slow next to these flags, and this path is host-bound at small shapes)
+    device_type = "cpu" if student_logits.is_cpu else "cuda" if student_logits.is_cuda else device.type
+    chosen = _choose_backend(backend, device_type, student_logits, teacher_logits)
     if validate is None:
-        validate = device.type == "cpu"
+        validate = device_type == "cpu"
     if torch.compiler.is_compiling():
         if inplace:
             raise InvalidArgumentError("kd_loss: inplace=True cannot be honoured under torch.compile (the traced "
@@ -363,7 +365,7 @@ def kd_loss(student_logits, teacher_logits, target, *, alpha=0.5, temperature=4.
                                         float(temperature), _REDUCTION_CODE[reduction], int(ignore_index),
                                         return_stats, chosen)
     else:
-        if validate and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if validate and device_type == "cuda" and torch.cuda.is_current_stream_capturing():
             validate = False
         loss, stats = _EAGER.get(chosen, _eager_function)(student_logits, teacher_logits, target, weight, float(alpha),
                                                           float(temperature), _REDUCTION_CODE[reduction],
