@@ -141,8 +141,12 @@ def _check_scalars(alpha, temperature, reduction, ignore_index, extrapolate) -> 
     _checked_scalars.add(key)
 
 
+def _same_device(x, student_logits, on_cpu):
+    return x.is_cpu if on_cpu else x.device == student_logits.device  # (all-CPU: no device objects built)
+
+
 def _check_tensors(student_logits, teacher_logits, target, alpha, weight, inplace):
-    """Metadata-only checks of the tensors (no host synchronisation)."""
+    """Metadata-only checks of the tensors (no host synchronisation); returns the device type."""
     if not isinstance(student_logits, torch.Tensor):
         raise InvalidArgumentError(f"kd_loss: student_logits must be a tensor, got {type(student_logits).__name__}")
     if student_logits.dtype not in _FLOAT_DTYPES:
@@ -151,14 +155,15 @@ def _check_tensors(student_logits, teacher_logits, target, alpha, weight, inplac
     shape = student_logits.shape
     if not shape:
         raise InvalidArgumentError("kd_loss: student_logits must have shape (..., C), got a 0-d tensor")
-    device = student_logits.device
+    on_cpu = student_logits.is_cpu
+    device = student_logits.device if not on_cpu else "cpu"  # (for the messages)
     if not isinstance(target, torch.Tensor) or target.dtype not in _LABEL_DTYPES:
         raise InvalidArgumentError(f"kd_loss: target must be an int64 (or int32) tensor of class indices, got "
                                    f"{target.dtype if isinstance(target, torch.Tensor) else type(target).__name__}")
     if target.shape != shape[:-1]:
         raise InvalidArgumentError(f"kd_loss: target must have shape {tuple(shape[:-1])} (student_logits without "
                                    f"its class dimension), got {tuple(target.shape)}")
-    if target.device != device:
+    if not _same_device(target, student_logits, on_cpu):
         raise InvalidArgumentError(f"kd_loss: target is on {target.device} but student_logits on {device}")
     if teacher_logits is None:
         if alpha != 0:
@@ -172,7 +177,7 @@ def _check_tensors(student_logits, teacher_logits, target, alpha, weight, inplac
             what = "number of classes C" if teacher_logits.shape[:-1] == shape[:-1] else "shape"
             raise InvalidArgumentError(f"kd_loss: teacher_logits must match student_logits in {what}: student "
                                        f"{tuple(shape)}, teacher {tuple(teacher_logits.shape)}")
-        if teacher_logits.device != device:
+        if not _same_device(teacher_logits, student_logits, on_cpu):
             raise InvalidArgumentError(f"kd_loss: teacher_logits is on {teacher_logits.device} but student_logits "
                                        f"on {device}")
     if weight is not None:
@@ -181,12 +186,12 @@ def _check_tensors(student_logits, teacher_logits, target, alpha, weight, inplac
         if weight.numel() != target.numel() or (weight.dim() > 1 and weight.shape != target.shape):
             raise InvalidArgumentError(f"kd_loss: weight must have shape {tuple(target.shape)} (one per row), got "
                                        f"{tuple(weight.shape)}")
-        if weight.device != device:
+        if not _same_device(weight, student_logits, on_cpu):
             raise InvalidArgumentError(f"kd_loss: weight is on {weight.device} but student_logits on {device}")
     if inplace and not student_logits.requires_grad:
         raise InvalidArgumentError("kd_loss: inplace=True writes the gradient into student_logits, which must "
                                    "require grad")
-    return device
+    return "cpu" if on_cpu else "cuda" if student_logits.is_cuda else device.type
 
 
 def _choose_backend(backend, device_type, student_logits, teacher_logits):
@@ -351,9 +356,7 @@ def kd_loss(student_logits, teacher_logits, target, *, alpha=0.5, temperature=4.
         loss, or (loss, stats) with return_stats=True.
     """
     _check_scalars(alpha, temperature, reduction, ignore_index, extrapolate)
-    device = _check_tensors(student_logits, teacher_logits, target, alpha, weight, inplace)
-    # (torch.device.type is slow next to these flags, and this path is host-bound at small shapes)
-    device_type = "cpu" if student_logits.is_cpu else "cuda" if student_logits.is_cuda else device.type
+    device_type = _check_tensors(student_logits, teacher_logits, target, alpha, weight, inplace)
     chosen = _choose_backend(backend, device_type, student_logits, teacher_logits)
     if validate is None:
         validate = device_type == "cpu"
