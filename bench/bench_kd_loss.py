@@ -18,7 +18,7 @@ rows compare only providers doing the same work in their backward (`backward_wor
 the gradient, so its backward is a no-op for loss.backward() and is not compared with eager's softmax
 gradient; compare full rows. Mode eager-call: wall-clock ms per forward+backward call, back to back and
 synchronised, as a training loop runs them (small, host-bound shapes; do_bench's cache flush hides host time).
-Mode sweep / sweep-best: the forward launcher over BLOCK x num_warps x num_stages (its `config=`), the best
+Mode sweep / sweep-best: the forward launcher over BLOCK x num_warps x num_stages x SPLIT (its `config=`), the best
 config per shape recorded. Plus a training step (linear head, loss, backward, SGD) eager, torch.compile'd and
 CUDA-graph-captured, and the bandwidth floor: three passes over N x C elements (read student, read teacher,
 write gradient) at the device-to-device copy bandwidth measured in the same run.
@@ -59,10 +59,12 @@ MODES = ("forward", "backward", "full")
 # eager-call rows (host-bound shapes): the issue's GPU shapes, and the CPU proxy of the host path
 EAGER_SHAPES = {"cuda": ((128, 10), (128, 100), (256, 1000), (1024, 1000)), "cpu": ((8, 10), (128, 10), (128, 100))}
 SMOKE_EAGER_SHAPES = ((8, 10),)
-# the launcher sweep: shapes, and the grid (quick: a subset) of BLOCK x num_warps x num_stages
+# the launcher sweep: shapes, and the grid (quick: a subset) of BLOCK x num_warps x num_stages x SPLIT (programs
+# per row, exchanging partial max/sum statistics)
 SWEEP_CONFIGS = ("4096x32000-bf16", "8192x128256-bf16")
-SWEEP_GRID = {"BLOCK": (1024, 2048, 4096, 8192, 16384), "num_warps": (4, 8, 16), "num_stages": (1, 2, 3, 4)}
-QUICK_SWEEP_GRID = {"BLOCK": (2048, 4096, 8192), "num_warps": (8, 16), "num_stages": (1, 2, 3)}
+SWEEP_GRID = {"BLOCK": (2048, 4096, 8192, 16384), "num_warps": (4, 8, 16), "num_stages": (1, 2, 3),
+              "SPLIT": (1, 2, 4, 8)}
+QUICK_SWEEP_GRID = {"BLOCK": (4096, 8192), "num_warps": (8, 16), "num_stages": (1, 2), "SPLIT": (1, 4)}
 # what each provider's backward does: backward rows are compared only within one kind
 BACKWARD_WORK = {"kdfast": "none, gradient written by the forward", "eager": "softmax gradients",
                  "compile": "softmax gradients", "liger": "KL gradient only"}
@@ -329,21 +331,22 @@ def launcher_takes_config(launcher=None) -> bool:
     return "config" in inspect.signature(launcher or kernels.kd_loss_fwd).parameters
 
 
-def launch_forward(s, t, y, scale, *, config=None, launcher=None, return_stats=False):
-    """The forward launcher alone (loss rows and gradient): the one place that knows its arguments."""
+def launch_forward(s, t, y, *, config=None, launcher=None, return_stats=False):
+    """The forward launcher alone (mean loss, reduced in the kernel, and gradient): the one place that knows
+    its arguments."""
     launcher = launcher or kernels.kd_loss_fwd
     extra = {} if config is None else {"config": config}
-    return launcher(s, t, y, None, scale, ALPHA, TEMPERATURE, -100, True, return_stats, None, **extra)
+    return launcher(s, t, y, None, ALPHA, TEMPERATURE, -100, 2, True, return_stats, None, **extra)
 
 
 def bench_kernel_only(device, rep_ms, emit) -> None:
     N, C, dtype = CONFIGS[STEP_CONFIG]
     s, t, y = make_inputs(N, C, dtype, device)
-    s, scale = s.detach(), torch.tensor(1.0 / N, device=device)
-    ms, p20, p80 = time_ms(lambda: launch_forward(s, t, y, scale), device, rep_ms=rep_ms)
+    s = s.detach()
+    ms, p20, p80 = time_ms(lambda: launch_forward(s, t, y), device, rep_ms=rep_ms)
     emit(make_row(op=OP, provider="kdfast-kernel", mode="forward", shape=(N, C), dtype=dtype, device=device,
                   ms=ms, p20=p20, p80=p80, backend="triton"))
-    wall = wall_per_call_ms({"kernel": lambda: launch_forward(s, t, y, scale)}, device, rounds=5, calls=300,
+    wall = wall_per_call_ms({"kernel": lambda: launch_forward(s, t, y)}, device, rounds=5, calls=300,
                             warmup=30)["kernel"]
     emit(make_row(op=OP, provider="kdfast-kernel", mode="eager-call", shape=(N, C), dtype=dtype, device=device,
                   ms=min(wall), median_ms=float(torch.tensor(wall).median()), samples=len(wall), calls_per_sample=300,
@@ -351,7 +354,8 @@ def bench_kernel_only(device, rep_ms, emit) -> None:
 
 
 def _config_name(config: dict) -> str:
-    return f"BLOCK={config['BLOCK']} warps={config['num_warps']} stages={config['num_stages']}"
+    return (f"BLOCK={config['BLOCK']} warps={config['num_warps']} stages={config['num_stages']}"
+            + (f" split={config['SPLIT']}" if "SPLIT" in config else ""))
 
 
 def sweep(name, device, bandwidth_gbs, grid, rep_ms, budget, emit, launcher=None) -> None:
@@ -369,9 +373,9 @@ def sweep(name, device, bandwidth_gbs, grid, rep_ms, budget, emit, launcher=None
                          note="sweep: does not fit in device memory"))
         return
     s, t, y = make_inputs(N, C, dtype, device)
-    s, scale = s.detach(), torch.tensor(1.0 / N, device=device)
+    s = s.detach()
     floor_ms = _floor_ms(N, C, dtype, bandwidth_gbs)
-    default_ms = time_ms(lambda: launch_forward(s, t, y, scale, launcher=launcher), device, rep_ms=rep_ms)[0]
+    default_ms = time_ms(lambda: launch_forward(s, t, y, launcher=launcher), device, rep_ms=rep_ms)[0]
     timed, failed, untried = {}, 0, 0
     for values in itertools.product(*grid.values()):
         config = dict(zip(grid, values))
@@ -379,7 +383,7 @@ def sweep(name, device, bandwidth_gbs, grid, rep_ms, budget, emit, launcher=None
             untried += 1
             continue
         try:
-            ms, p20, p80 = time_ms(lambda: launch_forward(s, t, y, scale, config=config, launcher=launcher), device,
+            ms, p20, p80 = time_ms(lambda: launch_forward(s, t, y, config=config, launcher=launcher), device,
                                    rep_ms=rep_ms)
         except Exception as exc:  # out of resources, or a config the launcher rejects
             if isinstance(exc, torch.OutOfMemoryError):

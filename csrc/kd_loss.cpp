@@ -6,16 +6,19 @@
 //   ce  = -log softmax(s)_y = log Z1 - (s_y - m)
 //   kl  = sum_c q_c (log q_c - log p_c) = (sum_c eu_c (u_c - v_c)) / Zt - log Zt + log ZT
 //         (a class with eu_c = 0, i.e. a teacher logit of -inf, adds exactly 0)
-//   h_c = d l / d s_c = w ((1 - a)(e1_c/Z1 - [c = y]) + a T (eT_c/ZT - eu_c/Zt)),  gradient = grad_scale * h
+//   h_c = d l / d s_c = w ((1 - a)(e1_c/Z1 - [c = y]) + a T (eT_c/ZT - eu_c/Zt)),  gradient = scale * h
 //   loss = w ((1 - a) ce + a T^2 kl)  (Hinton et al. 2015, "Distilling the knowledge in a neural network")
+// scale is the reduction's factor (1 / n for the mean), so the backward has nothing left to do for an upstream 1;
+// the reduction itself sums the rows in row order after the parallel loop (deterministic).
 // Pass 1 finds the maxima; pass 2 computes the exponentials into a row-sized fp32 scratch and sums them;
-// pass 3 writes the gradient and sums its squares. Each pass runs over [0, y) and (y, C) and treats the label's
-// class apart: 1 - softmax(s)_y = (sum of the other classes' e1) / Z1 then keeps its relative precision on
+// pass 3 writes the gradient and sums its squares. The label's class is masked out of every sum and treated
+// apart: 1 - softmax(s)_y = (sum of the other classes' e1) / Z1 then keeps its relative precision on
 // confidently right rows, and so do ce, el2n, grad_norm and the gradient's y entry. Sums run in fp32 vector
 // lanes within blocks of kSumBlock elements and in double across blocks (C up to 262144 and beyond).
 #include "kd_loss.h"
 
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -50,6 +53,7 @@ constexpr int64_t kParallelGrain = 16384;   // elements per parallel task: below
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr int kNumStats = 6;                // ce, kl, el2n, grad_norm, correct, margin
+enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2 };
 
 // exp(x) for x <= 0 (logit minus its row maximum), branch-free so loops vectorise: Cody-Waite reduction
 // x = n ln2 + r, a degree-6 polynomial for exp(r) on [-ln2/2, ln2/2] (Cephes expf, < 2 ulp), times 2^n.
@@ -74,59 +78,113 @@ KD_INLINE float exp_nonpos(float x) {
   return x < kLowest ? 0.0f : p * two_n;
 }
 
-KD_INLINE float range_max(const float* x, int64_t lo, int64_t hi) {
+struct RowConsts {
+  int64_t C;
+  float alpha, temperature, inv_T;
+};
+
+// Loss, then the kNumStats statistics (ce, kl, el2n, grad_norm, correct, margin) of one row.
+constexpr int kOut = 1 + kNumStats;
+
+// Every pass runs over the row's whole chunks of kLanes classes in place, then over the last partial chunk
+// copied into kLanes floats padded with -inf (which adds exp(-inf) = 0 to every sum): the padded chunk is one
+// vector iteration instead of a scalar remainder, which dominated small rows (C = 10 or 100, the host-bound
+// case).
+constexpr int64_t kLanes = 16;
+static_assert(kSumBlock % kLanes == 0, "a sum block holds whole chunks");
+
+KD_INLINE int64_t padded(int64_t C) { return (C + kLanes - 1) / kLanes * kLanes; }
+
+// A row in two parts: x[0, C_full) in place, then `tail`, the rest padded with -inf to kLanes.
+struct RowView {
+  const float* x;
+  int64_t C_full;
+  float tail[kLanes];
+  RowView(const float* row, int64_t C) : x(row), C_full(C - C % kLanes) {
+    const int64_t n = C - C_full;
+    for (int64_t j = 0; j < n; ++j) tail[j] = row[C_full + j];
+    for (int64_t j = n; j < kLanes; ++j) tail[j] = -kInf;
+  }
+};
+
+// A row whose student logits hold NaN or +inf, or no finite value: softmax is undefined, so the loss, the
+// gradient and every statistic are NaN, except `correct`, which is 0 (no prediction to be right about).
+KD_INLINE void poison_row(int64_t C, float* g, float* out) {
+  std::fill(out, out + kOut, kNaN);
+  out[5] = 0.0f;
+  if (g) std::fill(g, g + C, kNaN);
+}
+
+// Max over x[0, n) (classes base + c) leaving out the label's class; `bad` flags NaN or +inf anywhere.
+KD_INLINE void max_pass(const float* x, int64_t base, int64_t n, int64_t y, float& mx, int& bad) {
+  float m = mx;
+  int b = bad;
+#pragma omp simd reduction(max : m) reduction(| : b)
+  for (int64_t c = 0; c < n; ++c) {
+    b |= !(x[c] < kInf);
+    const float xo = base + c == y ? -kInf : x[c];
+    m = xo > m ? xo : m;
+  }
+  mx = m, bad = b;
+}
+
+// The maximum of a row, or NaN when it holds NaN or +inf or no finite value (softmax undefined).
+KD_INLINE float checked_max(const RowView& v) {
   float m = -kInf;
-#pragma omp simd reduction(max : m)
-  for (int64_t c = lo; c < hi; ++c) m = x[c] > m ? x[c] : m;
-  return m;
+  int bad = 0;
+  max_pass(v.x, 0, v.C_full, -1, m, bad);
+  max_pass(v.tail, v.C_full, kLanes, -1, m, bad);
+  return bad || m == -kInf ? kNaN : m;
 }
 
 struct ExpSums {
-  double z1 = 0, zT = 0, zt = 0, kl = 0, sq1 = 0;  // sum e1, eT, eu, eu (u - v), e1^2
+  double z1 = 0, sq1 = 0, zT = 0, zt = 0, kl = 0;  // over the classes but the label: e1, e1^2; all: eT, eu, eu (u - v)
 };
 
-// Pass 2 over [lo, hi): the exponentials into e1/eT/eu and their sums into acc.
+// Pass 2 over x[0, n) (classes base + c): the exponentials into e1/eT/eu (indexed by class) and their sums,
+// in fp32 lanes within blocks of kSumBlock and in double across blocks.
 template <bool HAS_TEACHER>
-KD_INLINE void exp_pass(const float* s, const float* t, float m, float mt, float inv_T, int64_t lo, int64_t hi,
-                        float* e1, float* eT, float* eu, ExpSums& acc) {
-  for (int64_t b = lo; b < hi; b += kSumBlock) {
-    const int64_t end = std::min(hi, b + kSumBlock);
-    float z1 = 0, zT = 0, zt = 0, kl = 0, sq1 = 0;
-#pragma omp simd reduction(+ : z1, zT, zt, kl, sq1)
+KD_INLINE void exp_pass(const float* x, const float* tx, int64_t base, int64_t n, int64_t y, float m, float mt,
+                        float inv_T, float* e1, float* eT, float* eu, ExpSums& acc) {
+  for (int64_t b = 0; b < n; b += kSumBlock) {
+    const int64_t end = std::min(n, b + kSumBlock);
+    float z1 = 0, sq1 = 0, zT = 0, zt = 0, kl = 0;
+#pragma omp simd reduction(+ : z1, sq1, zT, zt, kl)
     for (int64_t c = b; c < end; ++c) {
-      const float d = s[c] - m;
+      const float d = x[c] - m;
       const float x1 = exp_nonpos(d);
-      e1[c] = x1;
-      z1 += x1;
-      sq1 += x1 * x1;
+      e1[base + c] = x1;
+      const float xo = base + c == y ? 0.0f : x1;
+      z1 += xo;
+      sq1 += xo * xo;
       if constexpr (HAS_TEACHER) {
-        const float v = d * inv_T, u = (t[c] - mt) * inv_T;
+        const float v = d * inv_T, u = (tx[c] - mt) * inv_T;
         const float xT = exp_nonpos(v), xu = exp_nonpos(u);
-        eT[c] = xT;
-        eu[c] = xu;
+        eT[base + c] = xT;
+        eu[base + c] = xu;
         zT += xT;
         zt += xu;
         kl += xu > 0.0f ? xu * (u - v) : 0.0f;  // q = 0 adds 0, never 0 * inf
       }
     }
-    acc.z1 += z1, acc.zT += zT, acc.zt += zt, acc.kl += kl, acc.sq1 += sq1;
+    acc.z1 += z1, acc.sq1 += sq1, acc.zT += zT, acc.zt += zt, acc.kl += kl;
   }
 }
 
-// Pass 3 over [lo, hi) (classes other than the label): h = c1 e1 + c2 eT - c3 eu; writes scale * h when
-// WRITE_GRAD; returns sum h^2.
+// Pass 3 over classes [base, base + n): h = c1 e1 + c2 eT - c3 eu; writes scale * h into g[0, n) when
+// WRITE_GRAD; returns the sum of h^2 over the classes but the label.
 template <bool HAS_TEACHER, bool WRITE_GRAD>
-KD_INLINE double grad_pass(const float* e1, const float* eT, const float* eu, float c1, float c2, float c3,
-                           float scale, int64_t lo, int64_t hi, float* g) {
+KD_INLINE double grad_pass(const float* e1, const float* eT, const float* eu, int64_t base, int64_t n, int64_t y,
+                           float c1, float c2, float c3, float scale, float* g) {
   double sq = 0;
-  for (int64_t b = lo; b < hi; b += kSumBlock) {
-    const int64_t end = std::min(hi, b + kSumBlock);
+  for (int64_t b = 0; b < n; b += kSumBlock) {
+    const int64_t end = std::min(n, b + kSumBlock);
     float part = 0;
 #pragma omp simd reduction(+ : part)
     for (int64_t c = b; c < end; ++c) {
-      float h = c1 * e1[c];
-      if constexpr (HAS_TEACHER) h += c2 * eT[c] - c3 * eu[c];
-      part += h * h;
+      float h = c1 * e1[base + c];
+      if constexpr (HAS_TEACHER) h += c2 * eT[base + c] - c3 * eu[base + c];
+      part += base + c == y ? 0.0f : h * h;
       if constexpr (WRITE_GRAD) g[c] = scale * h;
     }
     sq += part;
@@ -134,71 +192,84 @@ KD_INLINE double grad_pass(const float* e1, const float* eT, const float* eu, fl
   return sq;
 }
 
-struct RowConsts {
-  int64_t C;
-  float alpha, temperature, inv_T;
-};
-
-// One valid row (0 <= y < C). s, t: fp32 rows; scratch: 3 C floats; g: fp32 gradient row or nullptr. g may be
-// s itself (in place) or e1, scratch's first C floats: pass 3 never reads s, and reads e1[c] before writing g[c].
-// out: loss, then the kNumStats statistics.
+// One row with a label in [0, C). sv, tv: the fp32 student and teacher rows; scratch: 3 padded(C) floats; g:
+// fp32 gradient row or nullptr. g may be the student itself (in place) or e1, scratch's first floats: pass 3
+// never reads the student, and reads e1[c] before it writes g[c]. The label's class is masked out of the sums
+// and treated apart, so 1 - softmax(s)_y keeps its relative precision on confidently right rows.
+// HAS_TEACHER: the teacher is used; it is finite or -inf everywhere, with the finite maximum mt.
 template <bool HAS_TEACHER, bool WRITE_GRAD>
-KD_INLINE void kd_row_impl(const RowConsts& k, const float* s, const float* t, int64_t y, float w, float scale,
-                           float* scratch, float* g, float* out) {
-  const int64_t C = k.C;
+KD_INLINE void kd_row_impl(const RowConsts& k, const RowView& sv, const RowView& tv, float mt, int64_t y,
+                           float s_y, float w, float scale, float* scratch, float* g, float* out) {
+  const int64_t C = k.C, P = padded(C), C_full = sv.C_full;
   float* e1 = scratch;
-  float* eT = scratch + C;
-  float* eu = scratch + 2 * C;
-  // Pass 1: maxima (the student's excluding the label, for the margin).
-  const float s_y = s[y];
-  const float max_other = std::max(range_max(s, 0, y), range_max(s, y + 1, C));
+  float* eT = scratch + P;
+  float* eu = scratch + 2 * P;
+  // Pass 1: the student's maximum over the classes other than the label (for the margin), and the check that
+  // every logit is below +inf and not NaN.
+  float max_other = -kInf;
+  int bad = 0;
+  max_pass(sv.x, 0, C_full, y, max_other, bad);
+  max_pass(sv.tail, C_full, kLanes, y, max_other, bad);
   const float m = std::max(max_other, s_y);
-  const float mt = HAS_TEACHER ? range_max(t, 0, C) : 0.0f;
-  // Pass 2: exponentials; `others` holds every class but the label, `label` the label's own.
-  ExpSums others, label;
-  exp_pass<HAS_TEACHER>(s, t, m, mt, k.inv_T, 0, y, e1, eT, eu, others);
-  exp_pass<HAS_TEACHER>(s, t, m, mt, k.inv_T, y + 1, C, e1, eT, eu, others);
-  exp_pass<HAS_TEACHER>(s, t, m, mt, k.inv_T, y, y + 1, e1, eT, eu, label);
-  const double z1 = others.z1 + label.z1;
-  const double one_minus_sm_y = others.z1 / z1;
-  const double ce = s_y == m ? std::log1p(others.z1) : std::log(z1) + (double(m) - double(s_y));
-  double kl = kNaN;
-  if (HAS_TEACHER) {
-    const double zT = others.zT + label.zT, zt = others.zt + label.zt;
-    kl = (others.kl + label.kl) / zt - std::log(zt) + std::log(zT);
-  }
+  if (bad || m == -kInf) return poison_row(C, g, out);
+  // Pass 2: exponentials and their sums.
+  ExpSums acc;
+  exp_pass<HAS_TEACHER>(sv.x, tv.x, 0, C_full, y, m, mt, k.inv_T, e1, eT, eu, acc);
+  exp_pass<HAS_TEACHER>(sv.tail, tv.tail, C_full, kLanes, y, m, mt, k.inv_T, e1, eT, eu, acc);
+  const double z1 = acc.z1 + e1[y], inv_z1 = 1.0 / z1, inv_zt = 1.0 / acc.zt;  // (reciprocals reused below)
+  const double one_minus_sm_y = acc.z1 * inv_z1;
+  const double ce = s_y == m ? std::log1p(acc.z1) : std::log(z1) + (double(m) - double(s_y));
+  const double kl = HAS_TEACHER ? acc.kl * inv_zt + std::log(acc.zT * inv_zt) : double(kNaN);
+  // A weight of exactly 0 or 1 drops its term (an infinite ce or kl times 0 would be NaN).
+  const double ce_term = k.alpha == 1.0f ? 0.0 : (1.0 - k.alpha) * ce;
   const double kd_term = k.alpha == 0.0f ? 0.0 : double(k.alpha) * k.temperature * k.temperature * kl;
-  out[0] = static_cast<float>(w * ((1.0 - k.alpha) * ce + kd_term));
-  // Pass 3: gradient (h_y from the exact 1 - softmax(s)_y) and its norm.
-  const float c1 = static_cast<float>(w * (1.0 - k.alpha) / z1);
+  out[0] = static_cast<float>(w * (ce_term + kd_term));
+  // Pass 3: gradient h (the label's entry from the exact 1 - softmax(s)_y) and its norm.
+  const float c1 = static_cast<float>(w * (1.0 - k.alpha) * inv_z1);
   float c2 = 0.0f, c3 = 0.0f, h_y = static_cast<float>(-w * (1.0 - k.alpha) * one_minus_sm_y);
   if (HAS_TEACHER) {
     const double kd = double(w) * k.alpha * k.temperature;
-    c2 = static_cast<float>(kd / (others.zT + label.zT));
-    c3 = static_cast<float>(kd / (others.zt + label.zt));
+    c2 = static_cast<float>(kd / acc.zT);
+    c3 = static_cast<float>(kd * inv_zt);
     h_y += c2 * eT[y] - c3 * eu[y];
   }
-  double sq = grad_pass<HAS_TEACHER, WRITE_GRAD>(e1, eT, eu, c1, c2, c3, scale, 0, y, g) +
-              grad_pass<HAS_TEACHER, WRITE_GRAD>(e1, eT, eu, c1, c2, c3, scale, y + 1, C, g);
+  float g_tail[kLanes];
+  double sq = grad_pass<HAS_TEACHER, WRITE_GRAD>(e1, eT, eu, 0, C_full, y, c1, c2, c3, scale, g) +
+              grad_pass<HAS_TEACHER, WRITE_GRAD>(e1, eT, eu, C_full, kLanes, y, c1, c2, c3, scale, g_tail);
+  if (WRITE_GRAD) {
+    for (int64_t j = 0; j < C - C_full; ++j) g[C_full + j] = g_tail[j];
+    g[y] = scale * h_y;
+  }
   sq += double(h_y) * h_y;
-  if (WRITE_GRAD) g[y] = scale * h_y;
   const float margin = s_y - max_other;  // +inf when C == 1
   out[1] = static_cast<float>(ce);
   out[2] = static_cast<float>(kl);
-  out[3] = static_cast<float>(std::sqrt(others.sq1 / (z1 * z1) + one_minus_sm_y * one_minus_sm_y));
+  out[3] = static_cast<float>(std::sqrt(acc.sq1 * (inv_z1 * inv_z1) + one_minus_sm_y * one_minus_sm_y));
   out[4] = static_cast<float>(std::sqrt(sq));
   out[5] = margin > 0.0f ? 1.0f : 0.0f;
   out[6] = margin;
 }
 
+// One row with a label in [0, C) (scratch: 3 padded(C) floats). Non-finite teacher logits (NaN, +inf, or
+// none finite) make kl NaN, and so the loss, gradient and grad_norm too unless alpha == 0 (which never uses
+// the teacher for them).
 KD_TARGET_CLONES void kd_row(const RowConsts& k, const float* s, const float* t, int64_t y, float w, float scale,
                              float* scratch, float* g, float* out) {
+  const RowView sv(s, k.C);
   if (t != nullptr) {
-    g ? kd_row_impl<true, true>(k, s, t, y, w, scale, scratch, g, out)
-      : kd_row_impl<true, false>(k, s, t, y, w, scale, scratch, g, out);
-  } else {
-    g ? kd_row_impl<false, true>(k, s, t, y, w, scale, scratch, g, out)
-      : kd_row_impl<false, false>(k, s, t, y, w, scale, scratch, g, out);
+    const RowView tv(t, k.C);
+    const float mt = checked_max(tv);
+    if (mt == mt) {
+      g ? kd_row_impl<true, true>(k, sv, tv, mt, y, s[y], w, scale, scratch, g, out)
+        : kd_row_impl<true, false>(k, sv, tv, mt, y, s[y], w, scale, scratch, g, out);
+      return;
+    }
+  }
+  g ? kd_row_impl<false, true>(k, sv, sv, 0.0f, y, s[y], w, scale, scratch, g, out)
+    : kd_row_impl<false, false>(k, sv, sv, 0.0f, y, s[y], w, scale, scratch, g, out);
+  if (t != nullptr && k.alpha != 0.0f) {
+    out[0] = out[4] = kNaN;
+    if (g) std::fill(g, g + k.C, kNaN);
   }
 }
 
@@ -279,10 +350,11 @@ void kd_loss_fwd_rows(const FwdArgs& a, const S* student, const T* teacher, S* g
   const int64_t C = a.k.C;
   const int64_t grain = std::max<int64_t>(1, kParallelGrain / C);
   at::parallel_for(0, a.N, grain, [&](int64_t begin, int64_t end) {
-    // scratch: e1 | eT | eu, then fp32 copies of the student and teacher rows where their dtype is narrower
+    // scratch: e1 | eT | eu (padded to whole chunks), then fp32 copies of the student and teacher rows where
+    // their dtype is narrower
     const int64_t extra = (std::is_same_v<S, float> ? 0 : C) + (std::is_same_v<T, float> ? 0 : C);
-    std::vector<float> scratch(3 * C + extra);
-    float* s_buf = scratch.data() + 3 * C;
+    std::vector<float> scratch(3 * padded(C) + extra);
+    float* s_buf = scratch.data() + 3 * padded(C);
     float* t_buf = s_buf + (std::is_same_v<S, float> ? 0 : C);
     float out[1 + kNumStats];
     for (int64_t i = begin; i < end; ++i) {
@@ -347,9 +419,9 @@ void check_per_row_arg(const char* name, const at::Tensor& x, int64_t N, at::Sca
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd(
     const at::Tensor& student, const std::optional<at::Tensor>& teacher, const at::Tensor& target,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& grad_scale, double alpha,
-    double temperature, int64_t ignore_index, bool need_grad, bool return_stats,
-    const std::optional<at::Tensor>& grad_out) {
+    const std::optional<at::Tensor>& weight, double alpha, double temperature, int64_t ignore_index,
+    int64_t reduction, bool need_grad, bool return_stats, const std::optional<at::Tensor>& grad_out,
+    bool validate) {
   TORCH_CHECK_VALUE(student.dim() == 2, "kd_loss_fwd: student must have shape (N, C), got ", student.sizes());
   const int64_t N = student.size(0), C = student.size(1);
   TORCH_CHECK_VALUE(C >= 1, "kd_loss_fwd: student must have at least one class, got shape ", student.sizes());
@@ -357,18 +429,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd(
   if (teacher) check_rows_arg("teacher", *teacher, N, C);
   check_per_row_arg("target", target, N, at::kLong);
   if (weight) check_per_row_arg("weight", *weight, N, at::kFloat);
-  TORCH_CHECK_VALUE(alpha >= 0.0 && alpha <= 1.0, "kd_loss_fwd: alpha must be in [0, 1], got ", alpha);
+  TORCH_CHECK_VALUE(std::isfinite(alpha), "kd_loss_fwd: alpha must be a finite number, got ", alpha);
   TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature),
                     "kd_loss_fwd: temperature must be a finite number > 0, got ", temperature);
   TORCH_CHECK_VALUE(teacher || alpha == 0.0, "kd_loss_fwd: teacher is None, which needs alpha == 0, got ", alpha);
-  float scale = 1.0f;
-  if (grad_scale) {
-    TORCH_CHECK_VALUE(grad_scale->numel() == 1 && grad_scale->scalar_type() == at::kFloat,
-                      "kd_loss_fwd: grad_scale must be a one-element float32 tensor, got ", grad_scale->sizes(),
-                      " ", grad_scale->scalar_type());
-    scale = grad_scale->item<float>();
+  TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kMean,
+                    "kd_loss_fwd: reduction must be 0 (none), 1 (sum) or 2 (mean), got ", reduction);
+
+  // One read of the labels: the mean's count, and the bad labels (raised with validate, else NaN rows).
+  const int64_t* y = target.const_data_ptr<int64_t>();
+  const int64_t y_stride = target.stride(0);
+  int64_t n_counted = 0, n_bad = 0, first_bad = -1;
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t yi = y[i * y_stride];
+    if (yi == ignore_index) continue;
+    ++n_counted;
+    if (yi < 0 || yi >= C) {
+      if (n_bad++ == 0) first_bad = i;
+    }
   }
-  at::Tensor grad = student.new_empty({0});
+  TORCH_CHECK_VALUE(!validate || n_bad == 0, "kd_loss: target must hold class indices in [0, ", C,
+                    ") or ignore_index=", ignore_index, "; row ", first_bad, " has ",
+                    first_bad >= 0 ? y[first_bad * y_stride] : 0, " (", n_bad, " bad rows in all)");
+  // mean: the gradient carries 1 / n (n = rows not ignored, at least 1), so the backward has nothing to do
+  const double inv_n = 1.0 / static_cast<double>(std::max<int64_t>(n_counted, 1));
+
+  at::Tensor grad;  // undefined (None) unless need_grad, and so is stats unless return_stats
   if (need_grad) {
     if (grad_out) {
       check_rows_arg("grad_out", *grad_out, N, C);
@@ -379,51 +465,121 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd(
       grad = at::empty({N, C}, student.options());
     }
   }
-  at::Tensor rows = at::empty({N}, student.options().dtype(at::kFloat));
-  at::Tensor stats = at::empty({return_stats ? kNumStats : 0, N}, rows.options());
+  const auto f32 = student.options().dtype(at::kFloat);
+  at::Tensor loss = reduction == kNone ? at::empty({N}, f32) : at::empty({}, f32);
+  at::Tensor stats = return_stats ? at::empty({kNumStats, N}, f32) : at::Tensor();
+  std::vector<float> row_buf(reduction == kNone ? 0 : N);
 
   FwdArgs a;
   a.k = RowConsts{C, static_cast<float>(alpha), static_cast<float>(temperature),
                   static_cast<float>(1.0 / temperature)};
-  a.target = target.data_ptr<int64_t>();
-  a.target_stride = target.stride(0);
+  a.target = y;
+  a.target_stride = y_stride;
   a.ignore_index = ignore_index;
   a.s_stride = student.stride(0);
   a.t_stride = teacher ? teacher->stride(0) : 0;
   a.g_stride = need_grad ? grad.stride(0) : 0;
   a.N = N;
-  a.weight = weight ? weight->data_ptr<float>() : nullptr;
+  a.weight = weight ? weight->const_data_ptr<float>() : nullptr;
   a.weight_stride = weight ? weight->stride(0) : 0;
-  a.scale = scale;
-  a.rows = rows.data_ptr<float>();
+  a.scale = reduction == kMean ? static_cast<float>(inv_n) : 1.0f;
+  a.rows = reduction == kNone ? loss.data_ptr<float>() : row_buf.data();
   a.stats = return_stats ? stats.data_ptr<float>() : nullptr;
-  if (N == 0) return {rows, grad, stats};
 
-  dispatch_kernel_dtype(student.scalar_type(), [&](auto s_tag) {
-    using S = decltype(s_tag);
-    S* g = need_grad ? grad.data_ptr<S>() : nullptr;
-    if (!teacher) {
-      kd_loss_fwd_rows<S, float>(a, student.const_data_ptr<S>(), nullptr, g);
-      return;
-    }
-    dispatch_kernel_dtype(teacher->scalar_type(), [&](auto t_tag) {
-      using T = decltype(t_tag);
-      kd_loss_fwd_rows<S, T>(a, student.const_data_ptr<S>(), teacher->const_data_ptr<T>(), g);
+  if (N > 0) {
+    dispatch_kernel_dtype(student.scalar_type(), [&](auto s_tag) {
+      using S = decltype(s_tag);
+      S* g = need_grad ? grad.data_ptr<S>() : nullptr;
+      if (!teacher) {
+        kd_loss_fwd_rows<S, float>(a, student.const_data_ptr<S>(), nullptr, g);
+        return;
+      }
+      dispatch_kernel_dtype(teacher->scalar_type(), [&](auto t_tag) {
+        using T = decltype(t_tag);
+        kd_loss_fwd_rows<S, T>(a, student.const_data_ptr<S>(), teacher->const_data_ptr<T>(), g);
+      });
     });
-  });
-  return {rows, grad, stats};
+  }
+  if (reduction != kNone) {  // in row order: deterministic whatever the threads did
+    double total = 0;
+    for (int64_t i = 0; i < N; ++i) total += row_buf[i];
+    *loss.data_ptr<float>() = static_cast<float>(reduction == kMean ? total * inv_n : total);
+  }
+  return {loss, grad, stats};
 }
 
 void kd_loss_bwd(at::Tensor grad, const at::Tensor& grad_output) {
   if (grad.numel() == 0) return;
   if (grad_output.dim() == 0) {
-    if (grad_output.item<double>() == 1.0) return;  // the usual loss.backward(): nothing to scale
+    // the usual loss.backward() passes exactly 1: nothing to scale (read without a dispatched op)
+    const double go = grad_output.is_cpu() && grad_output.scalar_type() == at::kFloat
+                          ? double(*grad_output.const_data_ptr<float>()) : grad_output.item<double>();
+    if (go == 1.0) return;
     grad.mul_(grad_output);
     return;
   }
   TORCH_CHECK_VALUE(grad_output.dim() == 1 && grad_output.size(0) == grad.size(0), "kd_loss_bwd: grad_output "
                     "must be 0-d or have one entry per row (", grad.size(0), ",), got ", grad_output.sizes());
   grad.mul_(grad_output.unsqueeze(1));
+}
+
+}  // namespace kdfast
+
+// ------------------------------------------------------------------------------------ eager autograd
+// The eager path of the C++ backend as one autograd node written in C++: its backward (scale the stored
+// gradient in place, or nothing when the upstream gradient is exactly 1) runs without Python, which at small
+// shapes costs more than the arithmetic.
+namespace kdfast {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct KDLossNode : public torch::autograd::Function<KDLossNode> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& student,
+                               const std::optional<at::Tensor>& teacher, const at::Tensor& target,
+                               const std::optional<at::Tensor>& weight, double alpha, double temperature,
+                               int64_t ignore_index, int64_t reduction, bool return_stats, bool inplace,
+                               bool validate, bool need_grad) {
+    auto [loss, grad, stats] = kd_loss_fwd(student, teacher, target, weight, alpha, temperature, ignore_index,
+                                           reduction, need_grad, return_stats,
+                                           inplace ? std::optional<at::Tensor>(student) : std::nullopt, validate);
+    ctx->saved_data["grad"] = grad;
+    ctx->saved_data["used"] = false;
+    ctx->set_materialize_grads(false);
+    if (!stats.defined()) return {loss};  // (an output must be a tensor: no placeholder for absent stats)
+    ctx->mark_non_differentiable({stats});
+    return {loss, stats};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    variable_list out(12);
+    TORCH_CHECK(!ctx->saved_data["used"].toBool(), "kd_loss: backward ran twice through the same graph; the fused "
+                "loss keeps one gradient buffer and scales it in place (recompute the loss instead of "
+                "retain_graph=True)");
+    // handed over, not kept: the only reference lets the engine's accumulation into .grad take the buffer
+    // instead of copying it
+    at::Tensor grad = std::move(ctx->saved_data["grad"]).toTensor();
+    ctx->saved_data["grad"] = at::Tensor();
+    if (!grad.defined() || !grad_outputs[0].defined()) return out;
+    ctx->saved_data["used"] = true;
+    kd_loss_bwd(grad, grad_outputs[0]);
+    out[0] = std::move(grad);
+    return out;
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_autograd(
+    const at::Tensor& student, const std::optional<at::Tensor>& teacher, const at::Tensor& target,
+    const std::optional<at::Tensor>& weight, double alpha, double temperature, int64_t ignore_index,
+    int64_t reduction, bool return_stats, bool inplace, bool validate) {
+  // (needs_input_grad is unusable here: without an input that requires grad, apply builds no node)
+  const bool need_grad = student.requires_grad() && at::GradMode::is_enabled();
+  auto out = KDLossNode::apply(student, teacher, target, weight, alpha, temperature, ignore_index, reduction,
+                               return_stats, inplace, validate, need_grad);
+  return {out[0], out.size() > 1 ? out[1] : at::Tensor()};
 }
 
 }  // namespace kdfast

@@ -21,8 +21,24 @@ BACKEND_NAMES = ("triton", "cpp", "torch")
 ENV_VAR = "KDFAST_BACKEND"
 
 
+def _getenv(name: str) -> str | None:
+    """os.environ.get(name) without the KeyError that Mapping.get raises and catches for an unset name: on the
+    hot path of a small op that exception cost several microseconds (more than the rest of the dispatch)."""
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        encode = getattr(os.environ, "encodekey", None)
+        if encode is None or not isinstance(getattr(os.environ, "_data", None), dict):  # not CPython's _Environ
+            return os.environ.get(name)
+        key = _ENV_KEYS[name] = encode(name)
+    value = os.environ._data.get(key)
+    return None if value is None else os.environ.decodevalue(value)
+
+
+_ENV_KEYS: dict = {}  # name -> its key in os.environ's underlying dict
+
+
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return (_getenv("TRITON_INTERPRET") or "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,11 +97,29 @@ def backends() -> dict[str, str]:
     return {name: _unavailable_reason(name, None) or "available" for name in BACKEND_NAMES}
 
 
-def resolve_backend(backend: str | None, device: torch.device, *, op: str) -> str:
-    """The backend that runs `op` on `device`: explicit argument, then KDFAST_BACKEND, then default."""
+_resolved: dict = {}  # (backend, KDFAST_BACKEND, TRITON_INTERPRET, device type) -> backend; errors are not kept
+
+
+def resolve_backend(backend: str | None, device: torch.device | str | None, *, op: str) -> str:
+    """The backend that runs `op` on `device` (a device, its type as a string, or None: anywhere): explicit
+    argument, then KDFAST_BACKEND, then default. Memoised on what the answer depends on, so the per-call cost
+    is one or two environment reads."""
+    env = _getenv(ENV_VAR)
+    if backend is not None and type(backend) is not str:
+        return _resolve(backend, env, device, op)  # raises, naming the value
+    # TRITON_INTERPRET decides only whether Triton runs without a GPU: read it only where that is asked
+    interpret = _getenv("TRITON_INTERPRET") if (backend or env) == "triton" or device is None else None
+    key = (backend, env, interpret, device if device is None or type(device) is str else device.type)
+    chosen = _resolved.get(key)
+    if chosen is None:
+        chosen = _resolved[key] = _resolve(backend, env, torch.device(device) if type(device) is str else device, op)
+    return chosen
+
+
+def _resolve(backend: str | None, env: str | None, device: torch.device | None, op: str) -> str:
     source = "backend"
-    if backend is None and os.environ.get(ENV_VAR):
-        backend, source = os.environ[ENV_VAR], ENV_VAR
+    if backend is None and env:
+        backend, source = env, ENV_VAR
     if backend is not None:
         if backend not in BACKEND_NAMES:
             raise InvalidArgumentError(
@@ -94,5 +128,6 @@ def resolve_backend(backend: str | None, device: torch.device, *, op: str) -> st
         if reason:
             raise BackendUnavailableError(f"{op}: {source}={backend!r} cannot run here: {reason}")
         return backend
-    preferred = "triton" if device.type == "cuda" else "cpp"
+    cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+    preferred = "triton" if cuda else "cpp"
     return preferred if _unavailable_reason(preferred, device) is None else "torch"

@@ -135,7 +135,7 @@ def distill_step(student, teacher, inputs, targets, optimizer, *, alpha=0.5, tem
         # The fused loss computes in fp32 whatever the logits' dtype; alpha == 0 needs no teacher at all.
         loss, stats = kd_loss(student_logits, teacher_logits if alpha != 0 else None, targets, alpha=alpha,
                               temperature=temperature, weight=weight, return_stats=True, validate=validate,
-                              **_extrapolation(alpha, extrapolate))
+                              extrapolate=extrapolate)
         if kd_term is not None:
             extra = kd_term(student_feature.get(), teacher_feature.get(), weight)
             loss = loss + extra
@@ -148,11 +148,6 @@ def distill_step(student, teacher, inputs, targets, optimizer, *, alpha=0.5, tem
     if forgetting is not None:
         forgetting.update(indices, stats["correct"])
     return {"loss": loss.detach(), **stats}
-
-
-def _extrapolation(alpha, extrapolate) -> dict:
-    """kd_loss's opt-in for alpha outside [0, 1], passed only where it is needed."""
-    return {"extrapolate": True} if extrapolate and not 0.0 <= alpha <= 1.0 else {}
 
 
 # ------------------------------------------------------------------------------ the KD weight vs f

@@ -43,17 +43,23 @@ def _cpp():
     return _C
 
 
-def _contract(dtype, student, teacher, target, weight, grad_scale, alpha, temperature):
+def _contract(dtype, student, teacher, target, weight, reduction, alpha, temperature):
     """The kernels' contract (the "torch" backend) computed in `dtype` on the same, already rounded, inputs."""
     t = None if teacher is None else teacher.to(dtype)
-    return kd_loss_fwd_torch(student.to(dtype), t, target, weight, grad_scale, alpha, temperature, IGNORE, True,
-                             True)
+    return kd_loss_fwd_torch(student.to(dtype), t, target, weight, alpha, temperature, IGNORE, reduction, True, True)
 
 
-def check_outputs(outputs, student, teacher, target, weight, grad_scale, alpha, temperature):
-    """Loss rows, gradient (rows with a label in [0, C)) and every statistic against the float64 contract."""
+def _fwd(student, teacher, target, weight=None, alpha=0.5, temperature=4.0, reduction=0, need_grad=True,
+         return_stats=True, grad_out=None, validate=False):
+    return _cpp().kd_loss_fwd(student, teacher, target, weight, alpha, temperature, IGNORE, reduction, need_grad,
+                              return_stats, grad_out, validate)
+
+
+def check_outputs(outputs, student, teacher, target, weight, reduction, alpha, temperature):
+    """Loss (rows or reduced), gradient (rows with a label in [0, C)) and every statistic against the float64
+    contract."""
     rows, grad, stats = outputs
-    args = (student, teacher, target, weight, grad_scale, alpha, temperature)
+    args = (student, teacher, target, weight, reduction, alpha, temperature)
     ref, eager = _contract(torch.float64, *args), _contract(torch.float32, *args)
     ok = (target >= 0) & (target < student.shape[1])
     checks = [("rows", rows, ref[0], eager[0], REL_FLOOR),
@@ -95,13 +101,15 @@ def test_public_backends_stays_callable_once_its_module_is_imported():
 
 
 def _record_backend(monkeypatch):
-    """Wraps every backend's forward so the test sees which one kd_loss ran."""
+    """Wraps every backend's forward (and the eager entries with their own autograd node) so the test sees
+    which one kd_loss ran."""
     used = []
-    for name, fwd in list(kd_ops._FORWARD.items()):
-        def spy(*args, _name=name, _fwd=fwd):
-            used.append(_name)
-            return _fwd(*args)
-        monkeypatch.setitem(kd_ops._FORWARD, name, spy)
+    for table in (kd_ops._FORWARD, kd_ops._EAGER):
+        for name, fwd in list(table.items()):
+            def spy(*args, _name=name, _fwd=fwd):
+                used.append(_name)
+                return _fwd(*args)
+            monkeypatch.setitem(table, name, spy)
     return used
 
 
@@ -195,11 +203,10 @@ def test_cpp_forward_matches_float64_contract(C, s_dtype, t_dtype):
     alpha, temperature = float(torch.empty(()).uniform_(0.05, 0.95)), float(torch.empty(()).uniform_(0.5, 20))
     s, t, y = _hostile_batch(N, C, s_dtype, t_dtype)
     w = torch.rand(N) + 0.5
-    grad_scale = torch.rand(()) + 0.1
-    rows, grad, stats = _C.kd_loss_fwd(s, t, y, w, grad_scale, alpha, temperature, IGNORE, True, True, None)
+    rows, grad, stats = _fwd(s, t, y, w, alpha, temperature)
     assert grad.dtype == s_dtype and grad.shape == (N, C) and grad.is_contiguous()
     assert rows.dtype == stats.dtype == torch.float32 and stats.shape == (6, N)
-    check_outputs((rows, grad, stats), s, t, y, w, grad_scale, alpha, temperature)
+    check_outputs((rows, grad, stats), s, t, y, w, 0, alpha, temperature)
     ok = (y >= 0) & (y < C)  # in range and not ignored
     assert bool((grad[1] == 0).all()), "an ignored row must get a zero gradient"
     assert bool(grad[2:4].isnan().all()), "a row with a label outside [0, C) must be poisoned with NaN"
@@ -216,10 +223,12 @@ def test_cpp_gradient_rounds_to_low_precision_like_torch(dtype):
     N, C = 12, 1000
     s, t, y = _hostile_batch(N, C, dtype, dtype)
     # fp16: large entries overflow to inf, small ones are subnormal; bf16: plain rounding, then subnormals
+    # (the row weights scale the gradient)
     scales = (1e8, 3e-7) if dtype == torch.float16 else (1.0, 1e-38)
-    for scale in map(torch.tensor, scales):
-        _, grad, _ = _C.kd_loss_fwd(s, t, y, None, scale, 0.5, 2.0, IGNORE, True, False, None)
-        _, grad32, _ = _C.kd_loss_fwd(s.float(), t.float(), y, None, scale, 0.5, 2.0, IGNORE, True, False, None)
+    for scale in scales:
+        w = torch.full((N,), scale)
+        _, grad, _ = _fwd(s, t, y, w, 0.5, 2.0, return_stats=False)
+        _, grad32, _ = _fwd(s.float(), t.float(), y, w, 0.5, 2.0, return_stats=False)
         expected = grad32.to(dtype)
         same = (grad.view(torch.int16) == expected.view(torch.int16)) | (grad.isnan() & expected.isnan())
         assert bool(same.all()), f"{int((~same).sum())} entries rounded differently, e.g. got " \
@@ -231,8 +240,8 @@ def test_cpp_forward_extreme_alpha_and_no_teacher(alpha):
     _C = _cpp()
     s, t, y = _hostile_batch(12, 300, torch.float32, torch.float32)
     teacher = None if alpha == 0 else t
-    outputs = _C.kd_loss_fwd(s, teacher, y, None, None, alpha, 3.0, IGNORE, True, True, None)
-    check_outputs(outputs, s, teacher, y, None, None, alpha, 3.0)
+    outputs = _fwd(s, teacher, y, None, alpha, 3.0)
+    check_outputs(outputs, s, teacher, y, None, 0, alpha, 3.0)
     if teacher is None:
         ok = (y >= 0) & (y < 300)
         assert bool(outputs[2][1][ok].isnan().all()), "kl is NaN without a teacher"
@@ -252,9 +261,9 @@ def test_cpp_forward_in_place_into_a_strided_student(dtype):
     buf[:, :C] = s
     student = buf[:, :C]
     w = torch.rand(N)
-    rows, grad, stats = _C.kd_loss_fwd(student, t, y, w, None, 0.4, 2.0, IGNORE, True, True, student)
+    rows, grad, stats = _fwd(student, t, y, w, 0.4, 2.0, grad_out=student)
     assert grad.data_ptr() == student.data_ptr(), "the gradient must land in grad_out"
-    check_outputs((rows, student, stats), s, t, y, w, None, 0.4, 2.0)
+    check_outputs((rows, student, stats), s, t, y, w, 0, 0.4, 2.0)
     assert bool((student[1] == 0).all()) and bool(student[2:4].isnan().all())  # ignored and bad-label rows
 
 
@@ -265,20 +274,55 @@ def test_cpp_forward_leaves_row_padding_alone():
     before = buf[:, C:].clone()
     y = torch.randint(0, C, (N,))
     y[0] = IGNORE
-    _C.kd_loss_fwd(buf[:, :C], torch.randn(N, C), y, None, None, 0.5, 4.0, IGNORE, True, False, buf[:, :C])
+    _fwd(buf[:, :C], torch.randn(N, C), y, return_stats=False, grad_out=buf[:, :C])
     assert torch.equal(buf[:, C:], before)
 
 
 def test_cpp_forward_optional_outputs_and_empty_batch():
     _C = _cpp()
     s, t, y = torch.randn(3, 7), torch.randn(3, 7), torch.tensor([1, 2, 3])
-    rows, grad, stats = _C.kd_loss_fwd(s, t, y, None, None, 0.5, 4.0, IGNORE, False, False, None)
-    rows_ref, _, _ = _contract(torch.float64, s, t, y, None, None, 0.5, 4.0)
+    rows, grad, stats = _fwd(s, t, y, need_grad=False, return_stats=False)
+    rows_ref, _, _ = _contract(torch.float64, s, t, y, None, 0, 0.5, 4.0)
     assert_close("rows without grad or stats", rows, rows_ref, rtol=REL_FLOOR)
-    assert grad.numel() == 0 and stats.numel() == 0
-    rows, grad, stats = _C.kd_loss_fwd(torch.randn(0, 7).half(), torch.randn(0, 7), torch.zeros(0, dtype=torch.int64),
-                                       None, None, 0.5, 4.0, IGNORE, True, True, None)
-    assert rows.shape == (0,) and grad.shape == (0, 7) and grad.dtype == torch.float16 and stats.shape == (6, 0)
+    assert grad is None and stats is None
+    for reduction in (0, 1, 2):
+        loss, grad, stats = _fwd(torch.randn(0, 7).half(), torch.randn(0, 7), torch.zeros(0, dtype=torch.int64),
+                                 reduction=reduction)
+        assert loss.shape == ((0,) if reduction == 0 else ()) and float(loss.sum()) == 0.0
+        assert grad.shape == (0, 7) and grad.dtype == torch.float16 and stats.shape == (6, 0)
+
+
+@pytest.mark.parametrize("reduction", [1, 2], ids=["sum", "mean"])
+def test_cpp_forward_reduces_in_row_order_and_scales_the_gradient(reduction):
+    """sum / mean inside the kernel: the loss is the float64 contract's, the gradient carries 1/n for the mean
+    (n = rows not ignored), and the sum is the same bits whatever the thread count (row order)."""
+    _C = _cpp()
+    N, C = 64, 300
+    s, t, y = torch.randn(N, C) * 3, torch.randn(N, C) * 3, torch.randint(0, C, (N,))
+    y[::5] = IGNORE
+    w = torch.rand(N) + 0.5
+    outputs = _fwd(s, t, y, w, 0.3, 2.0, reduction=reduction)
+    assert outputs[0].shape == ()
+    check_outputs(outputs, s, t, y, w, reduction, 0.3, 2.0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        again = _fwd(s, t, y, w, 0.3, 2.0, reduction=reduction)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(again[0], outputs[0]) and torch.equal(again[1], outputs[1])
+
+
+def test_cpp_forward_validate_raises_before_writing_anything():
+    _C = _cpp()
+    s, t, y = torch.randn(5, 7), torch.randn(5, 7), torch.tensor([0, IGNORE, 7, 2, -1])
+    before = s.clone()
+    with pytest.raises(ValueError, match=r"target must hold class indices in \[0, 7\) or ignore_index=-100; "
+                                         r"row 2 has 7 \(2 bad rows in all\)"):
+        _fwd(s, t, y, grad_out=s, validate=True)
+    assert torch.equal(s, before), "a refused call must leave the in-place student alone"
+    rows, _, _ = _fwd(s.clone(), t, y)  # without validate: NaN rows
+    assert rows[[2, 4]].isnan().all() and rows[[0, 3]].isfinite().all() and rows[1] == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -297,7 +341,7 @@ def test_cpp_backward_scales_the_gradient_in_place(dtype, kind):
 
 def _bad_cpp_calls():
     s, t, y = torch.randn(4, 6), torch.randn(4, 6), torch.randint(0, 6, (4,))
-    ok = dict(student=s, teacher=t, target=y, weight=None, grad_scale=None, grad_out=None)
+    ok = dict(student=s, teacher=t, target=y, weight=None, reduction=0, grad_out=None)
     return [
         ("student", dict(ok, student=s.double()), "student must be float32, float16 or bfloat16"),
         ("student", dict(ok, student=torch.randn(6, 4).t()), "student must have unit class stride"),
@@ -305,7 +349,7 @@ def _bad_cpp_calls():
         ("teacher", dict(ok, teacher=torch.randn(4, 5)), r"teacher must have shape \(4, 6\)"),
         ("target", dict(ok, target=y.int()), "target must be a"),
         ("weight", dict(ok, weight=torch.rand(3)), "weight must be a"),
-        ("grad_scale", dict(ok, grad_scale=torch.ones(2)), "grad_scale must be a one-element float32"),
+        ("reduction", dict(ok, reduction=3), r"reduction must be 0 \(none\), 1 \(sum\) or 2 \(mean\)"),
         ("grad_out", dict(ok, grad_out=torch.empty(4, 6, dtype=torch.float16)), "grad_out must have the student"),
     ]
 
@@ -315,5 +359,5 @@ def _bad_cpp_calls():
 def test_cpp_forward_rejects_bad_arguments_naming_them(arg, kwargs, message):
     _C = _cpp()
     with pytest.raises(ValueError, match=message):
-        _C.kd_loss_fwd(kwargs["student"], kwargs["teacher"], kwargs["target"], kwargs["weight"],
-                       kwargs["grad_scale"], 0.5, 4.0, IGNORE, True, True, kwargs["grad_out"])
+        _C.kd_loss_fwd(kwargs["student"], kwargs["teacher"], kwargs["target"], kwargs["weight"], 0.5, 4.0, IGNORE,
+                       kwargs["reduction"], True, True, kwargs["grad_out"], False)

@@ -179,7 +179,7 @@ def test_render_with_gpu_rows():
 
 
 def test_sweep_records_the_best_config_and_skips_a_launcher_without_config():
-    def launcher(s, t, y, weight, scale, alpha, temperature, ignore_index, need_grad, stats, out, *, config=None):
+    def launcher(s, t, y, weight, alpha, temperature, ignore_index, reduction, need_grad, stats, out, *, config=None):
         if config is not None and config["BLOCK"] == 64:
             raise RuntimeError("out of resources: shared memory")
         time.sleep(4e-3 if config is None else 1e-3 * config["BLOCK"] / 16)
@@ -192,7 +192,7 @@ def test_sweep_records_the_best_config_and_skips_a_launcher_without_config():
     assert best["config"] == {"BLOCK": 16, "num_warps": 4, "num_stages": 2} and best["speedup_vs_default"] > 1.5
     assert "2 configs timed, 1 refused" in best["note"] and rows[0]["variant"] != rows[1]["variant"]
 
-    def old_launcher(s, t, y, weight, scale, alpha, temperature, ignore_index, need_grad, stats, out):
+    def old_launcher(s, t, y, weight, alpha, temperature, ignore_index, reduction, need_grad, stats, out):
         raise AssertionError("not called")
 
     rows = []

@@ -104,13 +104,17 @@ def _force_tiled_path(monkeypatch):
     monkeypatch.setattr(kernels, "TILE", 16)
 
 
-@pytest.fixture(params=[*BACKENDS, "triton-tiled"])
+@pytest.fixture(params=[*BACKENDS, "triton-tiled", "triton-split"])
 def kernel_path(request, monkeypatch):
-    """Every backend, plus the Triton kernel's tiled path (the others have no one-tile cap): the backend name."""
-    backend, _, tiled = request.param.partition("-")
+    """Every backend, plus the Triton kernel's tiled path (the others have no one-tile cap) and its row split
+    (4 programs per row over 16-wide tiles, the last to finish combining them): the backend name."""
+    backend, _, variant = request.param.partition("-")
     _require(backend)
-    if tiled:
+    if variant:
         _force_tiled_path(monkeypatch)
+    if variant == "split":
+        from kdfast.kernels import kd_loss as kernels
+        monkeypatch.setattr(kernels, "SPLIT", 4)
     return backend
 
 
@@ -136,7 +140,7 @@ def _reference(s, t, y, go, *, dtype=torch.float64, **kw):
 
 
 def check_against_reference(s, t, y, *, backend, alpha, temperature, reduction, weight=None, go=None,
-                            inplace=False):
+                            inplace=False, extrapolate=False):
     """Runs kd_loss (loss, stats, backward with upstream gradient go) and compares everything."""
     kw = dict(alpha=alpha, temperature=temperature, reduction=reduction, weight=weight)
     ref_loss, ref_grad, ref_stats = _reference(s, t, y, go, **kw)
@@ -144,7 +148,8 @@ def check_against_reference(s, t, y, *, backend, alpha, temperature, reduction, 
 
     leaf = s.detach().clone().requires_grad_(True)
     student = leaf * 1.0 if inplace else leaf  # in place needs a buffer the graph owns
-    loss, stats = kd_loss(student, t, y, backend=backend, return_stats=True, inplace=inplace, **kw)
+    loss, stats = kd_loss(student, t, y, backend=backend, return_stats=True, inplace=inplace,
+                          extrapolate=extrapolate, **kw)
     loss.backward(go)
 
     atol, rtol, k_low = _grad_tol(s.dtype, backend)
@@ -256,7 +261,7 @@ def test_forward_writes_every_gradient_element(kernel_path):
     backend = kernel_path
     s, t, y = _inputs((6, 37))
     grad_out = torch.full_like(s, float("nan"))
-    rows, grad, stats = kd_ops._FORWARD[backend](s, t, y, None, None, 0.3, 4.0, -100, True, True, grad_out)
+    rows, grad, stats = kd_ops._FORWARD[backend](s, t, y, None, 0.3, 4.0, -100, 0, True, True, grad_out, False)
     assert grad is grad_out or grad.data_ptr() == grad_out.data_ptr()
     ref_rows, ref_grad, ref_stats = _reference(s, t, y, torch.ones(6), alpha=0.3, temperature=4.0,
                                                reduction="none")
@@ -363,6 +368,70 @@ def test_out_of_range_label_without_validation_is_nan_never_a_wild_read(backend)
         assert bool(stats[name][[1, 2]].isnan().all()), name
 
 
+# -------------------------------------------------------------------------- alpha outside [0, 1]
+@pytest.mark.parametrize("alpha", [-0.5, 1.7])
+def test_alpha_outside_the_unit_interval_with_extrapolate(kernel_path, alpha):
+    """extrapolate=True: the same per-row formula for any finite alpha, on every backend."""
+    s, t, y = _inputs((6, 30))
+    check_against_reference(s, t, y, backend=kernel_path, alpha=alpha, temperature=2.0, reduction="mean",
+                            go=_upstream("mean", y), extrapolate=True)
+
+
+def test_alpha_outside_the_unit_interval_needs_extrapolate():
+    s, t, y = _inputs((3, 5))
+    for alpha in (-0.5, 1.7):
+        with pytest.raises(InvalidArgumentError, match=r"alpha must be a number in \[0, 1\].*extrapolate=True"):
+            kd_loss(s, t, y, alpha=alpha)
+    for alpha in (float("inf"), float("nan")):
+        with pytest.raises(InvalidArgumentError, match="alpha must be a finite number"):
+            kd_loss(s, t, y, alpha=alpha, extrapolate=True)
+    crit = KDLoss(alpha=1.7, extrapolate=True)
+    assert_close("module extrapolates", crit(s, t, y), kd_loss_ref(s, t, y, alpha=1.7), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- non-finite logits
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_non_finite_logits_have_one_semantics_on_every_backend(kernel_path, alpha):
+    """-inf is a legal logit (an impossible class); NaN / +inf / no finite logit make a student row undefined
+    (NaN everywhere but correct = 0) and a teacher row's kl NaN (and its loss and gradient unless alpha == 0).
+    Every backend matches the float64 reference, NaN for NaN and inf for inf."""
+    nan, inf = float("nan"), float("inf")
+    s, t, y = _inputs((10, 20), ignore_frac=0.0)
+    s[0, 3], s[1, 5], s[2] = nan, inf, -inf
+    s[3, y[3]] = -inf  # the label impossible: infinite ce, finite gradient
+    s[4, ::3] = -inf  # impossible classes the teacher supports: infinite kl, finite gradient
+    s[4, y[4]] = 1.0
+    t[5, 2], t[6, 7], t[7] = nan, inf, -inf
+    t[8, ::2] = -inf
+    go = _upstream("none", y)
+    check_against_reference(s, t, y, backend=kernel_path, alpha=alpha, temperature=2.0, reduction="none", go=go)
+    leaf = s.clone().requires_grad_(True)
+    rows, stats = kd_loss(leaf, t, y, alpha=alpha, temperature=2.0, reduction="none", backend=kernel_path,
+                          return_stats=True)
+    rows.backward(go)
+    undefined_student = [0, 1, 2]
+    assert rows[undefined_student].isnan().all() and leaf.grad[undefined_student].isnan().all()
+    assert (stats["correct"][undefined_student] == 0).all()
+    for name in ("ce", "kl", "el2n", "grad_norm", "margin"):
+        assert stats[name][undefined_student].isnan().all(), name
+    assert torch.isinf(stats["ce"][3]) and leaf.grad[3].isfinite().all()
+    bad_teacher = [5, 6, 7]
+    assert stats["kl"][bad_teacher].isnan().all() and stats["ce"][bad_teacher].isfinite().all()
+    assert bool(rows[bad_teacher].isnan().all()) == (alpha != 0)
+    assert bool(leaf.grad[bad_teacher].isnan().all()) == (alpha != 0)
+    assert bool(torch.isinf(rows[4])) == (alpha != 0) and torch.isinf(stats["kl"][4])
+    assert rows[[8, 9]].isfinite().all() and leaf.grad[[4, 8, 9]].isfinite().all()
+
+
+def test_validate_default_checks_labels_on_cpu(backend):
+    """validate=None checks on CPU tensors (free for the C++ kernel); validate=False leaves NaN rows."""
+    s, t, y = _inputs((4, 9), ignore_frac=0.0)
+    y[2] = 9
+    with pytest.raises(InvalidArgumentError, match=r"row 2 has 9 \(1 bad rows in all\)"):
+        kd_loss(s, t, y, backend=backend)
+    assert kd_loss(s, t, y, backend=backend, validate=False).isnan()
+
+
 def test_second_backward_through_same_graph_raises(backend):
     s, t, y = _inputs((3, 5))
     leaf = s.clone().requires_grad_(True)
@@ -390,10 +459,12 @@ def test_env_override_selects_backend(monkeypatch):
         kd_loss(s, t, y)
 
 
+@pytest.mark.parametrize("compiled_backend", ["torch", "cpp"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_torch_compile_fullgraph_training_step(reduction):
+def test_torch_compile_fullgraph_training_step(reduction, compiled_backend):
     """A compiled step with default arguments (no graph breaks: the host-side label check is skipped while
-    tracing) gives the eager gradients; torch backend, CPU, aot_eager (the op and its autograd, not codegen)."""
+    tracing) gives the eager gradients; CPU, aot_eager (the op and its autograd, not codegen)."""
+    _require(compiled_backend)
     torch._dynamo.reset()
     model = torch.nn.Linear(8, 5)
     x, t, y = torch.randn(6, 8), torch.randn(6, 5), torch.randint(0, 5, (6,))
@@ -402,7 +473,7 @@ def test_torch_compile_fullgraph_training_step(reduction):
 
     def step(x, t, y, w):
         loss, stats = kd_loss(model(x), t, y, alpha=0.3, temperature=2.0, reduction=reduction, weight=w,
-                              backend="torch", return_stats=True)
+                              backend=compiled_backend, return_stats=True)
         return loss.sum(), stats["el2n"]
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -414,6 +485,18 @@ def test_torch_compile_fullgraph_training_step(reduction):
         grads.append((loss.detach(), el2n, model.weight.grad.clone()))
     for name, a, b in zip(("loss", "el2n", "weight.grad"), grads[0], grads[1]):
         assert_close(f"compiled {name}", b, a, atol=1e-6, rtol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_inplace_under_torch_compile_raises_instead_of_being_ignored():
+    torch._dynamo.reset()
+    s, t, y = _inputs((4, 5))
+
+    def step(s, t, y):
+        return kd_loss(s * 1.0, t, y, inplace=True, backend="torch")
+
+    with pytest.raises(Exception, match="inplace=True cannot be honoured under torch.compile"):
+        torch.compile(step, fullgraph=True, backend="aot_eager")(s.requires_grad_(True), t, y)
     torch._dynamo.reset()
 
 
@@ -430,6 +513,9 @@ def test_triton_kernels_compile_for_hopper_without_spills():
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 5 and all("STACK=  0" in line for line in lines), done.stdout
+    # the pipelined tiled variant's shared memory fits one block of an sm_90 SM (227 KB)
+    shared = [int(line.split("SHARED=")[1]) for line in lines if "SHARED=" in line]
+    assert shared and max(shared) <= 227 * 1024, done.stdout
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -474,11 +560,16 @@ def test_bad_input_raises_naming_the_argument(index):
         kd_loss(kwargs.pop("student_logits"), kwargs.pop("teacher_logits"), kwargs.pop("target"), **kwargs)
 
 
-def test_bad_module_configuration_raises_at_construction():
-    with pytest.raises(InvalidArgumentError, match="alpha"):
-        KDLoss(alpha=2.0)
-    with pytest.raises(InvalidArgumentError, match="reduction"):
-        KDLoss(reduction="avg")
+@pytest.mark.parametrize("argument,kwargs", [
+    ("alpha", dict(alpha=2.0)), ("alpha", dict(alpha=float("nan"), extrapolate=True)),
+    ("reduction", dict(reduction="avg")), ("temperature", dict(temperature=0)),
+    ("backend", dict(backend="fortran")), ("ignore_index", dict(backend="fortran", ignore_index="x")),
+    ("extrapolate", dict(extrapolate="yes")), ("validate", dict(validate="always")),
+    ("inplace", dict(inplace=1.5)), ("return_stats", dict(return_stats="yes")),
+])
+def test_bad_module_configuration_raises_at_construction(argument, kwargs):
+    with pytest.raises(InvalidArgumentError, match=argument):
+        KDLoss(**kwargs)
 
 
 def test_float64_needs_the_torch_backend():

@@ -4,7 +4,6 @@ chain on digits (files, split, resume), the extrapolated loss against its formul
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 
 import pytest
@@ -17,11 +16,6 @@ from kdfast.errors import InvalidArgumentError
 from kdfast.ops.kd_loss import kd_loss
 from kdfast.self_distillation import RECORD_COLUMNS, kernel_ridge_chain, run_chain
 
-# kd_loss(..., extrapolate=True) is the KD op's opt-in for alpha outside [0, 1]; the extrapolated training path
-# calls it, so its tests run where the op has it.
-needs_extrapolating_kd_loss = pytest.mark.skipif(
-    "extrapolate" not in inspect.signature(kd_loss).parameters,
-    reason="kd_loss has no extrapolate=True in this tree (the KD op's alpha-range opt-in)")
 
 
 # ------------------------------------------------------------------------------ kernel ridge problem
@@ -275,7 +269,6 @@ def _formula(student, teacher, y, alpha, T):
     return ((1 - alpha) * ce + alpha * T * T * kl).mean()
 
 
-@needs_extrapolating_kd_loss
 @pytest.mark.parametrize("alpha", [-0.7, 1.6])
 def test_extrapolated_step_follows_the_formula(alpha):
     from kdfast.distill import distill_step
@@ -303,7 +296,6 @@ def test_local_formula_reduces_to_kd_loss_inside_the_unit_interval():
         assert abs(float(kd_loss(s, t, y, alpha=alpha, temperature=3.0)) - expected) < 1e-6 * abs(expected)
 
 
-@needs_extrapolating_kd_loss
 def test_self_distill_extrapolates_only_when_asked():
     result = self_distill(_mlp, _Data(), steps=3, epochs=2, batch_size=16, extrapolate=True, seed=1)
     for r in result.records[1:]:
