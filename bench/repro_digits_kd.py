@@ -27,18 +27,15 @@ Writes bench/figures/repro_digits_kd.{md,png,json}.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
 import kdfast
-from bench.common import code_commit, device_name, versions
+from bench.common import load_saved, measured, pyplot, repro_provenance, save_figure, stderr_log, write_report
 from kdfast.data import load_dataset
 from kdfast.distill import alpha_for_fraction, distill_step
 from kdfast.models import create_model
@@ -264,20 +261,13 @@ def report(runs, size, prov):
         "", *rows, "", "Alpha sweep, random pruning:", "", *sweep_rows, "",
         "Claims, judged on per-seed paired differences (holds: mean > 2 s.e.; reversed: mean < -2 s.e.):", "",
         "Summary:", "", *claim_summary(found), f"- the best alpha grows as f shrinks: {trend}", "", *claim_rows, "",
-        f"Measured {prov['date']} on {prov['device']} in {prov['elapsed_s']:.0f} s; "
-        f"{', '.join(f'{k} {v}' for k, v in sorted(prov['versions'].items()))}; seeds {list(range(len(runs)))}; "
-        f"commit {prov['commit']}; command: `{prov['command']}`" + rendered(prov), ""])
-
-
-def rendered(prov):
-    """Tables rebuilt with --from-json say which code rendered them (the numbers stay the recorded run's)."""
-    return f"; rendered from the saved runs at commit {prov['rendered_by']}" if prov.get("rendered_by") else ""
+        measured(prov, seeds=range(len(runs))), ""])
 
 
 def plot(runs, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("repro_digits_kd")
+    if plt is None:
+        return
     fig, axes = plt.subplots(1, len(METHODS) + 1, figsize=(4 * (len(METHODS) + 1), 3.6))
     for ax, method in zip(axes, METHODS):
         for setting, style in zip(KD_SETTINGS, ("o-", "s--", "^-")):
@@ -302,26 +292,14 @@ def plot(runs, path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def write_outputs(runs, size, prov, out):
-    os.makedirs(out, exist_ok=True)
     text = report(runs, size, prov)
-    with open(os.path.join(out, "repro_digits_kd.md"), "w") as fh:
-        fh.write(text)
-    with open(os.path.join(out, "repro_digits_kd.json"), "w") as fh:
-        json.dump({"size": size, "provenance": prov, "runs": runs}, fh, indent=1)
+    write_report(out, "repro_digits_kd", text, {"size": size, "provenance": prov, "runs": runs})
     plot(runs, os.path.join(out, "repro_digits_kd.png"))
     return text
-
-
-def provenance(argv, module="bench.repro_digits_kd"):
-    return {"commit": code_commit(),  # the code that runs (the tree may move on while it does)
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": device_name(torch.device("cpu")), "versions": versions(),
-            "command": f"python -m {module} {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()}
 
 
 def main(argv=None) -> int:
@@ -334,21 +312,17 @@ def main(argv=None) -> int:
     parser.add_argument("--from-json", help="rebuild the table and plot from a previous run's .json, no training")
     args = parser.parse_args(argv)
     if args.from_json:
-        with open(args.from_json) as fh:
-            saved = json.load(fh)
-        saved["provenance"]["rendered_by"] = code_commit()
+        saved = load_saved(args.from_json)
         print(write_outputs(saved["runs"], saved["size"], saved["provenance"], args.out))
         return 0
     size = dict(SIZES["full" if args.full else "smoke" if args.smoke else "default"])
     size.update({k: v for k, v in (("seeds", args.seeds), ("steps", args.steps)) if v is not None})
     torch.set_num_threads(1)  # tiny matrices: threads only contend
-    prov = provenance(argv)
+    prov = repro_provenance("bench.repro_digits_kd", argv)
     start = time.perf_counter()
+    log = stderr_log(start)
     x, y, ds = tensors("train")
     xt, yt, _ = tensors("test")
-
-    def log(msg):
-        print(f"[{time.perf_counter() - start:6.1f} s] {msg}", file=sys.stderr, flush=True)
     runs = []
     for seed in range(size["seeds"]):
         runs.append(run_seed(seed, x, y, xt, yt, ds, size, log))

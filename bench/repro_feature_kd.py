@@ -24,16 +24,14 @@ Writes bench/figures/repro_feature_kd.{md,png,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
 
 import torch
 
-from bench.common import code_commit
-from bench.repro_digits_kd import (FIGURES, accuracy, converged, make_model, mean_std, paired, provenance,
-                                   rendered, tensors, train, train_state, verdict)
+from bench.common import load_saved, measured, pyplot, repro_provenance, save_figure, stderr_log, write_report
+from bench.repro_digits_kd import (FIGURES, accuracy, converged, make_model, mean_std, paired, tensors, train,
+                                   train_state, verdict)
 from kdfast.kd_terms import KD_TERMS, make_kd_term
 from kdfast.scoring import ForgettingTracker
 from kdfast.selection import prune
@@ -125,15 +123,13 @@ def report(runs, size, prov):
         "Claims, judged on per-seed paired differences (holds: mean > 2 s.e.; reversed: mean < "
                        "-2 s.e.); the paper's column is its Table 1 gap on CIFAR-100 (one run, no spread):", "",
         *claim_rows, "",
-        f"Measured {prov['date']} on {prov['device']} in {prov['elapsed_s']:.0f} s; "
-        f"{', '.join(f'{k} {v}' for k, v in sorted(prov['versions'].items()))}; seeds {list(range(len(runs)))}; "
-        f"commit {prov['commit']}; command: `{prov['command']}`" + rendered(prov), ""])
+        measured(prov, seeds=range(len(runs))), ""])
 
 
 def plot(runs, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("repro_feature_kd")
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(6, 4))
     for setting, style in zip(SETTINGS, ("o:", "s-", "^-", "v--", "d--")):
         stats = [mean_std([r["acc"][f"{f}|{setting}"] for r in runs]) for f in FRACTIONS]
@@ -147,17 +143,12 @@ def plot(runs, path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def write_outputs(runs, size, prov, out):
-    os.makedirs(out, exist_ok=True)
     text = report(runs, size, prov)
-    with open(os.path.join(out, "repro_feature_kd.md"), "w") as fh:
-        fh.write(text)
-    with open(os.path.join(out, "repro_feature_kd.json"), "w") as fh:
-        json.dump({"size": size, "provenance": prov, "runs": runs}, fh, indent=1)
+    write_report(out, "repro_feature_kd", text, {"size": size, "provenance": prov, "runs": runs})
     plot(runs, os.path.join(out, "repro_feature_kd.png"))
     return text
 
@@ -172,21 +163,17 @@ def main(argv=None) -> int:
     parser.add_argument("--from-json", help="rebuild the table and plot from a previous run's .json, no training")
     args = parser.parse_args(argv)
     if args.from_json:
-        with open(args.from_json) as fh:
-            saved = json.load(fh)
-        saved["provenance"]["rendered_by"] = code_commit()
+        saved = load_saved(args.from_json)
         print(write_outputs(saved["runs"], saved["size"], saved["provenance"], args.out))
         return 0
     size = dict(SIZES["full" if args.full else "smoke" if args.smoke else "default"])
     size.update({k: v for k, v in (("seeds", args.seeds), ("steps", args.steps)) if v is not None})
     torch.set_num_threads(1)
-    prov = provenance(argv, "bench.repro_feature_kd")
+    prov = repro_provenance("bench.repro_feature_kd", argv)
     start = time.perf_counter()
+    log = stderr_log(start)
     x, y, _ = tensors("train")
     xt, yt, _ = tensors("test")
-
-    def log(msg):
-        print(f"[{time.perf_counter() - start:6.1f} s] {msg}", file=sys.stderr, flush=True)
     runs = []
     for seed in range(size["seeds"]):
         runs.append(run_seed(seed, x, y, xt, yt, size, log))
