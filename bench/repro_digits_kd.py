@@ -105,7 +105,8 @@ def converged(state):
     return state["train_acc"] == 1.0 and state["train_ce"] < CONVERGED_CE
 
 
-def run_seed(seed, x, y, xt, yt, ds, size, log):
+def run_seed(seed, train_split, test_split, size, log):
+    (x, y, ds), (xt, yt, _) = train_split, test_split
     everything = torch.arange(len(y))
     tracker = ForgettingTracker(len(y))
     teacher = train(make_model(1000 + seed), x, y, keep=everything, steps=size["teacher_steps"], seed=1000 + seed,
@@ -295,41 +296,51 @@ def plot(runs, path):
     save_figure(fig, path, dpi=110)
 
 
-def write_outputs(runs, size, prov, out):
-    text = report(runs, size, prov)
-    write_report(out, "repro_digits_kd", text, {"size": size, "provenance": prov, "runs": runs})
-    plot(runs, os.path.join(out, "repro_digits_kd.png"))
-    return text
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="5 seeds x 3000 steps (teacher 4000)")
-    parser.add_argument("--smoke", action="store_true", help="2 seeds x 8 steps: checks the pipeline, in seconds")
+def digits_main(argv, *, name, doc, sizes, run_seed, report, plot) -> int:
+    """The command line of the digits reproductions: a size (--full, --smoke, overrides), --from-json, and a seed
+    loop that writes `name`.{md,json,png} after every seed. `run_seed(seed, train, test, size, log)` gets the
+    splits as (x, y, dataset)."""
+    def help_of(size):
+        return f"{size['seeds']} seeds x {size['steps']} steps"
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--full", action="store_true",
+                        help=f"{help_of(sizes['full'])} (teacher {sizes['full']['teacher_steps']})")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"{help_of(sizes['smoke'])}: checks the pipeline, in seconds")
     parser.add_argument("--seeds", type=int, help="override the size's number of seeds")
     parser.add_argument("--steps", type=int, help="override the students' SGD step budget")
     parser.add_argument("--out", default=FIGURES)
     parser.add_argument("--from-json", help="rebuild the table and plot from a previous run's .json, no training")
     args = parser.parse_args(argv)
+
+    def write_outputs(runs, size, prov):
+        text = report(runs, size, prov)
+        write_report(args.out, name, text, {"size": size, "provenance": prov, "runs": runs})
+        plot(runs, os.path.join(args.out, f"{name}.png"))
+        return text
     if args.from_json:
         saved = load_saved(args.from_json)
-        print(write_outputs(saved["runs"], saved["size"], saved["provenance"], args.out))
+        print(write_outputs(saved["runs"], saved["size"], saved["provenance"]))
         return 0
-    size = dict(SIZES["full" if args.full else "smoke" if args.smoke else "default"])
+    size = dict(sizes["full" if args.full else "smoke" if args.smoke else "default"])
     size.update({k: v for k, v in (("seeds", args.seeds), ("steps", args.steps)) if v is not None})
     torch.set_num_threads(1)  # tiny matrices: threads only contend
-    prov = repro_provenance("bench.repro_digits_kd", argv)
+    prov = repro_provenance(f"bench.{name}", argv)
     start = time.perf_counter()
     log = stderr_log(start)
-    x, y, ds = tensors("train")
-    xt, yt, _ = tensors("test")
+    train_split, test_split = tensors("train"), tensors("test")
     runs = []
     for seed in range(size["seeds"]):
-        runs.append(run_seed(seed, x, y, xt, yt, ds, size, log))
+        runs.append(run_seed(seed, train_split, test_split, size, log))
         prov["elapsed_s"] = time.perf_counter() - start
-        text = write_outputs(runs, size, prov, args.out)  # every finished seed is on disk
+        text = write_outputs(runs, size, prov)  # every finished seed is on disk
     print(text)
     return 0
+
+
+def main(argv=None) -> int:
+    return digits_main(argv, name="repro_digits_kd", doc=__doc__, sizes=SIZES, run_seed=run_seed, report=report,
+                       plot=plot)
 
 
 if __name__ == "__main__":

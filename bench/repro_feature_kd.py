@@ -23,15 +23,11 @@ Writes bench/figures/repro_feature_kd.{md,png,json}.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import time
-
 import torch
 
-from bench.common import load_saved, measured, pyplot, repro_provenance, save_figure, stderr_log, write_report
-from bench.repro_digits_kd import (FIGURES, accuracy, converged, make_model, mean_std, paired, tensors, train,
-                                   train_state, verdict)
+from bench.common import measured, pyplot, save_figure
+from bench.repro_digits_kd import (accuracy, converged, digits_main, make_model, mean_std, paired, train, train_state,
+                                   verdict)
 from kdfast.kd_terms import KD_TERMS, make_kd_term
 from kdfast.scoring import ForgettingTracker
 from kdfast.selection import prune
@@ -53,7 +49,8 @@ def beta_of(term):
     return 0.5 * KD_TERMS[term].default_beta
 
 
-def run_seed(seed, x, y, xt, yt, size, log):
+def run_seed(seed, train_split, test_split, size, log):
+    (x, y, _), (xt, yt, _) = train_split, test_split
     tracker = ForgettingTracker(len(y))
     teacher = train(make_model(1000 + seed, ARCH), x, y, keep=torch.arange(len(y)), steps=size["teacher_steps"],
                     seed=1000 + seed, forgetting=tracker)
@@ -146,41 +143,9 @@ def plot(runs, path):
     save_figure(fig, path, dpi=110)
 
 
-def write_outputs(runs, size, prov, out):
-    text = report(runs, size, prov)
-    write_report(out, "repro_feature_kd", text, {"size": size, "provenance": prov, "runs": runs})
-    plot(runs, os.path.join(out, "repro_feature_kd.png"))
-    return text
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="5 seeds x 1500 steps (teacher 3000)")
-    parser.add_argument("--smoke", action="store_true", help="2 seeds x 4 steps: checks the pipeline, in seconds")
-    parser.add_argument("--seeds", type=int, help="override the size's number of seeds")
-    parser.add_argument("--steps", type=int, help="override the students' SGD step budget")
-    parser.add_argument("--out", default=FIGURES)
-    parser.add_argument("--from-json", help="rebuild the table and plot from a previous run's .json, no training")
-    args = parser.parse_args(argv)
-    if args.from_json:
-        saved = load_saved(args.from_json)
-        print(write_outputs(saved["runs"], saved["size"], saved["provenance"], args.out))
-        return 0
-    size = dict(SIZES["full" if args.full else "smoke" if args.smoke else "default"])
-    size.update({k: v for k, v in (("seeds", args.seeds), ("steps", args.steps)) if v is not None})
-    torch.set_num_threads(1)
-    prov = repro_provenance("bench.repro_feature_kd", argv)
-    start = time.perf_counter()
-    log = stderr_log(start)
-    x, y, _ = tensors("train")
-    xt, yt, _ = tensors("test")
-    runs = []
-    for seed in range(size["seeds"]):
-        runs.append(run_seed(seed, x, y, xt, yt, size, log))
-        prov["elapsed_s"] = time.perf_counter() - start
-        text = write_outputs(runs, size, prov, args.out)  # every finished seed is on disk
-    print(text)
-    return 0
+    return digits_main(argv, name="repro_feature_kd", doc=__doc__, sizes=SIZES, run_seed=run_seed, report=report,
+                       plot=plot)
 
 
 if __name__ == "__main__":
