@@ -22,7 +22,7 @@ import shutil
 import sys
 import time
 
-from .atomic import read_json, write_json, write_text
+from .atomic import read_file_list, read_json, write_file_list, write_json
 from .errors import JobError, JobExistsError, JobMismatchError
 
 FORMAT = "kdfast-job/1"
@@ -71,11 +71,6 @@ def _has_work(folder: str) -> bool:
             if dirpath != folder or name not in _OWN_FILES:
                 return True
     return False
-
-
-def read_file_list(path: str) -> list[str]:
-    with open(path) as fh:
-        return fh.read().splitlines()
 
 
 class Job:
@@ -141,7 +136,7 @@ class Job:
             # else: only a job record, from a start that failed or was killed before any work: start afresh
         os.makedirs(out, exist_ok=True)
         if files is not None:
-            write_text(os.path.join(out, FILES_FILE), "\n".join(files) + "\n")
+            write_file_list(os.path.join(out, FILES_FILE), files)
         record = {"format": FORMAT, "kind": kind, "status": "running", "identity": identity,
                   "config": jsonable(config), "argv": sys.argv,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
