@@ -1,4 +1,4 @@
-"""Reproduces the data-pruning-with-KD findings on scikit-learn's digits (real data, CPU, a few minutes), with
+"""Reproduces the data-pruning-with-KD findings on scikit-learn's digits (real data, CPU), with
 a fixed budget of SGD steps per student, scores from converged models and several seeds.
 
 Protocol, per seed:
@@ -18,7 +18,8 @@ Protocol, per seed:
 The claims are judged on per-seed paired differences: a gap "holds" when its mean exceeds twice its standard
 error (std of the per-seed differences / sqrt(seeds)); otherwise it is reported as within noise.
 
-    python -m bench.repro_digits_kd                       # 3 seeds x 1000 steps: ~10 minutes on one busy core
+    python -m bench.repro_digits_kd                       # 3 seeds x 1000 steps: 44 min wall in the recorded run
+                                                          # (figures/repro_digits_kd.md: one thread, shared machine)
     python -m bench.repro_digits_kd --full                # 5 seeds x 3000 steps
     python -m bench.repro_digits_kd --smoke --out /tmp/x  # seconds (tests)
 

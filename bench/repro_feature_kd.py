@@ -15,7 +15,8 @@ wd 5e-4, T = 4). Feature layers: the classifier heads' inputs (hint, vid: the po
 conv stage's 4x4 maps (at). Test accuracy on the 400 held-out images after the last step. Gaps are judged on
 per-seed paired differences (holds: mean > 2 standard errors).
 
-    python -m bench.repro_feature_kd                       # 3 seeds x 500 steps: ~10 minutes on one core
+    python -m bench.repro_feature_kd                       # 3 seeds x 500 steps: 39 min wall in the recorded run
+                                                           # (figures/repro_feature_kd.md: one thread, shared machine)
     python -m bench.repro_feature_kd --full                # 5 seeds x 1500 steps
     python -m bench.repro_feature_kd --smoke --out /tmp/x  # seconds (tests)
 
