@@ -303,17 +303,12 @@ def _run(args, device) -> int:
     if args.kd_term != "logit" and distributed.world_size() > 1:  # before any teacher is trained in vain
         raise UsageError(f"--kd-term {args.kd_term}: the term's parameters would train outside "
                          "DistributedDataParallel; run on one process, not under torchrun")
-    main_rank = distributed.is_main()  # the one rank that writes files and reports
-    args.quiet = args.quiet or not main_rank
+    args.quiet = args.quiet or not distributed.is_main()  # the main rank writes files and reports
     if args.steps != 1 and distributed.world_size() > 1:
         raise CliError("--steps runs on one process (the chain's fits are sequential); launch it without torchrun")
     data = load_distill_data(args)  # before the job starts: a data or keep-file error leaves --out untouched
-    job = None
-    if main_rank:
-        job = Job.start(args.out, "distill", vars(args), data=data_identity(data.train), files=data.train.files,
-                        resume=args.resume, overwrite=args.overwrite, label=flag)
-    distributed.barrier()  # the main rank has checked, cleared or created --out
-    job = job if job is not None else Job.attach(args.out)
+    job = Job.start_on_main(args.out, "distill", vars(args), data=data_identity(data.train), files=data.train.files,
+                            resume=args.resume, overwrite=args.overwrite, label=flag)
     if job.finished:
         log(f"{args.out} already holds a finished run; nothing to do", quiet=args.quiet)
         return 0

@@ -82,6 +82,15 @@ class Job:
         """The job another process started in `out` (torchrun's other ranks); it never cleans up the folder."""
         return cls(os.fspath(out), read_json(os.path.join(out, JOB_FILE)), created_folder=False, owner=False)
 
+    @classmethod
+    def start_on_main(cls, out, kind: str, config: dict, **kwargs) -> "Job":
+        """Job.start on the main rank (the one that checks, clears or creates `out`), then Job.attach on torchrun's
+        other ranks once it has; in one process, Job.start."""
+        from .. import distributed
+        job = cls.start(out, kind, config, **kwargs) if distributed.is_main() else None
+        distributed.barrier()
+        return job if job is not None else cls.attach(out)
+
     @property
     def kind(self) -> str:
         return self.record["kind"]

@@ -223,15 +223,11 @@ def _score_liprune(cfg, job, models, data):
     return np.stack(rows), batch_ids
 
 
-def start_score_job(cfg, data, *, label=None) -> Job | None:
+def start_score_job(cfg, data, *, label=None) -> Job:
     """The main rank opens (or checks) the job in cfg.out; every rank gets it after a barrier."""
     from ..data import data_identity
-    job = None
-    if distributed.is_main():
-        job = Job.start(cfg.out, "score", vars(cfg), data=data_identity(data), files=data.files, resume=cfg.resume,
-                        overwrite=cfg.overwrite, label=label)
-    distributed.barrier()  # the main rank has checked, cleared or created the folder
-    return job if job is not None else Job.attach(cfg.out)
+    return Job.start_on_main(cfg.out, "score", vars(cfg), data=data_identity(data), files=data.files,
+                             resume=cfg.resume, overwrite=cfg.overwrite, label=label)
 
 
 def run_score_job(cfg, job, data, train_data) -> dict | None:
