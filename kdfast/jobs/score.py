@@ -154,10 +154,9 @@ def _score_chunked(cfg, job, method, models, data):
     batches = index_batches(range(n), cfg.batch_size)
     mine = [batches[i] for i in distributed.shard_indices(len(batches), distributed.rank(), distributed.world_size())]
     batches = [b for b in mine if not done[b[0]]]
-    todo = sum(len(b) for b in batches)
-    if todo < sum(len(b) for b in mine):
-        log(f"resuming: {sum(len(b) for b in mine) - todo} of {sum(len(b) for b in mine)} examples already scored",
-            quiet=cfg.quiet)
+    todo, share = sum(len(b) for b in batches), sum(len(b) for b in mine)
+    if todo < share:
+        log(f"resuming: {share - todo} of {share} examples already scored", quiet=cfg.quiet)
     tic = time.perf_counter()
     results = score_batches(models, data, method, batches=batches, device=cfg.device, precision=cfg.precision,
                             num_workers=cfg.num_workers, head=cfg.head, keep_logits=writer is not None)
