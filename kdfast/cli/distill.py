@@ -249,9 +249,9 @@ def resolve(args):
     if not sources and args.alpha != 0.0 and not chain:
         problems.append(f"--alpha {args.alpha} distills from a teacher: pass --teacher PATH, --train-teacher or "
                         "--teacher-cache DIR (or --alpha 0 to train without one)")
-    for flag, path in (("--teacher", args.teacher), ("--keep", args.keep)):
+    for option, path in (("--teacher", args.teacher), ("--keep", args.keep)):
         if path and not os.path.isfile(path):
-            problems.append(f"{flag} {path} does not exist")
+            problems.append(f"{option} {path} does not exist")
     if args.teacher_cache and not os.path.isdir(args.teacher_cache):
         problems.append(f"--teacher-cache {args.teacher_cache} is not a folder")
     if args.augment is None:
