@@ -144,16 +144,19 @@ def run(*, device, quick: bool = False, smoke: bool = False, budget_s: float | N
         sync(device)
         return time.perf_counter() - t0, norms, info
 
+    def warm_up_s(products):
+        """Seconds of the products' one-off work (CUDA-graph capture, compile) on a first chunk: timed apart,
+        the timed runs reuse it."""
+        sync(device)
+        t0 = time.perf_counter()
+        spectral_norms(model, batches[:chunk], iters=2, chunk=chunk, products=products)
+        sync(device)
+        return time.perf_counter() - t0
+
     # 1-2. the baseline and kdfast's default engine, alternating rounds (best of each). On CUDA the products'
     # one-off capture (one CUDA graph pair per slot) is timed apart, like a compile: the timed runs reuse it.
     loop = BatchedHVP(model, engine="loop")
-    capture_s = None
-    if loop.cuda_graphs:
-        sync(device)
-        t0 = time.perf_counter()
-        spectral_norms(model, batches[:chunk], iters=2, chunk=chunk, products=loop)
-        sync(device)
-        capture_s = time.perf_counter() - t0
+    capture_s = warm_up_s(loop) if loop.cuda_graphs else None
     best_base = best_loop = None
     for r in range(cfg.rounds):
         if r and out_of_time():
@@ -196,13 +199,7 @@ def run(*, device, quick: bool = False, smoke: bool = False, budget_s: float | N
             add(provider, "skipped", note=f"budget of {budget_s:.0f} s spent before {provider} started")
             continue
         products = BatchedHVP(model, **kwargs)
-        compile_s = None
-        if kwargs.get("compile"):  # the one-off compile, timed apart on the same product object and chunk
-            sync(device)
-            t0 = time.perf_counter()
-            spectral_norms(model, batches[:chunk], iters=2, chunk=chunk, products=products)
-            sync(device)
-            compile_s = time.perf_counter() - t0
+        compile_s = warm_up_s(products) if kwargs.get("compile") else None
         seconds, norms, info = kdfast_run(products)
         timed(provider, seconds, norms, info.products, cfg.batches, variant=info.engine, compile_s=compile_s,
               max_rel_err=None if reference is None else _max_rel_err(norms, reference))

@@ -14,12 +14,15 @@ import importlib.metadata
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from kdfast.jobs.atomic import atomic_write, write_text
 
 QUANTILES = (0.5, 0.2, 0.8)
 
@@ -247,3 +250,69 @@ def read_rows(path: Path) -> list[dict]:
             except json.JSONDecodeError:
                 print(f"{path}:{number}: ignoring a line cut short", file=sys.stderr)
     return rows
+
+
+# ---------------------------------------------------------------------------------------- reproductions
+# bench/repro_*.py run on the CPU and write `<name>.md`, `<name>.json` and `<name>.png` into a figure folder.
+
+def repro_provenance(module: str, argv=None) -> dict:
+    """Where a reproduction ran and with what (its md and json record it); `elapsed_s` is added when it ends."""
+    return {"commit": code_commit(),  # the code that runs (the tree may move on while it does)
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": device_name(torch.device("cpu")), "versions": versions(),
+            "command": " ".join([f"python -m {module}", shlex.join(sys.argv[1:] if argv is None else argv)]).strip()}
+
+
+def stderr_log(start: float):
+    """log(msg): msg on stderr after the seconds since `start` (a perf_counter reading)."""
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - start:6.1f} s] {msg}", file=sys.stderr, flush=True)
+    return log
+
+
+def rendered(prov: dict) -> str:
+    """Tables rebuilt with --from-json say which code rendered them (the numbers stay the recorded run's)."""
+    return f"; rendered from the saved runs at commit {prov['rendered_by']}" if prov.get("rendered_by") else ""
+
+
+def measured(prov: dict, *, seeds=None, figure: str | None = None) -> str:
+    """A reproduction's closing line: when, where, how long, with what, from which commit and command."""
+    return (f"Measured {prov['date']} on {prov['device']} in {prov['elapsed_s']:.0f} s; "
+            f"{', '.join(f'{k} {v}' for k, v in sorted(prov['versions'].items()))}; "
+            + (f"seeds {list(seeds)}; " if seeds is not None else "")
+            + f"commit {prov['commit']}; command: `{prov['command']}`" + rendered(prov)
+            + (f"; figure: {figure}" if figure else ""))
+
+
+def load_saved(path: str) -> dict:
+    """A previous run's json for --from-json, its provenance marked as rendered by the code that runs now."""
+    with open(path) as fh:
+        saved = json.load(fh)
+    saved["provenance"]["rendered_by"] = code_commit()
+    return saved
+
+
+def pyplot(name: str):
+    """matplotlib.pyplot on the Agg backend, or None (said on stderr) where matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"{name}: {name}.png skipped: matplotlib is not installed", file=sys.stderr)
+        return None
+    return plt
+
+
+def save_figure(fig, path: str, *, dpi: int) -> None:
+    """Writes `fig` as a png atomically and closes it."""
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=dpi))
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+def write_report(out: str, name: str, text: str, record: dict, *, indent: int | None = 1) -> None:
+    """`<out>/<name>.md` (the text) and `<out>/<name>.json` (the record), each written whole or not at all."""
+    os.makedirs(out, exist_ok=True)
+    write_text(os.path.join(out, f"{name}.md"), text)
+    atomic_write(os.path.join(out, f"{name}.json"), lambda fh: json.dump(record, fh, indent=indent), mode="w")

@@ -1,4 +1,4 @@
-"""Reproduces the data-pruning-with-KD findings on scikit-learn's digits (real data, CPU, a few minutes), with
+"""Reproduces the data-pruning-with-KD findings on scikit-learn's digits (real data, CPU), with
 a fixed budget of SGD steps per student, scores from converged models and several seeds.
 
 Protocol, per seed:
@@ -18,7 +18,8 @@ Protocol, per seed:
 The claims are judged on per-seed paired differences: a gap "holds" when its mean exceeds twice its standard
 error (std of the per-seed differences / sqrt(seeds)); otherwise it is reported as within noise.
 
-    python -m bench.repro_digits_kd                       # 3 seeds x 1000 steps: ~10 minutes on one busy core
+    python -m bench.repro_digits_kd                       # 3 seeds x 1000 steps: 44 min wall in the recorded run
+                                                          # (figures/repro_digits_kd.md: one thread, shared machine)
     python -m bench.repro_digits_kd --full                # 5 seeds x 3000 steps
     python -m bench.repro_digits_kd --smoke --out /tmp/x  # seconds (tests)
 
@@ -27,18 +28,15 @@ Writes bench/figures/repro_digits_kd.{md,png,json}.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
 import kdfast
-from bench.common import code_commit, device_name, versions
+from bench.common import load_saved, measured, pyplot, repro_provenance, save_figure, stderr_log, write_report
 from kdfast.data import load_dataset
 from kdfast.distill import alpha_for_fraction, distill_step
 from kdfast.models import create_model
@@ -108,7 +106,8 @@ def converged(state):
     return state["train_acc"] == 1.0 and state["train_ce"] < CONVERGED_CE
 
 
-def run_seed(seed, x, y, xt, yt, ds, size, log):
+def run_seed(seed, train_split, test_split, size, log):
+    (x, y, ds), (xt, yt, _) = train_split, test_split
     everything = torch.arange(len(y))
     tracker = ForgettingTracker(len(y))
     teacher = train(make_model(1000 + seed), x, y, keep=everything, steps=size["teacher_steps"], seed=1000 + seed,
@@ -264,20 +263,13 @@ def report(runs, size, prov):
         "", *rows, "", "Alpha sweep, random pruning:", "", *sweep_rows, "",
         "Claims, judged on per-seed paired differences (holds: mean > 2 s.e.; reversed: mean < -2 s.e.):", "",
         "Summary:", "", *claim_summary(found), f"- the best alpha grows as f shrinks: {trend}", "", *claim_rows, "",
-        f"Measured {prov['date']} on {prov['device']} in {prov['elapsed_s']:.0f} s; "
-        f"{', '.join(f'{k} {v}' for k, v in sorted(prov['versions'].items()))}; seeds {list(range(len(runs)))}; "
-        f"commit {prov['commit']}; command: `{prov['command']}`" + rendered(prov), ""])
-
-
-def rendered(prov):
-    """Tables rebuilt with --from-json say which code rendered them (the numbers stay the recorded run's)."""
-    return f"; rendered from the saved runs at commit {prov['rendered_by']}" if prov.get("rendered_by") else ""
+        measured(prov, seeds=range(len(runs))), ""])
 
 
 def plot(runs, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("repro_digits_kd")
+    if plt is None:
+        return
     fig, axes = plt.subplots(1, len(METHODS) + 1, figsize=(4 * (len(METHODS) + 1), 3.6))
     for ax, method in zip(axes, METHODS):
         for setting, style in zip(KD_SETTINGS, ("o-", "s--", "^-")):
@@ -302,60 +294,54 @@ def plot(runs, path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
-def write_outputs(runs, size, prov, out):
-    os.makedirs(out, exist_ok=True)
-    text = report(runs, size, prov)
-    with open(os.path.join(out, "repro_digits_kd.md"), "w") as fh:
-        fh.write(text)
-    with open(os.path.join(out, "repro_digits_kd.json"), "w") as fh:
-        json.dump({"size": size, "provenance": prov, "runs": runs}, fh, indent=1)
-    plot(runs, os.path.join(out, "repro_digits_kd.png"))
-    return text
-
-
-def provenance(argv, module="bench.repro_digits_kd"):
-    return {"commit": code_commit(),  # the code that runs (the tree may move on while it does)
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": device_name(torch.device("cpu")), "versions": versions(),
-            "command": f"python -m {module} {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()}
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="5 seeds x 3000 steps (teacher 4000)")
-    parser.add_argument("--smoke", action="store_true", help="2 seeds x 8 steps: checks the pipeline, in seconds")
+def digits_main(argv, *, name, doc, sizes, run_seed, report, plot) -> int:
+    """The command line of the digits reproductions: a size (--full, --smoke, overrides), --from-json, and a seed
+    loop that writes `name`.{md,json,png} after every seed. `run_seed(seed, train, test, size, log)` gets the
+    splits as (x, y, dataset)."""
+    def help_of(size):
+        return f"{size['seeds']} seeds x {size['steps']} steps"
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--full", action="store_true",
+                        help=f"{help_of(sizes['full'])} (teacher {sizes['full']['teacher_steps']})")
+    parser.add_argument("--smoke", action="store_true",
+                        help=f"{help_of(sizes['smoke'])}: checks the pipeline, in seconds")
     parser.add_argument("--seeds", type=int, help="override the size's number of seeds")
     parser.add_argument("--steps", type=int, help="override the students' SGD step budget")
     parser.add_argument("--out", default=FIGURES)
     parser.add_argument("--from-json", help="rebuild the table and plot from a previous run's .json, no training")
     args = parser.parse_args(argv)
+
+    def write_outputs(runs, size, prov):
+        text = report(runs, size, prov)
+        write_report(args.out, name, text, {"size": size, "provenance": prov, "runs": runs})
+        plot(runs, os.path.join(args.out, f"{name}.png"))
+        return text
     if args.from_json:
-        with open(args.from_json) as fh:
-            saved = json.load(fh)
-        saved["provenance"]["rendered_by"] = code_commit()
-        print(write_outputs(saved["runs"], saved["size"], saved["provenance"], args.out))
+        saved = load_saved(args.from_json)
+        print(write_outputs(saved["runs"], saved["size"], saved["provenance"]))
         return 0
-    size = dict(SIZES["full" if args.full else "smoke" if args.smoke else "default"])
+    size = dict(sizes["full" if args.full else "smoke" if args.smoke else "default"])
     size.update({k: v for k, v in (("seeds", args.seeds), ("steps", args.steps)) if v is not None})
     torch.set_num_threads(1)  # tiny matrices: threads only contend
-    prov = provenance(argv)
+    prov = repro_provenance(f"bench.{name}", argv)
     start = time.perf_counter()
-    x, y, ds = tensors("train")
-    xt, yt, _ = tensors("test")
-
-    def log(msg):
-        print(f"[{time.perf_counter() - start:6.1f} s] {msg}", file=sys.stderr, flush=True)
+    log = stderr_log(start)
+    train_split, test_split = tensors("train"), tensors("test")
     runs = []
     for seed in range(size["seeds"]):
-        runs.append(run_seed(seed, x, y, xt, yt, ds, size, log))
+        runs.append(run_seed(seed, train_split, test_split, size, log))
         prov["elapsed_s"] = time.perf_counter() - start
-        text = write_outputs(runs, size, prov, args.out)  # every finished seed is on disk
+        text = write_outputs(runs, size, prov)  # every finished seed is on disk
     print(text)
     return 0
+
+
+def main(argv=None) -> int:
+    return digits_main(argv, name="repro_digits_kd", doc=__doc__, sizes=SIZES, run_seed=run_seed, report=report,
+                       plot=plot)
 
 
 if __name__ == "__main__":

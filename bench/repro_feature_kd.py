@@ -15,7 +15,8 @@ wd 5e-4, T = 4). Feature layers: the classifier heads' inputs (hint, vid: the po
 conv stage's 4x4 maps (at). Test accuracy on the 400 held-out images after the last step. Gaps are judged on
 per-seed paired differences (holds: mean > 2 standard errors).
 
-    python -m bench.repro_feature_kd                       # 3 seeds x 500 steps: ~10 minutes on one core
+    python -m bench.repro_feature_kd                       # 3 seeds x 500 steps: 39 min wall in the recorded run
+                                                           # (figures/repro_feature_kd.md: one thread, shared machine)
     python -m bench.repro_feature_kd --full                # 5 seeds x 1500 steps
     python -m bench.repro_feature_kd --smoke --out /tmp/x  # seconds (tests)
 
@@ -23,17 +24,11 @@ Writes bench/figures/repro_feature_kd.{md,png,json}.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
-import time
-
 import torch
 
-from bench.common import code_commit
-from bench.repro_digits_kd import (FIGURES, accuracy, converged, make_model, mean_std, paired, provenance,
-                                   rendered, tensors, train, train_state, verdict)
+from bench.common import measured, pyplot, save_figure
+from bench.repro_digits_kd import (accuracy, converged, digits_main, make_model, mean_std, paired, train, train_state,
+                                   verdict)
 from kdfast.kd_terms import KD_TERMS, make_kd_term
 from kdfast.scoring import ForgettingTracker
 from kdfast.selection import prune
@@ -55,7 +50,8 @@ def beta_of(term):
     return 0.5 * KD_TERMS[term].default_beta
 
 
-def run_seed(seed, x, y, xt, yt, size, log):
+def run_seed(seed, train_split, test_split, size, log):
+    (x, y, _), (xt, yt, _) = train_split, test_split
     tracker = ForgettingTracker(len(y))
     teacher = train(make_model(1000 + seed, ARCH), x, y, keep=torch.arange(len(y)), steps=size["teacher_steps"],
                     seed=1000 + seed, forgetting=tracker)
@@ -125,15 +121,13 @@ def report(runs, size, prov):
         "Claims, judged on per-seed paired differences (holds: mean > 2 s.e.; reversed: mean < "
                        "-2 s.e.); the paper's column is its Table 1 gap on CIFAR-100 (one run, no spread):", "",
         *claim_rows, "",
-        f"Measured {prov['date']} on {prov['device']} in {prov['elapsed_s']:.0f} s; "
-        f"{', '.join(f'{k} {v}' for k, v in sorted(prov['versions'].items()))}; seeds {list(range(len(runs)))}; "
-        f"commit {prov['commit']}; command: `{prov['command']}`" + rendered(prov), ""])
+        measured(prov, seeds=range(len(runs))), ""])
 
 
 def plot(runs, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("repro_feature_kd")
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(6, 4))
     for setting, style in zip(SETTINGS, ("o:", "s-", "^-", "v--", "d--")):
         stats = [mean_std([r["acc"][f"{f}|{setting}"] for r in runs]) for f in FRACTIONS]
@@ -147,53 +141,12 @@ def plot(runs, path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_outputs(runs, size, prov, out):
-    os.makedirs(out, exist_ok=True)
-    text = report(runs, size, prov)
-    with open(os.path.join(out, "repro_feature_kd.md"), "w") as fh:
-        fh.write(text)
-    with open(os.path.join(out, "repro_feature_kd.json"), "w") as fh:
-        json.dump({"size": size, "provenance": prov, "runs": runs}, fh, indent=1)
-    plot(runs, os.path.join(out, "repro_feature_kd.png"))
-    return text
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="5 seeds x 1500 steps (teacher 3000)")
-    parser.add_argument("--smoke", action="store_true", help="2 seeds x 4 steps: checks the pipeline, in seconds")
-    parser.add_argument("--seeds", type=int, help="override the size's number of seeds")
-    parser.add_argument("--steps", type=int, help="override the students' SGD step budget")
-    parser.add_argument("--out", default=FIGURES)
-    parser.add_argument("--from-json", help="rebuild the table and plot from a previous run's .json, no training")
-    args = parser.parse_args(argv)
-    if args.from_json:
-        with open(args.from_json) as fh:
-            saved = json.load(fh)
-        saved["provenance"]["rendered_by"] = code_commit()
-        print(write_outputs(saved["runs"], saved["size"], saved["provenance"], args.out))
-        return 0
-    size = dict(SIZES["full" if args.full else "smoke" if args.smoke else "default"])
-    size.update({k: v for k, v in (("seeds", args.seeds), ("steps", args.steps)) if v is not None})
-    torch.set_num_threads(1)
-    prov = provenance(argv, "bench.repro_feature_kd")
-    start = time.perf_counter()
-    x, y, _ = tensors("train")
-    xt, yt, _ = tensors("test")
-
-    def log(msg):
-        print(f"[{time.perf_counter() - start:6.1f} s] {msg}", file=sys.stderr, flush=True)
-    runs = []
-    for seed in range(size["seeds"]):
-        runs.append(run_seed(seed, x, y, xt, yt, size, log))
-        prov["elapsed_s"] = time.perf_counter() - start
-        text = write_outputs(runs, size, prov, args.out)  # every finished seed is on disk
-    print(text)
-    return 0
+    return digits_main(argv, name="repro_feature_kd", doc=__doc__, sizes=SIZES, run_seed=run_seed, report=report,
+                       plot=plot)
 
 
 if __name__ == "__main__":

@@ -27,18 +27,14 @@ scaled to ||x|| = 1. The learning rate is 0.9 / (2 lambda_max(H_infinity)) (the 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
-import shlex
 import sys
 import time
 
 import torch
 
-from bench.common import code_commit, device_name, versions
-from kdfast.jobs.atomic import atomic_write, write_text
+from bench.common import measured, pyplot, repro_provenance, save_figure, stderr_log, write_report
 
 FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
 KAPPA = 1e-2
@@ -215,12 +211,8 @@ def claims(seeds, iters):
 
 
 def plot(results, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("repro_kernel_regime: png skipped: matplotlib is not installed", file=sys.stderr)
+    plt = pyplot("repro_kernel_regime")
+    if plt is None:
         return False
     groups = (("Fig. 1", ("teacher", "no teacher", "lambda=0.01")),
               ("Fig. 2", ("teacher", "lambda=0 (lottery ticket)", "lambda=0.01", "lambda=inf")),
@@ -245,8 +237,7 @@ def plot(results, path):
             ax.set(xlabel="overlap with top eigenvectors of H_inf", title=f"{label}: Fig. 5{'ab'[j]}")
             ax.legend(fontsize=7)
     fig.tight_layout()
-    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=80))
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)
     return True
 
 
@@ -276,10 +267,8 @@ def main(argv=None) -> int:
             or not 0 < args.early < 1:
         parser.error("--seeds >= 1, --iters >= 10, two --classes, student width <= teacher width, --early in (0, 1)")
     tic = time.perf_counter()
-    prov = {"commit": code_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": device_name(torch.device("cpu")), "versions": versions(),
-            "command": " ".join(["python -m bench.repro_kernel_regime",
-                                 shlex.join(argv if argv is not None else sys.argv[1:])]).strip()}
+    log = stderr_log(tic)
+    prov = repro_provenance("bench.repro_kernel_regime", argv)
     data = digits_pair(classes)
     lam_max = float(torch.linalg.eigvalsh(ntk_gram(data[0]))[-1])
     lr = 0.9 / (2 * lam_max)
@@ -292,9 +281,8 @@ def main(argv=None) -> int:
         for seed in range(seeds):
             results[label].append(run_seed(seed, data, teacher_width=tw, student_width=sw, iters=iters,
                                            early_frac=args.early, lr=lr, top=args.top_eigvecs, every=every))
-            print(f"[{time.perf_counter() - tic:6.1f} s] {label}, seed {seed}", file=sys.stderr, flush=True)
+            log(f"{label}, seed {seed}")
     prov["elapsed_s"] = time.perf_counter() - tic
-    os.makedirs(args.out, exist_ok=True)
     has_png = plot(results, os.path.join(args.out, "repro_kernel_regime.png"))
     text = [f"# KD in the kernel regime (`{prov['command']}`)", "",
             f"Digits classes {classes[0]} vs {classes[1]} as -1/+1 ({len(data[1])} train / {len(data[3])} test, centred, "
@@ -304,16 +292,13 @@ def main(argv=None) -> int:
     for label, seed_runs in results.items():
         text += [f"## {label}", "", "Train MSE:", "", *table(seed_runs, SETTINGS, checkpoints, 1), "", "Test MSE:", "",
                  *table(seed_runs, SETTINGS, checkpoints, 2), "", "Claims:", "", *claims(seed_runs, iters), ""]
-    text += [f"Measured {prov['date']} on {prov['device']} in {prov['elapsed_s']:.0f} s; "
-             f"{', '.join(f'{k} {v}' for k, v in sorted(prov['versions'].items()))}; commit {prov['commit']}; "
-             f"command: `{prov['command']}`" + ("; figure: repro_kernel_regime.png" if has_png else ""), ""]
-    write_text(os.path.join(args.out, "repro_kernel_regime.md"), "\n".join(text))
+    text += [measured(prov, figure="repro_kernel_regime.png" if has_png else None), ""]
     # curves at the tables' iterations (the png has them all): (iteration, train MSE, test MSE)
     record = {"provenance": prov, "lr": lr, "results": {
         k: [{"curves": {n: [_at(c, it) for it in checkpoints] for n, c in s["curves"].items()},
              "mean_overlap": {n: sum(o) / len(o) for n, o in s["overlaps"].items()}} for s in v]
         for k, v in results.items()}}
-    atomic_write(os.path.join(args.out, "repro_kernel_regime.json"), lambda fh: json.dump(record, fh), mode="w")
+    write_report(args.out, "repro_kernel_regime", "\n".join(text), record, indent=None)
     print("\n".join(text))
     return 0
 

@@ -21,17 +21,13 @@ one minus the other. The tables give kdfast's weight.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import shlex
 import sys
 import time
 
 import torch
 
-from bench.common import code_commit, device_name, versions
-from kdfast.jobs.atomic import atomic_write, write_text
+from bench.common import measured, pyplot, repro_provenance, save_figure, stderr_log, write_report
 from kdfast.self_distillation import kernel_ridge_chain, self_distill
 
 FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
@@ -258,12 +254,8 @@ def network_claims(runs, steps):
 
 
 def plot(res, runs, steps, net_steps, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("repro_self_distill: png skipped: matplotlib is not installed", file=sys.stderr)
+    plt = pyplot("repro_self_distill")
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 4 if runs else 3, figsize=(20 if runs else 15, 4))
     steps_x = list(range(1, steps + 1))
@@ -292,8 +284,7 @@ def plot(res, runs, steps, net_steps, path):
         axes[3].set(xlabel="step", ylabel="test accuracy %", title="digits MLP chains (Fig. 5 style)")
         axes[3].legend(fontsize=7)
     fig.tight_layout()
-    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return True
 
 
@@ -325,19 +316,14 @@ def main(argv=None) -> int:
         parser.error("--draws, --net-steps and --epochs must be >= 1, --steps >= 3, --net-seeds >= 0, --net-weights "
                      "in [0, 1]")
     tic = time.perf_counter()
-    prov = {"commit": code_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": device_name(torch.device("cpu")), "versions": versions(),
-            "command": " ".join(["python -m bench.repro_self_distill",
-                                 shlex.join(argv if argv is not None else sys.argv[1:])]).strip()}
+    prov = repro_provenance("bench.repro_self_distill", argv)
 
-    def log(msg):
-        print(f"[{time.perf_counter() - tic:6.1f} s] {msg}", file=sys.stderr, flush=True)
+    log = stderr_log(tic)
     res = kernel_experiment(draws=draws, steps=args.steps, lam=args.lam, gamma=args.gamma, val_size=args.val_size,
                             log=log)
     runs = network_experiment(seeds=net_seeds, steps=net_steps, epochs=epochs, fixed=net_weights,
                               log=log) if net_seeds else None
     prov["elapsed_s"] = time.perf_counter() - tic
-    os.makedirs(args.out, exist_ok=True)
     has_png = plot(res, runs, args.steps, net_steps, os.path.join(args.out, "repro_self_distill.png"))
     loss_table, alpha_table, _ = kernel_tables(res, args.steps)
     text = [f"# Self-distillation chains (`{prov['command']}`)", "",
@@ -352,16 +338,12 @@ def main(argv=None) -> int:
                  "Accuracy % (mean ± std over seeds); the validation split (10% of train) is the one the weights are "
                  "chosen on.", "", *network_table(runs, net_steps), "", "Claims:", "", *network_claims(runs, net_steps),
                  ""]
-    text += [f"Measured {prov['date']} on {prov['device']} in {prov['elapsed_s']:.0f} s; "
-             f"{', '.join(f'{k} {v}' for k, v in sorted(prov['versions'].items()))}; commit {prov['commit']}; "
-             f"command: `{prov['command']}`" + ("; figure: repro_self_distill.png" if has_png else ""), ""]
-    write_text(os.path.join(args.out, "repro_self_distill.md"), "\n".join(text))
+    text += [measured(prov, figure="repro_self_distill.png" if has_png else None), ""]
     record = {"provenance": prov, "networks": runs,
               "kernel_mean_test_mse": {n: [_mean([c[t]["test_mse"] for c in ch]) for t in range(args.steps)]
                                        for n, ch in res["cases"].items()},
               "kernel_max_closed_form_vs_grid": max(abs(c - g) for c, g in res["pairs"] if -9.99 < c < 9.99)}
-    atomic_write(os.path.join(args.out, "repro_self_distill.json"), lambda fh: json.dump(record, fh, indent=1),
-                 mode="w")
+    write_report(args.out, "repro_self_distill", "\n".join(text), record)
     print("\n".join(text))
     return 0
 

@@ -24,16 +24,13 @@ Writes bench/figures/repro_stochastic_liprune.{md,png,json}.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
-import sys
 import time
 
 import torch
 
-from bench.common import code_commit, device_name, versions
+from bench.common import measured, pyplot, repro_provenance, save_figure, stderr_log, write_report
 from kdfast.data import load_dataset
 from kdfast.models import create_model
 from kdfast.sampling import ImportanceSampler
@@ -186,9 +183,9 @@ def claims(linear, digits, steps):
 
 
 def plot(linear, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(NAME)
+    if plt is None:
+        return
     fig, axes = plt.subplots(1, len(linear), figsize=(4 * len(linear), 3.5), sharey=True)
     axes = axes if hasattr(axes, "__len__") else [axes]
     for ax, (ratio, curves) in zip(axes, linear.items()):
@@ -204,8 +201,7 @@ def plot(linear, path):
     axes[0].set_ylabel("test loss")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def write_outputs(linear, digits, args, prov):
@@ -224,20 +220,11 @@ def write_outputs(linear, digits, args, prov):
         "buys (Theorem 2 allows a step up to r / mean(L_i) with p ∝ L_i but only r / max(L_i) uniformly). "
         "Stochastic pruning is not data reduction: each epoch draws afresh, so over E epochs a share of about "
         "1 − exp(−rE) of the examples is seen (top-r and random see r of them), which favours it on digits.", "",
-        f"Measured {prov['date']} on {prov['device']} in {prov['elapsed_s']:.0f} s; "
-        f"{', '.join(f'{k} {v}' for k, v in sorted(prov['versions'].items()))}; commit {prov['commit']}; "
-        f"command: `{prov['command']}`", ""])
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{NAME}.md"), "w") as fh:
-        fh.write(text)
-    with open(os.path.join(args.out, f"{NAME}.json"), "w") as fh:
-        json.dump({"provenance": prov, "digits": {str(k): v for k, v in digits.items()},
-                   "linear_final": {str(r): {m: _ci(c[:, -1])[0].item() for m, c in cur.items()}
-                                    for r, cur in linear.items()}}, fh, indent=1)
-    try:
-        plot(linear, os.path.join(args.out, f"{NAME}.png"))
-    except ImportError:
-        print(f"{NAME}: {NAME}.png skipped: matplotlib is not installed", file=sys.stderr)
+        measured(prov), ""])
+    write_report(args.out, NAME, text, {
+        "provenance": prov, "digits": {str(k): v for k, v in digits.items()},
+        "linear_final": {str(r): {m: _ci(c[:, -1])[0].item() for m, c in cur.items()} for r, cur in linear.items()}})
+    plot(linear, os.path.join(args.out, f"{NAME}.png"))
     return text
 
 
@@ -258,13 +245,9 @@ def main(argv=None) -> int:
         args.runs, args.steps, args.seeds, args.epochs = 4, 5, 1, 1
         ratios, digits_ratios = (0.3,), (0.3,)
     torch.set_num_threads(1)
-    prov = {"commit": code_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": device_name(torch.device("cpu")), "versions": versions(),
-            "command": f"python -m bench.{NAME} {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()}
+    prov = repro_provenance(f"bench.{NAME}", argv)
     start = time.perf_counter()
-
-    def log(msg):
-        print(f"[{time.perf_counter() - start:6.1f} s] {msg}", file=sys.stderr, flush=True)
+    log = stderr_log(start)
     linear = {}
     for ratio in ratios:
         linear[ratio] = linear_experiment(ratio, runs=args.runs, steps=args.steps)

@@ -28,16 +28,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import os
-import sys
 import time
 
 import torch
 from torch import nn
 
-from bench.common import code_commit, device_name, versions
+from bench.common import measured, pyplot, repro_provenance, save_figure, stderr_log, write_report
 from kdfast.data import load_dataset
 from kdfast.distill import distill_step
 from kdfast.variance import teacher_gradient, teacher_report
@@ -244,15 +242,13 @@ def table(stats, results, args, prov, fstar, gnorm):
         "over seeds. λ = 0 is SGD.",
         "", *rows, "", "Teacher diagnostics (kdfast.teacher_report, exact expectation over batches of 10):", "",
         *rep_rows, "",
-        f"Measured {prov['date']} on {prov['device']} in {prov['elapsed_s']:.0f} s; "
-        f"{', '.join(f'{k} {v}' for k, v in sorted(prov['versions'].items()))}; commit {prov['commit']}; "
-        f"command: `{prov['command']}`"])
+        measured(prov)])
 
 
 def plot(stats, results, args, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(NAME)
+    if plt is None:
+        return
     lambdas = args.lambdas
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     ax = axes[0]
@@ -286,24 +282,17 @@ def plot(stats, results, args, path):
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def write_outputs(results, args, prov, fstar, gnorm):
     stats = summarise(results, args.lambdas, args.last)
     text = table(stats, results, args, prov, fstar, gnorm) + "\n\n## Claims\n\n" + "\n".join(
         f"- {line}" for line in claims(stats, results, args.lambdas)) + "\n"
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"{NAME}.md"), "w") as fh:
-        fh.write(text)
-    with open(os.path.join(args.out, f"{NAME}.json"), "w") as fh:
-        json.dump({"args": {k: getattr(args, k) for k in ("seeds", "epochs", "lr", "lambdas", "last")},
-                   "provenance": prov, "fstar": fstar, "gnorm": gnorm, "results": results}, fh, indent=1)
-    try:
-        plot(stats, results, args, os.path.join(args.out, f"{NAME}.png"))
-    except ImportError:
-        print(f"{NAME}: {NAME}.png skipped: matplotlib is not installed", file=sys.stderr)
+    write_report(args.out, NAME, text, {
+        "args": {k: getattr(args, k) for k in ("seeds", "epochs", "lr", "lambdas", "last")},
+        "provenance": prov, "fstar": fstar, "gnorm": gnorm, "results": results})
+    plot(stats, results, args, os.path.join(args.out, f"{NAME}.png"))
     return text
 
 
@@ -331,13 +320,9 @@ def main(argv=None) -> int:
         args.seeds, args.epochs, args.lambdas = 1, 1, SMOKE_LAMBDAS
     args.last = max(1, min(10, args.epochs // 2))
     torch.set_num_threads(1)  # tiny matrices: threads only contend
-    prov = {"commit": code_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": device_name(torch.device("cpu")), "versions": versions(),
-            "command": f"python -m bench.{NAME} {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()}
+    prov = repro_provenance(f"bench.{NAME}", argv)
     start = time.perf_counter()
-
-    def log(msg):
-        print(f"[{time.perf_counter() - start:6.1f} s] {msg}", file=sys.stderr, flush=True)
+    log = stderr_log(start)
     f64, y = features()
     xstar, fstar, gnorm = solve(f64, y)
     log(f"x*: f* = {fstar:.6f}, ||grad|| = {gnorm:.2e}")

@@ -6,13 +6,12 @@ and every example carries its batch's L_j. Pruning keeps the whole batches with 
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import nn
 
 from kdfast.errors import InvalidArgumentError
 from kdfast.hessian import spectral_norms
+from kdfast.progress import progress_bar
 from kdfast.scoring.engine import batch_pipeline
 
 
@@ -58,18 +57,13 @@ def liprune_batch_scores(model: nn.Module, dataset, batch_size: int, *, seed: in
     pipeline = batch_pipeline(dataset, next(model.parameters(), torch.empty(0)).device)
     was_training = model.training
     model.eval()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(batches), desc="liprune", unit="batch", file=sys.stderr)
     try:
-        norms = spectral_norms(model, (_collate(dataset, b, pipeline) for b in batches), loss=loss,
-                               curvature=curvature, iters=iters, tol=tol, method=method, seed=seed,
-                               on_batch_done=(lambda j: bar.update(1)) if bar is not None else None)
+        with progress_bar(len(batches), desc="liprune", unit="batch", quiet=not progress) as bar:
+            norms = spectral_norms(model, (_collate(dataset, b, pipeline) for b in batches), loss=loss,
+                                   curvature=curvature, iters=iters, tol=tol, method=method, seed=seed,
+                                   on_batch_done=lambda j: bar.update(1))
     finally:
         model.train(was_training)
-        if bar is not None:
-            bar.close()
     scores = torch.empty(len(dataset), dtype=torch.float32)
     batch_ids = torch.empty(len(dataset), dtype=torch.int64)
     for j, idx in enumerate(batches):

@@ -255,7 +255,7 @@ def self_distill(model_fn, dataset, *, steps, epochs, alpha="optimal", extrapola
         record["val_acc"] = float((predict(model).argmax(1) == val_y).double().mean())
         record["train_acc"] = state["history"][-1]["train_acc"]
         if eval_dataset is not None:
-            record["eval_acc"] = evaluate(model, eval_dataset, device=next(model.parameters()).device)["acc"]
+            record["eval_acc"] = evaluate(model, eval_dataset)["acc"]  # on the model's device
         if out is not None:
             save_torch(os.path.join(folder(f"step{step}"), "student.pt"), model.state_dict())
         done.append(record)

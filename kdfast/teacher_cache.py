@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .errors import InvalidArgumentError
-from .jobs.atomic import write_json, write_text
+from .jobs.atomic import read_file_list, write_file_list, write_json
 
 FORMAT = "kdfast-teacher-cache/1"
 STORE_DTYPES = ("float16", "float32")
@@ -159,7 +159,7 @@ class TeacherCache:
         written = np.lib.format.open_memmap(os.path.join(path, "written.npy"), mode="w+", dtype=np.bool_,
                                             shape=(num_examples,))
         if files is not None:
-            write_text(os.path.join(path, "files.txt"), "\n".join(files) + "\n")
+            write_file_list(os.path.join(path, "files.txt"), files)
         _write_meta(path, meta)
         return TeacherCacheWriter(path, meta, arrays, written)
 
@@ -186,10 +186,7 @@ class TeacherCache:
         if not self.meta.get("files_fingerprint"):
             return
         files_txt = os.path.join(self.path, "files.txt")
-        recorded_files = None
-        if os.path.isfile(files_txt):
-            with open(files_txt) as fh:
-                recorded_files = fh.read().splitlines()
+        recorded_files = read_file_list(files_txt) if os.path.isfile(files_txt) else None
         try:
             check_identity({"files_fingerprint": self.meta["files_fingerprint"]}, dataset,
                            what=f"TeacherCache {str(self.path)!r}", recorded_files=recorded_files)

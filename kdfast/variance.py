@@ -29,6 +29,7 @@ import torch
 
 from .errors import InvalidArgumentError
 from .ops.kd_loss import kd_loss
+from .scoring.engine import resolve_device
 
 CORRECTIONS = ("unbiased",)
 REPORT_METHODS = ("minibatch", "exact")
@@ -86,10 +87,6 @@ def _examples(data, indices):
         raise InvalidArgumentError(f"indices must lie in [0, {size}), got values in [{int(idx.min())}, "
                                    f"{int(idx.max())}]")
     return fetch, idx
-
-
-def _device_of(model, device):
-    return torch.device(device) if device is not None else next(model.parameters()).device
 
 
 def _batch_grad(model, params, x, y, *, reduction="mean"):
@@ -160,7 +157,7 @@ def teacher_gradient(teacher, data, *, indices=None, batch_size=256, device=None
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidArgumentError(f"teacher_gradient: batch_size must be a positive integer, got {batch_size!r}")
     fetch, idx = _examples(data, indices)
-    device = _device_of(teacher, device)
+    device = resolve_device([teacher], device)
     named = _params(teacher)
     params = [p for _, p in named]
     was = _eval_mode(teacher)
@@ -187,7 +184,7 @@ def resolve_correction(correction, student, teacher, data, *, indices=None, batc
         return None
     if isinstance(correction, TeacherGradient):
         correction.check(student, where)
-        return correction.to(_device_of(student, device))
+        return correction.to(resolve_device([student], device))
     if correction not in CORRECTIONS:
         raise InvalidArgumentError(f"{where}: correction must be None, one of {CORRECTIONS} or a "
                                    f"kdfast.variance.TeacherGradient, got {correction!r}")
@@ -337,7 +334,7 @@ def teacher_report(student, teacher, data, *, lr, batch_size=64, method="minibat
     fetch, idx = _examples(data, indices)
     if batch_size > idx.numel():
         raise InvalidArgumentError(f"teacher_report: batch_size {batch_size} exceeds the {idx.numel()} examples")
-    device = _device_of(student, device)
+    device = resolve_device([student], device)
     was_s, was_t = _eval_mode(student), _eval_mode(teacher)
     try:
         teacher_full_sq, teacher_loss = _full_sqnorm(teacher, fetch, idx, device)

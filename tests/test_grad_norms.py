@@ -251,11 +251,16 @@ def _same_state(a, b):
         assert ra == rb and (ga is None) == (gb is None) and (ga is None or torch.equal(ga, gb))
 
 
-def test_no_side_effects_also_after_an_exception():
+def _model_with_state(n):
+    """A model whose state a run could disturb: a frozen weight and a gradient already there; and a batch of n."""
     model = tiny_resnet("gn").double()
     model[0].weight.requires_grad_(False)
     model[-1].weight.grad = torch.randn_like(model[-1].weight)
-    x, y = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (2,))
+    return model, torch.randn(n, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (n,))
+
+
+def test_no_side_effects_also_after_an_exception():
+    model, x, y = _model_with_state(2)
     before = _state(model)
     per_example_grad_norms(model, x, y)
     _same_state(before, _state(model))
@@ -736,10 +741,7 @@ def test_no_host_synchronisation_in_the_path(monkeypatch, backend):
 
 
 def test_a_plan_installs_its_hooks_once_flips_no_flag_and_leaves_the_model_as_it_was():
-    model = tiny_resnet("gn").double()
-    model[0].weight.requires_grad_(False)
-    model[-1].weight.grad = torch.randn_like(model[-1].weight)
-    x, y = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (3,))
+    model, x, y = _model_with_state(3)
     before = _state(model)
     flags = [p.requires_grad for p in model.parameters()]
     seen = []

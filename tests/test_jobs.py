@@ -26,7 +26,7 @@ def digits():
 # ------------------------------------------------------------------------------------------------ jobs
 def test_a_job_records_its_identity_before_work_and_resumes_only_the_same_job(tmp_path):
     out = tmp_path / "run"
-    job = Job.start(out, "score", {"lr": 0.1, "epochs": 3, "device": "cpu", "quiet": True}, data={"n": 5})
+    Job.start(out, "score", {"lr": 0.1, "epochs": 3, "device": "cpu", "quiet": True}, data={"n": 5})
     record = json.loads((out / "job.json").read_text())
     assert record["status"] == "running" and record["identity"]["lr"] == 0.1 and record["identity"]["data"] == {"n": 5}
     assert "device" not in record["identity"] and "quiet" not in record["identity"]  # where/how, not what

@@ -110,7 +110,6 @@ def test_correction_refuses_another_parameter_space():
         fit(_linear(1).float(), data, epochs=1, teacher=_mlp(2).float(), alpha=0.5, correction="unbiased",
             progress=False)
     with pytest.raises(InvalidArgumentError, match="needs the teacher module"):
-        from kdfast.teacher_cache import TeacherCache  # noqa: F401  (a cache is logits only)
         fit(_linear(1).float(), data, epochs=1, teacher=None, alpha=0.0, correction="unbiased", progress=False)
     with pytest.raises(InvalidArgumentError, match="correction must be"):
         fit(_linear(1).float(), data, epochs=1, teacher=_linear(2).float(), alpha=0.5, correction="svrg",

@@ -249,9 +249,9 @@ def resolve(args):
     if not sources and args.alpha != 0.0 and not chain:
         problems.append(f"--alpha {args.alpha} distills from a teacher: pass --teacher PATH, --train-teacher or "
                         "--teacher-cache DIR (or --alpha 0 to train without one)")
-    for flag, path in (("--teacher", args.teacher), ("--keep", args.keep)):
+    for option, path in (("--teacher", args.teacher), ("--keep", args.keep)):
         if path and not os.path.isfile(path):
-            problems.append(f"{flag} {path} does not exist")
+            problems.append(f"{option} {path} does not exist")
     if args.teacher_cache and not os.path.isdir(args.teacher_cache):
         problems.append(f"--teacher-cache {args.teacher_cache} is not a folder")
     if args.augment is None:
@@ -303,17 +303,12 @@ def _run(args, device) -> int:
     if args.kd_term != "logit" and distributed.world_size() > 1:  # before any teacher is trained in vain
         raise UsageError(f"--kd-term {args.kd_term}: the term's parameters would train outside "
                          "DistributedDataParallel; run on one process, not under torchrun")
-    main_rank = distributed.is_main()  # the one rank that writes files and reports
-    args.quiet = args.quiet or not main_rank
+    args.quiet = args.quiet or not distributed.is_main()  # the main rank writes files and reports
     if args.steps != 1 and distributed.world_size() > 1:
         raise CliError("--steps runs on one process (the chain's fits are sequential); launch it without torchrun")
     data = load_distill_data(args)  # before the job starts: a data or keep-file error leaves --out untouched
-    job = None
-    if main_rank:
-        job = Job.start(args.out, "distill", vars(args), data=data_identity(data.train), files=data.train.files,
-                        resume=args.resume, overwrite=args.overwrite, label=flag)
-    distributed.barrier()  # the main rank has checked, cleared or created --out
-    job = job if job is not None else Job.attach(args.out)
+    job = Job.start_on_main(args.out, "distill", vars(args), data=data_identity(data.train), files=data.train.files,
+                            resume=args.resume, overwrite=args.overwrite, label=flag)
     if job.finished:
         log(f"{args.out} already holds a finished run; nothing to do", quiet=args.quiet)
         return 0

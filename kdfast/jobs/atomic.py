@@ -54,6 +54,16 @@ def save_torch(path: str, obj) -> str:
     return atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
+def write_file_list(path: str, files) -> str:
+    """A data set's relative file paths, one a line: what a later identity mismatch names the differing files from."""
+    return write_text(path, "\n".join(files) + "\n")
+
+
+def read_file_list(path: str) -> list[str]:
+    with open(path) as fh:
+        return fh.read().splitlines()
+
+
 def read_json(path: str):
     with open(path) as fh:
         return json.load(fh)

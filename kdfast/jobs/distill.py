@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
 import math
 import os
 import sys
@@ -38,10 +37,6 @@ class DistillData:
     fraction: float             # kept / total (before holding out), the f of alpha_for_fraction
     eval_name: str              # "test split", "held-out 10% of train (stratified, seed 0)", ...
     sampler: object | None = None  # the ImportanceSampler of --sampler (then keep and held_out are None)
-
-
-def indices_fingerprint(indices) -> str:
-    return hashlib.sha256(np.ascontiguousarray(np.asarray(indices, dtype="<i8")).tobytes()).hexdigest()
 
 
 def load_distill_data(cfg) -> DistillData:

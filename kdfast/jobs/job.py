@@ -22,7 +22,7 @@ import shutil
 import sys
 import time
 
-from .atomic import read_json, write_json, write_text
+from .atomic import read_file_list, read_json, write_file_list, write_json
 from .errors import JobError, JobExistsError, JobMismatchError
 
 FORMAT = "kdfast-job/1"
@@ -73,11 +73,6 @@ def _has_work(folder: str) -> bool:
     return False
 
 
-def read_file_list(path: str) -> list[str]:
-    with open(path) as fh:
-        return fh.read().splitlines()
-
-
 class Job:
     def __init__(self, out: str, record: dict, created_folder: bool, owner: bool = True):
         self.out, self.record, self._created_folder, self._owner = out, record, created_folder, owner
@@ -86,6 +81,15 @@ class Job:
     def attach(cls, out) -> "Job":
         """The job another process started in `out` (torchrun's other ranks); it never cleans up the folder."""
         return cls(os.fspath(out), read_json(os.path.join(out, JOB_FILE)), created_folder=False, owner=False)
+
+    @classmethod
+    def start_on_main(cls, out, kind: str, config: dict, **kwargs) -> "Job":
+        """Job.start on the main rank (the one that checks, clears or creates `out`), then Job.attach on torchrun's
+        other ranks once it has; in one process, Job.start."""
+        from .. import distributed
+        job = cls.start(out, kind, config, **kwargs) if distributed.is_main() else None
+        distributed.barrier()
+        return job if job is not None else cls.attach(out)
 
     @property
     def kind(self) -> str:
@@ -141,7 +145,7 @@ class Job:
             # else: only a job record, from a start that failed or was killed before any work: start afresh
         os.makedirs(out, exist_ok=True)
         if files is not None:
-            write_text(os.path.join(out, FILES_FILE), "\n".join(files) + "\n")
+            write_file_list(os.path.join(out, FILES_FILE), files)
         record = {"format": FORMAT, "kind": kind, "status": "running", "identity": identity,
                   "config": jsonable(config), "argv": sys.argv,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -16,15 +16,14 @@ import numpy as np
 
 from ..data.identity import DataIdentityError, check_identity
 from ..errors import InvalidArgumentError
-from .atomic import read_json, save_npy, write_json, write_text
-from .job import read_file_list
+from .atomic import read_file_list, read_json, save_npy, write_file_list, write_json
 
 
 def write_keep(path: str, keep, record: dict, *, files: list[str] | None = None) -> None:
     """`files`: the data set's file list when no other copy is recorded (record["files_list"]): written to
     KEEP.files.txt and recorded, so a later mismatch names the files that differ."""
     if files is not None:
-        write_text(f"{path}.files.txt", "\n".join(files) + "\n")
+        write_file_list(f"{path}.files.txt", files)
         record = {**record, "files_list": os.path.abspath(f"{path}.files.txt")}
     save_npy(path, np.asarray(keep, dtype=np.int64))
     write_json(f"{path}.json", record)

@@ -154,10 +154,9 @@ def _score_chunked(cfg, job, method, models, data):
     batches = index_batches(range(n), cfg.batch_size)
     mine = [batches[i] for i in distributed.shard_indices(len(batches), distributed.rank(), distributed.world_size())]
     batches = [b for b in mine if not done[b[0]]]
-    todo = sum(len(b) for b in batches)
-    if todo < sum(len(b) for b in mine):
-        log(f"resuming: {sum(len(b) for b in mine) - todo} of {sum(len(b) for b in mine)} examples already scored",
-            quiet=cfg.quiet)
+    todo, share = sum(len(b) for b in batches), sum(len(b) for b in mine)
+    if todo < share:
+        log(f"resuming: {share - todo} of {share} examples already scored", quiet=cfg.quiet)
     tic = time.perf_counter()
     results = score_batches(models, data, method, batches=batches, device=cfg.device, precision=cfg.precision,
                             num_workers=cfg.num_workers, head=cfg.head, keep_logits=writer is not None)
@@ -223,15 +222,11 @@ def _score_liprune(cfg, job, models, data):
     return np.stack(rows), batch_ids
 
 
-def start_score_job(cfg, data, *, label=None) -> Job | None:
+def start_score_job(cfg, data, *, label=None) -> Job:
     """The main rank opens (or checks) the job in cfg.out; every rank gets it after a barrier."""
     from ..data import data_identity
-    job = None
-    if distributed.is_main():
-        job = Job.start(cfg.out, "score", vars(cfg), data=data_identity(data), files=data.files, resume=cfg.resume,
-                        overwrite=cfg.overwrite, label=label)
-    distributed.barrier()  # the main rank has checked, cleared or created the folder
-    return job if job is not None else Job.attach(cfg.out)
+    return Job.start_on_main(cfg.out, "score", vars(cfg), data=data_identity(data), files=data.files,
+                             resume=cfg.resume, overwrite=cfg.overwrite, label=label)
 
 
 def run_score_job(cfg, job, data, train_data) -> dict | None:

@@ -14,8 +14,7 @@ import numpy as np
 
 from ..data.identity import DataIdentityError, check_identity
 from ..errors import InvalidArgumentError
-from .atomic import read_json
-from .job import read_file_list
+from .atomic import read_file_list, read_json
 
 
 def load_scores(path: str, *, what: str | None = None):

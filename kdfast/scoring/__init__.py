@@ -118,7 +118,6 @@ def _score_job(model, data, m, out, *, resume, overwrite, chunk_size, return_per
               "models": [model_fingerprint(mod) for mod in models]}
     if isinstance(data, DataLoader):
         config["batch_size"] = data.batch_size
-    identity = None
     if hasattr(dataset, "targets"):
         from ..data import data_identity
         identity = data_identity(dataset)
