@@ -65,7 +65,6 @@ constexpr int64_t kLanes = 16;
 static_assert(kSumBlock % kLanes == 0, "a sum block holds whole chunks");
 typedef float VecF __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t VecI __attribute__((vector_size(kLanes * sizeof(int32_t))));
-typedef float HalfF __attribute__((vector_size(kLanes / 2 * sizeof(float))));
 
 KD_INLINE VecF load(const float* p) {
   VecF v;
@@ -75,32 +74,27 @@ KD_INLINE VecF load(const float* p) {
 KD_INLINE void store(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
 KD_INLINE VecF splat(float x) { return VecF{} + x; }
 // where mask (all ones / zeros per lane, as comparisons return): a, else b
-KD_INLINE VecF select(VecI mask, VecF a, VecF b) { return (VecF)(((VecI)a & mask) | ((VecI)b & ~mask)); }
+KD_INLINE VecF select(VecI mask, VecF a, VecF b) { return mask ? a : b; }  // (a blend, not bit logic)
 KD_INLINE VecF vmax(VecF a, VecF b) { return select(a > b, a, b); }
 
-// Sum / maximum of the lanes, halving the vector each step (a fixed order: deterministic).
+// Sum, maximum and bitwise or of the lanes as a tree (depth log2(kLanes), where a running scalar chain waits
+// on every lane; a fixed order: deterministic).
+template <typename T, typename V, typename Op>
+KD_INLINE T reduce_lanes(V v, Op op) {
+  T s[kLanes];
+  std::memcpy(s, &v, sizeof s);
+  for (int64_t w = kLanes / 2; w >= 1; w /= 2)
+    for (int64_t j = 0; j < w; ++j) s[j] = op(s[j], s[j + w]);
+  return s[0];
+}
 KD_INLINE float hsum(VecF v) {
-  HalfF lo, hi;
-  std::memcpy(&lo, &v, sizeof lo);
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
-  lo += hi;
-  float s[kLanes / 2];
-  std::memcpy(s, &lo, sizeof s);
-  return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+  return reduce_lanes<float>(v, [](float a, float b) KD_LAMBDA_INLINE { return a + b; });
 }
 KD_INLINE float hmax(VecF v) {
-  float s[kLanes];
-  std::memcpy(s, &v, sizeof s);
-  float m = s[0];
-  for (int64_t j = 1; j < kLanes; ++j) m = s[j] > m ? s[j] : m;
-  return m;
+  return reduce_lanes<float>(v, [](float a, float b) KD_LAMBDA_INLINE { return a > b ? a : b; });
 }
 KD_INLINE bool any(VecI v) {
-  int32_t s[kLanes];
-  std::memcpy(s, &v, sizeof s);
-  int32_t a = 0;
-  for (int64_t j = 0; j < kLanes; ++j) a |= s[j];
-  return a != 0;
+  return reduce_lanes<int32_t>(v, [](int32_t a, int32_t b) KD_LAMBDA_INLINE { return a | b; }) != 0;
 }
 
 // exp(x) for x <= 0 (logit minus its row maximum), branch-free: Cody-Waite reduction x = n ln2 + r, a
@@ -122,7 +116,7 @@ KD_INLINE VecF exp_nonpos(VecF x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const VecI bits = (__builtin_convertvector(n, VecI) + 127) << 23;
-  return (VecF)((VecI)(p * (VecF)bits) & ~low);
+  return select(low, VecF{}, p * (VecF)bits);
 }
 
 // The lanes of the chunk at class `base` that hold class y (no lane when y lies outside the chunk).
