@@ -60,8 +60,10 @@ enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2 };
 // The row kernel works on chunks of kLanes classes held in GCC/Clang vector types: the accumulators stay in
 // vector registers across a whole row (an `omp simd` loop per pass and chunk range reduced its lanes through
 // memory at every call, ~100 ns per row, the fixed cost that dominated rows of 10 or 100 classes), and one
-// source serves every target_clones level (the compiler splits the 16 lanes into what the level has).
-constexpr int64_t kLanes = 16;
+// source serves every target_clones level (baseline: two SSE registers per vector). 8 lanes, one ymm register:
+// 16 spilled AVX2's 16 registers (3x the instructions per row), and Zen 4 runs a zmm operation as two ymm
+// halves anyway. The tail chunk is padded to 8 classes, not 16: less wasted work at C = 10.
+constexpr int64_t kLanes = 8;
 static_assert(kSumBlock % kLanes == 0, "a sum block holds whole chunks");
 typedef float VecF __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t VecI __attribute__((vector_size(kLanes * sizeof(int32_t))));
@@ -121,8 +123,8 @@ KD_INLINE VecF exp_nonpos(VecF x) {
 
 // The lanes of the chunk at class `base` that hold class y (no lane when y lies outside the chunk).
 KD_INLINE VecI label_lanes(int64_t base, int64_t y) {
-  static_assert(kLanes == 16, "iota lists kLanes lanes");
-  const VecI iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  static_assert(kLanes == 8, "iota lists kLanes lanes");
+  const VecI iota = {0, 1, 2, 3, 4, 5, 6, 7};
   const int64_t j = y - base;
   return iota == static_cast<int32_t>(j >= 0 && j < kLanes ? j : -1);
 }
