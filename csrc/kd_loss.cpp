@@ -64,6 +64,10 @@ enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2 };
 // 16 spilled AVX2's 16 registers (3x the instructions per row), and Zen 4 runs a zmm operation as two ymm
 // halves anyway. The tail chunk is padded to 8 classes, not 16: less wasted work at C = 10.
 constexpr int64_t kLanes = 8;
+#if defined(__GNUC__) && !defined(__clang__)
+// (vector values pass only between always-inline functions of this file: no call crosses the ABI it warns of)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 static_assert(kSumBlock % kLanes == 0, "a sum block holds whole chunks");
 typedef float VecF __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t VecI __attribute__((vector_size(kLanes * sizeof(int32_t))));
