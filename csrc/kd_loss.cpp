@@ -35,8 +35,10 @@ namespace {
 
 #if defined(__GNUC__)
 #define KD_INLINE inline __attribute__((always_inline))
+#define KD_LAMBDA_INLINE __attribute__((always_inline))  // (else a lambda is compiled for the baseline target)
 #else
 #define KD_INLINE inline
+#define KD_LAMBDA_INLINE
 #endif
 
 // The row kernel is compiled for AVX-512, AVX2 + FMA and the x86-64 baseline; the dynamic loader picks the
@@ -55,27 +57,80 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr int kNumStats = 6;                // ce, kl, el2n, grad_norm, correct, margin
 enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2 };
 
-// exp(x) for x <= 0 (logit minus its row maximum), branch-free so loops vectorise: Cody-Waite reduction
-// x = n ln2 + r, a degree-6 polynomial for exp(r) on [-ln2/2, ln2/2] (Cephes expf, < 2 ulp), times 2^n.
-// Below the normal fp32 range it returns exactly 0, so a teacher logit of -inf gives q = 0; NaN stays NaN.
-KD_INLINE float exp_nonpos(float x) {
+// The row kernel works on chunks of kLanes classes held in GCC/Clang vector types: the accumulators stay in
+// vector registers across a whole row (an `omp simd` loop per pass and chunk range reduced its lanes through
+// memory at every call, ~100 ns per row, the fixed cost that dominated rows of 10 or 100 classes), and one
+// source serves every target_clones level (baseline: two SSE registers per vector). 8 lanes, one ymm register:
+// 16 spilled AVX2's 16 registers (3x the instructions per row), and Zen 4 runs a zmm operation as two ymm
+// halves anyway. The tail chunk is padded to 8 classes, not 16: less wasted work at C = 10.
+constexpr int64_t kLanes = 8;
+#if defined(__GNUC__) && !defined(__clang__)
+// (vector values pass only between always-inline functions of this file: no call crosses the ABI it warns of)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+static_assert(kSumBlock % kLanes == 0, "a sum block holds whole chunks");
+typedef float VecF __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t VecI __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+KD_INLINE VecF load(const float* p) {
+  VecF v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+KD_INLINE void store(float* p, VecF v) { std::memcpy(p, &v, sizeof v); }
+KD_INLINE VecF splat(float x) { return VecF{} + x; }
+// where mask (all ones / zeros per lane, as comparisons return): a, else b
+KD_INLINE VecF select(VecI mask, VecF a, VecF b) { return mask ? a : b; }  // (a blend, not bit logic)
+KD_INLINE VecF vmax(VecF a, VecF b) { return select(a > b, a, b); }
+
+// Sum, maximum and bitwise or of the lanes as a tree (depth log2(kLanes), where a running scalar chain waits
+// on every lane; a fixed order: deterministic).
+template <typename T, typename V, typename Op>
+KD_INLINE T reduce_lanes(V v, Op op) {
+  T s[kLanes];
+  std::memcpy(s, &v, sizeof s);
+  for (int64_t w = kLanes / 2; w >= 1; w /= 2)
+    for (int64_t j = 0; j < w; ++j) s[j] = op(s[j], s[j + w]);
+  return s[0];
+}
+KD_INLINE float hsum(VecF v) {
+  return reduce_lanes<float>(v, [](float a, float b) KD_LAMBDA_INLINE { return a + b; });
+}
+KD_INLINE float hmax(VecF v) {
+  return reduce_lanes<float>(v, [](float a, float b) KD_LAMBDA_INLINE { return a > b ? a : b; });
+}
+KD_INLINE bool any(VecI v) {
+  return reduce_lanes<int32_t>(v, [](int32_t a, int32_t b) KD_LAMBDA_INLINE { return a | b; }) != 0;
+}
+
+// exp(x) for x <= 0 (logit minus its row maximum), branch-free: Cody-Waite reduction x = n ln2 + r, a
+// degree-6 polynomial for exp(r) on [-ln2/2, ln2/2] (Cephes expf, < 2 ulp), times 2^n. Below the normal fp32
+// range it returns exactly 0, so a teacher logit of -inf gives q = 0; NaN stays NaN.
+KD_INLINE VecF exp_nonpos(VecF x) {
   constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
   constexpr float kLowest = -87.0f;      // exp(-87) ~ 1.6e-38: 2^n stays a normal number
-  const float xc = x < kLowest ? kLowest : x;
-  const float n = (xc * kLog2e + kRound) - kRound;
-  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
-  float p = 1.9875691500e-4f;
+  const VecI low = x < kLowest;
+  const VecF xc = select(low, splat(kLowest), x);
+  const VecF n = (xc * kLog2e + kRound) - kRound;
+  const VecF r = (xc - n * kLn2Hi) - n * kLn2Lo;
+  VecF p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return x < kLowest ? 0.0f : p * two_n;
+  const VecI bits = (__builtin_convertvector(n, VecI) + 127) << 23;
+  return select(low, VecF{}, p * (VecF)bits);
+}
+
+// The lanes of the chunk at class `base` that hold class y (no lane when y lies outside the chunk).
+KD_INLINE VecI label_lanes(int64_t base, int64_t y) {
+  static_assert(kLanes == 8, "iota lists kLanes lanes");
+  const VecI iota = {0, 1, 2, 3, 4, 5, 6, 7};
+  const int64_t j = y - base;
+  return iota == static_cast<int32_t>(j >= 0 && j < kLanes ? j : -1);
 }
 
 struct RowConsts {
@@ -86,16 +141,10 @@ struct RowConsts {
 // Loss, then the kNumStats statistics (ce, kl, el2n, grad_norm, correct, margin) of one row.
 constexpr int kOut = 1 + kNumStats;
 
-// Every pass runs over the row's whole chunks of kLanes classes in place, then over the last partial chunk
-// copied into kLanes floats padded with -inf (which adds exp(-inf) = 0 to every sum): the padded chunk is one
-// vector iteration instead of a scalar remainder, which dominated small rows (C = 10 or 100, the host-bound
-// case).
-constexpr int64_t kLanes = 16;
-static_assert(kSumBlock % kLanes == 0, "a sum block holds whole chunks");
-
 KD_INLINE int64_t padded(int64_t C) { return (C + kLanes - 1) / kLanes * kLanes; }
 
-// A row in two parts: x[0, C_full) in place, then `tail`, the rest padded with -inf to kLanes.
+// A row in two parts: x[0, C_full) in place, then `tail`, the rest padded with -inf to kLanes (which adds
+// exp(-inf) = 0 to every sum): the last partial chunk is one vector iteration instead of a scalar remainder.
 struct RowView {
   const float* x;
   int64_t C_full;
@@ -105,7 +154,19 @@ struct RowView {
     for (int64_t j = 0; j < n; ++j) tail[j] = row[C_full + j];
     for (int64_t j = n; j < kLanes; ++j) tail[j] = -kInf;
   }
+  const float* chunk(int64_t base) const { return base < C_full ? x + base : tail; }
 };
+
+// Calls body(base) for the chunks of a row of C classes (base = 0, kLanes, ... < C), and flush() after every
+// kSumBlock classes and after the last chunk: sums run in fp32 lanes within a block and in double across them.
+template <typename Body, typename Flush>
+KD_INLINE void for_chunks(int64_t C, Body&& body, Flush&& flush) {
+  for (int64_t b0 = 0; b0 < C; b0 += kSumBlock) {
+    const int64_t end = std::min(C, b0 + kSumBlock);
+    for (int64_t b = b0; b < end; b += kLanes) body(b);
+    flush();
+  }
+}
 
 // A row whose student logits hold NaN or +inf, or no finite value: softmax is undefined, so the loss, the
 // gradient and every statistic are NaN, except `correct`, which is 0 (no prediction to be right about).
@@ -115,114 +176,63 @@ KD_INLINE void poison_row(int64_t C, float* g, float* out) {
   if (g) std::fill(g, g + C, kNaN);
 }
 
-// Max over x[0, n) (classes base + c) leaving out the label's class; `bad` flags NaN or +inf anywhere.
-KD_INLINE void max_pass(const float* x, int64_t base, int64_t n, int64_t y, float& mx, int& bad) {
-  float m = mx;
-  int b = bad;
-#pragma omp simd reduction(max : m) reduction(| : b)
-  for (int64_t c = 0; c < n; ++c) {
-    b |= !(x[c] < kInf);
-    const float xo = base + c == y ? -kInf : x[c];
-    m = xo > m ? xo : m;
-  }
-  mx = m, bad = b;
-}
-
-// The maximum of a row, or NaN when it holds NaN or +inf or no finite value (softmax undefined).
-KD_INLINE float checked_max(const RowView& v) {
-  float m = -kInf;
-  int bad = 0;
-  max_pass(v.x, 0, v.C_full, -1, m, bad);
-  max_pass(v.tail, v.C_full, kLanes, -1, m, bad);
-  return bad || m == -kInf ? kNaN : m;
-}
-
 struct ExpSums {
   double z1 = 0, sq1 = 0, zT = 0, zt = 0, kl = 0;  // over the classes but the label: e1, e1^2; all: eT, eu, eu (u - v)
 };
 
-// Pass 2 over x[0, n) (classes base + c): the exponentials into e1/eT/eu (indexed by class) and their sums,
-// in fp32 lanes within blocks of kSumBlock and in double across blocks.
-template <bool HAS_TEACHER>
-KD_INLINE void exp_pass(const float* x, const float* tx, int64_t base, int64_t n, int64_t y, float m, float mt,
-                        float inv_T, float* e1, float* eT, float* eu, ExpSums& acc) {
-  for (int64_t b = 0; b < n; b += kSumBlock) {
-    const int64_t end = std::min(n, b + kSumBlock);
-    float z1 = 0, sq1 = 0, zT = 0, zt = 0, kl = 0;
-#pragma omp simd reduction(+ : z1, sq1, zT, zt, kl)
-    for (int64_t c = b; c < end; ++c) {
-      const float d = x[c] - m;
-      const float x1 = exp_nonpos(d);
-      e1[base + c] = x1;
-      const float xo = base + c == y ? 0.0f : x1;
-      z1 += xo;
-      sq1 += xo * xo;
-      if constexpr (HAS_TEACHER) {
-        const float v = d * inv_T, u = (tx[c] - mt) * inv_T;
-        const float xT = exp_nonpos(v), xu = exp_nonpos(u);
-        eT[base + c] = xT;
-        eu[base + c] = xu;
-        zT += xT;
-        zt += xu;
-        kl += xu > 0.0f ? xu * (u - v) : 0.0f;  // q = 0 adds 0, never 0 * inf
-      }
-    }
-    acc.z1 += z1, acc.sq1 += sq1, acc.zT += zT, acc.zt += zt, acc.kl += kl;
-  }
-}
-
-// Pass 3 over classes [base, base + n): h = c1 e1 + c2 eT - c3 eu; writes scale * h into g[0, n) when
-// WRITE_GRAD; returns the sum of h^2 over the classes but the label.
-template <bool HAS_TEACHER, bool WRITE_GRAD>
-KD_INLINE double grad_pass(const float* e1, const float* eT, const float* eu, int64_t base, int64_t n, int64_t y,
-                           float c1, float c2, float c3, float scale, float* g) {
-  double sq = 0;
-  for (int64_t b = 0; b < n; b += kSumBlock) {
-    const int64_t end = std::min(n, b + kSumBlock);
-    float part = 0;
-#pragma omp simd reduction(+ : part)
-    for (int64_t c = b; c < end; ++c) {
-      float h = c1 * e1[base + c];
-      if constexpr (HAS_TEACHER) h += c2 * eT[base + c] - c3 * eu[base + c];
-      part += base + c == y ? 0.0f : h * h;
-      if constexpr (WRITE_GRAD) g[c] = scale * h;
-    }
-    sq += part;
-  }
-  return sq;
-}
-
-// One row with a label in [0, C). sv, tv: the fp32 student and teacher rows; scratch: 3 padded(C) floats; g:
-// fp32 gradient row or nullptr. g may be the student itself (in place) or e1, scratch's first floats: pass 3
-// never reads the student, and reads e1[c] before it writes g[c]. The label's class is masked out of the sums
-// and treated apart, so 1 - softmax(s)_y keeps its relative precision on confidently right rows.
+// One row with a label in [0, C), after pass 1 (maxima and checks). sv, tv: the fp32 student and teacher rows;
+// max_other: the student's maximum over the classes but the label, m = max(max_other, s_y) finite; scratch:
+// 3 padded(C) floats; g: fp32 gradient row or nullptr. g may be the student itself (in place) or e1, scratch's
+// first floats: pass 3 never reads the student, and reads e1's chunk before it writes g's. The label's class
+// is masked out of the sums and treated apart, so 1 - softmax(s)_y = (sum of the other classes' e1) / Z1 keeps
+// its relative precision on confidently right rows, and so do ce, el2n, grad_norm and the gradient's y entry.
 // HAS_TEACHER: the teacher is used; it is finite or -inf everywhere, with the finite maximum mt.
 template <bool HAS_TEACHER, bool WRITE_GRAD>
-KD_INLINE void kd_row_impl(const RowConsts& k, const RowView& sv, const RowView& tv, float mt, int64_t y,
-                           float s_y, float w, float scale, float* scratch, float* g, float* out) {
+KD_INLINE void kd_row_impl(const RowConsts& k, const RowView& sv, const RowView& tv, float max_other, float m,
+                           float mt, int64_t y, float s_y, float w, float scale, float* scratch, float* g,
+                           float* out) {
   const int64_t C = k.C, P = padded(C), C_full = sv.C_full;
   float* e1 = scratch;
   float* eT = scratch + P;
   float* eu = scratch + 2 * P;
-  // Pass 1: the student's maximum over the classes other than the label (for the margin), and the check that
-  // every logit is below +inf and not NaN.
-  float max_other = -kInf;
-  int bad = 0;
-  max_pass(sv.x, 0, C_full, y, max_other, bad);
-  max_pass(sv.tail, C_full, kLanes, y, max_other, bad);
-  const float m = std::max(max_other, s_y);
-  if (bad || m == -kInf) return poison_row(C, g, out);
   // Pass 2: exponentials and their sums.
   ExpSums acc;
-  exp_pass<HAS_TEACHER>(sv.x, tv.x, 0, C_full, y, m, mt, k.inv_T, e1, eT, eu, acc);
-  exp_pass<HAS_TEACHER>(sv.tail, tv.tail, C_full, kLanes, y, m, mt, k.inv_T, e1, eT, eu, acc);
-  const double z1 = acc.z1 + e1[y], inv_z1 = 1.0 / z1, inv_zt = 1.0 / acc.zt;  // (reciprocals reused below)
+  VecF z1{}, sq1{}, zT{}, zt{}, kl{};
+  const VecF vm = splat(m), vmt = splat(mt), inv_T = splat(k.inv_T);
+  for_chunks(
+      C,
+      [&](int64_t b) KD_LAMBDA_INLINE {
+        const VecF d = load(sv.chunk(b)) - vm;
+        const VecF x1 = exp_nonpos(d);
+        store(e1 + b, x1);
+        const VecF xo = select(label_lanes(b, y), VecF{}, x1);
+        z1 += xo;
+        sq1 += xo * xo;
+        if constexpr (HAS_TEACHER) {
+          const VecF v = d * inv_T, u = (load(tv.chunk(b)) - vmt) * inv_T;
+          const VecF xT = exp_nonpos(v), xu = exp_nonpos(u);
+          store(eT + b, xT);
+          store(eu + b, xu);
+          zT += xT;
+          zt += xu;
+          kl += select(xu > 0.0f, xu * (u - v), VecF{});  // q = 0 adds 0, never 0 * inf
+        }
+      },
+      [&]() KD_LAMBDA_INLINE {
+        acc.z1 += hsum(z1), acc.sq1 += hsum(sq1);
+        z1 = sq1 = VecF{};
+        if constexpr (HAS_TEACHER) {
+          acc.zT += hsum(zT), acc.zt += hsum(zt), acc.kl += hsum(kl);
+          zT = zt = kl = VecF{};
+        }
+      });
+  const double z1_all = acc.z1 + e1[y], inv_z1 = 1.0 / z1_all, inv_zt = 1.0 / acc.zt;  // (reused below)
   const double one_minus_sm_y = acc.z1 * inv_z1;
-  const double ce = s_y == m ? std::log1p(acc.z1) : std::log(z1) + (double(m) - double(s_y));
-  const double kl = HAS_TEACHER ? acc.kl * inv_zt + std::log(acc.zT * inv_zt) : double(kNaN);
+  const double ce = s_y == m ? std::log1p(acc.z1) : std::log(z1_all) + (double(m) - double(s_y));
+  const double kl_row = HAS_TEACHER ? acc.kl * inv_zt + std::log(acc.zT * inv_zt) : double(kNaN);
   // A weight of exactly 0 or 1 drops its term (an infinite ce or kl times 0 would be NaN).
   const double ce_term = k.alpha == 1.0f ? 0.0 : (1.0 - k.alpha) * ce;
-  const double kd_term = k.alpha == 0.0f ? 0.0 : double(k.alpha) * k.temperature * k.temperature * kl;
+  const double kd_term = k.alpha == 0.0f ? 0.0 : double(k.alpha) * k.temperature * k.temperature * kl_row;
   out[0] = static_cast<float>(w * (ce_term + kd_term));
   // Pass 3: gradient h (the label's entry from the exact 1 - softmax(s)_y) and its norm.
   const float c1 = static_cast<float>(w * (1.0 - k.alpha) * inv_z1);
@@ -234,8 +244,21 @@ KD_INLINE void kd_row_impl(const RowConsts& k, const RowView& sv, const RowView&
     h_y += c2 * eT[y] - c3 * eu[y];
   }
   float g_tail[kLanes];
-  double sq = grad_pass<HAS_TEACHER, WRITE_GRAD>(e1, eT, eu, 0, C_full, y, c1, c2, c3, scale, g) +
-              grad_pass<HAS_TEACHER, WRITE_GRAD>(e1, eT, eu, C_full, kLanes, y, c1, c2, c3, scale, g_tail);
+  double sq = 0;
+  VecF part{};
+  const VecF vc1 = splat(c1), vc2 = splat(c2), vc3 = splat(c3), vscale = splat(scale);
+  for_chunks(
+      C,
+      [&](int64_t b) KD_LAMBDA_INLINE {
+        VecF h = vc1 * load(e1 + b);
+        if constexpr (HAS_TEACHER) h += vc2 * load(eT + b) - vc3 * load(eu + b);
+        part += select(label_lanes(b, y), VecF{}, h * h);
+        if constexpr (WRITE_GRAD) store(b < C_full ? g + b : g_tail, vscale * h);
+      },
+      [&]() KD_LAMBDA_INLINE {
+        sq += hsum(part);
+        part = VecF{};
+      });
   if (WRITE_GRAD) {
     for (int64_t j = 0; j < C - C_full; ++j) g[C_full + j] = g_tail[j];
     g[y] = scale * h_y;
@@ -243,30 +266,46 @@ KD_INLINE void kd_row_impl(const RowConsts& k, const RowView& sv, const RowView&
   sq += double(h_y) * h_y;
   const float margin = s_y - max_other;  // +inf when C == 1
   out[1] = static_cast<float>(ce);
-  out[2] = static_cast<float>(kl);
+  out[2] = static_cast<float>(kl_row);
   out[3] = static_cast<float>(std::sqrt(acc.sq1 * (inv_z1 * inv_z1) + one_minus_sm_y * one_minus_sm_y));
   out[4] = static_cast<float>(std::sqrt(sq));
   out[5] = margin > 0.0f ? 1.0f : 0.0f;
   out[6] = margin;
 }
 
-// One row with a label in [0, C) (scratch: 3 padded(C) floats). Non-finite teacher logits (NaN, +inf, or
-// none finite) make kl NaN, and so the loss, gradient and grad_norm too unless alpha == 0 (which never uses
-// the teacher for them).
+// One row with a label in [0, C) (scratch: 3 padded(C) floats). Pass 1 finds the student's maximum over the
+// classes but the label (for the margin), the teacher's maximum, and whether either holds NaN or +inf.
+// Non-finite teacher logits (NaN, +inf, or none finite) make kl NaN, and so the loss, gradient and grad_norm
+// too unless alpha == 0 (which never uses the teacher for them).
 KD_TARGET_CLONES void kd_row(const RowConsts& k, const float* s, const float* t, int64_t y, float w, float scale,
                              float* scratch, float* g, float* out) {
   const RowView sv(s, k.C);
-  if (t != nullptr) {
-    const RowView tv(t, k.C);
-    const float mt = checked_max(tv);
-    if (mt == mt) {
-      g ? kd_row_impl<true, true>(k, sv, tv, mt, y, s[y], w, scale, scratch, g, out)
-        : kd_row_impl<true, false>(k, sv, tv, mt, y, s[y], w, scale, scratch, g, out);
-      return;
-    }
+  const RowView tv(t ? t : s, t ? k.C : 0);
+  VecF ms = splat(-kInf), mt = splat(-kInf);
+  VecI bad_s{}, bad_t{};
+  for_chunks(
+      k.C,
+      [&](int64_t b) KD_LAMBDA_INLINE {
+        const VecF xs = load(sv.chunk(b));
+        bad_s |= ~(xs < kInf);
+        ms = vmax(ms, select(label_lanes(b, y), splat(-kInf), xs));
+        if (t) {
+          const VecF xt = load(tv.chunk(b));
+          bad_t |= ~(xt < kInf);
+          mt = vmax(mt, xt);
+        }
+      },
+      []() KD_LAMBDA_INLINE {});
+  const float max_other = hmax(ms), s_y = s[y], m = std::max(max_other, s_y);
+  const float m_t = hmax(mt);
+  if (any(bad_s) || m == -kInf) return poison_row(k.C, g, out);
+  if (t && !any(bad_t) && m_t != -kInf) {
+    g ? kd_row_impl<true, true>(k, sv, tv, max_other, m, m_t, y, s_y, w, scale, scratch, g, out)
+      : kd_row_impl<true, false>(k, sv, tv, max_other, m, m_t, y, s_y, w, scale, scratch, g, out);
+    return;
   }
-  g ? kd_row_impl<false, true>(k, sv, sv, 0.0f, y, s[y], w, scale, scratch, g, out)
-    : kd_row_impl<false, false>(k, sv, sv, 0.0f, y, s[y], w, scale, scratch, g, out);
+  g ? kd_row_impl<false, true>(k, sv, sv, max_other, m, 0.0f, y, s_y, w, scale, scratch, g, out)
+    : kd_row_impl<false, false>(k, sv, sv, max_other, m, 0.0f, y, s_y, w, scale, scratch, g, out);
   if (t != nullptr && k.alpha != 0.0f) {
     out[0] = out[4] = kNaN;
     if (g) std::fill(g, g + k.C, kNaN);
