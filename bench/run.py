@@ -316,8 +316,8 @@ def _eager_call_table(rows: list[dict]) -> list[str]:
 
 
 def _sweep_table(rows: list[dict]) -> list[str]:
-    lines = ["Best forward-launcher config per shape (BLOCK x num_warps x num_stages through `config=`), against "
-             "the launcher's own default in the same run:", "",
+    lines = ["Best forward-launcher config per shape (BLOCK x num_warps x num_stages x SPLIT through `config=`), "
+             "against the launcher's own default in the same run:", "",
              "| shape | dtype | best config | ms | default ms | x faster than default | x floor | configs | commit |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- |"]
     for r in sorted(rows, key=_size):
