@@ -71,6 +71,7 @@ constexpr int64_t kLanes = 8;
 static_assert(kSumBlock % kLanes == 0, "a sum block holds whole chunks");
 typedef float VecF __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t VecI __attribute__((vector_size(kLanes * sizeof(int32_t))));
+typedef uint32_t VecU __attribute__((vector_size(kLanes * sizeof(uint32_t))));
 
 KD_INLINE VecF load(const float* p) {
   VecF v;
@@ -103,26 +104,41 @@ KD_INLINE bool any(VecI v) {
   return reduce_lanes<int32_t>(v, [](int32_t a, int32_t b) KD_LAMBDA_INLINE { return a | b; }) != 0;
 }
 
-// exp(x) for x <= 0 (logit minus its row maximum), branch-free: Cody-Waite reduction x = n ln2 + r, a
-// degree-6 polynomial for exp(r) on [-ln2/2, ln2/2] (Cephes expf, < 2 ulp), times 2^n. Below the normal fp32
-// range it returns exactly 0, so a teacher logit of -inf gives q = 0; NaN stays NaN.
-KD_INLINE VecF exp_nonpos(VecF x) {
-  constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+// 2^x for x in [kMinExp2, 0] (exponents in base 2: the callers fold log2(e) and 1/T into one factor, so each
+// exponential costs one multiply where a natural-base exp needs a two-constant reduction). x = n + f, n the
+// nearest integer, f in [-1/2, 1/2] exact; 2^f by a degree-6 polynomial (relative error 1.0e-7 evaluated in
+// fp32: below one ulp of the sums), 2^n from n's bits, which adding 1.5 * 2^23 leaves in the mantissa's low
+// bits (no float-to-int conversion). At x = kMinExp2, 2^n's bits are exactly 0, so the result is exactly 0: a
+// logit of -inf (clamped there) gives q = 0, and exp(0) is exactly 1.
+constexpr float kMinExp2 = -127.0f;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr double kLn2 = 0.69314718055994530942;
+KD_INLINE VecF exp2_clamped(VecF x) {
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  constexpr float kLowest = -87.0f;      // exp(-87) ~ 1.6e-38: 2^n stays a normal number
-  const VecI low = x < kLowest;
-  const VecF xc = select(low, splat(kLowest), x);
-  const VecF n = (xc * kLog2e + kRound) - kRound;
-  const VecF r = (xc - n * kLn2Hi) - n * kLn2Lo;
-  VecF p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const VecI bits = (__builtin_convertvector(n, VecI) + 127) << 23;
-  return select(low, VecF{}, p * (VecF)bits);
+  const VecF t = x + kRound;
+  const VecF f = x - (t - kRound);
+  VecF p = splat(1.5394062211e-4f);
+  p = p * f + 1.3408146333e-3f;
+  p = p * f + 9.6183242276e-3f;
+  p = p * f + 5.5503021926e-2f;
+  p = p * f + 2.4022647738e-1f;
+  p = p * f + 6.9314724207e-1f;
+  p = p * f + 1.0f;
+  const VecU pow2n = ((VecU)t << 23) + (127u << 23);  // (t's exponent and leading bits shift out)
+  return p * (VecF)pow2n;
+}
+KD_INLINE VecF clamp_exp2_arg(VecF x) { return vmax(x, splat(kMinExp2)); }  // (-inf -> kMinExp2; never NaN here)
+KD_INLINE VecF exp2_nonpos(VecF x) { return exp2_clamped(clamp_exp2_arg(x)); }
+
+// x^n for an integer n >= 1 by squaring (exp(d) = exp(d / T)^T for an integer temperature: two multiplies
+// instead of an exponential at T = 4, at T times the exponential's relative error)
+KD_INLINE VecF pow_int(VecF x, int n) {
+  VecF r = (n & 1) ? x : splat(1.0f);
+  for (n >>= 1; n; n >>= 1) {
+    x *= x;
+    if (n & 1) r *= x;
+  }
+  return r;
 }
 
 // The lanes of the chunk at class `base` that hold class y (no lane when y lies outside the chunk).
@@ -135,8 +151,13 @@ KD_INLINE VecI label_lanes(int64_t base, int64_t y) {
 
 struct RowConsts {
   int64_t C;
-  float alpha, temperature, inv_T;
+  float alpha, temperature;
+  float log2e_T;  // log2(e) / T: (s - m) times it is the tempered exponent in base 2
+  int pow_T;      // T when it is an integer in [1, kMaxPowT] (exp(s - m) from exp((s - m) / T)), else 0
 };
+// Up to T = 8 the power's rounding stays within ~1e-6 relative (T = 4, the usual choice: 5e-7); a larger or
+// fractional temperature computes exp(s - m) by its own exponential.
+constexpr int kMaxPowT = 8;
 
 // Loss, then the kNumStats statistics (ce, kl, el2n, grad_norm, correct, margin) of one row.
 constexpr int kOut = 1 + kNumStats;
@@ -195,28 +216,31 @@ KD_INLINE void kd_row_impl(const RowConsts& k, const RowView& sv, const RowView&
   float* e1 = scratch;
   float* eT = scratch + P;
   float* eu = scratch + 2 * P;
-  // Pass 2: exponentials and their sums.
+  // Pass 2: exponentials (base 2) and their sums.
   ExpSums acc;
   VecF z1{}, sq1{}, zT{}, zt{}, kl{};
-  const VecF vm = splat(m), vmt = splat(mt), inv_T = splat(k.inv_T);
+  const VecF vm = splat(m), vmt = splat(mt), log2e_T = splat(k.log2e_T), log2e = splat(kLog2e);
   for_chunks(
       C,
       [&](int64_t b) KD_LAMBDA_INLINE {
         const VecF d = load(sv.chunk(b)) - vm;
-        const VecF x1 = exp_nonpos(d);
-        store(e1 + b, x1);
-        const VecF xo = select(label_lanes(b, y), VecF{}, x1);
-        z1 += xo;
-        sq1 += xo * xo;
+        VecF x1;
         if constexpr (HAS_TEACHER) {
-          const VecF v = d * inv_T, u = (load(tv.chunk(b)) - vmt) * inv_T;
-          const VecF xT = exp_nonpos(v), xu = exp_nonpos(u);
+          const VecF v = d * log2e_T, u = clamp_exp2_arg((load(tv.chunk(b)) - vmt) * log2e_T);
+          const VecF xT = exp2_nonpos(v), xu = exp2_clamped(u);
+          x1 = k.pow_T ? pow_int(xT, k.pow_T) : exp2_nonpos(d * log2e);
           store(eT + b, xT);
           store(eu + b, xu);
           zT += xT;
           zt += xu;
           kl += select(xu > 0.0f, xu * (u - v), VecF{});  // q = 0 adds 0, never 0 * inf
+        } else {
+          x1 = exp2_nonpos(d * log2e);
         }
+        store(e1 + b, x1);
+        const VecF xo = select(label_lanes(b, y), VecF{}, x1);
+        z1 += xo;
+        sq1 += xo * xo;
       },
       [&]() KD_LAMBDA_INLINE {
         acc.z1 += hsum(z1), acc.sq1 += hsum(sq1);
@@ -226,10 +250,12 @@ KD_INLINE void kd_row_impl(const RowConsts& k, const RowView& sv, const RowView&
           zT = zt = kl = VecF{};
         }
       });
+  acc.kl *= kLn2;  // (u - v) was in base 2
   const double z1_all = acc.z1 + e1[y], inv_z1 = 1.0 / z1_all, inv_zt = 1.0 / acc.zt;  // (reused below)
   const double one_minus_sm_y = acc.z1 * inv_z1;
-  const double ce = s_y == m ? std::log1p(acc.z1) : std::log(z1_all) + (double(m) - double(s_y));
-  const double kl_row = HAS_TEACHER ? acc.kl * inv_zt + std::log(acc.zT * inv_zt) : double(kNaN);
+  // (float logarithms: within an ulp of the fp32 results, at a third of the double ones' cost per row)
+  const double ce = s_y == m ? std::log1p(float(acc.z1)) : std::log(float(z1_all)) + (double(m) - double(s_y));
+  const double kl_row = HAS_TEACHER ? acc.kl * inv_zt + std::log(float(acc.zT * inv_zt)) : double(kNaN);
   // A weight of exactly 0 or 1 drops its term (an infinite ce or kl times 0 would be NaN).
   const double ce_term = k.alpha == 1.0f ? 0.0 : (1.0 - k.alpha) * ce;
   const double kd_term = k.alpha == 0.0f ? 0.0 : double(k.alpha) * k.temperature * k.temperature * kl_row;
@@ -510,8 +536,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd(
   std::vector<float> row_buf(reduction == kNone ? 0 : N);
 
   FwdArgs a;
+  const bool integer_T = temperature == std::floor(temperature) && temperature <= kMaxPowT;
   a.k = RowConsts{C, static_cast<float>(alpha), static_cast<float>(temperature),
-                  static_cast<float>(1.0 / temperature)};
+                  static_cast<float>(1.4426950408889634 / temperature), integer_T ? int(temperature) : 0};
   a.target = y;
   a.target_stride = y_stride;
   a.ignore_index = ignore_index;

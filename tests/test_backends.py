@@ -101,8 +101,8 @@ def test_public_backends_stays_callable_once_its_module_is_imported():
 
 
 def _record_backend(monkeypatch):
-    """Wraps every backend's forward (and the eager entries with their own autograd node) so the test sees
-    which one kd_loss ran."""
+    """Wraps every backend's forward (and the eager entries with their own autograd node, and the C++ backend's
+    direct entry) so the test sees which one kd_loss ran."""
     used = []
     for table in (kd_ops._FORWARD, kd_ops._EAGER):
         for name, fwd in list(table.items()):
@@ -110,6 +110,14 @@ def _record_backend(monkeypatch):
                 used.append(_name)
                 return _fwd(*args)
             monkeypatch.setitem(table, name, spy)
+    direct = kd_ops._eager_cpu_direct  # the C++ backend on inputs it takes as they are
+
+    def spy_direct(*args):
+        out = direct(*args)
+        if out is not None:
+            used.append("cpp")
+        return out
+    monkeypatch.setattr(kd_ops, "_eager_cpu_direct", spy_direct)
     return used
 
 
@@ -124,6 +132,43 @@ def test_default_dispatch_runs_cpp_on_cpu_tensors(monkeypatch):
     used = _record_backend(monkeypatch)
     _small_call().backward()
     assert used == ["cpp"]
+
+
+def _direct_cases():
+    s, t, y = torch.randn(6, 9) * 3, torch.randn(6, 9) * 3, torch.randint(0, 9, (6,))
+    w = torch.rand(6) + 0.5
+    return {  # name: (student, teacher, target, weight, whether the C++ entry takes them as they are)
+        "plain": (s, t, y, None, True),
+        "weighted": (s, t, y, w, True),
+        "int32 labels": (s, t, y.int(), None, False),
+        "(2, 3, C) logits": (s.reshape(2, 3, 9), t.reshape(2, 3, 9), y.reshape(2, 3), None, False),
+        "class-strided student": (s.t().contiguous().t(), t, y, None, False),
+        "float64 weight": (s, t, y, w.double(), False),
+        "row-strided weight": (s, t, y, torch.rand(6, 2)[:, 0] + 0.5, True),
+        "float64 teacher": (s, t.double(), y, None, False),
+    }
+
+
+@pytest.mark.parametrize("case", list(_direct_cases()))
+def test_cpu_direct_entry_and_general_path_agree(case, monkeypatch):
+    """The C++ backend takes plain CPU inputs directly (no Python checks or preparation); what it refuses goes
+    the general way (a conversion, a copy, another backend) to the same answer as the reference backend."""
+    _cpp()
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    s, t, y, w, direct = _direct_cases()[case]
+    taken = []
+    entry = kd_ops._eager_cpu_direct
+    monkeypatch.setattr(kd_ops, "_eager_cpu_direct", lambda *a: taken.append(entry(*a)) or taken[-1])
+    results = []
+    for backend in (None, "torch"):
+        x = s.detach().clone().requires_grad_(True)
+        loss, stats = kdfast.kd_loss(x, t, y, weight=w, alpha=0.4, temperature=3.0, return_stats=True,
+                                     backend=backend)
+        loss.backward()
+        results.append((loss, x.grad, stats["grad_norm"]))
+    assert (taken[0] is not None) == direct
+    for name, got, ref in zip(("loss", "grad", "grad_norm"), *results):
+        assert_close(name, got, ref.to(got.dtype), rtol=1e-5, budget=0.0)
 
 
 def test_argument_and_environment_override_the_default(monkeypatch):
@@ -213,6 +258,20 @@ def test_cpp_forward_matches_float64_contract(C, s_dtype, t_dtype):
     if C == 1:  # softmax is 1 whatever the logits: nothing to learn, and no other logit to beat
         assert bool((grad[ok] == 0).all())
         assert bool((stats[5][ok] == float("inf")).all()) and bool((stats[4][ok] == 1).all())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0, 4.0, 5.0, 8.0, 8.5, 9.0, 0.7, 2.5])
+@pytest.mark.parametrize("C", [13, 100])
+def test_cpp_forward_integer_and_fractional_temperatures(temperature, C):
+    """An integer temperature up to 8 takes exp(s - m) as exp((s - m) / T)^T; any other computes it apart. Both
+    against the float64 contract, with rows whose logits span the whole fp32 exponential range (gaps to the
+    row maximum from 0 to 150, through the underflow near 87-104) on top of the hostile rows."""
+    _cpp()
+    s, t, y = _hostile_batch(16, C, torch.float32, torch.float32)
+    s[5], t[5] = torch.linspace(0, -150, C), torch.linspace(-150, 0, C)
+    s[6], t[6] = torch.linspace(-100, 0, C)[torch.randperm(C)], torch.linspace(-120, 0, C)[torch.randperm(C)]
+    w = torch.rand(16) + 0.5
+    check_outputs(_fwd(s, t, y, w, 0.6, temperature), s, t, y, w, 0, 0.6, temperature)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

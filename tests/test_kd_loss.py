@@ -551,10 +551,11 @@ def _bad_calls():
 
 @pytest.mark.parametrize("index", range(len(_bad_calls()[0])), ids=[f"{a}-{i}" for i, (a, _) in
                                                                      enumerate(_bad_calls()[0])])
-def test_bad_input_raises_naming_the_argument(index):
+@pytest.mark.parametrize("backend", ["torch", None], ids=["torch", "default"])  # default: the C++ direct entry
+def test_bad_input_raises_naming_the_argument(index, backend):
     calls, (s, t, y) = _bad_calls()
     argument, override = calls[index]
-    kwargs = dict(student_logits=s, teacher_logits=t, target=y, alpha=0.5, temperature=4.0, backend="torch")
+    kwargs = dict(student_logits=s, teacher_logits=t, target=y, alpha=0.5, temperature=4.0, backend=backend)
     kwargs.update(override)
     with pytest.raises(InvalidArgumentError, match=argument):
         kd_loss(kwargs.pop("student_logits"), kwargs.pop("teacher_logits"), kwargs.pop("target"), **kwargs)

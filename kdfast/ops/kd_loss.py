@@ -315,6 +315,25 @@ def _eager_cpp(student, teacher, target, weight, alpha, temperature, reduction, 
 _EAGER = {"cpp": _eager_cpp}  # backends with their own autograd node; the others use KDLossFunction
 
 
+def _eager_cpu_direct(student, teacher, target, weight, alpha, temperature, reduction, ignore_index,
+                      return_stats, backend, inplace, validate):
+    """The C++ backend on inputs it takes as they are (CPU, 2-D, unit class stride, int64 labels, fp32
+    weights): the extension checks every tensor itself, so the Python checks and the preparation run only
+    when it refuses one. Returns None where it does not apply; the general path then handles the inputs (a
+    copy, a conversion, another backend) or raises its error naming the argument. (At 128 x 100 the skipped
+    Python is ~3 us of a ~50 us step.)"""
+    if (type(student) is not torch.Tensor or not student.is_cpu or (inplace and not student.requires_grad)
+            or torch.compiler.is_compiling() or resolve_backend(backend, "cpu", op="kd_loss") != "cpp"):
+        return None
+    try:
+        loss, stats = _cpp().kd_loss_autograd(student, teacher, target, weight, float(alpha), float(temperature),
+                                              int(ignore_index), _REDUCTION_CODE[reduction], return_stats, inplace,
+                                              validate is not False)
+    except (ValueError, TypeError):  # refused before any work: the general path says why, or handles it
+        return None
+    return loss, (stats if return_stats else None)
+
+
 # --------------------------------------------------------------------------------------------- the op
 def kd_loss(student_logits, teacher_logits, target, *, alpha=0.5, temperature=4.0, reduction="mean",
             ignore_index=-100, weight=None, return_stats=False, backend=None, inplace=False, validate=None,
@@ -356,6 +375,11 @@ def kd_loss(student_logits, teacher_logits, target, *, alpha=0.5, temperature=4.
         loss, or (loss, stats) with return_stats=True.
     """
     _check_scalars(alpha, temperature, reduction, ignore_index, extrapolate)
+    direct = _eager_cpu_direct(student_logits, teacher_logits, target, weight, alpha, temperature, reduction,
+                               ignore_index, return_stats, backend, inplace, validate)
+    if direct is not None:
+        loss, stats = direct
+        return loss if not return_stats else (loss, dict(zip(KD_STAT_NAMES, stats.unbind(0))))
     device_type = _check_tensors(student_logits, teacher_logits, target, alpha, weight, inplace)
     chosen = _choose_backend(backend, device_type, student_logits, teacher_logits)
     if validate is None:
