@@ -6,16 +6,18 @@ checkpoints every epoch and exact resumption.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import time
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from . import distributed as dist
+from .data.epoch_loader import EpochLoader
 from .distill import distill_step
 from .errors import InvalidArgumentError
 from .jobs.atomic import save_torch
@@ -138,10 +140,11 @@ def _scheduler(optimizer, schedule, epochs, milestones):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
-def _loader(data, batch_size, shuffle, seed, num_workers, device, sampler=None):
-    generator = torch.Generator().manual_seed(seed) if shuffle and sampler is None else None
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      generator=generator, num_workers=num_workers, pin_memory=device.type == "cuda", drop_last=False)
+def _eval_loader(dataset, batch_size, num_workers, device, distributed) -> EpochLoader:
+    """This rank's share of `dataset` (all of it on one process), in order."""
+    part = Subset(dataset, dist.shard_indices(len(dataset), dist.rank(), dist.world_size())) if distributed \
+        else dataset
+    return EpochLoader(part, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
 
 
 @torch.no_grad()
@@ -153,12 +156,17 @@ def evaluate(model, dataset, *, batch_size=256, device=None, num_workers=0, prec
     shard (kdfast.distributed.shard_indices) and the sums are all-reduced, so every rank returns the totals.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    with _eval_loader(dataset, batch_size, num_workers, device, distributed) as loader:
+        return _evaluate(model, loader, len(dataset), device, precision, distributed)
+
+
+@torch.no_grad()
+def _evaluate(model, loader: EpochLoader, n, device, precision, distributed) -> dict:
+    """evaluate() over one pass of `loader` (fit keeps one across epochs, so its workers start once)."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
-    part = Subset(dataset, dist.shard_indices(len(dataset), dist.rank(), dist.world_size())) if distributed \
-        else dataset
-    for x, y in _loader(part, batch_size, False, 0, num_workers, device):
+    for x, y in loader.epoch():
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = model(x)
@@ -168,7 +176,6 @@ def evaluate(model, dataset, *, batch_size=256, device=None, num_workers=0, prec
     if distributed:
         dist.all_reduce_sum(loss_sum)
         dist.all_reduce_sum(correct)
-    n = len(dataset)
     return {"loss": float(loss_sum) / n, "acc": float(correct) / n}
 
 
@@ -289,6 +296,10 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
             state_dict()/load_state_dict().
         device: where to train (default: the model's device). precision: "fp32" or "bf16" autocast.
         seed: seeds the shuffling; epoch e shuffles with seed + e, so a resumed run replays the same order.
+        num_workers: data loading processes, started once per fit call (one set for training, one for
+            eval_dataset) and stopped when fit returns or raises. Each epoch's batches and the workers' torch,
+            random and numpy seeds are those a DataLoader built for that epoch alone would have
+            (kdfast.data.epoch_loader); the workers keep their copy of the dataset from the first epoch on.
         checkpoint_path: a file written after every epoch; with resume=True an existing one is loaded and
             training continues after its epoch.
         progress: on stderr, a bar with examples/s on a terminal and one line per epoch.
@@ -361,57 +372,61 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
         sampler = DistributedSampler(subset, shuffle=True, seed=seed, drop_last=False)
     writes_files = dist.is_main() or not ddp
     amp = "bf16" if precision == "bf16" else None
-    for epoch in range(start, epochs):
-        model.train()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        if importance is not None:
-            importance.set_epoch(epoch)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        lr_now = optimizer.param_groups[0]["lr"]
-        tic = time.perf_counter()
-        total = len(subset) if importance is None else len(importance)
-        # off a terminal (logs, pipes) only the per-epoch line below
-        with progress_bar(total, desc=f"epoch {epoch + 1}/{epochs}", quiet=not (progress and writes_files),
-                          plain=False) as bar:
-            for x, y, idx in _loader(subset, batch_size, True, seed + epoch, num_workers, device,
-                                     sampler if importance is None else importance):
-                cached = None if teacher_cache is None or alpha == 0 else teacher_cache[idx]
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                idx_dev = idx.to(device, non_blocking=True)
-                if cached is not None:
-                    cached = cached.to(device, non_blocking=True)
-                weight = None if importance is None else importance.weights[idx].to(device, non_blocking=True)
-                out = distill_step(net, teacher, x, y, optimizer, alpha=alpha, temperature=temperature,
-                                   teacher_logits=cached, indices=idx_dev, forgetting=forgetting, amp=amp,
-                                   extrapolate=extrapolate,
-                                   validate=epoch == start,  # the first epoch sees every example: check once
-                                   weight=weight, correction=correction, kd_term=kd_term)
-                loss_sum += out["loss"] * len(y)
-                correct += out["correct"].sum()
-                bar.update(len(y))
-        scheduler.step()
-        if ddp:
-            dist.all_reduce_sum(loss_sum)
-            dist.all_reduce_sum(correct)
-            dist.broadcast_buffers(model)  # BatchNorm statistics: rank 0's, the ones its checkpoint holds
-        seconds = time.perf_counter() - tic
-        n = len(sampler) * dist.world_size() if ddp else total  # DistributedSampler pads to equal shares
-        record = {"epoch": epoch + 1, "lr": lr_now, "train_loss": float(loss_sum) / n,
-                  "train_acc": float(correct) / n, "seconds": seconds, "examples_per_s": n / max(seconds, 1e-9)}
-        if eval_dataset is not None:
-            ev = evaluate(model, eval_dataset, batch_size=max(batch_size, 256), device=device,
-                          num_workers=num_workers, precision=precision, distributed=ddp)
-            record.update(eval_loss=ev["loss"], eval_acc=ev["acc"])
-        history.append(record)
-        if not writes_files:
-            continue
-        if progress:
-            print(_epoch_line(record, epochs), file=sys.stderr, flush=True)
-        if checkpoint_path is not None:
-            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch + 1, history, forgetting, identity,
-                             sampler=importance, kd_term=kd_term)
-        if on_epoch is not None:
-            on_epoch(history)
+    pin = device.type == "cuda"
+    train_loader = EpochLoader(subset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin)
+    eval_loader = contextlib.nullcontext() if eval_dataset is None else \
+        _eval_loader(eval_dataset, max(batch_size, 256), num_workers, device, ddp)
+    # one set of workers each for training and evaluation, kept across epochs and stopped on the way out
+    with train_loader, eval_loader:
+        for epoch in range(start, epochs):
+            model.train()
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            if importance is not None:
+                importance.set_epoch(epoch)
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device)
+            lr_now = optimizer.param_groups[0]["lr"]
+            tic = time.perf_counter()
+            total = len(subset) if importance is None else len(importance)
+            # off a terminal (logs, pipes) only the per-epoch line below
+            with progress_bar(total, desc=f"epoch {epoch + 1}/{epochs}", quiet=not (progress and writes_files),
+                              plain=False) as bar:
+                for x, y, idx in train_loader.epoch(seed + epoch, sampler if importance is None else importance):
+                    cached = None if teacher_cache is None or alpha == 0 else teacher_cache[idx]
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    idx_dev = idx.to(device, non_blocking=True)
+                    if cached is not None:
+                        cached = cached.to(device, non_blocking=True)
+                    weight = None if importance is None else importance.weights[idx].to(device, non_blocking=True)
+                    out = distill_step(net, teacher, x, y, optimizer, alpha=alpha, temperature=temperature,
+                                       teacher_logits=cached, indices=idx_dev, forgetting=forgetting, amp=amp,
+                                       extrapolate=extrapolate,
+                                       validate=epoch == start,  # the first epoch sees every example: check once
+                                       weight=weight, correction=correction, kd_term=kd_term)
+                    loss_sum += out["loss"] * len(y)
+                    correct += out["correct"].sum()
+                    bar.update(len(y))
+            scheduler.step()
+            if ddp:
+                dist.all_reduce_sum(loss_sum)
+                dist.all_reduce_sum(correct)
+                dist.broadcast_buffers(model)  # BatchNorm statistics: rank 0's, the ones its checkpoint holds
+            seconds = time.perf_counter() - tic
+            n = len(sampler) * dist.world_size() if ddp else total  # DistributedSampler pads to equal shares
+            record = {"epoch": epoch + 1, "lr": lr_now, "train_loss": float(loss_sum) / n,
+                      "train_acc": float(correct) / n, "seconds": seconds, "examples_per_s": n / max(seconds, 1e-9)}
+            if eval_dataset is not None:
+                ev = _evaluate(model, eval_loader, len(eval_dataset), device, precision, ddp)
+                record.update(eval_loss=ev["loss"], eval_acc=ev["acc"])
+            history.append(record)
+            if not writes_files:
+                continue
+            if progress:
+                print(_epoch_line(record, epochs), file=sys.stderr, flush=True)
+            if checkpoint_path is not None:
+                _save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch + 1, history, forgetting, identity,
+                                 sampler=importance, kd_term=kd_term)
+            if on_epoch is not None:
+                on_epoch(history)
     return history
