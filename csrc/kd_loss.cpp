@@ -117,77 +117,94 @@ KD_INLINE VecF exp2_clamped(VecF x) {
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
   const VecF t = x + kRound;
   const VecF f = x - (t - kRound);
-  VecF p = splat(1.5394062211e-4f);
-  p = p * f + 1.3408146333e-3f;
-  p = p * f + 9.6183242276e-3f;
-  p = p * f + 5.5503021926e-2f;
-  p = p * f + 2.4022647738e-1f;
-  p = p * f + 6.9314724207e-1f;
-  p = p * f + 1.0f;
+  // Estrin's scheme, 1 + f (a + f^2 (b + f^2 c)) with a, b, c linear in f: 4 dependent multiply-adds where
+  // Horner chains 6 (the exponentials' latency, not their count, bounds the loop at small C)
+  const VecF f2 = f * f;
+  const VecF a = f * 2.4022647738e-1f + 6.9314724207e-1f;
+  const VecF b = f * 9.6183242276e-3f + 5.5503021926e-2f;
+  const VecF c = f * 1.5394062211e-4f + 1.3408146333e-3f;
+  const VecF p = f * (f2 * (f2 * c + b) + a) + 1.0f;
   const VecU pow2n = ((VecU)t << 23) + (127u << 23);  // (t's exponent and leading bits shift out)
   return p * (VecF)pow2n;
 }
 KD_INLINE VecF clamp_exp2_arg(VecF x) { return vmax(x, splat(kMinExp2)); }  // (-inf -> kMinExp2; never NaN here)
 KD_INLINE VecF exp2_nonpos(VecF x) { return exp2_clamped(clamp_exp2_arg(x)); }
 
-// x^n for an integer n >= 1 by squaring (exp(d) = exp(d / T)^T for an integer temperature: two multiplies
-// instead of an exponential at T = 4, at T times the exponential's relative error)
-KD_INLINE VecF pow_int(VecF x, int n) {
-  VecF r = (n & 1) ? x : splat(1.0f);
-  for (n >>= 1; n; n >>= 1) {
-    x *= x;
-    if (n & 1) r *= x;
-  }
-  return r;
+// x^(2^N), N squarings: exp(d) = exp(d / T)^T for T = 2^N, N multiplies instead of an exponential, at T times
+// the exponential's relative error
+template <int N>
+KD_INLINE VecF square_n(VecF x) {
+  for (int i = 0; i < N; ++i) x *= x;
+  return x;
 }
 
-// The lanes of the chunk at class `base` that hold class y (no lane when y lies outside the chunk).
-KD_INLINE VecI label_lanes(int64_t base, int64_t y) {
-  static_assert(kLanes == 8, "iota lists kLanes lanes");
-  const VecI iota = {0, 1, 2, 3, 4, 5, 6, 7};
-  const int64_t j = y - base;
-  return iota == static_cast<int32_t>(j >= 0 && j < kLanes ? j : -1);
-}
+static_assert(kLanes == 8, "kIota lists kLanes lanes");
+constexpr VecI kIota = {0, 1, 2, 3, 4, 5, 6, 7};
 
 struct RowConsts {
   int64_t C;
   float alpha, temperature;
   float log2e_T;  // log2(e) / T: (s - m) times it is the tempered exponent in base 2
-  int pow_T;      // T when it is an integer in [1, kMaxPowT] (exp(s - m) from exp((s - m) / T)), else 0
+  int squarings;  // log2(T) for T = 1, 2, 4 or 8 (exp(s - m) from exp((s - m) / T) squared), else -1
+  bool stats;     // the statistics are wanted (el2n and grad_norm cost sums of squares the loss does not need)
 };
-// Up to T = 8 the power's rounding stays within ~1e-6 relative (T = 4, the usual choice: 5e-7); a larger or
-// fractional temperature computes exp(s - m) by its own exponential.
-constexpr int kMaxPowT = 8;
+// Up to T = 8 the squarings' rounding stays within ~1e-6 relative (T = 4, the usual choice: 5e-7); any other
+// temperature computes exp(s - m) by its own exponential. (A compile-time count: a runtime power cost more
+// instructions per chunk than the exponential it saves.)
+constexpr int kMaxSquarings = 3;
 
 // Loss, then the kNumStats statistics (ce, kl, el2n, grad_norm, correct, margin) of one row.
 constexpr int kOut = 1 + kNumStats;
 
 KD_INLINE int64_t padded(int64_t C) { return (C + kLanes - 1) / kLanes * kLanes; }
 
-// A row in two parts: x[0, C_full) in place, then `tail`, the rest padded with -inf to kLanes (which adds
-// exp(-inf) = 0 to every sum): the last partial chunk is one vector iteration instead of a scalar remainder.
+// The kinds of chunk a row of C classes is cut into (compile-time tags: no per-chunk test in the loops).
+struct Whole {};    // kLanes classes in place, at base 0, kLanes, ..., all new
+struct Overlap {};  // C >= kLanes, C % kLanes != 0: the row's last kLanes classes in place (base C - kLanes: no
+                    // copy, no read past the row); only the lanes past the chunk before are new
+struct Narrow {};   // C < kLanes: the row copied into a buffer padded with -inf (exp(-inf) = 0 adds nothing)
+
+// A row of the student or the teacher: its memory, and what its last chunk needs.
 struct RowView {
   const float* x;
-  int64_t C_full;
-  float tail[kLanes];
-  RowView(const float* row, int64_t C) : x(row), C_full(C - C % kLanes) {
-    const int64_t n = C - C_full;
-    for (int64_t j = 0; j < n; ++j) tail[j] = row[C_full + j];
-    for (int64_t j = n; j < kLanes; ++j) tail[j] = -kInf;
+  VecI fresh;          // Overlap: the new lanes
+  float pad[kLanes];   // Narrow: the row, then -inf
+  RowView(const float* row, int64_t C) : x(row) {
+    if (C >= kLanes) {
+      fresh = kIota >= static_cast<int32_t>(kLanes - C % kLanes);
+    } else {
+      for (int64_t j = 0; j < kLanes; ++j) pad[j] = j < C ? row[j] : -kInf;
+    }
   }
-  const float* chunk(int64_t base) const { return base < C_full ? x + base : tail; }
+  const float* chunk(int64_t base, Whole) const { return x + base; }
+  const float* chunk(int64_t base, Overlap) const { return x + base; }
+  const float* chunk(int64_t, Narrow) const { return pad; }
+  // the lanes of a chunk that are new to the row's sums
+  VecF new_lanes(VecF v, Whole) const { return v; }
+  VecF new_lanes(VecF v, Overlap) const { return select(fresh, v, VecF{}); }
+  VecF new_lanes(VecF v, Narrow) const { return v; }
 };
 
-// Calls body(base) for the chunks of a row of C classes (base = 0, kLanes, ... < C), and flush() after every
-// kSumBlock classes and after the last chunk: sums run in fp32 lanes within a block and in double across them.
+// Calls body(base, kind) for the chunks of a row of C classes: the whole ones, then the partial rest if any
+// (Overlap, or Narrow below kLanes classes), and flush() after every kSumBlock classes and after the last
+// chunk: sums run in fp32 lanes within a block and in double across them.
 template <typename Body, typename Flush>
 KD_INLINE void for_chunks(int64_t C, Body&& body, Flush&& flush) {
+  const int64_t C_full = C - C % kLanes;
   for (int64_t b0 = 0; b0 < C; b0 += kSumBlock) {
-    const int64_t end = std::min(C, b0 + kSumBlock);
-    for (int64_t b = b0; b < end; b += kLanes) body(b);
+    const int64_t end = std::min(C_full, b0 + kSumBlock);
+    for (int64_t b = b0; b < end; b += kLanes) body(b, Whole{});
+    if (b0 + kSumBlock >= C && C_full < C) {
+      if (C_full > 0) body(C - kLanes, Overlap{});
+      else body(int64_t{0}, Narrow{});
+    }
     flush();
   }
 }
+
+// The lanes of the chunk at class `base` that hold the label y, from iota_y = kIota - y (per row): one
+// broadcast and one compare per chunk. (Rows have fewer than 2^31 classes: checked at entry.)
+KD_INLINE VecI label_lanes(VecI iota_y, int64_t base) { return iota_y == -static_cast<int32_t>(base); }
 
 // A row whose student logits hold NaN or +inf, or no finite value: softmax is undefined, so the loss, the
 // gradient and every statistic are NaN, except `correct`, which is 0 (no prediction to be right about).
@@ -203,16 +220,18 @@ struct ExpSums {
 
 // One row with a label in [0, C), after pass 1 (maxima and checks). sv, tv: the fp32 student and teacher rows;
 // max_other: the student's maximum over the classes but the label, m = max(max_other, s_y) finite; scratch:
-// 3 padded(C) floats; g: fp32 gradient row or nullptr. g may be the student itself (in place) or e1, scratch's
-// first floats: pass 3 never reads the student, and reads e1's chunk before it writes g's. The label's class
+// 3 padded(C) floats; g: fp32 gradient row (not in scratch) or nullptr. g may be the student itself (in place):
+// pass 3 never reads the student. The overlapping last chunk rewrites its old lanes' exponentials and gradient
+// entries with the same values (the same inputs, the same operations) and leaves them out of the sums. The label's class
 // is masked out of the sums and treated apart, so 1 - softmax(s)_y = (sum of the other classes' e1) / Z1 keeps
 // its relative precision on confidently right rows, and so do ce, el2n, grad_norm and the gradient's y entry.
 // HAS_TEACHER: the teacher is used; it is finite or -inf everywhere, with the finite maximum mt.
-template <bool HAS_TEACHER, bool WRITE_GRAD>
+template <bool HAS_TEACHER, bool WRITE_GRAD, int SQUARINGS>
 KD_INLINE void kd_row_impl(const RowConsts& k, const RowView& sv, const RowView& tv, float max_other, float m,
                            float mt, int64_t y, float s_y, float w, float scale, float* scratch, float* g,
                            float* out) {
-  const int64_t C = k.C, P = padded(C), C_full = sv.C_full;
+  const int64_t C = k.C, P = padded(C);
+  const VecI iota_y = kIota - static_cast<int32_t>(y);
   float* e1 = scratch;
   float* eT = scratch + P;
   float* eu = scratch + 2 * P;
@@ -222,25 +241,26 @@ KD_INLINE void kd_row_impl(const RowConsts& k, const RowView& sv, const RowView&
   const VecF vm = splat(m), vmt = splat(mt), log2e_T = splat(k.log2e_T), log2e = splat(kLog2e);
   for_chunks(
       C,
-      [&](int64_t b) KD_LAMBDA_INLINE {
-        const VecF d = load(sv.chunk(b)) - vm;
+      [&](int64_t b, auto part) KD_LAMBDA_INLINE {
+        const VecF d = load(sv.chunk(b, part)) - vm;
         VecF x1;
         if constexpr (HAS_TEACHER) {
-          const VecF v = d * log2e_T, u = clamp_exp2_arg((load(tv.chunk(b)) - vmt) * log2e_T);
+          const VecF v = d * log2e_T, u = clamp_exp2_arg((load(tv.chunk(b, part)) - vmt) * log2e_T);
           const VecF xT = exp2_nonpos(v), xu = exp2_clamped(u);
-          x1 = k.pow_T ? pow_int(xT, k.pow_T) : exp2_nonpos(d * log2e);
+          if constexpr (SQUARINGS >= 0) x1 = square_n<SQUARINGS>(xT);
+          else x1 = exp2_nonpos(d * log2e);
           store(eT + b, xT);
           store(eu + b, xu);
-          zT += xT;
-          zt += xu;
-          kl += select(xu > 0.0f, xu * (u - v), VecF{});  // q = 0 adds 0, never 0 * inf
+          zT += sv.new_lanes(xT, part);
+          zt += sv.new_lanes(xu, part);
+          kl += sv.new_lanes(select(xu > 0.0f, xu * (u - v), VecF{}), part);  // q = 0 adds 0, never 0 * inf
         } else {
           x1 = exp2_nonpos(d * log2e);
         }
         store(e1 + b, x1);
-        const VecF xo = select(label_lanes(b, y), VecF{}, x1);
+        const VecF xo = sv.new_lanes(select(label_lanes(iota_y, b), VecF{}, x1), part);
         z1 += xo;
-        sq1 += xo * xo;
+        if (k.stats) sq1 += xo * xo;
       },
       [&]() KD_LAMBDA_INLINE {
         acc.z1 += hsum(z1), acc.sq1 += hsum(sq1);
@@ -269,26 +289,28 @@ KD_INLINE void kd_row_impl(const RowConsts& k, const RowView& sv, const RowView&
     c3 = static_cast<float>(kd * inv_zt);
     h_y += c2 * eT[y] - c3 * eu[y];
   }
+  if (!WRITE_GRAD && !k.stats) return;  // the loss alone
   float g_tail[kLanes];
   double sq = 0;
-  VecF part{};
+  VecF sq_lanes{};
   const VecF vc1 = splat(c1), vc2 = splat(c2), vc3 = splat(c3), vscale = splat(scale);
   for_chunks(
       C,
-      [&](int64_t b) KD_LAMBDA_INLINE {
+      [&](int64_t b, auto part) KD_LAMBDA_INLINE {
         VecF h = vc1 * load(e1 + b);
         if constexpr (HAS_TEACHER) h += vc2 * load(eT + b) - vc3 * load(eu + b);
-        part += select(label_lanes(b, y), VecF{}, h * h);
-        if constexpr (WRITE_GRAD) store(b < C_full ? g + b : g_tail, vscale * h);
+        if (k.stats) sq_lanes += sv.new_lanes(select(label_lanes(iota_y, b), VecF{}, h * h), part);
+        if constexpr (WRITE_GRAD) store(std::is_same_v<decltype(part), Narrow> ? g_tail : g + b, vscale * h);
       },
       [&]() KD_LAMBDA_INLINE {
-        sq += hsum(part);
-        part = VecF{};
+        sq += hsum(sq_lanes);
+        sq_lanes = VecF{};
       });
   if (WRITE_GRAD) {
-    for (int64_t j = 0; j < C - C_full; ++j) g[C_full + j] = g_tail[j];
+    if (C < kLanes) std::copy(g_tail, g_tail + C, g);
     g[y] = scale * h_y;
   }
+  if (!k.stats) return;
   sq += double(h_y) * h_y;
   const float margin = s_y - max_other;  // +inf when C == 1
   out[1] = static_cast<float>(ce);
@@ -299,24 +321,25 @@ KD_INLINE void kd_row_impl(const RowConsts& k, const RowView& sv, const RowView&
   out[6] = margin;
 }
 
-// One row with a label in [0, C) (scratch: 3 padded(C) floats). Pass 1 finds the student's maximum over the
+// One row with a label in [0, C) (scratch: 3 padded(C) floats, g not among them). Pass 1 finds the student's maximum over the
 // classes but the label (for the margin), the teacher's maximum, and whether either holds NaN or +inf.
 // Non-finite teacher logits (NaN, +inf, or none finite) make kl NaN, and so the loss, gradient and grad_norm
 // too unless alpha == 0 (which never uses the teacher for them).
 KD_TARGET_CLONES void kd_row(const RowConsts& k, const float* s, const float* t, int64_t y, float w, float scale,
                              float* scratch, float* g, float* out) {
   const RowView sv(s, k.C);
-  const RowView tv(t ? t : s, t ? k.C : 0);
+  const RowView tv(t ? t : s, k.C);
+  const VecI iota_y = kIota - static_cast<int32_t>(y);
   VecF ms = splat(-kInf), mt = splat(-kInf);
   VecI bad_s{}, bad_t{};
   for_chunks(
       k.C,
-      [&](int64_t b) KD_LAMBDA_INLINE {
-        const VecF xs = load(sv.chunk(b));
+      [&](int64_t b, auto part) KD_LAMBDA_INLINE {
+        const VecF xs = load(sv.chunk(b, part));
         bad_s |= ~(xs < kInf);
-        ms = vmax(ms, select(label_lanes(b, y), splat(-kInf), xs));
+        ms = vmax(ms, select(label_lanes(iota_y, b), splat(-kInf), xs));
         if (t) {
-          const VecF xt = load(tv.chunk(b));
+          const VecF xt = load(tv.chunk(b, part));
           bad_t |= ~(xt < kInf);
           mt = vmax(mt, xt);
         }
@@ -325,13 +348,25 @@ KD_TARGET_CLONES void kd_row(const RowConsts& k, const float* s, const float* t,
   const float max_other = hmax(ms), s_y = s[y], m = std::max(max_other, s_y);
   const float m_t = hmax(mt);
   if (any(bad_s) || m == -kInf) return poison_row(k.C, g, out);
+  // the row's variant, its flags as template arguments
+  const auto run = [&](auto has_teacher, auto write_grad, auto squarings) KD_LAMBDA_INLINE {
+    constexpr bool HT = decltype(has_teacher)::value;
+    kd_row_impl<HT, decltype(write_grad)::value, decltype(squarings)::value>(
+        k, sv, HT ? tv : sv, max_other, m, HT ? m_t : 0.0f, y, s_y, w, scale, scratch, g, out);
+  };
+  const auto with_grad = [&](auto has_teacher, auto squarings) KD_LAMBDA_INLINE {
+    g ? run(has_teacher, std::true_type{}, squarings) : run(has_teacher, std::false_type{}, squarings);
+  };
   if (t && !any(bad_t) && m_t != -kInf) {
-    g ? kd_row_impl<true, true>(k, sv, tv, max_other, m, m_t, y, s_y, w, scale, scratch, g, out)
-      : kd_row_impl<true, false>(k, sv, tv, max_other, m, m_t, y, s_y, w, scale, scratch, g, out);
-    return;
+    switch (k.squarings) {
+      case 0: return with_grad(std::true_type{}, std::integral_constant<int, 0>{});
+      case 1: return with_grad(std::true_type{}, std::integral_constant<int, 1>{});
+      case 2: return with_grad(std::true_type{}, std::integral_constant<int, 2>{});
+      case 3: return with_grad(std::true_type{}, std::integral_constant<int, 3>{});
+      default: return with_grad(std::true_type{}, std::integral_constant<int, -1>{});
+    }
   }
-  g ? kd_row_impl<false, true>(k, sv, sv, max_other, m, 0.0f, y, s_y, w, scale, scratch, g, out)
-    : kd_row_impl<false, false>(k, sv, sv, max_other, m, 0.0f, y, s_y, w, scale, scratch, g, out);
+  with_grad(std::false_type{}, std::integral_constant<int, -1>{});
   if (t != nullptr && k.alpha != 0.0f) {
     out[0] = out[4] = kNaN;
     if (g) std::fill(g, g + k.C, kNaN);
@@ -415,11 +450,13 @@ void kd_loss_fwd_rows(const FwdArgs& a, const S* student, const T* teacher, S* g
   const int64_t C = a.k.C;
   const int64_t grain = std::max<int64_t>(1, kParallelGrain / C);
   at::parallel_for(0, a.N, grain, [&](int64_t begin, int64_t end) {
-    // scratch: e1 | eT | eu (padded to whole chunks), then fp32 copies of the student and teacher rows where
-    // their dtype is narrower
-    const int64_t extra = (std::is_same_v<S, float> ? 0 : C) + (std::is_same_v<T, float> ? 0 : C);
-    std::vector<float> scratch(3 * padded(C) + extra);
-    float* s_buf = scratch.data() + 3 * padded(C);
+    // scratch: e1 | eT | eu (padded to whole chunks), then, where the student's dtype is narrower than fp32,
+    // its fp32 gradient and row, and the teacher's fp32 row where its dtype is
+    const int64_t P = padded(C);
+    const int64_t extra = (std::is_same_v<S, float> ? 0 : P + C) + (std::is_same_v<T, float> ? 0 : C);
+    std::vector<float> scratch(3 * P + extra);
+    float* g_buf = scratch.data() + 3 * P;
+    float* s_buf = g_buf + (std::is_same_v<S, float> ? 0 : P);
     float* t_buf = s_buf + (std::is_same_v<S, float> ? 0 : C);
     float out[1 + kNumStats];
     for (int64_t i = begin; i < end; ++i) {
@@ -434,9 +471,9 @@ void kd_loss_fwd_rows(const FwdArgs& a, const S* student, const T* teacher, S* g
         const float w = a.weight ? a.weight[i * a.weight_stride] : 1.0f;
         const float* s = fp32_row(student + i * a.s_stride, C, s_buf);
         const float* t = teacher ? fp32_row(teacher + i * a.t_stride, C, t_buf) : nullptr;
-        // fp32 writes straight into the output row; narrower dtypes go through scratch (e1 is free by then)
+        // fp32 writes straight into the output row; narrower dtypes go through g_buf
         float* g = nullptr;
-        if (g_row) g = std::is_same_v<S, float> ? reinterpret_cast<float*>(g_row) : scratch.data();
+        if (g_row) g = std::is_same_v<S, float> ? reinterpret_cast<float*>(g_row) : g_buf;
         kd_row(a.k, s, t, y, w, a.scale, scratch.data(), g, out);
         if constexpr (!std::is_same_v<S, float>) {
           if (g_row) from_fp32(g, C, g_row);
@@ -490,6 +527,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd(
   TORCH_CHECK_VALUE(student.dim() == 2, "kd_loss_fwd: student must have shape (N, C), got ", student.sizes());
   const int64_t N = student.size(0), C = student.size(1);
   TORCH_CHECK_VALUE(C >= 1, "kd_loss_fwd: student must have at least one class, got shape ", student.sizes());
+  TORCH_CHECK_VALUE(C <= std::numeric_limits<int32_t>::max(), "kd_loss_fwd: rows of at most 2^31 - 1 classes, got ",
+                    C);
   check_rows_arg("student", student, N, C);
   if (teacher) check_rows_arg("teacher", *teacher, N, C);
   check_per_row_arg("target", target, N, at::kLong);
@@ -536,9 +575,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd(
   std::vector<float> row_buf(reduction == kNone ? 0 : N);
 
   FwdArgs a;
-  const bool integer_T = temperature == std::floor(temperature) && temperature <= kMaxPowT;
+  int squarings = -1;
+  for (int n = 0; n <= kMaxSquarings; ++n)
+    if (temperature == double(1 << n)) squarings = n;
   a.k = RowConsts{C, static_cast<float>(alpha), static_cast<float>(temperature),
-                  static_cast<float>(1.4426950408889634 / temperature), integer_T ? int(temperature) : 0};
+                  static_cast<float>(1.4426950408889634 / temperature), squarings, return_stats};
   a.target = y;
   a.target_stride = y_stride;
   a.ignore_index = ignore_index;

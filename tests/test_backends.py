@@ -239,7 +239,8 @@ def test_package_falls_back_to_torch_without_the_extension():
 
 
 # ------------------------------------------------------------------------------- the C++ kernels directly
-@pytest.mark.parametrize("C", [1, 2, 1000, 50257])
+# C = 7: narrower than a chunk; 9, 515: the last chunk overlaps the one before (515: across a sum block)
+@pytest.mark.parametrize("C", [1, 2, 7, 9, 515, 1000, 50257])
 @pytest.mark.parametrize("s_dtype,t_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                              (torch.float16, torch.float32), (torch.float32, torch.bfloat16)])
 def test_cpp_forward_matches_float64_contract(C, s_dtype, t_dtype):
