@@ -62,7 +62,7 @@ enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2 };
 // memory at every call, ~100 ns per row, the fixed cost that dominated rows of 10 or 100 classes), and one
 // source serves every target_clones level (baseline: two SSE registers per vector). 8 lanes, one ymm register:
 // 16 spilled AVX2's 16 registers (3x the instructions per row), and Zen 4 runs a zmm operation as two ymm
-// halves anyway. The tail chunk is padded to 8 classes, not 16: less wasted work at C = 10.
+// halves anyway. A row of 10 classes wastes less work in 8-lane chunks than in 16-lane ones.
 constexpr int64_t kLanes = 8;
 #if defined(__GNUC__) && !defined(__clang__)
 // (vector values pass only between always-inline functions of this file: no call crosses the ABI it warns of)

@@ -17,7 +17,8 @@ torch.library op under torch.compile).
 
 The eager call is host-bound at small shapes, so this file keeps its hot path short: scalar arguments are
 checked once per distinct configuration (cached), tensors by metadata only, and nothing is imported or
-looked up by name per call.
+looked up by name per call. Plain CPU inputs go straight to the C++ extension, which checks every tensor
+itself; the Python checks and the preparation run only for what it refuses (`_eager_cpu_direct`).
 """
 from __future__ import annotations
 
