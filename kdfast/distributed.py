@@ -9,6 +9,7 @@ run is the plain run.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -77,8 +78,21 @@ def barrier() -> None:
         dist.barrier()
 
 
-def destroy() -> None:
+@contextlib.contextmanager
+def process_group_for(device):
+    """`init_from_env(device)` for a with-block that tears the process group down at its end. On success the
+    ranks leave together: a rank that tears down its gloo group while another still works (rank 0 writing the
+    summary and plots) can abort in gloo's teardown ("terminate called without an active exception") after all
+    its work is done. After an exception, at once: the others may never reach a barrier."""
+    device = init_from_env(device)
+    try:
+        yield device
+    except BaseException:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -3,6 +3,7 @@ equal to one process, also after one rank is SIGKILLed and the job resumed; kdfa
 DistributedDataParallel against a float64 oracle, writing once, resuming."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import signal
@@ -79,7 +80,8 @@ def test_without_torchrun_nothing_is_initialised(monkeypatch):
     assert not torch.distributed.is_initialized()
     assert (distributed.world_size(), distributed.rank(), distributed.is_main()) == (1, 0, True)
     distributed.barrier()
-    distributed.destroy()
+    with distributed.process_group_for("cpu") as device:
+        assert device == torch.device("cpu") and not torch.distributed.is_initialized()
 
 
 @pytest.mark.parametrize("env, message", [({"WORLD_SIZE": "two"}, "WORLD_SIZE must be an integer, got 'two'"),
@@ -212,7 +214,42 @@ def test_two_rank_distillation_writes_once_and_resumes(tmp_path):
     assert _metrics(out) == first
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="kills the job's process group")
+def _kill_job(launcher) -> None:
+    """SIGKILL a torchrun job as a node failure would: the launcher and every process below it. (torchrun starts
+    each rank in a session of its own, so killing the launcher's process group leaves the ranks running on,
+    writing into the run folder while the resumed job starts.)"""
+    os.kill(launcher.pid, signal.SIGSTOP)  # no rank (re)started while the tree is listed
+    victims = [launcher.pid] + _descendants(launcher.pid)
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    launcher.wait(timeout=60)
+    deadline = time.time() + 60
+    while any(_alive(pid) for pid in victims[1:]):
+        assert time.time() < deadline, "the killed job's ranks did not exit"
+        time.sleep(0.01)
+
+
+def _descendants(pid: int) -> list[int]:
+    """pid's child processes, recursively (Linux /proc)."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{task}/children") as f:
+            for child in map(int, f.read().split()):
+                found += [child, *_descendants(child)]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running or not yet reaped by its new parent, but not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the job's processes in /proc")
 def test_two_rank_distillation_killed_mid_run_resumes_after_its_last_epoch(tmp_path):
     np.save(tmp_path / "keep.npy", np.arange(0, 1397, 2))
     argv = ["--alpha", "0", "--model", "mlp", "--keep", str(tmp_path / "keep.npy"), "--batch-size", "16",
@@ -225,12 +262,11 @@ def test_two_rank_distillation_killed_mid_run_resumes_after_its_last_epoch(tmp_p
             assert launcher.poll() is None, f"the job ended before it could be killed: {launcher.stderr.read()}"
             assert time.time() < deadline, "no epoch finished in time"
             time.sleep(0.005)
-        os.killpg(launcher.pid, signal.SIGKILL)
-        launcher.wait(timeout=60)
+        assert len(_descendants(launcher.pid)) == 2, "expected the launcher's two rank processes"
+        _kill_job(launcher)
     finally:
         if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-            launcher.wait()
+            _kill_job(launcher)
     before = _metrics(tmp_path / "ddp")
     assert 1 <= len(before) < 20 and not (tmp_path / "ddp" / "summary.json").exists()
     _run_torchrun("distill", [*argv, "--resume"])

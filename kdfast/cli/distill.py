@@ -288,11 +288,8 @@ def _device(name):
 def run(args) -> int:
     """Distills as one process, or as one rank of a torchrun job (DistributedDataParallel); 0 on success."""
     resolve(args)
-    device = distributed.init_from_env(_device(args.device))
-    try:
+    with distributed.process_group_for(_device(args.device)) as device:
         return _run(args, device)
-    finally:
-        distributed.destroy()
 
 
 def _run(args, device) -> int:

@@ -155,11 +155,9 @@ def run(args) -> int:
         # ranks fill disjoint rows of one memory-mapped file, which is coherent only within a node
         raise UsageError("--save-logits writes one memory-mapped file from every rank, so it needs a single-node "
                          "job (torchrun --nnodes 1); score without it, or with --nnodes 1")
-    args.device = str(distributed.init_from_env(args.device))
-    try:
+    with distributed.process_group_for(args.device) as device:
+        args.device = str(device)
         return _run(args)
-    finally:
-        distributed.destroy()
 
 
 def _load_data(args):
