@@ -111,7 +111,8 @@ KD_INLINE bool any(VecI v) {
 // bits (no float-to-int conversion). At x = kMinExp2, 2^n's bits are exactly 0, so the result is exactly 0: a
 // logit of -inf (clamped there) gives q = 0, and exp(0) is exactly 1.
 constexpr float kMinExp2 = -127.0f;
-constexpr float kLog2e = 1.44269504088896341f;
+constexpr double kLog2eD = 1.4426950408889634;
+constexpr float kLog2e = static_cast<float>(kLog2eD);
 constexpr double kLn2 = 0.69314718055994530942;
 KD_INLINE VecF exp2_clamped(VecF x) {
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
@@ -222,16 +223,16 @@ struct ExpSums {
 // max_other: the student's maximum over the classes but the label, m = max(max_other, s_y) finite; scratch:
 // 3 padded(C) floats; g: fp32 gradient row (not in scratch) or nullptr. g may be the student itself (in place):
 // pass 3 never reads the student. The overlapping last chunk rewrites its old lanes' exponentials and gradient
-// entries with the same values (the same inputs, the same operations) and leaves them out of the sums. The label's class
-// is masked out of the sums and treated apart, so 1 - softmax(s)_y = (sum of the other classes' e1) / Z1 keeps
-// its relative precision on confidently right rows, and so do ce, el2n, grad_norm and the gradient's y entry.
+// entries with the same values (the same inputs, the same operations) and leaves them out of the sums. The
+// label's class (its lanes found from iota_y = kIota - y) is masked out of the sums and treated apart, so
+// 1 - softmax(s)_y = (sum of the other classes' e1) / Z1 keeps its relative precision on confidently right
+// rows, and so do ce, el2n, grad_norm and the gradient's y entry.
 // HAS_TEACHER: the teacher is used; it is finite or -inf everywhere, with the finite maximum mt.
 template <bool HAS_TEACHER, bool WRITE_GRAD, int SQUARINGS>
 KD_INLINE void kd_row_impl(const RowConsts& k, const RowView& sv, const RowView& tv, float max_other, float m,
-                           float mt, int64_t y, float s_y, float w, float scale, float* scratch, float* g,
-                           float* out) {
+                           float mt, int64_t y, VecI iota_y, float s_y, float w, float scale, float* scratch,
+                           float* g, float* out) {
   const int64_t C = k.C, P = padded(C);
-  const VecI iota_y = kIota - static_cast<int32_t>(y);
   float* e1 = scratch;
   float* eT = scratch + P;
   float* eu = scratch + 2 * P;
@@ -321,8 +322,9 @@ KD_INLINE void kd_row_impl(const RowConsts& k, const RowView& sv, const RowView&
   out[6] = margin;
 }
 
-// One row with a label in [0, C) (scratch: 3 padded(C) floats, g not among them). Pass 1 finds the student's maximum over the
-// classes but the label (for the margin), the teacher's maximum, and whether either holds NaN or +inf.
+// One row with a label in [0, C) (scratch: 3 padded(C) floats, g not among them). Pass 1 finds the student's
+// maximum over the classes but the label (for the margin), the teacher's maximum, and whether either holds NaN
+// or +inf.
 // Non-finite teacher logits (NaN, +inf, or none finite) make kl NaN, and so the loss, gradient and grad_norm
 // too unless alpha == 0 (which never uses the teacher for them).
 KD_TARGET_CLONES void kd_row(const RowConsts& k, const float* s, const float* t, int64_t y, float w, float scale,
@@ -352,7 +354,7 @@ KD_TARGET_CLONES void kd_row(const RowConsts& k, const float* s, const float* t,
   const auto run = [&](auto has_teacher, auto write_grad, auto squarings) KD_LAMBDA_INLINE {
     constexpr bool HT = decltype(has_teacher)::value;
     kd_row_impl<HT, decltype(write_grad)::value, decltype(squarings)::value>(
-        k, sv, HT ? tv : sv, max_other, m, HT ? m_t : 0.0f, y, s_y, w, scale, scratch, g, out);
+        k, sv, HT ? tv : sv, max_other, m, HT ? m_t : 0.0f, y, iota_y, s_y, w, scale, scratch, g, out);
   };
   const auto with_grad = [&](auto has_teacher, auto squarings) KD_LAMBDA_INLINE {
     g ? run(has_teacher, std::true_type{}, squarings) : run(has_teacher, std::false_type{}, squarings);
@@ -579,7 +581,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd(
   for (int n = 0; n <= kMaxSquarings; ++n)
     if (temperature == double(1 << n)) squarings = n;
   a.k = RowConsts{C, static_cast<float>(alpha), static_cast<float>(temperature),
-                  static_cast<float>(1.4426950408889634 / temperature), squarings, return_stats};
+                  static_cast<float>(kLog2eD / temperature), squarings, return_stats};
   a.target = y;
   a.target_stride = y_stride;
   a.ignore_index = ignore_index;

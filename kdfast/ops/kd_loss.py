@@ -298,19 +298,27 @@ def _eager_function(student, teacher, target, weight, alpha, temperature, reduct
     return out if return_stats else (out, None)
 
 
+def _cpp_autograd(s, t, y, w, alpha, temperature, ignore_index, reduction, return_stats, inplace, validate):
+    """The C++ kernel behind an autograd node written in C++, whose backward runs without Python (at small shapes
+    the Python node cost more than the arithmetic): (loss, stats or None). The extension checks every tensor and
+    raises ValueError (TypeError from the binding for a non-tensor) before any work."""
+    loss, stats = _cpp().kd_loss_autograd(s, t, y, w, alpha, temperature, ignore_index, reduction, return_stats,
+                                          inplace, validate)
+    return loss, (stats if return_stats else None)
+
+
 def _eager_cpp(student, teacher, target, weight, alpha, temperature, reduction, ignore_index, return_stats,
                backend, inplace, validate):
-    """The C++ backend's eager path: the same preparation and kernel behind an autograd node written in C++,
-    whose backward runs without Python (at small shapes the Python node cost more than the arithmetic)."""
+    """The C++ backend's eager path: the shared preparation, then the C++ autograd node."""
     s, t, y, w, _ = _prepare(student, teacher, target, weight, inplace)
     try:
-        loss, stats = _cpp().kd_loss_autograd(s, t, y, w, alpha, temperature, ignore_index, reduction,
-                                              return_stats, inplace, validate)
+        loss, stats = _cpp_autograd(s, t, y, w, alpha, temperature, ignore_index, reduction, return_stats, inplace,
+                                    validate)
     except ValueError as exc:
         raise InvalidArgumentError(str(exc)) from None
     if reduction == 0 and target.dim() != 1:
         loss = loss.reshape(target.shape)
-    return loss, (stats if return_stats else None)
+    return loss, stats
 
 
 _EAGER = {"cpp": _eager_cpp}  # backends with their own autograd node; the others use KDLossFunction
@@ -327,12 +335,10 @@ def _eager_cpu_direct(student, teacher, target, weight, alpha, temperature, redu
             or torch.compiler.is_compiling() or resolve_backend(backend, "cpu", op="kd_loss") != "cpp"):
         return None
     try:
-        loss, stats = _cpp().kd_loss_autograd(student, teacher, target, weight, float(alpha), float(temperature),
-                                              int(ignore_index), _REDUCTION_CODE[reduction], return_stats, inplace,
-                                              validate is not False)
+        return _cpp_autograd(student, teacher, target, weight, float(alpha), float(temperature), int(ignore_index),
+                             _REDUCTION_CODE[reduction], return_stats, inplace, validate is not False)
     except (ValueError, TypeError):  # refused before any work: the general path says why, or handles it
         return None
-    return loss, (stats if return_stats else None)
 
 
 # --------------------------------------------------------------------------------------------- the op
@@ -376,11 +382,18 @@ def kd_loss(student_logits, teacher_logits, target, *, alpha=0.5, temperature=4.
         loss, or (loss, stats) with return_stats=True.
     """
     _check_scalars(alpha, temperature, reduction, ignore_index, extrapolate)
-    direct = _eager_cpu_direct(student_logits, teacher_logits, target, weight, alpha, temperature, reduction,
-                               ignore_index, return_stats, backend, inplace, validate)
-    if direct is not None:
-        loss, stats = direct
-        return loss if not return_stats else (loss, dict(zip(KD_STAT_NAMES, stats.unbind(0))))
+    args = (student_logits, teacher_logits, target, weight, alpha, temperature, reduction, ignore_index,
+            return_stats, backend, inplace, validate)
+    direct = _eager_cpu_direct(*args)
+    loss, stats = direct if direct is not None else _kd_loss_general(*args)
+    if not return_stats:
+        return loss
+    return loss, dict(zip(KD_STAT_NAMES, stats.unbind(0)))
+
+
+def _kd_loss_general(student_logits, teacher_logits, target, weight, alpha, temperature, reduction, ignore_index,
+                     return_stats, backend, inplace, validate):
+    """kd_loss on any inputs: the Python checks, the backend choice, then the eager or the traceable path."""
     device_type = _check_tensors(student_logits, teacher_logits, target, alpha, weight, inplace)
     chosen = _choose_backend(backend, device_type, student_logits, teacher_logits)
     if validate is None:
@@ -398,9 +411,7 @@ def kd_loss(student_logits, teacher_logits, target, *, alpha=0.5, temperature=4.
         loss, stats = _EAGER.get(chosen, _eager_function)(student_logits, teacher_logits, target, weight, float(alpha),
                                                           float(temperature), _REDUCTION_CODE[reduction],
                                                           int(ignore_index), return_stats, chosen, inplace, validate)
-    if not return_stats:
-        return loss
-    return loss, dict(zip(KD_STAT_NAMES, stats.unbind(0)))
+    return loss, stats
 
 
 class KDLoss(torch.nn.Module):
