@@ -8,7 +8,6 @@ in-process loader (num_workers=0) is timed alongside: the work without any worke
 from __future__ import annotations
 
 import argparse
-import time
 from unittest import mock
 
 import torch
@@ -17,6 +16,8 @@ from kdfast import training
 from kdfast.data import load_dataset
 from kdfast.data.epoch_loader import EpochLoader
 from kdfast.models import create_model
+
+from .common import wall_per_call_ms
 
 
 class PerEpochWorkers(EpochLoader):
@@ -27,14 +28,13 @@ class PerEpochWorkers(EpochLoader):
         return super().epoch(seed, sampler)
 
 
-def timed_fit(loader_class, train, test, epochs: int, workers: int):
+def fit_with(loader_class, train, test, epochs: int, workers: int):
     torch.manual_seed(0)
     model = create_model("cnn", num_classes=10, in_channels=1, image_size=8)
-    tic = time.perf_counter()
     with mock.patch.object(training, "EpochLoader", loader_class):
         training.fit(model, train, epochs=epochs, batch_size=128, lr=0.05, num_workers=workers, eval_dataset=test,
                      progress=False)
-    return time.perf_counter() - tic, model
+    return model
 
 
 def main() -> None:
@@ -47,12 +47,16 @@ def main() -> None:
     train, test = load_dataset("digits", split="train"), load_dataset("digits", split="test")
     variants = {"per-epoch workers": (PerEpochWorkers, args.workers), "persistent workers": (EpochLoader, args.workers),
                 "no workers": (EpochLoader, 0)}
-    times = {name: [] for name in variants}
     models = {}
-    for _ in range(args.rounds):
-        for name, (cls, workers) in variants.items():
-            seconds, models[name] = timed_fit(cls, train, test, args.epochs, workers)
-            times[name].append(seconds)
+
+    def run(name, cls, workers):
+        def once():
+            models[name] = fit_with(cls, train, test, args.epochs, workers)
+        return once
+
+    samples = wall_per_call_ms({name: run(name, *variant) for name, variant in variants.items()},
+                               torch.device("cpu"), rounds=args.rounds, calls=1, warmup=0)
+    times = {name: [ms / 1e3 for ms in ms_list] for name, ms_list in samples.items()}
     first, *others = models.values()
     same = all(torch.equal(a, b) for other in others for a, b in zip(first.parameters(), other.parameters()))
     for name, ts in times.items():
