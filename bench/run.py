@@ -274,10 +274,15 @@ def _size(row: dict) -> int:
     return dims[0] * dims[-1] if dims else 0
 
 
+def _head(*columns: str) -> list[str]:
+    """A Markdown table's header and alignment rows; a column named with a trailing ':' is right-aligned (numbers)."""
+    return ["| " + " | ".join(c.rstrip(":") for c in columns) + " |",
+            "| " + " | ".join("---:" if c.endswith(":") else "---" for c in columns) + " |"]
+
+
 def _timing_table(rows: list[dict], all_rows: list[dict], notes: list[str]) -> list[str]:
-    lines = ["| shape | dtype | mode | provider | median ms | p20-p80 ms | x floor | peak extra MiB | compared "
-             "| commit |",
-             "| --- | --- | --- | --- | ---: | --- | ---: | ---: | --- | --- |"]
+    lines = _head("shape", "dtype", "mode", "provider", "median ms:", "p20-p80 ms", "x floor:", "peak extra MiB:",
+                  "compared", "commit")
     mode_order = {"forward": 0, "backward": 1, "full": 2}
     for r in sorted(rows, key=lambda r: (_size(r), r["dtype"], mode_order.get(r["mode"], 3), r["provider"])):
         provider = r["provider"] + (f" ({r['backend']})" if r.get("backend") else "")
@@ -305,9 +310,8 @@ def _timing_table(rows: list[dict], all_rows: list[dict], notes: list[str]) -> l
 def _eager_call_table(rows: list[dict]) -> list[str]:
     lines = ["Wall-clock ms per forward+backward call, back to back and synchronised, as a training loop runs them "
              "(the best of the rounds; do_bench's cache flush hides this host time):", "",
-             "| shape | dtype | provider | ms per call | median of rounds | rounds x calls | x F.cross_entropy "
-             "| commit |",
-             "| --- | --- | --- | ---: | ---: | --- | ---: | --- |"]
+             *_head("shape", "dtype", "provider", "ms per call:", "median of rounds:", "rounds x calls",
+                    "x F.cross_entropy:", "commit")]
     for r in sorted(rows, key=lambda r: (_size(r), r["provider"])):
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['provider']} | {r['ms']:.4f} | "
                      f"{_fmt(r.get('median_ms'), '.4f')} | {r.get('samples', '')} x {r.get('calls_per_sample', '')} | "
@@ -318,8 +322,8 @@ def _eager_call_table(rows: list[dict]) -> list[str]:
 def _sweep_table(rows: list[dict]) -> list[str]:
     lines = ["Best forward-launcher config per shape (BLOCK x num_warps x num_stages x SPLIT through `config=`), "
              "against the launcher's own default in the same run:", "",
-             "| shape | dtype | best config | ms | default ms | x faster than default | x floor | configs | commit |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | --- | --- |"]
+             *_head("shape", "dtype", "best config", "ms:", "default ms:", "x faster than default:", "x floor:",
+                    "configs", "commit")]
     for r in sorted(rows, key=_size):
         config = ", ".join(f"{k}={v}" for k, v in r["config"].items())
         lines.append(f"| {r['shape']} | {r['dtype']} | {config} | {r['ms']:.4f} | {r['default_ms']:.4f} | "
@@ -331,8 +335,7 @@ def _sweep_table(rows: list[dict]) -> list[str]:
 def _census_table(rows: list[dict]) -> list[str]:
     lines = ["Op and launch census (aten ops and kernel launches per call, counted through a dispatch mode on the "
              "CPU, Triton launches at their launcher):", "",
-             "| shape | dtype | provider | aten ops | kernel launches | x plain | commit |",
-             "| --- | --- | --- | ---: | ---: | ---: | --- |"]
+             *_head("shape", "dtype", "provider", "aten ops:", "kernel launches:", "x plain:", "commit")]
     for r in sorted(rows, key=lambda r: (r["shape"], r["dtype"], r["provider"] != "plain", r["provider"])):
         lines.append(f"| {r['shape']} | {r['dtype']} | {r['provider']} | {r['aten_ops']} | {r['kernel_launches']} | "
                      f"{_fmt(r.get('ratio_to_plain'), '.2f')} | {r['commit']} |")
@@ -345,7 +348,7 @@ _PROVENANCE = {"op", "provider", "mode", "shape", "dtype", "device", "device_typ
 
 def _other_table(rows: list[dict]) -> list[str]:
     """Rows of a shape the tables above do not know, their fields as they are."""
-    lines = ["| mode | provider | shape | dtype | fields | commit |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = _head("mode", "provider", "shape", "dtype", "fields", "commit")
     for r in sorted(rows, key=lambda r: (r["mode"], r["provider"], r["shape"])):
         fields = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in sorted(r.items()) if k not in _PROVENANCE and v is not None)
@@ -364,8 +367,7 @@ def _targets_section(latest: list[dict]) -> list[str]:
     lines = ["## Open performance targets", "",
              "Each benchmark's `targets()` over the newest rows of each device (the runner prints the same table for "
              "the rows of its own run).", "",
-             "| issue | benchmark | target | measured | goal | met | device | commit |",
-             "| --- | --- | --- | ---: | --- | --- | --- | --- |"]
+             *_head("issue", "benchmark", "target", "measured:", "goal", "met", "device", "commit")]
     for (bench, issue, what), (proto, *measured) in found.items():
         for t in measured:
             lines.append(f"| {issue or ''} | {bench} | {what} | {_measured(t)} | {t['target']} | {_met(t)} | "
@@ -417,8 +419,7 @@ def render_markdown(rows: list[dict], figures: Path = HERE / "figures") -> str:
             checks = [r for r in mine if r["mode"] == "check" and "rel_err" in r]
             if checks:
                 out += ["", "Correctness on this device (relative error against the float64 reference):", "",
-                        "| shape | dtype | provider | backend | ok | worst rel err | commit |",
-                        "| --- | --- | --- | --- | --- | ---: | --- |"]
+                        *_head("shape", "dtype", "provider", "backend", "ok", "worst rel err:", "commit")]
                 out += [f"| {r['shape']} | {r['dtype']} | {r['provider']} | {r.get('backend', '')} | {r['ok']} | "
                         f"{max(r['rel_err'].values()):.2e} | {r['commit']} |"
                         for r in sorted(checks, key=lambda r: (r["shape"], r["dtype"], r["provider"]))]
