@@ -12,7 +12,7 @@ from unittest import mock
 
 import torch
 
-from kdfast import training
+from kdfast.training import fit as training
 from kdfast.data import load_dataset
 from kdfast.data.epoch_loader import EpochLoader
 from kdfast.models import create_model

@@ -9,7 +9,7 @@ Providers, all on the same model, batch and device (eval mode: BatchNorm with ru
     plain     one training step's forward + backward of the mean cross-entropy (the yardstick)
     kdfast    kdfast.per_example_grad_norms (activation-only backward, a rule per layer) through an open plan
     kdfast-graph  the same plan with cuda_graph=True: captured once, replayed (CUDA only)
-    vmap      torch.func vmap(grad) over the whole model (kdfast.reference.grad_norms, the oracle)
+    vmap      torch.func vmap(grad) over the whole model (kdfast.grad_norms.reference, the oracle)
     backpack  BackPACK's BatchL2Grad (when installed)
     opacus    Opacus' GradSampleModule, norms from its per-example gradients (when installed)
 Each provider's norms are checked against vmap's before timing (max relative error in the row). A
@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kdfast.grad_norms import GradNormPlan, per_example_grad_norms
-from kdfast.reference.grad_norms import per_example_grad_norms_ref
+from kdfast.grad_norms.reference import per_example_grad_norms_ref
 
 from .common import QUANTILES, make_row, peak_extra_mib, report, time_ms
 
@@ -248,7 +248,7 @@ class _CountedKernel:
 @contextlib.contextmanager
 def counted_triton_launches(census):
     """kdfast's Triton launchers on CPU tensors, each launch counted in `census` instead of run."""
-    from kdfast.kernels import grad_norms as kernels
+    from kdfast.grad_norms import triton as kernels
     names = [n for n in vars(kernels) if n.startswith("_") and n.endswith("_kernel")]
     saved = {n: getattr(kernels, n) for n in names}
     interpret = os.environ.get("TRITON_INTERPRET")
@@ -316,7 +316,7 @@ def cost_model_rows(device, command=None) -> list[dict]:
     import math
 
     from kdfast.grad_norms.forms import prefer_gram
-    from kdfast.kernels import grad_norms as kernels
+    from kdfast.grad_norms import triton as kernels
     model = build_model("resnet50").to(device).eval().to(memory_format=torch.channels_last)
     x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
     seen = []

@@ -7,7 +7,7 @@ Providers (each times its own copy of the inputs, so no provider sees another's 
                        logits are restored before each timed call, outside the time (CUDA events per call)
     kdfast-novalidate  validate=False (no host label check), in the eager-call rows
     kdfast-kernel      the Triton forward launcher alone (GPU; the kernel time at small shapes)
-    eager              kdfast.reference.kd_loss_ref in float32: the log_softmax / KL composition users write
+    eager              kdfast.losses.reference.kd_loss_ref in float32: the log_softmax / KL composition users write
     compile            torch.compile of that composition
     liger              Liger-Kernel's LigerCrossEntropyLoss + LigerKLDIVLoss (GPU, when installed)
     cross_entropy      F.cross_entropy alone, the yardstick of the eager-call rows (a drop-in loss should not
@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from kdfast import kd_loss
-from kdfast.dispatch import resolve_backend
-from kdfast.kernels import kd_loss as kernels
-from kdfast.reference.kd_loss import KD_STAT_NAMES, kd_loss_ref, kd_stats_ref
+from kdfast.runtime.dispatch import resolve_backend
+from kdfast.losses import triton as kernels
+from kdfast.losses.reference import KD_STAT_NAMES, kd_loss_ref, kd_stats_ref
 
 from .common import (Budget, copy_bandwidth_gbs, make_row, newest_row, peak_extra_mib, skipped_row, time_ms,
                      wall_per_call_ms)

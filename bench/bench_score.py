@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdfast.dispatch import resolve_backend
+from kdfast.runtime.dispatch import resolve_backend
 from kdfast.models import create_model
 from kdfast.scoring import BatchScorer, get_method
 

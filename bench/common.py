@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from kdfast.jobs.atomic import atomic_write, write_text
+from kdfast.io.atomic import atomic_write, write_text
 
 QUANTILES = (0.5, 0.2, 0.8)
 

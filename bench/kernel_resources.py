@@ -4,7 +4,7 @@ resource use.
     python -m bench.kernel_resources [--arch 90] [--quick]
 
 The launchers (`kd_loss_fwd`, `kd_loss_bwd`) are called on CPU tensors of each shape (allocated, never
-touched) with every Triton kernel of `kdfast.kernels.kd_loss` intercepted at its launch: Triton's own binder
+touched) with every Triton kernel of `kdfast.losses.triton` intercepted at its launch: Triton's own binder
 specialises the arguments for the target as a real launch would (argument types, 16-byte alignment of the
 pointers, integers divisible by 16, the launcher's constexprs, warps and stages), then the kernel is compiled
 through Triton's bundled ptxas and cuobjdump reads registers, stack (spills) and local memory from the cubin.
@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from kdfast.kernels import kd_loss as kernels
+from kdfast.losses import triton as kernels
 
 from .bench_kd_loss import launch_forward
 

@@ -38,10 +38,10 @@ import torch
 import kdfast
 from bench.common import load_saved, measured, pyplot, repro_provenance, save_figure, stderr_log, write_report
 from kdfast.data import load_dataset
-from kdfast.distill import alpha_for_fraction, distill_step
+from kdfast.distill.step import alpha_for_fraction, distill_step
 from kdfast.models import create_model
 from kdfast.scoring import ForgettingTracker
-from kdfast.selection import prune
+from kdfast.pruning.selection import prune
 
 FRACTIONS = (0.1, 0.2, 0.3, 0.5, 0.7)
 METHODS = ("random", "el2n", "grand-last", "forgetting")

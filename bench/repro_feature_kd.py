@@ -29,9 +29,9 @@ import torch
 from bench.common import measured, pyplot, save_figure
 from bench.repro_digits_kd import (accuracy, converged, digits_main, make_model, mean_std, paired, train, train_state,
                                    verdict)
-from kdfast.kd_terms import KD_TERMS, make_kd_term
+from kdfast.distill.terms import KD_TERMS, make_kd_term
 from kdfast.scoring import ForgettingTracker
-from kdfast.selection import prune
+from kdfast.pruning.selection import prune
 
 FRACTIONS = (0.05, 0.1, 0.3, 0.5)
 # setting -> (alpha, feature term or None)

@@ -1,4 +1,4 @@
-"""Reproduces the self-distillation paper's chains (Sec. 4.5 Fig. 2, Sec. 5 Fig. 5 style) with kdfast.self_distillation.
+"""Reproduces the self-distillation paper's chains (Sec. 4.5 Fig. 2, Sec. 5 Fig. 5 style) with kdfast.training.self_distill.
 
 Kernel ridge (float64, many noise draws): the paper's example, X = {0, 0.1, ..., 1}, y = sin(2 pi x) + N(0, 0.5^2),
 RBF kernel exp(-gamma |x - x'|^2), lambda = 0.2, six steps. The paper prints gamma = 1/80; on [0, 1] that kernel is
@@ -28,7 +28,7 @@ import time
 import torch
 
 from bench.common import measured, pyplot, repro_provenance, save_figure, stderr_log, write_report
-from kdfast.self_distillation import kernel_ridge_chain, self_distill
+from kdfast.training.self_distill import kernel_ridge_chain, self_distill
 
 FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")
 CASES = {"(a) KD weight 1 (paper alpha 0)": dict(alpha=1.0), "(b) KD weight 0.75 (paper alpha 0.25)": dict(alpha=0.75),

@@ -33,10 +33,10 @@ import torch
 from bench.common import measured, pyplot, repro_provenance, save_figure, stderr_log, write_report
 from kdfast.data import load_dataset
 from kdfast.models import create_model
-from kdfast.sampling import ImportanceSampler
+from kdfast.pruning.sampling import ImportanceSampler
 from kdfast.scoring import score
-from kdfast.selection import prune
-from kdfast.training import evaluate, fit
+from kdfast.pruning.selection import prune
+from kdfast.training.fit import evaluate, fit
 
 NAME = "repro_stochastic_liprune"
 FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")

@@ -37,8 +37,8 @@ from torch import nn
 
 from bench.common import measured, pyplot, repro_provenance, save_figure, stderr_log, write_report
 from kdfast.data import load_dataset
-from kdfast.distill import distill_step
-from kdfast.variance import teacher_gradient, teacher_report
+from kdfast.distill.step import distill_step
+from kdfast.distill.variance_reduction import teacher_gradient, teacher_report
 
 LAMBDAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0)
 SMOKE_LAMBDAS = (0.0, 0.5, 1.0)

@@ -19,34 +19,34 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from kdfast._version import __version__
 
 # public name -> module that defines it
 _API = {
-    "kd_loss": "kdfast.ops.kd_loss",
-    "KDLoss": "kdfast.ops.kd_loss",
-    "backends": "kdfast.dispatch",
+    "kd_loss": "kdfast.losses.kd_loss",
+    "KDLoss": "kdfast.losses.kd_loss",
+    "backends": "kdfast.runtime.dispatch",
     "score": "kdfast.scoring",
     "ForgettingTracker": "kdfast.scoring",
     "per_example_grad_norms": "kdfast.grad_norms",
     "GradNormPlan": "kdfast.grad_norms",
-    "liprune_batches": "kdfast.liprune",
-    "ImportanceSampler": "kdfast.sampling",
-    "prune": "kdfast.selection",
-    "distill_step": "kdfast.distill",
-    "alpha_for_fraction": "kdfast.distill",
-    "optimal_alpha": "kdfast.distill",
-    "TeacherCache": "kdfast.teacher_cache",
-    "fit": "kdfast.training",
+    "liprune_batches": "kdfast.scoring.liprune",
+    "ImportanceSampler": "kdfast.pruning.sampling",
+    "prune": "kdfast.pruning.selection",
+    "distill_step": "kdfast.distill.step",
+    "alpha_for_fraction": "kdfast.distill.step",
+    "optimal_alpha": "kdfast.distill.step",
+    "TeacherCache": "kdfast.distill.teacher_cache",
+    "fit": "kdfast.training.fit",
     "data_identity": "kdfast.data",
     "check_identity": "kdfast.data",
     # distillation as partial variance reduction: Eq. 16's correction and the Eq. 14-15 report
-    "teacher_gradient": "kdfast.variance",
-    "teacher_report": "kdfast.variance",
+    "teacher_gradient": "kdfast.distill.variance_reduction",
+    "teacher_report": "kdfast.distill.variance_reduction",
     # iterated self-distillation (self-distillation paper, Algorithm 1)
-    "self_distill": "kdfast.self_distillation",
-    "make_kd_term": "kdfast.kd_terms",
-    "load_score_file": "kdfast.score_files",
+    "self_distill": "kdfast.training.self_distill",
+    "make_kd_term": "kdfast.distill.terms",
+    "load_score_file": "kdfast.pruning.score_files",
 }
 _SUBMODULES = ("hessian", "jobs")
 

@@ -15,3 +15,7 @@ class BackendUnavailableError(KDFastError, RuntimeError):
 
 class UnsupportedModuleError(KDFastError, NotImplementedError):
     """A model contains layers an engine has no rule for."""
+
+
+class DataError(KDFastError, ValueError):
+    """A data set root is missing or malformed, an image is unreadable, or a label is out of range."""

@@ -17,13 +17,13 @@ import pytest
 import torch
 
 import kdfast
-from kdfast.dispatch import BACKEND_NAMES, ENV_VAR, backends
+from kdfast.runtime.dispatch import BACKEND_NAMES, ENV_VAR, backends
 from kdfast.errors import BackendUnavailableError, InvalidArgumentError
-from kdfast.reference.kd_loss import KD_STAT_NAMES, kd_loss_fwd_torch
+from kdfast.losses.reference import KD_STAT_NAMES, kd_loss_fwd_torch
 
 from _assertions import assert_close, max_abs_err
 
-kd_ops = importlib.import_module("kdfast.ops.kd_loss")  # the module: kdfast.ops.kd_loss is also the function
+kd_ops = importlib.import_module("kdfast.losses.kd_loss")  # the module: kdfast.losses.kd_loss is also the function
 IGNORE = -100
 # The C++ kernels may be EAGER_FACTOR times less accurate than eager fp32 PyTorch (the "torch" backend's
 # contract run in fp32 on the same inputs), plus a relative error REL_FLOOR always allowed (a few fp32 ulp). The
@@ -94,7 +94,7 @@ def test_backends_lists_every_backend_and_cpp_is_built():
 
 def test_public_backends_stays_callable_once_its_module_is_imported():
     """Loading the ops (and the dispatcher module with them) must not rebind the public kdfast.backends."""
-    code = "import kdfast, kdfast.ops.kd_loss; print(sorted(kdfast.backends()))"
+    code = "import kdfast, kdfast.losses.kd_loss; print(sorted(kdfast.backends()))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == str(sorted(BACKEND_NAMES))
@@ -168,7 +168,9 @@ def test_cpu_direct_entry_and_general_path_agree(case, monkeypatch):
         results.append((loss, x.grad, stats["grad_norm"]))
     assert (taken[0] is not None) == direct
     for name, got, ref in zip(("loss", "grad", "grad_norm"), *results):
-        assert_close(name, got, ref.to(got.dtype), rtol=1e-5, budget=0.0)
+        # fp32 against fp32 with other summation orders: an entry near zero may differ by an ulp of the tensor's
+        # scale, so the allowance is relative to each entry plus a few ulps of the largest one
+        assert_close(name, got, ref.to(got.dtype), rtol=1e-5, budget=1e-6 * float(ref.abs().max()))
 
 
 def test_argument_and_environment_override_the_default(monkeypatch):
@@ -213,7 +215,7 @@ def test_package_falls_back_to_torch_without_the_extension():
 
         sys.meta_path.insert(0, NoExtension())
         import torch, kdfast
-        from kdfast.dispatch import backends, resolve_backend
+        from kdfast.runtime.dispatch import backends, resolve_backend
         from kdfast.errors import BackendUnavailableError
         reason = backends()["cpp"]
         assert "kdfast._C not built" in reason and "blocked by the test" in reason, reason

@@ -12,8 +12,8 @@ import torch
 
 from kdfast.cli.main import distill_main, main, prune_main
 from kdfast.data import labels_fingerprint, load_dataset
-from kdfast.distill import alpha_for_fraction
-from kdfast.selection import prune
+from kdfast.distill.step import alpha_for_fraction
+from kdfast.pruning.selection import prune
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_distill_trains_teacher_then_student_on_kept_subset_and_resumes(tmp_path
 
 def test_distill_with_teacher_checkpoint_other_architecture_and_cache(tmp_path, digits, capsys):
     from kdfast.models import create_model, model_fingerprint
-    from kdfast.teacher_cache import TeacherCache
+    from kdfast.distill.teacher_cache import TeacherCache
     torch.manual_seed(0)
     teacher = create_model("cnn", num_classes=10, in_channels=1, image_size=8).eval()
     torch.save(teacher.state_dict(), tmp_path / "t.pt")

@@ -141,7 +141,7 @@ def test_save_logits_writes_a_teacher_cache(tmp_path, capsys):
                          "--save-logits", "--out", str(tmp_path / "run"), "--quiet"], capsys)
     assert code == 0, err
     from kdfast.models import model_fingerprint
-    from kdfast.teacher_cache import TeacherCache
+    from kdfast.distill.teacher_cache import TeacherCache
     data = load_dataset("digits")
     cache = TeacherCache.open(str(tmp_path / "run" / "teacher-logits"),
                               dataset_fingerprint=labels_fingerprint(data.targets[:70]),
@@ -325,7 +325,7 @@ def test_liprune_is_wired_through_liprune_batch_scores(tmp_path, capsys, monkeyp
         first = next(model.parameters()).detach().flatten()[0].abs().item()
         return (batch_ids.float() + first).float(), batch_ids  # each example carries its batch's value
 
-    monkeypatch.setitem(sys.modules, "kdfast.liprune",
+    monkeypatch.setitem(sys.modules, "kdfast.scoring.liprune",
                         types.SimpleNamespace(liprune_batch_scores=liprune_batch_scores))
     _checkpoint(tmp_path / "a.pt", seed=1)
     _checkpoint(tmp_path / "b.pt", seed=2)

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import kdfast
-from kdfast.distill import DEFAULT_ALPHA_SCHEDULE, alpha_for_fraction, distill_step, optimal_alpha
+from kdfast.distill.step import DEFAULT_ALPHA_SCHEDULE, alpha_for_fraction, distill_step, optimal_alpha
 from kdfast.errors import InvalidArgumentError
-from kdfast.reference.kd_loss import kd_loss_ref
+from kdfast.losses.reference import kd_loss_ref
 
 
 def _net(d_in=7, width=16, classes=5):
@@ -281,7 +281,7 @@ def _fit_args(**kw):
 
 
 def test_fit_trains_on_the_kept_subset_and_feeds_dataset_indices():
-    from kdfast.training import fit
+    from kdfast.training.fit import fit
     data = _Pairs()
     keep = torch.tensor([1, 4, 5, 9, 20, 33, 39])
     tracker = _SeenTracker(len(data))
@@ -295,7 +295,7 @@ def test_fit_trains_on_the_kept_subset_and_feeds_dataset_indices():
 
 
 def test_fit_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
-    from kdfast.training import fit
+    from kdfast.training.fit import fit
     data = _Pairs()
     teacher = _net()
     init = _net()
@@ -322,8 +322,8 @@ def test_fit_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
 
 def test_fit_with_teacher_cache_equals_online_teacher_and_refuses_another_dataset(tmp_path):
     from kdfast.data import labels_fingerprint
-    from kdfast.teacher_cache import TeacherCache, TeacherCacheMismatchError
-    from kdfast.training import fit
+    from kdfast.distill.teacher_cache import TeacherCache, TeacherCacheMismatchError
+    from kdfast.training.fit import fit
     data = _Pairs()
     teacher = _net()
     for name, fp in (("ok", labels_fingerprint(data.targets)), ("other", labels_fingerprint(data.targets + 1))):
@@ -355,7 +355,7 @@ def test_fit_with_teacher_cache_equals_online_teacher_and_refuses_another_datase
     (dict(indices=torch.tensor([0.5])), "indices must be a non-empty 1-d integer array"),
 ])
 def test_fit_errors_name_the_argument(kwargs, match):
-    from kdfast.training import fit
+    from kdfast.training.fit import fit
     args = _fit_args(epochs=1)
     args.update(kwargs)
     with pytest.raises(InvalidArgumentError, match=match):
@@ -363,7 +363,7 @@ def test_fit_errors_name_the_argument(kwargs, match):
 
 
 def test_fit_reports_every_problem_at_once():
-    from kdfast.training import fit
+    from kdfast.training.fit import fit
     with pytest.raises(InvalidArgumentError, match="epochs must.*batch_size must"):
         fit(_net(), _Pairs(), epochs=0, batch_size=0)
 
@@ -379,7 +379,7 @@ def test_bad_labels_raise_with_validate_and_give_nan_without():
 
 
 def test_fit_validates_labels_in_its_first_epoch():
-    from kdfast.training import fit
+    from kdfast.training.fit import fit
     data = _Pairs()
     data.targets[7] = 5  # the net has 5 classes: 5 is out of range
     with pytest.raises(InvalidArgumentError, match="has 5"):

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from kdfast import distributed
+from kdfast.runtime import distributed
 from kdfast.cli.main import score_main
 from kdfast.errors import InvalidArgumentError
 from kdfast.models import create_model, file_sha256
-from kdfast.teacher_cache import TeacherCache
+from kdfast.distill.teacher_cache import TeacherCache
 
 # torchrun itself sets one OpenMP thread per rank; the single-process references use one too, so every
 # reduction runs in the same order and the comparisons can be exact
@@ -280,7 +280,7 @@ def _check_teacher_against_a_float64_oracle(path, world=2, batch_size=16, lr=0.0
     cross-entropy gradients, each rank's batches drawn from its DistributedSampler share."""
     from torch.utils.data.distributed import DistributedSampler
 
-    from kdfast.jobs.distill import build_model as _build
+    from kdfast.pipelines.distill import build_model as _build
     from kdfast.data import load_dataset
     data = load_dataset("digits", split="train", augment=False)
     torch.manual_seed(1)

@@ -81,7 +81,7 @@ def test_state_dict_round_trip_and_errors():
 def test_fed_by_fit_counts_every_presentation():
     from kdfast.data import load_dataset
     from kdfast.models import create_model
-    from kdfast.training import fit
+    from kdfast.training.fit import fit
     data = torch.utils.data.Subset(load_dataset("digits"), range(96))
     tracker = ForgettingTracker(len(data))
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ import kdfast
 from kdfast.data import (DataIdentityError, LabeledSubset, check_identity, data_identity, describe_file_mismatch,
                          load_dataset, stratified_split)
 from kdfast.errors import KDFastError
-from kdfast.jobs import (ChunkStore, IncompleteStoreError, Job, JobError, JobExistsError, JobMismatchError,
+from kdfast.io import (ChunkStore, IncompleteStoreError, Job, JobError, JobExistsError, JobMismatchError,
                          atomic_write, save_npy, write_json)
 from kdfast.models import create_model
 
@@ -223,7 +223,7 @@ def test_image_folders_count_the_files_they_skip(tmp_path):
 
 # ------------------------------------------------------------------------------------------ fit resume
 def test_fit_refuses_to_resume_a_checkpoint_of_another_run(tmp_path, digits):
-    from kdfast.training import fit
+    from kdfast.training.fit import fit
     data = LabeledSubset(digits, range(64))
     args = dict(epochs=2, batch_size=32, lr=0.05, progress=False, checkpoint_path=tmp_path / "c.pt")
     torch.manual_seed(0)

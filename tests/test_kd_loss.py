@@ -19,13 +19,13 @@ import torch
 
 import kdfast
 from kdfast import KDLoss, kd_loss
-from kdfast.dispatch import resolve_backend, triton_interpret
+from kdfast.runtime.dispatch import resolve_backend, triton_interpret
 from kdfast.errors import BackendUnavailableError, InvalidArgumentError
-from kdfast.reference.kd_loss import KD_STAT_NAMES, kd_loss_ref, kd_stats_ref
+from kdfast.losses.reference import KD_STAT_NAMES, kd_loss_ref, kd_stats_ref
 
 from _assertions import assert_close, max_abs_err
 
-kd_ops = importlib.import_module("kdfast.ops.kd_loss")  # the module: kdfast.ops.kd_loss is also the function
+kd_ops = importlib.import_module("kdfast.losses.kd_loss")  # the module: kdfast.losses.kd_loss is also the function
 
 # The Triton interpreter computes with numpy, which warns about the NaN / -inf intermediates of ignored rows
 # and masked columns; the kernels discard those by design (the outputs are checked below).
@@ -99,7 +99,7 @@ def backend(request):
 
 def _force_tiled_path(monkeypatch):
     """Forces the Triton forward's two-pass tiled path on small C (the one-tile cap is a module constant)."""
-    from kdfast.kernels import kd_loss as kernels
+    from kdfast.losses import triton as kernels
     monkeypatch.setattr(kernels, "MAX_SINGLE_TILE", 16)
     monkeypatch.setattr(kernels, "TILE", 16)
 
@@ -113,7 +113,7 @@ def kernel_path(request, monkeypatch):
     if variant:
         _force_tiled_path(monkeypatch)
     if variant == "split":
-        from kdfast.kernels import kd_loss as kernels
+        from kdfast.losses import triton as kernels
         monkeypatch.setattr(kernels, "SPLIT", 4)
     return backend
 
@@ -316,7 +316,7 @@ def test_upstream_gradient_exactly_one(backend, reduction):
 def test_triton_mean_scale_counted_in_kernel_or_launcher(count_in_kernel, monkeypatch):
     """reduction='mean' on Triton: the kernel counts the labels for 1/n_valid (small N) or torch ops do."""
     _require("triton")
-    from kdfast.kernels import kd_loss as kernels
+    from kdfast.losses import triton as kernels
     if not count_in_kernel:
         monkeypatch.setattr(kernels, "COUNT_VALID_MAX_ROWS", 2)
     s, t, y = _inputs((6, 9), ignore_frac=0.4)

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kdfast import kd_loss
-from kdfast.dispatch import backends
-from kdfast.reference.kd_loss import kd_loss_fwd_torch
+from kdfast.runtime.dispatch import backends
+from kdfast.losses.reference import kd_loss_fwd_torch
 
 from _assertions import assert_close
 
-kd_ops = importlib.import_module("kdfast.ops.kd_loss")
+kd_ops = importlib.import_module("kdfast.losses.kd_loss")
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 SYNCS = {"_local_scalar_dense", "item", "nonzero", "equal", "is_nonzero"}  # ops that read device memory on the host
 
@@ -82,7 +82,7 @@ def test_triton_forward_backward_is_at_most_two_launches(monkeypatch, reduction)
     returns on the device for an upstream 1); validate=False: no host synchronisation."""
     if not _triton_runs_here():
         pytest.skip("Triton cannot run here")
-    kernels = importlib.import_module("kdfast.kernels.kd_loss")
+    kernels = importlib.import_module("kdfast.losses.triton")
     launches = []
     real = kernels._launch
     monkeypatch.setattr(kernels, "_launch", lambda kernel, *a, **kw: (launches.append(kernel), real(kernel, *a, **kw)))
@@ -100,7 +100,7 @@ def test_triton_mean_is_reduced_in_the_kernel_deterministically():
     """The last program sums the rows in row order: the same bits on every call, and the float64 value."""
     if not _triton_runs_here():
         pytest.skip("Triton cannot run here")
-    kernels = importlib.import_module("kdfast.kernels.kd_loss")
+    kernels = importlib.import_module("kdfast.losses.triton")
     s, t, y = torch.randn(7, 9) * 3, torch.randn(7, 9), torch.randint(0, 9, (7,))
     y[3] = -100
     first = kernels.kd_loss_fwd(s, t, y, None, 0.3, 2.0, -100, 2, True, False)
@@ -116,7 +116,7 @@ def test_triton_config_overrides_tiles_warps_and_stages():
     """config= (the benchmark's sweep): a 16-wide tiled variant with 3 stages computes the same function."""
     if not _triton_runs_here():
         pytest.skip("Triton cannot run here")
-    kernels = importlib.import_module("kdfast.kernels.kd_loss")
+    kernels = importlib.import_module("kdfast.losses.triton")
     assert kernels.forward_config(37) == {"SINGLE_TILE": True, "BLOCK_C": 64, "num_warps": 4, "num_stages": 1,
                                           "SPLIT": 1}
     cfg = kernels.forward_config(37, {"BLOCK": 16, "num_warps": 2, "num_stages": 3, "SPLIT": 4})
@@ -166,7 +166,7 @@ class _FakeDriver:
 
 
 def test_launcher_caches_compiled_kernels_by_specialisation(monkeypatch):
-    kernels = pytest.importorskip("kdfast.kernels.kd_loss")
+    kernels = pytest.importorskip("kdfast.losses.triton")
     monkeypatch.setattr(kernels, "_compiled", {})
     monkeypatch.setattr(kernels, "_driver", _FakeDriver())
     monkeypatch.setattr(kernels, "_hooks", lambda: (None, None))
@@ -189,7 +189,7 @@ def test_launcher_caches_compiled_kernels_by_specialisation(monkeypatch):
 
 
 def test_launcher_falls_back_to_the_ordinary_launch(monkeypatch):
-    kernels = pytest.importorskip("kdfast.kernels.kd_loss")
+    kernels = pytest.importorskip("kdfast.losses.triton")
     monkeypatch.setattr(kernels, "_compiled", {})
     monkeypatch.setattr(kernels, "_driver", _FakeDriver())
     monkeypatch.setattr(kernels, "_hooks", lambda: (None, None))

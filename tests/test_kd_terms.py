@@ -12,10 +12,10 @@ from torch.func import functional_call
 
 import kdfast
 from kdfast.errors import InvalidArgumentError
-from kdfast.kd_terms import KD_TERMS, make_kd_term
-from kdfast.kd_terms.at import AT
-from kdfast.kd_terms.hint import Hint
-from kdfast.kd_terms.vid import VID
+from kdfast.distill.terms import KD_TERMS, make_kd_term
+from kdfast.distill.terms.at import AT
+from kdfast.distill.terms.hint import Hint
+from kdfast.distill.terms.vid import VID
 from kdfast.models import create_model
 
 LAYERS = {"student_layer": "s.layer", "teacher_layer": "t.layer"}
@@ -234,7 +234,7 @@ def test_distill_step_feature_term_alone_and_without_teacher_module():
 
 def test_fit_trains_the_term_and_resumes_it(tmp_path):
     from kdfast.data import load_dataset
-    from kdfast.training import fit
+    from kdfast.training.fit import fit
     data = load_dataset("digits")
     s, t = _pair()
     term = make_kd_term("vid", s, t, data[0][0][None])
@@ -256,8 +256,8 @@ def test_fit_trains_the_term_and_resumes_it(tmp_path):
 def test_fit_resume_refuses_another_term(tmp_path):
     # the term joins fit's run identity: its name, beta and layers are checked before any state is loaded
     from kdfast.data import load_dataset
-    from kdfast.jobs import JobMismatchError
-    from kdfast.training import fit
+    from kdfast.io import JobMismatchError
+    from kdfast.training.fit import fit
     data = load_dataset("digits")
     s, t = _pair()
     args = dict(epochs=1, batch_size=32, indices=torch.arange(64), teacher=t, alpha=0.5, progress=False,
@@ -278,7 +278,7 @@ def test_cli_kd_term_options_resolve_into_the_job_identity(tmp_path):
 
     from kdfast.cli import distill
     from kdfast.cli.common import flag
-    from kdfast.jobs import Job, JobMismatchError
+    from kdfast.io import Job, JobMismatchError
 
     parser = distill.add_parser(argparse.ArgumentParser().add_subparsers())
 
@@ -322,7 +322,7 @@ def test_cli_kd_term(tmp_path, capsys):
 
 
 def test_cli_kd_term_is_refused_under_torchrun_before_any_work(tmp_path, capsys, monkeypatch):
-    from kdfast import distributed
+    from kdfast.runtime import distributed
     from kdfast.cli.main import distill_main
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     rc = distill_main(["--train-teacher", "--kd-term", "hint", "--out", str(tmp_path / "run")])

@@ -7,7 +7,7 @@ from torch import nn
 from bench.repro_liprune import RATIOS, linear_experiment
 from kdfast.errors import InvalidArgumentError
 from kdfast.hessian import spectral_norms
-from kdfast.liprune import fixed_batches, keep_top_batches, liprune_batch_scores, liprune_batches
+from kdfast.scoring.liprune import fixed_batches, keep_top_batches, liprune_batch_scores, liprune_batches
 
 
 def _data(n=23):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kdfast
-from kdfast.dispatch import BACKEND_NAMES, ENV_VAR, backends, resolve_backend
+from kdfast.runtime.dispatch import BACKEND_NAMES, ENV_VAR, backends, resolve_backend
 from kdfast.errors import BackendUnavailableError, InvalidArgumentError
 
 
@@ -67,7 +67,7 @@ def test_unknown_attribute_is_an_attribute_error():
 
 
 def test_import_is_cheap_and_touches_no_device():
-    code = ("import sys, kdfast; heavy = [m for m in ('kdfast.ops.kd_loss', 'triton') if m in sys.modules]; "
+    code = ("import sys, kdfast; heavy = [m for m in ('kdfast.losses.kd_loss', 'triton') if m in sys.modules]; "
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from kdfast.data.epoch_loader import EpochLoader
-from kdfast.sampling import ImportanceSampler
-from kdfast.training import fit
+from kdfast.pruning.sampling import ImportanceSampler
+from kdfast.training.fit import fit
 
 N, D, C, EPOCHS = 40, 6, 3, 3
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kdfast.errors import InvalidArgumentError
-from kdfast.sampling import ImportanceSampler
+from kdfast.pruning.sampling import ImportanceSampler
 
 
 def test_draw_count_and_index_range():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from kdfast.data import labels_fingerprint, load_dataset
-from kdfast.score_files import ScoreFileError, load_score_file, match_scores
-from kdfast.selection import prune
+from kdfast.pruning.score_files import ScoreFileError, load_score_file, match_scores
+from kdfast.pruning.selection import prune
 
 CLASSES = {"cat": 4, "dog": 3, "eel": 5}
 
@@ -138,7 +138,7 @@ def test_a_keyed_score_file_gives_the_keep_file_the_folders_data_identity(folder
     # and file list, naming the files that differ
     from kdfast.cli.main import prune_main
     from kdfast.data import DataIdentityError, data_identity
-    from kdfast.jobs.keep import read_keep
+    from kdfast.pruning.keep import read_keep
     root, data = folder
     csv_path = _write_csv(tmp_path / "mem.csv", list(_scores_for(data.files).items()))
     keep = tmp_path / "keep.npy"

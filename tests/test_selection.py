@@ -8,7 +8,7 @@ import torch
 
 import kdfast
 from kdfast.errors import InvalidArgumentError
-from kdfast.selection import MODES, class_quotas, kept_count, prune
+from kdfast.pruning.selection import MODES, class_quotas, kept_count, prune
 
 
 def _oracle_order(scores, hardest_first):

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 import kdfast
-from kdfast.distill import self_distill
+from kdfast.training.self_distill import self_distill
 from kdfast.errors import InvalidArgumentError
-from kdfast.ops.kd_loss import kd_loss
-from kdfast.self_distillation import RECORD_COLUMNS, kernel_ridge_chain, run_chain
+from kdfast.losses.kd_loss import kd_loss
+from kdfast.training.self_distill import RECORD_COLUMNS, kernel_ridge_chain, run_chain
 
 
 
@@ -241,7 +241,7 @@ def test_self_distill_model_fn_must_be_callable():
 
 # ------------------------------------------------------------------------------- extrapolated loss
 def test_fit_refuses_alpha_outside_unit_interval_without_opt_in():
-    from kdfast.training import fit
+    from kdfast.training.fit import fit
     with pytest.raises(InvalidArgumentError, match=r"alpha must be a number in \[0, 1\].*any finite value with "
                                                    "extrapolate=True"):
         fit(_mlp(), _Data(), epochs=1, teacher=_mlp(), alpha=1.5)
@@ -251,8 +251,8 @@ def test_fit_refuses_alpha_outside_unit_interval_without_opt_in():
 
 def test_fit_checkpoint_records_extrapolate(tmp_path):
     """extrapolate joins fit's run identity: resuming a checkpoint with the opt-in changed is another run."""
-    from kdfast.jobs import JobMismatchError
-    from kdfast.training import fit
+    from kdfast.io import JobMismatchError
+    from kdfast.training.fit import fit
     kw = dict(epochs=1, batch_size=32, teacher=_mlp(), alpha=0.5, checkpoint_path=str(tmp_path / "c.pt"),
               progress=False)
     fit(_mlp(), _Data(), **kw)
@@ -271,7 +271,7 @@ def _formula(student, teacher, y, alpha, T):
 
 @pytest.mark.parametrize("alpha", [-0.7, 1.6])
 def test_extrapolated_step_follows_the_formula(alpha):
-    from kdfast.distill import distill_step
+    from kdfast.distill.step import distill_step
     torch.manual_seed(0)
     student, teacher = _mlp().double(), _mlp().double()
     x, y = torch.randn(16, 2, dtype=torch.float64), torch.randint(0, 3, (16,))

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from kdfast.errors import InvalidArgumentError
-from kdfast.sampling import ImportanceSampler
-from kdfast.training import fit
+from kdfast.pruning.sampling import ImportanceSampler
+from kdfast.training.fit import fit
 
 N, D, C = 24, 4, 3
 

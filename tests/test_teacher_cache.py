@@ -11,7 +11,7 @@ import torch
 
 import kdfast
 from kdfast.errors import InvalidArgumentError
-from kdfast.teacher_cache import TeacherCache, TeacherCacheMismatchError
+from kdfast.distill.teacher_cache import TeacherCache, TeacherCacheMismatchError
 
 N, C = 37, 11
 FP = dict(dataset_fingerprint="d" * 64, teacher_fingerprint="t" * 64)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from kdfast.distill import distill_step
+from kdfast.distill.step import distill_step
 from kdfast.errors import InvalidArgumentError
-from kdfast.training import fit
-from kdfast.variance import noise_terms, teacher_gradient, teacher_report
+from kdfast.training.fit import fit
+from kdfast.distill.variance_reduction import noise_terms, teacher_gradient, teacher_report
 
 N, D, C = 8, 5, 3
 
@@ -141,7 +141,7 @@ def test_fit_with_correction_follows_the_corrected_steps(given):
 def test_resume_checks_the_correction(tmp_path):
     # the correction is part of fit's run record: a checkpoint of a corrected run is not resumed without it, nor
     # with another teacher gradient
-    from kdfast.jobs import JobMismatchError
+    from kdfast.io import JobMismatchError
     x, y = _problem(n=16)
     data = torch.utils.data.TensorDataset(x, y)
     teacher, ckpt = _linear(7), str(tmp_path / "ckpt.pt")

@@ -12,10 +12,10 @@ import sys
 import traceback
 import warnings
 
-from ..errors import KDFastError
-from ..jobs.atomic import write_json
-from ..progress import log, progress
-from ..scoring.engine import PRECISIONS
+from kdfast.errors import KDFastError
+from kdfast.io.atomic import write_json
+from kdfast.runtime.progress import log, progress
+from kdfast.runtime.devices import PRECISIONS
 
 __all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "UsageError", "CliError", "make_parser", "add_common_options",
            "run_cli", "flag", "lower", "model_name", "add_output_options", "add_performance_options",
@@ -157,8 +157,8 @@ def check_common(args, problems: list[str], *, positive=(), fractions=()) -> Non
 
 
 def add_kd_term_options(group) -> None:
-    """--kd-term (the kdfast.kd_terms registry, or logit alone), --kd-beta, --kd-layers."""
-    from ..kd_terms import KD_TERMS
+    """--kd-term (the kdfast.distill.terms registry, or logit alone), --kd-beta, --kd-layers."""
+    from kdfast.distill.terms import KD_TERMS
     group.add_argument("--kd-term", default="logit", type=lower, choices=("logit", *sorted(KD_TERMS)),
                        help="logit: the KD loss alone; hint (FitNets), vid (variational information distillation) "
                             "or at (attention transfer): that feature term added, beta * term (default: %(default)s)")
@@ -178,8 +178,8 @@ def check_kd_term(args, sources: list[str], problems: list[str]) -> None:
             if getattr(args, name) is not None:
                 problems.append(f"{flag(name)} goes with --kd-term hint|vid|at")
         return
-    from ..kd_terms import KD_TERMS
-    from ..kd_terms.capture import INPUT_SUFFIX
+    from kdfast.distill.terms import KD_TERMS
+    from kdfast.distill.terms.capture import INPUT_SUFFIX
     if not {"--teacher", "--train-teacher"} & set(sources):
         problems.append(f"--kd-term {args.kd_term} distills from a teacher's features: pass --teacher PATH or "
                         "--train-teacher (a --teacher-cache holds only logits)")

@@ -11,9 +11,9 @@ import os
 import sys
 import warnings
 
-from .. import distributed
-from ..jobs.distill import EVAL_SPLIT
-from .common import (CliError, UsageError, add_kd_term_options, add_output_options, add_performance_options,
+from kdfast.runtime import distributed
+from kdfast.pipelines.distill import EVAL_SPLIT
+from kdfast.cli.common import (CliError, UsageError, add_kd_term_options, add_output_options, add_performance_options,
                      check_common, check_kd_term, default_device, flag, log, lower, model_name)
 
 # The data-pruning paper's recipes (its App. A): RepDistiller's for CIFAR/SVHN, DeepCore's for ImageNet; the
@@ -66,9 +66,9 @@ trained here goes to OUT/teacher/.
 
 
 def add_parser(subparsers):
-    from ..data import DATASETS
-    from ..models import MODELS
-    from ..training import SCHEDULES
+    from kdfast.data import DATASETS
+    from kdfast.models import MODELS
+    from kdfast.training.fit import SCHEDULES
     p = subparsers.add_parser("distill", help="train a student on the kept subset with a teacher",
                               description="Train a student on the kept subset of a data set, distilling from a "
                                           "teacher trained on more data.",
@@ -263,13 +263,13 @@ def resolve(args):
     _resolve_variance_options(args, problems)
     if problems:
         raise UsageError("; ".join(problems))
-    from ..models import DEFAULT_MODEL
+    from kdfast.models import DEFAULT_MODEL
     args.model = args.model or DEFAULT_MODEL[args.dataset]
     args.teacher_model = args.teacher_model or args.model
     args.teacher_epochs = args.teacher_epochs or args.epochs
     # the contents behind the paths join the job's identity: a keep file, scores or teacher replaced in place is
     # another job
-    from ..models import file_sha256
+    from kdfast.models import file_sha256
     args.keep_sha256 = file_sha256(args.keep) if args.keep else None
     args.teacher_sha256 = file_sha256(args.teacher) if args.teacher else None
     scores_file = os.path.join(args.scores, "scores.npy") if args.scores and os.path.isdir(args.scores) else args.scores
@@ -293,10 +293,10 @@ def run(args) -> int:
 
 
 def _run(args, device) -> int:
-    from ..data import data_identity
-    from ..jobs import Job
-    from ..jobs.distill import load_distill_data, run_distill_job
-    from ..jobs.self_distill import run_chain_job
+    from kdfast.data import data_identity
+    from kdfast.io import Job
+    from kdfast.pipelines.distill import load_distill_data, run_distill_job
+    from kdfast.pipelines.self_distill import run_chain_job
     if args.kd_term != "logit" and distributed.world_size() > 1:  # before any teacher is trained in vain
         raise UsageError(f"--kd-term {args.kd_term}: the term's parameters would train outside "
                          "DistributedDataParallel; run on one process, not under torchrun")
@@ -329,7 +329,7 @@ def _run(args, device) -> int:
 
 # -------------------------------------------------------------- self-distillation chain (--steps)
 def add_chain_arguments(p):
-    g = p.add_argument_group("Self-distillation chain (kdfast.self_distillation)")
+    g = p.add_argument_group("Self-distillation chain (kdfast.training.self_distill)")
     g.add_argument("--steps", type=int, default=1,
                    help="train a chain of this many students, each distilling from the previous one (the first "
                         "from the labels alone); with --alpha optimal each step's weight is chosen in closed form "
@@ -374,5 +374,5 @@ def report_chain(summary, job) -> int:
 
 
 if __name__ == "__main__":
-    from .main import distill_main
+    from kdfast.cli.main import distill_main
     sys.exit(distill_main())

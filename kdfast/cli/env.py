@@ -18,9 +18,9 @@ def add_parser(subparsers):
 def report() -> list[tuple[str, str]]:
     import torch
 
-    import kdfast
-    from kdfast.dispatch import backends
-    rows = [("kdfast", kdfast.__version__), ("python", sys.version.split()[0]),
+    from kdfast._version import __version__
+    from kdfast.runtime.dispatch import backends
+    rows = [("kdfast", __version__), ("python", sys.version.split()[0]),
             ("platform", platform.platform())]
     for name in _PACKAGES:
         try:
@@ -55,5 +55,5 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    from .main import env_main
+    from kdfast.cli.main import env_main
     sys.exit(env_main())

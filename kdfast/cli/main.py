@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .common import UsageError, add_common_options, make_parser, run_cli
+from kdfast.cli.common import UsageError, add_common_options, make_parser, run_cli
 
 COMMANDS = {
     "score": "score every example of a data set (el2n, grand, forgetting, ...)",

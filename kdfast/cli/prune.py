@@ -10,9 +10,9 @@ import sys
 
 import numpy as np
 
-from ..jobs.scores import labels_fingerprint_of, load_scores, scores_identity
-from ..score_files import is_keyed
-from .common import CliError, UsageError, log
+from kdfast.scoring.folder import labels_fingerprint_of, load_scores, scores_identity
+from kdfast.pruning.score_files import is_keyed
+from kdfast.cli.common import CliError, UsageError, log
 
 EPILOG = """examples:
   kdfast-prune --scores runs/digits-el2n --fraction 0.3 --out keep.npy
@@ -24,7 +24,7 @@ EPILOG = """examples:
 --scores is a `kdfast-score` output folder (scores.npy + meta.json) or a .npy file of float scores in data
 set order, higher = harder; or a score file keyed by file name (CSV with file,score columns, or .npz with
 `files` and `scores`), matched to the files of --dataset folder|imagenet --data-root ROOT (see
-kdfast/score_files.py for the matching rules). --class-balanced needs the labels: from --labels FILE.npy, or
+kdfast/pruning/score_files.py for the matching rules). --class-balanced needs the labels: from --labels FILE.npy, or
 from the data set (--dataset, else the one named in the scores' meta.json); they must match the labels the
 scores were computed on (fingerprint), and for image folders the same files (file-list fingerprint; the first
 mismatched files are named). Besides OUT, OUT.json records what was kept and from what, including the scores'
@@ -34,7 +34,7 @@ OUT.files.txt), which kdfast-distill checks against its data.
 
 
 def add_parser(subparsers):
-    from ..selection import MODES
+    from kdfast.pruning.selection import MODES
     p = subparsers.add_parser("prune", help="keep a fraction of a data set from its scores",
                               description="Keep a fraction of a data set from per-example scores.",
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -96,7 +96,7 @@ def _load_npy(path, what):
 
 def _keyed_dataset(args):
     """The data set a score file keyed by file name is matched to: --dataset (with --data-root, --split)."""
-    from ..data import load_dataset
+    from kdfast.data import load_dataset
     if not args.dataset:
         raise UsageError(f"--scores {args.scores} is keyed by file name: pass --dataset (folder or imagenet) and "
                          "--data-root to match it to the data set's files")
@@ -110,8 +110,8 @@ def _keyed_dataset(args):
 def _keyed_scores(args, data):
     """(scores, meta) of a CSV / .npz keyed by file name, in the order of `data`'s files; meta carries that
     data set's identity (labels and file-list fingerprints), so the keep file is checked against the folder."""
-    from ..data import data_identity, labels_fingerprint
-    from ..score_files import load_score_file
+    from kdfast.data import data_identity, labels_fingerprint
+    from kdfast.pruning.score_files import load_score_file
     scores, report = load_score_file(args.scores, files=data.files, return_report=True)
     log(f"matched {report.exact} files exactly, {report.lenient} leniently; {report.ignored} score entries "
         "match no file", quiet=args.quiet)
@@ -137,7 +137,7 @@ def _labels(args, meta, n, dataset=None):
     if labels.ndim != 1 or len(labels) != n:
         raise CliError(f"labels from {source} have shape {labels.shape}, expected ({n},) (one per score)")
     if args.labels:  # a data set was checked whole above; a labels file can only be checked for its labels
-        from ..data import check_identity
+        from kdfast.data import check_identity
         identity = {"labels_fingerprint": labels_fingerprint_of(meta)} if labels_fingerprint_of(meta) else None
         check_identity(identity, labels, what=f"--scores {args.scores}", hint=f"check --labels {args.labels}")
     return labels
@@ -145,12 +145,12 @@ def _labels(args, meta, n, dataset=None):
 
 def _scores_dataset(args, meta, name, split):
     """The data set named for the labels, checked against the data identity the scores were computed on."""
-    from ..data import check_identity, load_dataset
-    from ..jobs.job import read_file_list
+    from kdfast.data import check_identity, load_dataset
+    from kdfast.io.job import read_file_list
     dataset = load_dataset(name, root=args.data_root or meta.get("data_root"), split=split)
     limit = meta.get("limit")
     if limit and limit < len(dataset):
-        from ..data import LabeledSubset
+        from kdfast.data import LabeledSubset
         dataset = LabeledSubset(dataset, range(limit))
     identity, files = scores_identity(args.scores, meta)
     if identity and "num_examples" in identity and identity["num_examples"] != len(dataset):
@@ -166,7 +166,7 @@ def _whole_batches(args, scores):
     """LiPrune's batch pruning: dataset indices of the round(f * B) batches with the largest scores."""
     import torch
 
-    from ..liprune import keep_top_batches
+    from kdfast.scoring.liprune import keep_top_batches
     path = os.path.join(args.scores, "batch_ids.npy")
     if not os.path.isfile(path):
         raise UsageError(f"--whole-batches: {args.scores} holds no batch_ids.npy; score with kdfast-score --method "
@@ -180,7 +180,7 @@ def _whole_batches(args, scores):
 
 
 def run(args) -> int:
-    from ..selection import prune
+    from kdfast.pruning.selection import prune
     _validate(args)
     keyed = _keyed_dataset(args) if is_keyed(args.scores) else None
     scores, meta = _keyed_scores(args, keyed) if keyed is not None else load_scores(args.scores)
@@ -193,7 +193,7 @@ def run(args) -> int:
     else:
         keep = prune(scores, args.fraction, args.mode, labels=labels, class_balanced=args.class_balanced,
                      seed=args.seed, ccs_beta=args.ccs_beta, ccs_strata=args.ccs_strata).numpy()
-    from ..jobs.keep import write_keep
+    from kdfast.pruning.keep import write_keep
     identity, files = scores_identity(args.scores, meta)
     if identity is None:
         log(f"note: --scores {args.scores} carries no data identity (no meta.json), so {args.out} cannot be checked "
@@ -224,5 +224,5 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    from .main import prune_main
+    from kdfast.cli.main import prune_main
     sys.exit(prune_main())

@@ -12,8 +12,8 @@ import os
 import sys
 import warnings
 
-from .. import distributed
-from .common import (UsageError, add_output_options, add_performance_options, check_common, default_device, flag,
+from kdfast.runtime import distributed
+from kdfast.cli.common import (UsageError, add_output_options, add_performance_options, check_common, default_device, flag,
                      log, lower, model_name)
 
 EPILOG = """examples:
@@ -52,9 +52,9 @@ DEFAULT_SEEDS = 3
 
 
 def add_parser(subparsers):
-    from ..data import DATASETS
-    from ..models import MODELS
-    from ..scoring import METHOD_NAMES
+    from kdfast.data import DATASETS
+    from kdfast.models import MODELS
+    from kdfast.scoring import METHOD_NAMES
     p = subparsers.add_parser("score", help="score every example of a data set",
                               description="Score every example of a data set; higher = harder.",
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,8 +103,8 @@ def add_parser(subparsers):
 # ------------------------------------------------------------------------------------------ validation
 def _resolve(args) -> None:
     """Fills defaults that depend on other arguments and collects every usage problem into one error."""
-    from ..models import DEFAULT_MODEL
-    from ..scoring import get_method
+    from kdfast.models import DEFAULT_MODEL
+    from kdfast.scoring import get_method
     method = get_method(args.method)
     problems = []
     if args.dataset != "digits" and not args.data_root:
@@ -143,13 +143,13 @@ def _resolve(args) -> None:
     if args.num_workers is None:
         args.num_workers = min(8, os.cpu_count() or 1) if args.dataset in ("imagenet", "folder") else 0
     # the weights behind the paths join the job's identity: a checkpoint replaced in place is another job
-    from ..models import file_sha256
+    from kdfast.models import file_sha256
     args.checkpoint_sha256 = [file_sha256(path) for path in args.checkpoint]
 
 
 # ------------------------------------------------------------------------------------------------- run
 def run(args) -> int:
-    """Scores as one process, or as one rank of a torchrun job (see kdfast.distributed); 0 on success."""
+    """Scores as one process, or as one rank of a torchrun job (see kdfast.runtime.distributed); 0 on success."""
     _resolve(args)
     if args.save_logits and distributed.spans_nodes():
         # ranks fill disjoint rows of one memory-mapped file, which is coherent only within a node
@@ -161,9 +161,9 @@ def run(args) -> int:
 
 
 def _load_data(args):
-    from ..data import DataError
-    from ..errors import InvalidArgumentError
-    from ..jobs.score import load_score_data
+    from kdfast.data import DataError
+    from kdfast.errors import InvalidArgumentError
+    from kdfast.pipelines.score import load_score_data
     try:
         return load_score_data(args)
     except DataError:
@@ -173,9 +173,9 @@ def _load_data(args):
 
 
 def _run(args) -> int:
-    from ..data import class_names
-    from ..jobs.score import finish_score_job, run_score_job, score_job_finished, start_score_job
-    from .summary import format_summary, show_grid, summarize
+    from kdfast.data import class_names
+    from kdfast.pipelines.score import finish_score_job, run_score_job, score_job_finished, start_score_job
+    from kdfast.cli.summary import format_summary, show_grid, summarize
     args.quiet = args.quiet or not distributed.is_main()  # one rank reports progress
     data, train_data = _load_data(args)  # before the job starts: a data error leaves --out untouched
     job = start_score_job(args, data, label=flag)
@@ -212,5 +212,5 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
-    from .main import score_main
+    from kdfast.cli.main import score_main
     sys.exit(score_main())

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import os
 
-from ..errors import InvalidArgumentError
-from .base import DataError, LabeledDataset, LabeledSubset, class_names, labels_fingerprint
-from .identity import DataIdentityError, check_identity, data_identity, describe_file_mismatch
-from .split import stratified_split
+from kdfast.errors import InvalidArgumentError
+from kdfast.data.base import DataError, LabeledDataset, LabeledSubset, class_names, labels_fingerprint
+from kdfast.data.identity import DataIdentityError, check_identity, data_identity, describe_file_mismatch
+from kdfast.data.split import stratified_split
 
 DATASETS = ("digits", "cifar10", "cifar100", "svhn", "imagenet", "folder")
 SPLITS = {"digits": ("train", "test", "all"), "cifar10": ("train", "test"), "cifar100": ("train", "test"),
@@ -64,7 +64,7 @@ def load_dataset(name: str, *, root: str | None = None, split: str = "train", do
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise InvalidArgumentError(f"load_dataset: image_size must be a positive int or None, got {image_size!r}")
     if decode is not None:
-        from .gpu_decode import DECODES
+        from kdfast.data.gpu_decode import DECODES
         if decode not in DECODES:
             raise InvalidArgumentError(f"load_dataset: decode must be None or one of {', '.join(DECODES)}, "
                                        f"got {decode!r}")
@@ -72,7 +72,7 @@ def load_dataset(name: str, *, root: str | None = None, split: str = "train", do
             raise InvalidArgumentError(f"load_dataset: decode={decode!r} applies to the evaluation view of JPEG "
                                        f"image folders (imagenet, folder) only, got name={key!r}, augment={augment}")
     if key == "digits":
-        from .digits import Digits
+        from kdfast.data.digits import Digits
         return Digits(split)
     if root is None:
         raise DataError(f"dataset {key!r} needs a root folder (--data-root); kdfast never downloads data")
@@ -80,15 +80,15 @@ def load_dataset(name: str, *, root: str | None = None, split: str = "train", do
     if not os.path.isdir(root):
         raise DataError(f"dataset {key!r}: root {root} does not exist or is not a directory")
     if key in ("cifar10", "cifar100"):
-        from .cifar import CIFAR
+        from kdfast.data.cifar import CIFAR
         return CIFAR(key, root, split, augment=augment)
     if key == "svhn":
-        from .svhn import SVHN
+        from kdfast.data.svhn import SVHN
         return SVHN(root, split, augment=augment)
-    from .imagefolder import FOLDER_LAYOUT, IMAGENET_LAYOUT, ImageFolderDataset
+    from kdfast.data.imagefolder import FOLDER_LAYOUT, IMAGENET_LAYOUT, ImageFolderDataset
     size = image_size or 224
     if decode is not None:
-        from .gpu_decode import EncodedImageFolder
+        from kdfast.data.gpu_decode import EncodedImageFolder
         folder, layout = (os.path.join(root, split), IMAGENET_LAYOUT) if key == "imagenet" else (root, FOLDER_LAYOUT)
         return EncodedImageFolder(key, folder, layout, image_size=size, decode=decode)
     if key == "imagenet":

@@ -2,27 +2,16 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from ..errors import InvalidArgumentError, KDFastError
-
-
-class DataError(KDFastError, ValueError):
-    """A data set root is missing or malformed, an image is unreadable, or a label is out of range."""
+from kdfast.data.identity import files_fingerprint, labels_fingerprint
+from kdfast.errors import DataError, InvalidArgumentError
 
 
 class LabelError(DataError, InvalidArgumentError):
     """A label outside [0, num_classes): the one error of every label-range check (data sets, scoring)."""
-
-
-def labels_fingerprint(targets) -> str:
-    """sha256 hex of the labels as little-endian int64: ties scores and caches to one labelling of one data set."""
-    arr = np.ascontiguousarray(torch.as_tensor(targets, dtype=torch.int64).cpu().numpy(), dtype="<i8")
-    return hashlib.sha256(arr.tobytes()).hexdigest()
 
 
 def check_labels(targets: torch.Tensor, num_classes: int, where: str, *, indices=None,
@@ -57,7 +46,6 @@ class LabeledDataset(Dataset):
     @functools.cached_property
     def files_fingerprint(self) -> str | None:
         """sha256 of the relative paths and sizes of `files` (data/identity.py); None without files."""
-        from .identity import files_fingerprint
         return None if self.files is None else files_fingerprint(self.folder, self.files)
 
     def load(self, index: int) -> torch.Tensor:

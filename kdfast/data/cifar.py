@@ -14,7 +14,7 @@ import pickle
 import numpy as np
 import torch
 
-from .base import DataError, LabeledDataset, normalize, random_crop_flip
+from kdfast.data.base import DataError, LabeledDataset, normalize, random_crop_flip
 
 _LAYOUTS = {
     "cifar10": ("cifar-10-batches-py", {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import DataError, LabeledDataset
+from kdfast.data.base import DataError, LabeledDataset
 
 SPLITS = ("train", "test", "all")
 NUM_TEST = 400

@@ -27,9 +27,9 @@ from typing import Callable
 
 import torch
 
-from ..errors import InvalidArgumentError
-from .base import DataError, LabeledDataset
-from .imagefolder import MEAN, STD, scan_image_folder
+from kdfast.errors import InvalidArgumentError
+from kdfast.data.base import DataError, LabeledDataset
+from kdfast.data.imagefolder import MEAN, STD, scan_image_folder
 
 DECODES = ("cpu", "gpu", "auto")
 JPEG_MAGIC = b"\xff\xd8\xff"

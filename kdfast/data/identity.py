@@ -13,11 +13,20 @@ from __future__ import annotations
 import hashlib
 import os
 
-from .base import DataError, labels_fingerprint
+import numpy as np
+import torch
+
+from kdfast.errors import DataError
 
 
 class DataIdentityError(DataError):
     """An artifact was made from another data set (other labels, other files) than the one given."""
+
+
+def labels_fingerprint(targets) -> str:
+    """sha256 hex of the labels as little-endian int64: ties scores and caches to one labelling of one data set."""
+    arr = np.ascontiguousarray(torch.as_tensor(targets, dtype=torch.int64).cpu().numpy(), dtype="<i8")
+    return hashlib.sha256(arr.tobytes()).hexdigest()
 
 
 def files_fingerprint(folder: str, files: list[str]) -> str:

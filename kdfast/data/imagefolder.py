@@ -13,7 +13,7 @@ import os
 import numpy as np
 import torch
 
-from .base import DataError, LabeledDataset, normalize
+from kdfast.data.base import DataError, LabeledDataset, normalize
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

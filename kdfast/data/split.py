@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InvalidArgumentError
+from kdfast.errors import InvalidArgumentError
 
 
 def stratified_split(targets, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

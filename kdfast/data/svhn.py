@@ -9,7 +9,7 @@ import os
 import numpy as np
 import torch
 
-from .base import DataError, LabeledDataset, normalize, random_crop_flip
+from kdfast.data.base import DataError, LabeledDataset, normalize, random_crop_flip
 
 SPLITS = ("train", "test", "extra")
 _MEAN, _STD = (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)

@@ -5,7 +5,7 @@
     check(model)                                                         # modules without a rule
     @register_rule(MyLayer) def my_rule(module, x, grad_output, *, want, backend, sink, saved): ...
 """
-from .engine import GradNormPlan, check, per_example_grad_norms
-from .registry import register_rule
+from kdfast.grad_norms.engine import GradNormPlan, check, per_example_grad_norms
+from kdfast.grad_norms.registry import register_rule
 
 __all__ = ["GradNormPlan", "check", "per_example_grad_norms", "register_rule"]

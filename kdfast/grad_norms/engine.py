@@ -41,11 +41,11 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..dispatch import resolve_backend
-from ..errors import BackendUnavailableError, InvalidArgumentError, UnsupportedModuleError
-from . import rules  # noqa: F401  (registers the built-in rules)
-from .fallback import fallback_sqnorms, log_fallback_once
-from .registry import SAVERS, Rule, Sink, find_rule, takes_sink
+from kdfast.runtime.dispatch import resolve_backend
+from kdfast.errors import BackendUnavailableError, InvalidArgumentError, UnsupportedModuleError
+from kdfast.grad_norms import rules  # noqa: F401  (registers the built-in rules)
+from kdfast.grad_norms.fallback import fallback_sqnorms, log_fallback_once
+from kdfast.grad_norms.registry import SAVERS, Rule, Sink, find_rule, takes_sink
 
 LOSSES = ("ce", "kd")
 ON_MISSING = ("error", "fallback")
@@ -454,7 +454,7 @@ def _summed_loss(output, targets, loss, alpha, temperature, teacher_logits):
             raise InvalidArgumentError(f"per_example_grad_norms: the loss callable must return per-example "
                                        f"losses of shape ({B},), got {got}")
         return per_example.sum()
-    from ..ops.kd_loss import kd_loss
+    from kdfast.losses.kd_loss import kd_loss
     if not isinstance(output, torch.Tensor):
         raise InvalidArgumentError(f"per_example_grad_norms: loss={loss!r} needs the model to return logits "
                                    f"(B, ..., C), got {type(output).__name__}")

@@ -73,7 +73,7 @@ def gram_sqnorm(a: torch.Tensor, g: torch.Tensor, backend: str, out=None) -> tor
     out = _sink(out, a)
     N, T = a.shape[:2]
     if backend == "triton":
-        from ..kernels.grad_norms import conv_gram_sqnorm
+        from kdfast.grad_norms.triton import conv_gram_sqnorm
         return conv_gram_sqnorm(_lift(a), _lift(g), out=out, **_UNIT)
     dt = acc_dtype(a)
     starts, step = chunks(N, 2 * T * T)
@@ -88,7 +88,7 @@ def outer_sqnorm(a: torch.Tensor, g: torch.Tensor, backend: str, out=None) -> to
     out = _sink(out, a)
     N, T, da = a.shape
     if backend == "triton":
-        from ..kernels.grad_norms import conv_wgrad_sqnorm
+        from kdfast.grad_norms.triton import conv_wgrad_sqnorm
         return conv_wgrad_sqnorm(_lift(a), _lift(g), out=out, **_UNIT)
     dt = acc_dtype(a)
     starts, step = chunks(N, da * g.shape[2])
@@ -111,7 +111,7 @@ def rank_one_sqnorms(a, g, backend, *, out_w=None, out_b=None):
     """A Linear on one position per example, a (B, Da), g (B, Dg): out_w (B,) += ||a||^2 ||g||^2 (its weight
     gradient g a^T), out_b += ||g||^2 (its bias gradient); None skips one. Returns out_w."""
     if backend == "triton":
-        from ..kernels.grad_norms import rank_one_sqnorm
+        from kdfast.grad_norms.triton import rank_one_sqnorm
         rank_one_sqnorm(a, g, out_w=out_w, out_b=out_b)
         return out_w
     dt = acc_dtype(a)
@@ -131,7 +131,7 @@ def affine_sqnorms(x, g, mean=None, stat=None, *, stats="rstd", eps=0.0, neg_par
     1 / sqrt(var + eps)); stats=None takes x as x_hat; neg_part uses min(x, 0) (PReLU).
     """
     if backend == "triton":
-        from ..kernels import grad_norms as kernels
+        from kdfast.grad_norms import triton as kernels
         code = {None: kernels.STATS_NONE, "rstd": kernels.STATS_RSTD, "var": kernels.STATS_VAR}[stats]
         kernels.affine_sqnorm(x, g, mean, stat, stats=code, eps=eps, neg_part=neg_part, out_w=out_w, out_b=out_b)
         return

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError
+from kdfast.errors import InvalidArgumentError
 
 Rule = Callable[..., dict | None]
 RULES: dict[type, Rule] = {}

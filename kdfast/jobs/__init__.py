@@ -1,12 +1,6 @@
-"""The job layer: runs with a recorded identity, resumable chunk storage and atomic file writes.
+"""Former home of the file primitives, kept as the public `kdfast.jobs` namespace: they live in kdfast.io.
 
     from kdfast.jobs import Job, ChunkStore, write_json, save_npy
 """
-from .atomic import atomic_write, read_json, save_npy, save_npz, save_torch, write_json, write_text
-from .chunks import ChunkStore
-from .errors import IncompleteStoreError, JobError, JobExistsError, JobMismatchError
-from .job import NON_IDENTITY, Job, job_identity
-
-__all__ = ["Job", "ChunkStore", "NON_IDENTITY", "job_identity", "JobError", "JobExistsError", "JobMismatchError",
-           "IncompleteStoreError", "atomic_write", "read_json", "save_npy", "save_npz", "save_torch", "write_json",
-           "write_text"]
+from kdfast.io import *  # noqa: F401,F403
+from kdfast.io import __all__  # noqa: F401

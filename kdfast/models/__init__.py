@@ -15,8 +15,8 @@ from functools import partial
 import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError, KDFastError
-from . import cifar_resnet, small
+from kdfast.errors import InvalidArgumentError, KDFastError
+from kdfast.models import cifar_resnet, small
 
 
 class CheckpointError(KDFastError, ValueError):

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..errors import InvalidArgumentError
-from ..progress import progress as _progress
-from .engine import PRECISIONS, BatchScorer, as_model_list, index_batches, resolve_device, score_batches
-from .forgetting import ForgettingTracker
-from .methods import METHOD_NAMES, METHODS, Method, get_method
+from kdfast.errors import InvalidArgumentError
+from kdfast.runtime.progress import progress as _progress
+from kdfast.runtime.devices import PRECISIONS, resolve_device
+from kdfast.scoring.engine import BatchScorer, as_model_list, index_batches, score_batches
+from kdfast.scoring.forgetting import ForgettingTracker
+from kdfast.scoring.methods import METHOD_NAMES, METHODS, Method, get_method
 
 __all__ = ["score", "ForgettingTracker", "METHODS", "METHOD_NAMES", "Method", "get_method", "BatchScorer",
            "score_batches", "index_batches", "random_scores", "PRECISIONS"]
@@ -66,7 +67,7 @@ def score(model, data, method, *, batch_size=256, device=None, precision="fp32",
         head: the linear layer producing the logits (module or qualified name) for grand-last and
             liprune-last; default: the model's last nn.Linear.
         return_per_model: also return the (K, N) scores of each ensemble member.
-        out: a folder to run as a resumable job (kdfast.jobs): job.json (method, settings, model and data
+        out: a folder to run as a resumable job (kdfast.io): job.json (method, settings, model and data
             fingerprints) is written first, rows land in atomic chunks as they are scored, and the result
             goes to scores.npy and scores_per_model.npy. resume=True finishes an interrupted job (or returns
             a finished one) after checking that it is the same job (JobMismatchError names each differing
@@ -106,8 +107,8 @@ def score(model, data, method, *, batch_size=256, device=None, precision="fp32",
 
 def _score_job(model, data, m, out, *, resume, overwrite, chunk_size, return_per_model, **kw):
     """score(..., out=DIR): the same scores, computed as a resumable job in DIR (see score's docstring)."""
-    from ..jobs import ChunkStore, Job, save_npy
-    from ..models import model_fingerprint
+    from kdfast.io import ChunkStore, Job, save_npy
+    from kdfast.models import model_fingerprint
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise InvalidArgumentError(f"score: chunk_size must be a positive int, got {chunk_size!r}")
     dataset = data.dataset if isinstance(data, DataLoader) else data
@@ -119,7 +120,7 @@ def _score_job(model, data, m, out, *, resume, overwrite, chunk_size, return_per
     if isinstance(data, DataLoader):
         config["batch_size"] = data.batch_size
     if hasattr(dataset, "targets"):
-        from ..data import data_identity
+        from kdfast.data import data_identity
         identity = data_identity(dataset)
     else:
         identity = {"num_examples": len(dataset)}
@@ -158,7 +159,7 @@ def _liprune_scores(models, data, batch_size, seed, device, progress):
     if isinstance(data, DataLoader):
         raise InvalidArgumentError("score: method 'liprune' batches the data itself from a seeded permutation; pass "
                                    "the Dataset, not a DataLoader")
-    from ..liprune import liprune_batch_scores
+    from kdfast.scoring.liprune import liprune_batch_scores
     rows = []
     for model in models:
         s, _ = liprune_batch_scores(model, data, batch_size, seed=seed, device=resolve_device([model], device),

@@ -12,13 +12,11 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, SequentialSampler, Subset
 
-from ..errors import InvalidArgumentError
-from ..ops.kd_loss import kd_loss
-from .head import HeadCapture, find_head
-from .methods import Method
-
-PRECISIONS = ("fp32", "bf16")
-
+from kdfast.errors import InvalidArgumentError
+from kdfast.runtime.devices import resolve_device
+from kdfast.losses.kd_loss import kd_loss
+from kdfast.scoring.head import HeadCapture, find_head
+from kdfast.scoring.methods import Method
 
 def as_model_list(model, where: str = "score") -> list[nn.Module]:
     models = list(model) if isinstance(model, (list, tuple, nn.ModuleList)) else [model]
@@ -29,14 +27,6 @@ def as_model_list(model, where: str = "score") -> list[nn.Module]:
             raise InvalidArgumentError(f"{where}: model must be an nn.Module or a list of them, got "
                                        f"{type(m).__name__}" + (f" at position {i}" if len(models) > 1 else ""))
     return models
-
-
-def resolve_device(models: list[nn.Module], device) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    for p in models[0].parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def _has_conv(model: nn.Module) -> bool:
@@ -75,7 +65,7 @@ class BatchScorer:
         if self.method.needs_features:
             self._captures = [HeadCapture(h) for h in self.heads]
         if self.method.kind == "gradient":
-            from ..grad_norms import GradNormPlan
+            from kdfast.grad_norms import GradNormPlan
             try:
                 for m in self.models:
                     self._plans.append(GradNormPlan(m).__enter__())
@@ -164,7 +154,7 @@ def index_batches(indices, batch_size: int) -> list[list[int]]:
 
 
 def _check_labels(y: torch.Tensor, idx: torch.Tensor, num_classes: int) -> None:
-    from ..data.base import check_labels
+    from kdfast.data.base import check_labels
     check_labels(y, num_classes, "score", indices=idx, why=f"the model has {num_classes} outputs")
 
 

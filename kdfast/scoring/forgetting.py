@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InvalidArgumentError
+from kdfast.errors import InvalidArgumentError
 
 _STATE = ("forgets", "last_correct", "corrects", "presentations")
 

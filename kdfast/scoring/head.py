@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import InvalidArgumentError
+from kdfast.errors import InvalidArgumentError
 
 
 def find_head(model: nn.Module, head=None) -> nn.Linear:

@@ -6,7 +6,7 @@ Kinds:
              the (B, C) probabilities (its eigenvalue needs them).
   gradient   one forward and backward per batch through a GradNormPlan per model (kdfast.grad_norms): grand.
   training   measured while training (kdfast.ForgettingTracker): forgetting.
-  batch      fixed mini-batches scored as wholes (kdfast.liprune.liprune_batch_scores): liprune.
+  batch      fixed mini-batches scored as wholes (kdfast.scoring.liprune.liprune_batch_scores): liprune.
   random     seeded uniform noise, the baseline every pruning paper compares with: random.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import InvalidArgumentError
+from kdfast.errors import InvalidArgumentError
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def _grand_last(logits, stats, feat_sqnorm, bias):
 
 
 def _liprune_last(logits, stats, feat_sqnorm, bias):
-    from ..hessian.closed_forms import softmax_ce_lipschitz
+    from kdfast.hessian.closed_forms import softmax_ce_lipschitz
     probs = torch.softmax(logits.float(), dim=-1)
     # softmax_ce_lipschitz multiplies by ||h||^2 + 1 (a head with bias); without a bias the factor is ||h||^2.
     return softmax_ce_lipschitz(probs, feat_sqnorm + float(bias) - 1.0)

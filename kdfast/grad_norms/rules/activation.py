@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..forms import affine_sqnorms
-from ..registry import register_rule
+from kdfast.grad_norms.forms import affine_sqnorms
+from kdfast.grad_norms.registry import register_rule
 
 
 @register_rule(nn.PReLU)

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import UnsupportedModuleError
-from ..forms import acc_dtype, bias_sqnorm, chunks, gram_sqnorm, prefer_gram
-from ..registry import register_rule
+from kdfast.errors import UnsupportedModuleError
+from kdfast.grad_norms.forms import acc_dtype, bias_sqnorm, chunks, gram_sqnorm, prefer_gram
+from kdfast.grad_norms.registry import register_rule
 
 
 def explicit_padding(module, x: torch.Tensor):
@@ -80,7 +80,7 @@ def _direct_torch(x, g, kernel_size, stride, padding, dilation, groups, out):
 
 
 def _triton(form, x, g, kernel_size, stride, padding, dilation, groups, out):
-    from ...kernels import grad_norms as kernels
+    from kdfast.grad_norms import triton as kernels
     launch = kernels.conv_gram_sqnorm if form == "gram" else kernels.conv_wgrad_sqnorm
     launch(x, g, kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation, groups=groups, out=out)
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...errors import UnsupportedModuleError
-from ..forms import acc_dtype
-from ..registry import register_rule
+from kdfast.errors import UnsupportedModuleError
+from kdfast.grad_norms.forms import acc_dtype
+from kdfast.grad_norms.registry import register_rule
 
 
 @register_rule(nn.Embedding)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..forms import bias_sqnorm, rank_one_sqnorms, weight_sqnorm
-from ..registry import register_rule
+from kdfast.grad_norms.forms import bias_sqnorm, rank_one_sqnorms, weight_sqnorm
+from kdfast.grad_norms.registry import register_rule
 
 
 @register_rule(nn.Linear)

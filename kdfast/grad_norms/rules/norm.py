@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..forms import acc_dtype, affine_sqnorms, trailing_channels
-from ..registry import register_rule
+from kdfast.grad_norms.forms import acc_dtype, affine_sqnorms, trailing_channels
+from kdfast.grad_norms.registry import register_rule
 
 
 def _buffers(sink, want):

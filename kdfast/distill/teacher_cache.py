@@ -1,0 +1,234 @@
+"""Teacher outputs for a whole data set, computed once and memory-mapped for later distillation.
+
+    writer = TeacherCache.create("runs/t-cache", num_examples=N, num_classes=C,
+                                 dataset_fingerprint=labels_fp, teacher_fingerprint=model_fp, topk=None)
+    writer.write(indices, logits)          # any order, any batch size; rows written twice keep the last
+    writer.close()                         # marks the cache complete (every row written)
+    cache = TeacherCache.open("runs/t-cache", dataset_fingerprint=labels_fp, teacher_fingerprint=model_fp)
+    logits = cache[indices]                # (B, C) float32 on the CPU
+
+Layout of the directory: `meta.json` (format, N, C, top-k, dtype, fingerprints, complete), `written.npy`
+(N bools, so an interrupted writer can resume), and either `logits.npy` (N x C) or, for top-k caches,
+`values.npy` (N x k) and `classes.npy` (N x k int32). Values are fp16 by default (logits lose ~1e-3
+relative, far below what a temperature-4 softmax resolves). A top-k row reads back -inf outside its kept
+classes, which the KD loss treats as probability 0: the student matches the teacher's renormalised top-k.
+
+Use the cache only where the student sees the same view of an example as the teacher did (no random
+augmentation); the fingerprints make sure it belongs to this data set's labels and this teacher.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from kdfast.errors import InvalidArgumentError
+from kdfast.io.atomic import read_file_list, write_file_list, write_json
+
+FORMAT = "kdfast-teacher-cache/1"
+STORE_DTYPES = ("float16", "float32")
+
+
+class TeacherCacheMismatchError(InvalidArgumentError):
+    """The cache was built from another data set or another teacher."""
+
+
+def _meta_path(path):
+    return os.path.join(path, "meta.json")
+
+
+def _read_meta(path):
+    try:
+        with open(_meta_path(path)) as fh:
+            meta = json.load(fh)
+    except FileNotFoundError:
+        raise InvalidArgumentError(f"TeacherCache: no cache at {path!r} (expected {_meta_path(path)}); build one "
+                                   "with TeacherCache.create or `kdfast-score --save-logits`") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidArgumentError(f"TeacherCache: {_meta_path(path)} is not valid JSON ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise InvalidArgumentError(f"TeacherCache: {path!r} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def _write_meta(path, meta):
+    write_json(_meta_path(path), meta)  # atomic: a reader never sees half a file
+
+
+def _check_fingerprints(path, meta, dataset_fingerprint, teacher_fingerprint):
+    for what, given in (("dataset", dataset_fingerprint), ("teacher", teacher_fingerprint)):
+        stored = meta[f"{what}_fingerprint"]
+        if given is not None and given != stored:
+            raise TeacherCacheMismatchError(
+                f"TeacherCache: {path!r} was built from another {what} ({what}_fingerprint {stored[:16]}...), "
+                f"not this one ({given[:16]}...); rebuild it for this {what}")
+
+
+def _as_indices(indices, n):
+    idx = torch.as_tensor(indices).reshape(-1)
+    if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise InvalidArgumentError(f"TeacherCache: indices must be integers, got {idx.dtype}")
+    idx = idx.to("cpu", torch.int64)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise InvalidArgumentError(f"TeacherCache: indices must lie in [0, {n}), got values in "
+                                   f"[{int(idx.min())}, {int(idx.max())}]")
+    return idx.numpy()
+
+
+class TeacherCacheWriter:
+    """Fills a cache row by row; `close()` marks it complete once every row is written."""
+
+    def __init__(self, path, meta, arrays, written):
+        self.path, self.meta, self._arrays, self._written = path, meta, arrays, written
+
+    @property
+    def num_written(self) -> int:
+        return int(self._written.sum())
+
+    def write(self, indices, logits) -> None:
+        n, c, k = self.meta["num_examples"], self.meta["num_classes"], self.meta["topk"]
+        idx = _as_indices(indices, n)
+        if not isinstance(logits, torch.Tensor) or logits.shape != (len(idx), c):
+            raise InvalidArgumentError(f"TeacherCache.write: logits must be a ({len(idx)}, {c}) tensor (one row per "
+                                       f"index), got {getattr(logits, 'shape', type(logits).__name__)}")
+        rows = logits.detach().to("cpu", torch.float32)
+        if k is None:
+            self._arrays["logits"][idx] = rows.numpy()
+        else:
+            values, classes = rows.topk(k, dim=-1)
+            self._arrays["values"][idx] = values.numpy()
+            self._arrays["classes"][idx] = classes.to(torch.int32).numpy()
+        self._written[idx] = True
+
+    def close(self) -> None:
+        for array in (*self._arrays.values(), self._written):
+            array.flush()
+        missing = self.meta["num_examples"] - self.num_written
+        if missing:
+            raise InvalidArgumentError(f"TeacherCache.close: {missing} of {self.meta['num_examples']} rows were never "
+                                       f"written to {self.path!r}; write them (TeacherCache.create(..., "
+                                       "resume=True) reopens it) before using the cache")
+        self.meta["complete"] = True
+        _write_meta(self.path, self.meta)
+
+
+class TeacherCache:
+    """A read-only, memory-mapped teacher-logit cache; `cache[indices]` -> (B, C) float32 logits."""
+
+    def __init__(self, path, meta, arrays):
+        self.path, self.meta, self._arrays = path, meta, arrays
+
+    @staticmethod
+    def create(path, *, num_examples, num_classes, dataset_fingerprint, teacher_fingerprint, topk=None,
+               dtype="float16", resume=False, files=None, files_fingerprint=None) -> TeacherCacheWriter:
+        """A writer for a new cache at directory `path` (resume=True reopens an unfinished one).
+
+        For file-backed data sets pass `files` (relative paths, index order) and their `files_fingerprint`
+        (kdfast.data.data_identity): the cache keeps both, and check_dataset() then refuses a data set whose
+        files differ, naming the first mismatched ones.
+        """
+        for name, value in (("num_examples", num_examples), ("num_classes", num_classes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(f"TeacherCache.create: {name} must be a positive integer, got {value!r}")
+        if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= num_classes):
+            raise InvalidArgumentError(f"TeacherCache.create: topk must be None (full logits) or an integer in "
+                                       f"[1, {num_classes}], got {topk!r}")
+        if dtype not in STORE_DTYPES:
+            raise InvalidArgumentError(f"TeacherCache.create: dtype must be one of {STORE_DTYPES}, got {dtype!r}")
+        for name, value in (("dataset_fingerprint", dataset_fingerprint), ("teacher_fingerprint", teacher_fingerprint)):
+            if not isinstance(value, str) or not value:
+                raise InvalidArgumentError(f"TeacherCache.create: {name} must be a non-empty string, got {value!r}")
+        meta = {"format": FORMAT, "num_examples": num_examples, "num_classes": num_classes, "topk": topk,
+                "dtype": dtype, "dataset_fingerprint": dataset_fingerprint,
+                "teacher_fingerprint": teacher_fingerprint, "files_fingerprint": files_fingerprint, "complete": False}
+        if resume and os.path.exists(_meta_path(path)):
+            stored = _read_meta(path)
+            _check_fingerprints(path, stored, dataset_fingerprint, teacher_fingerprint)
+            if any(stored[key] != meta[key] for key in ("num_examples", "num_classes", "topk", "dtype")):
+                raise InvalidArgumentError(f"TeacherCache.create: resume=True found a cache at {path!r} with other "
+                                           "settings (N, C, topk, dtype); remove it or create it elsewhere")
+            return TeacherCacheWriter(path, stored, _open_arrays(path, stored, "r+"),
+                                      np.load(os.path.join(path, "written.npy"), mmap_mode="r+"))
+        if os.path.exists(_meta_path(path)):
+            raise InvalidArgumentError(f"TeacherCache.create: a cache already exists at {path!r}; pass resume=True "
+                                       "to finish it, or remove it")
+        os.makedirs(path, exist_ok=True)
+        arrays = _open_arrays(path, meta, "w+")
+        written = np.lib.format.open_memmap(os.path.join(path, "written.npy"), mode="w+", dtype=np.bool_,
+                                            shape=(num_examples,))
+        if files is not None:
+            write_file_list(os.path.join(path, "files.txt"), files)
+        _write_meta(path, meta)
+        return TeacherCacheWriter(path, meta, arrays, written)
+
+    @staticmethod
+    def open(path, *, dataset_fingerprint=None, teacher_fingerprint=None) -> "TeacherCache":
+        """Opens a complete cache; refuses one built from another data set or teacher than those given."""
+        meta = _read_meta(path)
+        _check_fingerprints(path, meta, dataset_fingerprint, teacher_fingerprint)
+        if not meta.get("complete"):
+            raise InvalidArgumentError(f"TeacherCache: {path!r} is incomplete (its writer never closed); finish it "
+                                       "with TeacherCache.create(..., resume=True) or rebuild it")
+        return TeacherCache(path, meta, _open_arrays(path, meta, "r"))
+
+    def check(self, *, dataset_fingerprint=None, teacher_fingerprint=None) -> None:
+        """Raises TeacherCacheMismatchError unless the cache was built from these (None: not checked)."""
+        _check_fingerprints(self.path, self.meta, dataset_fingerprint, teacher_fingerprint)
+
+    def check_dataset(self, dataset) -> None:
+        """Raises TeacherCacheMismatchError unless the cache was built for `dataset`: its labels and, when the
+        cache recorded one, its file list (the message then names the first mismatched files)."""
+        from kdfast.data import check_identity, labels_fingerprint
+        from kdfast.data.identity import DataIdentityError
+        _check_fingerprints(self.path, self.meta, labels_fingerprint(dataset.targets), None)
+        if not self.meta.get("files_fingerprint"):
+            return
+        files_txt = os.path.join(self.path, "files.txt")
+        recorded_files = read_file_list(files_txt) if os.path.isfile(files_txt) else None
+        try:
+            check_identity({"files_fingerprint": self.meta["files_fingerprint"]}, dataset,
+                           what=f"TeacherCache {str(self.path)!r}", recorded_files=recorded_files)
+        except DataIdentityError as exc:
+            raise TeacherCacheMismatchError(str(exc)) from None
+
+    @property
+    def num_classes(self) -> int:
+        return self.meta["num_classes"]
+
+    @property
+    def topk(self):
+        return self.meta["topk"]
+
+    def __len__(self) -> int:
+        return self.meta["num_examples"]
+
+    def __getitem__(self, indices) -> torch.Tensor:
+        idx = _as_indices(indices, len(self))
+        if self.topk is None:
+            return torch.from_numpy(np.asarray(self._arrays["logits"][idx], dtype=np.float32))
+        out = torch.full((len(idx), self.num_classes), float("-inf"))
+        values = torch.from_numpy(np.asarray(self._arrays["values"][idx], dtype=np.float32))
+        classes = torch.from_numpy(np.asarray(self._arrays["classes"][idx], dtype=np.int64))
+        return out.scatter_(1, classes, values)
+
+
+def _open_arrays(path, meta, mode):
+    n, c, k, dtype = meta["num_examples"], meta["num_classes"], meta["topk"], meta["dtype"]
+    shapes = {"logits": ((n, c), dtype)} if k is None else {"values": ((n, k), dtype), "classes": ((n, k), "int32")}
+    arrays = {}
+    for name, (shape, dt) in shapes.items():
+        file = os.path.join(path, f"{name}.npy")
+        if mode == "w+":
+            arrays[name] = np.lib.format.open_memmap(file, mode="w+", dtype=dt, shape=shape)
+        else:
+            try:
+                arrays[name] = np.load(file, mmap_mode=mode)
+            except FileNotFoundError:
+                raise InvalidArgumentError(f"TeacherCache: {file} is missing; the cache at {path!r} is damaged, "
+                                           "rebuild it") from None
+            if arrays[name].shape != shape:
+                raise InvalidArgumentError(f"TeacherCache: {file} has shape {arrays[name].shape}, meta.json says "
+                                           f"{shape}; the cache is damaged, rebuild it")
+    return arrays

@@ -1,0 +1,12 @@
+"""The job layer: runs with a recorded identity, resumable chunk storage and atomic file writes.
+
+    from kdfast.io import Job, ChunkStore, write_json, save_npy
+"""
+from kdfast.io.atomic import atomic_write, read_json, save_npy, save_npz, save_torch, write_json, write_text
+from kdfast.io.chunks import ChunkStore
+from kdfast.io.errors import IncompleteStoreError, JobError, JobExistsError, JobMismatchError
+from kdfast.io.job import NON_IDENTITY, Job, job_identity
+
+__all__ = ["Job", "ChunkStore", "NON_IDENTITY", "job_identity", "JobError", "JobExistsError", "JobMismatchError",
+           "IncompleteStoreError", "atomic_write", "read_json", "save_npy", "save_npz", "save_torch", "write_json",
+           "write_text"]

@@ -1,0 +1,1 @@
+"""The jobs the command lines run (score, distill, self-distill): resolve, record, resume, write."""

@@ -1,0 +1,315 @@
+"""The `kdfast-score` job: load the data, get the models (trained here, resumably, or from checkpoints),
+score every example into a resumable chunk store, write the outputs. The command line only parses and prints.
+
+    result = run_score_job(cfg)     # cfg: the resolved options (an argparse Namespace or any attribute object)
+
+Every field of `cfg` joins the job's identity (OUT/job.json) except NON_IDENTITY, so a resumed run is the run
+that was interrupted. Under torchrun every rank calls it; the main rank writes the shared files and returns
+the result, the others return None.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+
+from kdfast.runtime import distributed
+from kdfast.runtime.progress import log, progress
+from kdfast.io.atomic import save_npy, save_npz, save_torch, write_json
+from kdfast.io.chunks import ChunkStore
+from kdfast.io.job import Job
+
+NOT_LEARNING_MARGIN = 0.02  # accuracy within this of the majority-class share: the model did not learn
+
+
+def load_score_data(cfg):
+    """(scored data, training data): the evaluation view, and the augmented view for training (image data)."""
+    from kdfast.data import LabeledSubset, load_dataset
+    kw = dict(root=cfg.data_root, split=cfg.split, image_size=cfg.image_size)
+    decode = None if cfg.decode == "pil" else cfg.decode  # load_dataset refuses it for other data sets
+    data = load_dataset(cfg.dataset, **kw, decode=decode)  # training below keeps the PIL path (augmented)
+    train = None
+    if cfg.train_epochs and cfg.dataset != "digits":  # training sees the augmented view
+        train = load_dataset(cfg.dataset, augment=True, **kw)
+    if cfg.limit and cfg.limit < len(data):
+        data = LabeledSubset(data, range(cfg.limit))
+        train = LabeledSubset(train, range(cfg.limit)) if train is not None else None
+    return data, (train if train is not None else data)
+
+
+def _input_shape(dataset):
+    """(channels, side) of one decoded input (also for byte-loading data sets, whose items are JPEG bytes)."""
+    x = dataset.load(0)
+    return int(x.shape[0]), int(x.shape[-1])
+
+
+def _new_model(cfg, num_classes, shape):
+    from kdfast.models import create_model
+    return create_model(cfg.model, num_classes=num_classes, in_channels=shape[0], image_size=shape[1])
+
+
+def _load_models(cfg, num_classes, shape):
+    from kdfast.models import file_sha256, load_checkpoint
+    models, provenance = [], []
+    for path in cfg.checkpoint:
+        models.append(load_checkpoint(_new_model(cfg, num_classes, shape), path))
+        provenance.append({"path": os.path.abspath(path), "sha256": file_sha256(path)})
+    return models, provenance, []
+
+
+def _train_models(cfg, job, train_data, num_classes, shape, track_forgetting):
+    """Trains cfg.seeds models (resuming an interrupted one); returns models, their checkpoints, forgetting rows.
+
+    Under torchrun, seed k is trained by rank k % world; after a barrier every rank loads the others' saved
+    weights, so all ranks score with the same models as a single process.
+    """
+    from kdfast.models import file_sha256, load_checkpoint
+    folder = job.path("models")
+    os.makedirs(folder, exist_ok=True)
+    world, rank = distributed.world_size(), distributed.rank()
+    trained = {k: _train_one(cfg, job, train_data, num_classes, shape, track_forgetting, k) for k in range(cfg.seeds)
+               if k % world == rank and not os.path.exists(os.path.join(folder, f"seed{cfg.seed + k}.pt"))}
+    distributed.barrier()  # every seed's final checkpoint is on disk
+    models, provenance, forgetting = [], [], []
+    for k in range(cfg.seeds):
+        seed = cfg.seed + k
+        final = os.path.join(folder, f"seed{seed}.pt")
+        model = trained.get(k)
+        if model is None:
+            torch.manual_seed(seed)
+            model = load_checkpoint(_new_model(cfg, num_classes, shape), final)
+            log(f"model {k + 1}/{cfg.seeds}: reusing {final}", quiet=cfg.quiet)
+        if track_forgetting:
+            forgetting.append(np.load(os.path.join(folder, f"seed{seed}.forgetting.npy")))
+        models.append(model)
+        provenance.append({"path": os.path.abspath(final), "sha256": file_sha256(final), "seed": seed})
+    return models, provenance, forgetting
+
+
+def _train_one(cfg, job, train_data, num_classes, shape, track_forgetting, k):
+    """Trains model k (seed cfg.seed + k) and saves it as models/seed{seed}.pt, resuming its partial checkpoint."""
+    from kdfast.scoring import ForgettingTracker
+    from kdfast.training.fit import fit
+    seed = cfg.seed + k
+    folder = job.path("models")
+    final = os.path.join(folder, f"seed{seed}.pt")
+    torch.manual_seed(seed)
+    model = _new_model(cfg, num_classes, shape)
+    tracker = ForgettingTracker(len(train_data)) if track_forgetting else None
+    partial = os.path.join(folder, f"seed{seed}.partial.pt")
+    tic = time.perf_counter()
+    fit(model, train_data, epochs=cfg.train_epochs, batch_size=cfg.train_batch_size, lr=cfg.lr,
+        forgetting=tracker, device=cfg.device, precision=cfg.precision, seed=seed, num_workers=cfg.num_workers,
+        checkpoint_path=partial, resume=True, progress=not cfg.quiet)  # the job checked it is this run's
+    if tracker is not None:
+        save_npy(os.path.join(folder, f"seed{seed}.forgetting.npy"), tracker.scores().cpu().numpy())
+    save_torch(final, {"model": {n: v.detach().cpu() for n, v in model.state_dict().items()}})  # marks it done
+    os.remove(partial)
+    log(f"model {k + 1}/{cfg.seeds} (seed {seed}): {cfg.train_epochs} epochs in {time.perf_counter() - tic:.1f} s "
+        f"-> {final}", quiet=cfg.quiet)
+    return model
+
+
+def model_accuracies(cfg, models, data) -> list[float]:
+    """Eval-mode accuracy of each model on the scored data (the view it scores), in one pass over the data:
+    an example is right when its margin (largest other logit minus the true one) is negative. Sharded over
+    torchrun ranks and summed."""
+    from kdfast.scoring import get_method, index_batches, score_batches
+    batches = index_batches(range(len(data)), cfg.batch_size)
+    mine = [batches[i] for i in distributed.shard_indices(len(batches), distributed.rank(), distributed.world_size())]
+    correct = torch.zeros(len(models), dtype=torch.float64, device=cfg.device)
+    for _, values, _ in progress(score_batches(models, data, get_method("margin"), batches=mine, device=cfg.device,
+                                               precision=cfg.precision, num_workers=cfg.num_workers),
+                                 total=sum(len(b) for b in mine), desc="eval accuracy", quiet=cfg.quiet,
+                                 count=lambda r: len(r[0])):
+        correct += (values < 0).sum(0).to(correct)
+    distributed.all_reduce_sum(correct)
+    return (correct / len(data)).tolist()
+
+
+def not_learning_warnings(accuracies, targets, what="model") -> list[str]:
+    """A note for each accuracy at (or below) the majority-class share: such a model predicts one class."""
+    majority = float(np.bincount(np.asarray(targets)).max()) / len(targets)
+    names = [f"{what} {k + 1}" for k in range(len(accuracies))] if len(accuracies) > 1 else [what]
+    return [f"{name}: eval-mode accuracy {acc:.3f} is at the majority-class share {majority:.3f}; it did not "
+            "learn (more epochs, a lower learning rate or a model suited to the images may help)"
+            for name, acc in zip(names, accuracies) if acc <= majority + NOT_LEARNING_MARGIN]
+
+
+def _score_chunked(cfg, job, method, models, data):
+    """Scores with the resumable chunk store; returns (K, N) float32 (main rank only, else None), the store and
+    the images/s of this pass.
+
+    Under torchrun each rank scores a contiguous block of the single-process batches (so every value comes from
+    the same batch as in a plain run) and writes its own chunk files; rank 0 gathers after a barrier.
+    """
+    from kdfast.scoring import index_batches, score_batches
+    n = len(data)
+    store = _open_main_first(lambda: ChunkStore(job.path("chunks"), num_rows=n, width=len(models), resume=True,
+                                                rank=distributed.rank(), rows_per_chunk=cfg.chunk_size))
+    writer = _open_main_first(lambda: _logit_writer(job, models[0], data)) if cfg.save_logits else None
+    done = store.done_mask()
+    batches = index_batches(range(n), cfg.batch_size)
+    mine = [batches[i] for i in distributed.shard_indices(len(batches), distributed.rank(), distributed.world_size())]
+    batches = [b for b in mine if not done[b[0]]]
+    todo, share = sum(len(b) for b in batches), sum(len(b) for b in mine)
+    if todo < share:
+        log(f"resuming: {share - todo} of {share} examples already scored", quiet=cfg.quiet)
+    tic = time.perf_counter()
+    results = score_batches(models, data, method, batches=batches, device=cfg.device, precision=cfg.precision,
+                            num_workers=cfg.num_workers, head=cfg.head, keep_logits=writer is not None)
+    for idx, values, logits in progress(results, total=todo, desc=f"scoring ({cfg.method})", quiet=cfg.quiet,
+                                        count=lambda r: len(r[0])):
+        if writer is not None:
+            writer.write(idx, logits)  # before the chunk: a row on disk always has its logits
+        store.write(idx.numpy(), values.numpy())
+    store.close()
+    del writer  # its rows are in the shared files; the main rank reopens them to check all are there and close
+    # every rank's share, counted on the scoring device (NCCL reduces GPU tensors only)
+    todo = int(distributed.all_reduce_sum(torch.tensor([todo], device=cfg.device))[0])
+    distributed.barrier()  # every rank's chunks and logits are on disk
+    seconds = time.perf_counter() - tic
+    if not distributed.is_main():
+        return None, store, None
+    if cfg.save_logits:
+        _logit_writer(job, models[0], data).close()
+    per_model = store.gather().T.copy()
+    return per_model, store, (todo / seconds if todo else None)
+
+
+def _open_main_first(open_fn):
+    """open_fn() on the main rank (which creates the shared files), then on the others."""
+    opened = open_fn() if distributed.is_main() else None
+    distributed.barrier()
+    return opened if distributed.is_main() else open_fn()
+
+
+def _logit_writer(job, model, data):
+    from kdfast.data import data_identity
+    from kdfast.models import model_fingerprint
+    from kdfast.distill.teacher_cache import TeacherCache
+    identity = data_identity(data)
+    return TeacherCache.create(job.path("teacher-logits"), num_examples=len(data), num_classes=data.num_classes,
+                               dataset_fingerprint=identity["labels_fingerprint"],
+                               teacher_fingerprint=model_fingerprint(model), resume=True, files=data.files,
+                               files_fingerprint=identity["files_fingerprint"])
+
+
+def _score_liprune(cfg, job, models, data):
+    """Per-batch Hessian norms per model (each model's result saved, so a resumed run skips it); (K, N), batch ids.
+
+    Under torchrun model k is scored by rank k % world; the main rank collects them (others return None, None).
+    """
+    from kdfast.scoring.liprune import liprune_batch_scores
+    world, rank = distributed.world_size(), distributed.rank()
+    paths = [job.path(f"liprune-model{k}.npz") for k in range(len(models))]
+    for k, (model, path) in enumerate(zip(models, paths)):
+        if k % world == rank and not os.path.exists(path):
+            s, ids = liprune_batch_scores(model, data, cfg.batch_size, seed=cfg.seed, device=cfg.device,
+                                          progress=not cfg.quiet)
+            save_npz(path, scores=np.asarray(torch.as_tensor(s, dtype=torch.float32).cpu()),
+                     batch_ids=np.asarray(torch.as_tensor(ids, dtype=torch.int64).cpu()))
+    distributed.barrier()
+    if not distributed.is_main():
+        return None, None
+    rows, batch_ids = [], None
+    for path in paths:
+        with np.load(path) as z:
+            rows.append(z["scores"])
+            batch_ids = z["batch_ids"]
+    return np.stack(rows), batch_ids
+
+
+def start_score_job(cfg, data, *, label=None) -> Job:
+    """The main rank opens (or checks) the job in cfg.out; every rank gets it after a barrier."""
+    from kdfast.data import data_identity
+    return Job.start_on_main(cfg.out, "score", vars(cfg), data=data_identity(data), files=data.files,
+                             resume=cfg.resume, overwrite=cfg.overwrite, label=label)
+
+
+def run_score_job(cfg, job, data, train_data) -> dict | None:
+    """Runs the job (see the module docstring); the main rank returns the result, the others None.
+
+    The result: scores (N,), per_model (K, N), targets, rate (images/s or None), meta (as in meta.json),
+    accuracies (eval-mode accuracy of each model on the scored data) and warnings.
+    """
+    from kdfast._version import __version__
+    from kdfast.data import data_identity
+    from kdfast.scoring import get_method, random_scores
+    method = get_method(cfg.method)
+    start = time.perf_counter()
+    n, num_classes = len(data), data.num_classes
+    shape = _input_shape(data)
+    models, checkpoints, forgetting = [], [], []
+    if method.kind != "random":
+        if cfg.checkpoint:
+            models, checkpoints, forgetting = _load_models(cfg, num_classes, shape)
+        else:
+            models, checkpoints, forgetting = _train_models(cfg, job, train_data, num_classes, shape,
+                                                            track_forgetting=method.kind == "training")
+    accuracies = model_accuracies(cfg, models, data) if models else []
+    rate, batch_ids, store = None, None, None
+    if method.kind == "random":
+        per_model = random_scores(n, cfg.seed).numpy()[None]
+    elif method.kind == "training":
+        per_model = np.stack(forgetting).astype(np.float32)
+    elif method.kind == "batch":
+        per_model, batch_ids = _score_liprune(cfg, job, models, data)
+    else:
+        per_model, store, rate = _score_chunked(cfg, job, method, models, data)
+    if not distributed.is_main():
+        return None
+    per_model = per_model.astype(np.float32)
+    scores = per_model.mean(0) if len(per_model) > 1 else per_model[0]
+    targets = data.targets.numpy()
+
+    save_npy(job.path("scores.npy"), scores)
+    outputs = ["scores.npy"]
+    if len(per_model) > 1:
+        save_npy(job.path("scores_per_model.npy"), per_model)
+        outputs.append("scores_per_model.npy")
+    if batch_ids is not None:
+        save_npy(job.path("batch_ids.npy"), batch_ids)
+        outputs.append("batch_ids.npy")
+    if data.files:
+        outputs.append("files.txt")  # written by the job when it started
+    if cfg.save_logits:
+        outputs.append("teacher-logits/")
+    outputs += [os.path.relpath(c["path"], job.out) for c in checkpoints if c["path"].startswith(
+        os.path.abspath(job.out))]
+    for c, acc in zip(checkpoints, accuracies):
+        c["eval_acc"] = acc
+    identity = data_identity(data)
+    meta = {"method": cfg.method, "direction": "higher is harder", "dataset": cfg.dataset, "split": cfg.split,
+            "data_root": os.path.abspath(cfg.data_root) if cfg.data_root else None,
+            "labels_fingerprint": identity["labels_fingerprint"], "files_fingerprint": identity["files_fingerprint"],
+            "data": identity, "num_examples": n, "num_classes": num_classes, "limit": cfg.limit,
+            "model": None if method.kind == "random" else cfg.model, "checkpoints": checkpoints,
+            "trained_here": bool(cfg.train_epochs), "seeds":
+            [cfg.seed + k for k in range(cfg.seeds)] if cfg.seeds else None, "epochs": cfg.train_epochs,
+            "lr": cfg.lr if cfg.train_epochs else None, "seed": cfg.seed, "precision": cfg.precision,
+            "batch_size": cfg.batch_size, "device": cfg.device, "world_size": distributed.world_size(),
+            "kdfast_version": __version__, "torch_version": torch.__version__,
+            "images_per_s": round(rate, 1) if rate else None, "files": outputs,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    warnings = not_learning_warnings(accuracies, targets)
+    return {"scores": scores, "per_model": per_model, "targets": targets, "rate": rate, "meta": meta,
+            "accuracies": accuracies, "warnings": warnings, "store": store, "start": start}
+
+
+def finish_score_job(job, result, extra_outputs=()) -> dict:
+    """Writes meta.json (with any files the caller added, e.g. show.png), drops the chunks, completes the job."""
+    meta = result["meta"]
+    meta["files"] += list(extra_outputs)
+    meta["wall_time_s"] = round(time.perf_counter() - result["start"], 3)
+    write_json(job.path("meta.json"), meta)
+    if result["store"] is not None:
+        result["store"].remove()
+    job.complete()
+    return meta
+
+
+def score_job_finished(job) -> bool:
+    return job.finished or os.path.exists(job.path("meta.json"))

@@ -1,0 +1,1 @@
+"""Training: `fit` and its checkpoints, `self_distill` chains."""
