@@ -253,7 +253,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------- reproductions
-# bench/repro_*.py run on the CPU and write `<name>.md`, `<name>.json` and `<name>.png` into a figure folder.
+# bench/repro/*.py run on the CPU and write `<name>.md`, `<name>.json` and `<name>.png` into bench/repro/reports/.
 
 def repro_provenance(module: str, argv=None) -> dict:
     """Where a reproduction ran and with what (its md and json record it); `elapsed_s` is added when it ends."""

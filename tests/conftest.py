@@ -15,3 +15,13 @@ def _fresh_seed(request):
     # Fresh random inputs per test, yet reproducible from the test's id when one fails.
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    # `gpu` tests need a CUDA device: skipped, with the reason shown, where there is none
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -168,7 +168,7 @@ def _index(members: list[int], device: torch.device) -> torch.Tensor:
 class PackedBytes:
     """A batch's files as one flat uint8 buffer and their end offsets: what loader workers send, so the
     main process receives two tensors per batch instead of one per image (each tensor crossing the process
-    boundary costs a shared-memory handle; bench/bench_e2e.py's receive rows measure both). The DataLoader
+    boundary costs a shared-memory handle; bench/perf/bench_e2e.py's receive rows measure both). The DataLoader
     pins it (its `pin_memory` method) when the decode runs on CUDA."""
 
     def __init__(self, flat: torch.Tensor, ends: torch.Tensor):

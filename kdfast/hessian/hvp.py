@@ -7,10 +7,10 @@ solvers never touch parameter structure. Two engines:
   trick), then every product is one double backward through it. On CUDA the build and the product are
   captured once per slot as CUDA graphs and replayed (a new batch: a copy into the slot's static inputs and
   a replay of the build), so a product costs its kernels, not the ~1,670 eager launches of ResNet-18's
-  GroupNorm double backward (issue 12's count). Capture failing falls back to eager, with one warning.
+  GroupNorm double backward (measured on a GPU, bench/results/NOTES.md). Capture failing falls back to eager, with one warning.
 - "vmap": torch.func.vmap over the K stacked batches of jvp(grad(f)) (forward-over-reverse) through
   functional_call: forward and backward are recomputed per product, so eagerly it is the slower engine
-  (bench/bench_hessian.py rows); `compile=` compiles it, opt-in only.
+  (bench/perf/bench_hessian.py rows); `compile=` compiles it, opt-in only.
 
 With curvature="ggn" the product is J^T H_out J v: a jvp gives J v, the loss's output Hessian (for the
 softmax cross-entropy (diag(p) - p pᵀ)/B per example, closed form) acts in output space, a vjp maps back.

@@ -36,7 +36,7 @@ import triton.language as tl
 from kdfast.runtime.dispatch import triton_interpret
 
 # Largest row the forward keeps in registers in one tile, and the tile width of the two-pass path, with
-# the warp ladder below: from the sm_90 compile (`python -m bench.kernel_resources`, no GPU needed), every
+# the warp ladder below: from the sm_90 compile (`python -m bench.perf.kernel_resources`, no GPU needed), every
 # 8192-wide variant at 16 warps fits its registers (96-128) without spilling, whereas 16384-wide fp32 with
 # stats spills 96 bytes and 32 warps cap a thread at 64 registers and spill. Tests lower both to run the
 # tiled path on small C; `config=` overrides them per call (the benchmark's sweep).

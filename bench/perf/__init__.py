@@ -1,0 +1,1 @@
+"""Timed benchmarks: each module emits rows through bench.run."""

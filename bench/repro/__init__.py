@@ -1,0 +1,1 @@
+"""The papers' findings reproduced: each script writes its report to bench/repro/reports/."""

@@ -1,0 +1,158 @@
+"""TeacherCache: round trip (full and top-k, fp16 and fp32), resumable writer, refusal on fingerprint mismatch,
+incomplete caches and bad arguments."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import kdfast
+from kdfast.errors import InvalidArgumentError
+from kdfast.distill.teacher_cache import TeacherCache, TeacherCacheMismatchError
+
+N, C = 37, 11
+FP = dict(dataset_fingerprint="d" * 64, teacher_fingerprint="t" * 64)
+
+
+def _fill(path, logits, *, topk=None, dtype="float16", batch=8):
+    writer = TeacherCache.create(path, num_examples=N, num_classes=C, topk=topk, dtype=dtype, **FP)
+    order = torch.randperm(N)  # any order of rows
+    for idx in order.split(batch):
+        writer.write(idx, logits[idx])
+    writer.close()
+
+
+@pytest.mark.parametrize("dtype, tol", [("float16", 1e-3), ("float32", 0.0)])
+def test_full_round_trip(tmp_path, dtype, tol):
+    logits = torch.randn(N, C) * 8
+    _fill(tmp_path / "c", logits, dtype=dtype)
+    cache = TeacherCache.open(tmp_path / "c", **FP)
+    idx = torch.tensor([5, 0, 36, 5, 17])
+    got = cache[idx]
+    assert got.dtype == torch.float32 and got.shape == (5, C)
+    rel = float(((got - logits[idx]).abs() / logits[idx].abs().clamp(min=1e-3)).max())
+    assert rel <= tol, f"max rel err {rel:.2e}"
+    assert torch.equal(cache[np.arange(N)], cache[torch.arange(N)])
+    assert len(cache) == N and cache.num_classes == C and cache.topk is None
+    assert kdfast.TeacherCache is TeacherCache
+
+
+def test_topk_round_trip_has_minus_inf_outside_kept_classes(tmp_path):
+    logits = torch.randn(N, C) * 5
+    _fill(tmp_path / "c", logits, topk=3, dtype="float32")
+    got = TeacherCache.open(tmp_path / "c")[torch.arange(N)]
+    top = logits.topk(3, dim=-1)
+    expected = torch.full_like(logits, float("-inf")).scatter(1, top.indices, top.values)
+    assert torch.equal(got, expected)
+    # the KD loss treats -inf as probability 0: identical to distilling from the renormalised top-3
+    s, y = torch.randn(N, C), torch.randint(0, C, (N,))
+    loss = kdfast.kd_loss(s, got, y, alpha=1.0, temperature=2.0, backend="torch")
+    q = torch.zeros(N, C).scatter(1, top.indices, torch.softmax(top.values.double() / 2.0, -1).float())
+    ref = (q * (q.clamp(min=1e-30).log() - torch.log_softmax(s.double() / 2.0, -1))).sum(-1).mean() * 4.0
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_refuses_other_dataset_or_teacher(tmp_path):
+    _fill(tmp_path / "c", torch.randn(N, C))
+    with pytest.raises(TeacherCacheMismatchError, match="another dataset"):
+        TeacherCache.open(tmp_path / "c", dataset_fingerprint="x" * 64)
+    with pytest.raises(TeacherCacheMismatchError, match="another teacher"):
+        TeacherCache.open(tmp_path / "c", teacher_fingerprint="y" * 64)
+    cache = TeacherCache.open(tmp_path / "c")
+    with pytest.raises(TeacherCacheMismatchError, match="another teacher"):
+        cache.check(teacher_fingerprint="y" * 64)
+    assert isinstance(TeacherCacheMismatchError("x"), InvalidArgumentError)
+
+
+def test_incomplete_cache_is_refused_then_resumed(tmp_path):
+    logits = torch.randn(N, C)
+    writer = TeacherCache.create(tmp_path / "c", num_examples=N, num_classes=C, dtype="float32", **FP)
+    writer.write(torch.arange(20), logits[:20])
+    with pytest.raises(InvalidArgumentError, match="17 of 37 rows were never written"):
+        writer.close()
+    with pytest.raises(InvalidArgumentError, match="incomplete"):
+        TeacherCache.open(tmp_path / "c")
+    with pytest.raises(InvalidArgumentError, match="already exists"):
+        TeacherCache.create(tmp_path / "c", num_examples=N, num_classes=C, **FP)
+    with pytest.raises(InvalidArgumentError, match="other settings"):
+        TeacherCache.create(tmp_path / "c", num_examples=N, num_classes=C, dtype="float16", resume=True, **FP)
+    writer = TeacherCache.create(tmp_path / "c", num_examples=N, num_classes=C, dtype="float32", resume=True, **FP)
+    assert writer.num_written == 20
+    writer.write(torch.arange(20, N), logits[20:])
+    writer.close()
+    assert torch.equal(TeacherCache.open(tmp_path / "c")[torch.arange(N)], logits)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_examples=0), "num_examples must be a positive integer"),
+    (dict(num_classes=2.5), "num_classes must be a positive integer"),
+    (dict(topk=0), "topk must be None"),
+    (dict(topk=C + 1), "topk must be None"),
+    (dict(dtype="int8"), "dtype must be one of"),
+    (dict(dataset_fingerprint=""), "dataset_fingerprint must be a non-empty string"),
+    (dict(teacher_fingerprint=None), "teacher_fingerprint must be a non-empty string"),
+])
+def test_create_rejects_bad_arguments(tmp_path, kwargs, match):
+    args = dict(num_examples=N, num_classes=C, **FP)
+    args.update(kwargs)
+    with pytest.raises(InvalidArgumentError, match=match):
+        TeacherCache.create(tmp_path / "c", **args)
+
+
+def test_write_and_read_reject_bad_indices_and_shapes(tmp_path):
+    writer = TeacherCache.create(tmp_path / "c", num_examples=N, num_classes=C, **FP)
+    with pytest.raises(InvalidArgumentError, match=r"indices must lie in \[0, 37\)"):
+        writer.write(torch.tensor([0, 37]), torch.randn(2, C))
+    with pytest.raises(InvalidArgumentError, match=r"logits must be a \(2, 11\) tensor"):
+        writer.write(torch.tensor([0, 1]), torch.randn(2, C + 1))
+    with pytest.raises(InvalidArgumentError, match="indices must be integers"):
+        writer.write(torch.tensor([0.0, 1.0]), torch.randn(2, C))
+    writer.write(torch.arange(N), torch.randn(N, C))
+    writer.close()
+    cache = TeacherCache.open(tmp_path / "c")
+    with pytest.raises(InvalidArgumentError, match=r"indices must lie in \[0, 37\)"):
+        cache[torch.tensor([-1])]
+
+
+def test_open_reports_missing_damaged_or_foreign_caches(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="no cache at"):
+        TeacherCache.open(tmp_path / "nothing")
+    _fill(tmp_path / "c", torch.randn(N, C))
+    os.remove(tmp_path / "c" / "logits.npy")
+    with pytest.raises(InvalidArgumentError, match="damaged"):
+        TeacherCache.open(tmp_path / "c")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "meta.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(InvalidArgumentError, match="format"):
+        TeacherCache.open(tmp_path / "d")
+    (tmp_path / "d" / "meta.json").write_text("{not json")
+    with pytest.raises(InvalidArgumentError, match="not valid JSON"):
+        TeacherCache.open(tmp_path / "d")
+
+
+def test_check_dataset_names_the_files_that_differ(tmp_path):
+    # a cache of an image folder is tied to its file list, not only to its labels
+    from _fake_datasets import write_image_folder
+
+    from kdfast.data import data_identity, load_dataset
+    write_image_folder(tmp_path / "f")
+    data = load_dataset("folder", root=tmp_path / "f", image_size=8)
+    identity = data_identity(data)
+    writer = TeacherCache.create(tmp_path / "c", num_examples=len(data), num_classes=3,
+                                 dataset_fingerprint=identity["labels_fingerprint"], teacher_fingerprint="t" * 64,
+                                 files=data.files, files_fingerprint=identity["files_fingerprint"])
+    writer.write(torch.arange(len(data)), torch.randn(len(data), 3))
+    writer.close()
+    cache = TeacherCache.open(tmp_path / "c")
+    cache.check_dataset(data)  # the same files
+    (tmp_path / "f" / "emu" / "img2.JPEG").rename(tmp_path / "f" / "emu" / "img9.JPEG")  # same labels, other file
+    renamed = load_dataset("folder", root=tmp_path / "f", image_size=8)
+    assert torch.equal(renamed.targets, data.targets)
+    with pytest.raises(TeacherCacheMismatchError, match=r"files_fingerprint differ; 1 files gone: emu/img2.JPEG; "
+                                                        r"1 new: emu/img9.JPEG"):
+        cache.check_dataset(renamed)
+    with pytest.raises(TeacherCacheMismatchError, match="was built from another dataset"):
+        cache.check_dataset(load_dataset("digits"))

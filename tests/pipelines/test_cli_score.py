@@ -1,0 +1,370 @@
+"""kdfast-score end to end: outputs, ensembles, folders, forgetting, logits, resume after SIGKILL, every error."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import kdfast
+from _fake_datasets import write_cifar, write_image_folder
+from kdfast.cli.main import main, score_main
+from kdfast.data import labels_fingerprint, load_dataset
+from kdfast.models import create_model, file_sha256, load_checkpoint
+
+
+def _checkpoint(path, name="cnn", seed=0, num_classes=10, in_channels=1):
+    torch.manual_seed(seed)
+    model = create_model(name, num_classes=num_classes, in_channels=in_channels)
+    torch.save({"model": model.state_dict()}, path)
+    return model
+
+
+def _run(argv, capsys):
+    code = score_main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_default_command_trains_scores_and_writes_runs_digits_el2n(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run([], capsys)
+    assert code == 0, err
+    run = tmp_path / "runs" / "digits-el2n"
+    assert "output -> runs/digits-el2n" in err and "-> runs/digits-el2n" in out
+    scores, per_model = np.load(run / "scores.npy"), np.load(run / "scores_per_model.npy")
+    meta = json.loads((run / "meta.json").read_text())
+    data = load_dataset("digits")
+    assert scores.dtype == np.float32 and scores.shape == (1397,) and per_model.shape == (3, 1397)
+    np.testing.assert_allclose(scores, per_model.mean(0), rtol=1e-6)
+    assert meta["method"] == "el2n" and meta["direction"] == "higher is harder" and meta["seeds"] == [0, 1, 2]
+    assert meta["labels_fingerprint"] == labels_fingerprint(data.targets) and meta["num_examples"] == 1397
+    assert meta["epochs"] == 3 and meta["torch_version"] == torch.__version__ and meta["images_per_s"] > 0
+    assert [c["sha256"] for c in meta["checkpoints"]] == [file_sha256(run / "models" / f"seed{s}.pt") for s in range(3)]
+    assert not (run / "chunks").exists() and (run / "job.json").exists()
+    # the kept checkpoints reproduce the scores
+    models = [load_checkpoint(create_model("cnn", num_classes=10, in_channels=1), run / "models" / f"seed{s}.pt")
+              for s in range(3)]
+    _, again = kdfast.score(models, data, "el2n", progress=False, return_per_model=True)
+    np.testing.assert_allclose(per_model, again.numpy(), rtol=1e-5, atol=1e-6)
+    assert "score histogram by class" in out and "hardest 10 examples" in out
+    hardest = int(np.argmax(scores))
+    assert f" {hardest} " in out.split("hardest 10 examples:")[1].splitlines()[2]
+
+
+def test_checkpoint_ensemble_matches_the_api(tmp_path, capsys):
+    a, b = _checkpoint(tmp_path / "a.pt", seed=1), _checkpoint(tmp_path / "b.pt", seed=2)
+    out_dir = tmp_path / "run"
+    code, out, err = _run(["--checkpoint", str(tmp_path / "a.pt"), "--checkpoint", str(tmp_path / "b.pt"),
+                           "--method", "grand-last", "--limit", "150", "--batch-size", "64", "--out", str(out_dir),
+                           "--quiet", "--top", "3"], capsys)
+    assert code == 0, err
+    # --quiet: no progress; the untrained checkpoints are at chance, which is worth a warning all the same
+    assert err.count("did not learn") == 2 and all(ln.startswith("kdfast-score: warning: model ") for ln in err.splitlines())
+    data = torch.utils.data.Subset(load_dataset("digits"), range(150))
+    mean, per = kdfast.score([a, b], data, "grand-last", progress=False, return_per_model=True)
+    np.testing.assert_allclose(np.load(out_dir / "scores_per_model.npy"), per.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.load(out_dir / "scores.npy"), mean.numpy(), rtol=1e-6)
+    meta = json.loads((out_dir / "meta.json").read_text())
+    assert meta["checkpoints"][1]["sha256"] == file_sha256(tmp_path / "b.pt") and meta["seeds"] is None
+    assert "hardest 3 examples" in out
+    # each scoring model's accuracy in eval mode, the mode it scores in
+    x = torch.stack([data[i][0] for i in range(150)])
+    y = torch.as_tensor([data[i][1] for i in range(150)])
+    for k, model in enumerate((a, b)):
+        with torch.no_grad():
+            expected = (model.eval()(x).argmax(1) == y).double().mean().item()
+        assert f"model {k + 1}: eval-mode accuracy {expected:.4f} on the 150 scored examples" in out
+        assert meta["checkpoints"][k]["eval_acc"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_trained_models_report_eval_mode_accuracy_not_the_training_mode_one(tmp_path, capsys):
+    # a BatchNorm CNN: train-mode accuracy during training and eval-mode accuracy differ; the latter is reported
+    code, out, err = _run(["--model", "cnn", "--limit", "200", "--seeds", "1", "--train-epochs", "1", "--out",
+                           str(tmp_path / "r"), "--quiet"], capsys)
+    assert code == 0, err
+    model = load_checkpoint(create_model("cnn", num_classes=10, in_channels=1), tmp_path / "r" / "models" / "seed0.pt")
+    data = load_dataset("digits")
+    x = torch.stack([data[i][0] for i in range(200)])
+    with torch.no_grad():
+        expected = (model.eval()(x).argmax(1) == data.targets[:200]).double().mean().item()
+    assert f"model 1: eval-mode accuracy {expected:.4f}" in out
+
+
+def test_folder_dataset_writes_file_list_and_show_grid(tmp_path, capsys):
+    files = write_image_folder(tmp_path / "imgs")
+    (tmp_path / "imgs" / "dog" / "readme.txt").write_text("not an image")
+    _checkpoint(tmp_path / "m.pt", name="resnet8", num_classes=3, in_channels=3)
+    out_dir = tmp_path / "run"
+    code, out, err = _run(["--dataset", "folder", "--data-root", str(tmp_path / "imgs"), "--model", "resnet8",
+                           "--checkpoint", str(tmp_path / "m.pt"), "--image-size", "16", "--num-workers", "2",
+                           "--show", "2", "--method", "loss", "--out", str(out_dir)], capsys)
+    assert code == 0, err
+    assert (out_dir / "files.txt").read_text().splitlines() == files
+    assert (out_dir / "show.png").stat().st_size > 1000
+    assert "files.txt" in json.loads((out_dir / "meta.json").read_text())["files"]
+    assert any(f in out for f in files)  # the hardest list names files
+    # class names in the histogram, skipped files counted, show.png's path printed
+    histogram = out.split("score histogram by class")[1].split("hardest")[0]
+    assert [ln.split()[0] for ln in histogram.splitlines()[2:]] == ["cat", "dog", "emu"]
+    assert "(1 non-image files skipped, e.g. dog/readme.txt)" in err
+    assert f"wrote {out_dir / 'show.png'}" in out
+
+
+def test_forgetting_is_tracked_while_training(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    code, _, err = _run(["--method", "forgetting", "--limit", "120", "--train-epochs", "3", "--seeds", "2",
+                         "--model", "mlp", "--out", str(out_dir), "--quiet"], capsys)
+    assert code == 0, err
+    per = np.load(out_dir / "scores_per_model.npy")
+    for s in range(2):
+        np.testing.assert_array_equal(per[s], np.load(out_dir / "models" / f"seed{s}.forgetting.npy"))
+    assert per.shape == (2, 120) and np.all((per >= 0) & (per <= 1) | np.isinf(per))  # 3 presentations
+
+
+def test_random_needs_no_model_and_is_seeded(tmp_path, capsys):
+    code, _, err = _run(["--method", "random", "--seed", "7", "--out", str(tmp_path / "r"), "--quiet"], capsys)
+    assert code == 0, err
+    np.testing.assert_array_equal(np.load(tmp_path / "r" / "scores.npy"), kdfast.scoring.random_scores(1397, 7).numpy())
+    assert not (tmp_path / "r" / "models").exists()
+
+
+def test_save_logits_writes_a_teacher_cache(tmp_path, capsys):
+    model = _checkpoint(tmp_path / "t.pt").eval()
+    code, _, err = _run(["--checkpoint", str(tmp_path / "t.pt"), "--limit", "70", "--batch-size", "32",
+                         "--save-logits", "--out", str(tmp_path / "run"), "--quiet"], capsys)
+    assert code == 0, err
+    from kdfast.models import model_fingerprint
+    from kdfast.distill.teacher_cache import TeacherCache
+    data = load_dataset("digits")
+    cache = TeacherCache.open(str(tmp_path / "run" / "teacher-logits"),
+                              dataset_fingerprint=labels_fingerprint(data.targets[:70]),
+                              teacher_fingerprint=model_fingerprint(model))
+    with torch.no_grad():
+        want = model(data.images[:70])
+    torch.testing.assert_close(cache[torch.arange(70)], want, rtol=2e-3, atol=2e-3)  # fp16 storage
+
+
+def test_umbrella_command_runs_score(tmp_path, capsys):
+    assert main(["score", "--method", "random", "--out", str(tmp_path / "u"), "--quiet"]) == 0
+    assert (tmp_path / "u" / "scores.npy").exists()
+
+
+def _kill_when(proc, folder, suffix=".npz", timeout=120):
+    """SIGKILLs `proc` as soon as a file ending in `suffix` appears in `folder`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.isdir(folder) and any(f.endswith(suffix) for f in os.listdir(folder)):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before it could be killed: {proc.stderr.read()}")
+        time.sleep(0.001)
+    proc.kill()
+    raise AssertionError("no chunk appeared in time")
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, capsys):
+    _checkpoint(tmp_path / "a.pt", seed=3)
+    _checkpoint(tmp_path / "b.pt", seed=4)
+    # 60 batches of 8, a chunk after each: the kill lands after the first chunk, long before the last
+    common = ["--checkpoint", str(tmp_path / "a.pt"), "--checkpoint", str(tmp_path / "b.pt"), "--limit", "480",
+              "--batch-size", "8", "--chunk-size", "8", "--method", "el2n", "--quiet"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "kdfast.cli.score", *common, "--out", str(killed)],
+                            stderr=subprocess.PIPE, text=True)
+    _kill_when(proc, killed / "chunks")
+    assert not (killed / "meta.json").exists()
+    chunks_before = len(os.listdir(killed / "chunks"))
+    code, _, err = _run([*common, "--out", str(killed)], capsys)
+    assert code == 1 and "--resume" in err  # an unfinished run is never silently overwritten
+    code, _, err = _run([*common, "--out", str(killed), "--resume"], capsys)
+    assert code == 0, err
+    code, _, err = _run([*common, "--out", str(tmp_path / "whole")], capsys)
+    assert code == 0, err
+    for name in ("scores.npy", "scores_per_model.npy"):
+        np.testing.assert_array_equal(np.load(killed / name), np.load(tmp_path / "whole" / name))
+    assert chunks_before >= 1
+    before = (killed / "meta.json").read_text()
+    code, _, err = _run([c for c in common if c != "--quiet"] + ["--out", str(killed), "--resume"], capsys)
+    assert code == 0 and "nothing to do" in err and (killed / "meta.json").read_text() == before
+
+
+def test_resume_mid_training_keeps_the_forgetting_state(tmp_path, capsys):
+    # 16 steps per epoch: after seed 1's first epoch, 64 steps remain for the kill to land in
+    common = ["--method", "forgetting", "--model", "mlp", "--limit", "128", "--train-epochs", "5", "--seeds", "2",
+              "--train-batch-size", "8", "--quiet"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "kdfast.cli.score", *common, "--out", str(killed)],
+                            stderr=subprocess.PIPE, text=True)
+    _kill_when(proc, killed / "models", suffix="seed1.partial.pt")  # seed 0 done, seed 1 one epoch in
+    assert (killed / "models" / "seed0.pt").exists() and not (killed / "models" / "seed1.pt").exists()
+    code, _, err = _run([*common, "--out", str(killed), "--resume"], capsys)
+    assert code == 0, err
+    code, _, err = _run([*common, "--out", str(tmp_path / "whole")], capsys)
+    assert code == 0, err
+    np.testing.assert_array_equal(np.load(killed / "scores_per_model.npy"),
+                                  np.load(tmp_path / "whole" / "scores_per_model.npy"))
+    for s in range(2):
+        name = f"models/seed{s}.pt"
+        assert file_sha256(killed / name) == file_sha256(tmp_path / "whole" / name)
+
+
+def test_resume_with_other_settings_is_refused_naming_each_field(tmp_path, capsys):
+    # a run killed after model 1, resumed with other epochs and lr, used to mix the two runs
+    common = ["--model", "mlp", "--limit", "64", "--seeds", "2", "--train-batch-size", "16", "--quiet"]
+    out = tmp_path / "run"
+    code, _, err = _run([*common, "--train-epochs", "2", "--out", str(out)], capsys)
+    assert code == 0, err
+    (out / "meta.json").unlink()  # as if killed before the end: seed 0's model is on disk
+    (out / "models" / "seed1.pt").unlink()
+    code, _, err = _run([*common, "--train-epochs", "3", "--lr", "0.2", "--out", str(out), "--resume"], capsys)
+    assert code == 1 and "holds another job" in err
+    assert "--lr: 0.05 in the run, 0.2 now" in err and "--train-epochs: 2 in the run, 3 now" in err
+    assert not (out / "models" / "seed1.pt").exists() and not (out / "meta.json").exists()  # nothing ran
+    job = json.loads((out / "job.json").read_text())
+    assert job["identity"]["train_epochs"] == 2 and job["config"]["lr"] == 0.05  # the record is the first run's
+    code, _, err = _run([*common, "--train-epochs", "3", "--lr", "0.2", "--out", str(out), "--overwrite"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "meta.json").read_text())["epochs"] == 3
+
+
+def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path, capsys):
+    # a bad checkpoint used to leave config.json behind, so the fixed command was refused
+    bad = tmp_path / "bad.pt"
+    torch.save({"model": {"nope": torch.zeros(1)}}, bad)
+    out = tmp_path / "run"
+    code, _, err = _run(["--checkpoint", str(bad), "--out", str(out), "--quiet"], capsys)
+    assert code == 1 and "does not fit" in err or "checkpoint" in err
+    assert not out.exists()
+    _checkpoint(tmp_path / "a.pt")
+    code, _, err = _run(["--checkpoint", str(tmp_path / "a.pt"), "--out", str(out), "--quiet"], capsys)
+    assert code == 0, err
+    # the same into a folder that existed before: only the job record was written, and it is gone again
+    out2 = tmp_path / "existing"
+    out2.mkdir()
+    code, _, err = _run(["--checkpoint", str(bad), "--out", str(out2), "--quiet"], capsys)
+    assert code == 1 and out2.exists() and not list(out2.iterdir())
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    # argparse quotes the choices on some Python versions and not on others
+    (["--dataset", "mnist"], 2, ("invalid choice: 'mnist' (choose from ", "digits", "cifar10", "imagenet")),
+    (["--method", "entropy"], 2, ("invalid choice: 'entropy' (choose from ", "el2n", "grand-last", "forgetting")),
+    (["--model", "vgg"], 2, ("invalid choice: 'vgg' (choose from ", "cnn", "resnet110", "wrn40_2", "resnet50")),
+    (["--dataset", "cifar10"], 2, "--dataset cifar10 needs --data-root"),
+    (["--batch-size", "0", "--seeds", "0"], 2, "--seeds must be >= 1, got 0; --batch-size must be >= 1, got 0"),
+    (["--checkpoint", "nope.pt"], 2, "--checkpoint nope.pt does not exist"),
+    (["--checkpoint", "{ck}", "--train-epochs", "2"], 2, "give --checkpoint or --train-epochs/--seeds, not both"),
+    (["--method", "forgetting", "--checkpoint", "{ck}"], 2, "forgetting is measured while training"),
+    (["--save-logits"], 2, "--save-logits caches one model's logits"),
+    (["--method", "random", "--seeds", "2"], 2, "--method random uses no model"),
+    (["--out", "{tmp}", "--overwrite"], 1, "holds no kdfast run; choose another folder"),
+    (["--resume", "--overwrite"], 2, "give --resume or --overwrite, not both"),
+    (["--device", "tpu:x"], 2, "--device must be like cpu, cuda or cuda:1"),
+    (["--split", "val"], 2, "split for 'digits' must be one of train, test, all"),
+    (["--dataset", "cifar10", "--data-root", "{tmp}/nowhere"], 1, "does not exist or is not a directory"),
+    (["--dataset", "cifar10", "--data-root", "{tmp}"], 1, "expected ROOT/cifar-10-batches-py"),
+    (["--dataset", "cifar10", "--data-root", "{cifar}", "--seeds", "1"], 1, "label 10 at index 1 is outside [0, 10)"),
+    (["--dataset", "folder", "--data-root", "{broken}", "--model", "resnet8", "--checkpoint", "{ck3}",
+      "--image-size", "8", "--num-workers", "1"], 1, "cannot read image"),
+    (["--checkpoint", "{wrong}"], 1, "does not fit model"),
+])
+def test_every_error_is_one_line_with_its_exit_code(tmp_path, capsys, monkeypatch, argv, code, message):
+    monkeypatch.chdir(tmp_path)
+    _checkpoint(tmp_path / "ck.pt")
+    _checkpoint(tmp_path / "wrong.pt", name="mlp")
+    _checkpoint(tmp_path / "ck3.pt", name="resnet8", num_classes=3, in_channels=3)
+    write_cifar(tmp_path / "cifar", n=3, labels=[1, 10, 2])
+    write_image_folder(tmp_path / "broken")
+    (tmp_path / "broken" / "emu" / "img2.JPEG").write_bytes(b"garbage")
+    fill = {"ck": str(tmp_path / "ck.pt"), "wrong": str(tmp_path / "wrong.pt"), "ck3": str(tmp_path / "ck3.pt"),
+            "tmp": str(tmp_path), "cifar": str(tmp_path / "cifar"), "broken": str(tmp_path / "broken")}
+    argv = [a.format(**fill) for a in argv]
+    got, out, err = _run(argv + ([] if "--out" in argv else ["--out", str(tmp_path / "o")]) + ["--quiet"], capsys)
+    assert got == code and out == ""
+    assert all(m in err for m in ((message,) if isinstance(message, str) else message)), err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("kdfast-score: error: "), err
+    assert "Traceback" not in err and "DataError:" not in err  # worker errors arrive unwrapped
+
+
+def test_debug_prints_the_traceback(tmp_path, capsys):
+    code, _, err = _run(["--dataset", "cifar10", "--data-root", str(tmp_path), "--debug", "--out", str(tmp_path / "o")],
+                        capsys)
+    assert code == 1 and "Traceback" in err and err.strip().endswith(err.strip().splitlines()[-1])
+
+
+def test_env_prints_a_paste_ready_report(capsys):
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    import re
+    assert out.startswith("```") and out.rstrip().endswith("```") and "backend torch" in out
+    assert re.search(rf"^torch +{re.escape(torch.__version__)}$", out, re.M)
+
+
+def test_umbrella_without_a_command_is_a_usage_error(capsys):
+    assert main([]) == 2 and "a command is required" in capsys.readouterr().err
+
+
+def test_liprune_is_wired_through_liprune_batch_scores(tmp_path, capsys, monkeypatch):
+    """The CLI's part of `--method liprune`: call liprune_batch_scores per model, write scores and batch ids."""
+    import types
+    calls = []
+
+    def liprune_batch_scores(model, dataset, batch_size, *, seed=0, device=None, progress=True, **kw):
+        calls.append((len(dataset), batch_size, seed, str(device)))
+        n = len(dataset)
+        batch_ids = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) // batch_size
+        first = next(model.parameters()).detach().flatten()[0].abs().item()
+        return (batch_ids.float() + first).float(), batch_ids  # each example carries its batch's value
+
+    monkeypatch.setitem(sys.modules, "kdfast.scoring.liprune",
+                        types.SimpleNamespace(liprune_batch_scores=liprune_batch_scores))
+    _checkpoint(tmp_path / "a.pt", seed=1)
+    _checkpoint(tmp_path / "b.pt", seed=2)
+    code, _, err = _run(["--method", "liprune", "--checkpoint", str(tmp_path / "a.pt"), "--checkpoint",
+                         str(tmp_path / "b.pt"), "--batch-size", "50", "--limit", "200", "--seed", "5",
+                         "--out", str(tmp_path / "run"), "--quiet"], capsys)
+    assert code == 0, err
+    assert calls == [(200, 50, 5, "cpu")] * 2
+    ids = np.load(tmp_path / "run" / "batch_ids.npy")
+    per = np.load(tmp_path / "run" / "scores_per_model.npy")
+    assert sorted(np.bincount(ids)) == [50] * 4 and per.shape == (2, 200)
+    np.testing.assert_allclose(per[0] - ids, per[0][0] - ids[0], rtol=0, atol=1e-6)
+    api = kdfast.score(load_checkpoint(create_model("cnn", num_classes=10, in_channels=1), tmp_path / "a.pt"),
+                       torch.utils.data.Subset(load_dataset("digits"), range(200)), "liprune", batch_size=50, seed=5,
+                       progress=False)
+    np.testing.assert_array_equal(api.numpy(), per[0])
+
+
+def test_batched_jpeg_decode_matches_the_pil_path(tmp_path, capsys):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        os.makedirs(tmp_path / "imgs" / c)
+        for i in range(5):  # smooth content, so JPEG keeps it close to what was drawn
+            base = np.kron(rng.integers(0, 256, (5, 7, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+            Image.fromarray(base).save(tmp_path / "imgs" / c / f"img{i}.JPEG", quality=95)
+    _checkpoint(tmp_path / "m.pt", name="resnet8", num_classes=2, in_channels=3)
+    runs = {}
+    for decode in ("pil", "cpu"):
+        out_dir = tmp_path / decode
+        code, _, err = _run(["--dataset", "folder", "--data-root", str(tmp_path / "imgs"), "--model", "resnet8",
+                             "--checkpoint", str(tmp_path / "m.pt"), "--image-size", "32", "--decode", decode,
+                             "--method", "el2n", "--out", str(out_dir), "--quiet"], capsys)
+        assert code == 0, err
+        runs[decode] = np.load(out_dir / "scores.npy")
+    # the batched decoder is within one 8-bit level of PIL's eval view per pixel
+    np.testing.assert_allclose(runs["cpu"], runs["pil"], rtol=2e-2, atol=1e-3)
+
+
+def test_decode_on_a_data_set_without_image_files_is_a_usage_error(tmp_path, capsys):
+    code, _, err = _run(["--decode", "cpu", "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "decode" in err and len(err.strip().splitlines()) == 1, err
