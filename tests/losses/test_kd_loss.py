@@ -50,8 +50,10 @@ def _grad_tol(dtype, backend):
     steps are coarse: measured ratios reach 2.1 over 48 random draws, so k_low = 3."""
     atol, rtol = DTYPE_TOL[dtype]
     if backend == "triton" and triton_interpret() and dtype == torch.bfloat16:
-        # the Triton interpreter truncates fp32 -> bf16 (a GPU rounds to nearest): twice the rounding error
-        return atol, 2 * 2.0 ** -7, 4.0
+        # the Triton interpreter truncates fp32 -> bf16 (a GPU rounds to nearest): an rms error of 0.58 ulp per
+        # store against 0.29 for rounding, stored twice (forward, backward) where eager rounds once, i.e. ~2.8x
+        # eager's error on average; on one row of 37 classes eager's own error can be lucky (measured 6x), so 8
+        return atol, 2 * 2.0 ** -7, 8.0
     return atol, rtol, 3.0
 
 
