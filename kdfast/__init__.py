@@ -2,6 +2,8 @@
 
 Public API (imported lazily, so `import kdfast` stays cheap and never touches a device):
     kd_loss, KDLoss                      fused KD loss (alpha = weight of the DISTILLATION term)
+    linear_kd_loss, LinearKDLoss         the same behind the output layer, logits made chunk by chunk (LLM heads)
+    LinearTeacher                        a teacher given by hidden states and output layer (for linear_kd_loss)
     backends                             which kernel backends are live here, and why not the others
     score, ForgettingTracker             per-example scores (el2n, grand, grand-last, forgetting, ...)
     per_example_grad_norms, GradNormPlan exact per-example gradient norms of whole networks (a plan: hooks once)
@@ -25,6 +27,9 @@ __version__ = "0.1.0"
 _API = {
     "kd_loss": "kdfast.ops.kd_loss",
     "KDLoss": "kdfast.ops.kd_loss",
+    "linear_kd_loss": "kdfast.ops.linear_kd_loss",
+    "LinearKDLoss": "kdfast.ops.linear_kd_loss",
+    "LinearTeacher": "kdfast.ops.linear_kd_loss",
     "backends": "kdfast.dispatch",
     "score": "kdfast.scoring",
     "ForgettingTracker": "kdfast.scoring",
