@@ -1,7 +1,8 @@
 """kdfast: score, prune and distill training data, each step as fast as the hardware allows.
 
 Public API (imported lazily, so `import kdfast` stays cheap and never touches a device):
-    kd_loss, KDLoss                      fused KD loss (alpha = weight of the DISTILLATION term)
+    kd_loss, KDLoss                      fused KD loss (alpha = weight of the DISTILLATION term; kl, reverse_kl, jsd)
+    TopKTeacher                          a sparse teacher (k ids and log-probabilities per row) kd_loss takes as is
     backends                             which kernel backends are live here, and why not the others
     score, ForgettingTracker             per-example scores (el2n, grand, grand-last, forgetting, ...)
     per_example_grad_norms, GradNormPlan exact per-example gradient norms of whole networks (a plan: hooks once)
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 _API = {
     "kd_loss": "kdfast.ops.kd_loss",
     "KDLoss": "kdfast.ops.kd_loss",
+    "TopKTeacher": "kdfast.ops.topk_teacher",
     "backends": "kdfast.dispatch",
     "score": "kdfast.scoring",
     "ForgettingTracker": "kdfast.scoring",
