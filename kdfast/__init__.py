@@ -1,7 +1,8 @@
 """kdfast: score, prune and distill training data, each step as fast as the hardware allows.
 
 Public API (imported lazily, so `import kdfast` stays cheap and never touches a device):
-    kd_loss, KDLoss                      fused KD loss (alpha = weight of the DISTILLATION term)
+    kd_loss, KDLoss                      fused KD loss (alpha = weight of the DISTILLATION term; kl, reverse_kl, jsd)
+    TopKTeacher                          a sparse teacher (k ids and log-probabilities per row) kd_loss takes as is
     linear_kd_loss, LinearKDLoss         the same behind the output layer, logits made chunk by chunk (LLM heads)
     LinearTeacher                        a teacher given by hidden states and output layer (for linear_kd_loss)
     backends                             which kernel backends are live here, and why not the others
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 _API = {
     "kd_loss": "kdfast.ops.kd_loss",
     "KDLoss": "kdfast.ops.kd_loss",
+    "TopKTeacher": "kdfast.ops.topk_teacher",
     "linear_kd_loss": "kdfast.ops.linear_kd_loss",
     "LinearKDLoss": "kdfast.ops.linear_kd_loss",
     "LinearTeacher": "kdfast.ops.linear_kd_loss",
