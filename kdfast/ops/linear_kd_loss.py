@@ -14,8 +14,9 @@ reduction="none" cannot store gradients in the forward (each row's upstream grad
 backward, and grad_W mixes rows), so its backward runs the chunk pass once more with the rows weighted by
 their upstream gradient.
 
-The teacher is dense logits (N, V), a `LinearTeacher` (its logits made per chunk, without gradient) or None
-with alpha=0 (plain cross-entropy through the fused head).
+The teacher is dense logits (N, V), a `LinearTeacher` (its logits made per chunk, without gradient), a
+`TopKTeacher` (k ids and log-probabilities per token, sliced per chunk, never expanded to V) or None with
+alpha=0 (plain cross-entropy through the fused head).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from ..dispatch import resolve_backend
 from ..errors import InvalidArgumentError
 from ..reference.kd_loss import KD_STAT_NAMES
 from .kd_loss import REDUCTIONS, kd_loss
+from .topk_teacher import TopKTeacher, check_ids_below
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Default chunk: the largest power of two of rows whose logits hold at most this many values. On the CPU 2^23
@@ -116,12 +118,17 @@ def _check(h, W, b, target, teacher, weight, reduction, normalizer, softcap, chu
         if teacher.shape != (N, V) or teacher.hidden.device != h.device:
             raise _err(f"teacher (LinearTeacher) must make ({N}, {V}) logits on {h.device} (one row per token, the "
                        f"student's vocabulary), got {teacher.shape} on {teacher.hidden.device}")
+    elif isinstance(teacher, TopKTeacher):
+        if tuple(teacher.shape) != rows or teacher.k > V or teacher.device != h.device:
+            raise _err(f"teacher (TopKTeacher) must have one row per token {rows}, k <= V = {V}, on {h.device}; got "
+                       f"rows {tuple(teacher.shape)}, k = {teacher.k}, on {teacher.device}")
     elif isinstance(teacher, torch.Tensor):
         if tuple(teacher.shape) != rows + (V,) or teacher.device != h.device:
             raise _err(f"teacher logits must have shape {rows + (V,)} on {h.device}, got {tuple(teacher.shape)} on "
                        f"{teacher.device}")
     elif teacher is not None:
-        raise _err(f"teacher must be dense logits (a tensor), a LinearTeacher or None, got {type(teacher).__name__}")
+        raise _err(f"teacher must be dense logits (a tensor), a LinearTeacher, a TopKTeacher or None, got "
+                   f"{type(teacher).__name__}")
     if weight is not None and (not isinstance(weight, torch.Tensor) or weight.numel() != N):
         raise _err(f"weight must be a tensor with one weight per token ({N}) or None, got "
                    f"{getattr(weight, 'shape', type(weight).__name__)}")
@@ -158,6 +165,16 @@ def _check_target(target, V, ignore_index):
 
 
 # ------------------------------------------------------------------------------------------ the chunk pass
+def _teacher_rows(teacher, start, stop):
+    """The teacher of tokens [start, stop): dense rows, a LinearTeacher's logits, a TopKTeacher's rows."""
+    if isinstance(teacher, LinearTeacher):
+        return teacher.logits(start, stop)
+    if isinstance(teacher, TopKTeacher):
+        return TopKTeacher(teacher.indices[start:stop], teacher.logprobs[start:stop], temperature=teacher.temperature,
+                           missing=teacher.missing, validate=False)
+    return None if teacher is None else teacher[start:stop]
+
+
 def _chunk_logits(h, W, b, softcap):
     """(logits, tanh or None): the chunk's logits in their own buffer (the kd_loss gradient overwrites them)."""
     z = torch.mm(h, W.t()) if b is None else torch.addmm(b, h, W.t())
@@ -186,8 +203,7 @@ def _chunk_pass(h, W, b, teacher, y, w, cfg, chunk, need, rows, return_stats):
         stop = min(start + chunk, N)
         h_c = h[start:stop]
         z, tanh = _chunk_logits(h_c, W, b, cfg["softcap"])
-        t = teacher.logits(start, stop) if isinstance(teacher, LinearTeacher) else \
-            None if teacher is None else teacher[start:stop]
+        t = _teacher_rows(teacher, start, stop)
         with torch.enable_grad():  # (an autograd.Function's forward runs without grad mode)
             z.requires_grad_(any_grad)
             out = kd_loss(z, t, y[start:stop], weight=None if w is None else w[start:stop],
@@ -272,17 +288,18 @@ class LinearKDLossFunction(torch.autograd.Function):
 
 # --------------------------------------------------------------------------------------------- the op
 def linear_kd_loss(student_hidden, student_weight, target, teacher, *, student_bias=None, alpha=0.5,
-                   temperature=4.0, reduction="mean", ignore_index=-100, weight=None, normalizer=None, softcap=None,
-                   chunk_size=None, return_stats=False, backend=None, validate=None):
+                   temperature=4.0, reduction="mean", ignore_index=-100, weight=None, divergence="kl", beta=0.5,
+                   normalizer=None, softcap=None, chunk_size=None, return_stats=False, backend=None, validate=None):
     """KD loss of a linear output layer, its logits made chunk by chunk over the tokens (never N x V at once).
 
     Args:
         student_hidden: (..., H) float32 / float16 / bfloat16 / float64 hidden states (the input of the LM head).
         student_weight: (V, H) output weights of the same dtype; student_bias: (V,) or None.
         target: (...) int64 token ids (shifted labels); tokens equal to ignore_index contribute nothing.
-        teacher: dense logits (..., V), a LinearTeacher(hidden, weight, bias), or None with alpha=0.
-        alpha, temperature, ignore_index, weight: as in kd_loss (alpha weights the distillation term; the KL
-            term carries T^2).
+        teacher: dense logits (..., V), a LinearTeacher(hidden, weight, bias), a TopKTeacher (ids, logprobs:
+            (..., k)), or None with alpha=0.
+        alpha, temperature, ignore_index, weight, divergence, beta: as in kd_loss (alpha weights the
+            distillation term D, "kl", "reverse_kl" or "jsd", which carries T^2).
         reduction: "mean" (over non-ignored tokens, or divided by `normalizer`; 0 when all are ignored), "sum"
             or "none" (shape of target).
         normalizer: with reduction="mean", divide the sum by this count instead (e.g. the number of
@@ -292,7 +309,8 @@ def linear_kd_loss(student_hidden, student_weight, target, teacher, *, student_b
         return_stats: also return kd_loss's per-token statistics dict (ce, kl, el2n, grad_norm, correct,
             margin; (N,) float32, N = target.numel()), grad_norm of the loss w.r.t. the (capped) logits.
         backend: kd_loss's backend for every chunk ("triton", "cpp", "torch" or None: by device).
-        validate: check the token ids (one host read); None: on CPU tensors only (as kd_loss).
+        validate: check the token ids and a TopKTeacher's ids against V (one host read each); None: on CPU
+            tensors only (as kd_loss).
 
     Returns:
         loss, or (loss, stats) with return_stats=True. The gradients reach student_hidden, student_weight and
@@ -304,14 +322,22 @@ def linear_kd_loss(student_hidden, student_weight, target, teacher, *, student_b
         resolve_backend(backend, student_hidden.device, op="linear_kd_loss")
     if validate if validate is not None else student_hidden.device.type == "cpu":
         _check_target(target, V, ignore_index)
+        if isinstance(teacher, TopKTeacher):
+            try:
+                check_ids_below(teacher, V, "linear_kd_loss")
+            except InvalidArgumentError as exc:
+                raise InvalidArgumentError(str(exc).replace("number of classes", "vocabulary size V =")) from None
     h = student_hidden.reshape(-1, student_hidden.shape[-1])
     t = teacher.detach().reshape(-1, V) if isinstance(teacher, torch.Tensor) else teacher
+    if isinstance(teacher, TopKTeacher):
+        t = TopKTeacher(teacher.indices.reshape(N, -1), teacher.logprobs.detach().reshape(N, -1),
+                        temperature=teacher.temperature, missing=teacher.missing, validate=False)
     w = None if weight is None else weight.detach().reshape(-1).to(torch.float32)
     chunk = chunk_size if chunk_size is not None else default_chunk_size(V, student_hidden.device.type)
     if isinstance(normalizer, torch.Tensor):
         normalizer = float(normalizer)
-    cfg = {"softcap": softcap,
-           "kd": {"alpha": alpha, "temperature": temperature, "ignore_index": ignore_index, "backend": backend}}
+    cfg = {"softcap": softcap, "kd": {"alpha": alpha, "temperature": temperature, "ignore_index": ignore_index,
+                                      "divergence": divergence, "beta": beta, "backend": backend}}
     try:
         out = LinearKDLossFunction.apply(h, student_weight, student_bias, t, target.reshape(-1), w, reduction,
                                          normalizer, cfg, chunk, return_stats)
@@ -329,10 +355,11 @@ class LinearKDLoss(torch.nn.Module):
     """Module form of `linear_kd_loss` (alpha weights the distillation term); the configuration is checked
     when the module is built."""
 
-    def __init__(self, alpha=0.5, temperature=4.0, reduction="mean", ignore_index=-100, *, softcap=None,
-                 chunk_size=None, return_stats=False, backend=None, validate=None):
+    def __init__(self, alpha=0.5, temperature=4.0, reduction="mean", ignore_index=-100, *, divergence="kl", beta=0.5,
+                 softcap=None, chunk_size=None, return_stats=False, backend=None, validate=None):
         super().__init__()
         self.alpha, self.temperature, self.reduction, self.ignore_index = alpha, temperature, reduction, ignore_index
+        self.divergence, self.beta = divergence, beta
         self.softcap, self.chunk_size, self.return_stats = softcap, chunk_size, return_stats
         self.backend, self.validate = backend, validate
         # one tiny call on the reference backend checks every argument now, so a bad configuration fails
@@ -341,18 +368,21 @@ class LinearKDLoss(torch.nn.Module):
             resolve_backend(backend, None, op="LinearKDLoss")
         one = torch.ones(1, 1)
         linear_kd_loss(one, one, torch.zeros(1, dtype=torch.int64), None if alpha == 0 else one, alpha=alpha,
-                       temperature=temperature, reduction=reduction, ignore_index=ignore_index, softcap=softcap,
-                       chunk_size=chunk_size, return_stats=return_stats, backend="torch", validate=validate)
+                       temperature=temperature, reduction=reduction, ignore_index=ignore_index, divergence=divergence,
+                       beta=beta, softcap=softcap, chunk_size=chunk_size, return_stats=return_stats, backend="torch",
+                       validate=validate)
 
     def forward(self, student_hidden, student_weight, target, teacher, *, student_bias=None, weight=None,
                 normalizer=None):
         return linear_kd_loss(student_hidden, student_weight, target, teacher, student_bias=student_bias,
                               alpha=self.alpha, temperature=self.temperature, reduction=self.reduction,
-                              ignore_index=self.ignore_index, weight=weight, normalizer=normalizer,
+                              ignore_index=self.ignore_index, weight=weight, divergence=self.divergence,
+                              beta=self.beta, normalizer=normalizer,
                               softcap=self.softcap, chunk_size=self.chunk_size, return_stats=self.return_stats,
                               backend=self.backend, validate=self.validate)
 
     def extra_repr(self):
         return (f"alpha={self.alpha} (distillation weight), temperature={self.temperature}, "
-                f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, softcap={self.softcap}, "
+                f"divergence={self.divergence!r}, beta={self.beta}, reduction={self.reduction!r}, "
+                f"ignore_index={self.ignore_index}, softcap={self.softcap}, "
                 f"chunk_size={self.chunk_size}")
