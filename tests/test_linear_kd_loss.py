@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kdfast
-from kdfast import LinearKDLoss, LinearTeacher, kd_loss, linear_kd_loss
+from kdfast import LinearKDLoss, LinearTeacher, TopKTeacher, kd_loss, linear_kd_loss
 from kdfast.dispatch import resolve_backend
 from kdfast.errors import BackendUnavailableError, InvalidArgumentError
 from kdfast.ops.linear_kd_loss import default_chunk_size
@@ -74,7 +74,7 @@ def _composition(hidden, weight, b, t, y, *, dtype, softcap=None, reduction="mea
     z = hidden @ weight.t() + (0 if b is None else b)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    rows = kd_loss_ref(z, None if t is None else t.to(dtype), y, reduction="none", weight=weight_rows,
+    rows = kd_loss_ref(z, t.to(dtype) if isinstance(t, torch.Tensor) else t, y, reduction="none", weight=weight_rows,
                        ignore_index=ignore_index, dtype=dtype, **kw)
     if reduction == "none":
         return rows
@@ -241,6 +241,85 @@ def test_stats_match_the_dense_oracle(backend):
         assert_close(name, stats[name], dense[name], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("teacher_kind", ["dense", "linear"])
+def test_divergences(divergence, teacher_kind):
+    """Every divergence through the default dispatch (the backend kd_loss picks for it), sum and none."""
+    hidden, weight, b, th, tW, y = _inputs(seed=20)
+    for reduction in ("mean", "none"):
+        check(hidden, weight, b, th, tW, y, teacher_kind=teacher_kind, backend=None, divergence=divergence, beta=0.3,
+              reduction=reduction, chunk_size=8, alpha=0.7, temperature=2.0)
+
+
+def _topk(t, k, tau):
+    """The top k log-probabilities of dense teacher logits t at temperature tau."""
+    values, ids = torch.log_softmax(t / tau, -1).topk(k, -1)
+    return ids, values
+
+
+def _dense_renorm(ids, logprobs, tau, v):
+    """The dense teacher a renormalised top-k teacher stands for: tau * logprobs at ids, -inf elsewhere."""
+    return torch.full((ids.shape[0], v), float("-inf"), dtype=logprobs.dtype).scatter(1, ids, tau * logprobs)
+
+
+@pytest.mark.parametrize("k", [1, 5, V])
+@pytest.mark.parametrize("divergence", ["kl", "jsd"])
+def test_topk_renorm_teacher_equals_its_dense_minus_inf_teacher(k, divergence):
+    """missing='renorm': exactly the dense teacher with -inf outside the k ids (the oracle from dense logits)."""
+    hidden, weight, b, th, tW, y = _inputs(seed=21)
+    ids, lp = _topk((th @ tW.t()).double() * 2, k, 1.5)
+    dense = _dense_renorm(ids, lp, 1.5, V)
+    go = torch.randn((), dtype=torch.float64)
+    ref, ref_g = _value_and_grads(lambda h, W, bb: _composition(h, W, bb, dense, y, dtype=torch.float64,
+                                                                 divergence=divergence, temperature=3.0),
+                                  torch.float64, hidden, weight, b, go)
+    teacher = TopKTeacher(ids, lp.float(), temperature=1.5, missing="renorm")
+    got, got_g = _value_and_grads(lambda h, W, bb: linear_kd_loss(h, W, y, teacher, student_bias=bb, chunk_size=8,
+                                                                  divergence=divergence, temperature=3.0),
+                                  torch.float32, hidden, weight, b, go)
+    for name, x, r in zip(("loss", "grad_h", "grad_W", "grad_b"), (got, *got_g), (ref, *ref_g)):
+        assert _rel(x, r) < 1e-5, f"{name}: {_rel(x, r):.3g}"
+
+
+@pytest.mark.parametrize("k", [1, 5, V])
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+def test_topk_tail_teacher(k, divergence):
+    """missing='tail': against kd_loss_ref's bucket oracle on the float64 dense logits h @ W.T + b; with k = V
+    the tail is empty and the teacher is the dense one."""
+    hidden, weight, b, th, tW, y = _inputs(seed=22)
+    ids, lp = _topk((th @ tW.t()).double(), k, 2.0)
+    go = torch.randn((), dtype=torch.float64)
+    oracle_teacher = TopKTeacher(ids, lp, temperature=2.0, missing="tail")
+    ref, ref_g = _value_and_grads(lambda h, W, bb: _composition(h, W, bb, oracle_teacher, y, dtype=torch.float64,
+                                                                 divergence=divergence, temperature=2.0),
+                                  torch.float64, hidden, weight, b, go)
+    teacher = TopKTeacher(ids.reshape(N, k), lp.float(), temperature=2.0, missing="tail")
+    got, got_g = _value_and_grads(lambda h, W, bb: linear_kd_loss(h, W, y, teacher, student_bias=bb, chunk_size=7,
+                                                                  divergence=divergence, temperature=2.0),
+                                  torch.float32, hidden, weight, b, go)
+    for name, x, r in zip(("loss", "grad_h", "grad_W", "grad_b"), (got, *got_g), (ref, *ref_g)):
+        assert _rel(x, r) < 1e-5, f"{name}: {_rel(x, r):.3g}"
+    if k == V:
+        dense = _composition(hidden.double(), weight.double(), b.double(), (th @ tW.t()).double(), y,
+                             dtype=torch.float64, divergence=divergence, temperature=2.0)
+        assert _rel(got, dense) < 1e-5
+
+
+def test_topk_teacher_with_leading_dims_and_stats():
+    hidden, weight, b, th, tW, y = _inputs(n=36, seed=23)
+    ids, lp = _topk(th @ tW.t(), 4, 1.0)
+    teacher = TopKTeacher(ids, lp, missing="tail")
+    flat, stats = linear_kd_loss(hidden, weight, y, teacher, student_bias=b, temperature=1.0, return_stats=True,
+                                 chunk_size=5)
+    nested = TopKTeacher(ids.reshape(4, 9, 4), lp.reshape(4, 9, 4), missing="tail")
+    assert torch.equal(linear_kd_loss(hidden.reshape(4, 9, H), weight, y.reshape(4, 9), nested, student_bias=b,
+                                      temperature=1.0, chunk_size=5), flat)
+    z = hidden.double() @ weight.double().t() + b.double()
+    ref = kd_stats_ref(z, TopKTeacher(ids, lp.double(), missing="tail"), y, temperature=1.0)
+    for name in KD_STAT_NAMES:
+        assert_close(name, stats[name], ref[name], atol=1e-5, rtol=1e-4)
+
+
 def test_gradient_only_where_asked():
     """A frozen output layer (or hidden states without grad) gets no gradient; the others are unchanged."""
     hidden, weight, b, th, tW, y = _inputs(seed=11)
@@ -338,6 +417,15 @@ def _bad_cases():
         ("alpha", dict(alpha=1.5), r"linear_kd_loss: alpha must be a number in \[0, 1\]"),
         ("no teacher", dict(teacher=None), "teacher_logits is None, which needs alpha == 0"),
         ("row weights", dict(weight=torch.ones(3)), r"weight must be a tensor with one weight per token \(37\)"),
+        ("top-k ids >= V", dict(teacher=TopKTeacher(torch.full((N, 2), V).cumsum(-1), torch.full((N, 2), -1.0))),
+         r"TopKTeacher's indices must be below the vocabulary size V = 50"),
+        ("top-k rows", dict(teacher=TopKTeacher(torch.zeros(5, 1, dtype=torch.int64), torch.zeros(5, 1))),
+         r"teacher \(TopKTeacher\) must have one row per token"),
+        ("top-k k > V", dict(teacher=TopKTeacher(torch.arange(N * 51).reshape(N, 51), torch.full((N, 51), -9.0))),
+         r"k <= V = 50"),
+        ("divergence", dict(divergence="kl2"), "divergence must be one of"),
+        ("reverse kl of renorm top-k", dict(divergence="reverse_kl", teacher=TopKTeacher(
+            torch.arange(2).repeat(N, 1), torch.full((N, 2), -0.7))), "reverse_kl"),
     ], dict(student_hidden=hidden, student_weight=weight, target=y, teacher=t, student_bias=b)
 
 
@@ -350,6 +438,12 @@ def test_bad_input_one_line_error(case):
                        args.pop("teacher"), **args)
     message = str(info.value)
     assert "\n" not in message and message.startswith("linear_kd_loss: "), message
+
+
+def test_topk_logprobs_above_zero_refused():
+    with pytest.raises(InvalidArgumentError, match="TopKTeacher: logprobs must be log-probabilities") as info:
+        TopKTeacher(torch.zeros(3, 2, dtype=torch.int64) + torch.arange(2), torch.tensor([[-1.0, 0.5]] * 3))
+    assert "\n" not in str(info.value)
 
 
 def test_linear_teacher_checks_its_arguments():
