@@ -351,6 +351,23 @@ def test_module_matches_functional_and_backward_runs_once():
         loss.backward()
 
 
+def test_inside_torch_compile():
+    """A compiled training step that calls it (Dynamo, eager backend: no compiler needed) gets the eager result:
+    the chunk loop runs eagerly between the compiled parts."""
+    hidden, weight, b, th, tW, y = _inputs(seed=16)
+    t = th @ tW.t()
+
+    def step(h, W):
+        return linear_kd_loss(torch.tanh(h), W, y, t, chunk_size=7)
+
+    h, W = _leaves(torch.float32, hidden, weight)
+    want = step(h, W)
+    want_g = torch.autograd.grad(want, (h, W))
+    got = torch.compile(step, backend="eager")(h, W)
+    got_g = torch.autograd.grad(got, (h, W))
+    assert torch.equal(got, want) and all(torch.equal(a, b) for a, b in zip(got_g, want_g))
+
+
 def test_chunk_logits_never_n_by_v():
     """No tensor of the fused path is larger than one chunk's logits or the weight's gradient (V x H): the
     memory is independent of N. Every op's outputs are watched through a dispatch mode."""
