@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -148,9 +149,9 @@ def cpu_peak_extra_mib(provider: str, config: tuple) -> float:
 
 def _memory_in_child(provider: str, config: tuple) -> float:
     N, H, V, dtype = config
-    cmd = [sys.executable, "-m", "bench.bench_linear_kd_loss", "--memory", provider, "--shape", f"{N}x{H}x{V}",
+    cmd = [sys.executable, "-m", __name__, "--memory", provider, "--shape", f"{N}x{H}x{V}",
            "--dtype", str(dtype).replace("torch.", ""), "--threads", str(torch.get_num_threads())]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(Path(__file__).resolve().parents[__name__.count(".")])  # where this module's package lives
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_extra_mib"]
