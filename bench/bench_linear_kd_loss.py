@@ -169,6 +169,7 @@ def bench_config(name, config, device, quick, smoke, budget, emit) -> None:
             inputs = make_inputs(N, H, V, dtype, device)
             step = _step(fn, inputs)
             step()  # compile / autotune outside the numbers
+            inputs[0].grad = inputs[1].grad = None  # the gradients count as the step's extra memory
             mib = peak_extra_mib(step, device)
             ms, p20, p80 = time_ms(step, device, rep_ms=20.0 if quick else 200.0)
             emit(make_row(op=OP, provider=provider, mode="full", shape=(N, H, V), dtype=dtype, device=device,
