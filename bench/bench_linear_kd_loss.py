@@ -90,11 +90,14 @@ def _liger(h, W, th, tW, y):
 
 
 def providers(device) -> dict:
-    out = {"kdfast": _kdfast, "eager": _eager}
+    """In the order they run: what the targets need first, should the budget run out (on CUDA Liger, then
+    torch.compile, whose first calls compile)."""
+    out = {"kdfast": _kdfast}
     if device.type == "cuda":
-        out["compile"] = lambda *a: _compiled()(*a)
         if _liger_available(device):
             out["liger"] = _liger
+        out["compile"] = lambda *a: _compiled()(*a)
+    out["eager"] = _eager
     return out
 
 
