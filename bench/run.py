@@ -13,8 +13,8 @@ all rows of the file at the end (the newest row of each measurement, labelled by
 Budget (--budget-s): the benchmarks run in the order of BENCHMARKS, each in a child process of its own when a
 budget is set or the device is a GPU (a crash, a hung compile or a broken CUDA context then ends that benchmark
 only; on the CPU without a budget, e.g. --smoke, they run in this process). Each gets the share of the time still
-left that its weight is of the weights still to run (kd_loss 0.30, grad_norms 0.20, score 0.15, e2e 0.15,
-hessian 0.20): time one leaves unused is carried forward to the rest in proportion. A benchmark is told 85% of
+left that its weight is of the weights still to run (kd_loss 0.30, linear_kd_loss 0.15, grad_norms 0.20, score
+0.15, e2e 0.15, hessian 0.20): time one leaves unused is carried forward to the rest in proportion. A benchmark is told 85% of
 its share (`budget_s`, it stops starting new configurations when spent and says so in a "skipped" row) and
 is killed at 100%; a share under MIN_START_S is not started. The runner keeps 5% of the budget (at most
 15 s) for the summary. Without --budget-s nothing is bounded.
@@ -51,6 +51,7 @@ SCRATCH = ROOT / "runs" / "bench" / "results.jsonl"  # where a run writes unless
 # name -> (module, weight in the budget split, the op its rows are filed under); also the order they run in
 BENCHMARKS = {
     "kd_loss": ("bench.perf.bench_kd_loss", 0.30, "kd_loss"),
+    "linear_kd_loss": ("bench.perf.bench_linear_kd_loss", 0.15, "linear_kd_loss"),
     "grad_norms": ("bench.perf.bench_grad_norms", 0.20, "per_example_grad_norms"),
     "score": ("bench.perf.bench_score", 0.15, "score"),
     "e2e": ("bench.perf.bench_e2e", 0.15, "e2e"),

@@ -1,7 +1,10 @@
 """kdfast: score, prune and distill training data, each step as fast as the hardware allows.
 
 Public API (imported lazily, so `import kdfast` stays cheap and never touches a device):
-    kd_loss, KDLoss                      fused KD loss (alpha = weight of the DISTILLATION term)
+    kd_loss, KDLoss                      fused KD loss (alpha = weight of the DISTILLATION term; kl, reverse_kl, jsd)
+    TopKTeacher                          a sparse teacher (k ids and log-probabilities per row) kd_loss takes as is
+    linear_kd_loss, LinearKDLoss         the same behind the output layer, logits made chunk by chunk (LLM heads)
+    LinearTeacher                        a teacher given by hidden states and output layer (for linear_kd_loss)
     backends                             which kernel backends are live here, and why not the others
     score, ForgettingTracker             per-example scores (el2n, grand, grand-last, forgetting, ...)
     per_example_grad_norms, GradNormPlan exact per-example gradient norms of whole networks (a plan: hooks once)
@@ -25,6 +28,10 @@ from kdfast._version import __version__
 _API = {
     "kd_loss": "kdfast.losses.kd_loss",
     "KDLoss": "kdfast.losses.kd_loss",
+    "TopKTeacher": "kdfast.losses.topk_teacher",
+    "linear_kd_loss": "kdfast.losses.linear_kd_loss",
+    "LinearKDLoss": "kdfast.losses.linear_kd_loss",
+    "LinearTeacher": "kdfast.losses.linear_kd_loss",
     "backends": "kdfast.runtime.dispatch",
     "score": "kdfast.scoring",
     "ForgettingTracker": "kdfast.scoring",

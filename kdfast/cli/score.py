@@ -93,6 +93,8 @@ def add_parser(subparsers):
     g.add_argument("--top", type=int, default=10, help="hardest examples listed in the summary (default: %(default)s)")
     g.add_argument("--save-logits", action="store_true", help="also cache the model's logits (TeacherCache) for "
                    "kdfast-distill; needs exactly one model")
+    g.add_argument("--topk", type=int, metavar="K", help="with --save-logits: keep each example's K largest logits "
+                   "only (a sparse cache, which kdfast-distill reads as a top-k teacher; default: every logit)")
     g = p.add_argument_group("Performance")
     add_performance_options(g, num_workers_help="data loading processes (default: 0 for in-memory data sets, "
                             "min(8, CPUs) for image folders)")
@@ -133,6 +135,9 @@ def _resolve(args) -> None:
     if args.save_logits and (num_models != 1 or method.kind not in ("forward", "gradient")):
         problems.append(f"--save-logits caches one model's logits during a el2n/grand/loss/... pass; got {num_models} "
                         f"models and method {args.method} (use one --checkpoint, or --seeds 1)")
+    if args.topk is not None and (not args.save_logits or args.topk < 1):
+        problems.append(f"--topk keeps the K largest logits of --save-logits' cache: it needs --save-logits and "
+                        f"K >= 1, got --topk {args.topk}" + ("" if args.save_logits else " without --save-logits"))
     for path in args.checkpoint:
         if not os.path.isfile(path):
             problems.append(f"--checkpoint {path} does not exist")
@@ -178,6 +183,9 @@ def _run(args) -> int:
     from kdfast.cli.summary import format_summary, show_grid, summarize
     args.quiet = args.quiet or not distributed.is_main()  # one rank reports progress
     data, train_data = _load_data(args)  # before the job starts: a data error leaves --out untouched
+    if args.topk is not None and args.topk > data.num_classes:
+        raise UsageError(f"--topk {args.topk} keeps more logits than the {data.num_classes} classes of "
+                         f"{args.dataset}; pass K <= {data.num_classes}")
     job = start_score_job(args, data, label=flag)
     if score_job_finished(job):
         log(f"{args.out} already holds a finished run (meta.json); nothing to do", quiet=args.quiet)

@@ -84,8 +84,9 @@ def distill_step(student, teacher, inputs, targets, optimizer, *, alpha=0.5, tem
         optimizer: stepped once; gradients are zeroed first.
         alpha: weight of the DISTILLATION term in [0, 1] (any finite value with extrapolate=True).
         temperature: T > 0 of the soft targets.
-        teacher_logits: (B, C) precomputed teacher logits (a class at -inf has probability 0); wins
-            over `teacher`.
+        teacher_logits: (B, C) precomputed teacher logits (a class at -inf has probability 0), or a
+            kdfast.TopKTeacher (e.g. TeacherCache.topk_rows: k ids and log-probabilities per example, never
+            expanded to C); wins over `teacher`.
         weight: optional (B,) per-example loss weights (importance sampling).
         indices: (B,) dataset indices of the batch, for `forgetting`.
         forgetting: an object with update(indices, correct) (e.g. kdfast.ForgettingTracker), fed the

@@ -6,12 +6,16 @@
     writer.close()                         # marks the cache complete (every row written)
     cache = TeacherCache.open("runs/t-cache", dataset_fingerprint=labels_fp, teacher_fingerprint=model_fp)
     logits = cache[indices]                # (B, C) float32 on the CPU
+    teacher = cache.topk_rows(indices)     # top-k caches: a sparse kdfast.TopKTeacher (B rows of k), no B x C
 
 Layout of the directory: `meta.json` (format, N, C, top-k, dtype, fingerprints, complete), `written.npy`
 (N bools, so an interrupted writer can resume), and either `logits.npy` (N x C) or, for top-k caches,
-`values.npy` (N x k) and `classes.npy` (N x k int32). Values are fp16 by default (logits lose ~1e-3
-relative, far below what a temperature-4 softmax resolves). A top-k row reads back -inf outside its kept
+`values.npy` (N x k), `classes.npy` (N x k int32) and `logsumexp.npy` (N float32: each full row's log-sum-exp,
+so the mass outside the top k is known). Values are fp16 by default (logits lose ~1e-3 relative, far below what
+a temperature-4 softmax resolves). A top-k row read densely (`cache[indices]`) is -inf outside its kept
 classes, which the KD loss treats as probability 0: the student matches the teacher's renormalised top-k.
+`topk_rows` gives the same teacher sparse (missing="renorm"), or with the mass outside the top k in one
+extra bucket (missing="tail"; caches written before logsumexp.npy existed offer only "renorm").
 
 Use the cache only where the student sees the same view of an example as the teacher did (no random
 augmentation); the fingerprints make sure it belongs to this data set's labels and this teacher.
@@ -26,6 +30,7 @@ import torch
 
 from kdfast.errors import InvalidArgumentError
 from kdfast.io.atomic import read_file_list, write_file_list, write_json
+from kdfast.losses.topk_teacher import MISSING, TopKTeacher
 
 FORMAT = "kdfast-teacher-cache/1"
 STORE_DTYPES = ("float16", "float32")
@@ -100,6 +105,8 @@ class TeacherCacheWriter:
             values, classes = rows.topk(k, dim=-1)
             self._arrays["values"][idx] = values.numpy()
             self._arrays["classes"][idx] = classes.to(torch.int32).numpy()
+            if "logsumexp" in self._arrays:
+                self._arrays["logsumexp"][idx] = rows.logsumexp(-1).numpy()
         self._written[idx] = True
 
     def close(self) -> None:
@@ -142,7 +149,8 @@ class TeacherCache:
                 raise InvalidArgumentError(f"TeacherCache.create: {name} must be a non-empty string, got {value!r}")
         meta = {"format": FORMAT, "num_examples": num_examples, "num_classes": num_classes, "topk": topk,
                 "dtype": dtype, "dataset_fingerprint": dataset_fingerprint,
-                "teacher_fingerprint": teacher_fingerprint, "files_fingerprint": files_fingerprint, "complete": False}
+                "teacher_fingerprint": teacher_fingerprint, "files_fingerprint": files_fingerprint, "complete": False,
+                "logsumexp": topk is not None}
         if resume and os.path.exists(_meta_path(path)):
             stored = _read_meta(path)
             _check_fingerprints(path, stored, dataset_fingerprint, teacher_fingerprint)
@@ -209,14 +217,46 @@ class TeacherCache:
         if self.topk is None:
             return torch.from_numpy(np.asarray(self._arrays["logits"][idx], dtype=np.float32))
         out = torch.full((len(idx), self.num_classes), float("-inf"))
+        classes, values = self._topk(idx)
+        return out.scatter_(1, classes, values)
+
+    def _topk(self, idx):
         values = torch.from_numpy(np.asarray(self._arrays["values"][idx], dtype=np.float32))
         classes = torch.from_numpy(np.asarray(self._arrays["classes"][idx], dtype=np.int64))
-        return out.scatter_(1, classes, values)
+        return classes, values
+
+    def topk_rows(self, indices, *, missing="renorm", device=None) -> TopKTeacher:
+        """The rows of a top-k cache as a sparse teacher (k ids and log-probabilities at temperature 1 per row,
+        never expanded to C), on `device` (default CPU): what kd_loss, linear_kd_loss, distill_step and fit take
+        as the teacher. missing="renorm": the teacher's top k renormalised (the teacher `cache[indices]` gives
+        densely); "tail": the mass outside the top k in one extra bucket (kd_loss's temperature must then be 1)."""
+        if self.topk is None:
+            raise InvalidArgumentError(f"TeacherCache.topk_rows: {self.path!r} holds full logits (topk=None); read "
+                                       "them with cache[indices]")
+        if missing not in MISSING:
+            raise InvalidArgumentError(f"TeacherCache.topk_rows: missing must be one of {MISSING}, got {missing!r}")
+        if missing == "tail" and "logsumexp" not in self._arrays:
+            raise InvalidArgumentError(f"TeacherCache.topk_rows: {self.path!r} was written without the rows' "
+                                       "log-sum-exp, so the mass outside the top k is unknown: use missing='renorm' "
+                                       "or rebuild the cache")
+        idx = _as_indices(indices, len(self))
+        classes, values = self._topk(idx)
+        if missing == "tail":
+            lse = torch.from_numpy(np.asarray(self._arrays["logsumexp"][idx], dtype=np.float32))
+        else:
+            lse = values.logsumexp(-1)
+        logprobs = values - lse[:, None]
+        # the subtraction can round a log-probability of ~0 just above it
+        logprobs = logprobs.clamp_(max=0.0)
+        return TopKTeacher(classes.to(device, non_blocking=True), logprobs.to(device, non_blocking=True),
+                           missing=missing, validate=False)
 
 
 def _open_arrays(path, meta, mode):
     n, c, k, dtype = meta["num_examples"], meta["num_classes"], meta["topk"], meta["dtype"]
     shapes = {"logits": ((n, c), dtype)} if k is None else {"values": ((n, k), dtype), "classes": ((n, k), "int32")}
+    if k is not None and meta.get("logsumexp"):
+        shapes["logsumexp"] = ((n,), "float32")
     arrays = {}
     for name, (shape, dt) in shapes.items():
         file = os.path.join(path, f"{name}.npy")

@@ -29,19 +29,22 @@ import torch
 
 from kdfast.runtime.dispatch import cpp_module, resolve_backend
 from kdfast.errors import BackendUnavailableError, InvalidArgumentError
-from kdfast.losses.reference import KD_STAT_NAMES, kd_loss_fwd_torch
+from kdfast.losses.reference import DIVERGENCES, KD_STAT_NAMES, SparseTeacher, kd_loss_fwd_torch
+from kdfast.losses.topk_teacher import TopKTeacher, check_ids_below
 
 REDUCTIONS = ("none", "sum", "mean")  # position = the backends' reduction code
 _REDUCTION_CODE = {name: code for code, name in enumerate(REDUCTIONS)}
+_DIVERGENCE_CODE = {name: code for code, name in enumerate(DIVERGENCES)}
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _LABEL_DTYPES = (torch.int64, torch.int32)
-_NO_GRADS = (None,) * 12  # the backward's answer for every argument but the student logits
+_NO_GRADS = (None,) * 15  # the backward's answer for every argument but the student logits
 
 
 # --------------------------------------------------------------------------------------------- backends
-# Contract of a forward: (student (N, C), teacher (N, C) or None, target (N,) int64, weight (N,) fp32 or None,
-# alpha, temperature, ignore_index, reduction code, need_grad, return_stats, grad_out or None, validate)
-# -> (loss, grad or None, stats (6, N) or None). See kdfast/losses/reference.py.
+# Contract of a forward: (student (N, C), teacher (N, C), a SparseTeacher or None, target (N,) int64, weight
+# (N,) fp32 or None, alpha, temperature, ignore_index, reduction code, need_grad, return_stats, grad_out or None,
+# validate, divergence code, beta, normalizer or None) -> (loss, grad or None, stats (6, N) or None). See
+# kdfast/losses/reference.py. A backend that lacks something raises (_unsupported says what, before any work).
 _kernels = None
 
 
@@ -53,11 +56,22 @@ def _triton():
 
 
 def _fwd_triton(s, t, y, w, alpha, temperature, ignore_index, reduction, need_grad, return_stats, grad_out,
-                validate):
+                validate, divergence=0, beta=0.5, normalizer=None):
     if validate:
         _check_labels(y, s.shape[1], ignore_index)
+    if normalizer is not None:
+        return _normalized(_triton().kd_loss_fwd(s, t, y, w, alpha, temperature, ignore_index, 1, need_grad,
+                                                 return_stats, grad_out), normalizer)
     return _triton().kd_loss_fwd(s, t, y, w, alpha, temperature, ignore_index, reduction, need_grad, return_stats,
                                  grad_out)
+
+
+def _normalized(out, normalizer):
+    """A sum-reduced forward's results divided by the mean's normalizer (loss and stored gradient)."""
+    loss, grad, stats = out
+    if grad is not None:
+        grad.div_(normalizer)
+    return loss / normalizer, grad, stats
 
 
 def _bwd_triton(grad, grad_output):
@@ -65,13 +79,15 @@ def _bwd_triton(grad, grad_output):
 
 
 def _fwd_cpp(s, t, y, w, alpha, temperature, ignore_index, reduction, need_grad, return_stats, grad_out,
-             validate):
+             validate, divergence=0, beta=0.5, normalizer=None):
     try:  # the extension checks the labels while it counts them for the mean (validate raises ValueError)
-        loss, grad, stats = _cpp().kd_loss_fwd(s, t, y, w, alpha, temperature, ignore_index, reduction, need_grad,
+        loss, grad, stats = _cpp().kd_loss_fwd(s, t, y, w, alpha, temperature, ignore_index,
+                                               1 if normalizer is not None else reduction, need_grad,
                                                return_stats, grad_out, validate)
     except ValueError as exc:
         raise InvalidArgumentError(str(exc)) from None
-    return loss, (grad if need_grad else None), (stats if return_stats else None)
+    out = loss, (grad if need_grad else None), (stats if return_stats else None)
+    return out if normalizer is None else _normalized(out, normalizer)
 
 
 def _bwd_cpp(grad, grad_output):
@@ -79,11 +95,11 @@ def _bwd_cpp(grad, grad_output):
 
 
 def _fwd_torch(s, t, y, w, alpha, temperature, ignore_index, reduction, need_grad, return_stats, grad_out,
-               validate):
+               validate, divergence=0, beta=0.5, normalizer=None):
     if validate:
         _check_labels(y, s.shape[1], ignore_index)
     return kd_loss_fwd_torch(s, t, y, w, alpha, temperature, ignore_index, reduction, need_grad, return_stats,
-                             grad_out)
+                             grad_out, divergence, beta, normalizer)
 
 
 def _bwd_torch(grad, grad_output):
@@ -106,14 +122,26 @@ _FORWARD = {"triton": _fwd_triton, "cpp": _fwd_cpp, "torch": _fwd_torch}
 _BACKWARD = {"triton": _bwd_triton, "cpp": _bwd_cpp, "torch": _bwd_torch}
 
 
+def _unsupported(backend, teacher, divergence) -> str | None:
+    """What of the request `backend` cannot compute yet (None: all of it)."""
+    if backend == "torch":
+        return None
+    if divergence != "kl":
+        return f"divergence={divergence!r}"
+    if isinstance(teacher, TopKTeacher):
+        return "a TopKTeacher"
+    return None
+
+
 # ----------------------------------------------------------------------------------------------- checks
 _checked_scalars: set = set()  # configurations (alpha, temperature, ...) that passed _check_scalars
 
 
-def _check_scalars(alpha, temperature, reduction, ignore_index, extrapolate) -> None:
+def _check_scalars(alpha, temperature, reduction, ignore_index, extrapolate, divergence="kl", beta=0.5,
+                   normalizer=None) -> None:
     """Checks the non-tensor arguments; each distinct valid configuration is checked once."""
     key = (type(alpha), alpha, type(temperature), temperature, reduction, type(ignore_index), ignore_index,
-           extrapolate)
+           extrapolate, divergence, type(beta), beta, type(normalizer), normalizer)
     try:
         if key in _checked_scalars:
             return
@@ -133,6 +161,19 @@ def _check_scalars(alpha, temperature, reduction, ignore_index, extrapolate) -> 
         raise InvalidArgumentError(f"kd_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise InvalidArgumentError(f"kd_loss: ignore_index must be an int, got {ignore_index!r}")
+    if divergence not in DIVERGENCES:
+        raise InvalidArgumentError(f"kd_loss: divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 < beta < 1.0:
+        raise InvalidArgumentError(f"kd_loss: beta must be a number in (0, 1) (the teacher's weight in the jsd "
+                                   f"mixture), got {beta!r}")
+    if normalizer is not None:
+        if (isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real)
+                or not 0.0 < normalizer < math.inf):
+            raise InvalidArgumentError(f"kd_loss: normalizer must be None or a finite number > 0 (the mean's "
+                                       f"divisor, e.g. the global count of rows not ignored), got {normalizer!r}")
+        if reduction != "mean":
+            raise InvalidArgumentError(f"kd_loss: normalizer divides the mean and needs reduction='mean', got "
+                                       f"reduction={reduction!r}")
     if len(_checked_scalars) > 1024:  # many distinct alphas (a schedule): keep the cache bounded
         _checked_scalars.clear()
     if key is None:
@@ -169,6 +210,16 @@ def _check_tensors(student_logits, teacher_logits, target, alpha, weight, inplac
     if teacher_logits is None:
         if alpha != 0:
             raise InvalidArgumentError(f"kd_loss: teacher_logits is None, which needs alpha == 0, got alpha={alpha}")
+    elif isinstance(teacher_logits, TopKTeacher):
+        if teacher_logits.shape != shape[:-1]:
+            raise InvalidArgumentError(f"kd_loss: the TopKTeacher must have one row per student row, indices of "
+                                       f"shape {tuple(shape[:-1])} + (k,), got {tuple(teacher_logits.indices.shape)}")
+        if teacher_logits.k > shape[-1]:
+            raise InvalidArgumentError(f"kd_loss: the TopKTeacher's k must be at most the number of classes "
+                                       f"{shape[-1]}, got k={teacher_logits.k}")
+        if not _same_device(teacher_logits.indices, student_logits, on_cpu):
+            raise InvalidArgumentError(f"kd_loss: the TopKTeacher is on {teacher_logits.device} but student_logits "
+                                       f"on {device}")
     else:
         if not isinstance(teacher_logits, torch.Tensor) or teacher_logits.dtype not in _FLOAT_DTYPES:
             raise InvalidArgumentError("kd_loss: teacher_logits must be a floating tensor (float32, float16, "
@@ -195,15 +246,39 @@ def _check_tensors(student_logits, teacher_logits, target, alpha, weight, inplac
     return "cpu" if on_cpu else "cuda" if student_logits.is_cuda else device.type
 
 
-def _choose_backend(backend, device_type, student_logits, teacher_logits):
+def _check_topk_use(teacher, C, temperature, divergence, validate):
+    """The checks of a TopKTeacher that depend on the call: its temperature, the divergence, ids below C."""
+    if teacher.missing == "tail" and teacher.temperature != temperature:
+        raise InvalidArgumentError(f"kd_loss: a TopKTeacher with missing='tail' knows its missing mass only at its "
+                                   f"capture temperature {teacher.temperature}; pass temperature="
+                                   f"{teacher.temperature} (got {temperature}) or use missing='renorm'")
+    if divergence == "reverse_kl" and teacher.missing == "renorm" and teacher.k < C:
+        raise InvalidArgumentError(f"kd_loss: divergence='reverse_kl' is infinite for a renormalised top-k teacher "
+                                   f"(k={teacher.k} < {C} classes: probability 0 where the student has mass); use "
+                                   f"missing='tail' or divergence='kl' or 'jsd'")
+    if validate:
+        check_ids_below(teacher, C, "kd_loss")
+
+
+def _choose_backend(backend, device_type, student_logits, teacher_logits, divergence):
     chosen = resolve_backend(backend, device_type, op="kd_loss")
     if chosen != "torch" and (student_logits.dtype == torch.float64 or (
-            teacher_logits is not None and teacher_logits.dtype == torch.float64)):
+            teacher_logits is not None and _teacher_dtype(teacher_logits) == torch.float64)):
         if backend is None:
             return "torch"  # float64 is a reference/testing dtype: keep its precision
         raise BackendUnavailableError(f"kd_loss: backend={backend!r} computes in float32; float64 inputs need "
                                       "backend='torch'")
+    missing = _unsupported(chosen, teacher_logits, divergence)
+    if missing is not None:
+        if backend is None:
+            return "torch"
+        raise BackendUnavailableError(f"kd_loss: backend={backend!r} does not compute {missing} yet; use "
+                                      "backend='torch' (or backend=None, which picks it)")
     return chosen
+
+
+def _teacher_dtype(teacher):
+    return teacher.logprobs.dtype if isinstance(teacher, TopKTeacher) else teacher.dtype
 
 
 def _check_labels(target: torch.Tensor, C: int, ignore_index: int) -> None:
@@ -222,10 +297,10 @@ def _check_labels(target: torch.Tensor, C: int, ignore_index: int) -> None:
 
 
 # ------------------------------------------------------------------------------------ the preparation
-def _prepare(student, teacher, target, weight, inplace):
+def _prepare(student, teacher, target, weight, inplace, temperature=1.0):
     """The backends' operands, shared by the eager and the compiled paths: (N, C) logits with unit class
-    stride (a copy only when the strides demand it), int64 labels, fp32 weights, and the gradient's
-    destination (the student's own memory with inplace=True)."""
+    stride (a copy only when the strides demand it), a TopKTeacher as a SparseTeacher of (N, k) rows, int64
+    labels, fp32 weights, and the gradient's destination (the student's own memory with inplace=True)."""
     C = student.shape[-1]
     s = student if student.dim() == 2 else student.reshape(-1, C)
     if s.stride(1) != 1 and s.shape[0] > 1:
@@ -237,7 +312,14 @@ def _prepare(student, teacher, target, weight, inplace):
         raise InvalidArgumentError("kd_loss: inplace=True needs student_logits whose rows can be viewed as (N, C) "
                                    f"with unit class stride; got strides {tuple(student.stride())}")
     t = teacher
-    if t is not None:
+    if isinstance(t, TopKTeacher):
+        k = t.k
+        logprobs = t.logprobs.detach()
+        t = SparseTeacher(t.indices.reshape(-1, k).to(torch.int64).contiguous(),
+                          logprobs.reshape(-1, k).to(torch.float64 if logprobs.dtype == torch.float64
+                                                     else torch.float32).contiguous(),
+                          t.temperature / temperature, t.missing == "tail")
+    elif t is not None:
         t = t if t.dim() == 2 else t.reshape(-1, C)
         if t.stride(1) != 1 and t.shape[0] > 1:
             t = t.contiguous()
@@ -258,11 +340,11 @@ class KDLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, target, weight, alpha, temperature, reduction, ignore_index,
-                return_stats, backend, inplace, validate):
+                return_stats, backend, inplace, validate, divergence, beta, normalizer):
         need_grad = ctx.needs_input_grad[0]
-        s, t, y, w, grad_out = _prepare(student, teacher, target, weight, inplace)
+        s, t, y, w, grad_out = _prepare(student, teacher, target, weight, inplace, temperature)
         loss, grad, stats = _FORWARD[backend](s, t, y, w, alpha, temperature, ignore_index, reduction, need_grad,
-                                              return_stats, grad_out, validate)
+                                              return_stats, grad_out, validate, divergence, beta, normalizer)
         if reduction == 0 and target.dim() != 1:
             loss = loss.reshape(target.shape)
         ctx.backend, ctx.grad, ctx.used = backend, grad, False
@@ -292,9 +374,9 @@ class KDLossFunction(torch.autograd.Function):
 
 
 def _eager_function(student, teacher, target, weight, alpha, temperature, reduction, ignore_index, return_stats,
-                    backend, inplace, validate):
+                    backend, inplace, validate, divergence=0, beta=0.5, normalizer=None):
     out = KDLossFunction.apply(student, teacher, target, weight, alpha, temperature, reduction, ignore_index,
-                               return_stats, backend, inplace, validate)
+                               return_stats, backend, inplace, validate, divergence, beta, normalizer)
     return out if return_stats else (out, None)
 
 
@@ -344,19 +426,29 @@ def _eager_cpu_direct(student, teacher, target, weight, alpha, temperature, redu
 # --------------------------------------------------------------------------------------------- the op
 def kd_loss(student_logits, teacher_logits, target, *, alpha=0.5, temperature=4.0, reduction="mean",
             ignore_index=-100, weight=None, return_stats=False, backend=None, inplace=False, validate=None,
-            extrapolate=False):
-    """Fused knowledge-distillation loss: (1 - alpha) * CE + alpha * T^2 * KL, forward and backward in one pass.
+            extrapolate=False, divergence="kl", beta=0.5, normalizer=None):
+    """Fused knowledge-distillation loss: (1 - alpha) * CE + alpha * T^2 * D, forward and backward in one pass.
 
     Args:
         student_logits: (..., C) float32 / float16 / bfloat16 logits; any strides. Gets the gradient.
-        teacher_logits: (..., C) logits of any of those dtypes (no gradient), or None when alpha == 0.
+        teacher_logits: (..., C) logits of any of those dtypes (no gradient), a `kdfast.TopKTeacher` (k ids and
+            log-probabilities per row, never expanded to (..., C)), or None when alpha == 0.
         target: (...) int64 class indices; rows equal to ignore_index contribute nothing.
         alpha: weight of the DISTILLATION term in [0, 1] (0: pure cross-entropy, 1: pure distillation).
         temperature: T > 0, applied to both logits; the KL term is multiplied by T^2 (Hinton et al.).
         reduction: "mean" (over non-ignored rows; 0 if all are ignored), "sum" or "none" (shape of target).
+        divergence: D, the distillation term at temperature T: "kl" (KL(teacher || student), the default),
+            "reverse_kl" (KL(student || teacher); infinite where the teacher has probability 0 and the
+            student not: such a row's loss is +inf and its gradient NaN, and a renormalised TopKTeacher with
+            k < C is refused), "jsd" (beta KL(teacher || m) + (1 - beta) KL(student || m), m = beta teacher +
+            (1 - beta) student: finite everywhere). See kdfast/losses/reference.py for the formulas.
+        beta: the teacher's weight in the jsd mixture, 0 < beta < 1 (ignored by the other divergences).
+        normalizer: with reduction="mean", divide the sum by this number (> 0) instead of the count of rows not
+            ignored: e.g. the global count of tokens over gradient-accumulation steps or ranks, so every
+            token weighs the same.
         weight: optional per-row weights (shape of target), e.g. importance-sampling weights.
         return_stats: also return a dict of (N,) float32 per-example statistics from the same pass:
-            ce, kl (NaN when teacher_logits is None), el2n = ||softmax(s) - onehot(y)||, grad_norm =
+            ce, kl (the chosen divergence D, without T^2; NaN when teacher_logits is None), el2n = ||softmax(s) - onehot(y)||, grad_norm =
             ||d l_i / d s_i|| (unreduced, weighted), correct (1.0 where s_y beats every other logit
             strictly), margin (s_y minus the largest other logit). Ignored rows get 0.
         backend: "triton", "cpp", "torch" or None (KDFAST_BACKEND, else by device).
@@ -381,36 +473,46 @@ def kd_loss(student_logits, teacher_logits, target, *, alpha=0.5, temperature=4.
     Returns:
         loss, or (loss, stats) with return_stats=True.
     """
-    _check_scalars(alpha, temperature, reduction, ignore_index, extrapolate)
+    _check_scalars(alpha, temperature, reduction, ignore_index, extrapolate, divergence, beta, normalizer)
     args = (student_logits, teacher_logits, target, weight, alpha, temperature, reduction, ignore_index,
             return_stats, backend, inplace, validate)
-    direct = _eager_cpu_direct(*args)
-    loss, stats = direct if direct is not None else _kd_loss_general(*args)
+    if divergence == "kl" and normalizer is None and type(teacher_logits) is not TopKTeacher:
+        direct = _eager_cpu_direct(*args)
+        loss, stats = direct if direct is not None else _kd_loss_general(*args)
+    else:
+        loss, stats = _kd_loss_general(*args, divergence, beta, normalizer)
     if not return_stats:
         return loss
     return loss, dict(zip(KD_STAT_NAMES, stats.unbind(0)))
 
 
 def _kd_loss_general(student_logits, teacher_logits, target, weight, alpha, temperature, reduction, ignore_index,
-                     return_stats, backend, inplace, validate):
+                     return_stats, backend, inplace, validate, divergence="kl", beta=0.5, normalizer=None):
     """kd_loss on any inputs: the Python checks, the backend choice, then the eager or the traceable path."""
     device_type = _check_tensors(student_logits, teacher_logits, target, alpha, weight, inplace)
-    chosen = _choose_backend(backend, device_type, student_logits, teacher_logits)
+    chosen = _choose_backend(backend, device_type, student_logits, teacher_logits, divergence)
     if validate is None:
         validate = device_type == "cpu"
+    if isinstance(teacher_logits, TopKTeacher):
+        _check_topk_use(teacher_logits, student_logits.shape[-1], temperature, divergence,
+                        validate and not torch.compiler.is_compiling())
+    code, beta, normalizer = _DIVERGENCE_CODE[divergence], float(beta), None if normalizer is None else float(normalizer)
     if torch.compiler.is_compiling():
         if inplace:
             raise InvalidArgumentError("kd_loss: inplace=True cannot be honoured under torch.compile (the traced "
                                        "op cannot overwrite its input); pass inplace=False")
         loss, stats = _compiled_kd_loss(student_logits, teacher_logits, target, weight, float(alpha),
                                         float(temperature), _REDUCTION_CODE[reduction], int(ignore_index),
-                                        return_stats, chosen)
+                                        return_stats, chosen, code, beta, normalizer)
     else:
         if validate and device_type == "cuda" and torch.cuda.is_current_stream_capturing():
             validate = False
-        loss, stats = _EAGER.get(chosen, _eager_function)(student_logits, teacher_logits, target, weight, float(alpha),
-                                                          float(temperature), _REDUCTION_CODE[reduction],
-                                                          int(ignore_index), return_stats, chosen, inplace, validate)
+        args = (student_logits, teacher_logits, target, weight, float(alpha), float(temperature),
+                _REDUCTION_CODE[reduction], int(ignore_index), return_stats, chosen, inplace, validate)
+        if code == 0 and normalizer is None and not isinstance(teacher_logits, TopKTeacher):
+            loss, stats = _EAGER.get(chosen, _eager_function)(*args)
+        else:
+            loss, stats = _eager_function(*args, code, beta, normalizer)
     return loss, stats
 
 
@@ -419,10 +521,10 @@ class KDLoss(torch.nn.Module):
     checked when the module is built."""
 
     def __init__(self, alpha=0.5, temperature=4.0, reduction="mean", ignore_index=-100, *, return_stats=False,
-                 backend=None, inplace=False, validate=None, extrapolate=False):
+                 backend=None, inplace=False, validate=None, extrapolate=False, divergence="kl", beta=0.5):
         super().__init__()
         # Check eagerly, so a bad configuration fails where it is written, not at the first batch.
-        _check_scalars(alpha, temperature, reduction, ignore_index, extrapolate)
+        _check_scalars(alpha, temperature, reduction, ignore_index, extrapolate, divergence, beta)
         for name, value in (("return_stats", return_stats), ("inplace", inplace)):
             if value not in (True, False):
                 raise InvalidArgumentError(f"KDLoss: {name} must be True or False, got {value!r}")
@@ -432,34 +534,41 @@ class KDLoss(torch.nn.Module):
             resolve_backend(backend, None, op="KDLoss")  # the name, and whether it can run here at all
         self.alpha, self.temperature, self.reduction, self.ignore_index = alpha, temperature, reduction, ignore_index
         self.return_stats, self.backend, self.inplace, self.validate = return_stats, backend, inplace, validate
-        self.extrapolate = extrapolate
+        self.extrapolate, self.divergence, self.beta = extrapolate, divergence, beta
 
-    def forward(self, student_logits, teacher_logits, target, weight=None):
+    def forward(self, student_logits, teacher_logits, target, weight=None, normalizer=None):
+        """normalizer: the mean's divisor for this call (see kd_loss), e.g. the step's global token count."""
         return kd_loss(student_logits, teacher_logits, target, alpha=self.alpha, temperature=self.temperature,
                        reduction=self.reduction, ignore_index=self.ignore_index, weight=weight,
                        return_stats=self.return_stats, backend=self.backend, inplace=self.inplace,
-                       validate=self.validate, extrapolate=self.extrapolate)
+                       validate=self.validate, extrapolate=self.extrapolate, divergence=self.divergence,
+                       beta=self.beta, normalizer=normalizer)
 
     def extra_repr(self):
         return (f"alpha={self.alpha} (distillation weight), temperature={self.temperature}, "
-                f"reduction={self.reduction!r}, ignore_index={self.ignore_index}")
+                f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, divergence={self.divergence!r}"
+                + (f", beta={self.beta}" if self.divergence == "jsd" else ""))
 
 
 # ------------------------------------------------------------------- torch.library op (torch.compile)
 @torch.library.custom_op("kdfast::kd_loss_fwd", mutates_args=())
 def _kd_loss_fwd_op(student: torch.Tensor, teacher: torch.Tensor | None, target: torch.Tensor,
                     weight: torch.Tensor | None, alpha: float, temperature: float, ignore_index: int, reduction: int,
-                    need_grad: bool, return_stats: bool,
-                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    loss, grad, stats = _FORWARD[backend](student, teacher, target, weight, alpha, temperature, ignore_index,
-                                          reduction, need_grad, return_stats, None, False)
+                    need_grad: bool, return_stats: bool, backend: str, topk_ids: torch.Tensor | None,
+                    topk_ratio: float, topk_tail: bool, divergence: int, beta: float,
+                    normalizer: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # a sparse teacher travels as its logprobs (teacher) and ids (topk_ids): an op takes tensors, not tuples
+    t = teacher if topk_ids is None else SparseTeacher(topk_ids, teacher, topk_ratio, topk_tail)
+    loss, grad, stats = _FORWARD[backend](student, t, target, weight, alpha, temperature, ignore_index,
+                                          reduction, need_grad, return_stats, None, False, divergence, beta,
+                                          normalizer)
     empty = student.new_empty(0)
     return loss, (grad if grad is not None else empty), (stats if stats is not None else empty.float())
 
 
 @_kd_loss_fwd_op.register_fake
 def _(student, teacher, target, weight, alpha, temperature, ignore_index, reduction, need_grad, return_stats,
-      backend):
+      backend, topk_ids, topk_ratio, topk_tail, divergence, beta, normalizer):
     N = student.shape[0]
     loss = student.new_empty((N,) if reduction == 0 else (), dtype=torch.float32)
     grad = torch.empty_like(student, memory_format=torch.contiguous_format) if need_grad else student.new_empty(0)
@@ -474,24 +583,27 @@ def _setup_context(ctx, inputs, output):
 def _backward_op(ctx, grad_loss, _grad_grad, _grad_stats):
     (grad,) = ctx.saved_tensors
     if grad.numel() == 0 or grad_loss is None:
-        return (None,) * 11
+        return (None,) * 17
     # out of place: a traced graph may replay, so the saved buffer is never scaled in place
     go = grad_loss.to(torch.float32)
     scaled = grad * (go if go.dim() == 0 else go.reshape(-1, 1))
-    return (scaled.to(grad.dtype),) + (None,) * 10
+    return (scaled.to(grad.dtype),) + (None,) * 16
 
 
 torch.library.register_autograd("kdfast::kd_loss_fwd", _backward_op, setup_context=_setup_context)
 
 
 def _compiled_kd_loss(student, teacher, target, weight, alpha, temperature, reduction, ignore_index,
-                      return_stats, backend):
+                      return_stats, backend, divergence, beta, normalizer):
     """The traceable path: the same preparation and backends behind a custom op that torch.compile and CUDA
     graphs capture (no label check: it would need a host synchronisation)."""
     s, t, y, w, _ = _prepare(student, teacher.detach() if teacher is not None else None, target,
-                             weight.detach() if weight is not None else None, False)
-    loss, grad, stats = _kd_loss_fwd_op(s, t, y, w, alpha, temperature, ignore_index, reduction,
-                                        student.requires_grad, return_stats, backend)
+                             weight.detach() if weight is not None else None, False, temperature)
+    sparse = isinstance(t, SparseTeacher)
+    loss, grad, stats = _kd_loss_fwd_op(s, t.logprobs if sparse else t, y, w, alpha, temperature, ignore_index,
+                                        reduction, student.requires_grad, return_stats, backend,
+                                        t.ids if sparse else None, t.ratio if sparse else 1.0,
+                                        t.tail if sparse else False, divergence, beta, normalizer)
     if reduction == 0:
         loss = loss.reshape(target.shape)
     return loss, (stats if return_stats else None)

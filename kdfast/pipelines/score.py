@@ -149,7 +149,7 @@ def _score_chunked(cfg, job, method, models, data):
     n = len(data)
     store = _open_main_first(lambda: ChunkStore(job.path("chunks"), num_rows=n, width=len(models), resume=True,
                                                 rank=distributed.rank(), rows_per_chunk=cfg.chunk_size))
-    writer = _open_main_first(lambda: _logit_writer(job, models[0], data)) if cfg.save_logits else None
+    writer = _open_main_first(lambda: _logit_writer(cfg, job, models[0], data)) if cfg.save_logits else None
     done = store.done_mask()
     batches = index_batches(range(n), cfg.batch_size)
     mine = [batches[i] for i in distributed.shard_indices(len(batches), distributed.rank(), distributed.world_size())]
@@ -174,7 +174,7 @@ def _score_chunked(cfg, job, method, models, data):
     if not distributed.is_main():
         return None, store, None
     if cfg.save_logits:
-        _logit_writer(job, models[0], data).close()
+        _logit_writer(cfg, job, models[0], data).close()
     per_model = store.gather().T.copy()
     return per_model, store, (todo / seconds if todo else None)
 
@@ -186,12 +186,13 @@ def _open_main_first(open_fn):
     return opened if distributed.is_main() else open_fn()
 
 
-def _logit_writer(job, model, data):
+def _logit_writer(cfg, job, model, data):
     from kdfast.data import data_identity
     from kdfast.models import model_fingerprint
     from kdfast.distill.teacher_cache import TeacherCache
     identity = data_identity(data)
     return TeacherCache.create(job.path("teacher-logits"), num_examples=len(data), num_classes=data.num_classes,
+                               topk=getattr(cfg, "topk", None),  # (configurations from before --topk have none)
                                dataset_fingerprint=identity["labels_fingerprint"],
                                teacher_fingerprint=model_fingerprint(model), resume=True, files=data.files,
                                files_fingerprint=identity["files_fingerprint"])

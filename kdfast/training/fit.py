@@ -286,7 +286,8 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
         schedule: "cosine" (annealed to 0 over `epochs`), "step" (LR / 10 at each epoch in `milestones`)
             or "constant"; stepped once per epoch.
         teacher: a module run online in eval mode; or teacher_cache: a TeacherCache of its logits for
-            `dataset` (checked against the dataset's labels when it has `.targets`). Not both.
+            `dataset` (checked against the dataset's labels when it has `.targets`; a top-k cache is read
+            sparse, `topk_rows`: the teacher's renormalised top k, never expanded to C). Not both.
         alpha, temperature: weight of the DISTILLATION term in [0, 1] and the softmax temperature.
         extrapolate: allow any finite alpha (outside [0, 1] the loss is the same formula, one term then has a
             negative weight: the self-distillation paper's extrapolation past the teacher or the labels).
@@ -393,11 +394,12 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
             with progress_bar(total, desc=f"epoch {epoch + 1}/{epochs}", quiet=not (progress and writes_files),
                               plain=False) as bar:
                 for x, y, idx in train_loader.epoch(seed + epoch, sampler if importance is None else importance):
-                    cached = None if teacher_cache is None or alpha == 0 else teacher_cache[idx]
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     idx_dev = idx.to(device, non_blocking=True)
-                    if cached is not None:
-                        cached = cached.to(device, non_blocking=True)
+                    cached = None
+                    if teacher_cache is not None and alpha != 0:  # a top-k cache stays sparse: k ids per example
+                        cached = (teacher_cache[idx].to(device, non_blocking=True) if teacher_cache.topk is None
+                                  else teacher_cache.topk_rows(idx, device=device))
                     weight = None if importance is None else importance.weights[idx].to(device, non_blocking=True)
                     out = distill_step(net, teacher, x, y, optimizer, alpha=alpha, temperature=temperature,
                                        teacher_logits=cached, indices=idx_dev, forgetting=forgetting, amp=amp,

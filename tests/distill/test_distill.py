@@ -342,6 +342,32 @@ def test_fit_with_teacher_cache_equals_online_teacher_and_refuses_another_datase
         fit(_net(), data, teacher_cache=TeacherCache.open(tmp_path / "other"), alpha=0.8, **_fit_args(epochs=1))
 
 
+def test_fit_reads_a_topk_cache_sparse(tmp_path, monkeypatch):
+    """A top-k cache reaches the loss as a TopKTeacher, never as dense rows; with k = C (the whole teacher) the
+    run equals the online teacher's."""
+    from kdfast.data import labels_fingerprint
+    from kdfast.distill.teacher_cache import TeacherCache
+    from kdfast.training.fit import fit
+    data = _Pairs()
+    teacher = _net()
+    writer = TeacherCache.create(tmp_path / "k", num_examples=40, num_classes=5, topk=5, dtype="float32",
+                                 dataset_fingerprint=labels_fingerprint(data.targets), teacher_fingerprint="t")
+    with torch.no_grad():
+        writer.write(torch.arange(40), teacher(data.x))
+    writer.close()
+
+    def dense_read(self, indices):
+        raise AssertionError("fit expanded a top-k cache to dense rows")
+
+    monkeypatch.setattr(TeacherCache, "__getitem__", dense_read)
+    init = _net()
+    online, cached = copy.deepcopy(init), copy.deepcopy(init)
+    fit(online, data, teacher=teacher, alpha=0.8, **_fit_args(epochs=2))
+    fit(cached, data, teacher_cache=TeacherCache.open(tmp_path / "k"), alpha=0.8, **_fit_args(epochs=2))
+    for a, b in zip(online.parameters(), cached.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(epochs=0), "epochs must be a positive integer"),
     (dict(batch_size=0), "batch_size must be a positive integer"),

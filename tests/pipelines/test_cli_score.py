@@ -151,6 +151,21 @@ def test_save_logits_writes_a_teacher_cache(tmp_path, capsys):
     torch.testing.assert_close(cache[torch.arange(70)], want, rtol=2e-3, atol=2e-3)  # fp16 storage
 
 
+def test_save_logits_topk_writes_a_sparse_teacher_cache(tmp_path, capsys):
+    model = _checkpoint(tmp_path / "t.pt").eval()
+    code, _, err = _run(["--checkpoint", str(tmp_path / "t.pt"), "--limit", "70", "--batch-size", "32",
+                         "--save-logits", "--topk", "3", "--out", str(tmp_path / "run"), "--quiet"], capsys)
+    assert code == 0, err
+    from kdfast.distill.teacher_cache import TeacherCache
+    cache = TeacherCache.open(str(tmp_path / "run" / "teacher-logits"))
+    assert cache.topk == 3
+    with torch.no_grad():
+        want = torch.log_softmax(model(load_dataset("digits").images[:70]), -1).topk(3, -1)
+    teacher = cache.topk_rows(torch.arange(70), missing="tail")
+    assert torch.equal(teacher.indices, want.indices)
+    torch.testing.assert_close(teacher.logprobs, want.values, rtol=2e-3, atol=2e-3)  # fp16 storage
+
+
 def test_umbrella_command_runs_score(tmp_path, capsys):
     assert main(["score", "--method", "random", "--out", str(tmp_path / "u"), "--quiet"]) == 0
     assert (tmp_path / "u" / "scores.npy").exists()
@@ -265,6 +280,8 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path,
     (["--checkpoint", "{ck}", "--train-epochs", "2"], 2, "give --checkpoint or --train-epochs/--seeds, not both"),
     (["--method", "forgetting", "--checkpoint", "{ck}"], 2, "forgetting is measured while training"),
     (["--save-logits"], 2, "--save-logits caches one model's logits"),
+    (["--topk", "3", "--checkpoint", "{ck}"], 2, "--topk keeps the K largest logits of --save-logits' cache"),
+    (["--topk", "11", "--save-logits", "--checkpoint", "{ck}"], 2, "--topk 11 keeps more logits than the 10 classes"),
     (["--method", "random", "--seeds", "2"], 2, "--method random uses no model"),
     (["--out", "{tmp}", "--overwrite"], 1, "holds no kdfast run; choose another folder"),
     (["--resume", "--overwrite"], 2, "give --resume or --overwrite, not both"),
