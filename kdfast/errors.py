@@ -15,3 +15,7 @@ class BackendUnavailableError(KDFastError, RuntimeError):
 
 class UnsupportedModuleError(KDFastError, NotImplementedError):
     """A model contains layers an engine has no rule for."""
+
+
+class SlowFallbackWarning(UserWarning):
+    """Work runs on a much slower path than this machine could offer (the reference instead of the C++ kernels)."""
