@@ -22,6 +22,7 @@ import glob
 import hashlib
 import os
 import platform
+import re
 import sys
 import time
 
@@ -101,13 +102,14 @@ def load() -> CppState:
                         fix=f"unset {ENV_VAR} (or set it to auto) to use them")
     why_not_installed = "kdfast._C is not installed"
     if chosen == "auto":
+        import importlib
         try:
-            from . import _C
+            installed = importlib.import_module("kdfast._C")
         except Exception as exc:  # absent (isolated install), or built against another torch
             if not isinstance(exc, ModuleNotFoundError) or exc.name != "kdfast._C":
                 why_not_installed = f"kdfast._C failed to import ({type(exc).__name__}: {exc})"
         else:
-            return CppState(_C, "install", f"built at install ({_C.__file__})")
+            return CppState(installed, "install", f"built at install ({installed.__file__})")
     else:
         why_not_installed = f"{ENV_VAR}=jit"
     sources = source_dir()
@@ -161,17 +163,24 @@ def _load_or_compile(sources: str, why_not_installed: str) -> CppState:
                 module, seconds = _compile(sources, directory)
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
+                os.makedirs(directory, exist_ok=True)
                 with open(failed, "w") as f:
                     f.write(error)
             else:
                 return CppState(module, "compiled", f"compiled on first use ({why_not_installed}) in "
                                 f"{seconds:.1f} s into {directory}")
-    first = error.strip().splitlines()[0] if error.strip() else "no message"
-    return CppState(None, "unavailable",
-                    f"{why_not_installed}, and compiling its C++ sources on first use failed ({first[:300]}; "
-                    f"full output in {failed})",
+    return CppState(None, "unavailable", f"{why_not_installed}, and compiling the C++ sources on first use failed "
+                    f"({_summary(error)}; full output in {failed})",
                     fix="install a C++ compiler (g++ or clang++; CXX names another) and start again, or install "
                         "with `pip install --no-build-isolation kdfast` where torch and a compiler are present")
+
+
+def _summary(error: str) -> str:
+    """The line of a failed build that says what went wrong (not the compiler command lines around it)."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    telling = [line for line in lines if " -c " not in line and not line.startswith("ninja: build stopped")
+               and re.search(r"error|not found|no such file|required|cannot", line, re.IGNORECASE)]
+    return ((telling or lines or ["no message"])[0])[:300]
 
 
 def _compile(sources: str, directory: str):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import warnings
 
 import torch
@@ -54,12 +55,20 @@ def _triton_import_error() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+_cpp_state = None
+_cpp_state_lock = threading.Lock()  # threads asking at once: one loads (or compiles), the others wait for it
+
+
 def cpp_state():
     """Where this process's C++ kernels come from (kdfast.cpp_build): built at install, compiled on first use (the
     first call may compile them, once per machine), or unavailable and why. Decided once per process."""
-    from .cpp_build import load
-    return load()
+    global _cpp_state
+    if _cpp_state is None:
+        with _cpp_state_lock:
+            if _cpp_state is None:
+                from .cpp_build import load
+                _cpp_state = load()
+    return _cpp_state
 
 
 def cpp_module():
