@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 .PHONY: setup demo test bench dist clean
 setup: $(VENV)/.kdfast-installed
 
-$(VENV)/.kdfast-installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+$(VENV)/.kdfast-installed: pyproject.toml setup.py kdfast/cpp_build.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel pybind11 ninja
 	$(PY) -m pip install -q $(TORCH_SPEC)
