@@ -32,8 +32,9 @@ MODULE_NAME = "kdfast_C"  # the first-use build's module; the install-time build
 _OPENMP = [] if sys.platform == "darwin" else ["-fopenmp"]
 # No -std: torch adds the standard its headers need (C++17 in older releases, C++20 in 2.14). -fno-trapping-math
 # lets the compiler evaluate both arms of a branch-free select (as in `q > 0 ? q * (u - v) : 0`), which loops need
-# to vectorise; the kernels never read FP exception flags.
-EXTRA_COMPILE_ARGS = ["-O3", "-fno-trapping-math", *_OPENMP]
+# to vectorise; the kernels never read FP exception flags. -DNDEBUG: setuptools takes it from Python's own build
+# flags, torch's load() does not, and without it torch's headers compile in their debug-only checks.
+EXTRA_COMPILE_ARGS = ["-O3", "-DNDEBUG", "-fno-trapping-math", *_OPENMP]
 EXTRA_LINK_ARGS = [*_OPENMP]
 _DONE = "built.ok"       # written (atomically) once the library in a build folder is complete
 _FAILED = "failed.log"   # the last failed compile's output: processes that waited on it take its result
