@@ -6,10 +6,10 @@ PY := $(VENV)/bin/python
 #   make test TORCH_SPEC="torch torchvision"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench dist clean
 setup: $(VENV)/.kdfast-installed
 
-$(VENV)/.kdfast-installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+$(VENV)/.kdfast-installed: pyproject.toml setup.py kdfast/runtime/cpp_build.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel pybind11 ninja
 	$(PY) -m pip install -q $(TORCH_SPEC)
@@ -38,5 +38,9 @@ BENCH_ARGS ?= --quick
 bench: setup
 	$(PY) -m bench.run $(BENCH_ARGS) --out runs/bench/results.jsonl
 
+# sdist + wheel from isolated builds (no torch there): the wheel ships csrc/ and compiles it on first use
+dist: setup
+	$(PY) -m build --outdir dist
+
 clean:
-	rm -rf $(VENV) build *.egg-info kdfast/*.so
+	rm -rf $(VENV) build dist *.egg-info kdfast/*.so

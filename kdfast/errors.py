@@ -19,3 +19,7 @@ class UnsupportedModuleError(KDFastError, NotImplementedError):
 
 class DataError(KDFastError, ValueError):
     """A data set root is missing or malformed, an image is unreadable, or a label is out of range."""
+
+
+class SlowFallbackWarning(UserWarning):
+    """Work runs on a much slower path than this machine could offer (the reference instead of the C++ kernels)."""

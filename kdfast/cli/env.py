@@ -36,9 +36,10 @@ def report() -> list[tuple[str, str]]:
             rows.append((f"cuda:{i}", f"{p.name}, {p.total_memory / 2**30:.0f} GiB, capability {p.major}.{p.minor}"))
     else:
         rows.append(("cuda", "no CUDA device"))
-    for name, state in backends().items():
+    for name, state in backends(details=True).items():  # details: where the C++ kernels came from
         rows.append((f"backend {name}", state))
-    for var in ("KDFAST_BACKEND", "TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS"):
+    for var in ("KDFAST_BACKEND", "KDFAST_CPP", "TORCH_EXTENSIONS_DIR", "CXX", "TRITON_INTERPRET",
+                "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS"):
         if os.environ.get(var):
             rows.append((f"${var}", os.environ[var]))
     return rows

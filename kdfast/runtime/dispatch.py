@@ -2,20 +2,24 @@
 
 Three backends compute every op with the same semantics:
   "triton"  fused Triton kernels: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (how CI tests them)
-  "cpp"     the C++/OpenMP extension kdfast._C (CPU tensors)
+  "cpp"     the C++/OpenMP extension (CPU tensors): kdfast._C built at install, else csrc/ compiled on first use
+            (kdfast.runtime.cpp_build)
   "torch"   plain PyTorch, always available, float64-capable (the fallback)
 The default picks triton for CUDA tensors and cpp for CPU tensors, falling back to torch when the
-preferred one is unavailable. `backend=` or the KDFAST_BACKEND environment variable forces a choice.
+preferred one is unavailable (with one warning when CPU work loses the C++ kernels). `backend=` or the
+KDFAST_BACKEND environment variable forces a choice.
 Nothing here touches a device at import time.
 """
 from __future__ import annotations
 
 import functools
 import os
+import threading
+import warnings
 
 import torch
 
-from kdfast.errors import BackendUnavailableError, InvalidArgumentError
+from kdfast.errors import BackendUnavailableError, InvalidArgumentError, SlowFallbackWarning
 
 BACKEND_NAMES = ("triton", "cpp", "torch")
 ENV_VAR = "KDFAST_BACKEND"
@@ -51,23 +55,28 @@ def _triton_import_error() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _cpp_import_error() -> str | None:
-    try:
-        from kdfast import _C  # noqa: F401
-    except Exception as exc:
-        return (f"C++ extension kdfast._C not built ({type(exc).__name__}: {exc}); reinstall with "
-                "`pip install --no-build-isolation -e .` and a C++ compiler")
-    return None
+_cpp_state = None
+_cpp_state_lock = threading.Lock()  # threads asking at once: one loads (or compiles), the others wait for it
+
+
+def cpp_state():
+    """Where this process's C++ kernels come from (kdfast.runtime.cpp_build): built at install, compiled on first use (the
+    first call may compile them, once per machine), or unavailable and why. Decided once per process."""
+    global _cpp_state
+    if _cpp_state is None:
+        with _cpp_state_lock:
+            if _cpp_state is None:
+                from kdfast.runtime.cpp_build import load
+                _cpp_state = load()
+    return _cpp_state
 
 
 def cpp_module():
     """The compiled extension; raises BackendUnavailableError with the reason when absent."""
-    err = _cpp_import_error()
-    if err:
-        raise BackendUnavailableError(f"backend 'cpp' unavailable: {err}")
-    from kdfast import _C
-    return _C
+    state = cpp_state()
+    if state.module is None:
+        raise BackendUnavailableError(f"backend 'cpp' unavailable: {state.detail}")
+    return state.module
 
 
 def _unavailable_reason(name: str, device: torch.device | None) -> str | None:
@@ -75,9 +84,9 @@ def _unavailable_reason(name: str, device: torch.device | None) -> str | None:
     if name == "torch":
         return None
     if name == "cpp":
-        err = _cpp_import_error()
-        if err:
-            return err
+        state = cpp_state()
+        if state.module is None:
+            return state.detail
         if device is not None and device.type != "cpu":
             return f"the C++ backend runs on CPU tensors, got a {device.type} tensor"
         return None
@@ -92,9 +101,28 @@ def _unavailable_reason(name: str, device: torch.device | None) -> str | None:
     return None
 
 
-def backends() -> dict[str, str]:
-    """Which backends are live here, and why not the others: {name: "available" | reason}."""
-    return {name: _unavailable_reason(name, None) or "available" for name in BACKEND_NAMES}
+def backends(details: bool = False) -> dict[str, str]:
+    """Which backends are live here, and why not the others: {name: "available" | reason}. With details=True a
+    live "cpp" says where its kernels came from: "available: built at install (...)", "available: compiled on
+    first use (...)". The first call may compile the C++ kernels (once per machine)."""
+    report = {name: _unavailable_reason(name, None) or "available" for name in BACKEND_NAMES}
+    if details and report["cpp"] == "available":
+        report["cpp"] = f"available: {cpp_state().detail}"
+    return report
+
+
+_warned: set = set()  # causes of a slow fallback already reported in this process
+
+
+def _warn_cpu_fallback() -> None:
+    """One warning per cause when CPU work that wants the C++ kernels runs the reference instead."""
+    state = cpp_state()
+    if state.detail in _warned:
+        return
+    _warned.add(state.detail)
+    warnings.warn(f"kdfast: the C++ CPU kernels are unavailable ({state.detail}); CPU kd_loss runs the plain "
+                  f"PyTorch reference instead, 8-27x slower forward+backward. To fix: {state.fix}",
+                  SlowFallbackWarning, stacklevel=4)
 
 
 _resolved: dict = {}  # (backend, KDFAST_BACKEND, TRITON_INTERPRET, device type) -> backend; errors are not kept
@@ -130,4 +158,8 @@ def _resolve(backend: str | None, env: str | None, device: torch.device | None, 
         return backend
     cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
     preferred = "triton" if cuda else "cpp"
-    return preferred if _unavailable_reason(preferred, device) is None else "torch"
+    if _unavailable_reason(preferred, device) is None:
+        return preferred
+    if preferred == "cpp" and (device is None or device.type == "cpu"):
+        _warn_cpu_fallback()
+    return "torch"

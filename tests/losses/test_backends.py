@@ -201,11 +201,12 @@ def test_unavailable_backend_raises_with_the_reason(monkeypatch):
         _small_call(backend="triton")
 
 
-def test_package_falls_back_to_torch_without_the_extension():
-    """A fresh interpreter where importing kdfast._C fails (as without a compiler) still imports, says why
-    "cpp" is unavailable, runs kd_loss on the "torch" backend and refuses backend="cpp"."""
+def test_package_falls_back_to_torch_without_the_extension_or_a_compiler(tmp_path):
+    """A fresh interpreter where importing kdfast._C fails and the first-use compile finds no compiler (CXX names
+    none) still imports, says why "cpp" is unavailable, warns once (naming the cost and the fix) however many CPU
+    calls fall back, runs kd_loss on the "torch" backend and refuses backend="cpp"."""
     code = textwrap.dedent(f"""
-        import importlib.abc, sys
+        import importlib.abc, sys, warnings
 
         class NoExtension(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
@@ -216,13 +217,21 @@ def test_package_falls_back_to_torch_without_the_extension():
         sys.meta_path.insert(0, NoExtension())
         import torch, kdfast
         from kdfast.runtime.dispatch import backends, resolve_backend
-        from kdfast.errors import BackendUnavailableError
-        reason = backends()["cpp"]
-        assert "kdfast._C not built" in reason and "blocked by the test" in reason, reason
-        assert resolve_backend(None, torch.device("cpu"), op="kd_loss") == "torch"
+        from kdfast.errors import BackendUnavailableError, SlowFallbackWarning
         s = torch.randn(3, 4, requires_grad=True)
         t, y = torch.randn(3, 4), torch.tensor([0, 3, 1])
-        loss = kdfast.kd_loss(s, t, y)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss = kdfast.kd_loss(s, t, y)
+            assert resolve_backend(None, torch.device("cpu"), op="kd_loss") == "torch"
+            kdfast.KDLoss()(s, t, y)
+        slow = [str(w.message) for w in caught if issubclass(w.category, SlowFallbackWarning)]
+        assert len(slow) == 1, slow
+        assert "8-27x slower" in slow[0] and "install a C++ compiler" in slow[0], slow
+        reason = backends()["cpp"]
+        assert reason in slow[0], (reason, slow)
+        assert "kdfast._C failed to import" in reason and "blocked by the test" in reason, reason
+        assert "compiling the C++ sources on first use failed" in reason and "/nonexistent/c++" in reason, reason
         loss.backward()
         ref = kdfast.kd_loss(s.detach(), t, y, backend="torch")
         assert torch.equal(loss.detach(), ref) and s.grad is not None
@@ -234,10 +243,12 @@ def test_package_falls_back_to_torch_without_the_extension():
             raise AssertionError("backend='cpp' ran without the extension")
         print("fallback ok")
     """)
-    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    env = {k: v for k, v in os.environ.items() if k not in (ENV_VAR, "KDFAST_CPP")}
+    env.update(CXX="/nonexistent/c++", TORCH_EXTENSIONS_DIR=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "fallback ok"
+    assert out.stderr.count("kdfast: compiling the C++ CPU kernels") == 1, out.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------------- the C++ kernels directly
