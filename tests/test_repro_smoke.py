@@ -62,12 +62,55 @@ def test_repro_kernel_regime_smoke(tmp_path):
     text = (tmp_path / "repro_kernel_regime.md").read_text()
     for name in SETTINGS:
         assert f"| {name} |" in text
-    for claim in ("- Fig. 1, final quality", "- Fig. 1, speed", "- Fig. 2 ", "- Sec. 2.5.1", "- Fig. 3", "- Fig. 5a",
-                  "- Fig. 5b"):
+    for claim in ("- Fig. 1, quality", "- Fig. 1, speed", "- Fig. 2 ", "- Sec. 2.5.1", "- Fig. 3", "- Fig. 5a",
+                  "- Fig. 5b", "## Verdicts over every setup"):
         assert claim in text
     assert "commit " in text and "Measured " in text
     import json
-    curves = json.loads((tmp_path / "repro_kernel_regime.json").read_text())["results"]["teacher 20 / student 5 units"]
+    saved = json.loads((tmp_path / "repro_kernel_regime.json").read_text())
+    # the paper's setup by default: unit rows without centring, q on, both lambda = 0 students, k = 1, 5, 20
+    assert saved["setup"] == {"centring": ["none"], "lottery": ["teacher-units", "reset"], "q": True,
+                              "overlap_k": [1, 5, 20], "seeds": 2, "iters": 20}
+    curves = saved["results"]["centring none, teacher 20 / student 5 units"]
     for seed in curves:  # lambda = inf from the teacher's own units: zero gradient, the student never moves
+        assert seed["teacher_scale"] == pytest.approx(math.sqrt(5 / 20), rel=1e-15)
+        assert set(seed["mean_overlap"]) == {"1", "5", "20"}
         assert len({c[1] for c in seed["curves"]["lambda=inf"]}) == 1
         assert seed["curves"]["lambda=0.01"][-1][1] < seed["curves"]["lambda=0.01"][0][1]
+        # the reset student starts from the teacher's init (kappa = 1e-2: outputs near 0, MSE near mean y^2 = 1),
+        # the teacher-units student from its trained units
+        assert seed["curves"]["lambda=0, reset units"][0][1] == pytest.approx(1.0, abs=0.05)
+        assert seed["curves"]["lambda=0, teacher's units"][0][1] < 0.8
+
+
+def test_digits_pair_centres_only_when_asked():
+    """The paper's Sec. 4 normalises rows to norm 1 and nothing else; train-mean centring is the opt-in variant."""
+    from bench.repro_kernel_regime import digits_pair
+    from kdfast.data import load_dataset
+    ds = load_dataset("digits", split="train")
+    keep = (ds.targets == 3) | (ds.targets == 5)
+    raw = ds.images[keep].reshape(int(keep.sum()), -1).double()
+    x, y, xt, _ = digits_pair((3, 5))
+    torch.testing.assert_close(x, raw / raw.norm(dim=1, keepdim=True), rtol=1e-14, atol=0)
+    assert set(y.tolist()) == {-1.0, 1.0} and bool((x.norm(dim=1) - 1).abs().max() < 1e-12)
+    xc, _, xtc, _ = digits_pair((3, 5), "train-mean")
+    centred = raw - raw.mean(0)
+    torch.testing.assert_close(xc, centred / centred.norm(dim=1, keepdim=True), rtol=1e-14, atol=0)
+    assert not torch.allclose(xt, xtc)
+
+
+def test_teacher_output_scale_makes_the_student_units_unbiased():
+    """Theorem 2: with output weights q abar / sqrt(mbar), q = sqrt(m / mbar), the mean over every m-subset of the
+    teacher's units, read out as a / sqrt(m), is the teacher's output (exhaustive enumeration, float64)."""
+    import itertools
+    from bench.repro_kernel_regime import output, teacher_output_scale
+    g = torch.Generator().manual_seed(2)
+    mbar, m, n, d = 7, 3, 5, 4
+    w = torch.randn(mbar, d, generator=g, dtype=torch.float64)
+    abar = torch.randint(0, 2, (mbar,), generator=g).double() * 2 - 1
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    subsets = [list(c) for c in itertools.combinations(range(mbar), m)]
+    mean_student = sum(output(w[s], abar[s], x) for s in subsets) / len(subsets)
+    torch.testing.assert_close(mean_student, output(w, teacher_output_scale(m, mbar) * abar, x), rtol=1e-12, atol=0)
+    assert teacher_output_scale(m, mbar, q=False) == 1.0
+    assert not torch.allclose(mean_student, output(w, abar, x))
