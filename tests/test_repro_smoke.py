@@ -114,3 +114,35 @@ def test_teacher_output_scale_makes_the_student_units_unbiased():
     torch.testing.assert_close(mean_student, output(w, teacher_output_scale(m, mbar) * abar, x), rtol=1e-12, atol=0)
     assert teacher_output_scale(m, mbar, q=False) == 1.0
     assert not torch.allclose(mean_student, output(w, abar, x))
+
+
+# ---------------------------------------------------------------------------------- LiPrune (S4)
+def test_sin_lipschitz_is_the_tight_bound_on_the_second_derivative():
+    """sup_w |f''(w)| of f = 1/2 (sin(w x) - y)^2, from autograd on a dense grid of w covering every phase of w x."""
+    from bench.repro_liprune import sin_lipschitz
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(6, generator=g, dtype=torch.float64), torch.tensor([0.3, -2.0], dtype=torch.float64)])
+    y = torch.cat([torch.randn(6, generator=g, dtype=torch.float64) * 3, torch.tensor([6.0, -0.1], dtype=torch.float64)])
+    w = torch.linspace(-60, 60, 200_001, dtype=torch.float64)
+    for xi, yi in zip(x, y):
+        wg = w.clone().requires_grad_(True)
+        (d1,) = torch.autograd.grad((0.5 * (torch.sin(wg * xi) - yi).square()).sum(), wg, create_graph=True)
+        (d2,) = torch.autograd.grad(d1.sum(), wg)
+        sup, bound = float(d2.abs().max()), float(sin_lipschitz(xi, yi))
+        assert sup <= bound * (1 + 1e-12) and sup >= bound * (1 - 1e-4), (float(xi), float(yi), sup, bound)
+
+
+def test_stochastic_liprune_gates_each_iteration():
+    """Eq. 2: a stochastic iteration moves the weight only when its Bernoulli(r) gate is 1 (the skipped iterations
+    count); the ungated control and fixed-subset methods move at every iteration."""
+    from bench.repro_stochastic_liprune import _linear_run
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(1400, generator=g, dtype=torch.float64) * 10 - 5
+    y = 2 * x + 0.2 * torch.randn(1400, generator=g, dtype=torch.float64)
+    steps, ratio = 400, 0.3
+    for method, low, high in (("stochastic liprune", 80, 160), ("stochastic uniform", 80, 160),
+                              ("stochastic liprune, ungated", steps, steps), ("random", steps, steps)):
+        curve = _linear_run(x[:1000], y[:1000], x[1000:], y[1000:], method, ratio, steps=steps, batch=10, lr=1e-4,
+                            gen=torch.Generator().manual_seed(5), seed=0)
+        moved = int((curve[1:] != curve[:-1]).sum())  # Binomial(400, 0.3) when gated: 120 ± 9.2
+        assert curve.shape == (steps + 1,) and low <= moved <= high, (method, moved)

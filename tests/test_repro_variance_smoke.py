@@ -19,6 +19,9 @@ def test_repro_smoke_writes_table_claims_and_figure(name, tmp_path, capsys):
     assert "nan" not in text.lower()
     saved = json.loads((tmp_path / f"{name}.json").read_text())
     assert saved["provenance"]["date"] and saved["provenance"]["device"]
+    if name == "repro_stochastic_liprune":  # Eq. 2's gate by default, the ungated form beside it
+        assert saved["gate"] is True and "| 0.3 | stochastic liprune, ungated |" in text
+        assert "| 0.3 | stochastic liprune |" in text
     pytest.importorskip("matplotlib")
     assert (tmp_path / f"{name}.png").stat().st_size > 0
     assert "Claims" in capsys.readouterr().out
