@@ -153,8 +153,8 @@ def run_seed(seed, train_split, test_split, size, log):
         "grand-last": kdfast.score(scorer, ds, "grand-last", progress=False),
         "forgetting": tracker.scores(),
     }
-    out = {"early_epochs": early, "teacher_acc": accuracy(teacher, xt, yt), "teacher_state": train_state(teacher, x, y), "main": {},
-           "sweep": {}}
+    out = {"early_epochs": early, "teacher_acc": accuracy(teacher, xt, yt),
+           "teacher_state": train_state(teacher, x, y), "main": {}, "sweep": {}}
     log(f"seed {seed}: teacher test acc {out['teacher_acc']:.4f}, train {out['teacher_state']}")
     cache = {}
 

@@ -219,7 +219,8 @@ def claims(seeds, iters, horizons, lotteries, overlap_k):
             note("Fig. 1, quality", f"it {it} {'train' if column == 1 else 'test'}", v)
             parts.append(f"it {it}: {text}")
     out.append(f"- Fig. 1, quality: the student with a teacher (lambda = 0.01) has a lower MSE than the student "
-               f"without: {'; '.join(parts)}. Final MSE train {mean('lambda=0.01', 1):.3g} vs {mean('no teacher', 1):.3g}, "
+               f"without: {'; '.join(parts)}. Final MSE train {mean('lambda=0.01', 1):.3g} vs "
+               f"{mean('no teacher', 1):.3g}, "
                f"test {mean('lambda=0.01', 2):.3g} vs {mean('no teacher', 2):.3g}; the teacher: train "
                f"{mean('teacher', 1):.3g}, test {mean('teacher', 2):.3g}.")
     ok = all(a is not None and (b is None or a < b) for a, b in zip(speed["lambda=0.01"], speed["no teacher"]))
@@ -289,8 +290,9 @@ def summary(blocks):
             lines.append(f"- {claim}: {verdicts.pop()} in every setup shown ({len(pairs)} cases).")
         else:
             groups = {v: [q for q, w in pairs if w == v] for v in sorted(verdicts)}
-            undecided = claim.startswith("Fig. 5")
-            lines.append(f"- {claim}: {'undecidable as the paper specifies it (k and the data variant unfixed)' if undecided else 'depends on the setup'}: "
+            head = ("undecidable as the paper specifies it (k and the data variant unfixed)"
+                    if claim.startswith("Fig. 5") else "depends on the setup")
+            lines.append(f"- {claim}: {head}: "
                          + "; ".join(f"{v} for {', '.join(qs)}" for v, qs in groups.items()) + ".")
     return lines
 

@@ -79,7 +79,8 @@ def _linear_run(x, y, xt, yt, method, ratio, *, steps, batch, lr, gen, seed):
             draws += list(sampler)
             epoch += 1
         draws = torch.tensor(draws[:steps * batch]).view(steps, batch)
-    gate = torch.rand(steps, generator=gen, dtype=torch.float64) < ratio if gated else torch.ones(steps, dtype=torch.bool)
+    gate = (torch.rand(steps, generator=gen, dtype=torch.float64) < ratio if gated
+            else torch.ones(steps, dtype=torch.bool))
     w = torch.zeros((), dtype=torch.float64)
     curve = [0.5 * (w * xt - yt).square().mean()]
     for t in range(steps):
@@ -201,7 +202,8 @@ def claims(linear, digits, steps):
             v = "holds" if d.mean() > 2 * se else "does not hold" if d.mean() < -2 * se else \
                 f"undecidable at {len(d)} seeds"
             parts.append(f"beats {other}: {v} ({float(d.mean()):+.1f} ± {se:.1f} points)")
-        lines.append(f"digits MLP, r = {ratio}, equal executed steps: stochastic LiPrune {acc['stochastic liprune']:.1f}%, "
+        lines.append(f"digits MLP, r = {ratio}, equal executed steps: stochastic LiPrune "
+                     f"{acc['stochastic liprune']:.1f}%, "
                      f"top-r {acc['liprune top-r']:.1f}%, random {acc['random']:.1f}%, stochastic uniform "
                      f"{acc['stochastic uniform']:.1f}%; stochastic LiPrune " + "; ".join(parts) + ".")
     return lines

@@ -122,7 +122,8 @@ def test_sin_lipschitz_is_the_tight_bound_on_the_second_derivative():
     from bench.repro_liprune import sin_lipschitz
     g = torch.Generator().manual_seed(3)
     x = torch.cat([torch.randn(6, generator=g, dtype=torch.float64), torch.tensor([0.3, -2.0], dtype=torch.float64)])
-    y = torch.cat([torch.randn(6, generator=g, dtype=torch.float64) * 3, torch.tensor([6.0, -0.1], dtype=torch.float64)])
+    y = torch.cat([torch.randn(6, generator=g, dtype=torch.float64) * 3,
+                   torch.tensor([6.0, -0.1], dtype=torch.float64)])
     w = torch.linspace(-60, 60, 200_001, dtype=torch.float64)
     for xi, yi in zip(x, y):
         wg = w.clone().requires_grad_(True)
