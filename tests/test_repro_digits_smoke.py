@@ -13,7 +13,7 @@ def test_repro_digits_kd_smoke(tmp_path, capsys):
     assert repro_digits_kd.main(["--smoke", "--out", str(tmp_path)]) == 0
     text = (tmp_path / "repro_digits_kd.md").read_text()
     assert "| random | KD a=auto |" in text and "- the best alpha grows as f shrinks: " in text and "commit " in text
-    assert text.count("| holds |") + text.count("| undecidable |") + text.count("| does not hold |") == 39
+    assert text.count("| holds |") + text.count("| undecidable |") + text.count("| does not hold |") == 54
     saved = json.loads((tmp_path / "repro_digits_kd.json").read_text())
     assert len(saved["runs"]) == 2 and saved["size"]["steps"] == 8
     # the paper's setup by default: class-balanced random pruning, early-training scores, clean labels
