@@ -452,9 +452,9 @@ def _reproductions(reports: Path) -> list[str]:
     """The papers' findings reproduced on real data (bench/repro/reports/*.md, written by bench.repro.* with their
     device, date, versions and command), each under its own heading."""
     out = []
-    for path in sorted(reports.glob("*.md")):
+    for path in sorted(reports.rglob("*.md")):  # variants (e.g. with label noise) in their own folders
         lines = path.read_text().strip().splitlines()
-        out += [f"## Reproduction: bench/repro/reports/{path.name}", "",
+        out += [f"## Reproduction: bench/repro/reports/{path.relative_to(reports)}", "",
                 *("##" + line if line.startswith("#") else line for line in lines), ""]
     return out
 

@@ -1,13 +1,17 @@
 """Reproduces the data-pruning-with-KD findings on scikit-learn's digits (real data, CPU), with
-a fixed budget of SGD steps per student, scores from converged models and several seeds.
+a fixed budget of SGD steps per student, early-training scores and several seeds.
 
 Protocol, per seed:
 - teacher: an MLP (64-256-256-10) trained on all 1397 training images for --teacher-steps SGD steps (cosine to
   0), tracking forgetting events as it goes. It is CONVERGED when, at the end, its training accuracy is 100%
   and its mean training cross-entropy is below 0.01 (checked and reported; the table says if any seed fails).
-- scores: EL2N and last-layer GraNd (kdfast.score) from that converged teacher, and its forgetting counts.
-  (The paper's EL2N comes from models early in training; here every score is read off a converged model, so
-  a method's ranking no longer hinges on an arbitrary early stopping point.)
+- scores: EL2N and last-layer GraNd (kdfast.score) from the teacher's snapshot after --early-epochs passes over
+  the data (the paper's EL2N is an early-training score; 0 reads them off the converged teacher), and its
+  forgetting counts over the whole run.
+- random pruning draws equal numbers per class (--random class-balanced, the paper's scheme) or uniformly.
+- --label-noise P: a share P of the training labels replaced by another class (per seed), for teacher and
+  students alike; the test labels stay clean. The paper's case for a larger alpha at small f is that hard
+  subsets concentrate noisy labels, and digits is clean.
 - students: the same architecture (self-distillation, as the paper's main runs), each trained for the same
   --steps SGD steps whatever f (batch 64, cosine to 0 over the steps), so a student on 10% of the data sees
   as many updates as one on 70%; f in {0.1, 0.2, 0.3, 0.5, 0.7} x pruning {random, el2n, grand-last,
@@ -18,8 +22,8 @@ Protocol, per seed:
 The claims are judged on per-seed paired differences: a gap "holds" when its mean exceeds twice its standard
 error (std of the per-seed differences / sqrt(seeds)); otherwise it is reported as within noise.
 
-    python -m bench.repro.digits_kd                       # 3 seeds x 1000 steps: 44 min wall in the recorded run
-                                                          # (reports/digits_kd.md: one thread, shared machine)
+    python -m bench.repro.digits_kd                       # 5 seeds x 1000 steps: ~75 min wall on a shared machine
+    python -m bench.repro.digits_kd --label-noise 0.2     # the noisy-label variant
     python -m bench.repro.digits_kd --full                # 5 seeds x 3000 steps
     python -m bench.repro.digits_kd --smoke --out /tmp/x  # seconds (tests)
 
@@ -28,6 +32,7 @@ Writes bench/repro/reports/digits_kd.{md,png,json}.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import time
@@ -50,7 +55,9 @@ SWEEP_FRACTIONS = (0.1, 0.3, 0.7)
 SWEEP_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 CONVERGED_CE = 0.01
 REPORTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reports")
-SIZES = {"default": dict(seeds=3, steps=1000, teacher_steps=2000),
+RANDOM_MODES = ("class-balanced", "uniform")
+EARLY_SHARE = 0.1  # EL2N's early point: epoch 20 of 200 in its paper; here a tenth of the teacher's passes
+SIZES = {"default": dict(seeds=5, steps=1000, teacher_steps=2000),
          "full": dict(seeds=5, steps=3000, teacher_steps=4000),
          "smoke": dict(seeds=2, steps=8, teacher_steps=30)}  # 30 steps: every example seen once
 
@@ -66,9 +73,10 @@ def make_model(seed, arch="mlp"):
 
 
 def train(model, x, y, *, keep, steps, seed, teacher=None, teacher_logits=None, alpha=0.0, temperature=4.0,
-          lr=0.05, batch_size=64, forgetting=None, kd_term=None):
+          lr=0.05, batch_size=64, forgetting=None, kd_term=None, snapshots=None):
     """`steps` SGD steps (momentum 0.9, wd 5e-4, cosine to 0 over the steps) with kdfast.distill_step on the
-    kept examples, reshuffled at every pass (pass e with seed + e). kd_term's parameters join the optimizer."""
+    kept examples, reshuffled at every pass (pass e with seed + e). kd_term's parameters join the optimizer.
+    `snapshots` {pass: None} gets an eval-mode copy of the model at the start of each listed pass."""
     params = [{"params": list(model.parameters())}]
     if kd_term is not None:
         params.append({"params": list(kd_term.parameters())})
@@ -77,6 +85,8 @@ def train(model, x, y, *, keep, steps, seed, teacher=None, teacher_logits=None, 
     model.train()
     done, epoch = 0, 0
     while done < steps:
+        if snapshots is not None and epoch in snapshots:
+            snapshots[epoch] = copy.deepcopy(model).eval()
         order = keep[torch.randperm(len(keep), generator=torch.Generator().manual_seed(seed + epoch))]
         for idx in order.split(batch_size):
             if done == steps:
@@ -106,29 +116,53 @@ def converged(state):
     return state["train_acc"] == 1.0 and state["train_ce"] < CONVERGED_CE
 
 
+def noisy_labels(y, share, seed, classes=10):
+    """A share of the labels (round(share n), chosen at random) moved to a uniformly drawn other class."""
+    g = torch.Generator().manual_seed(50_000 + seed)
+    flip = torch.randperm(len(y), generator=g)[:round(share * len(y))]
+    out = y.clone()
+    out[flip] = (y[flip] + torch.randint(1, classes, (len(flip),), generator=g)) % classes
+    return out
+
+
+def keep_random(y, fraction, seed, mode):
+    """Random pruning: equal draws per class (class-balanced, the paper's scheme) or uniform over the data."""
+    return prune(torch.zeros(len(y)), fraction, "random", seed=seed, labels=y, class_balanced=mode == "class-balanced")
+
+
 def run_seed(seed, train_split, test_split, size, log):
     (x, y, ds), (xt, yt, _) = train_split, test_split
+    if size["label_noise"]:
+        y = noisy_labels(y, size["label_noise"], seed)
+        ds = torch.utils.data.TensorDataset(x, y)
     everything = torch.arange(len(y))
     tracker = ForgettingTracker(len(y))
+    early = size["early_epochs"]
+    if early is None:
+        early = max(1, round(EARLY_SHARE * size["teacher_steps"] * 64 / len(y)))
+    snaps = {early: None} if early else None
     teacher = train(make_model(1000 + seed), x, y, keep=everything, steps=size["teacher_steps"], seed=1000 + seed,
-                    forgetting=tracker)
+                    forgetting=tracker, snapshots=snaps)
+    scorer = snaps[early] if snaps else teacher
+    if scorer is None:
+        raise ValueError(f"--early-epochs {early} is past the teacher's {size['teacher_steps']} steps")
     with torch.no_grad():
         teacher_logits = teacher(x)
     scores = {
-        "random": torch.zeros(len(y)),  # prune(mode="random") ignores the values
-        "el2n": kdfast.score(teacher, ds, "el2n", progress=False),
-        "grand-last": kdfast.score(teacher, ds, "grand-last", progress=False),
+        "el2n": kdfast.score(scorer, ds, "el2n", progress=False),
+        "grand-last": kdfast.score(scorer, ds, "grand-last", progress=False),
         "forgetting": tracker.scores(),
     }
-    out = {"teacher_acc": accuracy(teacher, xt, yt), "teacher_state": train_state(teacher, x, y), "main": {},
-           "sweep": {}}
+    out = {"early_epochs": early, "teacher_acc": accuracy(teacher, xt, yt),
+           "teacher_state": train_state(teacher, x, y), "main": {}, "sweep": {}}
     log(f"seed {seed}: teacher test acc {out['teacher_acc']:.4f}, train {out['teacher_state']}")
     cache = {}
 
     def student(method, f, alpha):
         key = (method, f, alpha)
         if key not in cache:  # alpha_for_fraction(0.7) == 0.5 and the sweep reuses main runs: never train twice
-            keep = prune(scores[method], f, "random" if method == "random" else "hard", seed=seed)
+            keep = (keep_random(y, f, seed, size["random"]) if method == "random"
+                    else prune(scores[method], f, "hard", seed=seed))
             cache[key] = accuracy(train(make_model(seed), x, y, keep=keep, steps=size["steps"], seed=seed,
                                         teacher_logits=teacher_logits, alpha=alpha), xt, yt)
         return cache[key]
@@ -157,12 +191,13 @@ def paired(runs, part, a, b):
 
 def verdict(diff, se):
     if abs(diff) <= 2 * se:
-        return "within noise"
-    return "holds" if diff > 0 else "reversed"
+        return "undecidable"
+    return "holds" if diff > 0 else "does not hold"
 
 
 CLAIMS = ("KD (alpha auto) beats no KD", "with KD, random pruning beats the score method (the paper: at small f)",
-          "alpha auto beats alpha 0.5 (random pruning)")
+          "alpha auto beats alpha 0.5 (random pruning)",
+          "without KD, random pruning beats the score method (the paper: at small f)")
 
 
 def claims(runs):
@@ -179,6 +214,9 @@ def claims(runs):
         for method in METHODS[1:]:
             add(CLAIMS[1], f"vs {method}, f = {f}", f"{f}|random|KD a=auto", f"{f}|{method}|KD a=auto")
     for f in FRACTIONS:
+        for method in METHODS[1:]:
+            add(CLAIMS[3], f"vs {method}, f = {f}", f"{f}|random|no KD", f"{f}|{method}|no KD")
+    for f in FRACTIONS:
         if alpha_for_fraction(f) != 0.5:  # at f = 0.7 the two are the same run
             add(CLAIMS[2], f"alpha {alpha_for_fraction(f):.3g}, f = {f}", f"{f}|random|KD a=auto",
                 f"{f}|random|KD a=0.5")
@@ -186,13 +224,13 @@ def claims(runs):
 
 
 def claim_summary(rows):
-    """One line per claim: where it holds, where it is reversed; the rest is within noise."""
+    """One line per claim: where it holds, where it does not; the rest is undecidable at these seeds."""
     lines = []
     for claim in CLAIMS:
         mine = [r for r in rows if r[0] == claim]
         parts = [f"{v} in {len([r for r in mine if r[3] == v])}/{len(mine)}"
-                 + (f" ({'; '.join(r[1] for r in mine if r[3] == v)})" if v != "within noise" else "")
-                 for v in ("holds", "reversed", "within noise") if any(r[3] == v for r in mine)]
+                 + (f" ({'; '.join(r[1] for r in mine if r[3] == v)})" if v != "undecidable" else "")
+                 for v in ("holds", "does not hold", "undecidable") if any(r[3] == v for r in mine)]
         lines.append(f"- {claim}: " + ", ".join(parts))
     return lines
 
@@ -204,7 +242,7 @@ def best_alphas(runs):
         means = {a: mean_std([r["sweep"][f"{f}|{a}"] for r in runs])[0] for a in SWEEP_ALPHAS}
         best = max(SWEEP_ALPHAS, key=lambda a: means[a])
         tied = [a for a in SWEEP_ALPHAS if a == best or
-                verdict(*paired(runs, "sweep", f"{f}|{best}", f"{f}|{a}")) == "within noise"]
+                verdict(*paired(runs, "sweep", f"{f}|{best}", f"{f}|{a}")) == "undecidable"]
         out[f] = (best, tied)
     return out
 
@@ -213,12 +251,12 @@ def alpha_trend(best):
     """The paper: the best alpha grows as f shrinks. Judged on the best alphas and the ties around them."""
     order = [best[f][0] for f in SWEEP_FRACTIONS]
     detail = "; ".join(f"f = {f}: best {b}, tied {t}" for f, (b, t) in best.items())
-    if all(b <= a for a, b in zip(order, order[1:])) and order[0] > order[-1]:
-        return f"holds on the means ({detail})"
     common = set.intersection(*(set(t) for _, t in best.values()))
+    if all(b <= a for a, b in zip(order, order[1:])) and order[0] > order[-1] and not common:
+        return f"holds ({detail})"
     if common:
-        return (f"not resolved: alpha = {', '.join(map(str, sorted(common)))} is within noise of the best at every f "
-                f"({detail})")
+        return (f"undecidable: alpha = {', '.join(map(str, sorted(common)))} is within "
+                f"2 s.e. of the best at every f ({detail})")
     return f"does not hold ({detail})"
 
 
@@ -249,19 +287,28 @@ def report(runs, size, prov):
     claim_rows += [f"| {c} | {case} | {m} | {v} |" for c, case, m, v in found]
     autos = ", ".join(f"{alpha_for_fraction(f):.3g}" for f in FRACTIONS)
     return "\n".join([
-        "# Data pruning with KD on digits: a fixed step budget, converged scores, several seeds",
+        "# Data pruning with KD on digits: a fixed step budget, early-training scores, several seeds",
         "",
         f"Digits (1397 train / 400 test); MLP 64-256-256-10 teacher and students (self-distillation); every "
         f"student trained for {size['steps']} SGD steps (batch 64, lr 0.05 cosine to 0, momentum 0.9, wd 5e-4, "
-        f"T = 4) whatever f; the teacher for {size['teacher_steps']} steps on all data. Scores (EL2N, GraNd-last, "
-        f"forgetting) from the converged teacher. {len(runs)} seeds (seed changes teacher, scores, pruning draw and "
+        f"T = 4) whatever f; the teacher for {size['teacher_steps']} steps on all data. Scores: EL2N and GraNd-last "
+        + (f"from the teacher after {runs[0]['early_epochs']} passes over the data (early training)"
+           if runs[0]["early_epochs"] else "from the converged teacher")
+        + f", forgetting over its whole run. Random pruning: {size['random']}. Label noise: "
+        + (f"{100 * size['label_noise']:g}% of the training labels moved to another class (teacher and students; "
+           "test labels clean)" if size["label_noise"] else "none (digits is clean)")
+        + f". {len(runs)} seeds (seed changes teacher, scores, pruning draw and "
         f"student init); test accuracy % as mean ± std over seeds. alpha auto = alpha_for_fraction(f) = {autos} "
-        f"for f = {', '.join(map(str, FRACTIONS))}.",
+        f"for f = {', '.join(map(str, FRACTIONS))}."
+        + ("" if all(size[k] >= v for k, v in SIZES["default"].items()) else
+           " Reduced size (shared 2-core machine): the script's default is "
+           + ", ".join(f"{k} {v}" for k, v in SIZES["default"].items()) + "."),
         "",
         f"Teacher test accuracy {teacher[0]:.1f} ± {teacher[1]:.1f}. Convergence (train accuracy 100% and train CE "
         f"< {CONVERGED_CE}): {'all seeds converged' if all(conv) else 'NOT all seeds converged'} ({states}).",
         "", *rows, "", "Alpha sweep, random pruning:", "", *sweep_rows, "",
-        "Claims, judged on per-seed paired differences (holds: mean > 2 s.e.; reversed: mean < -2 s.e.):", "",
+        f"Claims, judged on per-seed paired differences over {len(runs)} seeds (holds: mean > 2 s.e.; does not hold: "
+        "mean < -2 s.e.; undecidable in between):", "",
         "Summary:", "", *claim_summary(found), f"- the best alpha grows as f shrinks: {trend}", "", *claim_rows, "",
         measured(prov, seeds=range(len(runs))), ""])
 
@@ -297,10 +344,11 @@ def plot(runs, path):
     save_figure(fig, path, dpi=110)
 
 
-def digits_main(argv, *, name, doc, sizes, run_seed, report, plot) -> int:
+def digits_main(argv, *, name, doc, sizes, run_seed, report, plot, add_setup=None) -> int:
     """The command line of the digits reproductions: a size (--full, --smoke, overrides), --from-json, and a seed
     loop that writes `name`.{md,json,png} after every seed. `run_seed(seed, train, test, size, log)` gets the
-    splits as (x, y, dataset)."""
+    splits as (x, y, dataset). `add_setup(parser)` adds setup flags and returns args -> {key: value} merged into
+    the size (so the json records them)."""
     def help_of(size):
         return f"{size['seeds']} seeds x {size['steps']} steps"
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -312,6 +360,7 @@ def digits_main(argv, *, name, doc, sizes, run_seed, report, plot) -> int:
     parser.add_argument("--steps", type=int, help="override the students' SGD step budget")
     parser.add_argument("--out", default=REPORTS)
     parser.add_argument("--from-json", help="rebuild the table and plot from a previous run's .json, no training")
+    setup = add_setup(parser) if add_setup else (lambda args: {})
     args = parser.parse_args(argv)
 
     def write_outputs(runs, size, prov):
@@ -325,6 +374,7 @@ def digits_main(argv, *, name, doc, sizes, run_seed, report, plot) -> int:
         return 0
     size = dict(sizes["full" if args.full else "smoke" if args.smoke else "default"])
     size.update({k: v for k, v in (("seeds", args.seeds), ("steps", args.steps)) if v is not None})
+    size.update(setup(args))
     torch.set_num_threads(1)  # tiny matrices: threads only contend
     prov = repro_provenance(f"bench.repro.{name}", argv)
     start = time.perf_counter()
@@ -339,9 +389,30 @@ def digits_main(argv, *, name, doc, sizes, run_seed, report, plot) -> int:
     return 0
 
 
+def setup_flags(parser):
+    parser.add_argument("--random", choices=RANDOM_MODES, default="class-balanced",
+                        help="random pruning: equal draws per class (the paper) or uniform (default: %(default)s)")
+    parser.add_argument("--early-epochs", type=int,
+                        help="EL2N and GraNd from the teacher after this many passes (0: the converged teacher) "
+                             f"(default: {EARLY_SHARE:g} of the teacher's passes, 9 at 2000 steps)")
+    parser.add_argument("--label-noise", type=float, default=0.0,
+                        help="share of training labels moved to another class (default: %(default)s)")
+    parser.add_argument("--teacher-steps", type=int, help="override the teacher's SGD step budget")
+
+    def setup(args):
+        if (args.early_epochs is not None and args.early_epochs < 0) or not 0 <= args.label_noise < 1:
+            parser.error(f"--early-epochs must be >= 0 and --label-noise in [0, 1), got {args.early_epochs}, "
+                         f"{args.label_noise}")
+        out = {"random": args.random, "early_epochs": args.early_epochs, "label_noise": args.label_noise}
+        if args.teacher_steps is not None:
+            out["teacher_steps"] = args.teacher_steps
+        return out
+    return setup
+
+
 def main(argv=None) -> int:
     return digits_main(argv, name="digits_kd", doc=__doc__, sizes=SIZES, run_seed=run_seed, report=report,
-                       plot=plot)
+                       plot=plot, add_setup=setup_flags)
 
 
 if __name__ == "__main__":
