@@ -59,11 +59,8 @@ def _fwd_triton(s, t, y, w, alpha, temperature, ignore_index, reduction, need_gr
                 validate, divergence=0, beta=0.5, normalizer=None):
     if validate:
         _check_labels(y, s.shape[1], ignore_index)
-    if normalizer is not None:
-        return _normalized(_triton().kd_loss_fwd(s, t, y, w, alpha, temperature, ignore_index, 1, need_grad,
-                                                 return_stats, grad_out), normalizer)
     return _triton().kd_loss_fwd(s, t, y, w, alpha, temperature, ignore_index, reduction, need_grad, return_stats,
-                                 grad_out)
+                                 grad_out, divergence, beta, normalizer)
 
 
 def _normalized(out, normalizer):
@@ -124,7 +121,7 @@ _BACKWARD = {"triton": _bwd_triton, "cpp": _bwd_cpp, "torch": _bwd_torch}
 
 def _unsupported(backend, teacher, divergence) -> str | None:
     """What of the request `backend` cannot compute yet (None: all of it)."""
-    if backend == "torch":
+    if backend in ("torch", "triton"):
         return None
     if divergence != "kl":
         return f"divergence={divergence!r}"
