@@ -22,8 +22,7 @@ from _assertions import assert_close, max_abs_err
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 
-# backends that compute the divergences and the top-k teacher
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "cpp", "triton")
 EAGER_ERROR_FACTOR = 8
 TOL = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-6, 2 * 2.0 ** -8)}
 
