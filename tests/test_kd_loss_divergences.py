@@ -353,3 +353,24 @@ def test_bad_module_configuration_raises_at_construction(argument, kwargs):
 
 def test_public_api_exposes_the_topk_teacher():
     assert kdfast.TopKTeacher is TopKTeacher and "TopKTeacher" in kdfast.__all__
+
+
+def test_torch_compile_fullgraph_with_topk_teacher_jsd_and_normalizer():
+    """The traceable path: a TopKTeacher made inside the compiled function, jsd, a normalizer; value and
+    gradient against the float64 oracle."""
+    _require("cpp")
+    s, t, y = _inputs(8, 20)
+    teacher = _topk(t, 5, capture_T=2.0, missing="tail")
+
+    def step(x, ids, logprobs, target):
+        return kd_loss(x, TopKTeacher(ids, logprobs, temperature=2.0, missing="tail", validate=False), target,
+                       temperature=2.0, divergence="jsd", normalizer=5.0, backend="cpp")
+
+    leaf = s.clone().requires_grad_(True)
+    loss = torch.compile(step, fullgraph=True)(leaf, teacher.indices, teacher.logprobs, y)
+    loss.backward()
+    ref_leaf = s.double().requires_grad_(True)
+    ref = kd_loss_ref(ref_leaf, teacher, y, temperature=2.0, divergence="jsd", normalizer=5.0)
+    ref.backward()
+    assert_close("loss", loss, ref, atol=1e-6, rtol=1e-5)
+    assert_close("grad", leaf.grad, ref_leaf.grad, atol=1e-7, rtol=1e-5)

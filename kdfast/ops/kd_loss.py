@@ -424,9 +424,9 @@ def kd_loss(student_logits, teacher_logits, target, *, alpha=0.5, temperature=4.
             token weighs the same.
         weight: optional per-row weights (shape of target), e.g. importance-sampling weights.
         return_stats: also return a dict of (N,) float32 per-example statistics from the same pass:
-            ce, kl (the chosen divergence D, without T^2; NaN when teacher_logits is None), el2n = ||softmax(s) - onehot(y)||, grad_norm =
-            ||d l_i / d s_i|| (unreduced, weighted), correct (1.0 where s_y beats every other logit
-            strictly), margin (s_y minus the largest other logit). Ignored rows get 0.
+            ce, kl (the chosen divergence D, without T^2; NaN when teacher_logits is None), el2n =
+            ||softmax(s) - onehot(y)||, grad_norm = ||d l_i / d s_i|| (unreduced, weighted), correct (1.0 where
+            s_y beats every other logit strictly), margin (s_y minus the largest other logit). Ignored rows get 0.
         backend: "triton", "cpp", "torch" or None (KDFAST_BACKEND, else by device).
         inplace: write the gradient into student_logits' memory instead of a new buffer (saves one N x C
             buffer; student_logits holds the gradient afterwards, and the backward may run once). Eager only:
@@ -472,7 +472,8 @@ def _kd_loss_general(student_logits, teacher_logits, target, weight, alpha, temp
     if isinstance(teacher_logits, TopKTeacher):
         _check_topk_use(teacher_logits, student_logits.shape[-1], temperature, divergence,
                         validate and not torch.compiler.is_compiling())
-    code, beta, normalizer = _DIVERGENCE_CODE[divergence], float(beta), None if normalizer is None else float(normalizer)
+    code, beta = _DIVERGENCE_CODE[divergence], float(beta)
+    normalizer = None if normalizer is None else float(normalizer)
     if torch.compiler.is_compiling():
         if inplace:
             raise InvalidArgumentError("kd_loss: inplace=True cannot be honoured under torch.compile (the traced "
