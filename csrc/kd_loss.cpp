@@ -410,8 +410,8 @@ KD_INLINE DivTerm div_term(int divergence, double beta, double p, double q, doub
 
 // One row with a label in [0, C). scratch: 3 padded(C) floats (softmax(s) | p | the teacher's q, then h);
 // kbuf: 4 K doubles for a sparse teacher; g: fp32 gradient row or nullptr. i: the row (the sparse teacher's).
-void div_row(const RowConsts& k, const DivConsts& dc, const float* s, const float* t, int64_t i, int64_t y,
-             float w, float scale, float* scratch, double* kbuf, float* g, float* out) {
+KD_TARGET_CLONES void div_row(const RowConsts& k, const DivConsts& dc, const float* s, const float* t, int64_t i,
+                              int64_t y, float w, float scale, float* scratch, double* kbuf, float* g, float* out) {
   const int64_t C = k.C, P = padded(C);
   bool bad_s = false;
   float max_other = -kInf;
@@ -425,12 +425,23 @@ void div_row(const RowConsts& k, const DivConsts& dc, const float* s, const floa
   float* sm = scratch;
   float* p = scratch + P;
   float* q = scratch + 2 * P;
-  double z1 = 0, zT = 0;  // z1 over the classes but the label (1 - softmax(s)_y keeps its relative precision)
-  for (int64_t c = 0; c < C; ++c) {
+  // the two exponentials per class in whole chunks by the kl kernel's base-2 polynomial (the bulk of a sparse
+  // teacher's row), the rest one by one
+  const VecF vm = splat(m), log2e = splat(kLog2e), log2e_T = splat(k.log2e_T);
+  int64_t c0 = 0;
+  for (; c0 + kLanes <= C; c0 += kLanes) {
+    const VecF d = load(s + c0) - vm;
+    store(sm + c0, exp2_nonpos(d * log2e));
+    store(p + c0, exp2_nonpos(d * log2e_T));
+  }
+  for (int64_t c = c0; c < C; ++c) {
     const double d = double(s[c]) - m;
     sm[c] = float(std::exp(d));
     p[c] = float(std::exp(d * inv_T));
-    if (c != y) z1 += sm[c];
+  }
+  double z1 = 0, zT = 0;  // z1 over the classes but the label (1 - softmax(s)_y keeps its relative precision)
+  for (int64_t c = 0; c < C; ++c) {
+    z1 += c != y ? sm[c] : 0.0f;
     zT += p[c];
   }
   const double z1_all = z1 + sm[y], log_zT = std::log(zT), one_minus_sm_y = z1 / z1_all;
