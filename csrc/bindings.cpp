@@ -13,7 +13,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "empty)",
         py::arg("student"), py::arg("teacher"), py::arg("target"), py::arg("weight"), py::arg("alpha"),
         py::arg("temperature"), py::arg("ignore_index"), py::arg("reduction"), py::arg("need_grad"),
-        py::arg("return_stats"), py::arg("grad_out"), py::arg("validate"), py::call_guard<py::gil_scoped_release>());
+        py::arg("return_stats"), py::arg("grad_out"), py::arg("validate"), py::arg("divergence") = 0,
+        py::arg("beta") = 0.5, py::arg("normalizer") = py::none(), py::arg("topk_ids") = py::none(),
+        py::arg("topk_logprobs") = py::none(), py::arg("topk_ratio") = 1.0, py::arg("topk_tail") = false,
+        py::call_guard<py::gil_scoped_release>());
   m.def("kd_loss_autograd", &kdfast::kd_loss_autograd,
         "Fused KD loss forward on CPU as one autograd node whose backward runs in C++: (loss, stats)",
         py::arg("student"), py::arg("teacher"), py::arg("target"), py::arg("weight"), py::arg("alpha"),

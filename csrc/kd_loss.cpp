@@ -375,6 +375,184 @@ KD_TARGET_CLONES void kd_row(const RowConsts& k, const float* s, const float* t,
   }
 }
 
+// ------------------------------------------------------------ divergences and the sparse teacher
+// reverse_kl and jsd against a dense teacher, and a sparse top-k teacher with any divergence, run this plain
+// row kernel (scalar loops, exponentials and logarithms in double, sums in double); the default dense kl keeps
+// the hand-vectorised kernel above, untouched. Formulas in kdfast/reference/kd_loss.py: the gradient w.r.t. a
+// student logit in teacher bucket b is T p_c (h_b - sum p h) (kl: T (p_c - q_c)); a sparse teacher is k + 1
+// buckets, its ids and the tail (the classes outside them, left out when k == C).
+struct DivConsts {
+  int divergence;       // 0 kl, 1 reverse_kl, 2 jsd
+  double beta;          // jsd's teacher weight
+  const int64_t* ids;   // (N, K) sparse teacher's class ids, or nullptr (dense teacher)
+  const float* lp;      // (N, K) their log-probabilities at the capture temperature
+  int64_t ids_stride, lp_stride, K;
+  double ratio;         // capture temperature / T: the renormalised logprobs' scale at T
+  bool tail;            // the teacher's tail bucket holds 1 - sum exp(lp) (else 0: renormalised)
+};
+
+// One bucket (student p, teacher q, their natural logarithms): the divergence's term, p h, and h. A
+// probability of 0 adds 0 (never 0 * inf); the jsd's log m is a log-sum-exp, -inf only where p = q = 0.
+struct DivTerm {
+  double term, ph, h;
+};
+KD_INLINE DivTerm div_term(int divergence, double beta, double p, double q, double lp, double lq) {
+  if (divergence == 0) return {q > 0 ? q * (lq - lp) : 0.0, 0.0, 0.0};
+  if (divergence == 1) {
+    const double h = lp - lq, ph = p > 0 ? p * h : 0.0;
+    return {ph, ph, h};
+  }
+  const double a = lq + std::log(beta), b = lp + std::log1p(-beta), mx = std::max(a, b);
+  const double lm = mx == -double(kInf) ? mx : mx + std::log(std::exp(a - mx) + std::exp(b - mx));
+  const double h = (1.0 - beta) * (lp - lm), ph = p > 0 ? p * h : 0.0;
+  return {beta * (q > 0 ? q * (lq - lm) : 0.0) + ph, ph, h};
+}
+
+// One row with a label in [0, C). scratch: 3 padded(C) floats (softmax(s) | p | the teacher's q, then h);
+// kbuf: 4 K doubles for a sparse teacher; g: fp32 gradient row or nullptr. i: the row (the sparse teacher's).
+KD_TARGET_CLONES void div_row(const RowConsts& k, const DivConsts& dc, const float* s, const float* t, int64_t i,
+                              int64_t y, float w, float scale, float* scratch, double* kbuf, float* g, float* out) {
+  const int64_t C = k.C, P = padded(C);
+  bool bad_s = false;
+  float max_other = -kInf;
+  for (int64_t c = 0; c < C; ++c) {
+    bad_s |= !(s[c] < kInf);
+    if (c != y) max_other = std::max(max_other, s[c]);
+  }
+  const float s_y = s[y], m = std::max(max_other, s_y);
+  if (bad_s || m == -kInf) return poison_row(C, g, out);
+  const double inv_T = 1.0 / k.temperature;
+  float* sm = scratch;
+  float* p = scratch + P;
+  float* q = scratch + 2 * P;
+  // the two exponentials per class in whole chunks by the kl kernel's base-2 polynomial (the bulk of a sparse
+  // teacher's row), the rest one by one
+  const VecF vm = splat(m), log2e = splat(kLog2e), log2e_T = splat(k.log2e_T);
+  int64_t c0 = 0;
+  for (; c0 + kLanes <= C; c0 += kLanes) {
+    const VecF d = load(s + c0) - vm;
+    store(sm + c0, exp2_nonpos(d * log2e));
+    store(p + c0, exp2_nonpos(d * log2e_T));
+  }
+  for (int64_t c = c0; c < C; ++c) {
+    const double d = double(s[c]) - m;
+    sm[c] = float(std::exp(d));
+    p[c] = float(std::exp(d * inv_T));
+  }
+  double z1 = 0, zT = 0;  // z1 over the classes but the label (1 - softmax(s)_y keeps its relative precision)
+  for (int64_t c = 0; c < C; ++c) {
+    z1 += c != y ? sm[c] : 0.0f;
+    zT += p[c];
+  }
+  const double z1_all = z1 + sm[y], log_zT = std::log(zT), one_minus_sm_y = z1 / z1_all;
+  double sq1 = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    sm[c] = float(sm[c] / z1_all);
+    p[c] = float(p[c] / zT);
+    if (c != y) sq1 += double(sm[c]) * sm[c];
+  }
+  const double ce = s_y == m ? std::log1p(z1) : std::log(z1_all) + (double(m) - double(s_y));
+  // The teacher: the divergence D, sum p h, and (sparse) the tail's coefficient.
+  double D = 0, sum_ph = 0, a_out = 0;
+  bool t_bad = false;
+  const auto lp_of = [&](int64_t c) KD_LAMBDA_INLINE { return (double(s[c]) - m) * inv_T - log_zT; };
+  if (t) {
+    float mt = -kInf;
+    for (int64_t c = 0; c < C; ++c) {
+      t_bad |= !(t[c] < kInf);
+      mt = std::max(mt, t[c]);
+    }
+    t_bad |= mt == -kInf;
+    double zt = 0;
+    for (int64_t c = 0; c < C; ++c) zt += std::exp((double(t[c]) - mt) * inv_T);
+    const double log_zt = std::log(zt);
+    for (int64_t c = 0; c < C; ++c) {
+      const double lq = (double(t[c]) - mt) * inv_T - log_zt;
+      const DivTerm d = div_term(dc.divergence, dc.beta, p[c], std::exp(lq), lp_of(c), lq);
+      D += d.term, sum_ph += d.ph;
+      q[c] = float(dc.divergence == 0 ? std::exp(lq) : d.h);  // what pass 3 needs
+    }
+  } else {
+    const int64_t K = dc.K;
+    const int64_t* ids = dc.ids + i * dc.ids_stride;
+    const float* lpk = dc.lp + i * dc.lp_stride;
+    double* Pk = kbuf;
+    double* lPk = kbuf + K;
+    double* lqk = kbuf + 2 * K;
+    double* hk = kbuf + 3 * K;
+    double lse = 0, mq = -double(kInf);
+    if (!dc.tail) {  // renormalised over the k at T: softmax(ratio * logprobs)
+      for (int64_t j = 0; j < K; ++j) mq = std::max(mq, dc.ratio * lpk[j]);
+      if (mq == -double(kInf)) mq = 0;
+      double zq = 0;
+      for (int64_t j = 0; j < K; ++j) zq += std::exp(dc.ratio * lpk[j] - mq);
+      lse = mq + std::log(zq);
+    }
+    double sum_P = 0, sum_q = 0;
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t c = ids[j];
+      const bool ok = c >= 0 && c < C;  // a bad id (unvalidated) has no mass: never a wild read
+      lPk[j] = ok ? lp_of(c) : -double(kInf);
+      Pk[j] = ok ? p[c] : 0.0;
+      lqk[j] = dc.tail ? double(lpk[j]) : dc.ratio * lpk[j] - lse;
+      sum_P += Pk[j], sum_q += std::exp(lqk[j]);
+    }
+    const bool has_tail = K < C;
+    const double P_t = has_tail ? std::max(1.0 - sum_P, 0.0) : 0.0;
+    const double Q_t = has_tail && dc.tail ? std::max(1.0 - sum_q, 0.0) : 0.0;
+    for (int64_t j = 0; j < K; ++j) {
+      const DivTerm d = div_term(dc.divergence, dc.beta, Pk[j], std::exp(lqk[j]), lPk[j], lqk[j]);
+      D += d.term, sum_ph += d.ph, hk[j] = d.h;
+    }
+    const DivTerm d_t = div_term(dc.divergence, dc.beta, P_t, Q_t, std::log(P_t), std::log(Q_t));
+    D += d_t.term, sum_ph += d_t.ph;
+    if (dc.divergence == 0) a_out = 1.0 - (P_t > 0 ? Q_t / P_t : 0.0);
+    else a_out = has_tail ? d_t.h - sum_ph : 0.0;
+  }
+  const bool kd_on = k.alpha != 0.0f;
+  if (t_bad) D = kNaN;
+  const double ce_term = k.alpha == 1.0f ? 0.0 : (1.0 - k.alpha) * ce;
+  const double kd_term = kd_on ? double(k.alpha) * k.temperature * k.temperature * D : 0.0;
+  out[0] = (t_bad && kd_on) ? kNaN : static_cast<float>(w * (ce_term + kd_term));
+  // Pass 3: the gradient (into g, or into the q buffer when only its norm is wanted: a sparse teacher's
+  // ids are rewritten after the dense pass, so the norm is summed over the final row)
+  const bool grad_nan = kd_on && (t_bad || (dc.divergence == 1 && D == double(kInf)));
+  const double c_ce = double(w) * (1.0 - k.alpha), c_kd = kd_on ? double(w) * k.alpha * k.temperature : 0.0;
+  float* gr = g ? g : (t ? nullptr : q);
+  double sq = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    double kd;
+    if (t) kd = dc.divergence == 0 ? double(p[c]) - q[c] : (p[c] > 0 ? p[c] * (q[c] - sum_ph) : 0.0);
+    else kd = p[c] > 0 ? p[c] * a_out : 0.0;
+    const double h = c_ce * (c == y ? -one_minus_sm_y : double(sm[c])) + (kd_on ? c_kd * kd : 0.0);
+    if (gr) gr[c] = float(h);
+    else sq += h * h;
+  }
+  if (!t) {
+    const int64_t* ids = dc.ids + i * dc.ids_stride;
+    for (int64_t j = 0; j < dc.K; ++j) {
+      const int64_t c = ids[j];
+      if (c < 0 || c >= C) continue;
+      const double kd = dc.divergence == 0 ? kbuf[j] - std::exp(kbuf[2 * dc.K + j])
+                                           : (kbuf[j] > 0 ? kbuf[j] * (kbuf[3 * dc.K + j] - sum_ph) : 0.0);
+      gr[c] = float(c_ce * (c == y ? -one_minus_sm_y : double(sm[c])) + (kd_on ? c_kd * kd : 0.0));
+    }
+  }
+  if (gr) {
+    for (int64_t c = 0; c < C; ++c) {
+      sq += double(gr[c]) * gr[c];
+      if (g) g[c] = grad_nan ? kNaN : scale * gr[c];
+    }
+  }
+  const float margin = s_y - max_other;
+  out[1] = static_cast<float>(ce);
+  out[2] = static_cast<float>(D);
+  out[3] = static_cast<float>(std::sqrt(sq1 + one_minus_sm_y * one_minus_sm_y));
+  out[4] = grad_nan ? kNaN : static_cast<float>(std::sqrt(sq));
+  out[5] = margin > 0.0f ? 1.0f : 0.0f;
+  out[6] = margin;
+}
+
 // ------------------------------------------------------------------------------------- dtype plumbing
 template <typename T>
 KD_TARGET_CLONES void to_fp32(const T* src, int64_t n, float* dst) {
@@ -438,6 +616,8 @@ void fill_row(T* row, int64_t C, float value) {
 
 struct FwdArgs {
   RowConsts k;
+  DivConsts dc;
+  bool generic;  // divergence other than kl, or a sparse teacher: div_row
   const int64_t* target;
   int64_t target_stride, ignore_index, s_stride, t_stride, g_stride, N;
   const float* weight;
@@ -457,6 +637,7 @@ void kd_loss_fwd_rows(const FwdArgs& a, const S* student, const T* teacher, S* g
     const int64_t P = padded(C);
     const int64_t extra = (std::is_same_v<S, float> ? 0 : P + C) + (std::is_same_v<T, float> ? 0 : C);
     std::vector<float> scratch(3 * P + extra);
+    std::vector<double> kbuf(a.dc.ids ? 4 * a.dc.K : 0);
     float* g_buf = scratch.data() + 3 * P;
     float* s_buf = g_buf + (std::is_same_v<S, float> ? 0 : P);
     float* t_buf = s_buf + (std::is_same_v<S, float> ? 0 : C);
@@ -476,7 +657,8 @@ void kd_loss_fwd_rows(const FwdArgs& a, const S* student, const T* teacher, S* g
         // fp32 writes straight into the output row; narrower dtypes go through g_buf
         float* g = nullptr;
         if (g_row) g = std::is_same_v<S, float> ? reinterpret_cast<float*>(g_row) : g_buf;
-        kd_row(a.k, s, t, y, w, a.scale, scratch.data(), g, out);
+        if (a.generic) div_row(a.k, a.dc, s, t, i, y, w, a.scale, scratch.data(), kbuf.data(), g, out);
+        else kd_row(a.k, s, t, y, w, a.scale, scratch.data(), g, out);
         if constexpr (!std::is_same_v<S, float>) {
           if (g_row) from_fp32(g, C, g_row);
         }
@@ -525,7 +707,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd(
     const at::Tensor& student, const std::optional<at::Tensor>& teacher, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, double alpha, double temperature, int64_t ignore_index,
     int64_t reduction, bool need_grad, bool return_stats, const std::optional<at::Tensor>& grad_out,
-    bool validate) {
+    bool validate, int64_t divergence, double beta, std::optional<double> normalizer,
+    const std::optional<at::Tensor>& topk_ids, const std::optional<at::Tensor>& topk_logprobs, double topk_ratio,
+    bool topk_tail) {
   TORCH_CHECK_VALUE(student.dim() == 2, "kd_loss_fwd: student must have shape (N, C), got ", student.sizes());
   const int64_t N = student.size(0), C = student.size(1);
   TORCH_CHECK_VALUE(C >= 1, "kd_loss_fwd: student must have at least one class, got shape ", student.sizes());
@@ -538,9 +722,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd(
   TORCH_CHECK_VALUE(std::isfinite(alpha), "kd_loss_fwd: alpha must be a finite number, got ", alpha);
   TORCH_CHECK_VALUE(temperature > 0.0 && std::isfinite(temperature),
                     "kd_loss_fwd: temperature must be a finite number > 0, got ", temperature);
-  TORCH_CHECK_VALUE(teacher || alpha == 0.0, "kd_loss_fwd: teacher is None, which needs alpha == 0, got ", alpha);
   TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kMean,
                     "kd_loss_fwd: reduction must be 0 (none), 1 (sum) or 2 (mean), got ", reduction);
+  TORCH_CHECK_VALUE(divergence >= 0 && divergence <= 2,
+                    "kd_loss_fwd: divergence must be 0 (kl), 1 (reverse_kl) or 2 (jsd), got ", divergence);
+  TORCH_CHECK_VALUE(beta > 0.0 && beta < 1.0, "kd_loss_fwd: beta must be in (0, 1), got ", beta);
+  TORCH_CHECK_VALUE(!normalizer || (reduction == kMean && *normalizer > 0.0 && std::isfinite(*normalizer)),
+                    "kd_loss_fwd: normalizer must be a finite number > 0 with reduction 2 (mean)");
+  TORCH_CHECK_VALUE(topk_ids.has_value() == topk_logprobs.has_value() && !(topk_ids && teacher),
+                    "kd_loss_fwd: a sparse teacher needs topk_ids and topk_logprobs, and no dense teacher");
+  int64_t K = 0;
+  if (topk_ids) {
+    K = topk_ids->dim() == 2 ? topk_ids->size(1) : 0;
+    TORCH_CHECK_VALUE(topk_ids->device().is_cpu() && topk_ids->scalar_type() == at::kLong && topk_ids->dim() == 2 &&
+                      topk_ids->size(0) == N && K >= 1 && K <= C && (topk_ids->stride(1) == 1 || K == 1),
+                      "kd_loss_fwd: topk_ids must be an (", N, ", k) int64 CPU tensor, 1 <= k <= ", C,
+                      ", unit stride along k, got ", topk_ids->sizes(), " ", topk_ids->scalar_type());
+    TORCH_CHECK_VALUE(topk_logprobs->device().is_cpu() && topk_logprobs->scalar_type() == at::kFloat &&
+                      topk_logprobs->sizes() == topk_ids->sizes() && (topk_logprobs->stride(1) == 1 || K == 1),
+                      "kd_loss_fwd: topk_logprobs must be a float32 CPU tensor shaped like topk_ids ",
+                      topk_ids->sizes(), ", unit stride along k, got ", topk_logprobs->sizes(), " ",
+                      topk_logprobs->scalar_type());
+    TORCH_CHECK_VALUE(topk_ratio > 0.0 && std::isfinite(topk_ratio), "kd_loss_fwd: topk_ratio must be > 0, got ",
+                      topk_ratio);
+  }
+  TORCH_CHECK_VALUE(teacher || topk_ids || alpha == 0.0, "kd_loss_fwd: teacher is None, which needs alpha == 0, "
+                    "got ", alpha);
 
   // One read of the labels: the mean's count, and the bad labels (raised with validate, else NaN rows).
   const int64_t* y = target.const_data_ptr<int64_t>();
@@ -558,7 +765,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd(
                     ") or ignore_index=", ignore_index, "; row ", first_bad, " has ",
                     first_bad >= 0 ? y[first_bad * y_stride] : 0, " (", n_bad, " bad rows in all)");
   // mean: the gradient carries 1 / n (n = rows not ignored, at least 1), so the backward has nothing to do
-  const double inv_n = 1.0 / static_cast<double>(std::max<int64_t>(n_counted, 1));
+  // (or 1 / normalizer: the caller's count, e.g. over gradient-accumulation steps)
+  const double inv_n = normalizer ? 1.0 / *normalizer : 1.0 / static_cast<double>(std::max<int64_t>(n_counted, 1));
 
   at::Tensor grad;  // undefined (None) unless need_grad, and so is stats unless return_stats
   if (need_grad) {
@@ -582,6 +790,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd(
     if (temperature == double(1 << n)) squarings = n;
   a.k = RowConsts{C, static_cast<float>(alpha), static_cast<float>(temperature),
                   static_cast<float>(kLog2eD / temperature), squarings, return_stats};
+  a.dc = DivConsts{static_cast<int>(divergence), beta,
+                   topk_ids ? topk_ids->const_data_ptr<int64_t>() : nullptr,
+                   topk_ids ? topk_logprobs->const_data_ptr<float>() : nullptr,
+                   topk_ids ? topk_ids->stride(0) : 0, topk_ids ? topk_logprobs->stride(0) : 0, K, topk_ratio,
+                   topk_tail};
+  a.generic = divergence != 0 || topk_ids.has_value();
   a.target = y;
   a.target_stride = y_stride;
   a.ignore_index = ignore_index;

@@ -23,11 +23,17 @@ namespace kdfast {
 // those dtypes) or none; target (N,) int64; weight (N,) fp32 or none; grad_out an (N, C) buffer of the
 // student's dtype that receives the gradient (it may be the student itself). grad and stats come back empty
 // when need_grad / return_stats are false.
+// divergence 0 (kl: the formulas above), 1 (reverse_kl), 2 (jsd with beta): kl_i and the teacher's gradient
+// term become that divergence's (kdfast/reference/kd_loss.py). normalizer: the mean's n instead of the count.
+// A sparse teacher instead of `teacher`: topk_ids (N, k) int64 and topk_logprobs (N, k) fp32, renormalised
+// over the k at scale topk_ratio, or (topk_tail) with a tail bucket of the missing mass.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd(
     const at::Tensor& student, const std::optional<at::Tensor>& teacher, const at::Tensor& target,
     const std::optional<at::Tensor>& weight, double alpha, double temperature, int64_t ignore_index,
     int64_t reduction, bool need_grad, bool return_stats, const std::optional<at::Tensor>& grad_out,
-    bool validate);
+    bool validate, int64_t divergence = 0, double beta = 0.5, std::optional<double> normalizer = std::nullopt,
+    const std::optional<at::Tensor>& topk_ids = std::nullopt,
+    const std::optional<at::Tensor>& topk_logprobs = std::nullopt, double topk_ratio = 1.0, bool topk_tail = false);
 
 // The eager forward of kd_loss as one autograd node (kd_loss_fwd, then the stored gradient scaled by the
 // backward in C++): (loss, stats); student's gradient flows through loss. inplace: the gradient is written into

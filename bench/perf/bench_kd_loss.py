@@ -6,6 +6,9 @@ Providers (each times its own copy of the inputs, so no provider sees another's 
     kdfast-inplace     the same with inplace=True (the gradient overwrites the logits: no N x C buffer); its
                        logits are restored before each timed call, outside the time (CUDA events per call)
     kdfast-novalidate  validate=False (no host label check), in the eager-call rows
+    kdfast-reverse_kl, kdfast-jsd   kd_loss with divergence="reverse_kl" / "jsd" (beta 0.5)
+    kdfast-topk64      kd_loss against the teacher's top 64 classes (TopKTeacher, missing="tail", made outside
+                       the timing): the sparse teacher's cost, which reads no dense teacher row
     kdfast-kernel      the Triton forward launcher alone (GPU; the kernel time at small shapes)
     eager              kdfast.losses.reference.kd_loss_ref in float32: the log_softmax / KL composition users write
     compile            torch.compile of that composition
@@ -35,7 +38,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from kdfast import kd_loss
+from kdfast import TopKTeacher, kd_loss
 from kdfast.runtime.dispatch import resolve_backend
 from kdfast.losses import triton as kernels
 from kdfast.losses.reference import KD_STAT_NAMES, kd_loss_ref, kd_stats_ref
@@ -119,6 +122,21 @@ def _liger(s, t, y):
     return (1 - ALPHA) * ce(s, y) + ALPHA * TEMPERATURE ** 2 * kd
 
 
+TOPK = 64
+_topk_cache: dict = {}
+
+
+def _topk_teacher(t):
+    """The top TOPK classes of teacher logits t as a tail TopKTeacher at the loss temperature, made once per
+    teacher tensor (outside the timed calls)."""
+    key = (t.data_ptr(), tuple(t.shape))
+    if key not in _topk_cache:
+        _topk_cache.clear()
+        logprobs, ids = torch.log_softmax(t.float() / TEMPERATURE, -1).topk(min(TOPK, t.shape[-1]), -1)
+        _topk_cache[key] = TopKTeacher(ids, logprobs, temperature=TEMPERATURE, missing="tail", validate=False)
+    return _topk_cache[key]
+
+
 def backward_work(provider: str) -> str | None:
     return BACKWARD_WORK.get("kdfast" if provider.startswith("kdfast") else provider)
 
@@ -132,6 +150,10 @@ def providers(device) -> dict:
         "kdfast-stats": lambda s, t, y: kd_loss(s, t, y, alpha=ALPHA, temperature=TEMPERATURE, return_stats=True)[0],
         "kdfast-inplace": lambda s, t, y: kd_loss(s, t, y, alpha=ALPHA, temperature=TEMPERATURE, inplace=True),
         "eager": _eager,
+        "kdfast-reverse_kl": lambda s, t, y: kd_loss(s, t, y, alpha=ALPHA, temperature=TEMPERATURE,
+                                                     divergence="reverse_kl"),
+        "kdfast-jsd": lambda s, t, y: kd_loss(s, t, y, alpha=ALPHA, temperature=TEMPERATURE, divergence="jsd"),
+        "kdfast-topk64": lambda s, t, y: kd_loss(s, _topk_teacher(t), y, alpha=ALPHA, temperature=TEMPERATURE),
     })
     if _liger_available(device):
         out["liger"] = _liger

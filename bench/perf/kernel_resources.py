@@ -26,12 +26,18 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from kdfast.losses import triton as kernels
+from kdfast.losses.reference import SparseTeacher
 
 from bench.perf.bench_kd_loss import launch_forward
 
 # (N, C, dtype, return_stats): --quick is the one-tile and the tiled path at their widest tile, with stats
 QUICK = [(64, 8000, torch.float32, True), (64, 32000, torch.float32, True), (64, 8000, torch.bfloat16, True),
          (64, 32000, torch.bfloat16, True)]
+# (N, C, dtype, divergence code, sparse teacher): the reverse_kl / jsd and top-k variants (with stats), one-tile
+# and tiled, in --quick too
+DIVERGENCE_VARIANTS = [(64, 8000, torch.float32, 2, None), (64, 32000, torch.bfloat16, 1, None),
+                       (64, 8000, torch.bfloat16, 2, "tail"), (64, 32000, torch.float32, 0, "renorm")]
+TOPK = 64
 FULL = [(N, C, dtype, stats) for N, C, dtype in ((256, 1000, torch.float32), (1024, 1000, torch.float32),
                                                   (8, 50257, torch.float32), (8, 50257, torch.bfloat16),
                                                   (4096, 32000, torch.bfloat16), (8192, 128256, torch.bfloat16))
@@ -101,6 +107,13 @@ def main(argv=None) -> int:
         y = torch.randint(0, C, (N,))
         for name, constexprs, compiled in compile_launches(lambda: launch_forward(s, t, y, return_stats=stats),
                                                            target):
+            print(f"fwd {str(dtype)[6:]:8} {N}x{C} {_describe(name, constexprs, compiled)} {resources(compiled)}")
+    for N, C, dtype, divergence, sparse in DIVERGENCE_VARIANTS:
+        s, y = torch.empty(N, C, dtype=dtype), torch.randint(0, C, (N,))
+        t = (SparseTeacher(torch.zeros(N, TOPK, dtype=torch.int64), torch.zeros(N, TOPK), 1.0, sparse == "tail")
+             if sparse else torch.empty(N, C, dtype=dtype))
+        for name, constexprs, compiled in compile_launches(
+                lambda: kernels.kd_loss_fwd(s, t, y, None, 0.5, 4.0, -100, 2, True, True, None, divergence), target):
             print(f"fwd {str(dtype)[6:]:8} {N}x{C} {_describe(name, constexprs, compiled)} {resources(compiled)}")
     # the backward's scaling kernel runs only when the upstream gradient is not a plain 1
     grad, grad_output = torch.empty(64, 32000, dtype=torch.bfloat16), torch.ones(64)

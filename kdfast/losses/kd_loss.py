@@ -44,7 +44,7 @@ _NO_GRADS = (None,) * 15  # the backward's answer for every argument but the stu
 # Contract of a forward: (student (N, C), teacher (N, C), a SparseTeacher or None, target (N,) int64, weight
 # (N,) fp32 or None, alpha, temperature, ignore_index, reduction code, need_grad, return_stats, grad_out or None,
 # validate, divergence code, beta, normalizer or None) -> (loss, grad or None, stats (6, N) or None). See
-# kdfast/losses/reference.py. A backend that lacks something raises (_unsupported says what, before any work).
+# kdfast/losses/reference.py.
 _kernels = None
 
 
@@ -59,19 +59,9 @@ def _fwd_triton(s, t, y, w, alpha, temperature, ignore_index, reduction, need_gr
                 validate, divergence=0, beta=0.5, normalizer=None):
     if validate:
         _check_labels(y, s.shape[1], ignore_index)
-    if normalizer is not None:
-        return _normalized(_triton().kd_loss_fwd(s, t, y, w, alpha, temperature, ignore_index, 1, need_grad,
-                                                 return_stats, grad_out), normalizer)
     return _triton().kd_loss_fwd(s, t, y, w, alpha, temperature, ignore_index, reduction, need_grad, return_stats,
-                                 grad_out)
+                                 grad_out, divergence, beta, normalizer)
 
-
-def _normalized(out, normalizer):
-    """A sum-reduced forward's results divided by the mean's normalizer (loss and stored gradient)."""
-    loss, grad, stats = out
-    if grad is not None:
-        grad.div_(normalizer)
-    return loss / normalizer, grad, stats
 
 
 def _bwd_triton(grad, grad_output):
@@ -80,14 +70,16 @@ def _bwd_triton(grad, grad_output):
 
 def _fwd_cpp(s, t, y, w, alpha, temperature, ignore_index, reduction, need_grad, return_stats, grad_out,
              validate, divergence=0, beta=0.5, normalizer=None):
+    sparse = isinstance(t, SparseTeacher)
     try:  # the extension checks the labels while it counts them for the mean (validate raises ValueError)
-        loss, grad, stats = _cpp().kd_loss_fwd(s, t, y, w, alpha, temperature, ignore_index,
-                                               1 if normalizer is not None else reduction, need_grad,
-                                               return_stats, grad_out, validate)
+        loss, grad, stats = _cpp().kd_loss_fwd(s, None if sparse else t, y, w, alpha, temperature, ignore_index,
+                                               reduction, need_grad, return_stats, grad_out, validate, divergence,
+                                               beta, normalizer, t.ids if sparse else None,
+                                               t.logprobs if sparse else None, t.ratio if sparse else 1.0,
+                                               sparse and t.tail)
     except ValueError as exc:
         raise InvalidArgumentError(str(exc)) from None
-    out = loss, (grad if need_grad else None), (stats if return_stats else None)
-    return out if normalizer is None else _normalized(out, normalizer)
+    return loss, (grad if need_grad else None), (stats if return_stats else None)
 
 
 def _bwd_cpp(grad, grad_output):
@@ -121,16 +113,6 @@ def _cpp():
 _FORWARD = {"triton": _fwd_triton, "cpp": _fwd_cpp, "torch": _fwd_torch}
 _BACKWARD = {"triton": _bwd_triton, "cpp": _bwd_cpp, "torch": _bwd_torch}
 
-
-def _unsupported(backend, teacher, divergence) -> str | None:
-    """What of the request `backend` cannot compute yet (None: all of it)."""
-    if backend == "torch":
-        return None
-    if divergence != "kl":
-        return f"divergence={divergence!r}"
-    if isinstance(teacher, TopKTeacher):
-        return "a TopKTeacher"
-    return None
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -260,7 +242,7 @@ def _check_topk_use(teacher, C, temperature, divergence, validate):
         check_ids_below(teacher, C, "kd_loss")
 
 
-def _choose_backend(backend, device_type, student_logits, teacher_logits, divergence):
+def _choose_backend(backend, device_type, student_logits, teacher_logits):
     chosen = resolve_backend(backend, device_type, op="kd_loss")
     if chosen != "torch" and (student_logits.dtype == torch.float64 or (
             teacher_logits is not None and _teacher_dtype(teacher_logits) == torch.float64)):
@@ -268,12 +250,6 @@ def _choose_backend(backend, device_type, student_logits, teacher_logits, diverg
             return "torch"  # float64 is a reference/testing dtype: keep its precision
         raise BackendUnavailableError(f"kd_loss: backend={backend!r} computes in float32; float64 inputs need "
                                       "backend='torch'")
-    missing = _unsupported(chosen, teacher_logits, divergence)
-    if missing is not None:
-        if backend is None:
-            return "torch"
-        raise BackendUnavailableError(f"kd_loss: backend={backend!r} does not compute {missing} yet; use "
-                                      "backend='torch' (or backend=None, which picks it)")
     return chosen
 
 
@@ -448,9 +424,9 @@ def kd_loss(student_logits, teacher_logits, target, *, alpha=0.5, temperature=4.
             token weighs the same.
         weight: optional per-row weights (shape of target), e.g. importance-sampling weights.
         return_stats: also return a dict of (N,) float32 per-example statistics from the same pass:
-            ce, kl (the chosen divergence D, without T^2; NaN when teacher_logits is None), el2n = ||softmax(s) - onehot(y)||, grad_norm =
-            ||d l_i / d s_i|| (unreduced, weighted), correct (1.0 where s_y beats every other logit
-            strictly), margin (s_y minus the largest other logit). Ignored rows get 0.
+            ce, kl (the chosen divergence D, without T^2; NaN when teacher_logits is None), el2n =
+            ||softmax(s) - onehot(y)||, grad_norm = ||d l_i / d s_i|| (unreduced, weighted), correct (1.0 where
+            s_y beats every other logit strictly), margin (s_y minus the largest other logit). Ignored rows get 0.
         backend: "triton", "cpp", "torch" or None (KDFAST_BACKEND, else by device).
         inplace: write the gradient into student_logits' memory instead of a new buffer (saves one N x C
             buffer; student_logits holds the gradient afterwards, and the backward may run once). Eager only:
@@ -490,13 +466,14 @@ def _kd_loss_general(student_logits, teacher_logits, target, weight, alpha, temp
                      return_stats, backend, inplace, validate, divergence="kl", beta=0.5, normalizer=None):
     """kd_loss on any inputs: the Python checks, the backend choice, then the eager or the traceable path."""
     device_type = _check_tensors(student_logits, teacher_logits, target, alpha, weight, inplace)
-    chosen = _choose_backend(backend, device_type, student_logits, teacher_logits, divergence)
+    chosen = _choose_backend(backend, device_type, student_logits, teacher_logits)
     if validate is None:
         validate = device_type == "cpu"
     if isinstance(teacher_logits, TopKTeacher):
         _check_topk_use(teacher_logits, student_logits.shape[-1], temperature, divergence,
                         validate and not torch.compiler.is_compiling())
-    code, beta, normalizer = _DIVERGENCE_CODE[divergence], float(beta), None if normalizer is None else float(normalizer)
+    code, beta = _DIVERGENCE_CODE[divergence], float(beta)
+    normalizer = None if normalizer is None else float(normalizer)
     if torch.compiler.is_compiling():
         if inplace:
             raise InvalidArgumentError("kd_loss: inplace=True cannot be honoured under torch.compile (the traced "

@@ -217,7 +217,7 @@ def kd_loss_fwd_torch(student, teacher, target, weight, alpha: float, temperatur
         log_p = torch.log_softmax(s / temperature, -1)
         kl, g_kd = _divergence_and_grad(log_p, teacher, temperature, divergence, beta, cdt)
         if alpha != 0:  # alpha == 0 never reads the teacher for the loss or the gradient
-            g = g + alpha * g_kd
+            g = g + (alpha * temperature) * g_kd
     ce_term = torch.zeros_like(ce) if alpha == 1 else (1 - alpha) * ce
     kl_term = torch.zeros_like(ce) if alpha == 0 else alpha * temperature ** 2 * kl
     rows = ce_term + kl_term
@@ -248,14 +248,14 @@ def kd_loss_fwd_torch(student, teacher, target, weight, alpha: float, temperatur
 
 
 def _divergence_and_grad(log_p, teacher, temperature, divergence, beta, cdt):
-    """Per row divergence (N,) and its T^2-scaled gradient w.r.t. the student logits (N, C), in closed form
-    over buckets (a dense teacher: one class per bucket; a SparseTeacher: its ids, then the tail)."""
+    """Per row divergence (N,) and its gradient w.r.t. s / T (N, C) (T^2 div's w.r.t. s is T times it), in
+    closed form over buckets (a dense teacher: one class per bucket; a SparseTeacher: its ids, then the tail)."""
     N, C = log_p.shape
     p = log_p.exp()
     if not isinstance(teacher, SparseTeacher):
         log_q = torch.log_softmax(teacher.to(cdt) / temperature, -1)
         div, coef = _bucket_terms(log_q, log_p, divergence, beta)
-        return div, _bucket_grad(p, log_q.exp(), coef, divergence, temperature, div)
+        return div, _bucket_grad(p, log_q.exp(), coef, divergence, div)
     ids, k = teacher.ids, teacher.ids.shape[1]
     lp = teacher.logprobs.to(cdt)
     log_q = lp if teacher.tail else torch.log_softmax(teacher.ratio * lp, -1)
@@ -270,11 +270,11 @@ def _divergence_and_grad(log_p, teacher, temperature, divergence, beta, cdt):
     if k < C:
         if divergence == 0:  # kl: 1 - Q_tail / P_tail (no class has mass there when P_tail == 0)
             p_tail = log_pb[:, k:].exp()
-            g = temperature * p * (1 - torch.where(p_tail > 0, log_q[:, k:].exp() / p_tail, 0.0))
+            g = p * (1 - torch.where(p_tail > 0, log_q[:, k:].exp() / p_tail, 0.0))
         else:
-            g = torch.where(p > 0, temperature * p * coef[:, k:], 0.0)
+            g = torch.where(p > 0, p * coef[:, k:], 0.0)
     g = g.scatter(1, ids, _bucket_grad(p.gather(1, ids), log_q[:, :k].exp(), None if coef is None else coef[:, :k],
-                                       divergence, temperature, div))
+                                       divergence, div))
     if divergence == 1:
         g = torch.where((div == float("inf"))[:, None], float("nan"), g)
     return div, g
@@ -298,12 +298,12 @@ def _bucket_terms(log_q, log_p, divergence, beta):
     return beta * torch.where(q > 0, q * (log_q - log_m), 0.0).sum(-1) + d_p, h - d_p[:, None]
 
 
-def _bucket_grad(p, q, coef, divergence, temperature, div):
-    """T^2 d div / d s at singleton buckets: T (p - q) for kl, T p coef otherwise (0 where p == 0; NaN on a
+def _bucket_grad(p, q, coef, divergence, div):
+    """d div / d (s / T) at singleton buckets: p - q for kl, p coef otherwise (0 where p == 0; NaN on a
     reverse_kl row whose divergence is infinite: no finite direction)."""
     if divergence == 0:
-        return temperature * (p - q)
-    g = torch.where(p > 0, temperature * p * coef, 0.0)
+        return p - q
+    g = torch.where(p > 0, p * coef, 0.0)
     if divergence == 1:
         g = torch.where((div == float("inf"))[:, None], float("nan"), g)
     return g

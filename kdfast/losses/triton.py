@@ -5,6 +5,13 @@ Per row i (student s, teacher t, label y, weight w, temperature T, distillation 
     kl_i      = sum_c q_c (t_c/T - s_c/T) - lse(t_i/T) + lse(s_i/T),   q = softmax(t_i/T)   (q_c = 0 adds 0)
     dl_i/ds_i = w_i ((1 - a)(softmax(s_i) - e_y) + a T (softmax(s_i/T) - q))
 (Hinton et al. 2015; the closed-form gradient makes backward a scaling of a buffer the forward wrote.)
+DIVERGENCE 1 (reverse_kl) and 2 (jsd) replace kl_i by KL(p || q) or beta KL(q || m) + (1 - beta) KL(p || m)
+and the teacher's gradient term T (p - q) by T p (h - sum p h), h = log(p / q) or (1 - beta) log(p / m)
+(formulas in kdfast/losses/reference.py); they need p and q normalised, so the tiled path reads the row
+once more between pass 1 and pass 2 (pass 1b) to sum the divergence. A sparse teacher (HAS_TOPK: k ids and
+log-probabilities per row, never a dense row) is k + 1 buckets, its ids and the tail: the student's side is
+the usual pass 1 without teacher; the k ids' probabilities are gathered after it, every class gets the tail's
+gradient in pass 2 and the ids are rewritten with their own after it (a barrier between the two stores).
 
 The forward kernel runs one program per row:
   * C <= the one-tile cap: the row is loaded once into registers; statistics and gradient come from it.
@@ -92,18 +99,52 @@ def _online_tile(s, t, cols, y, k1, kT, m, z, zT, mt, zt, A, m_other, bad_s, bad
 
 
 @triton.jit
-def _grad_tile(s, t, cols, y, k1, kT, coef_ce, coef_kd, m, mt, log2_z, log2_zT, log2_zt, HAS_TEACHER: tl.constexpr):
+def _div_terms(p, q, lp, lq, beta, DIVERGENCE: tl.constexpr):
+    """Per bucket (student p, teacher q, their natural logarithms): the divergence's terms, the terms of
+    sum p h, and h (the gradient is T p (h - sum p h)). A probability of 0 adds 0 (never 0 * inf = NaN); the
+    jsd's log m is a log-sum-exp of log(beta q) and log((1 - beta) p), -inf only where both are 0."""
+    if DIVERGENCE == 0:
+        return tl.where(q > 0, q * (lq - lp), 0.0), 0.0 * p, 0.0 * p
+    if DIVERGENCE == 1:
+        h = lp - lq
+        ph = tl.where(p > 0, p * h, 0.0)
+        return ph, ph, h
+    a = lq + tl.log(beta)
+    b = lp + tl.log(1.0 - beta)
+    mx = tl.maximum(a, b)
+    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+    lm = mx_safe + tl.log(tl.exp(a - mx_safe) + tl.exp(b - mx_safe))
+    h = (1.0 - beta) * (lp - lm)
+    ph = tl.where(p > 0, p * h, 0.0)
+    return beta * tl.where(q > 0, q * (lq - lm), 0.0) + ph, ph, h
+
+
+@triton.jit
+def _grad_tile(s, t, cols, y, k1, kT, coef_ce, coef_kd, m, mt, log2_z, log2_zT, log2_zt, beta, sum_ph, a_out,
+               HAS_TEACHER: tl.constexpr, HAS_TOPK: tl.constexpr, DIVERGENCE: tl.constexpr):
     """Pass 2 on one tile: d = softmax(s) - e_y and the unscaled row gradient g (masked columns give 0).
 
     softmax(s)_c = exp2((s_c - m) k1 - log2 z): the max is subtracted first, (s - m) being exact near it,
     whereas s - lse would round lse at the scale of the logits (1e-4 relative error in p at logits of 1e4).
+    sum_ph: the row's sum p h (DIVERGENCE > 0); a_out: the top-k tail's gradient coefficient (HAS_TOPK).
     """
     ds = s - m
     d = tl.exp2(ds * k1 - log2_z) - tl.where(cols == y, 1.0, 0.0)
     g = coef_ce * d
     if HAS_TEACHER:
         # alpha == 0 never reads the teacher (a NaN teacher times 0 would poison the gradient)
-        g += tl.where(coef_kd != 0.0, coef_kd * (tl.exp2(ds * kT - log2_zT) - tl.exp2((t - mt) * kT - log2_zt)), 0.0)
+        if DIVERGENCE == 0:
+            g += tl.where(coef_kd != 0.0, coef_kd * (tl.exp2(ds * kT - log2_zT) - tl.exp2((t - mt) * kT - log2_zt)),
+                          0.0)
+        else:
+            x = ds * kT - log2_zT
+            xt = (t - mt) * kT - log2_zt
+            p = tl.exp2(x)
+            _, _, h = _div_terms(p, tl.exp2(xt), x * 0.6931471805599453, xt * 0.6931471805599453, beta, DIVERGENCE)
+            g += tl.where(coef_kd != 0.0, tl.where(p > 0, coef_kd * p * (h - sum_ph), 0.0), 0.0)
+    if HAS_TOPK:
+        p = tl.exp2(ds * kT - log2_zT)
+        g += tl.where(coef_kd != 0.0, tl.where(p > 0, coef_kd * p * a_out, 0.0), 0.0)
     return g, d
 
 
@@ -122,17 +163,20 @@ def _kd_loss_fwd_kernel(
     row_count_ptr,  # (>= N,) int32 per-row ticket counters, 0 between launches (SPLIT > 1)
     g_ptr,          # (N, C) out: scale * dl_i/ds_i in its own dtype (RETURN_GRAD); may alias s_ptr
     stats_ptr,      # (6, N) fp32 out: ce, kl, el2n, grad_norm, correct, margin (RETURN_STATS)
+    ids_ptr,        # (N, K) int64 the sparse teacher's class ids (HAS_TOPK)
+    lp_ptr,         # (N, K) fp32 their log-probabilities at the capture temperature (HAS_TOPK)
     # strides (elements)
-    s_stride, t_stride, g_stride,
+    s_stride, t_stride, g_stride, ids_stride, lp_stride,
     # sizes
-    N, C,
-    # runtime scalars
-    alpha, temperature, ignore_index,
+    N, C, K,
+    # runtime scalars (ratio: capture temperature / T, the sparse teacher's logprob scale at T)
+    alpha, temperature, ignore_index, beta, ratio,
     # constexprs
     HAS_TEACHER: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SCALE: tl.constexpr,
     RETURN_GRAD: tl.constexpr, RETURN_STATS: tl.constexpr, SINGLE_TILE: tl.constexpr, BLOCK_C: tl.constexpr,
     COUNT_VALID: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE: tl.constexpr, NUM_STAGES: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, DIVERGENCE: tl.constexpr, HAS_TOPK: tl.constexpr, TAIL: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # SPLIT programs per row (tiled path), adjacent in the grid so that a row's parts run together
     row = (tl.program_id(0) // SPLIT).to(tl.int64)
@@ -230,18 +274,84 @@ def _kd_loss_fwd_kernel(
     log2_z = tl.log2(z)
     log2_zT = tl.log2(zT)
     log2_zt = tl.log2(zt)
+    m_safe = tl.where(s_undefined, 0.0, m)
+    mt_safe = tl.where(mt == float("-inf"), 0.0, mt)
     ce = (m - s_y) + log2_z * 0.6931471805599453
     kl = A / zt + (m - mt) * inv_T + (log2_zT - log2_zt) * 0.6931471805599453
+    sum_ph = 0.0  # sum p h of the reverse_kl / jsd gradient
+    a_out = 0.0   # the sparse teacher's tail coefficient
+    if HAS_TEACHER and DIVERGENCE != 0:
+        # pass 1b: the divergence from the normalised p and q (from registers, or one more read of the row)
+        if SINGLE_TILE:
+            x = (s_reg - m_safe) * kT - log2_zT
+            xt = (t_reg - mt_safe) * kT - log2_zt
+            terms, ph, _ = _div_terms(tl.exp2(x), tl.exp2(xt), x * 0.6931471805599453, xt * 0.6931471805599453,
+                                      beta, DIVERGENCE)
+            kl = tl.sum(terms, 0)
+            sum_ph = tl.sum(ph, 0)
+        else:
+            kl = 0.0
+            for start in tl.range(0, C, BLOCK_C, num_stages=NUM_STAGES):
+                cols = start + cols0
+                mask = (cols < C) & valid
+                s = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                t = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+                x = (s - m_safe) * kT - log2_zT
+                xt = (t - mt_safe) * kT - log2_zt
+                terms, ph, _ = _div_terms(tl.exp2(x), tl.exp2(xt), x * 0.6931471805599453,
+                                          xt * 0.6931471805599453, beta, DIVERGENCE)
+                kl += tl.sum(terms, 0)
+                sum_ph += tl.sum(ph, 0)
+    if HAS_TOPK:
+        # the sparse teacher's k ids (a bad id is masked: a NaN-free wrong answer, never a wild read)
+        kcols = tl.arange(0, BLOCK_K)
+        kmask = (kcols < K) & valid
+        ids = tl.load(ids_ptr + row * ids_stride + kcols, mask=kmask, other=0)
+        id_ok = kmask & (ids >= 0) & (ids < C)
+        lpk = tl.load(lp_ptr + row * lp_stride + kcols, mask=kmask, other=float("-inf")).to(tl.float32)
+        s_ids = tl.load(s_row + ids, mask=id_ok, other=float("-inf")).to(tl.float32)
+        x_ids = (s_ids - m_safe) * kT - log2_zT
+        P = tl.exp2(x_ids)
+        lP = x_ids * 0.6931471805599453
+        if TAIL:
+            lq = lpk
+        else:  # renormalised over the k at temperature T: softmax(ratio * logprobs)
+            xq = ratio * lpk
+            mq = tl.max(xq, 0)
+            mq = tl.where(mq == float("-inf"), 0.0, mq)
+            lq = xq - mq - tl.log(tl.sum(tl.exp(xq - mq), 0))
+        q = tl.exp(lq)
+        has_tail = K < C
+        P_t = tl.where(has_tail, tl.maximum(1.0 - tl.sum(P, 0), 0.0), 0.0)
+        Q_t = 0.0
+        if TAIL:
+            Q_t = tl.where(has_tail, tl.maximum(1.0 - tl.sum(q, 0), 0.0), 0.0)
+        terms, ph, h = _div_terms(P, q, lP, lq, beta, DIVERGENCE)
+        terms_t, ph_t, h_t = _div_terms(P_t, Q_t, tl.log(P_t), tl.log(Q_t), beta, DIVERGENCE)
+        kl = tl.sum(terms, 0) + terms_t
+        sum_ph = tl.sum(ph, 0) + ph_t
+        if DIVERGENCE == 0:
+            a_out = 1.0 - tl.where(P_t > 0, Q_t / P_t, 0.0)
+            kd_ids = P - q
+        else:
+            a_out = tl.where(has_tail, h_t - sum_ph, 0.0)
+            kd_ids = tl.where(P > 0, P * (h - sum_ph), 0.0)
     # a weight of exactly 0 or 1 drops its term (an infinite ce or kl times 0 would be NaN)
     loss = tl.where(alpha != 1.0, (1.0 - alpha) * ce, 0.0)
-    if HAS_TEACHER:
-        t_undefined = (bad_t > 0) | (mt == float("-inf"))
+    if HAS_TEACHER or HAS_TOPK:
+        t_undefined = False
+        if HAS_TEACHER:
+            t_undefined = (bad_t > 0) | (mt == float("-inf"))
         kl = tl.where(t_undefined, nan, kl)
         loss += tl.where(kd_on, alpha * temperature * temperature * kl, 0.0)
         row_nan = s_undefined | (t_undefined & kd_on)
     else:
         kl = nan
         row_nan = s_undefined
+    # reverse_kl: an infinite divergence has no finite gradient (NaN), its loss is +inf
+    grad_nan = row_nan
+    if DIVERGENCE == 1:
+        grad_nan = row_nan | ((kl == float("inf")) & kd_on)
     loss = tl.where(row_nan, nan, w * loss)
     tl.store(rows_ptr + row, tl.where(valid, loss, 0.0))
 
@@ -271,14 +381,12 @@ def _kd_loss_fwd_kernel(
     if RETURN_GRAD or RETURN_STATS:
         coef_ce = w * (1.0 - alpha)
         coef_kd = tl.where(kd_on, w * alpha * temperature, 0.0)
-        m_safe = tl.where(s_undefined, 0.0, m)
-        mt_safe = tl.where(mt == float("-inf"), 0.0, mt)
         sum_d2 = 0.0
         sum_g2 = 0.0
         if SINGLE_TILE:
             g, d = _grad_tile(s_reg, t_reg, cols0, y, k1, kT, coef_ce, coef_kd, m_safe, mt_safe, log2_z, log2_zT,
-                              log2_zt, HAS_TEACHER)
-            g = tl.where(valid, tl.where(row_nan, nan, g), 0.0)
+                              log2_zt, beta, sum_ph, a_out, HAS_TEACHER, HAS_TOPK, DIVERGENCE)
+            g = tl.where(valid, tl.where(grad_nan, nan, g), 0.0)
             sum_d2 = tl.sum(d * d, 0)
             sum_g2 = tl.sum(g * g, 0)
             if RETURN_GRAD:
@@ -295,19 +403,31 @@ def _kd_loss_fwd_kernel(
                     t = tl.load(t_row + cols, mask=mask, other=float("-inf"),
                                 eviction_policy="evict_first").to(tl.float32)
                 g, d = _grad_tile(s, t, cols, y, k1, kT, coef_ce, coef_kd, m_safe, mt_safe, log2_z, log2_zT,
-                                  log2_zt, HAS_TEACHER)
-                g = tl.where(valid, tl.where(row_nan, nan, g), 0.0)
+                                  log2_zt, beta, sum_ph, a_out, HAS_TEACHER, HAS_TOPK, DIVERGENCE)
+                g = tl.where(valid, tl.where(grad_nan, nan, g), 0.0)
                 sum_d2 += tl.sum(d * d, 0)
                 sum_g2 += tl.sum(g * g, 0)
                 if RETURN_GRAD:
                     tl.store(g_row + cols, (g * scale).to(g_ptr.dtype.element_ty), mask=cols < C)
+        if HAS_TOPK:
+            # the ids' own gradient over the tail's that pass 2 wrote there (and in the norm: theirs replaced)
+            d_ids = tl.exp2((s_ids - m_safe) * k1 - log2_z) - tl.where(ids == y, 1.0, 0.0)
+            p_ids = tl.where(P > 0, coef_kd * P * a_out, 0.0)
+            g_old = coef_ce * d_ids + tl.where(coef_kd != 0.0, p_ids, 0.0)
+            g_ids = coef_ce * d_ids + tl.where(coef_kd != 0.0, coef_kd * kd_ids, 0.0)
+            g_old = tl.where(id_ok, tl.where(grad_nan, nan, g_old), 0.0)
+            g_ids = tl.where(id_ok, tl.where(grad_nan, nan, g_ids), 0.0)
+            sum_g2 += tl.sum(g_ids * g_ids - g_old * g_old, 0)
+            if RETURN_GRAD:
+                tl.debug_barrier()  # every thread's pass-2 stores land before these overwrite some of them
+                tl.store(g_row + ids, (g_ids * scale).to(g_ptr.dtype.element_ty), mask=id_ok)
         if RETURN_STATS:
             margin = s_y - m_other
             bad = ~in_range | s_undefined  # a bad label: NaN everywhere; an undefined row: correct = 0
             tl.store(stats_ptr + row, tl.where(valid, tl.where(bad, nan, ce), 0.0))
             tl.store(stats_ptr + N + row, tl.where(valid, tl.where(bad, nan, kl), 0.0))
             tl.store(stats_ptr + 2 * N + row, tl.where(valid, tl.where(bad, nan, tl.sqrt(sum_d2)), 0.0))
-            tl.store(stats_ptr + 3 * N + row, tl.where(valid, tl.where(bad | row_nan, nan, tl.sqrt(sum_g2)), 0.0))
+            tl.store(stats_ptr + 3 * N + row, tl.where(valid, tl.where(bad | grad_nan, nan, tl.sqrt(sum_g2)), 0.0))
             correct = tl.where(s_undefined, 0.0, (margin > 0).to(tl.float32))
             tl.store(stats_ptr + 4 * N + row, tl.where(valid, tl.where(in_range, correct, nan), 0.0))
             tl.store(stats_ptr + 5 * N + row, tl.where(valid, tl.where(bad, nan, margin), 0.0))
@@ -455,24 +575,32 @@ def _row_counter(device: torch.device, N: int) -> torch.Tensor:
 
 
 def kd_loss_fwd(student, teacher, target, weight, alpha: float, temperature: float, ignore_index: int,
-                reduction: int, need_grad: bool, return_stats: bool, grad_out=None, *, config: dict | None = None):
+                reduction: int, need_grad: bool, return_stats: bool, grad_out=None, divergence: int = 0,
+                beta: float = 0.5, normalizer: float | None = None, *, config: dict | None = None):
     """Loss ((N,) rows for reduction 0, else 0-d; fp32), gradient (N, C) in the student's dtype or None, stats
     (6, N) fp32 or None; reduction 0 (none), 1 (sum), 2 (mean).
 
     See `kdfast.losses.reference.kd_loss_fwd_torch` for the contract; `grad_out` receives the gradient
-    (it may be `student` itself: the in-place mode). config: tile/warps/stages overrides (`forward_config`).
+    (it may be `student` itself: the in-place mode); teacher: dense logits, None, or a sparse teacher
+    (ids, logprobs, ratio, tail) tuple. config: tile/warps/stages overrides (`forward_config`).
     """
     N, C = student.shape
     device = student.device
+    sparse = isinstance(teacher, tuple)
+    ids, logprobs, ratio, tail = teacher if sparse else (None, None, 1.0, False)
+    if sparse:
+        teacher = None
     rows = torch.empty(N, dtype=torch.float32, device=device)
     grad = None
     if need_grad:
         grad = grad_out if grad_out is not None else torch.empty_like(student, memory_format=torch.contiguous_format)
     stats = torch.empty((6, N), dtype=torch.float32, device=device) if return_stats else None
     loss = rows if reduction == 0 else torch.empty((), dtype=torch.float32, device=device)
-    count_valid = reduction == 2 and 0 < N <= COUNT_VALID_MAX_ROWS
+    count_valid = reduction == 2 and 0 < N <= COUNT_VALID_MAX_ROWS and normalizer is None
     scale = None
-    if reduction == 2 and not count_valid:
+    if reduction == 2 and normalizer is not None:
+        scale = torch.full((), 1.0 / normalizer, dtype=torch.float32, device=device)
+    elif reduction == 2 and not count_valid:
         scale = torch.reciprocal((target != ignore_index).sum(dtype=torch.float32).clamp_(min=1))
     if N == 0:
         if reduction:
@@ -487,13 +615,17 @@ def kd_loss_fwd(student, teacher, target, weight, alpha: float, temperature: flo
         torch.empty(N * split * 9, dtype=torch.float32, device=device) if split > 1 else rows,
         _row_counter(device, N) if split > 1 else target,
         grad if grad is not None else rows, stats if stats is not None else rows,
+        ids if sparse else target, logprobs if sparse else rows,
         student.stride(0), teacher.stride(0) if teacher is not None else 0, grad.stride(0) if grad is not None else 0,
-        N, C, float(alpha), float(temperature), int(ignore_index)),
+        ids.stride(0) if sparse else 0, logprobs.stride(0) if sparse else 0,
+        N, C, ids.shape[1] if sparse else 1, float(alpha), float(temperature), int(ignore_index), float(beta),
+        float(ratio)),
         {"HAS_TEACHER": teacher is not None, "HAS_WEIGHT": weight is not None, "HAS_SCALE": scale is not None,
          "RETURN_GRAD": grad is not None, "RETURN_STATS": return_stats, "SINGLE_TILE": cfg["SINGLE_TILE"],
          "BLOCK_C": cfg["BLOCK_C"], "COUNT_VALID": count_valid,
          "BLOCK_N": min(1024, max(16, _pow2(N))) if count_valid or reduce else 16, "REDUCE": reduce,
-         "NUM_STAGES": cfg["num_stages"], "SPLIT": split},
+         "NUM_STAGES": cfg["num_stages"], "SPLIT": split, "DIVERGENCE": int(divergence), "HAS_TOPK": sparse,
+         "TAIL": bool(tail), "BLOCK_K": max(16, _pow2(ids.shape[1])) if sparse else 16},
         cfg["num_warps"], cfg["num_stages"])
     return loss, grad, stats
 

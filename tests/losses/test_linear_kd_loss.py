@@ -1,5 +1,5 @@
 """linear_kd_loss against a float64 oracle built from dense logits: z = h @ W.T + b (soft-capped), then the KD loss
-rows of kdfast.reference.kd_loss_ref, reduced, differentiated by autograd w.r.t. h, W and b.
+rows of kdfast.losses.reference.kd_loss_ref, reduced, differentiated by autograd w.r.t. h, W and b.
 
 Every backend ("torch", "cpp", "triton" on CPU tensors under TRITON_INTERPRET=1, small shapes) runs each chunk;
 chunk sizes that do not divide N, and one chunk larger than N. The kernels compute in float32: each quantity may
