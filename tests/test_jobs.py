@@ -13,8 +13,8 @@ import kdfast
 from kdfast.data import (DataIdentityError, LabeledSubset, check_identity, data_identity, describe_file_mismatch,
                          load_dataset, stratified_split)
 from kdfast.errors import KDFastError
-from kdfast.jobs import (ChunkStore, IncompleteStoreError, Job, JobError, JobExistsError, JobMismatchError,
-                         atomic_write, save_npy, write_json)
+from kdfast.jobs import (ChunkStore, IncompleteStoreError, Job, JobError, JobExistsError, JobLockedError,
+                         JobMismatchError, atomic_write, save_npy, write_json)
 from kdfast.models import create_model
 
 
@@ -239,3 +239,44 @@ def test_fit_refuses_to_resume_a_checkpoint_of_another_run(tmp_path, digits):
         fit(create_model("mlp", num_classes=10, in_channels=1), data, **{**args, "epochs": 3}, resume=True)
     history = fit(create_model("mlp", num_classes=10, in_channels=1), data, **args, resume=True)
     assert [h["epoch"] for h in history] == [1, 2]  # the same run: restored, nothing left to train
+
+
+# ---------------------------------------------------------------------------------------- the folder lock
+_HOLD = """
+import sys, time
+from kdfast.jobs import Job
+job = Job.start(sys.argv[1], "score", {"lr": float(sys.argv[2])})
+print("started", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_live_run_locks_its_folder_and_a_killed_one_does_not(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out), "0.01"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "started"
+        assert sorted(os.listdir(out)) == ["job.json", "job.lock"]  # only job.json: a failed start if nobody held it
+        for kwargs in ({}, {"resume": True}, {"overwrite": True}):
+            with pytest.raises(JobLockedError, match=f"in use by a running kdfast job \\(pid {holder.pid}\\)"):
+                Job.start(out, "score", {"lr": 0.02}, **kwargs)
+        assert json.loads((out / "job.json").read_text())["identity"]["lr"] == 0.01  # the live run's record kept
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # the kernel dropped the killed run's lock: its job.json alone is a failed start, and a new run takes the folder
+    job = Job.start(out, "score", {"lr": 0.02})
+    assert job.record["identity"]["lr"] == 0.02 and (out / "job.lock").read_text().strip() == str(os.getpid())
+    job.release()
+
+
+def test_another_commands_run_gets_no_resume_hint(tmp_path):
+    out = tmp_path / "run"
+    Job.start(out, "distill", {"a": 1})
+    (out / "student.pt").write_bytes(b"x")
+    with pytest.raises(JobExistsError) as info:
+        Job.start(out, "score", {"a": 1})
+    assert "holds a distill run, not a score run" in str(info.value) and "resume" not in str(info.value)

@@ -13,9 +13,15 @@ fingerprints) and the kdfast version. New options therefore join the identity wi
 JobMismatchError naming each differing field; `overwrite=True` clears the folder and starts afresh; without
 either, a folder holding another run's work is refused (JobExistsError). A folder whose only content is a
 job record (a run that failed or was killed before doing any work) never blocks a new run.
+
+A live run holds an exclusive OS lock (fcntl.flock) on OUT/job.lock from before its checks until it exits (the
+kernel drops it on any exit, SIGKILL included), so a second process starting into the folder fails at once
+(JobLockedError, naming the holder's pid) instead of taking a folder that holds only job.json for a failed start.
+Within one process the lock is re-entrant: the folder is already this process's.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -23,15 +29,16 @@ import sys
 import time
 
 from .atomic import read_file_list, read_json, write_file_list, write_json
-from .errors import JobError, JobExistsError, JobMismatchError
+from .errors import JobError, JobExistsError, JobLockedError, JobMismatchError
 
 FORMAT = "kdfast-job/1"
 JOB_FILE = "job.json"
 FILES_FILE = "files.txt"
+LOCK_FILE = "job.lock"
 # fields that say where or how a job runs, not what it computes
 NON_IDENTITY = frozenset({"resume", "overwrite", "num_workers", "quiet", "debug", "device", "out", "chunk_size",
                           "show", "top", "progress", "argv"})
-_OWN_FILES = frozenset({JOB_FILE, FILES_FILE})
+_OWN_FILES = frozenset({JOB_FILE, FILES_FILE, LOCK_FILE})
 _LEGACY_MARKERS = ("config.json", "meta.json", "chunks", "checkpoint.pt")
 
 
@@ -71,6 +78,50 @@ def _has_work(folder: str) -> bool:
             if dirpath != folder or name not in _OWN_FILES:
                 return True
     return False
+
+
+# real path of a locked folder -> the open lock file that holds its flock (closing it releases the lock)
+_HELD_LOCKS: dict = {}
+
+
+def _lock_folder(out: str) -> bool:
+    """Takes the exclusive lock on `out` for this process; False when it held it already; JobLockedError when
+    another live process holds it."""
+    key = os.path.realpath(out)
+    if key in _HELD_LOCKS:
+        return False
+    fh = open(os.path.join(out, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise JobLockedError(f"output folder {out} is in use by a running kdfast job (pid {holder}); wait for it to "
+                             "finish, stop it, or choose another folder") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    _HELD_LOCKS[key] = fh
+    return True
+
+
+def _unlock_folder(out: str) -> None:
+    fh = _HELD_LOCKS.pop(os.path.realpath(out), None)
+    if fh is not None:
+        fh.close()
+
+
+def _clear_folder(out: str) -> None:
+    """Removes everything in `out` but its lock file (which this process holds)."""
+    for entry in os.scandir(out):
+        if entry.name == LOCK_FILE:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.remove(entry.path)
 
 
 class Job:
@@ -118,23 +169,42 @@ class Job:
         identity = job_identity(config, data, non_identity)
         record_path = os.path.join(out, JOB_FILE)
         created = not os.path.isdir(out)
-        if not created and os.listdir(out):
-            if not os.path.exists(record_path):
-                if not any(os.path.exists(os.path.join(out, m)) for m in _LEGACY_MARKERS):
-                    raise JobError(f"output folder {out} is not empty and holds no kdfast run; choose another "
-                                   "folder (nothing there was changed)")
-                if not overwrite:
-                    raise JobExistsError(f"output folder {out} holds a run without a job record (made by an older "
-                                         "kdfast), which cannot be checked for resuming; pass overwrite (--overwrite) "
-                                         "to replace it, or choose another folder")
+        if not created and set(os.listdir(out)) - {LOCK_FILE} and not os.path.exists(record_path) and \
+                not any(os.path.exists(os.path.join(out, m)) for m in _LEGACY_MARKERS):
+            raise JobError(f"output folder {out} is not empty and holds no kdfast run; choose another "
+                           "folder (nothing there was changed)")
+        os.makedirs(out, exist_ok=True)
+        locked_here = _lock_folder(out)  # before reading the folder: a live run's job.json is not a failed start
+        try:
+            return cls._open(out, kind, config, identity, record_path, created, files=files, resume=resume,
+                             overwrite=overwrite, label=label)
+        except BaseException:
+            if locked_here:
+                _unlock_folder(out)
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+
+    @classmethod
+    def _open(cls, out, kind, config, identity, record_path, created, *, files, resume, overwrite, label) -> "Job":
+        if set(os.listdir(out)) - {LOCK_FILE}:
+            if not os.path.exists(record_path) and not overwrite:
+                raise JobExistsError(f"output folder {out} holds a run without a job record (made by an older "
+                                     "kdfast), which cannot be checked for resuming; pass overwrite (--overwrite) "
+                                     "to replace it, or choose another folder")
             if overwrite:
-                shutil.rmtree(out)
+                _clear_folder(out)
             elif _has_work(out):
                 recorded = read_json(record_path)
+                other_kind = recorded.get("format") != FORMAT or recorded.get("kind") != kind
+                if not resume and other_kind:  # resuming cannot finish another command's run: no --resume hint
+                    raise JobExistsError(f"output folder {out} already holds a {recorded.get('kind')} run, not a "
+                                         f"{kind} run; choose another folder or pass overwrite (--overwrite) to "
+                                         "replace it")
                 if not resume:
                     raise JobExistsError(f"output folder {out} already holds a {recorded.get('kind')} run; pass "
                                          "resume (--resume) to finish it or overwrite (--overwrite) to replace it")
-                if recorded.get("format") != FORMAT or recorded.get("kind") != kind:
+                if other_kind:
                     raise JobMismatchError(f"{out} holds a {recorded.get('kind')!r} run, not a {kind!r} run; choose "
                                            "another folder or pass overwrite (--overwrite)",
                                            [("kind", recorded.get("kind"), kind)])
@@ -143,7 +213,6 @@ class Job:
                     raise JobMismatchError(cls._mismatch_message(out, diffs, label, files), diffs)
                 return cls(out, recorded, created_folder=False)
             # else: only a job record, from a start that failed or was killed before any work: start afresh
-        os.makedirs(out, exist_ok=True)
         if files is not None:
             write_file_list(os.path.join(out, FILES_FILE), files)
         record = {"format": FORMAT, "kind": kind, "status": "running", "identity": identity,
@@ -174,6 +243,7 @@ class Job:
     def abandon_if_empty(self) -> None:
         """Removes the job record (and the folder, if the job created it) when no work was written."""
         if os.path.isdir(self.out) and not _has_work(self.out):
+            self.release()
             if self._created_folder:
                 shutil.rmtree(self.out, ignore_errors=True)
             else:
@@ -181,10 +251,16 @@ class Job:
                     if os.path.exists(self.path(name)):
                         os.remove(self.path(name))
 
+    def release(self) -> None:
+        """Drops this process's lock on the folder (process exit does the same)."""
+        if self._owner:
+            _unlock_folder(self.out)
+
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None and self._owner:
             self.abandon_if_empty()
+        self.release()
         return False
