@@ -202,7 +202,7 @@ def test_file_fingerprint_sees_renames_and_replaced_files(tmp_path):
     assert identity["files_fingerprint"] and identity["num_examples"] == 9
     check_identity(identity, load_dataset("folder", root=tmp_path / "f", image_size=8), what="scores")
     (tmp_path / "f" / "dog" / "img1.png").write_bytes((tmp_path / "f" / "dog" / "img1.png").read_bytes() + b"\0")
-    with pytest.raises(DataIdentityError, match="sizes differ: files were replaced"):
+    with pytest.raises(DataIdentityError, match="1 files replaced or modified .*: dog/img1.png"):
         check_identity(identity, load_dataset("folder", root=tmp_path / "f", image_size=8), what="scores",
                        recorded_files=data.files)
     assert describe_file_mismatch(["a", "b"], ["b", "a"]) == "2 files at other positions: index 0: a then, b now, " \
@@ -280,3 +280,42 @@ def test_another_commands_run_gets_no_resume_hint(tmp_path):
     with pytest.raises(JobExistsError) as info:
         Job.start(out, "score", {"a": 1})
     assert "holds a distill run, not a score run" in str(info.value) and "resume" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------- same-size replacement
+def test_a_file_replaced_by_one_of_the_same_size_is_refused_everywhere_and_named(tmp_path):
+    from _fake_datasets import write_image_folder
+
+    from kdfast.jobs.keep import read_keep, write_keep
+    from kdfast.jobs.scores import read_scores
+    from kdfast.teacher_cache import TeacherCache, TeacherCacheMismatchError
+    write_image_folder(tmp_path / "f")
+    data = load_dataset("folder", root=tmp_path / "f", image_size=8)
+    identity = data_identity(data)
+    # the three kinds of artifact, each recording the data identity and the file list
+    run = tmp_path / "run"
+    Job.start(run, "score", {"lr": 0.1}, data=identity, files=data.files).release()
+    save_npy(run / "scores.npy", np.random.rand(len(data)).astype(np.float32))
+    write_json(run / "meta.json", {"data": identity})
+    write_keep(str(tmp_path / "keep.npy"), [0, 2], {"data": identity}, files=data.files)
+    writer = TeacherCache.create(tmp_path / "cache", num_examples=len(data), num_classes=3,
+                                 dataset_fingerprint=identity["labels_fingerprint"], teacher_fingerprint="t" * 64,
+                                 files=data.files, files_fingerprint=identity["files_fingerprint"])
+    writer.write(torch.arange(len(data)), torch.randn(len(data), 3))
+    writer.close()
+    # another image of the same size under the same name
+    victim = tmp_path / "f" / "emu" / "img1.png"
+    other = (tmp_path / "f" / "cat" / "img1.png").read_bytes()
+    size = victim.stat().st_size
+    victim.write_bytes(other[:size] + b"\0" * max(0, size - len(other)))
+    assert victim.stat().st_size == size
+    now = load_dataset("folder", root=tmp_path / "f", image_size=8)
+    named = r"1 files replaced or modified \(size or modification time differs\): emu/img1.png"
+    with pytest.raises(JobMismatchError, match=named):
+        Job.start(run, "score", {"lr": 0.1}, data=data_identity(now), files=now.files, resume=True)
+    with pytest.raises(DataIdentityError, match=named):
+        read_keep(str(tmp_path / "keep.npy"), now)
+    with pytest.raises(DataIdentityError, match=named):
+        read_scores(str(run), now)
+    with pytest.raises(TeacherCacheMismatchError, match=named):
+        TeacherCache.open(tmp_path / "cache").check_dataset(now)

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from ..errors import InvalidArgumentError, KDFastError
+from ..jobs.atomic import FileList
 
 
 class DataError(KDFastError, ValueError):
@@ -48,7 +49,8 @@ class LabeledDataset(Dataset):
         self.name = name
         self.targets = torch.as_tensor(targets, dtype=torch.int64).reshape(-1)
         self.num_classes = int(num_classes)
-        self.files = files
+        # file-backed sets set .folder first; their files carry each file's size and mtime, stat'ed once per run
+        self.files = None if files is None else FileList(files, folder=getattr(self, "folder", None))
         check_labels(self.targets, self.num_classes, name)
 
     def __len__(self) -> int:
@@ -56,7 +58,7 @@ class LabeledDataset(Dataset):
 
     @functools.cached_property
     def files_fingerprint(self) -> str | None:
-        """sha256 of the relative paths and sizes of `files` (data/identity.py); None without files."""
+        """sha256 of the relative paths, sizes and mtimes of `files` (data/identity.py); None without files."""
         from .identity import files_fingerprint
         return None if self.files is None else files_fingerprint(self.folder, self.files)
 
@@ -77,8 +79,9 @@ class LabeledSubset(Subset):
         super().__init__(dataset, idx.tolist())
         self.targets = dataset.targets[idx]
         self.num_classes, self.name = dataset.num_classes, dataset.name
-        self.files = None if dataset.files is None else [dataset.files[i] for i in self.indices]
         self.folder = getattr(dataset, "folder", None)
+        self.files = None if dataset.files is None else FileList([dataset.files[i] for i in self.indices],
+                                                                 folder=self.folder)
         self.classes = getattr(dataset, "classes", None)
 
     files_fingerprint = LabeledDataset.files_fingerprint

@@ -5,14 +5,15 @@
     check_identity(recorded, dataset, what="--keep keep.npy", recorded_files=[...])   # DataIdentityError
 
 The labels fingerprint catches another data set or split; the files fingerprint (sha256 of every relative
-path and file size, in index order) catches renamed, moved, added or replaced files of an image folder
-even when the labels stay the same.
+path, file size and modification time in ns, in index order) catches renamed, moved, added or replaced files
+of an image folder even when the labels stay the same, a replacement of the same size included. It is one
+stat per file (cheap at any scale); a file rewritten with its old mtime restored passes it.
 """
 from __future__ import annotations
 
 import hashlib
-import os
 
+from ..jobs.atomic import file_stats
 from .base import DataError, labels_fingerprint
 
 
@@ -21,14 +22,13 @@ class DataIdentityError(DataError):
 
 
 def files_fingerprint(folder: str, files: list[str]) -> str:
-    """sha256 hex over `relative path <TAB> size in bytes` of every file, in index order."""
+    """sha256 hex over `relative path <TAB> size in bytes <TAB> mtime_ns` of every file, in index order (the
+    stats of a FileList taken once, else stat'ed here)."""
+    stats = getattr(files, "stats", None)
+    stats = file_stats(folder, files) if stats is None else stats
     h = hashlib.sha256()
-    for rel in files:
-        try:
-            size = os.stat(os.path.join(folder, rel)).st_size
-        except OSError:
-            size = -1  # a vanished file: the fingerprint changes, the consumer reports it
-        h.update(f"{rel}\t{size}\n".encode())
+    for rel, (size, mtime) in zip(files, stats.tolist()):
+        h.update(f"{rel}\t{size}\t{mtime}\n".encode())
     return h.hexdigest()
 
 
@@ -65,7 +65,11 @@ def describe_file_mismatch(recorded: list[str], current: list[str], limit: int =
     moved = [f"index {i}: {a} then, {b} now" for i, (a, b) in enumerate(zip(recorded, current)) if a != b]
     if moved:
         return f"{len(moved)} files at other positions: {first(moved)}"
-    return "the same file names, but file sizes differ: files were replaced"
+    old_stats, new_stats = getattr(recorded, "stats", None), getattr(current, "stats", None)
+    if old_stats is None or new_stats is None:
+        return "the same file names, but file sizes or modification times differ: files were replaced"
+    changed = [current[i] for i in (old_stats != new_stats).any(1).nonzero()[0]]
+    return f"{len(changed)} files replaced or modified (size or modification time differs): {first(changed)}"
 
 
 def check_identity(recorded: dict | None, dataset, *, what: str, recorded_files: list[str] | None = None,
@@ -91,7 +95,7 @@ def check_identity(recorded: dict | None, dataset, *, what: str, recorded_files:
     text = f"{what} was made from another data set than {here} ({', '.join(problems)} differ"
     if "files_fingerprint" in problems:
         if recorded_files is not None and getattr(dataset, "files", None) is not None:
-            text += "; " + describe_file_mismatch(list(recorded_files), list(dataset.files))
+            text += "; " + describe_file_mismatch(recorded_files, dataset.files)
         elif "labels_fingerprint" not in problems:
             text += "; the image files were renamed, moved, added or replaced"
     raise DataIdentityError(f"{text}); {hint}")

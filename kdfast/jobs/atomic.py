@@ -54,14 +54,51 @@ def save_torch(path: str, obj) -> str:
     return atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
+def file_stats(folder: str, files) -> np.ndarray:
+    """(N, 2) int64: the size in bytes and mtime_ns of each file under `folder`; -1, -1 for a vanished one."""
+    stats = np.full((len(files), 2), -1, dtype=np.int64)
+    for i, rel in enumerate(files):
+        try:
+            st = os.stat(os.path.join(folder, rel))
+        except OSError:
+            continue  # a vanished file: the fingerprint changes, the consumer reports it
+        stats[i] = st.st_size, st.st_mtime_ns
+    return stats
+
+
+class FileList(list):
+    """A data set's relative file paths with each file's (size, mtime_ns) in `.stats`: taken from disk once (on
+    first use) when `folder` is given, or as recorded beside a stored list, so a mismatch can name the files."""
+
+    def __init__(self, files=(), *, folder: str | None = None, stats: np.ndarray | None = None):
+        super().__init__(files)
+        self.folder, self._stats = folder, stats
+
+    @property
+    def stats(self) -> np.ndarray | None:
+        if self._stats is None and self.folder is not None:
+            self._stats = file_stats(self.folder, self)
+        return self._stats
+
+
+def _stats_path(path: str) -> str:
+    return f"{path}.stat.npy"
+
+
 def write_file_list(path: str, files) -> str:
-    """A data set's relative file paths, one a line: what a later identity mismatch names the differing files from."""
+    """A data set's relative file paths, one a line (and, for a FileList, their sizes and mtimes beside it in
+    PATH.stat.npy): what a later identity mismatch names the differing files from."""
+    stats = getattr(files, "stats", None)
+    if stats is not None:
+        save_npy(_stats_path(path), stats)
     return write_text(path, "\n".join(files) + "\n")
 
 
-def read_file_list(path: str) -> list[str]:
+def read_file_list(path: str) -> FileList:
     with open(path) as fh:
-        return fh.read().splitlines()
+        files = fh.read().splitlines()
+    stats = np.load(_stats_path(path)) if os.path.isfile(_stats_path(path)) else None
+    return FileList(files, stats=stats if stats is not None and len(stats) == len(files) else None)
 
 
 def read_json(path: str):

@@ -38,7 +38,7 @@ LOCK_FILE = "job.lock"
 # fields that say where or how a job runs, not what it computes
 NON_IDENTITY = frozenset({"resume", "overwrite", "num_workers", "quiet", "debug", "device", "out", "chunk_size",
                           "show", "top", "progress", "argv"})
-_OWN_FILES = frozenset({JOB_FILE, FILES_FILE, LOCK_FILE})
+_OWN_FILES = frozenset({JOB_FILE, FILES_FILE, f"{FILES_FILE}.stat.npy", LOCK_FILE})
 _LEGACY_MARKERS = ("config.json", "meta.json", "chunks", "checkpoint.pt")
 
 
