@@ -106,6 +106,32 @@ def test_prune_failures(tmp_path, digits, capsys):
         assert rc == code and match in line, (argv, rc, line)
 
 
+def test_prune_never_overwrites_its_input_nor_writes_into_a_job_folder(scores_dir, tmp_path, capsys):
+    from kdfast.jobs import Job
+    folder, scores = scores_dir
+    np.save(tmp_path / "y.npy", np.arange(len(scores)) % 10)
+    job = Job.start(tmp_path / "ref", "score", {"method": "el2n"})
+    np.save(tmp_path / "ref" / "scores.npy", scores)
+    job.complete()
+    job.release()
+    cases = [
+        (["--scores", str(folder), "--out", str(folder / "scores.npy")], "would overwrite the input --scores file"),
+        (["--scores", str(folder / "scores.npy"), "--out", str(folder / "scores.npy")], "would overwrite the input"),
+        (["--scores", str(folder), "--class-balanced", "--labels", str(tmp_path / "y.npy"), "--out",
+          str(tmp_path / "y.npy")], "would overwrite the input --labels file"),
+        (["--scores", str(tmp_path / "ref"), "--out", str(tmp_path / "ref" / "scores.npy")], "would overwrite"),
+        (["--scores", str(folder), "--out", str(tmp_path / "ref" / "keep.npy")], "inside the kdfast run folder"),
+        (["--scores", str(folder), "--out", str(tmp_path / "ref" / "sub" / "keep.npy")], "inside the kdfast run"),
+    ]
+    for argv, match in cases:
+        rc = prune_main(argv + ["--fraction", "0.5"])
+        line = _one_error_line(capsys.readouterr().err, "kdfast-prune")
+        assert rc == 2 and match in line, (argv, rc, line)
+    assert np.array_equal(np.load(folder / "scores.npy"), scores) and np.load(tmp_path / "ref" / "scores.npy").dtype \
+        == np.float32
+    assert not (tmp_path / "ref" / "keep.npy").exists() and not (tmp_path / "ref" / "sub").exists()
+
+
 # ----------------------------------------------------------------------------------------- distill
 FAST = ["--model", "mlp", "--epochs", "1", "--batch-size", "128", "--quiet"]
 

@@ -273,6 +273,13 @@ def test_a_live_run_locks_its_folder_and_a_killed_one_does_not(tmp_path):
     job.release()
 
 
+def test_a_run_inside_another_runs_folder_is_refused(tmp_path):
+    Job.start(tmp_path / "ref", "score", {}).release()
+    with pytest.raises(JobError, match="lies inside the kdfast run folder .*ref"):
+        Job.start(tmp_path / "ref" / "models" / "again", "score", {})
+    assert not (tmp_path / "ref" / "models").exists()
+
+
 def test_another_commands_run_gets_no_resume_hint(tmp_path):
     out = tmp_path / "run"
     Job.start(out, "distill", {"a": 1})

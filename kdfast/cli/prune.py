@@ -83,8 +83,28 @@ def _validate(args):
         problems.append("give --labels or --dataset, not both")
     if not args.out.endswith(".npy"):
         problems.append(f"--out must name a .npy file, got {args.out}")
+    problems += _out_problems(args)
     if problems:
         raise UsageError("; ".join(problems))
+
+
+def _out_problems(args) -> list[str]:
+    """--out and the files written beside it must overwrite no input and land in no job's folder."""
+    from ..jobs.job import enclosing_job
+    written = {os.path.realpath(p): p for p in (args.out, f"{args.out}.json", f"{args.out}.files.txt",
+                                                f"{args.out}.files.txt.stat.npy")}
+    inputs = [("--labels", args.labels)] if args.labels else []
+    if os.path.isdir(args.scores):
+        inputs += [("--scores", os.path.join(args.scores, name)) for name in os.listdir(args.scores)]
+    else:
+        inputs += [("--scores", args.scores), ("--scores", f"{args.scores}.json")]
+    problems = [f"--out {args.out} would overwrite the input {flag} file {path}; write the keep file elsewhere"
+                for flag, path in inputs if os.path.realpath(path) in written]
+    holder = enclosing_job(os.path.dirname(os.path.abspath(args.out)))
+    if holder is not None and not problems:
+        problems.append(f"--out {args.out} lies inside the kdfast run folder {holder}, whose files belong to that "
+                        "run; write the keep file elsewhere")
+    return problems
 
 
 def _load_npy(path, what):

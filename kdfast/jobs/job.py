@@ -80,6 +80,19 @@ def _has_work(folder: str) -> bool:
     return False
 
 
+def enclosing_job(path) -> str | None:
+    """The nearest folder at or above `path` that holds a kdfast job (its job.json), or None: files written
+    there would mix with that job's outputs."""
+    folder = os.path.realpath(os.fspath(path))
+    while True:
+        if os.path.isfile(os.path.join(folder, JOB_FILE)):
+            return folder
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+
+
 # real path of a locked folder -> the open lock file that holds its flock (closing it releases the lock)
 _HELD_LOCKS: dict = {}
 
@@ -168,6 +181,10 @@ class Job:
         label = label or (lambda field: field)
         identity = job_identity(config, data, non_identity)
         record_path = os.path.join(out, JOB_FILE)
+        holder = enclosing_job(os.path.dirname(os.path.abspath(out)))
+        if holder is not None:
+            raise JobError(f"output folder {out} lies inside the kdfast run folder {holder}, whose files belong to "
+                           "that run; choose a folder outside it")
         created = not os.path.isdir(out)
         if not created and set(os.listdir(out)) - {LOCK_FILE} and not os.path.exists(record_path) and \
                 not any(os.path.exists(os.path.join(out, m)) for m in _LEGACY_MARKERS):
