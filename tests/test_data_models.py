@@ -108,6 +108,25 @@ def test_out_of_range_labels_and_unreadable_images_are_clear_errors(tmp_path):
         ds[4]
 
 
+def test_sixteen_bit_images_are_scaled_and_unscaled_depths_refused(tmp_path):
+    from PIL import Image
+    grey = np.random.default_rng(0).integers(1, 256, (20, 14), dtype=np.uint8)
+    for cls in ("eight", "sixteen"):
+        (tmp_path / "f" / cls).mkdir(parents=True)
+    Image.fromarray(grey).save(tmp_path / "f" / "eight" / "a.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "f" / "sixteen" / "a.png")  # the same picture
+    assert Image.open(tmp_path / "f" / "sixteen" / "a.png").mode == "I;16"
+    ds = load_dataset("folder", root=str(tmp_path / "f"), image_size=8)
+    eight, sixteen = ds[0][0], ds[1][0]
+    assert float(sixteen.std()) > 0.1  # not one flat (white) image
+    torch.testing.assert_close(sixteen, eight, rtol=0, atol=0)
+    Image.fromarray(grey.astype(np.float32)).save(tmp_path / "f" / "sixteen" / "b.tif")
+    ds = load_dataset("folder", root=str(tmp_path / "f"), image_size=8)
+    with pytest.raises(DataError, match=r"b.tif has 32-bit float pixels \(PIL mode F\) of no fixed range") as info:
+        ds[2]
+    assert "\n" not in str(info.value)
+
+
 def test_load_dataset_argument_errors(tmp_path):
     with pytest.raises(InvalidArgumentError, match="name must be one of digits, cifar10"):
         load_dataset("mnist")

@@ -4,7 +4,8 @@ Classes are the sorted subfolder names; examples are sorted by class, then by pa
 is the same on every machine. `files` holds each example's path relative to the data set's folder.
 Preprocessing is ImageNet's evaluation transform (shorter side to 256, centre crop 224, per-channel
 normalisation), scaled by `image_size` (crop) for small images; `augment=True` uses RandomResizedCrop and
-a horizontal flip instead (training). An unreadable image raises DataError naming the file.
+a horizontal flip instead (training). An unreadable image raises DataError naming the file; 16-bit grey images
+are scaled to 8 bits, 32-bit integer and float ones (no fixed range) raise DataError.
 """
 from __future__ import annotations
 
@@ -19,6 +20,18 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGENET_LAYOUT = "ROOT/<split>/<wnid>/*.JPEG (ImageFolder layout, e.g. ROOT/train/n01440764/n01440764_10026.JPEG)"
 FOLDER_LAYOUT = "ROOT/<class name>/<image file> (ImageFolder layout: one subfolder per class)"
+
+
+# PIL modes whose values have no fixed full scale: PIL's convert("RGB") clips them at 255 (a white image)
+UNSCALED_MODES = {"I": "32-bit integer", "F": "32-bit float"}
+
+
+def _sixteen_to_rgb(img):
+    """A 16-bit grey image (PIL's I;16 modes, e.g. 16-bit PNG) as 8-bit RGB, scaled by 255 / 65535 (PIL's
+    convert would clip every value above 255 to white)."""
+    from PIL import Image
+    grey = np.asarray(img).astype(np.float32) * (255.0 / 65535.0)
+    return Image.fromarray(np.rint(grey).astype(np.uint8)).convert("RGB")  # 2-d uint8: mode L
 
 
 class FolderScan(tuple):
@@ -77,10 +90,14 @@ class ImageFolderDataset(LabeledDataset):
         path = os.path.join(self.folder, self.files[index])
         try:
             with Image.open(path) as img:
-                return img.convert("RGB")
+                mode = img.mode
+                if mode not in UNSCALED_MODES:
+                    return _sixteen_to_rgb(img) if mode.startswith("I;16") else img.convert("RGB")
         except Exception as exc:  # truncated, not an image, unreadable: the file is the cause either way
             raise DataError(f"dataset {self.name!r}: cannot read image {path} "
                             f"({type(exc).__name__}: {exc})") from exc
+        raise DataError(f"dataset {self.name!r}: image {path} has {UNSCALED_MODES[mode]} pixels (PIL mode {mode}) "
+                        "of no fixed range; expected 8- or 16-bit images: convert it to 8 or 16 bits")
 
     def _resize_center_crop(self, img):
         from PIL import Image
