@@ -183,3 +183,27 @@ def test_checkpoints_round_trip_and_mismatches_are_clear(tmp_path):
     torch.save({"model": a, "note": object}, tmp_path / "pickled.pt")  # a whole module: refused by weights_only
     with pytest.raises(CheckpointError, match="weights_only=True"):
         load_checkpoint(a, str(tmp_path / "pickled.pt"))
+
+
+def test_folder_walk_follows_no_loop_counts_real_folders_once_and_skips_appledouble(tmp_path):
+    import warnings
+    files = write_image_folder(tmp_path / "f")
+    (tmp_path / "f" / "loop").symlink_to(tmp_path / "f")       # ln -s . ROOT/loop
+    (tmp_path / "f" / "up").symlink_to(tmp_path)                # a link above the root
+    (tmp_path / "f" / "cat2").symlink_to(tmp_path / "f" / "cat")  # the same images under a second name
+    (tmp_path / "f" / "empty").mkdir()
+    (tmp_path / "f" / "dog" / "._img0.JPEG").write_bytes(b"\0\5\x16\7 AppleDouble")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = load_dataset("folder", root=str(tmp_path / "f"), image_size=8)
+    notes = [str(w.message) for w in caught]
+    assert ds.classes == ["cat", "cat2", "dog", "empty", "emu"] and ds.num_classes == 5
+    assert list(ds.files) == files and ds.targets.tolist() == [0, 0, 0, 2, 2, 2, 4, 4, 4]
+    assert ds.skipped_files == [os.path.join("dog", "._img0.JPEG")]
+    assert any("class folders loop, up link back" in n for n in notes)
+    assert any("2 class folders hold no images (cat2, empty); kept as classes without examples" in n for n in notes)
+    ds[3]  # the first dog image reads; the AppleDouble file is not among the images
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dropped = load_dataset("folder", root=str(tmp_path / "f"), image_size=8, drop_empty_classes=True)
+    assert dropped.classes == ["cat", "dog", "emu"] and dropped.targets.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]

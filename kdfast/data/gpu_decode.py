@@ -297,11 +297,12 @@ class EncodedImageFolder(LabeledDataset):
     image on the CPU (for callers that want a picture, such as image grids).
     """
 
-    def __init__(self, name: str, folder: str, layout: str, *, image_size: int = 224, decode: str = "auto"):
+    def __init__(self, name: str, folder: str, layout: str, *, image_size: int = 224, decode: str = "auto",
+                 drop_empty_classes: bool = False):
         if decode not in DECODES:
             raise InvalidArgumentError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}")
         self.folder, self.decode_on = folder, decode
-        self.classes, files, labels = scan_image_folder(folder, name, layout)
+        self.classes, files, labels = scan_image_folder(folder, name, layout, drop_empty_classes=drop_empty_classes)
         self.decoder = JpegBatchDecoder(image_size)
         super().__init__(name, labels, len(self.classes), files=files)
 

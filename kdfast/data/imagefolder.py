@@ -10,6 +10,7 @@ are scaled to 8 bits, 32-bit integer and float ones (no fixed range) raise DataE
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -44,23 +45,57 @@ class FolderScan(tuple):
         return scan
 
 
-def scan_image_folder(folder: str, name: str, layout: str) -> FolderScan:
-    """(classes, relative file paths, labels) of an ImageFolder tree; DataError when it is not one."""
+def _class_files(folder: str, cls: str, seen: set) -> tuple[list[str], list[str]]:
+    """(image paths, skipped paths) under class folder `cls`, relative to `folder`, leaving out folders whose real
+    path is in `seen` (reached through a link to a class folder already), which it extends: one realpath per
+    folder, not per file."""
+    images, skipped = [], []
+    for dirpath, dirnames, filenames in os.walk(os.path.join(folder, cls)):  # links below the class: not followed
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames.sort()
+        for fname in sorted(filenames):
+            path = os.path.join(dirpath, fname)
+            if fname.lower().endswith(IMAGE_EXTENSIONS) and not fname.startswith("._"):  # ._x: macOS AppleDouble
+                images.append(os.path.relpath(path, folder))
+            elif not fname.startswith(".") or fname.startswith("._"):  # other hidden files are not worth a note
+                skipped.append(os.path.relpath(path, folder))
+    return images, skipped
+
+
+def scan_image_folder(folder: str, name: str, layout: str, *, drop_empty_classes: bool = False) -> FolderScan:
+    """(classes, relative file paths, labels) of an ImageFolder tree; DataError when it is not one.
+
+    A class folder that is a link to the tree or above it (a loop) is left out, as is any folder reached a second
+    time through links to class folders (real paths counted once); a class folder without images is warned about and, with
+    `drop_empty_classes`, left out of the classes."""
     if not os.path.isdir(folder):
         raise DataError(f"dataset {name!r}: {folder} is not a directory; expected {layout}")
-    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
-    if not classes:
+    root = os.path.realpath(folder)
+    names = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    loops = [c for c in names if (root + os.sep).startswith(os.path.realpath(os.path.join(folder, c)) + os.sep)]
+    if loops:
+        warnings.warn(f"dataset {name!r}: class folders {', '.join(loops)} link back to {folder} or above it (a loop); "
+                      "left out", stacklevel=3)
+    names = [c for c in names if c not in loops]
+    if not names:
         raise DataError(f"dataset {name!r}: {folder} has no class subfolders; expected {layout}")
-    files, labels, skipped = [], [], []
-    for label, cls in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(os.path.join(folder, cls)):
-            dirnames.sort()
-            for fname in sorted(filenames):
-                if fname.lower().endswith(IMAGE_EXTENSIONS):
-                    files.append(os.path.relpath(os.path.join(dirpath, fname), folder))
-                    labels.append(label)
-                elif not fname.startswith("."):  # hidden files (.DS_Store, ...) are not worth a note
-                    skipped.append(os.path.relpath(os.path.join(dirpath, fname), folder))
+    seen, per_class, skipped = set(), {}, []
+    for cls in names:
+        per_class[cls], left = _class_files(folder, cls, seen)
+        skipped += left
+    empty = [c for c in names if not per_class[c]]
+    if empty and len(empty) < len(names):
+        what = "left out of the classes" if drop_empty_classes else \
+            "kept as classes without examples (drop_empty_classes=True leaves them out)"
+        warnings.warn(f"dataset {name!r}: {len(empty)} class folders hold no images ({', '.join(empty[:5])}"
+                      f"{', ...' if len(empty) > 5 else ''}); {what}", stacklevel=3)
+    classes = [c for c in names if per_class[c] or not drop_empty_classes]
+    files = [f for c in classes for f in per_class[c]]
+    labels = [label for label, c in enumerate(classes) for _ in per_class[c]]
     if not files:
         raise DataError(f"dataset {name!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}; "
                         f"expected {layout}")
@@ -68,9 +103,10 @@ def scan_image_folder(folder: str, name: str, layout: str) -> FolderScan:
 
 
 class ImageFolderDataset(LabeledDataset):
-    def __init__(self, name: str, folder: str, layout: str, *, image_size: int = 224, augment: bool = False):
+    def __init__(self, name: str, folder: str, layout: str, *, image_size: int = 224, augment: bool = False,
+                 drop_empty_classes: bool = False):
         self.folder = folder
-        scan = scan_image_folder(folder, name, layout)
+        scan = scan_image_folder(folder, name, layout, drop_empty_classes=drop_empty_classes)
         self.classes, files, labels = scan
         self.skipped_files = scan.skipped
         self.crop = int(image_size)
