@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import kdfast
-from kdfast.data import (DataIdentityError, LabeledSubset, check_identity, data_identity, describe_file_mismatch,
-                         load_dataset, stratified_split)
+from kdfast.data import (DataIdentityError, LabeledDataset, LabeledSubset, check_identity, data_identity,
+                         describe_file_mismatch, load_dataset, stratified_split)
 from kdfast.errors import KDFastError
 from kdfast.jobs import (ChunkStore, IncompleteStoreError, Job, JobError, JobExistsError, JobLockedError,
                          JobMismatchError, atomic_write, save_npy, write_json)
@@ -326,3 +326,77 @@ def test_a_file_replaced_by_one_of_the_same_size_is_refused_everywhere_and_named
         read_scores(str(run), now)
     with pytest.raises(TeacherCacheMismatchError, match=named):
         TeacherCache.open(tmp_path / "cache").check_dataset(now)
+
+
+# --------------------------------------------------------------------------------- long runs: within-epoch state
+class _Noisy(LabeledDataset):
+    """Digits with random noise drawn at load time from the global RNG (as in-process augmentation draws), which
+    raises KeyboardInterrupt (a kill) on its `stop`-th load."""
+
+    def __init__(self, dataset, n, stop=None):
+        super().__init__("noisy", dataset.targets[:n], dataset.num_classes)
+        self.base, self.stop, self.loads = dataset, stop, 0
+
+    def load(self, index):
+        self.loads += 1
+        if self.loads == self.stop:
+            raise KeyboardInterrupt
+        return self.base.load(index) + 0.1 * torch.randn(1, 8, 8)
+
+
+def test_a_kill_within_an_epoch_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, digits, monkeypatch):
+    from kdfast import progress as progress_module
+    from kdfast.training import fit
+    args = dict(epochs=2, batch_size=16, lr=0.05, seed=3, checkpoint_steps=3)
+
+    def run(path, stop=None, **kw):
+        torch.manual_seed(0)
+        model = create_model("mlp", num_classes=10, in_channels=1)
+        history = fit(model, _Noisy(digits, 96, stop), **args, checkpoint_path=path, **kw)
+        return model, history
+
+    reference, ref_history = run(tmp_path / "a.pt", progress=False)
+    with pytest.raises(KeyboardInterrupt):  # killed in epoch 2's fifth batch, after its checkpoint at step 3
+        run(tmp_path / "b.pt", stop=96 + 4 * 16 + 5, progress=False)
+    state = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["within"]["step"] == 3
+    torch.manual_seed(123)  # the global RNG of a new process: the checkpoint restores the one it had
+    monkeypatch.setattr(progress_module, "PLAIN_INTERVAL_S", 0.0)
+    resumed, history = run(tmp_path / "b.pt", resume=True)
+    for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [h["train_loss"] for h in history] == [h["train_loss"] for h in ref_history]
+    assert "within" not in torch.load(tmp_path / "b.pt", weights_only=True)
+
+
+def test_training_reports_rate_and_eta_within_an_epoch_off_a_terminal(digits, monkeypatch, capsys):
+    from kdfast import progress as progress_module
+    from kdfast.training import fit
+    monkeypatch.setattr(progress_module, "PLAIN_INTERVAL_S", 0.0)
+    fit(create_model("mlp", num_classes=10, in_channels=1), LabeledSubset(digits, range(64)), epochs=1,
+        batch_size=16, lr=0.05)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("epoch 1/1: 16/64 ex (") and ", ETA " in lines[0] and "ex/s" in lines[0]
+    assert lines[-1].startswith("epoch 1/1: lr ")
+
+
+def test_a_kill_during_evaluation_keeps_the_epoch(tmp_path, digits):
+    from kdfast.training import fit
+    args = dict(epochs=1, batch_size=32, lr=0.05, progress=False, checkpoint_path=tmp_path / "c.pt")
+
+    class Failing(LabeledSubset):
+        def load(self, index):
+            raise KeyboardInterrupt
+
+    torch.manual_seed(0)
+    model = create_model("mlp", num_classes=10, in_channels=1)
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, LabeledSubset(digits, range(64)), eval_dataset=Failing(digits, range(64, 96)), **args)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert state["epoch"] == 1 and "record" in state["within"]
+    again = create_model("mlp", num_classes=10, in_channels=1)
+    history = fit(again, LabeledSubset(digits, range(64)), eval_dataset=LabeledSubset(digits, range(64, 96)),
+                  **args, resume=True)
+    assert len(history) == 1 and "eval_acc" in history[0]  # evaluated, not trained again
+    assert all(torch.equal(trained[k], v) for k, v in again.state_dict().items())
