@@ -273,6 +273,19 @@ def test_a_live_run_locks_its_folder_and_a_killed_one_does_not(tmp_path):
     job.release()
 
 
+def test_resume_removes_the_temporary_files_a_killed_run_left(tmp_path):
+    out = tmp_path / "run"
+    Job.start(out, "score", {"a": 1}).release()
+    save_npy(out / "scores.npy", np.arange(3.0))
+    (out / "models").mkdir()
+    for leftover in ("scores.npy.tmp4242", "models/seed0.partial.pt.tmp17"):
+        (out / leftover).write_bytes(b"half")
+    (out / "notes.tmp").write_text("not ours: no pid")
+    Job.start(out, "score", {"a": 1}, resume=True).release()
+    assert not (out / "scores.npy.tmp4242").exists() and not (out / "models" / "seed0.partial.pt.tmp17").exists()
+    assert (out / "notes.tmp").exists() and (out / "scores.npy").exists()
+
+
 def test_a_run_inside_another_runs_folder_is_refused(tmp_path):
     Job.start(tmp_path / "ref", "score", {}).release()
     with pytest.raises(JobError, match="lies inside the kdfast run folder .*ref"):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -124,6 +125,20 @@ def _unlock_folder(out: str) -> None:
     fh = _HELD_LOCKS.pop(os.path.realpath(out), None)
     if fh is not None:
         fh.close()
+
+
+_TEMPORARY = re.compile(r"\.tmp\d+$")  # jobs/atomic.py's `<path>.tmp<pid>`
+
+
+def _remove_temporaries(out: str) -> list[str]:
+    """Removes the half-written temporary files a killed run left (no live run writes: the folder is locked)."""
+    removed = []
+    for dirpath, _, filenames in os.walk(out):
+        for name in filenames:
+            if _TEMPORARY.search(name):
+                os.remove(os.path.join(dirpath, name))
+                removed.append(os.path.relpath(os.path.join(dirpath, name), out))
+    return removed
 
 
 def _clear_folder(out: str) -> None:
@@ -228,6 +243,7 @@ class Job:
                 diffs = differences(recorded["identity"], identity)
                 if diffs:
                     raise JobMismatchError(cls._mismatch_message(out, diffs, label, files), diffs)
+                _remove_temporaries(out)
                 return cls(out, recorded, created_folder=False)
             # else: only a job record, from a start that failed or was killed before any work: start afresh
         if files is not None:
