@@ -410,3 +410,23 @@ def test_memorising_and_diverging_curves_are_named():
     notes = learning_warnings(history, np.array([0, 1, 2] * 10), 3, "teacher")
     assert [n.split(":")[1].split("(")[0].strip() for n in notes] == [
         "the held-out loss diverged", "held-out accuracy 0.333 is at the majority-class share 0.333; it did not learn"]
+
+
+def test_the_eval_accuracy_pass_resumes_after_sigkill(tmp_path, capsys):
+    _checkpoint(tmp_path / "a.pt", seed=3)
+    common = ["--checkpoint", str(tmp_path / "a.pt"), "--limit", "480", "--batch-size", "8", "--chunk-size", "8",
+              "--method", "loss", "--quiet"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "kdfast.cli.score", *common, "--out", str(killed)],
+                            stderr=subprocess.PIPE, text=True)
+    _kill_when(proc, killed / "accuracy-chunks")
+    assert not (killed / "chunks").exists()  # killed in the accuracy pass, before scoring
+    chunks = sorted(f for f in os.listdir(killed / "accuracy-chunks") if f.endswith(".npz"))
+    code, _, err = _run([*common, "--out", str(killed), "--resume"], capsys)
+    assert code == 0, err
+    code, _, err = _run([*common, "--out", str(tmp_path / "whole")], capsys)
+    assert code == 0, err
+    meta, whole = (json.loads((folder / "meta.json").read_text()) for folder in (killed, tmp_path / "whole"))
+    assert meta["checkpoints"][0]["eval_acc"] == whole["checkpoints"][0]["eval_acc"] and chunks
+    np.testing.assert_array_equal(np.load(killed / "scores.npy"), np.load(tmp_path / "whole" / "scores.npy"))
+    assert not (killed / "accuracy-chunks").exists()

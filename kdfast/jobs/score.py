@@ -10,6 +10,7 @@ the result, the others return None.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import numpy as np
@@ -130,30 +131,36 @@ def _train_one(cfg, job, train_data, num_classes, shape, track_forgetting, k, in
     return model
 
 
-def model_accuracies(cfg, models, data, held=None) -> dict:
+def model_accuracies(cfg, job, models, data, held=None) -> dict | None:
     """Eval-mode accuracy of each model on the scored data (the view it scores), in one pass over the data:
-    an example is right when its margin (largest other logit minus the true one) is negative. Sharded over
-    torchrun ranks and summed. {"all": [K], "trained": [K], "held_out": [K]}; the last two split the examples
-    by `held` (the held-out indices), None without them."""
+    an example is right when its margin (largest other logit minus the true one) is negative. Resumable: each
+    example's outcome goes to the chunk store OUT/accuracy-chunks (removed with the scoring chunks), sharded
+    over torchrun ranks like the scoring pass. {"all": [K], "trained": [K], "held_out": [K]} on the main rank
+    (None on the others); the last two split the examples by `held` (the held-out indices), None without them."""
     from ..scoring import get_method, index_batches, score_batches
-    batches = index_batches(range(len(data)), cfg.batch_size)
+    n = len(data)
+    store = _open_main_first(lambda: ChunkStore(job.path("accuracy-chunks"), num_rows=n, width=len(models),
+                                                resume=True, rank=distributed.rank(), rows_per_chunk=cfg.chunk_size))
+    done = store.done_mask()
+    batches = index_batches(range(n), cfg.batch_size)
     mine = [batches[i] for i in distributed.shard_indices(len(batches), distributed.rank(), distributed.world_size())]
-    group = torch.zeros(len(data), dtype=torch.int64)  # 0: trained on, 1: held out
-    if held is not None:
-        group[torch.from_numpy(held)] = 1
-    correct = torch.zeros(2, len(models), dtype=torch.float64, device=cfg.device)
+    mine = [b for b in mine if not done[b[0]]]
     for idx, values, _ in progress(score_batches(models, data, get_method("margin"), batches=mine,
                                                  device=cfg.device, precision=cfg.precision,
                                                  num_workers=cfg.num_workers),
                                    total=sum(len(b) for b in mine), desc="eval accuracy", quiet=cfg.quiet,
                                    count=lambda r: len(r[0])):
-        correct.index_add_(0, group[idx].to(cfg.device), (values < 0).to(correct))
-    distributed.all_reduce_sum(correct)
-    sizes = torch.bincount(group, minlength=2).to(correct)
+        store.write(idx.numpy(), (values < 0).to(torch.float32).cpu().numpy())
+    store.close()
+    distributed.barrier()  # every rank's outcomes are on disk
+    if not distributed.is_main():
+        return None
+    right = store.gather().astype(np.float64)  # (N, K) 1 where right; the store stays until the job completes
     if held is None:
-        return {"all": (correct[0] / sizes[0]).tolist(), "trained": None, "held_out": None}
-    return {"all": (correct.sum(0) / len(data)).tolist(), "trained": (correct[0] / sizes[0]).tolist(),
-            "held_out": (correct[1] / sizes[1]).tolist()}
+        return {"all": right.mean(0).tolist(), "trained": None, "held_out": None}
+    trained = np.setdiff1d(np.arange(n), held)
+    return {"all": right.mean(0).tolist(), "trained": right[trained].mean(0).tolist(),
+            "held_out": right[held].mean(0).tolist()}
 
 
 def _names(what, count):
@@ -314,7 +321,7 @@ def run_score_job(cfg, job, data, train_data) -> dict | None:
             models, checkpoints, forgetting = _train_models(cfg, job, train_data, num_classes, shape,
                                                             track_forgetting=method.kind == "training")
     held = held_out_indices(cfg, data) if cfg.train_epochs and not cfg.checkpoint else None
-    accuracies = model_accuracies(cfg, models, data, held) if models else \
+    accuracies = model_accuracies(cfg, job, models, data, held) if models else \
         {"all": [], "trained": None, "held_out": None}
     rate, batch_ids, store = None, None, None
     if method.kind == "random":
@@ -385,6 +392,8 @@ def finish_score_job(job, result, extra_outputs=()) -> dict:
     write_json(job.path("meta.json"), meta)
     if result["store"] is not None:
         result["store"].remove()
+    if os.path.isdir(job.path("accuracy-chunks")):
+        shutil.rmtree(job.path("accuracy-chunks"))
     job.complete()
     return meta
 
