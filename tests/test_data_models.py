@@ -207,3 +207,35 @@ def test_folder_walk_follows_no_loop_counts_real_folders_once_and_skips_appledou
         warnings.simplefilter("ignore")
         dropped = load_dataset("folder", root=str(tmp_path / "f"), image_size=8, drop_empty_classes=True)
     assert dropped.classes == ["cat", "dog", "emu"] and dropped.targets.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_a_run_scans_an_image_folder_once(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from kdfast.data import imagefolder
+    from kdfast.jobs import atomic
+    from kdfast.jobs.distill import load_distill_data
+    from kdfast.jobs.score import load_score_data
+    write_image_folder(tmp_path / "f", per_class=4)
+    scans, stats = [], []
+    real_scan, real_stats = imagefolder.scan_image_folder, atomic.file_stats
+
+    def counted(calls, real):
+        def call(*args, **kwargs):
+            calls.append(args)
+            return real(*args, **kwargs)
+        return call
+    monkeypatch.setattr(imagefolder, "scan_image_folder", counted(scans, real_scan))
+    monkeypatch.setattr(atomic, "file_stats", counted(stats, real_stats))
+    cfg = SimpleNamespace(dataset="folder", data_root=str(tmp_path / "f"), split="train", image_size=8, decode="pil",
+                          train_epochs=2, limit=None)
+    data, train = load_score_data(cfg)
+    assert train is not data and train.augment is not None and data.augment is None
+    assert list(train.files) == list(data.files) and torch.equal(train.targets, data.targets)
+    data.files_fingerprint, train.files_fingerprint  # noqa: B018 - both views' identities
+    assert len(scans) == 1 and len(stats) == 1
+    scans.clear()
+    cfg = SimpleNamespace(dataset="folder", data_root=str(tmp_path / "f"), image_size=8, augment=True, keep=None,
+                          sampler=None, val_fraction=0.25, seed=0, steps=1)
+    distill = load_distill_data(cfg)
+    assert len(scans) == 1 and distill.evaluation.dataset.augment is None and distill.train.augment is not None

@@ -50,7 +50,9 @@ class LabeledDataset(Dataset):
         self.targets = torch.as_tensor(targets, dtype=torch.int64).reshape(-1)
         self.num_classes = int(num_classes)
         # file-backed sets set .folder first; their files carry each file's size and mtime, stat'ed once per run
-        self.files = None if files is None else FileList(files, folder=getattr(self, "folder", None))
+        folder = getattr(self, "folder", None)
+        self.files = None if files is None else files if isinstance(files, FileList) and files.folder == folder \
+            else FileList(files, folder=folder)
         check_labels(self.targets, self.num_classes, name)
 
     def __len__(self) -> int:

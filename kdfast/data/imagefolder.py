@@ -102,11 +102,17 @@ def scan_image_folder(folder: str, name: str, layout: str, *, drop_empty_classes
     return FolderScan(classes, files, labels, skipped)
 
 
+def folder_scan_of(dataset) -> FolderScan:
+    """The scan an image-folder data set was built from (its file list shared, with the stats taken)."""
+    return FolderScan(dataset.classes, dataset.files, dataset.targets.tolist(), dataset.skipped_files)
+
+
 class ImageFolderDataset(LabeledDataset):
     def __init__(self, name: str, folder: str, layout: str, *, image_size: int = 224, augment: bool = False,
-                 drop_empty_classes: bool = False):
-        self.folder = folder
-        scan = scan_image_folder(folder, name, layout, drop_empty_classes=drop_empty_classes)
+                 drop_empty_classes: bool = False, scan: FolderScan | None = None):
+        """`scan`: the folder's scan_image_folder result when already taken (another view of the same tree)."""
+        self.folder, self.layout = folder, layout
+        scan = scan or scan_image_folder(folder, name, layout, drop_empty_classes=drop_empty_classes)
         self.classes, files, labels = scan
         self.skipped_files = scan.skipped
         self.crop = int(image_size)
@@ -134,6 +140,12 @@ class ImageFolderDataset(LabeledDataset):
                             f"({type(exc).__name__}: {exc})") from exc
         raise DataError(f"dataset {self.name!r}: image {path} has {UNSCALED_MODES[mode]} pixels (PIL mode {mode}) "
                         "of no fixed range; expected 8- or 16-bit images: convert it to 8 or 16 bits")
+
+    def with_augment(self, augment: bool) -> "ImageFolderDataset":
+        """The same images (from this data set's scan, no second walk of the tree) with or without the training
+        augmentation."""
+        return ImageFolderDataset(self.name, self.folder, self.layout, image_size=self.crop, augment=augment,
+                                  scan=folder_scan_of(self))
 
     def _resize_center_crop(self, img):
         from PIL import Image

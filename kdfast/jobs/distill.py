@@ -60,7 +60,8 @@ def load_distill_data(cfg) -> DistillData:
         held_out = held.numpy()
         keep = np.setdiff1d(np.arange(len(train)) if keep is None else keep, held_out)
     if cfg.val_fraction and not chain:
-        view = load_dataset(cfg.dataset, root=cfg.data_root, split="train", **size) if cfg.augment else train
+        view = train if not cfg.augment else train.with_augment(False) if hasattr(train, "with_augment") else \
+            load_dataset(cfg.dataset, root=cfg.data_root, split="train", **size)  # image folders: one scan
         evaluation = LabeledSubset(view, torch.from_numpy(held_out))
         eval_name = f"held-out {cfg.val_fraction:g} of train (stratified, seed {cfg.seed}, {len(held_out)} examples)"
     elif EVAL_SPLIT[cfg.dataset] is not None:

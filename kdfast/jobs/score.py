@@ -35,7 +35,8 @@ def load_score_data(cfg):
     data = load_dataset(cfg.dataset, **kw, decode=decode)  # training below keeps the PIL path (augmented)
     train = None
     if cfg.train_epochs and cfg.dataset != "digits":  # training sees the augmented view
-        train = load_dataset(cfg.dataset, augment=True, **kw)
+        train = data.with_augment(True) if hasattr(data, "with_augment") else \
+            load_dataset(cfg.dataset, augment=True, **kw)  # image folders: from the one scan of the tree
     if cfg.limit and cfg.limit < len(data):
         data = LabeledSubset(data, range(cfg.limit))
         train = LabeledSubset(train, range(cfg.limit)) if train is not None else None
