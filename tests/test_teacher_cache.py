@@ -156,3 +156,24 @@ def test_check_dataset_names_the_files_that_differ(tmp_path):
         cache.check_dataset(renamed)
     with pytest.raises(TeacherCacheMismatchError, match="was built from another dataset"):
         cache.check_dataset(load_dataset("digits"))
+
+
+def test_a_label_mismatch_names_the_examples_that_differ(tmp_path):
+    from _fake_datasets import write_image_folder
+
+    from kdfast.data import data_identity, load_dataset
+    write_image_folder(tmp_path / "f")
+    data = load_dataset("folder", root=tmp_path / "f", image_size=8)
+    identity = data_identity(data)
+    writer = TeacherCache.create(tmp_path / "c", num_examples=len(data), num_classes=3,
+                                 dataset_fingerprint=identity["labels_fingerprint"], teacher_fingerprint="t" * 64,
+                                 files=data.files, files_fingerprint=identity["files_fingerprint"], labels=data.targets)
+    writer.write(torch.arange(len(data)), torch.randn(len(data), 3))
+    writer.close()
+    (tmp_path / "f" / "emu" / "img0.JPEG").rename(tmp_path / "f" / "dog" / "img9.JPEG")  # relabelled: emu -> dog
+    (tmp_path / "f" / "emu" / "img1.png").rename(tmp_path / "f" / "dog" / "img8.png")
+    moved = load_dataset("folder", root=tmp_path / "f", image_size=8)
+    # index 6 and 7 held emu's first two images (label 2); they now hold dog's moved ones (label 1)
+    with pytest.raises(TeacherCacheMismatchError, match=r"built from another dataset .* \(2 labels differ: "
+                                                        r"emu/img0.JPEG: 2 then, 1 now, emu/img1.png: 2 then, 1 now\)"):
+        TeacherCache.open(tmp_path / "c").check_dataset(moved)

@@ -266,7 +266,7 @@ def _logit_writer(job, model, data):
     return TeacherCache.create(job.path("teacher-logits"), num_examples=len(data), num_classes=data.num_classes,
                                dataset_fingerprint=identity["labels_fingerprint"],
                                teacher_fingerprint=model_fingerprint(model), resume=True, files=data.files,
-                               files_fingerprint=identity["files_fingerprint"])
+                               files_fingerprint=identity["files_fingerprint"], labels=data.targets)
 
 
 def _score_liprune(cfg, job, models, data):
