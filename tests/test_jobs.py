@@ -293,6 +293,19 @@ def test_a_run_inside_another_runs_folder_is_refused(tmp_path):
     assert not (tmp_path / "ref" / "models").exists()
 
 
+def test_spellings_of_one_path_are_one_job(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    out = tmp_path / "run"
+    Job.start(out, "score", {"data_root": "photos", "checkpoint": ["./a.pt"], "lr": 0.1}).release()
+    (out / "scores.npy").write_bytes(b"x")
+    for root in ("photos/", str(tmp_path / "photos"), "./photos//"):
+        Job.start(out, "score", {"data_root": root, "checkpoint": [str(tmp_path / "a.pt")], "lr": 0.1},
+                  resume=True).release()
+    with pytest.raises(JobMismatchError, match="data_root"):
+        Job.start(out, "score", {"data_root": "other", "checkpoint": ["a.pt"], "lr": 0.1}, resume=True)
+
+
 def test_another_commands_run_gets_no_resume_hint(tmp_path):
     out = tmp_path / "run"
     Job.start(out, "distill", {"a": 1})

@@ -39,6 +39,8 @@ LOCK_FILE = "job.lock"
 # fields that say where or how a job runs, not what it computes
 NON_IDENTITY = frozenset({"resume", "overwrite", "num_workers", "quiet", "debug", "device", "out", "chunk_size",
                           "show", "top", "progress", "argv"})
+# fields naming files or folders: `photos`, `photos/` and its absolute path are the same job
+PATH_FIELDS = frozenset({"data_root", "keep", "teacher", "teacher_cache", "scores", "checkpoint"})
 _OWN_FILES = frozenset({JOB_FILE, FILES_FILE, f"{FILES_FILE}.stat.npy", LOCK_FILE})
 _LEGACY_MARKERS = ("config.json", "meta.json", "chunks", "checkpoint.pt")
 
@@ -48,11 +50,19 @@ def jsonable(value):
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
+def _absolute(value):
+    """A path field as an absolute, normalised path (each of a list of them); other values as they are."""
+    if isinstance(value, (list, tuple)):
+        return [_absolute(v) for v in value]
+    return os.path.abspath(os.path.expanduser(value)) if isinstance(value, (str, os.PathLike)) else value
+
+
 def job_identity(config: dict, data: dict | None = None, non_identity=()) -> dict:
     """What makes two runs the same job: the configuration minus the non-identity fields, the data, the code."""
     from .. import __version__
     skip = NON_IDENTITY | frozenset(non_identity)
-    identity = {k: v for k, v in config.items() if k not in skip and not k.startswith("_")}
+    identity = {k: _absolute(v) if k in PATH_FIELDS else v for k, v in config.items()
+                if k not in skip and not k.startswith("_")}
     identity["data"] = data
     identity["kdfast_version"] = __version__
     return jsonable(identity)
