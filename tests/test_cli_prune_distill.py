@@ -70,6 +70,18 @@ def test_prune_bare_npy_with_labels_file_and_umbrella(tmp_path, capsys):
     assert np.array_equal(np.bincount(labels[keep]), [2] * 5)
 
 
+def test_prune_summarises_many_classes_in_one_short_line(tmp_path, capsys):
+    labels = np.arange(1000) % 50
+    np.save(tmp_path / "s.npy", np.random.default_rng(0).random(1000).astype(np.float32))
+    np.save(tmp_path / "y.npy", labels)
+    rc = prune_main(["--scores", str(tmp_path / "s.npy"), "--fraction", "0.5", "--class-balanced", "--labels",
+                     str(tmp_path / "y.npy"), "--out", str(tmp_path / "k.npy"), "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    line = next(ln for ln in out.splitlines() if ln.startswith("per class"))
+    assert line == "per class (50 classes): min 10 (class 0), median 10, max 10 (class 0)" and len(line) < 120
+
+
 @pytest.mark.parametrize("argv, code, match", [
     (["--fraction", "0"], 2, r"--fraction must be in \(0, 1\]"),
     (["--fraction", "0.5", "--ccs-beta", "1"], 2, r"--ccs-beta must be in \[0, 1\)"),

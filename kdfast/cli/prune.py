@@ -199,6 +199,18 @@ def _whole_batches(args, scores):
                             args.fraction).numpy(), int(batch_ids.max()) + 1
 
 
+PER_CLASS_LISTED = 20  # more classes than this: the kept counts summarised, not listed on one line
+
+
+def _per_class_line(counts) -> str:
+    """The kept examples per class: each class's count for a few classes, else their spread."""
+    if len(counts) <= PER_CLASS_LISTED:
+        return "per class: " + ", ".join(f"{c}: {k}" for c, k in enumerate(counts.tolist()) if k)
+    low, high = int(counts.argmin()), int(counts.argmax())
+    return (f"per class ({len(counts)} classes): min {counts[low]} (class {low}), median {np.median(counts):g}, "
+            f"max {counts[high]} (class {high})")
+
+
 def run(args) -> int:
     from ..selection import prune
     _validate(args)
@@ -237,8 +249,7 @@ def run(args) -> int:
         print(f"kept scores: min {finite.min():.4g}, median {np.median(finite):.4g}, max {finite.max():.4g}"
               f"{f', {int((~np.isfinite(kept)).sum())} at +inf' if finite.size < kept.size else ''}")
     if labels is not None:
-        classes, counts = np.unique(labels[keep], return_counts=True)
-        print("per class: " + ", ".join(f"{c}: {k}" for c, k in zip(classes.tolist(), counts.tolist())))
+        print(_per_class_line(np.bincount(labels[keep], minlength=int(labels.max()) + 1)))
     log(f"wrote {args.out} and {args.out}.json", quiet=args.quiet)
     return 0
 
