@@ -70,8 +70,8 @@ def scan_image_folder(folder: str, name: str, layout: str, *, drop_empty_classes
     """(classes, relative file paths, labels) of an ImageFolder tree; DataError when it is not one.
 
     A class folder that is a link to the tree or above it (a loop) is left out, as is any folder reached a second
-    time through links to class folders (real paths counted once); a class folder without images is warned about and, with
-    `drop_empty_classes`, left out of the classes."""
+    time through links to class folders (real paths counted once); a class folder without images is warned
+    about and, with `drop_empty_classes`, left out of the classes."""
     if not os.path.isdir(folder):
         raise DataError(f"dataset {name!r}: {folder} is not a directory; expected {layout}")
     root = os.path.realpath(folder)
