@@ -430,3 +430,23 @@ def test_the_eval_accuracy_pass_resumes_after_sigkill(tmp_path, capsys):
     assert meta["checkpoints"][0]["eval_acc"] == whole["checkpoints"][0]["eval_acc"] and chunks
     np.testing.assert_array_equal(np.load(killed / "scores.npy"), np.load(tmp_path / "whole" / "scores.npy"))
     assert not (killed / "accuracy-chunks").exists()
+
+
+def test_a_second_run_into_a_live_runs_folder_fails_at_once_naming_its_pid(tmp_path, capsys):
+    common = ["--model", "mlp", "--limit", "256", "--seeds", "1", "--train-epochs", "50", "--train-batch-size", "8",
+              "--quiet", "--out", str(tmp_path / "conc")]
+    proc = subprocess.Popen([sys.executable, "-m", "kdfast.cli.score", *common, "--lr", "0.01"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "conc" / "job.json").exists() and time.time() < deadline:
+            time.sleep(0.01)
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            code, _, err = _run([*common, "--lr", "0.02", *extra], capsys)
+            assert code == 1 and f"is in use by a running kdfast job (pid {proc.pid})" in err, err
+            assert len(err.strip().splitlines()) == 1
+        assert json.loads((tmp_path / "conc" / "job.json").read_text())["identity"]["lr"] == 0.01
+        assert proc.poll() is None  # the live run goes on
+    finally:
+        proc.kill()
+        proc.wait()
