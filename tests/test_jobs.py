@@ -306,6 +306,15 @@ def test_spellings_of_one_path_are_one_job(tmp_path, monkeypatch):
         Job.start(out, "score", {"data_root": "other", "checkpoint": ["a.pt"], "lr": 0.1}, resume=True)
 
 
+def test_overwrite_never_deletes_an_input_inside_the_folder(tmp_path):
+    out = tmp_path / "run"
+    Job.start(out, "distill", {"keep": None}).release()
+    save_npy(out / "keep.npy", np.arange(4))
+    with pytest.raises(JobError, match=r"would delete the input --keep .*keep.npy, which lies inside"):
+        Job.start(out, "distill", {"keep": str(out / "keep.npy")}, overwrite=True, label=lambda f: "--" + f)
+    assert (out / "keep.npy").exists()
+
+
 def test_another_commands_run_gets_no_resume_hint(tmp_path):
     out = tmp_path / "run"
     Job.start(out, "distill", {"a": 1})
@@ -410,14 +419,10 @@ def test_a_kill_during_evaluation_keeps_the_epoch(tmp_path, digits):
     from kdfast.training import fit
     args = dict(epochs=1, batch_size=32, lr=0.05, progress=False, checkpoint_path=tmp_path / "c.pt")
 
-    class Failing(LabeledSubset):
-        def load(self, index):
-            raise KeyboardInterrupt
-
     torch.manual_seed(0)
     model = create_model("mlp", num_classes=10, in_channels=1)
-    with pytest.raises(KeyboardInterrupt):
-        fit(model, LabeledSubset(digits, range(64)), eval_dataset=Failing(digits, range(64, 96)), **args)
+    with pytest.raises(KeyboardInterrupt):  # killed on the evaluation's first load
+        fit(model, LabeledSubset(digits, range(64)), eval_dataset=_Noisy(digits, 32, stop=1), **args)
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     state = torch.load(tmp_path / "c.pt", weights_only=True)
     assert state["epoch"] == 1 and "record" in state["within"]

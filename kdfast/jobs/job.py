@@ -151,6 +151,17 @@ def _remove_temporaries(out: str) -> list[str]:
     return removed
 
 
+def _refuse_inputs_inside(out: str, config: dict, label) -> None:
+    """JobError when clearing `out` would delete one of the job's inputs (a path field pointing into it)."""
+    inside = os.path.realpath(out) + os.sep
+    for field in sorted(PATH_FIELDS & set(config)):
+        value = config[field]
+        for path in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(path, (str, os.PathLike)) and os.path.realpath(path).startswith(inside):
+                raise JobError(f"overwrite (--overwrite) would delete the input {label(field)} {path}, which lies "
+                               f"inside the output folder {out}; move it out first or choose another folder")
+
+
 def _clear_folder(out: str) -> None:
     """Removes everything in `out` but its lock file (which this process holds)."""
     for entry in os.scandir(out):
@@ -218,6 +229,8 @@ class Job:
         os.makedirs(out, exist_ok=True)
         locked_here = _lock_folder(out)  # before reading the folder: a live run's job.json is not a failed start
         try:
+            if overwrite:
+                _refuse_inputs_inside(out, config, label)
             return cls._open(out, kind, config, identity, record_path, created, files=files, resume=resume,
                              overwrite=overwrite, label=label)
         except BaseException:
