@@ -83,8 +83,28 @@ def _validate(args):
         problems.append("give --labels or --dataset, not both")
     if not args.out.endswith(".npy"):
         problems.append(f"--out must name a .npy file, got {args.out}")
+    problems += _out_problems(args)
     if problems:
         raise UsageError("; ".join(problems))
+
+
+def _out_problems(args) -> list[str]:
+    """--out and the files written beside it must overwrite no input and land in no job's folder."""
+    from kdfast.io.job import enclosing_job
+    written = {os.path.realpath(p): p for p in (args.out, f"{args.out}.json", f"{args.out}.files.txt",
+                                                f"{args.out}.files.txt.stat.npy")}
+    inputs = [("--labels", args.labels)] if args.labels else []
+    if os.path.isdir(args.scores):
+        inputs += [("--scores", os.path.join(args.scores, name)) for name in os.listdir(args.scores)]
+    else:
+        inputs += [("--scores", args.scores), ("--scores", f"{args.scores}.json")]
+    problems = [f"--out {args.out} would overwrite the input {flag} file {path}; write the keep file elsewhere"
+                for flag, path in inputs if os.path.realpath(path) in written]
+    holder = enclosing_job(os.path.dirname(os.path.abspath(args.out)))
+    if holder is not None and not problems:
+        problems.append(f"--out {args.out} lies inside the kdfast run folder {holder}, whose files belong to that "
+                        "run; write the keep file elsewhere")
+    return problems
 
 
 def _load_npy(path, what):
@@ -179,6 +199,18 @@ def _whole_batches(args, scores):
                             args.fraction).numpy(), int(batch_ids.max()) + 1
 
 
+PER_CLASS_LISTED = 20  # more classes than this: the kept counts summarised, not listed on one line
+
+
+def _per_class_line(counts) -> str:
+    """The kept examples per class: each class's count for a few classes, else their spread."""
+    if len(counts) <= PER_CLASS_LISTED:
+        return "per class: " + ", ".join(f"{c}: {k}" for c, k in enumerate(counts.tolist()) if k)
+    low, high = int(counts.argmin()), int(counts.argmax())
+    return (f"per class ({len(counts)} classes): min {counts[low]} (class {low}), median {np.median(counts):g}, "
+            f"max {counts[high]} (class {high})")
+
+
 def run(args) -> int:
     from kdfast.pruning.selection import prune
     _validate(args)
@@ -217,8 +249,7 @@ def run(args) -> int:
         print(f"kept scores: min {finite.min():.4g}, median {np.median(finite):.4g}, max {finite.max():.4g}"
               f"{f', {int((~np.isfinite(kept)).sum())} at +inf' if finite.size < kept.size else ''}")
     if labels is not None:
-        classes, counts = np.unique(labels[keep], return_counts=True)
-        print("per class: " + ", ".join(f"{c}: {k}" for c, k in zip(classes.tolist(), counts.tolist())))
+        print(_per_class_line(np.bincount(labels[keep], minlength=int(labels.max()) + 1)))
     log(f"wrote {args.out} and {args.out}.json", quiet=args.quiet)
     return 0
 

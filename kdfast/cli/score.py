@@ -49,6 +49,7 @@ one process; --out must be a folder every node sees):
 
 DEFAULT_EPOCHS = {"digits": 3}  # others: 10% of a typical schedule, where EL2N is measured (Paul et al.)
 DEFAULT_SEEDS = 3
+DEFAULT_HOLDOUT = 0.05  # small: held-out examples are scored by models that never saw them
 
 
 def add_parser(subparsers):
@@ -80,6 +81,10 @@ def add_parser(subparsers):
     g.add_argument("--lr", type=float, default=0.05,
                    help="training learning rate, cosine schedule (default: %(default)s)")
     g.add_argument("--train-batch-size", type=int, default=64, help="(default: %(default)s)")
+    g.add_argument("--holdout-fraction", type=float,
+                   help="share of each class the trained models never see (seeded by --seed), on which their "
+                        f"accuracy shows whether they learned or memorised; recorded in meta.json (default: "
+                        f"{DEFAULT_HOLDOUT} when training here, 0 for forgetting, which trains on every example)")
     g.add_argument("--head", help="qualified name of the linear layer making the logits (default: the last nn.Linear)")
     g = p.add_argument_group("Scoring")
     g.add_argument("--method", default="el2n", type=lower, choices=METHOD_NAMES, help="(default: %(default)s)")
@@ -122,6 +127,14 @@ def _resolve(args) -> None:
     if training:
         args.train_epochs = DEFAULT_EPOCHS.get(args.dataset, 20) if args.train_epochs is None else args.train_epochs
         args.seeds = DEFAULT_SEEDS if args.seeds is None else args.seeds
+    if args.holdout_fraction is not None and not (training and 0.0 <= args.holdout_fraction < 1.0):
+        problems.append(f"--holdout-fraction must be in [0, 1) and goes with models trained here, got "
+                        f"{args.holdout_fraction}")
+    elif method.kind == "training" and args.holdout_fraction:
+        problems.append("--method forgetting counts forgetting events of every example during training: it takes no "
+                        "--holdout-fraction")
+    elif args.holdout_fraction is None:
+        args.holdout_fraction = DEFAULT_HOLDOUT if training and method.kind != "training" else 0.0
     check_common(args, problems, positive=("train_epochs", "seeds", "batch_size", "train_batch_size", "chunk_size",
                                            "top", "image_size", "limit", "show"))
     if args.show:
@@ -208,8 +221,11 @@ def _run(args) -> int:
     print(f"scored {len(data)} examples of {args.dataset} with {args.method} ({len(per_model)} model"
           f"{'s' if len(per_model) > 1 else ''}) in {meta['wall_time_s']:.1f} s"
           + (f", {rate:,.0f} images/s scoring" if rate else "") + f" -> {args.out}")
-    for k, acc in enumerate(result["accuracies"]):
-        print(f"model {k + 1}: eval-mode accuracy {acc:.4f} on the {len(data)} scored examples")
+    accuracies = result["accuracies"]
+    for k, acc in enumerate(accuracies["all"]):
+        held = "" if accuracies["held_out"] is None else \
+            f" (trained on: {accuracies['trained'][k]:.4f}, held out: {accuracies['held_out'][k]:.4f})"
+        print(f"model {k + 1}: eval-mode accuracy {acc:.4f} on the {len(data)} scored examples{held}")
     for warning in result["warnings"]:
         warnings.warn(warning, stacklevel=1)  # one line on stderr through run_cli
     print(format_summary(summarize(result["scores"], result["targets"], top=args.top, files=data.files,

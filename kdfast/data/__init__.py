@@ -35,7 +35,8 @@ __all__ = ["DATASETS", "SPLITS", "INPUT_SHAPES", "DataError", "LabeledDataset", 
 
 
 def load_dataset(name: str, *, root: str | None = None, split: str = "train", download: bool = False,
-                 augment: bool = False, image_size: int | None = None, decode: str | None = None) -> LabeledDataset:
+                 augment: bool = False, image_size: int | None = None, decode: str | None = None,
+                 drop_empty_classes: bool = False) -> LabeledDataset:
     """The data set `name` (see DATASETS) under `root`.
 
     Args:
@@ -51,6 +52,8 @@ def load_dataset(name: str, *, root: str | None = None, split: str = "train", do
             decoder in the workers; "auto" is "gpu" when scoring on CUDA, else "cpu" (see data/gpu_decode.py).
             Such a data set's items are (JPEG bytes, label, index): score it with kdfast.score / score_batches,
             which apply its batch pipeline; `.load(i)` gives one decoded image.
+        drop_empty_classes: for imagenet/folder: a class folder without images is left out of the classes (and
+            the class count) instead of kept as a class with no examples; either way it is warned about.
     """
     key = str(name).lower()
     if key not in DATASETS:
@@ -90,8 +93,10 @@ def load_dataset(name: str, *, root: str | None = None, split: str = "train", do
     if decode is not None:
         from kdfast.data.gpu_decode import EncodedImageFolder
         folder, layout = (os.path.join(root, split), IMAGENET_LAYOUT) if key == "imagenet" else (root, FOLDER_LAYOUT)
-        return EncodedImageFolder(key, folder, layout, image_size=size, decode=decode)
+        return EncodedImageFolder(key, folder, layout, image_size=size, decode=decode,
+                                  drop_empty_classes=drop_empty_classes)
     if key == "imagenet":
         return ImageFolderDataset("imagenet", os.path.join(root, split), IMAGENET_LAYOUT, image_size=size,
-                                  augment=augment)
-    return ImageFolderDataset("folder", root, FOLDER_LAYOUT, image_size=size, augment=augment)
+                                  augment=augment, drop_empty_classes=drop_empty_classes)
+    return ImageFolderDataset("folder", root, FOLDER_LAYOUT, image_size=size, augment=augment,
+                              drop_empty_classes=drop_empty_classes)

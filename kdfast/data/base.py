@@ -6,7 +6,7 @@ import functools
 import torch
 from torch.utils.data import Dataset, Subset
 
-from kdfast.data.identity import files_fingerprint, labels_fingerprint
+from kdfast.data.identity import FileList, files_fingerprint, labels_fingerprint
 from kdfast.errors import DataError, InvalidArgumentError
 
 
@@ -37,7 +37,10 @@ class LabeledDataset(Dataset):
         self.name = name
         self.targets = torch.as_tensor(targets, dtype=torch.int64).reshape(-1)
         self.num_classes = int(num_classes)
-        self.files = files
+        # file-backed sets set .folder first; their files carry each file's size and mtime, stat'ed once per run
+        folder = getattr(self, "folder", None)
+        self.files = None if files is None else files if isinstance(files, FileList) and files.folder == folder \
+            else FileList(files, folder=folder)
         check_labels(self.targets, self.num_classes, name)
 
     def __len__(self) -> int:
@@ -45,7 +48,7 @@ class LabeledDataset(Dataset):
 
     @functools.cached_property
     def files_fingerprint(self) -> str | None:
-        """sha256 of the relative paths and sizes of `files` (data/identity.py); None without files."""
+        """sha256 of the relative paths, sizes and mtimes of `files` (data/identity.py); None without files."""
         return None if self.files is None else files_fingerprint(self.folder, self.files)
 
     def load(self, index: int) -> torch.Tensor:
@@ -65,8 +68,9 @@ class LabeledSubset(Subset):
         super().__init__(dataset, idx.tolist())
         self.targets = dataset.targets[idx]
         self.num_classes, self.name = dataset.num_classes, dataset.name
-        self.files = None if dataset.files is None else [dataset.files[i] for i in self.indices]
         self.folder = getattr(dataset, "folder", None)
+        self.files = None if dataset.files is None else FileList([dataset.files[i] for i in self.indices],
+                                                                 folder=self.folder)
         self.classes = getattr(dataset, "classes", None)
 
     files_fingerprint = LabeledDataset.files_fingerprint

@@ -297,13 +297,23 @@ class EncodedImageFolder(LabeledDataset):
     image on the CPU (for callers that want a picture, such as image grids).
     """
 
-    def __init__(self, name: str, folder: str, layout: str, *, image_size: int = 224, decode: str = "auto"):
+    def __init__(self, name: str, folder: str, layout: str, *, image_size: int = 224, decode: str = "auto",
+                 drop_empty_classes: bool = False):
         if decode not in DECODES:
             raise InvalidArgumentError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}")
-        self.folder, self.decode_on = folder, decode
-        self.classes, files, labels = scan_image_folder(folder, name, layout)
+        self.folder, self.layout, self.decode_on, self.image_size = folder, layout, decode, image_size
+        scan = scan_image_folder(folder, name, layout, drop_empty_classes=drop_empty_classes)
+        self.classes, files, labels = scan
+        self.skipped_files = scan.skipped
         self.decoder = JpegBatchDecoder(image_size)
         super().__init__(name, labels, len(self.classes), files=files)
+
+    def with_augment(self, augment: bool):
+        """The same images decoded by PIL per example (with or without the training augmentation), from this data
+        set's scan: no second walk of the tree."""
+        from kdfast.data.imagefolder import ImageFolderDataset, folder_scan_of
+        return ImageFolderDataset(self.name, self.folder, self.layout, image_size=self.image_size, augment=augment,
+                                  scan=folder_scan_of(self))
 
     def read(self, index: int) -> torch.Tensor:
         path = os.path.join(self.folder, self.files[index])

@@ -5,8 +5,9 @@
     check_identity(recorded, dataset, what="--keep keep.npy", recorded_files=[...])   # DataIdentityError
 
 The labels fingerprint catches another data set or split; the files fingerprint (sha256 of every relative
-path and file size, in index order) catches renamed, moved, added or replaced files of an image folder
-even when the labels stay the same.
+path, file size and modification time in ns, in index order) catches renamed, moved, added or replaced files
+of an image folder even when the labels stay the same, a replacement of the same size included. It is one
+stat per file (cheap at any scale); a file rewritten with its old mtime restored passes it.
 """
 from __future__ import annotations
 
@@ -29,15 +30,41 @@ def labels_fingerprint(targets) -> str:
     return hashlib.sha256(arr.tobytes()).hexdigest()
 
 
-def files_fingerprint(folder: str, files: list[str]) -> str:
-    """sha256 hex over `relative path <TAB> size in bytes` of every file, in index order."""
-    h = hashlib.sha256()
-    for rel in files:
+def file_stats(folder: str, files) -> np.ndarray:
+    """(N, 2) int64: the size in bytes and mtime_ns of each file under `folder`; -1, -1 for a vanished one."""
+    stats = np.full((len(files), 2), -1, dtype=np.int64)
+    for i, rel in enumerate(files):
         try:
-            size = os.stat(os.path.join(folder, rel)).st_size
+            st = os.stat(os.path.join(folder, rel))
         except OSError:
-            size = -1  # a vanished file: the fingerprint changes, the consumer reports it
-        h.update(f"{rel}\t{size}\n".encode())
+            continue  # a vanished file: the fingerprint changes, the consumer reports it
+        stats[i] = st.st_size, st.st_mtime_ns
+    return stats
+
+
+class FileList(list):
+    """A data set's relative file paths with each file's (size, mtime_ns) in `.stats`: taken from disk once (on
+    first use) when `folder` is given, or as recorded beside a stored list, so a mismatch can name the files."""
+
+    def __init__(self, files=(), *, folder: str | None = None, stats: np.ndarray | None = None):
+        super().__init__(files)
+        self.folder, self._stats = folder, stats
+
+    @property
+    def stats(self) -> np.ndarray | None:
+        if self._stats is None and self.folder is not None:
+            self._stats = file_stats(self.folder, self)
+        return self._stats
+
+
+def files_fingerprint(folder: str, files: list[str]) -> str:
+    """sha256 hex over `relative path <TAB> size in bytes <TAB> mtime_ns` of every file, in index order (the
+    stats of a FileList taken once, else stat'ed here)."""
+    stats = getattr(files, "stats", None)
+    stats = file_stats(folder, files) if stats is None else stats
+    h = hashlib.sha256()
+    for rel, (size, mtime) in zip(files, stats.tolist()):
+        h.update(f"{rel}\t{size}\t{mtime}\n".encode())
     return h.hexdigest()
 
 
@@ -74,7 +101,11 @@ def describe_file_mismatch(recorded: list[str], current: list[str], limit: int =
     moved = [f"index {i}: {a} then, {b} now" for i, (a, b) in enumerate(zip(recorded, current)) if a != b]
     if moved:
         return f"{len(moved)} files at other positions: {first(moved)}"
-    return "the same file names, but file sizes differ: files were replaced"
+    old_stats, new_stats = getattr(recorded, "stats", None), getattr(current, "stats", None)
+    if old_stats is None or new_stats is None:
+        return "the same file names, but file sizes or modification times differ: files were replaced"
+    changed = [current[i] for i in (old_stats != new_stats).any(1).nonzero()[0]]
+    return f"{len(changed)} files replaced or modified (size or modification time differs): {first(changed)}"
 
 
 def check_identity(recorded: dict | None, dataset, *, what: str, recorded_files: list[str] | None = None,
@@ -100,7 +131,7 @@ def check_identity(recorded: dict | None, dataset, *, what: str, recorded_files:
     text = f"{what} was made from another data set than {here} ({', '.join(problems)} differ"
     if "files_fingerprint" in problems:
         if recorded_files is not None and getattr(dataset, "files", None) is not None:
-            text += "; " + describe_file_mismatch(list(recorded_files), list(dataset.files))
+            text += "; " + describe_file_mismatch(recorded_files, dataset.files)
         elif "labels_fingerprint" not in problems:
             text += "; the image files were renamed, moved, added or replaced"
     raise DataIdentityError(f"{text}); {hint}")

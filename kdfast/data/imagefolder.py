@@ -4,11 +4,13 @@ Classes are the sorted subfolder names; examples are sorted by class, then by pa
 is the same on every machine. `files` holds each example's path relative to the data set's folder.
 Preprocessing is ImageNet's evaluation transform (shorter side to 256, centre crop 224, per-channel
 normalisation), scaled by `image_size` (crop) for small images; `augment=True` uses RandomResizedCrop and
-a horizontal flip instead (training). An unreadable image raises DataError naming the file.
+a horizontal flip instead (training). An unreadable image raises DataError naming the file; 16-bit grey images
+are scaled to 8 bits, 32-bit integer and float ones (no fixed range) raise DataError.
 """
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -21,6 +23,18 @@ IMAGENET_LAYOUT = "ROOT/<split>/<wnid>/*.JPEG (ImageFolder layout, e.g. ROOT/tra
 FOLDER_LAYOUT = "ROOT/<class name>/<image file> (ImageFolder layout: one subfolder per class)"
 
 
+# PIL modes whose values have no fixed full scale: PIL's convert("RGB") clips them at 255 (a white image)
+UNSCALED_MODES = {"I": "32-bit integer", "F": "32-bit float"}
+
+
+def _sixteen_to_rgb(img):
+    """A 16-bit grey image (PIL's I;16 modes, e.g. 16-bit PNG) as 8-bit RGB, scaled by 255 / 65535 (PIL's
+    convert would clip every value above 255 to white)."""
+    from PIL import Image
+    grey = np.asarray(img).astype(np.float32) * (255.0 / 65535.0)
+    return Image.fromarray(np.rint(grey).astype(np.uint8)).convert("RGB")  # 2-d uint8: mode L
+
+
 class FolderScan(tuple):
     """(classes, relative file paths, labels), unpacked as a 3-tuple; `.skipped` lists the relative paths of
     files that were not taken as images (other extensions), so callers can say how many were left out."""
@@ -31,33 +45,74 @@ class FolderScan(tuple):
         return scan
 
 
-def scan_image_folder(folder: str, name: str, layout: str) -> FolderScan:
-    """(classes, relative file paths, labels) of an ImageFolder tree; DataError when it is not one."""
+def _class_files(folder: str, cls: str, seen: set) -> tuple[list[str], list[str]]:
+    """(image paths, skipped paths) under class folder `cls`, relative to `folder`, leaving out folders whose real
+    path is in `seen` (reached through a link to a class folder already), which it extends: one realpath per
+    folder, not per file."""
+    images, skipped = [], []
+    for dirpath, dirnames, filenames in os.walk(os.path.join(folder, cls)):  # links below the class: not followed
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames.sort()
+        for fname in sorted(filenames):
+            path = os.path.join(dirpath, fname)
+            if fname.lower().endswith(IMAGE_EXTENSIONS) and not fname.startswith("._"):  # ._x: macOS AppleDouble
+                images.append(os.path.relpath(path, folder))
+            elif not fname.startswith(".") or fname.startswith("._"):  # other hidden files are not worth a note
+                skipped.append(os.path.relpath(path, folder))
+    return images, skipped
+
+
+def scan_image_folder(folder: str, name: str, layout: str, *, drop_empty_classes: bool = False) -> FolderScan:
+    """(classes, relative file paths, labels) of an ImageFolder tree; DataError when it is not one.
+
+    A class folder that is a link to the tree or above it (a loop) is left out, as is any folder reached a second
+    time through links to class folders (real paths counted once); a class folder without images is warned
+    about and, with `drop_empty_classes`, left out of the classes."""
     if not os.path.isdir(folder):
         raise DataError(f"dataset {name!r}: {folder} is not a directory; expected {layout}")
-    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
-    if not classes:
+    root = os.path.realpath(folder)
+    names = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    loops = [c for c in names if (root + os.sep).startswith(os.path.realpath(os.path.join(folder, c)) + os.sep)]
+    if loops:
+        warnings.warn(f"dataset {name!r}: class folders {', '.join(loops)} link back to {folder} or above it (a loop); "
+                      "left out", stacklevel=3)
+    names = [c for c in names if c not in loops]
+    if not names:
         raise DataError(f"dataset {name!r}: {folder} has no class subfolders; expected {layout}")
-    files, labels, skipped = [], [], []
-    for label, cls in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(os.path.join(folder, cls)):
-            dirnames.sort()
-            for fname in sorted(filenames):
-                if fname.lower().endswith(IMAGE_EXTENSIONS):
-                    files.append(os.path.relpath(os.path.join(dirpath, fname), folder))
-                    labels.append(label)
-                elif not fname.startswith("."):  # hidden files (.DS_Store, ...) are not worth a note
-                    skipped.append(os.path.relpath(os.path.join(dirpath, fname), folder))
+    seen, per_class, skipped = set(), {}, []
+    for cls in names:
+        per_class[cls], left = _class_files(folder, cls, seen)
+        skipped += left
+    empty = [c for c in names if not per_class[c]]
+    if empty and len(empty) < len(names):
+        what = "left out of the classes" if drop_empty_classes else \
+            "kept as classes without examples (drop_empty_classes=True leaves them out)"
+        warnings.warn(f"dataset {name!r}: {len(empty)} class folders hold no images ({', '.join(empty[:5])}"
+                      f"{', ...' if len(empty) > 5 else ''}); {what}", stacklevel=3)
+    classes = [c for c in names if per_class[c] or not drop_empty_classes]
+    files = [f for c in classes for f in per_class[c]]
+    labels = [label for label, c in enumerate(classes) for _ in per_class[c]]
     if not files:
         raise DataError(f"dataset {name!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}; "
                         f"expected {layout}")
     return FolderScan(classes, files, labels, skipped)
 
 
+def folder_scan_of(dataset) -> FolderScan:
+    """The scan an image-folder data set was built from (its file list shared, with the stats taken)."""
+    return FolderScan(dataset.classes, dataset.files, dataset.targets.tolist(), dataset.skipped_files)
+
+
 class ImageFolderDataset(LabeledDataset):
-    def __init__(self, name: str, folder: str, layout: str, *, image_size: int = 224, augment: bool = False):
-        self.folder = folder
-        scan = scan_image_folder(folder, name, layout)
+    def __init__(self, name: str, folder: str, layout: str, *, image_size: int = 224, augment: bool = False,
+                 drop_empty_classes: bool = False, scan: FolderScan | None = None):
+        """`scan`: the folder's scan_image_folder result when already taken (another view of the same tree)."""
+        self.folder, self.layout = folder, layout
+        scan = scan or scan_image_folder(folder, name, layout, drop_empty_classes=drop_empty_classes)
         self.classes, files, labels = scan
         self.skipped_files = scan.skipped
         self.crop = int(image_size)
@@ -77,10 +132,20 @@ class ImageFolderDataset(LabeledDataset):
         path = os.path.join(self.folder, self.files[index])
         try:
             with Image.open(path) as img:
-                return img.convert("RGB")
+                mode = img.mode
+                if mode not in UNSCALED_MODES:
+                    return _sixteen_to_rgb(img) if mode.startswith("I;16") else img.convert("RGB")
         except Exception as exc:  # truncated, not an image, unreadable: the file is the cause either way
             raise DataError(f"dataset {self.name!r}: cannot read image {path} "
                             f"({type(exc).__name__}: {exc})") from exc
+        raise DataError(f"dataset {self.name!r}: image {path} has {UNSCALED_MODES[mode]} pixels (PIL mode {mode}) "
+                        "of no fixed range; expected 8- or 16-bit images: convert it to 8 or 16 bits")
+
+    def with_augment(self, augment: bool) -> "ImageFolderDataset":
+        """The same images (from this data set's scan, no second walk of the tree) with or without the training
+        augmentation."""
+        return ImageFolderDataset(self.name, self.folder, self.layout, image_size=self.crop, augment=augment,
+                                  scan=folder_scan_of(self))
 
     def _resize_center_crop(self, img):
         from PIL import Image

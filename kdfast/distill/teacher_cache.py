@@ -29,8 +29,7 @@ import numpy as np
 import torch
 
 from kdfast.errors import InvalidArgumentError
-from kdfast.io.atomic import read_file_list, write_file_list, write_json
-from kdfast.losses.topk_teacher import MISSING, TopKTeacher
+from kdfast.io.atomic import read_file_list, save_npy, write_file_list, write_json
 
 FORMAT = "kdfast-teacher-cache/1"
 STORE_DTYPES = ("float16", "float32")
@@ -129,12 +128,13 @@ class TeacherCache:
 
     @staticmethod
     def create(path, *, num_examples, num_classes, dataset_fingerprint, teacher_fingerprint, topk=None,
-               dtype="float16", resume=False, files=None, files_fingerprint=None) -> TeacherCacheWriter:
+               dtype="float16", resume=False, files=None, files_fingerprint=None, labels=None) -> TeacherCacheWriter:
         """A writer for a new cache at directory `path` (resume=True reopens an unfinished one).
 
         For file-backed data sets pass `files` (relative paths, index order) and their `files_fingerprint`
         (kdfast.data.data_identity): the cache keeps both, and check_dataset() then refuses a data set whose
-        files differ, naming the first mismatched ones.
+        files differ, naming the first mismatched ones. `labels` (N ints, those `dataset_fingerprint` was taken
+        from), kept as labels.npy, let check_dataset() name the examples whose labels differ.
         """
         for name, value in (("num_examples", num_examples), ("num_classes", num_classes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -168,6 +168,8 @@ class TeacherCache:
                                             shape=(num_examples,))
         if files is not None:
             write_file_list(os.path.join(path, "files.txt"), files)
+        if labels is not None:
+            save_npy(os.path.join(path, "labels.npy"), np.asarray(torch.as_tensor(labels, dtype=torch.int64)))
         _write_meta(path, meta)
         return TeacherCacheWriter(path, meta, arrays, written)
 
@@ -190,7 +192,10 @@ class TeacherCache:
         cache recorded one, its file list (the message then names the first mismatched files)."""
         from kdfast.data import check_identity, labels_fingerprint
         from kdfast.data.identity import DataIdentityError
-        _check_fingerprints(self.path, self.meta, labels_fingerprint(dataset.targets), None)
+        try:
+            _check_fingerprints(self.path, self.meta, labels_fingerprint(dataset.targets), None)
+        except TeacherCacheMismatchError as exc:
+            raise TeacherCacheMismatchError(f"{exc}{self._label_differences(dataset)}") from None
         if not self.meta.get("files_fingerprint"):
             return
         files_txt = os.path.join(self.path, "files.txt")
@@ -200,6 +205,20 @@ class TeacherCache:
                            what=f"TeacherCache {str(self.path)!r}", recorded_files=recorded_files)
         except DataIdentityError as exc:
             raise TeacherCacheMismatchError(str(exc)) from None
+
+    def _label_differences(self, dataset, limit=5) -> str:
+        """' (labels differ at ...)' naming the first examples (their files when recorded) whose recorded label
+        differs from `dataset`'s, or '' when the cache kept no labels of the same length."""
+        labels_npy, files_txt = os.path.join(self.path, "labels.npy"), os.path.join(self.path, "files.txt")
+        if not os.path.isfile(labels_npy):
+            return ""
+        recorded, now = np.load(labels_npy), dataset.targets.numpy()
+        if len(recorded) != len(now):
+            return f" (it holds {len(recorded)} examples, the data set {len(now)})"
+        files = read_file_list(files_txt) if os.path.isfile(files_txt) else None
+        bad = np.flatnonzero(recorded != now)
+        named = [f"{files[i] if files else f'index {i}'}: {recorded[i]} then, {now[i]} now" for i in bad[:limit]]
+        return f" ({len(bad)} labels differ: {', '.join(named)}{', ...' if len(bad) > limit else ''})"
 
     @property
     def num_classes(self) -> int:

@@ -4,9 +4,9 @@
 """
 from kdfast.io.atomic import atomic_write, read_json, save_npy, save_npz, save_torch, write_json, write_text
 from kdfast.io.chunks import ChunkStore
-from kdfast.io.errors import IncompleteStoreError, JobError, JobExistsError, JobMismatchError
+from kdfast.io.errors import IncompleteStoreError, JobError, JobExistsError, JobLockedError, JobMismatchError
 from kdfast.io.job import NON_IDENTITY, Job, job_identity
 
-__all__ = ["Job", "ChunkStore", "NON_IDENTITY", "job_identity", "JobError", "JobExistsError", "JobMismatchError",
-           "IncompleteStoreError", "atomic_write", "read_json", "save_npy", "save_npz", "save_torch", "write_json",
-           "write_text"]
+__all__ = ["Job", "ChunkStore", "NON_IDENTITY", "job_identity", "JobError", "JobExistsError", "JobLockedError",
+           "JobMismatchError", "IncompleteStoreError", "atomic_write", "read_json", "save_npy", "save_npz",
+           "save_torch", "write_json", "write_text"]

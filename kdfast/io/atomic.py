@@ -12,6 +12,8 @@ from typing import IO
 
 import numpy as np
 
+from kdfast.data.identity import FileList
+
 
 def atomic_write(path: str, write: Callable[[IO], None], *, mode: str = "wb") -> str:
     """Calls write(fh) on a temporary file beside `path`, then renames it to `path`; returns `path`."""
@@ -54,14 +56,24 @@ def save_torch(path: str, obj) -> str:
     return atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
+def _stats_path(path: str) -> str:
+    return f"{path}.stat.npy"
+
+
 def write_file_list(path: str, files) -> str:
-    """A data set's relative file paths, one a line: what a later identity mismatch names the differing files from."""
+    """A data set's relative file paths, one a line (and, for a FileList, their sizes and mtimes beside it in
+    PATH.stat.npy): what a later identity mismatch names the differing files from."""
+    stats = getattr(files, "stats", None)
+    if stats is not None:
+        save_npy(_stats_path(path), stats)
     return write_text(path, "\n".join(files) + "\n")
 
 
-def read_file_list(path: str) -> list[str]:
+def read_file_list(path: str) -> FileList:
     with open(path) as fh:
-        return fh.read().splitlines()
+        files = fh.read().splitlines()
+    stats = np.load(_stats_path(path)) if os.path.isfile(_stats_path(path)) else None
+    return FileList(files, stats=stats if stats is not None and len(stats) == len(files) else None)
 
 
 def read_json(path: str):

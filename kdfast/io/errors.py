@@ -12,6 +12,10 @@ class JobExistsError(JobError):
     """The folder holds another run's work and neither resume nor overwrite was asked for."""
 
 
+class JobLockedError(JobError):
+    """Another live process is running a job in the folder (it holds the folder's lock)."""
+
+
 class JobMismatchError(JobError):
     """resume was asked for, but this invocation resolves to another job than the one in the folder.
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from kdfast.runtime import distributed
 from kdfast.runtime.progress import log
-from kdfast.io.atomic import atomic_write, save_torch, write_json
+from kdfast.io.atomic import atomic_write, read_json, save_torch, write_json
 
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "eval_loss", "eval_acc", "seconds", "examples_per_s")
 EVAL_SPLIT = {"digits": "test", "cifar10": "test", "cifar100": "test", "svhn": "test", "imagenet": "val",
@@ -60,7 +60,8 @@ def load_distill_data(cfg) -> DistillData:
         held_out = held.numpy()
         keep = np.setdiff1d(np.arange(len(train)) if keep is None else keep, held_out)
     if cfg.val_fraction and not chain:
-        view = load_dataset(cfg.dataset, root=cfg.data_root, split="train", **size) if cfg.augment else train
+        view = train if not cfg.augment else train.with_augment(False) if hasattr(train, "with_augment") else \
+            load_dataset(cfg.dataset, root=cfg.data_root, split="train", **size)  # image folders: one scan
         evaluation = LabeledSubset(view, torch.from_numpy(held_out))
         eval_name = f"held-out {cfg.val_fraction:g} of train (stratified, seed {cfg.seed}, {len(held_out)} examples)"
     elif EVAL_SPLIT[cfg.dataset] is not None:
@@ -157,7 +158,7 @@ def _train_teacher(cfg, job, data, device):
     teacher = build_model(cfg.teacher_model, cfg.dataset, data.train.num_classes, cfg.image_size)
     if os.path.isfile(final):
         log(f"teacher: reusing {final}", quiet=cfg.quiet)
-        return load_checkpoint(teacher, final)
+        return load_checkpoint(teacher, final), read_json(os.path.join(folder, "history.json"))
     pool = np.arange(len(data.train)) if data.held_out is None else np.setdiff1d(np.arange(len(data.train)),
                                                                                    data.held_out)
     indices = None if data.held_out is None else torch.from_numpy(pool)
@@ -168,11 +169,13 @@ def _train_teacher(cfg, job, data, device):
         f"for {cfg.teacher_epochs} epochs", quiet=cfg.quiet)
     kw = _fit_kwargs(cfg, device)
     kw["epochs"] = cfg.teacher_epochs
-    fit(teacher, data.train, indices=indices, seed=cfg.seed + 1, checkpoint_path=os.path.join(folder, "checkpoint.pt"),
-        eval_dataset=data.evaluation, on_epoch=lambda history: write_metrics(folder, history), **kw)
+    history = fit(teacher, data.train, indices=indices, seed=cfg.seed + 1,
+                  checkpoint_path=os.path.join(folder, "checkpoint.pt"), eval_dataset=data.evaluation,
+                  on_epoch=lambda history: write_metrics(folder, history), **kw)
     if distributed.is_main():
+        write_json(os.path.join(folder, "history.json"), history)  # before teacher.pt, which marks it done
         save_torch(final, teacher.state_dict())
-    return teacher
+    return teacher, history
 
 
 def resolve_alpha(cfg, fraction):
@@ -197,11 +200,11 @@ def run_distill_job(cfg, job, data: DistillData, device) -> dict | None:
 
     from kdfast.models import load_checkpoint, model_fingerprint
     from kdfast.training.fit import fit
-    from kdfast.pipelines.score import not_learning_warnings
+    from kdfast.pipelines.score import learning_warnings
     alpha = resolve_alpha(cfg, data.fraction)
-    teacher, cache = None, None
+    teacher, cache, teacher_history = None, None, None
     if cfg.train_teacher:
-        teacher = _train_teacher(cfg, job, data, device)
+        teacher, teacher_history = _train_teacher(cfg, job, data, device)
     elif cfg.teacher:
         teacher = load_checkpoint(build_model(cfg.teacher_model, cfg.dataset, data.train.num_classes, cfg.image_size),
                                   cfg.teacher)
@@ -241,7 +244,12 @@ def run_distill_job(cfg, job, data: DistillData, device) -> dict | None:
         "alpha": alpha, "temperature": cfg.temperature, "kd_term": None if kd_term is None else kd_term.identity(),
         "epochs": cfg.epochs, "eval": data.eval_name,
         "eval_acc_per_epoch": [h["eval_acc"] for h in history] if "eval_acc" in last else None,
-        "final": last, "warnings": []}
+        "final": last}
+    eval_targets = None if data.evaluation is None else data.evaluation.targets
+    summary["warnings"] = learning_warnings(history, eval_targets, data.train.num_classes, "student")
+    if teacher_history is not None:  # trained here: its notes first, the student's follow from them
+        summary["teacher_final"] = teacher_history[-1]
+        summary["warnings"][:0] = learning_warnings(teacher_history, eval_targets, data.train.num_classes, "teacher")
     if data.sampler is not None or cfg.correction != "none":
         summary.update(sampler=cfg.sampler, scores=cfg.scores, correction=cfg.correction)
     if cfg.teacher_report:
@@ -251,7 +259,6 @@ def run_distill_job(cfg, job, data: DistillData, device) -> dict | None:
     if "eval_acc" in last:
         best = max(history, key=lambda h: h["eval_acc"])
         summary.update(eval_acc=last["eval_acc"], best_eval_acc=best["eval_acc"], best_epoch=best["epoch"])
-        summary["warnings"] = not_learning_warnings([last["eval_acc"]], data.evaluation.targets, what="student")
     write_json(job.path("summary.json"), summary)
     job.complete()
     return summary

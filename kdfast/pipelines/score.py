@@ -10,6 +10,7 @@ the result, the others return None.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import numpy as np
@@ -22,6 +23,8 @@ from kdfast.io.chunks import ChunkStore
 from kdfast.io.job import Job
 
 NOT_LEARNING_MARGIN = 0.02  # accuracy within this of the majority-class share: the model did not learn
+MEMORISED_GAP = 0.25  # held-out accuracy this far below training accuracy: the model memorised its examples
+EXPLODED_FACTOR = 10.0  # a loss this many times the uniform guess's (ln C), or its own best, diverged
 
 
 def load_score_data(cfg):
@@ -32,7 +35,8 @@ def load_score_data(cfg):
     data = load_dataset(cfg.dataset, **kw, decode=decode)  # training below keeps the PIL path (augmented)
     train = None
     if cfg.train_epochs and cfg.dataset != "digits":  # training sees the augmented view
-        train = load_dataset(cfg.dataset, augment=True, **kw)
+        train = data.with_augment(True) if hasattr(data, "with_augment") else \
+            load_dataset(cfg.dataset, augment=True, **kw)  # image folders: from the one scan of the tree
     if cfg.limit and cfg.limit < len(data):
         data = LabeledSubset(data, range(cfg.limit))
         train = LabeledSubset(train, range(cfg.limit)) if train is not None else None
@@ -69,7 +73,10 @@ def _train_models(cfg, job, train_data, num_classes, shape, track_forgetting):
     folder = job.path("models")
     os.makedirs(folder, exist_ok=True)
     world, rank = distributed.world_size(), distributed.rank()
-    trained = {k: _train_one(cfg, job, train_data, num_classes, shape, track_forgetting, k) for k in range(cfg.seeds)
+    held = held_out_indices(cfg, train_data)
+    train_indices = None if held is None else np.setdiff1d(np.arange(len(train_data)), held)
+    trained = {k: _train_one(cfg, job, train_data, num_classes, shape, track_forgetting, k, train_indices)
+               for k in range(cfg.seeds)
                if k % world == rank and not os.path.exists(os.path.join(folder, f"seed{cfg.seed + k}.pt"))}
     distributed.barrier()  # every seed's final checkpoint is on disk
     models, provenance, forgetting = [], [], []
@@ -88,8 +95,19 @@ def _train_models(cfg, job, train_data, num_classes, shape, track_forgetting):
     return models, provenance, forgetting
 
 
-def _train_one(cfg, job, train_data, num_classes, shape, track_forgetting, k):
-    """Trains model k (seed cfg.seed + k) and saves it as models/seed{seed}.pt, resuming its partial checkpoint."""
+def held_out_indices(cfg, data) -> np.ndarray | None:
+    """The examples the score models do not train on (cfg.holdout_fraction, stratified, seeded by cfg.seed), on
+    which their accuracy shows whether they learned or memorised; None without a held-out split."""
+    from kdfast.data import stratified_split
+    fraction = getattr(cfg, "holdout_fraction", None)
+    if not fraction:
+        return None
+    return stratified_split(data.targets, fraction, seed=cfg.seed)[1].numpy()
+
+
+def _train_one(cfg, job, train_data, num_classes, shape, track_forgetting, k, indices):
+    """Trains model k (seed cfg.seed + k) on `indices` of the data (None: all) and saves it as
+    models/seed{seed}.pt, resuming its partial checkpoint."""
     from kdfast.scoring import ForgettingTracker
     from kdfast.training.fit import fit
     seed = cfg.seed + k
@@ -100,11 +118,13 @@ def _train_one(cfg, job, train_data, num_classes, shape, track_forgetting, k):
     tracker = ForgettingTracker(len(train_data)) if track_forgetting else None
     partial = os.path.join(folder, f"seed{seed}.partial.pt")
     tic = time.perf_counter()
-    fit(model, train_data, epochs=cfg.train_epochs, batch_size=cfg.train_batch_size, lr=cfg.lr,
-        forgetting=tracker, device=cfg.device, precision=cfg.precision, seed=seed, num_workers=cfg.num_workers,
-        checkpoint_path=partial, resume=True, progress=not cfg.quiet)  # the job checked it is this run's
+    history = fit(model, train_data, epochs=cfg.train_epochs, batch_size=cfg.train_batch_size, lr=cfg.lr,
+                  indices=None if indices is None else torch.from_numpy(indices), forgetting=tracker,
+                  device=cfg.device, precision=cfg.precision, seed=seed, num_workers=cfg.num_workers,
+                  checkpoint_path=partial, resume=True, progress=not cfg.quiet)  # the job checked it is this run's
     if tracker is not None:
         save_npy(os.path.join(folder, f"seed{seed}.forgetting.npy"), tracker.scores().cpu().numpy())
+    save_npy(os.path.join(folder, f"seed{seed}.train_loss.npy"), np.array([h["train_loss"] for h in history]))
     save_torch(final, {"model": {n: v.detach().cpu() for n, v in model.state_dict().items()}})  # marks it done
     os.remove(partial)
     log(f"model {k + 1}/{cfg.seeds} (seed {seed}): {cfg.train_epochs} epochs in {time.perf_counter() - tic:.1f} s "
@@ -112,30 +132,82 @@ def _train_one(cfg, job, train_data, num_classes, shape, track_forgetting, k):
     return model
 
 
-def model_accuracies(cfg, models, data) -> list[float]:
+def model_accuracies(cfg, job, models, data, held=None) -> dict | None:
     """Eval-mode accuracy of each model on the scored data (the view it scores), in one pass over the data:
-    an example is right when its margin (largest other logit minus the true one) is negative. Sharded over
-    torchrun ranks and summed."""
+    an example is right when its margin (largest other logit minus the true one) is negative. Resumable: each
+    example's outcome goes to the chunk store OUT/accuracy-chunks (removed with the scoring chunks), sharded
+    over torchrun ranks like the scoring pass. {"all": [K], "trained": [K], "held_out": [K]} on the main rank
+    (None on the others); the last two split the examples by `held` (the held-out indices), None without them."""
     from kdfast.scoring import get_method, index_batches, score_batches
-    batches = index_batches(range(len(data)), cfg.batch_size)
+    n = len(data)
+    store = _open_main_first(lambda: ChunkStore(job.path("accuracy-chunks"), num_rows=n, width=len(models),
+                                                resume=True, rank=distributed.rank(), rows_per_chunk=cfg.chunk_size))
+    done = store.done_mask()
+    batches = index_batches(range(n), cfg.batch_size)
     mine = [batches[i] for i in distributed.shard_indices(len(batches), distributed.rank(), distributed.world_size())]
-    correct = torch.zeros(len(models), dtype=torch.float64, device=cfg.device)
-    for _, values, _ in progress(score_batches(models, data, get_method("margin"), batches=mine, device=cfg.device,
-                                               precision=cfg.precision, num_workers=cfg.num_workers),
-                                 total=sum(len(b) for b in mine), desc="eval accuracy", quiet=cfg.quiet,
-                                 count=lambda r: len(r[0])):
-        correct += (values < 0).sum(0).to(correct)
-    distributed.all_reduce_sum(correct)
-    return (correct / len(data)).tolist()
+    mine = [b for b in mine if not done[b[0]]]
+    for idx, values, _ in progress(score_batches(models, data, get_method("margin"), batches=mine,
+                                                 device=cfg.device, precision=cfg.precision,
+                                                 num_workers=cfg.num_workers),
+                                   total=sum(len(b) for b in mine), desc="eval accuracy", quiet=cfg.quiet,
+                                   count=lambda r: len(r[0])):
+        store.write(idx.numpy(), (values < 0).to(torch.float32).cpu().numpy())
+    store.close()
+    distributed.barrier()  # every rank's outcomes are on disk
+    if not distributed.is_main():
+        return None
+    right = store.gather().astype(np.float64)  # (N, K) 1 where right; the store stays until the job completes
+    if held is None:
+        return {"all": right.mean(0).tolist(), "trained": None, "held_out": None}
+    trained = np.setdiff1d(np.arange(n), held)
+    return {"all": right.mean(0).tolist(), "trained": right[trained].mean(0).tolist(),
+            "held_out": right[held].mean(0).tolist()}
 
 
-def not_learning_warnings(accuracies, targets, what="model") -> list[str]:
+def _names(what, count):
+    return [f"{what} {k + 1}" for k in range(count)] if count > 1 else [what]
+
+
+def not_learning_warnings(accuracies, targets, what="model", on="eval-mode accuracy") -> list[str]:
     """A note for each accuracy at (or below) the majority-class share: such a model predicts one class."""
     majority = float(np.bincount(np.asarray(targets)).max()) / len(targets)
-    names = [f"{what} {k + 1}" for k in range(len(accuracies))] if len(accuracies) > 1 else [what]
-    return [f"{name}: eval-mode accuracy {acc:.3f} is at the majority-class share {majority:.3f}; it did not "
-            "learn (more epochs, a lower learning rate or a model suited to the images may help)"
-            for name, acc in zip(names, accuracies) if acc <= majority + NOT_LEARNING_MARGIN]
+    return [f"{name}: {on} {acc:.3f} is at the majority-class share {majority:.3f}; it did not learn (more "
+            "epochs, a lower learning rate or a model suited to the images may help)"
+            for name, acc in zip(_names(what, len(accuracies)), accuracies) if acc <= majority + NOT_LEARNING_MARGIN]
+
+
+def memorised_warnings(trained, held_out, what="model") -> list[str]:
+    """A note for each model whose held-out accuracy lies far below its accuracy on its own training examples."""
+    return [f"{name}: held-out accuracy {h:.3f} is far below its accuracy {t:.3f} on the examples it trained on; it "
+            "memorised them rather than learned (fewer epochs, augmentation or more data may help)"
+            for name, t, h in zip(_names(what, len(trained)), trained, held_out) if t - h > MEMORISED_GAP]
+
+
+def diverged_warnings(losses, num_classes, what="model", kind="training loss") -> list[str]:
+    """A note for each loss curve (one per model, one value per epoch) that turned non-finite or exploded: above
+    EXPLODED_FACTOR times the uniform guess's loss ln C, or its own best so far."""
+    notes = []
+    for name, curve in zip(_names(what, len(losses)), losses):
+        curve = np.asarray(curve, dtype=np.float64)
+        bad = ~np.isfinite(curve) | (curve > EXPLODED_FACTOR * max(np.log(num_classes), 1.0)) | \
+            (curve > EXPLODED_FACTOR * np.minimum.accumulate(np.where(np.isfinite(curve), curve, np.inf)))
+        if bad.any():
+            epoch = int(bad.argmax())
+            notes.append(f"{name}: the {kind} diverged ({curve[epoch]:.4g} at epoch {epoch + 1}, a uniform guess "
+                         f"scores {np.log(num_classes):.3g}); a lower learning rate may help")
+    return notes
+
+
+def learning_warnings(history, targets, num_classes, what) -> list[str]:
+    """The notes on one fit's per-epoch history (kdfast.training.fit): its last held-out accuracy at the majority
+    share or far below its training accuracy, its training or held-out loss diverged."""
+    last = history[-1]
+    notes = diverged_warnings([[h["train_loss"] for h in history]], num_classes, what)
+    if "eval_acc" in last:
+        notes += diverged_warnings([[h["eval_loss"] for h in history]], num_classes, what, kind="held-out loss")
+        notes += not_learning_warnings([last["eval_acc"]], targets, what, on="held-out accuracy")
+        notes += memorised_warnings([last["train_acc"]], [last["eval_acc"]], what)
+    return notes
 
 
 def _score_chunked(cfg, job, method, models, data):
@@ -195,7 +267,7 @@ def _logit_writer(cfg, job, model, data):
                                topk=getattr(cfg, "topk", None),  # (configurations from before --topk have none)
                                dataset_fingerprint=identity["labels_fingerprint"],
                                teacher_fingerprint=model_fingerprint(model), resume=True, files=data.files,
-                               files_fingerprint=identity["files_fingerprint"])
+                               files_fingerprint=identity["files_fingerprint"], labels=data.targets)
 
 
 def _score_liprune(cfg, job, models, data):
@@ -250,7 +322,9 @@ def run_score_job(cfg, job, data, train_data) -> dict | None:
         else:
             models, checkpoints, forgetting = _train_models(cfg, job, train_data, num_classes, shape,
                                                             track_forgetting=method.kind == "training")
-    accuracies = model_accuracies(cfg, models, data) if models else []
+    held = held_out_indices(cfg, data) if cfg.train_epochs and not cfg.checkpoint else None
+    accuracies = model_accuracies(cfg, job, models, data, held) if models else \
+        {"all": [], "trained": None, "held_out": None}
     rate, batch_ids, store = None, None, None
     if method.kind == "random":
         per_model = random_scores(n, cfg.seed).numpy()[None]
@@ -280,8 +354,10 @@ def run_score_job(cfg, job, data, train_data) -> dict | None:
         outputs.append("teacher-logits/")
     outputs += [os.path.relpath(c["path"], job.out) for c in checkpoints if c["path"].startswith(
         os.path.abspath(job.out))]
-    for c, acc in zip(checkpoints, accuracies):
+    for k, (c, acc) in enumerate(zip(checkpoints, accuracies["all"])):
         c["eval_acc"] = acc
+        if held is not None:
+            c.update(train_acc=accuracies["trained"][k], held_out_acc=accuracies["held_out"][k])
     identity = data_identity(data)
     meta = {"method": cfg.method, "direction": "higher is harder", "dataset": cfg.dataset, "split": cfg.split,
             "data_root": os.path.abspath(cfg.data_root) if cfg.data_root else None,
@@ -294,8 +370,18 @@ def run_score_job(cfg, job, data, train_data) -> dict | None:
             "batch_size": cfg.batch_size, "device": cfg.device, "world_size": distributed.world_size(),
             "kdfast_version": __version__, "torch_version": torch.__version__,
             "images_per_s": round(rate, 1) if rate else None, "files": outputs,
+            "held_out": None if held is None else {"fraction": cfg.holdout_fraction, "seed": cfg.seed,
+                                                   "num_examples": len(held), "indices": held.tolist()},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    warnings = not_learning_warnings(accuracies, targets)
+    if held is None:
+        warnings = not_learning_warnings(accuracies["all"], targets)
+    else:
+        warnings = not_learning_warnings(accuracies["held_out"], targets[held], on="held-out accuracy") + \
+            memorised_warnings(accuracies["trained"], accuracies["held_out"])
+    if checkpoints and cfg.train_epochs and not cfg.checkpoint:
+        warnings += diverged_warnings([np.load(c["path"].replace(".pt", ".train_loss.npy")) for c in checkpoints],
+                                      num_classes)
+    meta["warnings"] = warnings
     return {"scores": scores, "per_model": per_model, "targets": targets, "rate": rate, "meta": meta,
             "accuracies": accuracies, "warnings": warnings, "store": store, "start": start}
 
@@ -308,6 +394,8 @@ def finish_score_job(job, result, extra_outputs=()) -> dict:
     write_json(job.path("meta.json"), meta)
     if result["store"] is not None:
         result["store"].remove()
+    if os.path.isdir(job.path("accuracy-chunks")):
+        shutil.rmtree(job.path("accuracy-chunks"))
     job.complete()
     return meta
 

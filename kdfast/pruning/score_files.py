@@ -7,10 +7,11 @@ memorization / difficulty scores are), matched to a data set's file list.
 
 Matching a key to a data set file (paths relative to the data set's folder, '/' or '\\' separated):
 1. the same path (after dropping a leading './');
-2. otherwise, leniently, when it is unambiguous: the two paths, with the last component's extension dropped,
-   agree on their trailing components (extra leading folders on either side, e.g. 'train/n014/x.JPEG' for
-   'n014/x.JPEG', or 'x' for 'cls/x.png'). The longest agreeing tail decides; a key whose tail fits several
-   files, or two keys landing on one file, are errors.
+2. otherwise, leniently, when it is unambiguous: with the last component's extension dropped, one path is a
+   tail of the other (extra leading folders on either side, e.g. 'train/n014/x.JPEG' for 'n014/x.JPEG', or
+   'x' for 'cls/x.png'); a folder named on both sides must agree, so 'dog/1.jpg' never scores 'cat/1.jpg'. The
+   longest agreeing tail decides; a key whose tail fits several files, or two keys landing on one file (also
+   'c/x' beside 'c/x.png'), are errors.
 Every data set file needs a score: unmatched ones raise, listing the first few and the count. Keys that match
 no file (a score file for a bigger set) are ignored and counted in the report.
 """
@@ -50,7 +51,7 @@ def _listing(names) -> str:
 
 
 def _read_csv(path: str) -> tuple[list[str], np.ndarray]:
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8-sig") as fh:  # -sig: Excel's "CSV UTF-8" starts with a BOM
         reader = csv.DictReader(fh)
         columns = {c.strip().lower(): c for c in (reader.fieldnames or [])}
         if "file" not in columns or "score" not in columns:
@@ -108,16 +109,16 @@ def match_scores(keys, values, files, *, source: str = "scores") -> tuple[np.nda
             out[i], owner[i] = values[j], k
             report.exact += 1
     if pending:
-        tails: dict[tuple, list[int]] = {}
+        tails: dict[tuple, list[int]] = {}  # every file, matched exactly or not: a second key on it is an error
+        whole: dict[tuple, list[int]] = {}  # files by their whole path: what a key with extra leading folders fits
         for i, f in enumerate(files):
-            if i in owner:
-                continue
             p = _parts(f, stem=True)
+            whole.setdefault(p, []).append(i)
             for start in range(len(p)):
                 tails.setdefault(p[start:], []).append(i)
         for j in pending:
             p = _parts(keys[j], stem=True)
-            hits = next((tails[p[s:]] for s in range(len(p)) if p[s:] in tails), None)
+            hits = next((found for s in range(len(p)) if (found := (whole if s else tails).get(p[s:]))), None)
             if hits is None:
                 report.ignored += 1
                 continue

@@ -1,7 +1,7 @@
 """Progress and log lines on stderr, shared by training, scoring and the command line.
 
 `progress(iterable, ...)` reports counts, rate and ETA: a tqdm bar on a terminal, plain lines (at most one
-every 10 s, and one at the end) in logs and pipes, nothing when quiet.
+every PLAIN_INTERVAL_S, and one at the end) in logs and pipes, nothing when quiet.
 """
 from __future__ import annotations
 
@@ -9,11 +9,16 @@ import sys
 import time
 
 
-class _PlainProgress:
-    """Progress as plain lines on stderr (logs, pipes): at most one every `interval` seconds, and one at the end."""
+PLAIN_INTERVAL_S = 10.0  # seconds between plain progress lines: a log stays readable, a long pass is never silent
 
-    def __init__(self, total, desc, unit, interval=10.0):
-        self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
+
+class _PlainProgress:
+    """Progress as plain lines on stderr (logs, pipes): at most one every PLAIN_INTERVAL_S seconds, and one at the
+    end unless `end_line` is False (callers printing their own line per pass)."""
+
+    def __init__(self, total, desc, unit, end_line=True):
+        self.total, self.desc, self.unit, self.end_line = total, desc, unit, end_line
+        self.interval = PLAIN_INTERVAL_S
         self.n, self.start = 0, time.perf_counter()
         self.last = self.start
 
@@ -33,7 +38,8 @@ class _PlainProgress:
         print(f"{self.desc}: {done} {self.unit} ({rate:,.0f} {self.unit}/s{eta})", file=sys.stderr, flush=True)
 
     def close(self):
-        self._print(time.perf_counter())
+        if self.end_line:
+            self._print(time.perf_counter())
 
 
 class _Silent:
@@ -60,7 +66,8 @@ class _Closing:
 
 def progress_bar(total=None, *, desc="", quiet=False, unit="ex", plain=True):
     """A bar with update(n) and close(), also a context manager: tqdm on a terminal, plain lines elsewhere
-    (nothing with plain=False, for callers that print their own line per pass), nothing when quiet."""
+    (without the closing one with plain=False, for callers that print their own line per pass), nothing when
+    quiet."""
     bar = None
     if not quiet and sys.stderr.isatty():
         try:
@@ -70,7 +77,7 @@ def progress_bar(total=None, *, desc="", quiet=False, unit="ex", plain=True):
         except ImportError:
             pass
     if bar is None:
-        bar = _PlainProgress(total, desc, unit) if plain and not quiet else _Silent()
+        bar = _PlainProgress(total, desc, unit, end_line=plain) if not quiet else _Silent()
     return _Closing(bar)
 
 

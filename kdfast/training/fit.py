@@ -1,6 +1,6 @@
 """The training loop behind `kdfast-distill` and `kdfast-score --train-epochs`: SGD over a (kept) subset
 with `distill_step` and the fused KD loss, a teacher online or from a TeacherCache, per-epoch metrics,
-checkpoints every epoch and exact resumption.
+checkpoints every epoch and every few minutes within one, and exact resumption from either.
 
     history = fit(model, dataset, epochs=30, indices=keep, teacher=teacher, alpha=0.5)
 """
@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import sys
 import time
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
@@ -29,6 +31,7 @@ from kdfast.distill.variance_reduction import TeacherGradient, resolve_correctio
 
 SCHEDULES = ("cosine", "step", "constant")
 CHECKPOINT_FORMAT = "kdfast-fit/1"
+CHECKPOINT_EVERY_S = 300.0  # a kill loses at most this much training time (plus one checkpoint write)
 
 
 class IndexedSubset(Dataset):
@@ -215,11 +218,36 @@ def _correction_identity(correction):
     return correction
 
 
+def _rng_state(device) -> dict:
+    """Every random generator a training step or in-process data loading may draw from, as tensors and plain
+    values (what torch.load(weights_only=True) reads back)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state, device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def _save_checkpoint(path, model, optimizer, scheduler, epoch, history, forgetting, identity, sampler=None,
-                     kd_term=None):
+                     kd_term=None, within=None):
+    """`epoch`: the epochs completed; `within`: the state inside epoch `epoch` + 1 after `within["step"]` steps
+    (the step count, the running sums, the random generators), or its record awaiting evaluation
+    (`within["record"]`), None at an epoch's end."""
     state = {"format": CHECKPOINT_FORMAT, "epoch": epoch, "model": model.state_dict(),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
              "run": identity}
+    if within is not None:
+        state["within"] = within
     if kd_term is not None:
         state["kd_term"] = kd_term.state_dict()
     if forgetting is not None and hasattr(forgetting, "state_dict"):
@@ -263,7 +291,7 @@ def _load_checkpoint(path, model, optimizer, scheduler, forgetting, identity, sa
     scheduler.load_state_dict(state["scheduler"])
     if forgetting is not None and "forgetting" in state and hasattr(forgetting, "load_state_dict"):
         forgetting.load_state_dict(state["forgetting"])
-    return state["epoch"], list(state["history"])
+    return state["epoch"], list(state["history"]), state.get("within")
 
 
 def _epoch_line(record, epochs):
@@ -276,7 +304,7 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
         milestones=(), teacher=None, teacher_cache=None, alpha=0.0, temperature=4.0, indices=None, forgetting=None,
         device=None, precision="fp32", seed=0, num_workers=0, checkpoint_path=None, resume=False, progress=True,
         eval_dataset=None, on_epoch=None, distributed=False, correction=None, sampler=None,
-        extrapolate=False, kd_term=None) -> list[dict]:
+        extrapolate=False, kd_term=None, checkpoint_every_s=CHECKPOINT_EVERY_S, checkpoint_steps=None) -> list[dict]:
     """Trains `model` with SGD on `dataset` (or its `indices` subset), distilling from a teacher if alpha > 0.
 
     Args:
@@ -301,9 +329,14 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
             eval_dataset) and stopped when fit returns or raises. Each epoch's batches and the workers' torch,
             random and numpy seeds are those a DataLoader built for that epoch alone would have
             (kdfast.data.epoch_loader); the workers keep their copy of the dataset from the first epoch on.
-        checkpoint_path: a file written after every epoch; with resume=True an existing one is loaded and
-            training continues after its epoch.
-        progress: on stderr, a bar with examples/s on a terminal and one line per epoch.
+        checkpoint_path: a file written (atomically) after every epoch, before its evaluation, and within an
+            epoch every `checkpoint_every_s` seconds or `checkpoint_steps` steps (one process only: under
+            torchrun at epoch ends); with resume=True an existing one is loaded and training continues where it
+            stopped, to bitwise the same weights (the skipped batches are loaded again, unused, so random data
+            augmentation draws the same numbers).
+        checkpoint_every_s, checkpoint_steps: how often to checkpoint within an epoch (None: never by that rule).
+        progress: on stderr, a bar with examples/s on a terminal (plain lines with rate and ETA in logs) within
+            each epoch, and one line per epoch.
         eval_dataset: evaluated after every epoch (accuracy and loss in the metrics).
         on_epoch: called as on_epoch(history) after every epoch's checkpoint (e.g. to write metrics files).
         distributed: inside a torchrun process group of more than one rank (kdfast.runtime.distributed.init_from_env),
@@ -361,10 +394,10 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
         params.append({"params": list(kd_term.to(device).parameters())})
     optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     scheduler = _scheduler(optimizer, schedule, epochs, milestones)
-    start, history = 0, []
+    start, history, within = 0, [], None
     if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
-        start, history = _load_checkpoint(checkpoint_path, model, optimizer, scheduler, forgetting, identity,
-                                          sampler=sampler, kd_term=kd_term)
+        start, history, within = _load_checkpoint(checkpoint_path, model, optimizer, scheduler, forgetting, identity,
+                                                  sampler=sampler, kd_term=kd_term)
     importance, sampler = sampler, None  # from here on `sampler` is the DistributedSampler (ddp) or None
     net = model
     if ddp:  # wraps the same parameters, so the optimizer above and the checkpoints keep working on `model`
@@ -377,8 +410,32 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
     train_loader = EpochLoader(subset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin)
     eval_loader = contextlib.nullcontext() if eval_dataset is None else \
         _eval_loader(eval_dataset, max(batch_size, 256), num_workers, device, ddp)
+    within_epochs = checkpoint_path is not None and not ddp and (checkpoint_every_s or checkpoint_steps)
+
+    def finish_epoch(record, epoch):
+        """Evaluates (after a checkpoint, so a kill during evaluation keeps the epoch), records, checkpoints."""
+        if eval_dataset is not None:
+            if writes_files and checkpoint_path is not None:
+                _save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, history, forgetting, identity,
+                                 sampler=importance, kd_term=kd_term, within={"record": record})
+            ev = _evaluate(model, eval_loader, len(eval_dataset), device, precision, ddp)
+            record.update(eval_loss=ev["loss"], eval_acc=ev["acc"])
+        history.append(record)
+        if not writes_files:
+            return
+        if progress:
+            print(_epoch_line(record, epochs), file=sys.stderr, flush=True)
+        if checkpoint_path is not None:
+            _save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, history, forgetting, identity,
+                             sampler=importance, kd_term=kd_term)
+        if on_epoch is not None:
+            on_epoch(history)
+
     # one set of workers each for training and evaluation, kept across epochs and stopped on the way out
     with train_loader, eval_loader:
+        if within is not None and "record" in within:  # killed during the evaluation of epoch `start`
+            finish_epoch(within.pop("record"), start)
+            within = None
         for epoch in range(start, epochs):
             model.train()
             if sampler is not None:
@@ -387,13 +444,24 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
                 importance.set_epoch(epoch)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device)
+            skip, seconds_before = 0, 0.0  # steps (and seconds) of this epoch done before a resume
+            if within is not None:
+                skip, seconds_before = within["step"], within["seconds"]
+                loss_sum, correct = within["loss_sum"].to(device), within["correct"].to(device)
             lr_now = optimizer.param_groups[0]["lr"]
-            tic = time.perf_counter()
+            tic = last_save = time.perf_counter()
             total = len(subset) if importance is None else len(importance)
-            # off a terminal (logs, pipes) only the per-epoch line below
+            # off a terminal (logs, pipes): a line with rate and ETA every PLAIN_INTERVAL_S, the epoch's line below
             with progress_bar(total, desc=f"epoch {epoch + 1}/{epochs}", quiet=not (progress and writes_files),
                               plain=False) as bar:
-                for x, y, idx in train_loader.epoch(seed + epoch, sampler if importance is None else importance):
+                for step, (x, y, idx) in enumerate(train_loader.epoch(seed + epoch,
+                                                                      sampler if importance is None else importance)):
+                    if step < skip:  # trained before the resume: loaded again only to replay the loading's draws
+                        if step == skip - 1:
+                            _set_rng_state(within["rng"], device)  # as they were when the checkpoint was written
+                        bar.update(len(y))
+                        continue
+                    cached = None if teacher_cache is None or alpha == 0 else teacher_cache[idx]
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     idx_dev = idx.to(device, non_blocking=True)
                     cached = None
@@ -409,26 +477,25 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
                     loss_sum += out["loss"] * len(y)
                     correct += out["correct"].sum()
                     bar.update(len(y))
+                    now = time.perf_counter()
+                    if within_epochs and writes_files and (
+                            (checkpoint_steps and (step + 1) % checkpoint_steps == 0) or
+                            (checkpoint_every_s and now - last_save >= checkpoint_every_s)):
+                        _save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, history, forgetting,
+                                         identity, sampler=importance, kd_term=kd_term,
+                                         within={"step": step + 1, "loss_sum": loss_sum.cpu(),
+                                                 "correct": correct.cpu(), "rng": _rng_state(device),
+                                                 "seconds": seconds_before + now - tic})
+                        last_save = time.perf_counter()
+            within = None
             scheduler.step()
             if ddp:
                 dist.all_reduce_sum(loss_sum)
                 dist.all_reduce_sum(correct)
                 dist.broadcast_buffers(model)  # BatchNorm statistics: rank 0's, the ones its checkpoint holds
-            seconds = time.perf_counter() - tic
+            seconds = seconds_before + time.perf_counter() - tic
             n = len(sampler) * dist.world_size() if ddp else total  # DistributedSampler pads to equal shares
             record = {"epoch": epoch + 1, "lr": lr_now, "train_loss": float(loss_sum) / n,
                       "train_acc": float(correct) / n, "seconds": seconds, "examples_per_s": n / max(seconds, 1e-9)}
-            if eval_dataset is not None:
-                ev = _evaluate(model, eval_loader, len(eval_dataset), device, precision, ddp)
-                record.update(eval_loss=ev["loss"], eval_acc=ev["acc"])
-            history.append(record)
-            if not writes_files:
-                continue
-            if progress:
-                print(_epoch_line(record, epochs), file=sys.stderr, flush=True)
-            if checkpoint_path is not None:
-                _save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch + 1, history, forgetting, identity,
-                                 sampler=importance, kd_term=kd_term)
-            if on_epoch is not None:
-                on_epoch(history)
+            finish_epoch(record, epoch + 1)
     return history

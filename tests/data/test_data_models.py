@@ -108,6 +108,25 @@ def test_out_of_range_labels_and_unreadable_images_are_clear_errors(tmp_path):
         ds[4]
 
 
+def test_sixteen_bit_images_are_scaled_and_unscaled_depths_refused(tmp_path):
+    from PIL import Image
+    grey = np.random.default_rng(0).integers(1, 256, (20, 14), dtype=np.uint8)
+    for cls in ("eight", "sixteen"):
+        (tmp_path / "f" / cls).mkdir(parents=True)
+    Image.fromarray(grey).save(tmp_path / "f" / "eight" / "a.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "f" / "sixteen" / "a.png")  # the same picture
+    assert Image.open(tmp_path / "f" / "sixteen" / "a.png").mode == "I;16"
+    ds = load_dataset("folder", root=str(tmp_path / "f"), image_size=8)
+    eight, sixteen = ds[0][0], ds[1][0]
+    assert float(sixteen.std()) > 0.1  # not one flat (white) image
+    torch.testing.assert_close(sixteen, eight, rtol=0, atol=0)
+    Image.fromarray(grey.astype(np.float32)).save(tmp_path / "f" / "sixteen" / "b.tif")
+    ds = load_dataset("folder", root=str(tmp_path / "f"), image_size=8)
+    with pytest.raises(DataError, match=r"b.tif has 32-bit float pixels \(PIL mode F\) of no fixed range") as info:
+        ds[2]
+    assert "\n" not in str(info.value)
+
+
 def test_load_dataset_argument_errors(tmp_path):
     with pytest.raises(InvalidArgumentError, match="name must be one of digits, cifar10"):
         load_dataset("mnist")
@@ -164,3 +183,59 @@ def test_checkpoints_round_trip_and_mismatches_are_clear(tmp_path):
     torch.save({"model": a, "note": object}, tmp_path / "pickled.pt")  # a whole module: refused by weights_only
     with pytest.raises(CheckpointError, match="weights_only=True"):
         load_checkpoint(a, str(tmp_path / "pickled.pt"))
+
+
+def test_folder_walk_follows_no_loop_counts_real_folders_once_and_skips_appledouble(tmp_path):
+    import warnings
+    files = write_image_folder(tmp_path / "f")
+    (tmp_path / "f" / "loop").symlink_to(tmp_path / "f")       # ln -s . ROOT/loop
+    (tmp_path / "f" / "up").symlink_to(tmp_path)                # a link above the root
+    (tmp_path / "f" / "cat2").symlink_to(tmp_path / "f" / "cat")  # the same images under a second name
+    (tmp_path / "f" / "empty").mkdir()
+    (tmp_path / "f" / "dog" / "._img0.JPEG").write_bytes(b"\0\5\x16\7 AppleDouble")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = load_dataset("folder", root=str(tmp_path / "f"), image_size=8)
+    notes = [str(w.message) for w in caught]
+    assert ds.classes == ["cat", "cat2", "dog", "empty", "emu"] and ds.num_classes == 5
+    assert list(ds.files) == files and ds.targets.tolist() == [0, 0, 0, 2, 2, 2, 4, 4, 4]
+    assert ds.skipped_files == [os.path.join("dog", "._img0.JPEG")]
+    assert any("class folders loop, up link back" in n for n in notes)
+    assert any("2 class folders hold no images (cat2, empty); kept as classes without examples" in n for n in notes)
+    ds[3]  # the first dog image reads; the AppleDouble file is not among the images
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dropped = load_dataset("folder", root=str(tmp_path / "f"), image_size=8, drop_empty_classes=True)
+    assert dropped.classes == ["cat", "dog", "emu"] and dropped.targets.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_a_run_scans_an_image_folder_once(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from kdfast.data import imagefolder
+    from kdfast.io import atomic
+    from kdfast.pipelines.distill import load_distill_data
+    from kdfast.pipelines.score import load_score_data
+    write_image_folder(tmp_path / "f", per_class=4)
+    scans, stats = [], []
+    real_scan, real_stats = imagefolder.scan_image_folder, atomic.file_stats
+
+    def counted(calls, real):
+        def call(*args, **kwargs):
+            calls.append(args)
+            return real(*args, **kwargs)
+        return call
+    monkeypatch.setattr(imagefolder, "scan_image_folder", counted(scans, real_scan))
+    monkeypatch.setattr(atomic, "file_stats", counted(stats, real_stats))
+    cfg = SimpleNamespace(dataset="folder", data_root=str(tmp_path / "f"), split="train", image_size=8, decode="pil",
+                          train_epochs=2, limit=None)
+    data, train = load_score_data(cfg)
+    assert train is not data and train.augment is not None and data.augment is None
+    assert list(train.files) == list(data.files) and torch.equal(train.targets, data.targets)
+    data.files_fingerprint, train.files_fingerprint  # noqa: B018 - both views' identities
+    assert len(scans) == 1 and len(stats) == 1
+    scans.clear()
+    cfg = SimpleNamespace(dataset="folder", data_root=str(tmp_path / "f"), image_size=8, augment=True, keep=None,
+                          sampler=None, val_fraction=0.25, seed=0, steps=1)
+    distill = load_distill_data(cfg)
+    assert len(scans) == 1 and distill.evaluation.dataset.augment is None and distill.train.augment is not None

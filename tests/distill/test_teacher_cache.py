@@ -158,41 +158,22 @@ def test_check_dataset_names_the_files_that_differ(tmp_path):
         cache.check_dataset(load_dataset("digits"))
 
 
-@pytest.mark.parametrize("k", [1, 4, C])
-def test_topk_rows_are_sparse_teachers(tmp_path, k):
-    """topk_rows: k ids and log-probabilities per row (never N x C). renorm is the dense -inf rows' teacher;
-    tail keeps the full row's log-probabilities (its log-sum-exp is stored), so the missing mass is known."""
-    logits = torch.randn(N, C) * 4
-    _fill(tmp_path / "c", logits, topk=k, dtype="float32")
-    cache = TeacherCache.open(tmp_path / "c")
-    idx = torch.tensor([3, 0, 36, 3])
-    renorm = cache.topk_rows(idx)
-    assert isinstance(renorm, kdfast.TopKTeacher) and renorm.k == k and renorm.missing == "renorm"
-    assert renorm.indices.shape == (4, k) and renorm.indices.dtype == torch.int64
-    s, y = torch.randn(4, C), torch.randint(0, C, (4,))
-    dense = kdfast.kd_loss(s, cache[idx], y, alpha=0.7, temperature=3.0, backend="torch")
-    sparse = kdfast.kd_loss(s, renorm, y, alpha=0.7, temperature=3.0)
-    assert float(sparse) == pytest.approx(float(dense), rel=1e-5)
-    tail = cache.topk_rows(idx, missing="tail")
-    want = torch.log_softmax(logits[idx], -1).gather(1, tail.indices)
-    torch.testing.assert_close(tail.logprobs, want, rtol=0, atol=1e-5)
-    assert float(tail.logprobs.max()) <= 0.0
+def test_a_label_mismatch_names_the_examples_that_differ(tmp_path):
+    from _fake_datasets import write_image_folder
 
-
-def test_topk_rows_refusals(tmp_path):
-    _fill(tmp_path / "full", torch.randn(N, C))
-    with pytest.raises(InvalidArgumentError, match=r"topk_rows: .* holds full logits \(topk=None\)"):
-        TeacherCache.open(tmp_path / "full").topk_rows([0])
-    _fill(tmp_path / "k", torch.randn(N, C), topk=2)
-    cache = TeacherCache.open(tmp_path / "k")
-    with pytest.raises(InvalidArgumentError, match="missing must be one of"):
-        cache.topk_rows([0], missing="none")
-    # a cache written before the log-sum-exp was stored offers only the renormalised top k
-    meta = json.loads((tmp_path / "k" / "meta.json").read_text())
-    del meta["logsumexp"]
-    (tmp_path / "k" / "meta.json").write_text(json.dumps(meta))
-    os.remove(tmp_path / "k" / "logsumexp.npy")
-    old = TeacherCache.open(tmp_path / "k")
-    assert old.topk_rows([1]).k == 2
-    with pytest.raises(InvalidArgumentError, match="without the rows' log-sum-exp"):
-        old.topk_rows([1], missing="tail")
+    from kdfast.data import data_identity, load_dataset
+    write_image_folder(tmp_path / "f")
+    data = load_dataset("folder", root=tmp_path / "f", image_size=8)
+    identity = data_identity(data)
+    writer = TeacherCache.create(tmp_path / "c", num_examples=len(data), num_classes=3,
+                                 dataset_fingerprint=identity["labels_fingerprint"], teacher_fingerprint="t" * 64,
+                                 files=data.files, files_fingerprint=identity["files_fingerprint"], labels=data.targets)
+    writer.write(torch.arange(len(data)), torch.randn(len(data), 3))
+    writer.close()
+    (tmp_path / "f" / "emu" / "img0.JPEG").rename(tmp_path / "f" / "dog" / "img9.JPEG")  # relabelled: emu -> dog
+    (tmp_path / "f" / "emu" / "img1.png").rename(tmp_path / "f" / "dog" / "img8.png")
+    moved = load_dataset("folder", root=tmp_path / "f", image_size=8)
+    # index 6 and 7 held emu's first two images (label 2); they now hold dog's moved ones (label 1)
+    with pytest.raises(TeacherCacheMismatchError, match=r"built from another dataset .* \(2 labels differ: "
+                                                        r"emu/img0.JPEG: 2 then, 1 now, emu/img1.png: 2 then, 1 now\)"):
+        TeacherCache.open(tmp_path / "c").check_dataset(moved)

@@ -70,6 +70,18 @@ def test_prune_bare_npy_with_labels_file_and_umbrella(tmp_path, capsys):
     assert np.array_equal(np.bincount(labels[keep]), [2] * 5)
 
 
+def test_prune_summarises_many_classes_in_one_short_line(tmp_path, capsys):
+    labels = np.arange(1000) % 50
+    np.save(tmp_path / "s.npy", np.random.default_rng(0).random(1000).astype(np.float32))
+    np.save(tmp_path / "y.npy", labels)
+    rc = prune_main(["--scores", str(tmp_path / "s.npy"), "--fraction", "0.5", "--class-balanced", "--labels",
+                     str(tmp_path / "y.npy"), "--out", str(tmp_path / "k.npy"), "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    line = next(ln for ln in out.splitlines() if ln.startswith("per class"))
+    assert line == "per class (50 classes): min 10 (class 0), median 10, max 10 (class 0)" and len(line) < 120
+
+
 @pytest.mark.parametrize("argv, code, match", [
     (["--fraction", "0"], 2, r"--fraction must be in \(0, 1\]"),
     (["--fraction", "0.5", "--ccs-beta", "1"], 2, r"--ccs-beta must be in \[0, 1\)"),
@@ -104,6 +116,32 @@ def test_prune_failures(tmp_path, digits, capsys):
         rc = prune_main(argv + ["--out", str(tmp_path / "k.npy")])
         line = _one_error_line(capsys.readouterr().err, "kdfast-prune")
         assert rc == code and match in line, (argv, rc, line)
+
+
+def test_prune_never_overwrites_its_input_nor_writes_into_a_job_folder(scores_dir, tmp_path, capsys):
+    from kdfast.io import Job
+    folder, scores = scores_dir
+    np.save(tmp_path / "y.npy", np.arange(len(scores)) % 10)
+    job = Job.start(tmp_path / "ref", "score", {"method": "el2n"})
+    np.save(tmp_path / "ref" / "scores.npy", scores)
+    job.complete()
+    job.release()
+    cases = [
+        (["--scores", str(folder), "--out", str(folder / "scores.npy")], "would overwrite the input --scores file"),
+        (["--scores", str(folder / "scores.npy"), "--out", str(folder / "scores.npy")], "would overwrite the input"),
+        (["--scores", str(folder), "--class-balanced", "--labels", str(tmp_path / "y.npy"), "--out",
+          str(tmp_path / "y.npy")], "would overwrite the input --labels file"),
+        (["--scores", str(tmp_path / "ref"), "--out", str(tmp_path / "ref" / "scores.npy")], "would overwrite"),
+        (["--scores", str(folder), "--out", str(tmp_path / "ref" / "keep.npy")], "inside the kdfast run folder"),
+        (["--scores", str(folder), "--out", str(tmp_path / "ref" / "sub" / "keep.npy")], "inside the kdfast run"),
+    ]
+    for argv, match in cases:
+        rc = prune_main(argv + ["--fraction", "0.5"])
+        line = _one_error_line(capsys.readouterr().err, "kdfast-prune")
+        assert rc == 2 and match in line, (argv, rc, line)
+    assert np.array_equal(np.load(folder / "scores.npy"), scores) and np.load(tmp_path / "ref" / "scores.npy").dtype \
+        == np.float32
+    assert not (tmp_path / "ref" / "keep.npy").exists() and not (tmp_path / "ref" / "sub").exists()
 
 
 # ----------------------------------------------------------------------------------------- distill

@@ -385,3 +385,85 @@ def test_batched_jpeg_decode_matches_the_pil_path(tmp_path, capsys):
 def test_decode_on_a_data_set_without_image_files_is_a_usage_error(tmp_path, capsys):
     code, _, err = _run(["--decode", "cpu", "--out", str(tmp_path / "run")], capsys)
     assert code == 2 and "decode" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_models_are_checked_on_a_held_out_split_recorded_in_meta(tmp_path, capsys):
+    code, out, err = _run(["--model", "mlp", "--limit", "300", "--seeds", "1", "--train-epochs", "2", "--out",
+                           str(tmp_path / "r"), "--quiet"], capsys)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "r" / "meta.json").read_text())
+    held = meta["held_out"]
+    assert held["fraction"] == 0.05 and held["num_examples"] == len(held["indices"]) == 15  # 5% of each class
+    assert meta["warnings"] == [] and "held out: " in out
+    check = meta["checkpoints"][0]
+    data = load_dataset("digits")
+    model = load_checkpoint(create_model("mlp", num_classes=10, in_channels=1), tmp_path / "r" / "models" / "seed0.pt")
+    with torch.no_grad():
+        right = (model.eval()(torch.stack([data[i][0] for i in range(300)])).argmax(1) == data.targets[:300]).double()
+    trained = np.setdiff1d(np.arange(300), held["indices"])
+    assert check["held_out_acc"] == pytest.approx(right[held["indices"]].mean().item(), abs=1e-12)
+    assert check["train_acc"] == pytest.approx(right[trained].mean().item(), abs=1e-12)
+    # a diverging run: warned on stderr and in meta.json
+    code, out, err = _run(["--model", "mlp", "--limit", "300", "--seeds", "1", "--train-epochs", "2", "--lr", "1000",
+                           "--out", str(tmp_path / "d"), "--quiet"], capsys)
+    assert code == 0, err
+    notes = json.loads((tmp_path / "d" / "meta.json").read_text())["warnings"]
+    assert any("the training loss diverged" in n for n in notes) and any("did not learn" in n for n in notes)
+    assert all(f"kdfast-score: warning: {n}" in err for n in notes)
+    code, _, err = _run(["--method", "forgetting", "--holdout-fraction", "0.1", "--out", str(tmp_path / "f")], capsys)
+    assert code == 2 and "takes no --holdout-fraction" in err
+
+
+def test_memorising_and_diverging_curves_are_named():
+    from kdfast.pipelines.score import diverged_warnings, learning_warnings, memorised_warnings
+    assert memorised_warnings([1.0, 0.9], [0.4, 0.8]) == [
+        "model 1: held-out accuracy 0.400 is far below its accuracy 1.000 on the examples it trained on; it memorised "
+        "them rather than learned (fewer epochs, augmentation or more data may help)"]
+    assert diverged_warnings([[2.3, 1.1, 0.7]], 10) == []
+    assert "nan at epoch 2" in diverged_warnings([[2.3, float("nan")]], 10)[0]
+    assert "30 at epoch 3" in diverged_warnings([[2.3, 1.0, 30.0]], 100)[0]  # 30 x its best, below 10 ln 100
+    history = [{"train_loss": 1.1, "train_acc": 0.33, "eval_loss": 1.1, "eval_acc": 0.333},
+               {"train_loss": 1.0, "train_acc": 0.34, "eval_loss": 6.4e6, "eval_acc": 0.333}]
+    notes = learning_warnings(history, np.array([0, 1, 2] * 10), 3, "teacher")
+    assert [n.split(":")[1].split("(")[0].strip() for n in notes] == [
+        "the held-out loss diverged", "held-out accuracy 0.333 is at the majority-class share 0.333; it did not learn"]
+
+
+def test_the_eval_accuracy_pass_resumes_after_sigkill(tmp_path, capsys):
+    _checkpoint(tmp_path / "a.pt", seed=3)
+    common = ["--checkpoint", str(tmp_path / "a.pt"), "--limit", "480", "--batch-size", "8", "--chunk-size", "8",
+              "--method", "loss", "--quiet"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "kdfast.cli.score", *common, "--out", str(killed)],
+                            stderr=subprocess.PIPE, text=True)
+    _kill_when(proc, killed / "accuracy-chunks")
+    assert not (killed / "chunks").exists()  # killed in the accuracy pass, before scoring
+    chunks = sorted(f for f in os.listdir(killed / "accuracy-chunks") if f.endswith(".npz"))
+    code, _, err = _run([*common, "--out", str(killed), "--resume"], capsys)
+    assert code == 0, err
+    code, _, err = _run([*common, "--out", str(tmp_path / "whole")], capsys)
+    assert code == 0, err
+    meta, whole = (json.loads((folder / "meta.json").read_text()) for folder in (killed, tmp_path / "whole"))
+    assert meta["checkpoints"][0]["eval_acc"] == whole["checkpoints"][0]["eval_acc"] and chunks
+    np.testing.assert_array_equal(np.load(killed / "scores.npy"), np.load(tmp_path / "whole" / "scores.npy"))
+    assert not (killed / "accuracy-chunks").exists()
+
+
+def test_a_second_run_into_a_live_runs_folder_fails_at_once_naming_its_pid(tmp_path, capsys):
+    common = ["--model", "mlp", "--limit", "256", "--seeds", "1", "--train-epochs", "50", "--train-batch-size", "8",
+              "--quiet", "--out", str(tmp_path / "conc")]
+    proc = subprocess.Popen([sys.executable, "-m", "kdfast.cli.score", *common, "--lr", "0.01"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "conc" / "job.json").exists() and time.time() < deadline:
+            time.sleep(0.01)
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            code, _, err = _run([*common, "--lr", "0.02", *extra], capsys)
+            assert code == 1 and f"is in use by a running kdfast job (pid {proc.pid})" in err, err
+            assert len(err.strip().splitlines()) == 1
+        assert json.loads((tmp_path / "conc" / "job.json").read_text())["identity"]["lr"] == 0.01
+        assert proc.poll() is None  # the live run goes on
+    finally:
+        proc.kill()
+        proc.wait()

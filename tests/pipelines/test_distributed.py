@@ -203,9 +203,10 @@ def test_two_rank_distillation_writes_once_and_resumes(tmp_path):
     out = tmp_path / "ddp"
     done = _run_torchrun("distill", [*common, "--epochs", "1", "--out", str(out)])
     assert done.stdout.count("mlp student") == 1  # rank 0 alone reports and writes
-    assert sorted(os.listdir(out)) == ["accuracy.png", "checkpoint.pt", "job.json", "metrics.csv", "student.pt",
-                                       "summary.json", "teacher"]
-    assert sorted(os.listdir(out / "teacher")) == ["accuracy.png", "checkpoint.pt", "metrics.csv", "teacher.pt"]
+    assert sorted(os.listdir(out)) == ["accuracy.png", "checkpoint.pt", "job.json", "job.lock", "metrics.csv",
+                                       "student.pt", "summary.json", "teacher"]
+    assert sorted(os.listdir(out / "teacher")) == ["accuracy.png", "checkpoint.pt", "history.json", "metrics.csv",
+                                                   "teacher.pt"]
     _check_teacher_against_a_float64_oracle(out / "teacher" / "teacher.pt")
     first = _metrics(out)
     assert [row["epoch"] for row in first] == ["1"] and float(first[0]["eval_acc"]) > 0.1

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import kdfast
-from kdfast.data import (DataIdentityError, LabeledSubset, check_identity, data_identity, describe_file_mismatch,
-                         load_dataset, stratified_split)
+from kdfast.data import (DataIdentityError, LabeledDataset, LabeledSubset, check_identity, data_identity,
+                         describe_file_mismatch, load_dataset, stratified_split)
 from kdfast.errors import KDFastError
-from kdfast.io import (ChunkStore, IncompleteStoreError, Job, JobError, JobExistsError, JobMismatchError,
-                         atomic_write, save_npy, write_json)
+from kdfast.io import (ChunkStore, IncompleteStoreError, Job, JobError, JobExistsError, JobLockedError,
+                         JobMismatchError, atomic_write, save_npy, write_json)
 from kdfast.models import create_model
 
 
@@ -202,7 +202,7 @@ def test_file_fingerprint_sees_renames_and_replaced_files(tmp_path):
     assert identity["files_fingerprint"] and identity["num_examples"] == 9
     check_identity(identity, load_dataset("folder", root=tmp_path / "f", image_size=8), what="scores")
     (tmp_path / "f" / "dog" / "img1.png").write_bytes((tmp_path / "f" / "dog" / "img1.png").read_bytes() + b"\0")
-    with pytest.raises(DataIdentityError, match="sizes differ: files were replaced"):
+    with pytest.raises(DataIdentityError, match="1 files replaced or modified .*: dog/img1.png"):
         check_identity(identity, load_dataset("folder", root=tmp_path / "f", image_size=8), what="scores",
                        recorded_files=data.files)
     assert describe_file_mismatch(["a", "b"], ["b", "a"]) == "2 files at other positions: index 0: a then, b now, " \
@@ -239,3 +239,195 @@ def test_fit_refuses_to_resume_a_checkpoint_of_another_run(tmp_path, digits):
         fit(create_model("mlp", num_classes=10, in_channels=1), data, **{**args, "epochs": 3}, resume=True)
     history = fit(create_model("mlp", num_classes=10, in_channels=1), data, **args, resume=True)
     assert [h["epoch"] for h in history] == [1, 2]  # the same run: restored, nothing left to train
+
+
+# ---------------------------------------------------------------------------------------- the folder lock
+_HOLD = """
+import sys, time
+from kdfast.io import Job
+job = Job.start(sys.argv[1], "score", {"lr": float(sys.argv[2])})
+print("started", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_live_run_locks_its_folder_and_a_killed_one_does_not(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out), "0.01"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "started"
+        assert sorted(os.listdir(out)) == ["job.json", "job.lock"]  # only job.json: a failed start if nobody held it
+        for kwargs in ({}, {"resume": True}, {"overwrite": True}):
+            with pytest.raises(JobLockedError, match=f"in use by a running kdfast job \\(pid {holder.pid}\\)"):
+                Job.start(out, "score", {"lr": 0.02}, **kwargs)
+        assert json.loads((out / "job.json").read_text())["identity"]["lr"] == 0.01  # the live run's record kept
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # the kernel dropped the killed run's lock: its job.json alone is a failed start, and a new run takes the folder
+    job = Job.start(out, "score", {"lr": 0.02})
+    assert job.record["identity"]["lr"] == 0.02 and (out / "job.lock").read_text().strip() == str(os.getpid())
+    job.release()
+
+
+def test_resume_removes_the_temporary_files_a_killed_run_left(tmp_path):
+    out = tmp_path / "run"
+    Job.start(out, "score", {"a": 1}).release()
+    save_npy(out / "scores.npy", np.arange(3.0))
+    (out / "models").mkdir()
+    for leftover in ("scores.npy.tmp4242", "models/seed0.partial.pt.tmp17"):
+        (out / leftover).write_bytes(b"half")
+    (out / "notes.tmp").write_text("not ours: no pid")
+    Job.start(out, "score", {"a": 1}, resume=True).release()
+    assert not (out / "scores.npy.tmp4242").exists() and not (out / "models" / "seed0.partial.pt.tmp17").exists()
+    assert (out / "notes.tmp").exists() and (out / "scores.npy").exists()
+
+
+def test_a_run_inside_another_runs_folder_is_refused(tmp_path):
+    Job.start(tmp_path / "ref", "score", {}).release()
+    with pytest.raises(JobError, match="lies inside the kdfast run folder .*ref"):
+        Job.start(tmp_path / "ref" / "models" / "again", "score", {})
+    assert not (tmp_path / "ref" / "models").exists()
+
+
+def test_spellings_of_one_path_are_one_job(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    out = tmp_path / "run"
+    Job.start(out, "score", {"data_root": "photos", "checkpoint": ["./a.pt"], "lr": 0.1}).release()
+    (out / "scores.npy").write_bytes(b"x")
+    for root in ("photos/", str(tmp_path / "photos"), "./photos//"):
+        Job.start(out, "score", {"data_root": root, "checkpoint": [str(tmp_path / "a.pt")], "lr": 0.1},
+                  resume=True).release()
+    with pytest.raises(JobMismatchError, match="data_root"):
+        Job.start(out, "score", {"data_root": "other", "checkpoint": ["a.pt"], "lr": 0.1}, resume=True)
+
+
+def test_overwrite_never_deletes_an_input_inside_the_folder(tmp_path):
+    out = tmp_path / "run"
+    Job.start(out, "distill", {"keep": None}).release()
+    save_npy(out / "keep.npy", np.arange(4))
+    with pytest.raises(JobError, match=r"would delete the input --keep .*keep.npy, which lies inside"):
+        Job.start(out, "distill", {"keep": str(out / "keep.npy")}, overwrite=True, label=lambda f: "--" + f)
+    assert (out / "keep.npy").exists()
+
+
+def test_another_commands_run_gets_no_resume_hint(tmp_path):
+    out = tmp_path / "run"
+    Job.start(out, "distill", {"a": 1})
+    (out / "student.pt").write_bytes(b"x")
+    with pytest.raises(JobExistsError) as info:
+        Job.start(out, "score", {"a": 1})
+    assert "holds a distill run, not a score run" in str(info.value) and "resume" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------- same-size replacement
+def test_a_file_replaced_by_one_of_the_same_size_is_refused_everywhere_and_named(tmp_path):
+    from _fake_datasets import write_image_folder
+
+    from kdfast.pruning.keep import read_keep, write_keep
+    from kdfast.scoring.folder import read_scores
+    from kdfast.distill.teacher_cache import TeacherCache, TeacherCacheMismatchError
+    write_image_folder(tmp_path / "f")
+    data = load_dataset("folder", root=tmp_path / "f", image_size=8)
+    identity = data_identity(data)
+    # the three kinds of artifact, each recording the data identity and the file list
+    run = tmp_path / "run"
+    Job.start(run, "score", {"lr": 0.1}, data=identity, files=data.files).release()
+    save_npy(run / "scores.npy", np.random.rand(len(data)).astype(np.float32))
+    write_json(run / "meta.json", {"data": identity})
+    write_keep(str(tmp_path / "keep.npy"), [0, 2], {"data": identity}, files=data.files)
+    writer = TeacherCache.create(tmp_path / "cache", num_examples=len(data), num_classes=3,
+                                 dataset_fingerprint=identity["labels_fingerprint"], teacher_fingerprint="t" * 64,
+                                 files=data.files, files_fingerprint=identity["files_fingerprint"])
+    writer.write(torch.arange(len(data)), torch.randn(len(data), 3))
+    writer.close()
+    # another image of the same size under the same name
+    victim = tmp_path / "f" / "emu" / "img1.png"
+    other = (tmp_path / "f" / "cat" / "img1.png").read_bytes()
+    size = victim.stat().st_size
+    victim.write_bytes(other[:size] + b"\0" * max(0, size - len(other)))
+    assert victim.stat().st_size == size
+    now = load_dataset("folder", root=tmp_path / "f", image_size=8)
+    named = r"1 files replaced or modified \(size or modification time differs\): emu/img1.png"
+    with pytest.raises(JobMismatchError, match=named):
+        Job.start(run, "score", {"lr": 0.1}, data=data_identity(now), files=now.files, resume=True)
+    with pytest.raises(DataIdentityError, match=named):
+        read_keep(str(tmp_path / "keep.npy"), now)
+    with pytest.raises(DataIdentityError, match=named):
+        read_scores(str(run), now)
+    with pytest.raises(TeacherCacheMismatchError, match=named):
+        TeacherCache.open(tmp_path / "cache").check_dataset(now)
+
+
+# --------------------------------------------------------------------------------- long runs: within-epoch state
+class _Noisy(LabeledDataset):
+    """Digits with random noise drawn at load time from the global RNG (as in-process augmentation draws), which
+    raises KeyboardInterrupt (a kill) on its `stop`-th load."""
+
+    def __init__(self, dataset, n, stop=None):
+        super().__init__("noisy", dataset.targets[:n], dataset.num_classes)
+        self.base, self.stop, self.loads = dataset, stop, 0
+
+    def load(self, index):
+        self.loads += 1
+        if self.loads == self.stop:
+            raise KeyboardInterrupt
+        return self.base.load(index) + 0.1 * torch.randn(1, 8, 8)
+
+
+def test_a_kill_within_an_epoch_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, digits, monkeypatch):
+    from kdfast.runtime import progress as progress_module
+    from kdfast.training.fit import fit
+    args = dict(epochs=2, batch_size=16, lr=0.05, seed=3, checkpoint_steps=3)
+
+    def run(path, stop=None, **kw):
+        torch.manual_seed(0)
+        model = create_model("mlp", num_classes=10, in_channels=1)
+        history = fit(model, _Noisy(digits, 96, stop), **args, checkpoint_path=path, **kw)
+        return model, history
+
+    reference, ref_history = run(tmp_path / "a.pt", progress=False)
+    with pytest.raises(KeyboardInterrupt):  # killed in epoch 2's fifth batch, after its checkpoint at step 3
+        run(tmp_path / "b.pt", stop=96 + 4 * 16 + 5, progress=False)
+    state = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["within"]["step"] == 3
+    torch.manual_seed(123)  # the global RNG of a new process: the checkpoint restores the one it had
+    monkeypatch.setattr(progress_module, "PLAIN_INTERVAL_S", 0.0)
+    resumed, history = run(tmp_path / "b.pt", resume=True)
+    for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [h["train_loss"] for h in history] == [h["train_loss"] for h in ref_history]
+    assert "within" not in torch.load(tmp_path / "b.pt", weights_only=True)
+
+
+def test_training_reports_rate_and_eta_within_an_epoch_off_a_terminal(digits, monkeypatch, capsys):
+    from kdfast.runtime import progress as progress_module
+    from kdfast.training.fit import fit
+    monkeypatch.setattr(progress_module, "PLAIN_INTERVAL_S", 0.0)
+    fit(create_model("mlp", num_classes=10, in_channels=1), LabeledSubset(digits, range(64)), epochs=1,
+        batch_size=16, lr=0.05)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("epoch 1/1: 16/64 ex (") and ", ETA " in lines[0] and "ex/s" in lines[0]
+    assert lines[-1].startswith("epoch 1/1: lr ")
+
+
+def test_a_kill_during_evaluation_keeps_the_epoch(tmp_path, digits):
+    from kdfast.training.fit import fit
+    args = dict(epochs=1, batch_size=32, lr=0.05, progress=False, checkpoint_path=tmp_path / "c.pt")
+
+    torch.manual_seed(0)
+    model = create_model("mlp", num_classes=10, in_channels=1)
+    with pytest.raises(KeyboardInterrupt):  # killed on the evaluation's first load
+        fit(model, LabeledSubset(digits, range(64)), eval_dataset=_Noisy(digits, 32, stop=1), **args)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert state["epoch"] == 1 and "record" in state["within"]
+    again = create_model("mlp", num_classes=10, in_channels=1)
+    history = fit(again, LabeledSubset(digits, range(64)), eval_dataset=LabeledSubset(digits, range(64, 96)),
+                  **args, resume=True)
+    assert len(history) == 1 and "eval_acc" in history[0]  # evaluated, not trained again
+    assert all(torch.equal(trained[k], v) for k, v in again.state_dict().items())

@@ -154,3 +154,36 @@ def test_a_keyed_score_file_gives_the_keep_file_the_folders_data_identity(folder
     with pytest.raises(DataIdentityError, match="files_fingerprint differ; 1 files gone: cat/cat_0.png; 1 new: "
                                                 "cat/cat_9.png"):
         read_keep(str(keep), load_dataset("folder", root=str(root)))
+
+
+def test_keys_never_match_across_class_folders(folder):
+    _, data = folder
+    truth = _scores_for(data.files)
+    # every dog key renamed into a class folder that does not exist: they fit no file, whatever their names
+    keys = [f.replace("dog/", "wolf/") for f in truth]
+    with pytest.raises(ScoreFileError, match=r"3 of 12 data set files have no score: 'dog/dog_0.png'"):
+        match_scores(keys, list(truth.values()), data.files)
+    # a cat key under the dog folder never scores the cat file of the same name
+    files = ["cat/0001.jpg", "dog/0002.jpg"]
+    with pytest.raises(ScoreFileError, match=r"1 of 2 data set files have no score: 'cat/0001.jpg'"):
+        match_scores(["dog/0001.jpg", "dog/0002.jpg"], [1.0, 2.0], files)
+    # extra leading folders and bare names still match
+    got, report = match_scores(["train/cat/0001", "0002.jpg"], [1.0, 2.0], files)
+    assert got.tolist() == [1.0, 2.0] and (report.exact, report.lenient) == (0, 2)
+
+
+def test_two_keys_on_one_file_are_an_error_even_when_one_matches_exactly(folder):
+    _, data = folder
+    truth = _scores_for(data.files)
+    keys, values = list(truth), list(truth.values())
+    with pytest.raises(ScoreFileError, match=r"files 'cat/cat_0.png' and 'cat/cat_0' both match data set file "
+                                             r"'cat/cat_0.png'"):
+        match_scores(keys + ["cat/cat_0"], values + [7.0], data.files)
+
+
+def test_a_csv_with_a_utf8_bom_header_is_read(folder, tmp_path):
+    _, data = folder
+    truth = _scores_for(data.files)
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + ("file,score\n" + "".join(f"{k},{v}\n" for k, v in truth.items())).encode())
+    np.testing.assert_array_equal(load_score_file(str(path), files=data.files), [truth[f] for f in data.files])
