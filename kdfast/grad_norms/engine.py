@@ -50,7 +50,7 @@ from ..dispatch import resolve_backend
 from ..errors import BackendUnavailableError, InvalidArgumentError, UnsupportedModuleError
 from . import rules  # noqa: F401  (registers the built-in rules)
 from .fallback import fallback_sqnorms, log_fallback_once, per_example_grads
-from .registry import CHILDREN, SAVERS, Rule, Sink, find_rule, takes_kwargs, takes_sink
+from .registry import BATCH_DIMS, CHILDREN, SAVERS, Rule, Sink, find_rule, takes_kwargs, takes_sink
 from .uses import UseTracker, chain_to_params, linear_use_sqnorms, per_example_derived_grads
 
 LOSSES = ("ce", "kd")
@@ -335,8 +335,11 @@ class GradNormPlan:
                 "input tensor; its rule reads the first positional argument")
         several = type(output) in (tuple, list)
         tensors = [o for o in output if _is_float_tensor(o)] if several else [output]
-        if not tensors or any(not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != call.B
-                              for t in tensors):
+        dims = [0] * len(tensors)
+        if tensors and layer.rule in BATCH_DIMS:
+            dims[0] = BATCH_DIMS[layer.rule](module)
+        if not tensors or any(not isinstance(t, torch.Tensor) or t.dim() <= d or t.shape[d] != call.B
+                              for t, d in zip(tensors, dims)):
             got = (tuple(output.shape) if isinstance(output, torch.Tensor)
                    else [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in output]
                    if type(output) in (tuple, list) else type(output).__name__)

@@ -15,6 +15,8 @@ took from the forward, e.g. the statistics a normalisation layer computed, or No
 `kwargs` parameter also receives the call's keyword arguments). A rule for a module returning a tuple
 receives the tuple of its tensor outputs' gradients. `children` names submodules whose parameters the
 module's own code uses (nn.MultiheadAttention's out_proj): the rule covers them, as dotted names in `want`.
+`batch_dim(module) -> int` says where the batch is in the (first) output of a module that is not batch-first
+(nn.MultiheadAttention with batch_first=False); the rule then receives that gradient as it is.
 
 A rule without a `sink` parameter (rule(module, x, grad_output, *, want, backend) -> {name: (B,) squared
 norms}) is accepted too; the engine adds its values.
@@ -34,6 +36,7 @@ Rule = Callable[..., dict | None]
 RULES: dict[type, Rule] = {}
 SAVERS: dict[Rule, Callable] = {}
 CHILDREN: dict[Rule, tuple[str, ...]] = {}
+BATCH_DIMS: dict[Rule, Callable] = {}
 
 
 class Sink:
@@ -52,14 +55,14 @@ class Sink:
 
 
 def register_rule(*module_types: type, overwrite: bool = False, save: Callable | None = None,
-                  children: tuple[str, ...] = ()):
+                  children: tuple[str, ...] = (), batch_dim: Callable | None = None):
     """Decorator registering a rule for one or more nn.Module subclasses.
 
         @register_rule(MyConv)
         def my_conv_rule(module, x, grad_output, *, want, backend, sink, saved): ...
 
     `save(module, args, output)`, when given, runs in the forward and its result reaches the rule as
-    `saved`; `children` names submodules the rule covers. Replacing an existing rule needs overwrite=True.
+    `saved`; `children` names submodules the rule covers; `batch_dim(module)` gives the batch dim of its output. Replacing an existing rule needs overwrite=True.
     """
     if not module_types:
         raise InvalidArgumentError("register_rule: give at least one nn.Module subclass, got none")
@@ -82,6 +85,8 @@ def register_rule(*module_types: type, overwrite: bool = False, save: Callable |
             SAVERS[rule] = save
         if children:
             CHILDREN[rule] = tuple(children)
+        if batch_dim is not None:
+            BATCH_DIMS[rule] = batch_dim
         return rule
 
     return decorate
