@@ -258,7 +258,11 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path,
     # argparse quotes the choices on some Python versions and not on others
     (["--dataset", "mnist"], 2, ("invalid choice: 'mnist' (choose from ", "digits", "cifar10", "imagenet")),
     (["--method", "entropy"], 2, ("invalid choice: 'entropy' (choose from ", "el2n", "grand-last", "forgetting")),
-    (["--model", "vgg"], 2, ("invalid choice: 'vgg' (choose from ", "cnn", "resnet110", "wrn40_2", "resnet50")),
+    (["--model", "vgg"], 2, ("model must be one of cnn", "resnet110", "wrn40_2", "resnet50", "torchvision:NAME or "
+                             "timm:NAME, got 'vgg'")),
+    (["--model", "torchvision:vgg99"], 2, "torchvision.models has no constructor 'vgg99'"),
+    (["--model", "torchvision:resnet50:IMAGENET1K_V2"], 2, "kdfast never downloads weights"),
+    (["--num-classes", "0"], 2, "--num-classes must be >= 1, got 0"),
     (["--dataset", "cifar10"], 2, "--dataset cifar10 needs --data-root"),
     (["--batch-size", "0", "--seeds", "0"], 2, "--seeds must be >= 1, got 0; --batch-size must be >= 1, got 0"),
     (["--checkpoint", "nope.pt"], 2, "--checkpoint nope.pt does not exist"),

@@ -28,6 +28,10 @@ from .forms import CHUNK_ELEMENTS, acc_dtype, bias_sqnorm, weight_sqnorm
 
 # The graph bookkeeping ops the engine itself calls inside the forward: never uses.
 _IGNORED = {torch.Tensor.register_hook, torch.Tensor.requires_grad_, torch.Tensor.detach}
+# Ops that give parameter-derived tensors a batch dim (a class token expanded to B rows); a gather never does,
+# even where its row count happens to be a multiple of B.
+_SPREADERS = {torch.Tensor.expand, torch.Tensor.expand_as, torch.Tensor.repeat, torch.Tensor.broadcast_to,
+              torch.broadcast_to, torch.Tensor.tile, torch.tile}
 
 
 class Use:
@@ -86,8 +90,8 @@ class UseTracker(TorchFunctionMode):
                    if isinstance(t, torch.Tensor) and pos not in derived and t.dim() > 0 and id(t) not in self.buffers
                    and (t.requires_grad or (lead is not None and t.shape[0] == lead and lead % self.B == 0))]
         if not batched:
-            # derived from parameters alone, unless this op spreads them over the batch (expand to B rows)
-            spread = (lead is not None and lead == self.B and
+            # derived from parameters alone, unless this op spreads them over the batch (expand to B * k rows)
+            spread = (func in _SPREADERS and lead is not None and lead % self.B == 0 and
                       all(leaves[p].dim() == 0 or leaves[p].shape[0] != lead for p in derived))
             if not spread:
                 for o in outs:
