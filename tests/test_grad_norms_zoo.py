@@ -160,7 +160,7 @@ def test_tied_parameters_norm_of_the_summed_gradient():
     assert ((per_example_grad_norms(untied, ids, torch.randint(0, 11, (3, 5))) - norms).abs() > 1e-6).any()
 
 
-def test_an_unsupported_custom_module_is_listed_in_one_error_and_falls_back_alone():
+def test_an_unsupported_custom_module_is_listed_in_one_error_and_falls_back_alone(caplog):
     class BatchCoupled(nn.Module):  # its parameter meets a statistic over the whole batch
         def __init__(self, d):
             super().__init__()
@@ -175,8 +175,13 @@ def test_an_unsupported_custom_module_is_listed_in_one_error_and_falls_back_alon
     with pytest.raises(UnsupportedModuleError, match=r"2 module\(s\).*`1` \(BatchCoupled\).*`4` \(BatchCoupled\)"
                                                      r".*on_missing='fallback'"):
         per_example_grad_norms(model, x, y)
-    # the fallback takes over the two small modules only; torch.func on one example sees the batch of one
-    norms, sq = per_example_grad_norms(model, x, y, on_missing="fallback", per_layer=True)
+    # the fallback takes over the two small modules only (torch.func on one example sees a batch of one),
+    # logged once for the class; the Linear layers keep their rules
+    import kdfast.grad_norms.fallback as fallback_module
+    fallback_module._LOGGED.discard(BatchCoupled)
+    with caplog.at_level("WARNING", logger="kdfast.grad_norms"):
+        norms, sq = per_example_grad_norms(model, x, y, on_missing="fallback", per_layer=True)
+    assert [r.getMessage().count("no rule for BatchCoupled") for r in caplog.records] == [1]
     assert list(sq) == [n for n, _ in model.named_parameters()] and torch.isfinite(norms).all()
 
 
