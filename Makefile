@@ -14,7 +14,7 @@ $(VENV)/.kdfast-installed: pyproject.toml setup.py kdfast/runtime/cpp_build.py $
 	$(PY) -m pip install -q --upgrade pip setuptools wheel pybind11 ninja
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	# --no-build-isolation: the C++ extension compiles against the torch installed above
-	$(PY) -m pip install -q --no-build-isolation -e '.[data,test]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[data,models,test]'
 	$(VENV)/bin/kdfast env
 	touch $@
 

@@ -112,8 +112,14 @@ def lower(text: str) -> str:
 
 
 def model_name(text: str) -> str:
-    """argparse `type=` for architectures: case-insensitive, '-' or '_' (resnet-18 = resnet18, wrn40-2 = wrn40_2)."""
-    return text.lower().replace("-", "_")
+    """argparse `type=` for architectures: built-in names case-insensitive, '-' or '_' (resnet-18 = resnet18,
+    wrn40-2 = wrn40_2); torchvision:NAME and timm:NAME as given. An unknown name is a usage error."""
+    from kdfast.models import PREFIXES, check_model_name
+    name = text if text.startswith(PREFIXES) else text.lower().replace("-", "_")
+    problem = check_model_name(name)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return name
 
 
 def add_output_options(group, *, out_help: str, resume_help: str) -> None:

@@ -87,11 +87,12 @@ def add_parser(subparsers):
                         f"With --steps it is the chain's validation split, where each step's weight is chosen (default "
                         f"{DEFAULT_VAL_FRACTION}; the chain is evaluated on the test split)")
     g = p.add_argument_group("Model")
-    g.add_argument("--model", type=model_name, choices=MODELS,
-                   help="student architecture (default: the data set's)")
+    g.add_argument("--model", type=model_name, metavar="NAME",
+                   help=f"student architecture: {', '.join(MODELS)}, torchvision:NAME or timm:NAME (randomly "
+                        "initialised; weights only from checkpoint files) (default: the data set's)")
     g.add_argument("--teacher", help="teacher checkpoint (.pt)")
-    g.add_argument("--teacher-model", type=model_name, choices=MODELS,
-                   help="teacher architecture (default: --model)")
+    g.add_argument("--teacher-model", type=model_name, metavar="NAME",
+                   help="teacher architecture, named as --model (default: --model)")
     g.add_argument("--train-teacher", action="store_true",
                    help="train the teacher here first (on all data, or on --teacher-fraction of it)")
     g.add_argument("--teacher-fraction", type=float, default=1.0,

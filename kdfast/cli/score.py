@@ -25,6 +25,7 @@ EPILOG = """examples:
                --checkpoint a.pt --checkpoint b.pt --out runs/imagenet-grand
   kdfast-score --method forgetting --train-epochs 10 --seeds 2 --show 8
   kdfast-score --dataset folder --data-root ~/photos --model resnet18 --checkpoint m.pt --image-size 128
+  kdfast-score --dataset folder --data-root ~/photos --model torchvision:vit_b_16 --method grand --checkpoint w.pt
 
 outputs (in --out):
   scores.npy            float32 (N,), data set order, higher = harder (mean over models)
@@ -70,9 +71,13 @@ def add_parser(subparsers):
                         "on the GPU (gpu, or auto when scoring on CUDA; falls back to the CPU with a note) or in the "
                         "workers (cpu) (default: pil)")
     g = p.add_argument_group("Model")
-    g.add_argument("--model", type=model_name, choices=MODELS,
-                   help="architecture (default: cnn for digits, resnet20 for cifar10/svhn, resnet32 for cifar100, "
+    g.add_argument("--model", type=model_name, metavar="NAME",
+                   help=f"architecture: {', '.join(MODELS)}, torchvision:NAME (any torchvision.models constructor) or "
+                        "timm:NAME (pip install 'kdfast[models]'); randomly initialised, weights only from "
+                        "--checkpoint (default: cnn for digits, resnet20 for cifar10/svhn, resnet32 for cifar100, "
                         "resnet18 for image folders)")
+    g.add_argument("--num-classes", type=int, help="outputs of the model's head where they differ from the data "
+                   "set's classes (e.g. an ImageNet checkpoint scoring a folder of its images) (default: the data's)")
     g.add_argument("--checkpoint", action="append", default=[], metavar="PATH",
                    help="score with these weights (repeat for an ensemble); otherwise models are trained here")
     g.add_argument("--train-epochs", type=int, help="epochs per trained model (default: 3 on digits, 20 otherwise)")
@@ -136,7 +141,7 @@ def _resolve(args) -> None:
     elif args.holdout_fraction is None:
         args.holdout_fraction = DEFAULT_HOLDOUT if training and method.kind != "training" else 0.0
     check_common(args, problems, positive=("train_epochs", "seeds", "batch_size", "train_batch_size", "chunk_size",
-                                           "top", "image_size", "limit", "show"))
+                                           "num_classes", "top", "image_size", "limit", "show"))
     if args.show:
         try:
             import matplotlib  # noqa: F401

@@ -24,10 +24,15 @@ The squared norms of all parameters add up to the squared norm of the whole grad
 With cuda_graph=True the plan captures forward, loss and backward in a CUDA graph per input shape and
 replays it (fixed shapes; the host then only copies the batch in).
 
+Parameters that module code uses directly (class tokens, positional embeddings, layer scales, relative
+position bias tables, a child's weight passed to F.linear) and tied parameters (one parameter used by several
+modules) go through uses.py: each use captured in the forward, each example's gradient reduced at the use and
+summed over the uses, so cross terms between uses are exact.
+
 Refused with an explanation, since no rule sees the needed quantities: BatchNorm using batch statistics;
-a module called twice in one forward or parameters tied between modules (cross terms between the uses);
-a layer whose output is not batch-first (e.g. positional embeddings of arange(T) shared by the batch);
-an input modified in place after the layer consumed it.
+a module called twice in one forward; a layer whose output is not batch-first (e.g. positional embeddings of
+arange(T) shared by the batch); a parameter used in an op that mixes the examples; an input modified in place
+after the layer consumed it.
 """
 from __future__ import annotations
 
@@ -44,8 +49,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from kdfast.runtime.dispatch import resolve_backend
 from kdfast.errors import BackendUnavailableError, InvalidArgumentError, UnsupportedModuleError
 from kdfast.grad_norms import rules  # noqa: F401  (registers the built-in rules)
-from kdfast.grad_norms.fallback import fallback_sqnorms, log_fallback_once
-from kdfast.grad_norms.registry import SAVERS, Rule, Sink, find_rule, takes_sink
+from kdfast.grad_norms.fallback import fallback_sqnorms, log_fallback_once, per_example_grads
+from kdfast.grad_norms.registry import BATCH_DIMS, CHILDREN, SAVERS, Rule, Sink, find_rule, takes_kwargs, takes_sink
+from kdfast.grad_norms.uses import UseTracker, chain_to_params, linear_use_sqnorms, per_example_derived_grads
 
 LOSSES = ("ce", "kd")
 ON_MISSING = ("error", "fallback")
@@ -61,7 +67,9 @@ class _Layer:
     want_set: frozenset = frozenset()
     sink_rule: bool = False            # the rule adds into a Sink (else it returns a dict)
     save: object = None                # the rule's forward-time saver
+    save_kwargs: bool = False          # the saver takes the call's keyword arguments
     inner: list = field(default_factory=list)  # fallback only: indices of the layers nested in this module
+    params: dict = field(default_factory=dict)  # own (and covered children's) parameter name -> parameter
 
 
 def _trainable_modules(model: nn.Module):
@@ -71,11 +79,44 @@ def _trainable_modules(model: nn.Module):
             yield name, module, want
 
 
-def check(model: nn.Module) -> dict[str, str]:
-    """{module name: class name} for every module with trainable parameters and no rule (empty: all covered)."""
+def _covered_children(model: nn.Module) -> set[str]:
+    """Names of the modules whose parameters an enclosing module's rule covers (its `children`)."""
+    covered = set()
+    for name, module in model.named_modules():
+        rule = find_rule(module)
+        for child in CHILDREN.get(rule, ()) if rule is not None else ():
+            covered.add(f"{name}.{child}" if name else child)
+    return covered
+
+
+def check(model: nn.Module, *example_inputs) -> dict[str, str]:
+    """{module name: class name} of the modules whose trainable parameters nothing covers (empty: all covered).
+
+    A module without a rule of its own is covered when every use of its parameters is an op the use capture
+    handles (uses.py); that shows only in a forward: pass example inputs to run one (no backward) and list the
+    modules whose parameters were used in an op that mixes examples or not at all. Without inputs, the rules
+    alone are checked and modules without one are assumed capturable.
+    """
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"check: model must be an nn.Module, got {type(model).__name__}")
-    return {name or "<model>": type(m).__name__ for name, m, _ in _trainable_modules(model) if find_rule(m) is None}
+    if not example_inputs:
+        return {}
+    plan = GradNormPlan(model)
+    if not plan.track_uses:  # every parameter in a rule layer
+        return {}
+    with plan:
+        batch = example_inputs[0].shape[0]
+        call = _Call(plan, plan.layers, "torch", batch, torch.zeros(batch), False)
+        plan._call = call
+        try:
+            with torch.enable_grad(), call.tracker:
+                model(*example_inputs)
+        finally:
+            plan._call = None
+    seen = set(call.tracker.count) | set(call.tracker.bad)
+    missing = {pid for pid in plan.names if pid not in seen or pid in call.tracker.bad}
+    return {owner or "<model>": type(model.get_submodule(owner)).__name__
+            for owner in dict.fromkeys(plan.owner[pid] for pid in plan.names if pid in missing)}
 
 
 def _coupled_batchnorms(batchnorms) -> list[str]:
@@ -90,34 +131,28 @@ def _refuse_coupled(coupled):
 
 
 def _find_layers(model: nn.Module, on_missing: str) -> list[_Layer]:
-    """The layers to capture; raises once listing every problem of a kind."""
-    missing = check(model) if on_missing == "error" else {}
-    if missing:
-        listed = ", ".join(f"`{n}` ({c})" for n, c in missing.items())
-        raise UnsupportedModuleError(
-            f"per_example_grad_norms: no rule for {len(missing)} module(s) with trainable parameters: {listed}; "
-            "register one with kdfast.grad_norms.register_rule or pass on_missing='fallback'")
-    owners: dict[int, list[str]] = {}
+    """The rule layers, and with on_missing="fallback" the modules without a rule (their parameters go through
+    the use capture; torch.func takes over a module whose parameters it cannot handle)."""
+    covered = _covered_children(model)
     layers = []
     for name, module, want in _trainable_modules(model):
-        for pn in want:
-            owners.setdefault(id(getattr(module, pn)), []).append(f"{name}.{pn}" if name else pn)
+        if name in covered:
+            continue
         rule = find_rule(module)
-        layers.append(_Layer(name, module, rule, want, frozenset(want), rule is not None and takes_sink(rule),
-                             SAVERS.get(rule)))
+        params = {pn: getattr(module, pn) for pn in want}
+        for child in CHILDREN.get(rule, ()) if rule is not None else ():
+            params.update({f"{child}.{pn}": p for pn, p in module.get_submodule(child).named_parameters()
+                           if p.requires_grad})
+        if rule is None and on_missing != "fallback":
+            continue
+        save = SAVERS.get(rule)
+        layers.append(_Layer(name, module, rule, tuple(params), frozenset(params),
+                             rule is not None and takes_sink(rule), save, save is not None and takes_kwargs(save),
+                             params=params))
     for outer in layers:
         if outer.rule is None:
             prefix = f"{outer.name}." if outer.name else ""
             outer.inner = [i for i, layer in enumerate(layers) if layer is not outer and layer.name.startswith(prefix)]
-    shared = [" = ".join(names) for names in owners.values() if len(names) > 1]
-    if shared:
-        raise UnsupportedModuleError(
-            f"per_example_grad_norms: parameters shared between modules ({'; '.join(shared)}): the per-example "
-            "gradient of a tied weight sums its uses, whose cross terms no rule computes; untie them or "
-            "freeze one use")
-    for layer in layers:
-        if layer.rule is None:
-            log_fallback_once(layer.module)
     return layers
 
 
@@ -142,9 +177,9 @@ class _TapOutputs(torch.autograd.Function):
 
 
 class _Call:
-    """One call's state: saved inputs per layer, the graph edges to differentiate, the sinks."""
+    """One call's state: saved inputs per layer, the graph edges to differentiate, the sinks, the use capture."""
 
-    def __init__(self, layers, backend, batch_size, total, per_layer):
+    def __init__(self, plan, layers, backend, batch_size, total, per_layer):
         n = len(layers)
         self.backend, self.B, self.total = backend, batch_size, total
         device = total.device.type
@@ -152,12 +187,35 @@ class _Call:
         self.no_autocast = (functools.partial(torch.autocast, device, enabled=False)
                             if torch.is_autocast_enabled(device) else nullcontext)
         self.args, self.kwargs, self.versions, self.saved = [None] * n, [None] * n, [()] * n, [None] * n
-        self.slots = [None] * n  # fallback modules with several outputs: positions of the tensor outputs
+        self.slots = [None] * n  # modules with several outputs: positions of the tensor outputs
         self.calls, self.edges, self.replaying = [0] * n, [], False
+        # per parameter (by id): its (B,) buffer, and the summed per-example gradients of its captured uses
+        self.buffers = ({pid: torch.zeros_like(total) for pid in plan.names} if per_layer else None)
+        self.acc: dict[int, torch.Tensor] = {}
+        self.fallback_params: set[int] = set()
         if per_layer:
-            self.sinks = [Sink(per_param={pn: torch.zeros_like(total) for pn in layer.want}) for layer in layers]
+            self.sinks = [Sink(per_param={pn: self.buffers[id(p)] for pn, p in layer.params.items()})
+                          for layer in layers]
         else:
             self.sinks = [Sink(total)] * n
+        self.tracker = (UseTracker(plan.param_of, plan.buffer_ids, batch_size,
+                                   functools.partial(plan._on_use, self)) if plan.track_uses else nullcontext())
+
+    def buffer(self, pid: int) -> torch.Tensor:
+        return self.total if self.buffers is None else self.buffers[pid]
+
+    def uses(self, pid: int) -> int:
+        return self.tracker.count.get(pid, 0) if isinstance(self.tracker, UseTracker) else 1
+
+    def accumulate(self, pid: int, grads: torch.Tensor) -> None:
+        previous = self.acc.get(pid)
+        self.acc[pid] = grads if previous is None else previous + grads
+
+    def finish(self) -> None:
+        """Squared norms of the parameters whose per-example gradients were summed over their uses."""
+        for pid, grads in self.acc.items():
+            self.buffer(pid).add_(grads.flatten(1).square().sum(1).to(self.total.dtype))
+        self.acc = {}
 
 
 class GradNormPlan:
@@ -190,6 +248,15 @@ class GradNormPlan:
             _refuse_coupled(coupled)
         self.layers = _find_layers(model, on_missing)
         self._every_edge = any(layer.rule is None for layer in self.layers)
+        # every trainable parameter once (tied ones under their first name), and who owns it
+        self.param_of = {id(p): p for p in model.parameters() if p.requires_grad}
+        self.names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+        self.owner = {pid: n.rpartition(".")[0] for pid, n in self.names.items()}
+        self.buffer_ids = {id(b) for b in model.buffers()}
+        in_rules = [id(p) for layer in self.layers if layer.rule is not None for p in layer.params.values()]
+        # uses are captured where some parameter is outside every rule or tied (a TorchFunctionMode costs
+        # Python time per op, so models fully covered by rules run without it)
+        self.track_uses = len(in_rules) != len(set(in_rules)) or set(in_rules) != set(self.param_of)
         self._params = list(model.parameters())
         self._flags = [p.requires_grad for p in self._params]
         self._handles, self._call, self._graphs, self._open, self._outer = [], None, {}, False, None
@@ -202,6 +269,9 @@ class GradNormPlan:
         try:
             for index, layer in enumerate(self.layers):
                 hook = functools.partial(self._on_forward, index)
+                if self.track_uses and layer.rule is not None:
+                    self._handles.append(layer.module.register_forward_pre_hook(
+                        functools.partial(self._on_forward_pre, index)))
                 self._handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
         except BaseException:
             self.release()
@@ -228,11 +298,31 @@ class GradNormPlan:
         self._outer = None
 
     # ------------------------------------------------------------------------------------- hooks
+    def _on_forward_pre(self, index, module, args):
+        """Inside a rule layer's forward its rule sees its parameters' uses: the use capture skips them."""
+        call = self._call
+        if call is not None and not call.replaying:
+            covered = call.tracker.covered
+            for p in self.layers[index].params.values():
+                covered[id(p)] = covered.get(id(p), 0) + 1
+        return None
+
     def _on_forward(self, index, module, args, kwargs, output):
         call = self._call
         if call is None or call.replaying:  # not our call, or the fallback re-running a module
             return None
         layer = self.layers[index]
+        if layer.rule is None and not self._take_over(call, index):
+            return None
+        if layer.rule is not None and isinstance(call.tracker, UseTracker):
+            tracker = call.tracker
+            for p in layer.params.values():
+                left = tracker.covered.get(id(p), 1) - 1
+                if left:
+                    tracker.covered[id(p)] = left
+                else:
+                    tracker.covered.pop(id(p), None)
+                tracker.count[id(p)] = tracker.count.get(id(p), 0) + 1
         call.calls[index] += 1
         if call.calls[index] > 1:
             raise UnsupportedModuleError(
@@ -243,33 +333,38 @@ class GradNormPlan:
             raise UnsupportedModuleError(
                 f"per_example_grad_norms: `{layer.name}` ({type(module).__name__}) was called without a positional "
                 "input tensor; its rule reads the first positional argument")
-        several = layer.rule is None and type(output) in (tuple, list)
+        several = type(output) in (tuple, list)
         tensors = [o for o in output if _is_float_tensor(o)] if several else [output]
-        if not tensors or any(not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != call.B
-                              for t in tensors):
+        dims = [0] * len(tensors)
+        if tensors and layer.rule in BATCH_DIMS:
+            dims[0] = BATCH_DIMS[layer.rule](module)
+        if not tensors or any(not isinstance(t, torch.Tensor) or t.dim() <= d or t.shape[d] != call.B
+                              for t, d in zip(tensors, dims)):
             got = (tuple(output.shape) if isinstance(output, torch.Tensor)
                    else [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in output]
                    if type(output) in (tuple, list) else type(output).__name__)
             raise UnsupportedModuleError(
                 f"per_example_grad_norms: `{layer.name}` ({type(module).__name__}) must return batch-first "
-                f"tensors with {call.B} rows (one tensor for modules with a rule), got {got}; a layer applied to "
-                "an input shared by the whole batch (e.g. positional embeddings of arange(T)) sums the examples' "
-                "gradients before any rule sees them: feed it a batch-first input such as arange(T).expand(B, T)")
+                f"tensors with {call.B} rows, got {got}; a layer applied to an input shared by the whole batch "
+                "(e.g. positional embeddings of arange(T)) sums the examples' gradients before any rule sees "
+                "them: feed it a batch-first input such as arange(T).expand(B, T)")
         tensors = [t for t in tensors if t.requires_grad]
         if not tensors:  # no trainable path reaches this output (its parameters went unused)
             return None
-        if layer.rule is None:  # torch.func re-runs the module on these
-            call.args[index] = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-            call.kwargs[index] = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        else:  # grad mode is off in the backward: the rule builds no graph on them
-            call.args[index] = args
+        # grad mode is off in the backward: rules build no graph on the inputs; torch.func re-runs on detached ones
+        detach = layer.rule is None
+        call.args[index] = tuple(a.detach() if detach and isinstance(a, torch.Tensor) else a for a in args)
+        call.kwargs[index] = {k: v.detach() if detach and isinstance(v, torch.Tensor) else v
+                              for k, v in kwargs.items()}
         call.versions[index] = tuple(a._version if isinstance(a, torch.Tensor) else None for a in args)
         if layer.save is not None:
-            call.saved[index] = layer.save(module, args, output)
+            call.saved[index] = (layer.save(module, args, output, kwargs=kwargs) if layer.save_kwargs
+                                 else layer.save(module, args, output))
         # The backward is taken w.r.t. the edges of the entry layers' outputs (before any later in-place op moves
         # them): every other rule layer's input depends on trainable parameters only through the outputs of
-        # earlier layers, so its output lies on a path to an entry. A fallback module may use parameters in its
-        # own code (before a nested layer's input, say): with fallbacks, every output is requested.
+        # earlier layers or captured uses, so its output lies on a path to an entry. A fallback module may use
+        # parameters in its own code (before a nested layer's input, say): with fallbacks, every output is
+        # requested.
         if self._every_edge or not any(isinstance(a, torch.Tensor) and a.requires_grad
                                        for a in (*args, *kwargs.values())):
             call.edges.extend(get_gradient_edge(t) for t in tensors)
@@ -282,6 +377,41 @@ class GradNormPlan:
         output.register_hook(on_grad)
         return None
 
+    def _take_over(self, call, index) -> bool:
+        """A module without a rule whose parameters the use capture could not split: torch.func takes it over
+        (with the layers nested in it that never ran their own forward). False where the capture suffices."""
+        layer = self.layers[index]
+        tracker = call.tracker
+        pids = {id(p) for p in layer.params.values()}
+        for inner in layer.inner:
+            if call.calls[inner] == 0:
+                pids.update(id(p) for p in self.layers[inner].params.values())
+        if not isinstance(tracker, UseTracker) or not any(pid in tracker.bad for pid in pids):
+            return False
+        for pid in pids:
+            tracker.bad.pop(pid, None)
+        call.fallback_params |= pids
+        log_fallback_once(layer.module)
+        return True
+
+    def _on_use(self, call, use, output):
+        """A captured use (uses.py): its output's gradient reduces it per example in the backward."""
+        output.register_hook(functools.partial(self._on_use_grad, call, use))
+        call.edges.append(get_gradient_edge(output))
+
+    def _on_use_grad(self, call, use, grad_output):
+        if use.params <= call.fallback_params:
+            return None
+        with call.no_autocast():
+            if use.linear and all(call.uses(pid) == 1 for pid in use.params):
+                linear_use_sqnorms(use, grad_output, call.B, call.backend, call.buffer)
+                return None
+            grads = per_example_derived_grads(use, grad_output, call.B)
+            for pid, g in chain_to_params(use, grads, self.param_of).items():
+                if pid not in call.fallback_params:
+                    call.accumulate(pid, g)
+        return None
+
     def _on_grad(self, call, index, grad_output):
         layer, args = self.layers[index], call.args[index]
         if any(isinstance(a, torch.Tensor) and a._version != v for a, v in zip(args, call.versions[index])):
@@ -291,23 +421,46 @@ class GradNormPlan:
         with call.no_autocast():
             if layer.rule is None:
                 self._fallback(call, index, grad_output)
-            elif layer.sink_rule:
-                layer.rule(layer.module, args[0], grad_output, want=layer.want_set, backend=call.backend,
-                           sink=call.sinks[index], saved=call.saved[index])
             else:
-                self._dict_rule(call, index, grad_output)
+                self._apply_rule(call, index, grad_output)
         call.args[index] = call.kwargs[index] = call.saved[index] = None
         return None
 
-    def _dict_rule(self, call, index, grad_output):
+    def _apply_rule(self, call, index, grad_output):
+        """The rule for parameters used here only; a parameter with other uses too (tied) gets its per-example
+        gradient from torch.func on this module, summed with its other uses' (cross terms included)."""
         layer = self.layers[index]
-        sq = layer.rule(layer.module, call.args[index][0], grad_output, want=layer.want_set, backend=call.backend)
-        missing = [n for n in layer.want if n not in sq]
+        tied = [pn for pn, p in layer.params.items() if call.uses(id(p)) > 1]
+        want = layer.want_set
+        if tied:
+            detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in call.args[index])
+            kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in call.kwargs[index].items()}
+            call.replaying = True
+            try:
+                grads = per_example_grads(layer.module, detached, kwargs, grad_output, call.slots[index], tuple(tied))
+            finally:
+                call.replaying = False
+            for pn in tied:
+                call.accumulate(id(layer.params[pn]), grads[pn])
+            want = want - frozenset(tied)
+            if not want:
+                return
+        if layer.sink_rule:
+            layer.rule(layer.module, call.args[index][0], grad_output, want=want, backend=call.backend,
+                       sink=call.sinks[index], saved=call.saved[index])
+        else:
+            self._dict_rule(call, index, grad_output, want)
+
+    def _dict_rule(self, call, index, grad_output, want):
+        layer = self.layers[index]
+        sq = layer.rule(layer.module, call.args[index][0], grad_output, want=want, backend=call.backend)
+        missing = [n for n in layer.want if n in want and n not in sq]
         if missing:
             raise UnsupportedModuleError(f"per_example_grad_norms: the rule for `{layer.name}` "
                                          f"({type(layer.module).__name__}) returned no norms for {missing}")
         for pn in layer.want:
-            call.sinks[index].add(pn, sq[pn])
+            if pn in want:
+                call.sinks[index].add(pn, sq[pn])
 
     def _fallback(self, call, index, grad_output):
         """torch.func on the module, covering also nested layers that never ran their own forward: their
@@ -316,7 +469,7 @@ class GradNormPlan:
         targets = {pn: (index, pn) for pn in layer.want}
         start = len(layer.name) + 1 if layer.name else 0
         for inner in layer.inner:
-            if call.calls[inner] == 0:
+            if call.calls[inner] == 0 and self.layers[inner].rule is not None:
                 targets.update({f"{self.layers[inner].name[start:]}.{pn}": (inner, pn)
                                 for pn in self.layers[inner].want})
         call.replaying = True
@@ -364,28 +517,41 @@ class GradNormPlan:
     def _run(self, inputs, targets, loss, alpha, temperature, teacher_logits, per_layer, backend, out_dtype):
         B = inputs.shape[0]
         total = torch.zeros(B, dtype=out_dtype, device=inputs.device)
-        if B and self.layers:
-            call = _Call(self.layers, backend, B, total, per_layer)
+        call = _Call(self, self.layers, backend, B, total, per_layer)
+        if B and self.names:
             self._call = call
             try:
                 with torch.enable_grad():
-                    output = self.model(inputs.detach() if inputs.requires_grad else inputs)
+                    with call.tracker:
+                        output = self.model(inputs.detach() if inputs.requires_grad else inputs)
+                    self._refuse_mixed(call)
                     summed = _summed_loss(output, targets, loss, alpha, temperature, teacher_logits)
                     if call.edges and summed.requires_grad:
                         torch.autograd.grad(summed, call.edges, allow_unused=True)
+                call.finish()
             finally:
                 self._call = None
-        elif per_layer:
-            call = _Call(self.layers, backend, B, total, True)
         if not per_layer:
             return total.clamp_(min=0).sqrt_()
-        sq = {}
-        for layer, sink in zip(self.layers, call.sinks):
-            for pn in layer.want:
-                sq[f"{layer.name}.{pn}" if layer.name else pn] = sink.per_param[pn].clamp_(min=0)
+        sq = {name: call.buffers[pid].clamp_(min=0) for pid, name in self.names.items()}
         if sq:
             torch.sum(torch.stack(list(sq.values())), 0, out=total)
         return total.sqrt(), sq
+
+    def _refuse_mixed(self, call):
+        """One error naming every module whose parameters were used in ops that mix the examples."""
+        bad = getattr(call.tracker, "bad", None)
+        if not bad:
+            return
+        modules = {}
+        for pid, what in bad.items():
+            owner = self.owner[pid]
+            modules.setdefault(owner, (type(self.model.get_submodule(owner)).__name__, what))
+        listed = "; ".join(f"`{n or '<model>'}` ({c}): {what}" for n, (c, what) in modules.items())
+        raise UnsupportedModuleError(
+            f"per_example_grad_norms: {len(modules)} module(s) use trainable parameters where no rule or use "
+            f"capture can split them per example: {listed}; register a rule with kdfast.grad_norms.register_rule"
+            + ("" if self.on_missing == "fallback" else " or pass on_missing='fallback'"))
 
     def _replay(self, inputs, targets, teacher_logits, loss, alpha, temperature, backend, out_dtype):
         """Captures forward + loss + backward for this input signature once, then replays the graph."""

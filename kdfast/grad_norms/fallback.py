@@ -23,7 +23,13 @@ def log_fallback_once(module) -> None:
 
 
 def fallback_sqnorms(module, args, kwargs, grad_output, slots, want) -> dict[str, torch.Tensor]:
-    """{name: (B,) squared norm} of the module's parameters named in `want` (dotted names), by torch.func.
+    """{name: (B,) squared norm} of the module's parameters named in `want` (dotted names), by torch.func."""
+    return {n: g.flatten(1).square().sum(1) for n, g in per_example_grads(module, args, kwargs, grad_output, slots,
+                                                                         want).items()}
+
+
+def per_example_grads(module, args, kwargs, grad_output, slots, want) -> dict[str, torch.Tensor]:
+    """{name: (B, *shape)} each example's gradient of the module's parameters named in `want`, by torch.func.
 
     grad_output: the output's gradient, or with `slots` (positions of the tensor outputs of a module
     returning a tuple) the tuple of their gradients. Tensor arguments whose first dimension has B rows are
@@ -45,7 +51,7 @@ def fallback_sqnorms(module, args, kwargs, grad_output, slots, want) -> dict[str
         _, pullback = vjp(lambda p: outputs(p, lifted), params)
         cotangent = tuple(g.unsqueeze(0) for g in example_grads)
         (param_grads,) = pullback(cotangent[0] if slots is None else cotangent)
-        return {n: param_grads[n].square().sum() for n in param_grads}
+        return param_grads
 
     in_dims = (tuple(0 if b else None for b in batched), 0)
     return vmap(one_example, in_dims=in_dims)(inputs, grads)

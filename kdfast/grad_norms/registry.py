@@ -11,7 +11,12 @@ that require grad (the rule may skip the others); `backend` is "triton" or "torc
 example's squared norm of parameter `name` into `sink.buffer(name)` ((B,) accumulator: the network's one
 total, or the parameter's own with per_layer=True; kernels add into it directly) or calls
 `sink.add(name, value)`. `saved` is what the rule's `save(module, args, output)` (given to register_rule)
-took from the forward, e.g. the statistics a normalisation layer computed, or None.
+took from the forward, e.g. the statistics a normalisation layer computed, or None (a `save` with a
+`kwargs` parameter also receives the call's keyword arguments). A rule for a module returning a tuple
+receives the tuple of its tensor outputs' gradients. `children` names submodules whose parameters the
+module's own code uses (nn.MultiheadAttention's out_proj): the rule covers them, as dotted names in `want`.
+`batch_dim(module) -> int` says where the batch is in the (first) output of a module that is not batch-first
+(nn.MultiheadAttention with batch_first=False); the rule then receives that gradient as it is.
 
 A rule without a `sink` parameter (rule(module, x, grad_output, *, want, backend) -> {name: (B,) squared
 norms}) is accepted too; the engine adds its values.
@@ -30,6 +35,8 @@ from kdfast.errors import InvalidArgumentError
 Rule = Callable[..., dict | None]
 RULES: dict[type, Rule] = {}
 SAVERS: dict[Rule, Callable] = {}
+CHILDREN: dict[Rule, tuple[str, ...]] = {}
+BATCH_DIMS: dict[Rule, Callable] = {}
 
 
 class Sink:
@@ -47,14 +54,15 @@ class Sink:
         self.buffer(name).add_(value)
 
 
-def register_rule(*module_types: type, overwrite: bool = False, save: Callable | None = None):
+def register_rule(*module_types: type, overwrite: bool = False, save: Callable | None = None,
+                  children: tuple[str, ...] = (), batch_dim: Callable | None = None):
     """Decorator registering a rule for one or more nn.Module subclasses.
 
         @register_rule(MyConv)
         def my_conv_rule(module, x, grad_output, *, want, backend, sink, saved): ...
 
     `save(module, args, output)`, when given, runs in the forward and its result reaches the rule as
-    `saved`. Replacing an existing rule needs overwrite=True.
+    `saved`; `children` names submodules the rule covers; `batch_dim(module)` gives the batch dim of its output. Replacing an existing rule needs overwrite=True.
     """
     if not module_types:
         raise InvalidArgumentError("register_rule: give at least one nn.Module subclass, got none")
@@ -75,6 +83,10 @@ def register_rule(*module_types: type, overwrite: bool = False, save: Callable |
             RULES[cls] = rule
         if save is not None:
             SAVERS[rule] = save
+        if children:
+            CHILDREN[rule] = tuple(children)
+        if batch_dim is not None:
+            BATCH_DIMS[rule] = batch_dim
         return rule
 
     return decorate
@@ -87,6 +99,14 @@ def find_rule(module: nn.Module) -> Rule | None:
         if rule is not None:
             return rule
     return None
+
+
+def takes_kwargs(save: Callable) -> bool:
+    """Whether a forward-time saver wants the call's keyword arguments too."""
+    try:
+        return "kwargs" in inspect.signature(save).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def takes_sink(rule: Rule) -> bool:

@@ -3,6 +3,11 @@
     mlp, cnn                                  small models for digits (any small image)
     resnet8/14/20/32/56/110, wrn40_2          CIFAR ResNets (He et al. 2016) and WRN-40-2 (Zagoruyko 2016)
     resnet18/34/50                            torchvision's ImageNet ResNets (needs torchvision)
+    torchvision:NAME                          any constructor in torchvision.models (vit_b_16, swin_t, ...)
+    timm:NAME                                 any timm model (the optional extra: pip install 'kdfast[models]')
+
+Weights never come from the network: models by name start from random initialisation and get their weights
+from a checkpoint file (load_checkpoint, --checkpoint).
 
 Every model ends in an nn.Linear head (what grand-last and liprune-last differentiate through).
 """
@@ -55,24 +60,79 @@ _BUILDERS = {
     **{name: partial(_torchvision, name) for name in ("resnet18", "resnet34", "resnet50")},
 }
 MODELS = tuple(_BUILDERS)
+PREFIXES = ("torchvision:", "timm:")
 # The model each data set gets when none is named.
 DEFAULT_MODEL = {"digits": "cnn", "cifar10": "resnet20", "cifar100": "resnet32", "svhn": "resnet20",
                  "imagenet": "resnet18", "folder": "resnet18"}
 
-__all__ = ["MODELS", "DEFAULT_MODEL", "CheckpointError", "create_model", "load_checkpoint", "model_fingerprint",
-           "file_sha256"]
+__all__ = ["MODELS", "PREFIXES", "DEFAULT_MODEL", "CheckpointError", "create_model", "check_model_name",
+           "load_checkpoint", "model_fingerprint", "file_sha256"]
+
+
+def check_model_name(name: str) -> str | None:
+    """None when `name` names a model create_model can build, else the problem in one line."""
+    name = str(name)
+    prefix, _, arch = name.partition(":")
+    if f"{prefix}:" not in PREFIXES:
+        key = name.lower().replace("-", "_")
+        return None if key in _BUILDERS else (f"model must be one of {', '.join(MODELS)}, torchvision:NAME or "
+                                              f"timm:NAME, got {name!r}")
+    if ":" in arch or not arch:
+        return (f"model {name!r}: expected {prefix}:NAME with no weights tag (kdfast never downloads weights; "
+                "pass them with --checkpoint)")
+    if prefix == "torchvision":
+        try:
+            import torchvision.models
+        except ImportError:
+            return f"model {name!r} needs torchvision: pip install torchvision"
+        if arch not in torchvision.models.list_models():
+            return f"model {name!r}: torchvision.models has no constructor {arch!r} (see torchvision.models.list_models())"
+        return None
+    try:
+        import timm
+    except ImportError:
+        return f"model {name!r} needs timm, an optional extra: pip install 'kdfast[models]'"
+    if not timm.is_model(arch):
+        return f"model {name!r}: timm has no model {arch!r} (see timm.list_models())"
+    return None
+
+
+def _by_name(name: str, num_classes: int, in_channels: int, image_size: int | None) -> nn.Module:
+    """torchvision:NAME or timm:NAME, randomly initialised (no download), for inputs of image_size."""
+    prefix, _, arch = name.partition(":")
+    if prefix == "timm":
+        import timm
+        build = partial(timm.create_model, arch, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+        if image_size:
+            try:  # transformers size their position embeddings for the input; CNNs take no img_size
+                return build(img_size=image_size)
+            except TypeError:
+                pass
+        return build()
+    import torchvision.models
+    if in_channels != 3:
+        raise InvalidArgumentError(f"create_model: {name} takes 3-channel images, got in_channels={in_channels}")
+    kwargs = {}
+    if image_size and arch.startswith("vit_"):  # position embeddings sized for the input
+        kwargs["image_size"] = image_size
+    if image_size and arch.startswith("maxvit"):
+        kwargs["input_size"] = (image_size, image_size)
+    return torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
 
 
 def create_model(name: str, *, num_classes: int, in_channels: int = 3, image_size: int | None = None) -> nn.Module:
-    """A freshly initialised model `name` (see MODELS) with `num_classes` outputs (seed torch first)."""
-    key = str(name).lower().replace("-", "_")
-    if key not in _BUILDERS:
-        raise InvalidArgumentError(f"create_model: name must be one of {', '.join(MODELS)}, got {name!r}")
+    """A freshly initialised model `name` (see MODELS, or torchvision:NAME / timm:NAME) with `num_classes` outputs
+    (seed torch first)."""
+    problem = check_model_name(name)
+    if problem:
+        raise InvalidArgumentError(f"create_model: {problem}")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise InvalidArgumentError(f"create_model: num_classes must be a positive int, got {num_classes!r}")
     if not isinstance(in_channels, int) or in_channels < 1:
         raise InvalidArgumentError(f"create_model: in_channels must be a positive int, got {in_channels!r}")
-    return _BUILDERS[key](num_classes, in_channels, image_size)
+    if str(name).startswith(PREFIXES):
+        return _by_name(str(name), num_classes, in_channels, image_size)
+    return _BUILDERS[str(name).lower().replace("-", "_")](num_classes, in_channels, image_size)
 
 
 def _state_dict_of(obj, path: str) -> dict:

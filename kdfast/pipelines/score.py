@@ -51,7 +51,8 @@ def _input_shape(dataset):
 
 def _new_model(cfg, num_classes, shape):
     from kdfast.models import create_model
-    return create_model(cfg.model, num_classes=num_classes, in_channels=shape[0], image_size=shape[1])
+    return create_model(cfg.model, num_classes=getattr(cfg, "num_classes", None) or num_classes, in_channels=shape[0],
+                        image_size=shape[1])
 
 
 def _load_models(cfg, num_classes, shape):

@@ -230,7 +230,7 @@ def test_distill_with_teacher_checkpoint_other_architecture_and_cache(tmp_path, 
     (["--alpha", "0", "--dataset", "cifar10", "--data-root", ".", "--teacher-cache", ".", "--augment"],
      "--teacher-cache needs --no-augment"),
     (["--alpha", "0", "--dataset", "cifar10"], "--dataset cifar10 needs --data-root"),
-    (["--alpha", "0", "--model", "vgg"], "invalid choice: 'vgg'"),
+    (["--alpha", "0", "--model", "vgg"], "model must be one of mlp, cnn"),
 ])
 def test_distill_usage_errors(tmp_path, capsys, argv, match):
     rc = distill_main(argv + ["--out", str(tmp_path / "o")])

@@ -16,6 +16,7 @@ import kdfast
 from _fake_datasets import write_cifar, write_image_folder
 from kdfast.cli.main import main, score_main
 from kdfast.data import labels_fingerprint, load_dataset
+from kdfast.errors import InvalidArgumentError
 from kdfast.models import create_model, file_sha256, load_checkpoint
 
 
@@ -273,7 +274,11 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path,
     # argparse quotes the choices on some Python versions and not on others
     (["--dataset", "mnist"], 2, ("invalid choice: 'mnist' (choose from ", "digits", "cifar10", "imagenet")),
     (["--method", "entropy"], 2, ("invalid choice: 'entropy' (choose from ", "el2n", "grand-last", "forgetting")),
-    (["--model", "vgg"], 2, ("invalid choice: 'vgg' (choose from ", "cnn", "resnet110", "wrn40_2", "resnet50")),
+    (["--model", "vgg"], 2, ("model must be one of mlp, cnn", "resnet110", "wrn40_2", "resnet50", "torchvision:NAME or "
+                             "timm:NAME, got 'vgg'")),
+    (["--model", "torchvision:vgg99"], 2, "torchvision.models has no constructor 'vgg99'"),
+    (["--model", "torchvision:resnet50:IMAGENET1K_V2"], 2, "kdfast never downloads weights"),
+    (["--num-classes", "0"], 2, "--num-classes must be >= 1, got 0"),
     (["--dataset", "cifar10"], 2, "--dataset cifar10 needs --data-root"),
     (["--batch-size", "0", "--seeds", "0"], 2, "--seeds must be >= 1, got 0; --batch-size must be >= 1, got 0"),
     (["--checkpoint", "nope.pt"], 2, "--checkpoint nope.pt does not exist"),
@@ -467,3 +472,40 @@ def test_a_second_run_into_a_live_runs_folder_fails_at_once_naming_its_pid(tmp_p
     finally:
         proc.kill()
         proc.wait()
+
+def test_grand_on_a_torchvision_model_by_name_with_weights_from_a_checkpoint(tmp_path, capsys):
+    """kdfast-score --model torchvision:vit_b_16 --method grand: every parameter through rules or use capture."""
+    write_image_folder(tmp_path / "imgs")
+    torch.manual_seed(0)
+    model = create_model("torchvision:vit_b_16", num_classes=3, image_size=16)  # one 16x16 patch + class token
+    torch.save({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, tmp_path / "w.pt")  # smaller file
+    out_dir = tmp_path / "run"
+    code, out, err = _run(["--dataset", "folder", "--data-root", str(tmp_path / "imgs"), "--model",
+                           "torchvision:vit_b_16", "--method", "grand", "--checkpoint", str(tmp_path / "w.pt"),
+                           "--image-size", "16", "--batch-size", "4", "--num-workers", "0", "--out", str(out_dir),
+                           "--quiet"], capsys)
+    assert code == 0, err
+    scores = np.load(out_dir / "scores.npy")
+    assert scores.shape == (9,) and np.isfinite(scores).all() and (scores > 0).all()
+    assert json.loads((out_dir / "meta.json").read_text())["method"] == "grand"
+    # the head sized apart from the data: a 5-output checkpoint scoring the 3-class folder
+    torch.save(create_model("torchvision:vit_b_16", num_classes=5, image_size=16).state_dict(), tmp_path / "w5.pt")
+    code, _, err = _run(["--dataset", "folder", "--data-root", str(tmp_path / "imgs"), "--model", "torchvision:vit_b_16",
+                         "--num-classes", "5", "--method", "el2n", "--checkpoint", str(tmp_path / "w5.pt"),
+                         "--image-size", "16", "--num-workers", "0", "--out", str(tmp_path / "run5"), "--quiet"], capsys)
+    assert code == 0, err
+
+
+def test_timm_models_by_name():
+    pytest.importorskip("timm")
+    model = create_model("timm:vit_tiny_patch16_224", num_classes=3, image_size=32)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    assert create_model("timm:resnet18", num_classes=4, image_size=32).eval()(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+    with pytest.raises(InvalidArgumentError, match="timm has no model 'nope_net'"):
+        create_model("timm:nope_net", num_classes=3)
+
+
+def test_timm_absent_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    with pytest.raises(InvalidArgumentError, match=r"needs timm, an optional extra: pip install 'kdfast\[models\]'"):
+        create_model("timm:resnet18", num_classes=3)

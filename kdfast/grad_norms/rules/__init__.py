@@ -1,2 +1,2 @@
 """Layer rules, one file per layer family; importing this package registers every one of them."""
-from kdfast.grad_norms.rules import activation, conv, embedding, linear, norm  # noqa: F401  (imported for their registrations)
+from kdfast.grad_norms.rules import activation, attention, conv, embedding, linear, norm  # noqa: F401  (imported for their registrations)

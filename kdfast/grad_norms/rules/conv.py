@@ -5,7 +5,8 @@ output positions, U (P, Cin/groups * prod(kernel)) the unfolded (im2col) input. 
 from one of two forms (forms.prefer_gram's cost model picks per layer):
   - direct: Triton accumulates G^T U tile by tile as an implicit GEMM (the unfolded input is never
     built, G^T U never written); torch computes G^T U for a chunk of examples with one grouped
-    weight-gradient convolution (examples as groups), then its squared norm.
+    weight-gradient convolution (examples as groups), then its squared norm, or for grouped (depthwise)
+    convolutions one batched product per (example, group) on the unfolded input.
   - Gram: sum_{p,q} (u_p . u_q)(g_p . g_q); cheap where few output positions meet many weights (the deep
     layers of a CNN). Triton reads the windows straight from the input (zero padding as masked loads, any
     layout); torch builds the unfolded input of a chunk of examples.
@@ -48,7 +49,8 @@ def unfold(x: torch.Tensor, kernel_size, stride, padding, dilation) -> torch.Ten
     return x
 
 
-def _gram_torch(x, g, kernel_size, stride, padding, dilation, groups, out):
+def _unfolded_chunks(x, g, kernel_size, stride, padding, dilation, groups):
+    """(start, u (b * groups, P, Cin/groups * taps), g (b * groups, Cout/groups, P)) per chunk of examples."""
     B, Cin = x.shape[:2]
     Cout, P, n = g.shape[1], math.prod(g.shape[2:]), len(kernel_size)
     kg = Cin // groups * math.prod(kernel_size)
@@ -58,8 +60,21 @@ def _gram_torch(x, g, kernel_size, stride, padding, dilation, groups, out):
         b = windows.shape[0]
         order = (0, *range(2, 2 + n), 1, *range(2 + n, 2 + 2 * n))                 # (b, *O, Cin, *K)
         u = windows.permute(order).reshape(b, P, groups, kg).transpose(1, 2).reshape(b * groups, P, kg)
-        gc = g[s:s + step].reshape(b * groups, Cout // groups, P).transpose(1, 2)
-        out[s:s + step] += gram_sqnorm(u, gc, "torch").view(b, groups).sum(1)
+        yield s, u, g[s:s + step].reshape(b * groups, Cout // groups, P)
+
+
+def _gram_torch(x, g, kernel_size, stride, padding, dilation, groups, out):
+    for s, u, gc in _unfolded_chunks(x, g, kernel_size, stride, padding, dilation, groups):
+        out[s:s + gc.shape[0] // groups] += gram_sqnorm(u, gc.transpose(1, 2), "torch").view(-1, groups).sum(1)
+
+
+def _grouped_torch(x, g, kernel_size, stride, padding, dilation, groups, out):
+    """Grouped (depthwise) convolutions: each (example, group) gradient G_g U_g as one batched product; a
+    weight-gradient convolution with B * groups groups runs far slower on the CPU."""
+    dt = acc_dtype(x)
+    for s, u, gc in _unfolded_chunks(x, g, kernel_size, stride, padding, dilation, groups):
+        per_group = torch.bmm(gc.to(dt), u.to(dt)).square().sum((1, 2))
+        out[s:s + gc.shape[0] // groups] += per_group.view(-1, groups).sum(1)
 
 
 def _direct_torch(x, g, kernel_size, stride, padding, dilation, groups, out):
@@ -93,6 +108,8 @@ def conv_weight_sqnorm(x, g, kernel_size, stride, padding, dilation, groups, bac
         _triton("gram" if gram else "direct", x, g, kernel_size, stride, padding, dilation, groups, out)
     elif gram:
         _gram_torch(x, g, kernel_size, stride, padding, dilation, groups, out)
+    elif groups > 1:
+        _grouped_torch(x, g, kernel_size, stride, padding, dilation, groups, out)
     else:
         _direct_torch(x, g, kernel_size, stride, padding, dilation, groups, out)
 

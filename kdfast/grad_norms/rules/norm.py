@@ -8,7 +8,9 @@ one read of x and g (forms.affine_sqnorms; one Triton kernel on the GPU), x_hat 
   - GroupNorm: the mean and rstd its forward computed, taken from the autograd graph (recomputed only where
     the forward did not go through native_group_norm);
   - LayerNorm / RMSNorm: statistics per position over the trailing features, so x_hat is formed first
-    (by torch) and summed over positions.
+    (by torch) and summed over positions. A subclass normalising over the channels of a (B, C, ...) input
+    (LayerNorm2d: permute, layer_norm, permute back) overrides forward and gets the features at dim 1: its
+    input and output gradient are moved to channels-last first.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from kdfast.errors import UnsupportedModuleError
 from kdfast.grad_norms.forms import acc_dtype, affine_sqnorms, trailing_channels
 from kdfast.grad_norms.registry import register_rule
 
@@ -62,13 +65,27 @@ def _trailing_norm(module, x_hat, grad_output, want, backend, sink):
                    out_b=out_b, backend=backend)
 
 
+def _channels_last(module, x, grad_output):
+    """(x, grad_output) with the normalised features trailing: as given, or dim 1 moved last (LayerNorm2d)."""
+    shape = tuple(module.normalized_shape)
+    base = nn.LayerNorm if isinstance(module, nn.LayerNorm) else nn.RMSNorm
+    if len(shape) == 1 and x.dim() > 2 and x.shape[1] == shape[0] and type(module).forward is not base.forward:
+        return x.movedim(1, -1), grad_output.movedim(1, -1)
+    if tuple(x.shape[x.dim() - len(shape):]) == shape:
+        return x, grad_output
+    raise UnsupportedModuleError(f"per_example_grad_norms: {type(module).__name__} with normalized_shape {shape} got "
+                                 f"an input of shape {tuple(x.shape)}: expected the features trailing or at dim 1")
+
+
 @register_rule(nn.LayerNorm)
 def layernorm_rule(module, x, grad_output, *, want, backend, sink, saved=None):
+    x, grad_output = _channels_last(module, x, grad_output)
     x_hat = F.layer_norm(x.to(acc_dtype(grad_output)), module.normalized_shape, eps=module.eps)
     _trailing_norm(module, x_hat, grad_output, want, backend, sink)
 
 
 @register_rule(nn.RMSNorm)
 def rmsnorm_rule(module, x, grad_output, *, want, backend, sink, saved=None):
+    x, grad_output = _channels_last(module, x, grad_output)
     x_hat = F.rms_norm(x.to(acc_dtype(grad_output)), module.normalized_shape, eps=module.eps)
     _trailing_norm(module, x_hat, grad_output, want, backend, sink)
