@@ -179,18 +179,13 @@ def teacher_gradient(teacher, data, *, indices=None, batch_size=256, device=None
 def resolve_correction(correction, student, teacher, data, *, indices=None, batch_size=256, device=None,
                        where="fit"):
     """None, "unbiased" (compute the teacher's full-data gradient now) or a TeacherGradient -> TeacherGradient
-    | None, after checking that the teacher shares the student's parameter space."""
+    | None, after checking that the teacher shares the student's parameter space. The value and the teacher's
+    presence were checked when the KDSetup was made."""
     if correction is None:
         return None
     if isinstance(correction, TeacherGradient):
         correction.check(student, where)
         return correction.to(resolve_device([student], device))
-    if correction not in CORRECTIONS:
-        raise InvalidArgumentError(f"{where}: correction must be None, one of {CORRECTIONS} or a "
-                                   f"kdfast.distill.variance_reduction.TeacherGradient, got {correction!r}")
-    if teacher is None:
-        raise InvalidArgumentError(f"{where}: correction={correction!r} needs the teacher module (its full-data "
-                                   "gradient is added back); cached teacher logits are not enough")
     check_same_parameter_space(student, teacher, where)
     return teacher_gradient(teacher, data, indices=indices, batch_size=batch_size, device=device)
 

@@ -91,7 +91,7 @@ def _train_models(cfg, job, train_data, num_classes, shape, track_forgetting):
 def _train_one(cfg, job, train_data, num_classes, shape, track_forgetting, k):
     """Trains model k (seed cfg.seed + k) and saves it as models/seed{seed}.pt, resuming its partial checkpoint."""
     from kdfast.scoring import ForgettingTracker
-    from kdfast.training.fit import fit
+    from kdfast.training.fit import TrainRecipe, fit
     seed = cfg.seed + k
     folder = job.path("models")
     final = os.path.join(folder, f"seed{seed}.pt")
@@ -100,9 +100,10 @@ def _train_one(cfg, job, train_data, num_classes, shape, track_forgetting, k):
     tracker = ForgettingTracker(len(train_data)) if track_forgetting else None
     partial = os.path.join(folder, f"seed{seed}.partial.pt")
     tic = time.perf_counter()
-    fit(model, train_data, epochs=cfg.train_epochs, batch_size=cfg.train_batch_size, lr=cfg.lr,
-        forgetting=tracker, device=cfg.device, precision=cfg.precision, seed=seed, num_workers=cfg.num_workers,
-        checkpoint_path=partial, resume=True, progress=not cfg.quiet)  # the job checked it is this run's
+    recipe = TrainRecipe(epochs=cfg.train_epochs, batch_size=cfg.train_batch_size, lr=cfg.lr, precision=cfg.precision,
+                         seed=seed, num_workers=cfg.num_workers)
+    fit(model, train_data, recipe, forgetting=tracker, device=cfg.device, checkpoint_path=partial, resume=True,
+        progress=not cfg.quiet)  # the job checked it is this run's
     if tracker is not None:
         save_npy(os.path.join(folder, f"seed{seed}.forgetting.npy"), tracker.scores().cpu().numpy())
     save_torch(final, {"model": {n: v.detach().cpu() for n, v in model.state_dict().items()}})  # marks it done
