@@ -381,3 +381,29 @@ def test_the_prune_help_example_prints_what_the_command_prints(scores_dir, tmp_p
     monkeypatch.chdir(tmp_path)
     assert prune_main(command[1:]) == 0
     assert capsys.readouterr().out.splitlines()[0] == promised
+
+
+def test_prune_checks_a_library_made_score_folder_like_a_cli_made_one(tmp_path, digits, capsys):
+    # kdfast.score(out=) writes the same folder as kdfast-score: meta.json with the data identity included
+    import kdfast
+    from kdfast.data import LabeledSubset
+    from kdfast.models import create_model
+    torch.manual_seed(0)
+    model = create_model("mlp", num_classes=10, in_channels=1)
+    scores = kdfast.score(model, digits, "el2n", progress=False, out=tmp_path / "lib", chunk_size=500)
+    meta = json.loads((tmp_path / "lib" / "meta.json").read_text())
+    assert (meta["method"], meta["direction"], meta["num_examples"]) == ("el2n", "higher is harder", len(digits))
+    assert meta["labels_fingerprint"] == labels_fingerprint(digits.targets) and meta["files"] == ["scores.npy"]
+    assert sorted(os.listdir(tmp_path / "lib")) == ["job.json", "meta.json", "scores.npy"]  # chunks dropped
+    argv = ["--fraction", "0.3", "--mode", "hard", "--class-balanced", "--dataset", "digits"]
+    rc = prune_main(["--scores", str(tmp_path / "lib"), *argv, "--out", str(tmp_path / "keep.npy")])
+    assert rc == 0, capsys.readouterr().err
+    expected = prune(scores, 0.3, "hard", labels=digits.targets, class_balanced=True).numpy()
+    np.testing.assert_array_equal(np.load(tmp_path / "keep.npy"), expected)
+    # scores of the same number of examples with other labels: refused, as for a kdfast-score folder
+    shuffled = LabeledSubset(digits, torch.randperm(len(digits), generator=torch.Generator().manual_seed(1)))
+    kdfast.score(model, shuffled, "el2n", progress=False, out=tmp_path / "other")
+    capsys.readouterr()
+    rc = prune_main(["--scores", str(tmp_path / "other"), *argv, "--out", str(tmp_path / "k2.npy")])
+    line = _one_error_line(capsys.readouterr().err, "kdfast-prune")
+    assert rc == 1 and "labels_fingerprint differ" in line, line
