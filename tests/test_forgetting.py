@@ -70,7 +70,7 @@ def test_state_dict_round_trip_and_errors():
     torch.testing.assert_close(u.scores(), t.scores(), equal_nan=True)
     with pytest.raises(InvalidArgumentError, match="expected \\(7,\\)"):
         ForgettingTracker(7).load_state_dict(t.state_dict())
-    with pytest.raises(InvalidArgumentError, match="num_examples must be a positive int, got 0"):
+    with pytest.raises(InvalidArgumentError, match="num_examples must be a positive integer, got 0"):
         ForgettingTracker(0)
     with pytest.raises(InvalidArgumentError, match="1-d of one length"):
         t.update(torch.tensor([1, 2]), torch.tensor([1]))

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from kdfast.errors import InvalidArgumentError
+from kdfast.runtime.checks import finite, int_at_least, one_of, positive_int, require
 from kdfast.losses.kd_loss import kd_loss
 from kdfast.runtime.devices import resolve_device
 
@@ -154,8 +155,7 @@ def teacher_gradient(teacher, data, *, indices=None, batch_size=256, device=None
     data: an (inputs, targets) tensor pair or a map-style dataset of (input, label). Computed once per run
     and reused by every step (`distill_step(..., correction=...)`, `fit(..., correction=...)`).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidArgumentError(f"teacher_gradient: batch_size must be a positive integer, got {batch_size!r}")
+    require("teacher_gradient", positive_int("batch_size", batch_size))
     fetch, idx = _examples(data, indices)
     device = resolve_device([teacher], device)
     named = _params(teacher)
@@ -313,18 +313,9 @@ def teacher_report(student, teacher, data, *, lr, batch_size=64, method="minibat
     E<∇f_ξ(x), ∇f_ξ(θ)>, teacher_full_sq ||∇f(θ)||², student_full_sq ||∇f(x)||², the full-data losses and
     the settings. NaN where a quantity is undefined (e.g. ρ when B = n leaves no noise).
     """
-    problems = []
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 or not math.isfinite(lr):
-        problems.append(f"lr must be a finite number > 0 (the SGD step size γ), got {lr!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        problems.append(f"batch_size must be a positive integer, got {batch_size!r}")
-    if method not in REPORT_METHODS:
-        problems.append(f"method must be one of {REPORT_METHODS}, got {method!r}")
-    if method == "minibatch" and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
-                                  or num_batches < 2):
-        problems.append(f"num_batches must be an integer >= 2, got {num_batches!r}")
-    if problems:
-        raise InvalidArgumentError("teacher_report: " + "; ".join(problems))
+    require("teacher_report", finite("lr", lr, low=0.0, expected="a finite number > 0 (the SGD step size γ)"),
+            positive_int("batch_size", batch_size), one_of("method", method, REPORT_METHODS),
+            int_at_least("num_batches", num_batches, 2) if method == "minibatch" else None)
     check_same_parameter_space(student, teacher, "teacher_report")
     fetch, idx = _examples(data, indices)
     if batch_size > idx.numel():

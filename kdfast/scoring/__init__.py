@@ -16,7 +16,6 @@ Scoring runs every model in eval mode: BatchNorm uses its running statistics and
 from __future__ import annotations
 
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
