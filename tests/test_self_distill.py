@@ -339,12 +339,12 @@ def test_cli_chain_on_digits(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--steps", "0"], "--steps must be >= 1"),
+    (["--steps", "0"], "--steps must be a positive integer, got 0"),
     (["--alpha", "optimal"], "--alpha optimal chooses the weight of each distillation step: it needs --steps >= 2"),
     (["--steps", "3"], "--steps needs --alpha optimal or a fixed number"),
     (["--steps", "3", "--alpha", "1.5"], r"--alpha must be a number in \[0, 1\].*got 1.5"),
     (["--steps", "3", "--alpha", "best"], r"--alpha must be 'optimal' or a number in \[0, 1\]"),
-    (["--steps", "3", "--alpha", "optimal", "--val-fraction", "1"], r"--val-fraction must be in \(0, 1\)"),
+    (["--steps", "3", "--alpha", "optimal", "--val-fraction", "1"], r"--val-fraction must be a number in \(0, 1\)"),
     (["--steps", "3", "--alpha", "optimal", "--train-teacher"], "cannot go with --train-teacher"),
 ])
 def test_cli_chain_usage_errors(tmp_path, capsys, argv, match):

@@ -12,13 +12,12 @@ import sys
 import warnings
 
 from kdfast.distill.setup import KDSetup
-from kdfast.errors import InvalidArgumentError
 from kdfast.runtime import distributed
 from kdfast.pipelines.distill import EVAL_SPLIT
 from kdfast.runtime.checks import Problem, fraction
 from kdfast.training.recipe import TrainRecipe
 from kdfast.cli.common import (CliError, UsageError, add_kd_term_options, add_output_options, add_performance_options,
-                     check_common, check_kd_term, default_device, flag, log, lower, model_name)
+                     check_common, check_kd_term, default_device, flag, log, lower, made, model_name)
 
 # The data-pruning paper's recipes (its App. A): RepDistiller's for CIFAR/SVHN, DeepCore's for ImageNet; the
 # digits recipe is this project's, sized to run in seconds on a CPU.
@@ -193,16 +192,6 @@ class Resolved:
         return {**vars(self.args), **dataclasses.asdict(self.recipe)}
 
 
-def _made(make, problems):
-    """make() (a config object, which checks itself), or None with its problems appended in the flags' names."""
-    try:
-        return make()
-    except InvalidArgumentError as exc:
-        problems.extend(p.text(flag(p.name)) if isinstance(p, Problem) else p
-                        for p in getattr(exc, "problems", [str(exc)]))
-        return None
-
-
 def _parse_milestones(text, problems):
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
@@ -238,7 +227,7 @@ def _recipe(args, problems) -> TrainRecipe | None:
             return None
     elif base.milestones and isinstance(args.epochs, int) and args.epochs >= 1:
         base = base.rescaled(args.epochs)
-    return _made(lambda: dataclasses.replace(base, **given), problems)
+    return made(lambda: dataclasses.replace(base, **given), problems)
 
 
 def resolve(args) -> Resolved:
@@ -263,10 +252,10 @@ def resolve(args) -> Resolved:
     elif args.alpha != "auto":
         args.alpha = _parse_alpha(args.alpha, problems, "a number in [0, 1] or 'auto'")
     if args.alpha not in ("auto", "optimal", None):  # its range (and --temperature's) as the library sees them
-        _made(lambda: KDSetup(alpha=args.alpha, temperature=args.temperature,
-                              extrapolate=chain and args.alpha_range == "any"), problems)
+        made(lambda: KDSetup(alpha=args.alpha, temperature=args.temperature,
+                             extrapolate=chain and args.alpha_range == "any"), problems)
     else:
-        _made(lambda: KDSetup(alpha=0.0, temperature=args.temperature), problems)
+        made(lambda: KDSetup(alpha=0.0, temperature=args.temperature), problems)
     args.alpha_schedule_points = None if args.alpha_schedule is None else _parse_schedule(args.alpha_schedule,
                                                                                          problems)
     sources = [name for name, on in (("--teacher", args.teacher), ("--train-teacher", args.train_teacher),

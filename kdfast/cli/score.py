@@ -14,7 +14,7 @@ import warnings
 
 from kdfast.runtime import distributed
 from kdfast.cli.common import (UsageError, add_output_options, add_performance_options, check_common, default_device, flag,
-                     log, lower, model_name)
+                     log, lower, made, model_name)
 
 EPILOG = """examples:
   kdfast-score
@@ -120,15 +120,17 @@ def _resolve(args) -> None:
     if training:
         args.train_epochs = DEFAULT_EPOCHS.get(args.dataset, 20) if args.train_epochs is None else args.train_epochs
         args.seeds = DEFAULT_SEEDS if args.seeds is None else args.seeds
-    check_common(args, problems, positive=("train_epochs", "seeds", "batch_size", "train_batch_size", "chunk_size",
-                                           "top", "image_size", "limit", "show"))
+    check_common(args, problems, positive=("seeds", "batch_size", "chunk_size", "top", "image_size", "limit", "show"))
+    if training:  # the recipe checks its own fields, named here by their flags
+        from kdfast.training.recipe import TrainRecipe
+        made(lambda: TrainRecipe(epochs=args.train_epochs, batch_size=args.train_batch_size, lr=args.lr,
+                                 precision=args.precision, seed=args.seed), problems,
+             labels={"epochs": "--train-epochs", "batch_size": "--train-batch-size"})
     if args.show:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             problems.append("--show draws with matplotlib, which is not installed: pip install matplotlib")
-    if not args.lr > 0:
-        problems.append(f"--lr must be > 0, got {args.lr}")
     num_models = len(args.checkpoint) or (args.seeds or 1)
     if args.save_logits and (num_models != 1 or method.kind not in ("forward", "gradient")):
         problems.append(f"--save-logits caches one model's logits during a el2n/grand/loss/... pass; got {num_models} "

@@ -9,7 +9,8 @@ gradient (Prop. 1, Eq. 5; the paper's λ is kdfast's alpha)
 so its expectation is ∇f(x) − α∇f(θ): biased. Eq. 16 adds back α∇f(θ), the teacher's full-data gradient,
 computed once (`teacher_gradient`) — SVRG with a frozen snapshot:
 
-    distill_step(student, teacher, x, y, opt, alpha=a, temperature=1.0, correction=teacher_gradient(teacher, data))
+    kd = KDSetup(teacher=teacher, alpha=a, temperature=1.0, correction=teacher_gradient(teacher, data))
+    distill_step(student, x, y, opt, kd)
 
 The corrected step is then exactly unbiased for ∇f(x) for such models; for any architecture and any T it is
 exactly unbiased at x = θ (the KD term's gradient vanishes there and the CE term's bias is −α∇f_ξ(θ)), and
@@ -153,7 +154,7 @@ def teacher_gradient(teacher, data, *, indices=None, batch_size=256, device=None
     """∇f(θ) = (1/n) Σ_i ∇_θ CE(teacher(x_i), y_i) over `data` (or its `indices`), teacher in eval mode.
 
     data: an (inputs, targets) tensor pair or a map-style dataset of (input, label). Computed once per run
-    and reused by every step (`distill_step(..., correction=...)`, `fit(..., correction=...)`).
+    and reused by every step (`KDSetup(correction=...)` in `distill_step` and `fit`).
     """
     require("teacher_gradient", positive_int("batch_size", batch_size))
     fetch, idx = _examples(data, indices)
