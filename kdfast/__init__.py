@@ -10,7 +10,8 @@ Public API (imported lazily, so `import kdfast` stays cheap and never touches a 
     per_example_grad_norms, GradNormPlan exact per-example gradient norms of whole networks (a plan: hooks once)
     hessian, liprune_batches, ImportanceSampler
     prune, distill_step, alpha_for_fraction, optimal_alpha, TeacherCache
-    fit                                  the training loop behind kdfast-distill (checkpoints, exact resumption)
+    fit, TrainRecipe, KDSetup            the training loop behind kdfast-distill (checkpoints, exact resumption),
+                                         its recipe and what it distills from
     jobs                                 runs as jobs: job records checked on resume, chunk stores, atomic writes
     data_identity, check_identity        what ties scores, keep files and caches to one data set
     teacher_gradient, teacher_report     unbiased self-distillation (Eq. 16) and its Eq. 14-15 diagnostics
@@ -45,6 +46,8 @@ _API = {
     "optimal_alpha": "kdfast.distill.step",
     "TeacherCache": "kdfast.distill.teacher_cache",
     "fit": "kdfast.training.fit",
+    "TrainRecipe": "kdfast.training.recipe",
+    "KDSetup": "kdfast.distill.setup",
     "data_identity": "kdfast.data",
     "check_identity": "kdfast.data",
     # distillation as partial variance reduction: Eq. 16's correction and the Eq. 14-15 report

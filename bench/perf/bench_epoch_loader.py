@@ -32,8 +32,8 @@ def fit_with(loader_class, train, test, epochs: int, workers: int):
     torch.manual_seed(0)
     model = create_model("cnn", num_classes=10, in_channels=1, image_size=8)
     with mock.patch.object(training, "EpochLoader", loader_class):
-        training.fit(model, train, epochs=epochs, batch_size=128, lr=0.05, num_workers=workers, eval_dataset=test,
-                     progress=False)
+        training.fit(model, train, training.TrainRecipe(epochs=epochs, batch_size=128, lr=0.05, num_workers=workers),
+                     eval_dataset=test, progress=False)
     return model
 
 

@@ -83,6 +83,7 @@ def train(model, x, y, *, keep, steps, seed, teacher=None, teacher_logits=None, 
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
+    kd = kdfast.KDSetup(teacher=teacher, alpha=alpha, temperature=temperature, kd_term=kd_term)
     done, epoch = 0, 0
     while done < steps:
         if snapshots is not None and epoch in snapshots:
@@ -91,9 +92,9 @@ def train(model, x, y, *, keep, steps, seed, teacher=None, teacher_logits=None, 
         for idx in order.split(batch_size):
             if done == steps:
                 break
-            distill_step(model, teacher, x[idx], y[idx], opt, alpha=alpha, temperature=temperature,
+            distill_step(model, x[idx], y[idx], opt, kd,
                          teacher_logits=None if teacher_logits is None else teacher_logits[idx],
-                         indices=idx, forgetting=forgetting, kd_term=kd_term)
+                         indices=idx, forgetting=forgetting)
             sched.step()
             done += 1
         epoch += 1

@@ -28,6 +28,7 @@ import time
 import torch
 
 from bench.common import measured, pyplot, repro_provenance, save_figure, stderr_log, write_report
+from kdfast.training.recipe import TrainRecipe
 from kdfast.training.self_distill import kernel_ridge_chain, self_distill
 
 REPORTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reports")
@@ -127,18 +128,20 @@ def network_experiment(*, seeds, steps, epochs, fixed, log):
 
     def make():
         return create_model("mlp", num_classes=10, in_channels=1, image_size=8)
+
+    def recipe(seed):
+        return TrainRecipe(epochs=epochs, batch_size=64, lr=0.05, seed=seed)
     runs = {f"KD weight {a}": [] for a in fixed}
     runs["optimal (clipped)"] = []
     for seed in range(seeds):
         for a in fixed:
             tic = time.perf_counter()
-            runs[f"KD weight {a}"].append(self_distill(make, train, steps=steps, epochs=epochs, alpha=a, temperature=1.0,
-                                                       eval_dataset=test, seed=seed, batch_size=64, lr=0.05).records)
+            runs[f"KD weight {a}"].append(self_distill(make, train, recipe(seed), steps=steps, alpha=a,
+                                                       temperature=1.0, eval_dataset=test).records)
             log(f"digits seed {seed} KD weight {a}: {time.perf_counter() - tic:.0f} s")
         tic = time.perf_counter()
-        runs["optimal (clipped)"].append(self_distill(make, train, steps=steps, epochs=epochs, alpha="optimal",
-                                                      temperature=1.0, eval_dataset=test, seed=seed, batch_size=64,
-                                                      lr=0.05).records)
+        runs["optimal (clipped)"].append(self_distill(make, train, recipe(seed), steps=steps, alpha="optimal",
+                                                      temperature=1.0, eval_dataset=test).records)
         log(f"digits seed {seed} optimal: {time.perf_counter() - tic:.0f} s")
     return runs
 

@@ -3,7 +3,8 @@
 
 Stochastic pruning (Eq. 2) draws each step's examples with p_i ∝ L_i, weights their loss by 1/(r n p_i) and
 applies the step only when a Bernoulli(r) gate ζ_t is 1, so the expected step is the full-data gradient step
-and only a share r of the iterations touch data; kdfast.ImportanceSampler supplies the draws and the weights.
+and only a share r of the iterations touch data; kdfast.ImportanceSampler supplies the draws and the weights
+(`fit(..., subset=ImportanceSampler(...))`).
 "stochastic uniform" (p_i = 1/n, weights 1/r) is the control that separates the importance of p from the
 1/r amplification.
 
@@ -43,7 +44,7 @@ from kdfast.models import create_model
 from kdfast.pruning.sampling import ImportanceSampler
 from kdfast.scoring import score
 from kdfast.pruning.selection import prune
-from kdfast.training.fit import evaluate, fit
+from kdfast.training.fit import TrainRecipe, evaluate, fit
 
 NAME = "stochastic_liprune"
 REPORTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reports")
@@ -120,27 +121,26 @@ def _mlp(seed):
 
 def digits_experiment(ratio, seed, scores, train, test, epochs):
     """{method: test accuracy} of students trained from scratch on the same budget of SGD steps."""
-    recipe = dict(epochs=epochs, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine",
-                  progress=False, seed=seed)
+    recipe = TrainRecipe(epochs=epochs, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine",
+                         seed=seed)
     out = {}
     for method in METHODS[1:]:
-        kw = {}
         if method == "random":
-            kw["indices"] = prune(scores, ratio, "random", seed=seed)
+            subset = prune(scores, ratio, "random", seed=seed)
         elif method == "liprune top-r":
-            kw["indices"] = prune(scores, ratio, "hard")
+            subset = prune(scores, ratio, "hard")
         else:
             s = scores if method == "stochastic liprune" else torch.ones_like(scores)
-            kw["sampler"] = ImportanceSampler(s, ratio, seed=seed)
+            subset = ImportanceSampler(s, ratio, seed=seed)
         model = _mlp(100 + seed)
-        fit(model, train, **recipe, **kw)
+        fit(model, train, recipe, subset=subset, progress=False)
         out[method] = evaluate(model, test)["acc"]
     return out
 
 
 def liprune_scores(train, seed, epochs=3):
     model = _mlp(seed)
-    fit(model, train, epochs=epochs, batch_size=64, lr=0.05, progress=False, seed=seed)
+    fit(model, train, TrainRecipe(epochs=epochs, batch_size=64, lr=0.05, seed=seed), progress=False)
     return score(model, train, "liprune-last", progress=False)
 
 

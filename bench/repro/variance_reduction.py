@@ -44,8 +44,9 @@ from torch import nn
 
 from bench.common import load_saved, measured, pyplot, repro_provenance, save_figure, stderr_log, write_report
 from kdfast.data import load_dataset
-from kdfast.distill import distill_step
-from kdfast.variance import noise_terms, teacher_gradient, teacher_report
+from kdfast.distill.setup import KDSetup
+from kdfast.distill.step import distill_step
+from kdfast.distill.variance_reduction import noise_terms, teacher_gradient, teacher_report
 
 LAMBDAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0)
 SMOKE_LAMBDAS = (0.0, 0.5, 1.0)
@@ -145,6 +146,7 @@ def train(f32, f64, y, fstar, *, epochs, lr, seed, teacher=None, lam=0.0, correc
     model = _zero_model(f32.shape[1])
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
     params = list(model.parameters())
+    kd = KDSetup(teacher=teacher, alpha=lam, temperature=1.0, correction=correction if lam else None)
     gaps, mse = [], []
     for epoch in range(epochs):
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed * 1_000 + epoch))
@@ -152,8 +154,7 @@ def train(f32, f64, y, fstar, *, epochs, lr, seed, teacher=None, lam=0.0, correc
         for start in range(0, len(y), batch):
             pick = order[start:start + batch]
             true = torch.autograd.grad(nn.functional.cross_entropy(model(f32), y), params)
-            distill_step(model, teacher, f32[pick], y[pick], opt, alpha=lam, temperature=1.0,
-                         correction=correction if lam else None)
+            distill_step(model, f32[pick], y[pick], opt, kd)
             sq += float(sum(((p.grad - t) ** 2).sum() for p, t in zip(params, true)))
             steps += 1
         gaps.append(_full_loss_gap(model, f64, y, fstar))

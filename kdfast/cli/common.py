@@ -7,19 +7,19 @@ Expected errors print one line `kdfast <cmd>: error: ...` to stderr; `--debug` p
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import traceback
 import warnings
 
-from kdfast.errors import KDFastError
+from kdfast.errors import InvalidArgumentError, KDFastError
+from kdfast.runtime.checks import Problem, finite, fraction, positive_int
 from kdfast.io.atomic import write_json
 from kdfast.runtime.progress import log, progress
 from kdfast.runtime.devices import PRECISIONS
 
 __all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "UsageError", "CliError", "make_parser", "add_common_options",
            "run_cli", "flag", "lower", "model_name", "add_output_options", "add_performance_options",
-           "check_common", "add_kd_term_options", "check_kd_term", "default_device", "log", "progress", "write_json",
+           "check_common", "made", "add_kd_term_options", "check_kd_term", "default_device", "log", "progress", "write_json",
            "PRECISIONS"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -142,12 +142,12 @@ def check_common(args, problems: list[str], *, positive=(), fractions=()) -> Non
         problems.append("give --resume or --overwrite, not both")
     for name in positive:
         value = getattr(args, name)
-        if value is not None and value < 1:
-            problems.append(f"{flag(name)} must be >= 1, got {value}")
+        if value is not None and positive_int(name, value):
+            problems.append(positive_int(name, value).text(flag(name)))
     for name in fractions:
         value = getattr(args, name)
-        if value is not None and not 0.0 < value < 1.0:
-            problems.append(f"{flag(name)} must be in (0, 1), got {value}")
+        if value is not None and fraction(name, value, closed_high=False):
+            problems.append(fraction(name, value, closed_high=False).text(flag(name)))
     if getattr(args, "num_workers", None) is not None and args.num_workers < 0:
         problems.append(f"--num-workers must be >= 0, got {args.num_workers}")
     device = getattr(args, "device", None)
@@ -160,6 +160,18 @@ def check_common(args, problems: list[str], *, positive=(), fractions=()) -> Non
         else:
             if dev.type == "cuda" and not torch.cuda.is_available():
                 problems.append(f"--device {device}: no CUDA device here")
+
+
+def made(make, problems: list[str], labels: dict[str, str] | None = None):
+    """make() (a library config object, which checks its own fields), or None with its problems appended in the
+    command line's terms: each field by its flag (`labels` maps fields whose flag is not --field-name)."""
+    try:
+        return make()
+    except InvalidArgumentError as exc:
+        labels = labels or {}
+        problems.extend(p.text(labels.get(p.name) or flag(p.name)) if isinstance(p, Problem) else p
+                        for p in getattr(exc, "problems", [str(exc)]))
+        return None
 
 
 def add_kd_term_options(group) -> None:
@@ -194,8 +206,8 @@ def check_kd_term(args, sources: list[str], problems: list[str]) -> None:
                         "--teacher-cache (which holds only logits)")
     if args.kd_beta is None:
         args.kd_beta = KD_TERMS[args.kd_term].default_beta
-    elif not (args.kd_beta >= 0 and math.isfinite(args.kd_beta)):
-        problems.append(f"--kd-beta must be a finite number >= 0, got {args.kd_beta}")
+    elif finite("kd_beta", args.kd_beta, low=0.0, low_open=False):
+        problems.append(finite("kd_beta", args.kd_beta, low=0.0, low_open=False).text("--kd-beta"))
     if isinstance(args.kd_layers, str):
         if args.kd_layers.count(":") != 1 or "" in args.kd_layers.split(":"):
             problems.append(f"--kd-layers must be STUDENT_LAYER:TEACHER_LAYER, e.g. 9:9 or 12.in:12.in, got "

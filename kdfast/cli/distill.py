@@ -6,26 +6,28 @@
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 import os
 import sys
 import warnings
 
+from kdfast.distill.setup import KDSetup
 from kdfast.runtime import distributed
 from kdfast.pipelines.distill import EVAL_SPLIT
+from kdfast.runtime.checks import Problem, fraction
+from kdfast.training.recipe import TrainRecipe
 from kdfast.cli.common import (CliError, UsageError, add_kd_term_options, add_output_options, add_performance_options,
-                     check_common, check_kd_term, default_device, flag, log, lower, model_name)
+                     check_common, check_kd_term, default_device, flag, log, lower, made, model_name)
 
 # The data-pruning paper's recipes (its App. A): RepDistiller's for CIFAR/SVHN, DeepCore's for ImageNet; the
 # digits recipe is this project's, sized to run in seconds on a CPU.
 RECIPES = {
-    "cifar": dict(epochs=240, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="step",
-                  milestones=(150, 180, 210)),
-    "imagenet": dict(epochs=240, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine",
-                     milestones=()),
-    "digits": dict(epochs=30, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine",
-                   milestones=()),
+    "cifar": TrainRecipe(epochs=240, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="step",
+                         milestones=(150, 180, 210)),
+    "imagenet": TrainRecipe(epochs=240, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
+    "digits": TrainRecipe(epochs=30, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
 }
+RECIPE_OPTIONS = tuple(f.name for f in dataclasses.fields(TrainRecipe))  # each field is also an option
 DATASET_RECIPE = {"digits": "digits", "cifar10": "cifar", "cifar100": "cifar", "svhn": "cifar",
                   "imagenet": "imagenet", "folder": "imagenet"}
 DEFAULT_VAL_FRACTION = 0.1  # held out of the training data where the data set has no test split (folder)
@@ -68,7 +70,7 @@ trained here goes to OUT/teacher/.
 def add_parser(subparsers):
     from kdfast.data import DATASETS
     from kdfast.models import MODELS
-    from kdfast.training.fit import SCHEDULES
+    from kdfast.training.recipe import SCHEDULES
     p = subparsers.add_parser("distill", help="train a student on the kept subset with a teacher",
                               description="Train a student on the kept subset of a data set, distilling from a "
                                           "teacher trained on more data.",
@@ -179,15 +181,24 @@ def _resolve_variance_options(args, problems):
 
 
 # --------------------------------------------------------------------------------- argument resolution
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """The resolved command line: its options and the training recipe they make (the recipe's defaults with the
+    options given laid over them)."""
+    args: argparse.Namespace
+    recipe: TrainRecipe
+
+    def config(self) -> dict:
+        """The job's configuration (OUT/job.json): every option, the recipe's fields at their resolved values."""
+        return {**vars(self.args), **dataclasses.asdict(self.recipe)}
+
+
 def _parse_milestones(text, problems):
     try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
+        return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         problems.append(f"--milestones must be comma-separated epochs, e.g. 150,180,210, got {text!r}")
-        return ()
-    if any(v < 1 for v in values) or list(values) != sorted(set(values)):
-        problems.append(f"--milestones must be increasing positive epochs, got {text!r}")
-    return values
+        return None
 
 
 def _parse_schedule(text, problems):
@@ -198,46 +209,54 @@ def _parse_schedule(text, problems):
         return None
 
 
-def resolve(args):
-    """Fills recipe defaults into args and validates everything at once (UsageError listing every problem)."""
+def _parse_alpha(text, problems, expected):
+    try:
+        return float(text)
+    except ValueError:
+        problems.append(f"--alpha must be {expected}, got {text!r}")
+        return None
+
+
+def _recipe(args, problems) -> TrainRecipe | None:
+    """The --recipe (default: the data set's) with the options given laid over it. Given only --epochs, a step
+    schedule keeps its shape: its milestones move to the same fractions of the run."""
+    base = RECIPES[args.recipe or DATASET_RECIPE[args.dataset]]
+    given = {name: getattr(args, name) for name in RECIPE_OPTIONS if getattr(args, name) is not None}
+    if args.milestones is not None:
+        given["milestones"] = _parse_milestones(args.milestones, problems)
+        if given["milestones"] is None:
+            return None
+    elif base.milestones and isinstance(args.epochs, int) and args.epochs >= 1:
+        base = base.rescaled(args.epochs)
+    return made(lambda: dataclasses.replace(base, **given), problems)
+
+
+def resolve(args) -> Resolved:
+    """Validates everything at once (UsageError listing every problem) and resolves the defaults. The recipe and
+    the distillation values are checked by the library's objects (TrainRecipe, KDSetup); their problems are
+    reported in the flags' names."""
     problems = []
-    recipe = RECIPES[args.recipe or DATASET_RECIPE[args.dataset]]
-    explicit_milestones = args.milestones is not None
-    for key, value in recipe.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if explicit_milestones:
-        args.milestones = _parse_milestones(args.milestones, problems)
-    elif recipe["milestones"] and args.epochs != recipe["epochs"]:
-        # keep the recipe's shape on shorter or longer runs: 150/180/210 of 240 -> the same fractions
-        args.milestones = tuple(max(1, round(m * args.epochs / recipe["epochs"])) for m in recipe["milestones"])
-    args.milestones = tuple(args.milestones)
-    if args.schedule == "step" and not args.milestones:
-        problems.append("--schedule step needs --milestones")
+    recipe = _recipe(args, problems)
     if args.out is None:
         problems.append("--out is required (the output folder)")
     chain = args.steps != 1 or args.alpha == "optimal"  # a self-distillation chain: its own checks
     if args.val_fraction is None:  # a chain chooses its weights on the held-out share: it always needs one
         args.val_fraction = DEFAULT_VAL_FRACTION if chain or EVAL_SPLIT[args.dataset] is None else 0.0
-    elif not chain and args.val_fraction != 0.0 and not 0.0 < args.val_fraction < 1.0:
-        problems.append(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    check_common(args, problems, positive=("epochs", "batch_size", "teacher_epochs", "image_size", "steps"),
+    elif not chain and args.val_fraction != 0.0:
+        problems.append(fraction("val_fraction", args.val_fraction, closed_high=False,
+                                 expected="0 or a number in (0, 1)"))
+    check_common(args, problems, positive=("teacher_epochs", "image_size", "steps"),
                  fractions=("val_fraction",) if chain else ())
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        problems.append(f"--lr must be > 0, got {args.lr}")
-    if not args.temperature > 0:
-        problems.append(f"--temperature must be > 0, got {args.temperature}")
-    if not 0.0 < args.teacher_fraction <= 1.0:
-        problems.append(f"--teacher-fraction must be in (0, 1], got {args.teacher_fraction}")
+    problems.append(fraction("teacher_fraction", args.teacher_fraction))
     if chain:
         resolve_chain(args, problems)
     elif args.alpha != "auto":
-        try:
-            args.alpha = float(args.alpha)
-            if not 0.0 <= args.alpha <= 1.0:
-                raise ValueError
-        except ValueError:
-            problems.append(f"--alpha must be a number in [0, 1] or 'auto', got {args.alpha!r}")
+        args.alpha = _parse_alpha(args.alpha, problems, "a number in [0, 1] or 'auto'")
+    if args.alpha not in ("auto", "optimal", None):  # its range (and --temperature's) as the library sees them
+        made(lambda: KDSetup(alpha=args.alpha, temperature=args.temperature,
+                             extrapolate=chain and args.alpha_range == "any"), problems)
+    else:
+        made(lambda: KDSetup(alpha=0.0, temperature=args.temperature), problems)
     args.alpha_schedule_points = None if args.alpha_schedule is None else _parse_schedule(args.alpha_schedule,
                                                                                          problems)
     sources = [name for name, on in (("--teacher", args.teacher), ("--train-teacher", args.train_teacher),
@@ -247,7 +266,7 @@ def resolve(args):
         problems.append("give --teacher or --train-teacher, not both")
     if args.teacher_cache and args.train_teacher:
         problems.append("--teacher-cache holds an existing teacher's logits; it cannot go with --train-teacher")
-    if not sources and args.alpha != 0.0 and not chain:
+    if not sources and args.alpha not in (0.0, None) and not chain:
         problems.append(f"--alpha {args.alpha} distills from a teacher: pass --teacher PATH, --train-teacher or "
                         "--teacher-cache DIR (or --alpha 0 to train without one)")
     for option, path in (("--teacher", args.teacher), ("--keep", args.keep)):
@@ -262,12 +281,13 @@ def resolve(args):
     if args.dataset != "digits" and not args.data_root:
         problems.append(f"--dataset {args.dataset} needs --data-root (kdfast never downloads data)")
     _resolve_variance_options(args, problems)
+    problems = [p.text(flag(p.name)) if isinstance(p, Problem) else p for p in problems if p is not None]
     if problems:
         raise UsageError("; ".join(problems))
     from kdfast.models import DEFAULT_MODEL
     args.model = args.model or DEFAULT_MODEL[args.dataset]
     args.teacher_model = args.teacher_model or args.model
-    args.teacher_epochs = args.teacher_epochs or args.epochs
+    args.teacher_epochs = args.teacher_epochs or recipe.epochs
     # the contents behind the paths join the job's identity: a keep file, scores or teacher replaced in place is
     # another job
     from kdfast.models import file_sha256
@@ -277,7 +297,7 @@ def resolve(args):
     args.scores_sha256 = file_sha256(scores_file) if scores_file and os.path.isfile(scores_file) else None
     cache_meta = os.path.join(args.teacher_cache, "meta.json") if args.teacher_cache else None
     args.teacher_cache_sha256 = file_sha256(cache_meta) if cache_meta and os.path.isfile(cache_meta) else None
-    return args
+    return Resolved(args, recipe)
 
 
 # ----------------------------------------------------------------------------------------- the work
@@ -288,16 +308,17 @@ def _device(name):
 
 def run(args) -> int:
     """Distills as one process, or as one rank of a torchrun job (DistributedDataParallel); 0 on success."""
-    resolve(args)
+    resolved = resolve(args)
     with distributed.process_group_for(_device(args.device)) as device:
-        return _run(args, device)
+        return _run(resolved, device)
 
 
-def _run(args, device) -> int:
+def _run(resolved: Resolved, device) -> int:
     from kdfast.data import data_identity
     from kdfast.io import Job
     from kdfast.pipelines.distill import load_distill_data, run_distill_job
     from kdfast.pipelines.self_distill import run_chain_job
+    args, recipe = resolved.args, resolved.recipe
     if args.kd_term != "logit" and distributed.world_size() > 1:  # before any teacher is trained in vain
         raise UsageError(f"--kd-term {args.kd_term}: the term's parameters would train outside "
                          "DistributedDataParallel; run on one process, not under torchrun")
@@ -305,13 +326,13 @@ def _run(args, device) -> int:
     if args.steps != 1 and distributed.world_size() > 1:
         raise CliError("--steps runs on one process (the chain's fits are sequential); launch it without torchrun")
     data = load_distill_data(args)  # before the job starts: a data or keep-file error leaves --out untouched
-    job = Job.start_on_main(args.out, "distill", vars(args), data=data_identity(data.train), files=data.train.files,
+    job = Job.start_on_main(args.out, "distill", resolved.config(), data=data_identity(data.train), files=data.train.files,
                             resume=args.resume, overwrite=args.overwrite, label=flag)
     if job.finished:
         log(f"{args.out} already holds a finished run; nothing to do", quiet=args.quiet)
         return 0
     with job:  # a failure before any work product leaves nothing that blocks a corrected rerun
-        summary = (run_chain_job if args.steps != 1 else run_distill_job)(args, job, data, device)
+        summary = (run_chain_job if args.steps != 1 else run_distill_job)(args, recipe, job, data, device)
     if args.steps != 1:
         return report_chain(summary, job)
     if summary is None:
@@ -322,7 +343,7 @@ def _run(args, device) -> int:
     term = "" if summary["kd_term"] is None else \
         f", kd_term {summary['kd_term']['name']} (beta {summary['kd_term']['beta']:g})"
     print(f"{args.model} student, f = {summary['fraction']:.3g}, alpha = {summary['alpha']:.3g}{term}: {acc} after "
-          f"{args.epochs} epochs -> {job.path('student.pt')}")
+          f"{recipe.epochs} epochs -> {job.path('student.pt')}")
     for warning in summary["warnings"]:
         warnings.warn(warning, stacklevel=1)  # one line on stderr through run_cli
     return 0
@@ -350,13 +371,8 @@ def resolve_chain(args, problems):
     if args.alpha == "auto":
         problems.append("--steps needs --alpha optimal or a fixed number (--alpha auto is the pruning schedule)")
     elif args.alpha != "optimal":
-        try:
-            args.alpha = float(args.alpha)
-            if not math.isfinite(args.alpha) or (args.alpha_range == "clip" and not 0.0 <= args.alpha <= 1.0):
-                raise ValueError
-        except ValueError:
-            problems.append(f"--alpha must be 'optimal' or a number in [0, 1] (any finite number with --alpha-range "
-                            f"any), got {args.alpha!r}")
+        args.alpha = _parse_alpha(args.alpha, problems, "'optimal' or a number in [0, 1] (any finite number with "
+                                                        "--alpha-range any)")
     for name, on in (("--teacher", args.teacher), ("--train-teacher", args.train_teacher),
                      ("--teacher-cache", args.teacher_cache)):
         if on:

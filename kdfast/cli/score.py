@@ -14,7 +14,7 @@ import warnings
 
 from kdfast.runtime import distributed
 from kdfast.cli.common import (UsageError, add_output_options, add_performance_options, check_common, default_device, flag,
-                     log, lower, model_name)
+                     log, lower, made, model_name)
 
 EPILOG = """examples:
   kdfast-score
@@ -140,15 +140,18 @@ def _resolve(args) -> None:
                         "--holdout-fraction")
     elif args.holdout_fraction is None:
         args.holdout_fraction = DEFAULT_HOLDOUT if training and method.kind != "training" else 0.0
-    check_common(args, problems, positive=("train_epochs", "seeds", "batch_size", "train_batch_size", "chunk_size",
-                                           "num_classes", "top", "image_size", "limit", "show"))
+    check_common(args, problems, positive=("seeds", "batch_size", "chunk_size", "num_classes", "top", "image_size",
+                                           "limit", "show"))
+    if training:  # the recipe checks its own fields, named here by their flags
+        from kdfast.training.recipe import TrainRecipe
+        made(lambda: TrainRecipe(epochs=args.train_epochs, batch_size=args.train_batch_size, lr=args.lr,
+                                 precision=args.precision, seed=args.seed), problems,
+             labels={"epochs": "--train-epochs", "batch_size": "--train-batch-size"})
     if args.show:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             problems.append("--show draws with matplotlib, which is not installed: pip install matplotlib")
-    if not args.lr > 0:
-        problems.append(f"--lr must be > 0, got {args.lr}")
     num_models = len(args.checkpoint) or (args.seeds or 1)
     if args.save_logits and (num_models != 1 or method.kind not in ("forward", "gradient")):
         problems.append(f"--save-logits caches one model's logits during a el2n/grand/loss/... pass; got {num_models} "

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import torch
 
-from kdfast.errors import InvalidArgumentError
+from kdfast.runtime import checks
+from kdfast.runtime.checks import require
 
 
 def stratified_split(targets, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(train indices, held-out indices), both sorted int64: round(fraction * n_c) examples of each class c
     are held out (at least one of every class with two or more examples), drawn with a generator seeded by
     `seed`, so the split is the same on every machine."""
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
-        raise InvalidArgumentError(f"stratified_split: fraction must be in (0, 1), got {fraction!r}")
+    require("stratified_split", checks.fraction("fraction", fraction, closed_high=False, expected="in (0, 1)"))
     targets = torch.as_tensor(targets, dtype=torch.int64).reshape(-1)
     gen = torch.Generator().manual_seed(int(seed))
     held = []

@@ -1,6 +1,6 @@
 """Knowledge distillation on a (pruned) training subset: one training step, and the weight of the KD term.
 
-    out = distill_step(student, teacher, inputs, targets, optimizer, alpha=0.5, temperature=4.0)
+    out = distill_step(student, inputs, targets, optimizer, KDSetup(teacher=teacher, alpha=0.5, temperature=4.0))
     alpha = alpha_for_fraction(0.2)                      # the data-pruning paper's f -> alpha trend
     alpha = optimal_alpha(y_val, pred_labels_only, pred_teacher_only)   # closed form, kernel ridge
 
@@ -16,10 +16,12 @@ from collections.abc import Sequence
 
 import torch
 
+from kdfast.distill.setup import KDSetup, as_setup
 from kdfast.errors import InvalidArgumentError
 from kdfast.distill.terms import capture_pair as _capture_pair
 from kdfast.losses.kd_loss import kd_loss
 from kdfast.distill.variance_reduction import TeacherGradient
+from kdfast.runtime.checks import fraction as _fraction, require
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -49,7 +51,7 @@ def _check_step_args(teacher, inputs, targets, alpha, teacher_logits, indices, f
                                    f"{targets.shape[0]}")
     if teacher is None and teacher_logits is None and alpha != 0:
         raise InvalidArgumentError(f"distill_step: alpha={alpha} weights a distillation term, which needs a "
-                                   "teacher module or teacher_logits; pass one or use alpha=0")
+                                   "teacher module (in the KDSetup) or teacher_logits; pass one or use alpha=0")
     if forgetting is not None:
         if not callable(getattr(forgetting, "update", None)):
             raise InvalidArgumentError("distill_step: forgetting must have an update(indices, correct) method, "
@@ -69,24 +71,26 @@ def _check_correction(correction, student):
     correction.check(student, "distill_step")
 
 
-def distill_step(student, teacher, inputs, targets, optimizer, *, alpha=0.5, temperature=4.0,
-                 teacher_logits=None, weight=None, indices=None, forgetting=None, amp=None, validate=False,
-                 correction=None, extrapolate=False, kd_term=None):
+def distill_step(student, inputs, targets, optimizer, kd: KDSetup | None = None, *, teacher_logits=None,
+                 weight=None, indices=None, forgetting=None, amp=None, validate=False):
     """One training step of `student` on a batch with the fused KD loss.
 
     loss = mean_i w_i ((1 - alpha) CE(s_i, y_i) + alpha T^2 KL(softmax(t_i/T) || softmax(s_i/T)))
 
     Args:
         student: the model being trained; runs in whatever mode it is in (`fit` puts it in train mode).
-        teacher: a module, run in eval mode (switched there if needed) without autograd; or None when
-            teacher_logits is given (e.g. from a TeacherCache) or alpha == 0.
         inputs, targets: the batch; targets (B,) int64 class indices.
         optimizer: stepped once; gradients are zeroed first.
-        alpha: weight of the DISTILLATION term in [0, 1] (any finite value with extrapolate=True).
-        temperature: T > 0 of the soft targets.
+        kd: a kdfast.KDSetup: the teacher module (run in eval mode, switched there if needed, without autograd),
+            alpha (weight of the DISTILLATION term), temperature, extrapolate, a feature term (its parameters
+            must be in `optimizer`, make_kd_term's docstring; its features are hooked during both forward
+            passes, hooks removed after) and the Eq. 16 correction, which here must be a TeacherGradient
+            (`teacher_gradient(teacher, data)`, computed once): it adds alpha times the teacher's full-data
+            cross-entropy gradient to the step's gradient before the optimizer step (exactly unbiased for
+            softmax regression at temperature 1, and at student = teacher for any model). None: labels alone.
         teacher_logits: (B, C) precomputed teacher logits (a class at -inf has probability 0), or a
             kdfast.TopKTeacher (e.g. TeacherCache.topk_rows: k ids and log-probabilities per example, never
-            expanded to C); wins over `teacher`.
+            expanded to C); wins over kd's teacher.
         weight: optional (B,) per-example loss weights (importance sampling).
         indices: (B,) dataset indices of the batch, for `forgetting`.
         forgetting: an object with update(indices, correct) (e.g. kdfast.ForgettingTracker), fed the
@@ -95,29 +99,17 @@ def distill_step(student, teacher, inputs, targets, optimizer, *, alpha=0.5, tem
         validate: check on the host that every target lies in [0, C) (one synchronisation). Off by default
             so a step never waits for the device; a bad label then gives a NaN loss, never a wild read
             (`fit` validates during its first epoch, which presents every kept example once).
-        correction: a kdfast.distill.variance_reduction.TeacherGradient (`teacher_gradient(teacher, data)`, the teacher's
-            full-data cross-entropy gradient, computed once): unbiased self-distillation (the KD-variance-
-            reduction paper's Eq. 16) adds alpha times it to the step's gradient before the optimizer step.
-            Exactly unbiased for softmax regression at temperature 1, and at student = teacher for any model;
-            needs the teacher's parameter space (raises otherwise).
-        extrapolate: allow alpha outside [0, 1] (the self-distillation paper's optimum often lies there;
-            kd_loss(..., extrapolate=True), same formula).
-        kd_term: a feature-distillation term (kdfast.distill.terms.make_kd_term: hint, vid, at) added to the loss,
-            beta * mean_i w_i r_i; it needs the teacher module (its features are hooked during both forward
-            passes, hooks removed after). Its parameters must be in `optimizer` (make_kd_term's docstring).
 
     Returns:
         dict of device tensors, no host synchronisation: "loss" (0-d, detached) and the per-example
         statistics of the fused loss ("ce", "kl", "el2n", "grad_norm", "correct", "margin"); with kd_term
         also "kd_term" (0-d, detached: its weighted contribution to the loss).
     """
+    kd = as_setup(kd, "distill_step")
+    teacher, alpha, kd_term, correction = kd.teacher, kd.alpha, kd.kd_term, kd.correction
     _check_step_args(teacher, inputs, targets, alpha, teacher_logits, indices, forgetting)
     if correction is not None:
         _check_correction(correction, student)
-    if kd_term is not None and not isinstance(teacher, torch.nn.Module):
-        raise InvalidArgumentError(f"distill_step: kd_term={getattr(kd_term, 'name', kd_term)!r} compares "
-                                   "features, so it needs the teacher module (not only teacher_logits), got "
-                                   f"teacher={type(teacher).__name__}")
     amp_dtype = _amp_dtype(amp)
 
     def precision():  # a disabled autocast still costs a context switch per step: skip it in fp32
@@ -135,8 +127,8 @@ def distill_step(student, teacher, inputs, targets, optimizer, *, alpha=0.5, tem
             student_logits = student(inputs)
         # The fused loss computes in fp32 whatever the logits' dtype; alpha == 0 needs no teacher at all.
         loss, stats = kd_loss(student_logits, teacher_logits if alpha != 0 else None, targets, alpha=alpha,
-                              temperature=temperature, weight=weight, return_stats=True, validate=validate,
-                              extrapolate=extrapolate)
+                              temperature=kd.temperature, weight=weight, return_stats=True, validate=validate,
+                              extrapolate=kd.extrapolate)
         if kd_term is not None:
             extra = kd_term(student_feature.get(), teacher_feature.get(), weight)
             loss = loss + extra
@@ -185,9 +177,8 @@ def alpha_for_fraction(fraction, *, schedule: Sequence[tuple[float, float]] | No
     Override with `schedule`: (fraction, alpha) anchors, fractions strictly increasing, alphas
     non-increasing (so the result is monotone in f); piecewise linear between them, flat outside.
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < float(fraction) <= 1.0:
-        raise InvalidArgumentError(f"alpha_for_fraction: fraction must be a number in (0, 1] (the share of "
-                                   f"the data kept), got {fraction!r}")
+    require("alpha_for_fraction", _fraction("fraction", fraction, expected="a number in (0, 1] (the share of the "
+                                                                      "data kept)"))
     pts = _check_schedule(DEFAULT_ALPHA_SCHEDULE if schedule is None else schedule)
     f = float(fraction)
     if f <= pts[0][0]:

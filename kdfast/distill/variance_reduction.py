@@ -9,7 +9,8 @@ gradient (Prop. 1, Eq. 5; the paper's λ is kdfast's alpha)
 so its expectation is ∇f(x) − α∇f(θ): biased. Eq. 16 adds back α∇f(θ), the teacher's full-data gradient,
 computed once (`teacher_gradient`) — SVRG with a frozen snapshot:
 
-    distill_step(student, teacher, x, y, opt, alpha=a, temperature=1.0, correction=teacher_gradient(teacher, data))
+    kd = KDSetup(teacher=teacher, alpha=a, temperature=1.0, correction=teacher_gradient(teacher, data))
+    distill_step(student, x, y, opt, kd)
 
 The corrected step is then exactly unbiased for ∇f(x) for such models; for any architecture and any T it is
 exactly unbiased at x = θ (the KD term's gradient vanishes there and the CE term's bias is −α∇f_ξ(θ)), and
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from kdfast.errors import InvalidArgumentError
+from kdfast.runtime.checks import finite, int_at_least, one_of, positive_int, require
 from kdfast.losses.kd_loss import kd_loss
 from kdfast.runtime.devices import resolve_device
 
@@ -152,10 +154,9 @@ def teacher_gradient(teacher, data, *, indices=None, batch_size=256, device=None
     """∇f(θ) = (1/n) Σ_i ∇_θ CE(teacher(x_i), y_i) over `data` (or its `indices`), teacher in eval mode.
 
     data: an (inputs, targets) tensor pair or a map-style dataset of (input, label). Computed once per run
-    and reused by every step (`distill_step(..., correction=...)`, `fit(..., correction=...)`).
+    and reused by every step (`KDSetup(correction=...)` in `distill_step` and `fit`).
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidArgumentError(f"teacher_gradient: batch_size must be a positive integer, got {batch_size!r}")
+    require("teacher_gradient", positive_int("batch_size", batch_size))
     fetch, idx = _examples(data, indices)
     device = resolve_device([teacher], device)
     named = _params(teacher)
@@ -179,18 +180,13 @@ def teacher_gradient(teacher, data, *, indices=None, batch_size=256, device=None
 def resolve_correction(correction, student, teacher, data, *, indices=None, batch_size=256, device=None,
                        where="fit"):
     """None, "unbiased" (compute the teacher's full-data gradient now) or a TeacherGradient -> TeacherGradient
-    | None, after checking that the teacher shares the student's parameter space."""
+    | None, after checking that the teacher shares the student's parameter space. The value and the teacher's
+    presence were checked when the KDSetup was made."""
     if correction is None:
         return None
     if isinstance(correction, TeacherGradient):
         correction.check(student, where)
         return correction.to(resolve_device([student], device))
-    if correction not in CORRECTIONS:
-        raise InvalidArgumentError(f"{where}: correction must be None, one of {CORRECTIONS} or a "
-                                   f"kdfast.distill.variance_reduction.TeacherGradient, got {correction!r}")
-    if teacher is None:
-        raise InvalidArgumentError(f"{where}: correction={correction!r} needs the teacher module (its full-data "
-                                   "gradient is added back); cached teacher logits are not enough")
     check_same_parameter_space(student, teacher, where)
     return teacher_gradient(teacher, data, indices=indices, batch_size=batch_size, device=device)
 
@@ -318,18 +314,9 @@ def teacher_report(student, teacher, data, *, lr, batch_size=64, method="minibat
     E<∇f_ξ(x), ∇f_ξ(θ)>, teacher_full_sq ||∇f(θ)||², student_full_sq ||∇f(x)||², the full-data losses and
     the settings. NaN where a quantity is undefined (e.g. ρ when B = n leaves no noise).
     """
-    problems = []
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 or not math.isfinite(lr):
-        problems.append(f"lr must be a finite number > 0 (the SGD step size γ), got {lr!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        problems.append(f"batch_size must be a positive integer, got {batch_size!r}")
-    if method not in REPORT_METHODS:
-        problems.append(f"method must be one of {REPORT_METHODS}, got {method!r}")
-    if method == "minibatch" and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
-                                  or num_batches < 2):
-        problems.append(f"num_batches must be an integer >= 2, got {num_batches!r}")
-    if problems:
-        raise InvalidArgumentError("teacher_report: " + "; ".join(problems))
+    require("teacher_report", finite("lr", lr, low=0.0, expected="a finite number > 0 (the SGD step size γ)"),
+            positive_int("batch_size", batch_size), one_of("method", method, REPORT_METHODS),
+            int_at_least("num_batches", num_batches, 2) if method == "minibatch" else None)
     check_same_parameter_space(student, teacher, "teacher_report")
     fetch, idx = _examples(data, indices)
     if batch_size > idx.numel():

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from kdfast.errors import InvalidArgumentError
+from kdfast.runtime.checks import int_at_least, require
 from kdfast.hessian.hvp import BatchedHVP, chunk_for_memory
 from kdfast.hessian.lanczos import LanczosSlots
 from kdfast.hessian.power import PowerSlots
@@ -36,8 +37,7 @@ class SpectralInfo:
 
 
 def _validate(iters, tol, method, chunk):
-    if not isinstance(iters, int) or iters < 1:
-        raise InvalidArgumentError(f"spectral_norms: iters must be an int >= 1, got {iters!r}")
+    require("spectral_norms", int_at_least("iters", iters, 1, expected="an int >= 1"))
     if not (isinstance(tol, (int, float)) and 0 < tol < 1):
         raise InvalidArgumentError(f"spectral_norms: tol must be in (0, 1), got {tol!r}")
     if method not in METHODS:

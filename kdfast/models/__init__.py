@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from kdfast.errors import InvalidArgumentError, KDFastError
+from kdfast.runtime.checks import positive_int, require
 from kdfast.models import cifar_resnet, small
 
 
@@ -126,10 +127,8 @@ def create_model(name: str, *, num_classes: int, in_channels: int = 3, image_siz
     problem = check_model_name(name)
     if problem:
         raise InvalidArgumentError(f"create_model: {problem}")
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise InvalidArgumentError(f"create_model: num_classes must be a positive int, got {num_classes!r}")
-    if not isinstance(in_channels, int) or in_channels < 1:
-        raise InvalidArgumentError(f"create_model: in_channels must be a positive int, got {in_channels!r}")
+    require("create_model", positive_int("num_classes", num_classes, expected="a positive int"),
+            positive_int("in_channels", in_channels, expected="a positive int"))
     if str(name).startswith(PREFIXES):
         return _by_name(str(name), num_classes, in_channels, image_size)
     return _BUILDERS[str(name).lower().replace("-", "_")](num_classes, in_channels, image_size)

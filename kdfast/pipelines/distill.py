@@ -5,12 +5,13 @@ over scores, LiPrune Eq. 2) and the unbiased self-distillation correction (Eq. 1
 report. The command line resolves the options and prints; this module does the work and writes the files.
 
     data = load_distill_data(cfg)            # train / eval views, kept and held-out indices, checked
-    job = Job.start(cfg.out, "distill", vars(cfg), data=data_identity(data.train), ...)
-    summary = run_distill_job(cfg, job, data, device)
+    job = Job.start(cfg.out, "distill", {**vars(cfg), **dataclasses.asdict(recipe)}, data=..., ...)
+    summary = run_distill_job(cfg, recipe, job, data, device)     # recipe: the kdfast.TrainRecipe
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import math
 import os
@@ -86,11 +87,12 @@ def importance_sampler(cfg, train):
     return ImportanceSampler(scores, cfg.fraction, seed=cfg.seed)
 
 
-def write_teacher_report(cfg, job, student, teacher, data, device) -> dict:
+def write_teacher_report(cfg, recipe, job, student, teacher, data, device) -> dict:
     """OUT/teacher_report.json: Eqs. 14-15 of the KD-variance-reduction paper for the trained student and its
     teacher, over the examples the student was trained on (every example under --sampler)."""
     from kdfast.distill.variance_reduction import teacher_report
-    report = teacher_report(student, teacher, data.train, lr=cfg.lr, batch_size=min(cfg.batch_size, len(data.train)),
+    report = teacher_report(student, teacher, data.train, lr=recipe.lr,
+                            batch_size=min(recipe.batch_size, len(data.train)),
                             num_batches=cfg.report_batches, indices=data.keep, seed=cfg.seed, device=device)
     report = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in report.items()}
     write_json(job.path("teacher_report.json"), report)
@@ -138,14 +140,13 @@ def write_metrics(out, history):
     plt.close(fig)
 
 
-def _fit_kwargs(cfg, device):
-    return dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                weight_decay=cfg.weight_decay, schedule=cfg.schedule, milestones=cfg.milestones, device=device,
-                precision=cfg.precision, num_workers=cfg.num_workers, resume=True, progress=not cfg.quiet,
-                distributed=True)  # resume=True: the job has checked that the checkpoints are this run's
+def fit_options(cfg, device) -> dict:
+    """fit's keywords every training run of a job shares (resume=True: the job has checked that the
+    checkpoints are this run's)."""
+    return dict(device=device, resume=True, progress=not cfg.quiet, distributed=True)
 
 
-def _train_teacher(cfg, job, data, device):
+def _train_teacher(cfg, recipe, job, data, device):
     import torch
 
     from kdfast.models import load_checkpoint
@@ -167,11 +168,9 @@ def _train_teacher(cfg, job, data, device):
         indices = torch.from_numpy(pool)[chosen]
     log(f"teacher: training {cfg.teacher_model} on {len(data.train) if indices is None else len(indices)} examples "
         f"for {cfg.teacher_epochs} epochs", quiet=cfg.quiet)
-    kw = _fit_kwargs(cfg, device)
-    kw["epochs"] = cfg.teacher_epochs
-    history = fit(teacher, data.train, indices=indices, seed=cfg.seed + 1,
-                  checkpoint_path=os.path.join(folder, "checkpoint.pt"), eval_dataset=data.evaluation,
-                  on_epoch=lambda history: write_metrics(folder, history), **kw)
+    history = fit(teacher, data.train, dataclasses.replace(recipe, epochs=cfg.teacher_epochs, seed=recipe.seed + 1),
+                  subset=indices, checkpoint_path=os.path.join(folder, "checkpoint.pt"), eval_dataset=data.evaluation,
+                  on_epoch=lambda history: write_metrics(folder, history), **fit_options(cfg, device))
     if distributed.is_main():
         write_json(os.path.join(folder, "history.json"), history)  # before teacher.pt, which marks it done
         save_torch(final, teacher.state_dict())
@@ -193,18 +192,18 @@ def make_term(cfg, student, teacher, train, device):
                         student_layer=student_layer, teacher_layer=teacher_layer, beta=cfg.kd_beta)
 
 
-def run_distill_job(cfg, job, data: DistillData, device) -> dict | None:
+def run_distill_job(cfg, recipe, job, data: DistillData, device) -> dict | None:
     """Trains (or resumes) the student; the main rank writes student.pt, metrics and summary.json and returns
     the summary, the other ranks None."""
     import torch
 
     from kdfast.models import load_checkpoint, model_fingerprint
-    from kdfast.training.fit import fit
+    from kdfast.training.fit import KDSetup, fit
     from kdfast.pipelines.score import learning_warnings
     alpha = resolve_alpha(cfg, data.fraction)
     teacher, cache, teacher_history = None, None, None
     if cfg.train_teacher:
-        teacher, teacher_history = _train_teacher(cfg, job, data, device)
+        teacher, teacher_history = _train_teacher(cfg, recipe, job, data, device)
     elif cfg.teacher:
         teacher = load_checkpoint(build_model(cfg.teacher_model, cfg.dataset, data.train.num_classes, cfg.image_size),
                                   cfg.teacher)
@@ -223,16 +222,17 @@ def run_distill_job(cfg, job, data: DistillData, device) -> dict | None:
     if skipped:
         log(f"{cfg.dataset}: {len(skipped)} non-image files skipped (e.g. {skipped[0]})", quiet=cfg.quiet)
     log(f"student: {cfg.model} on {n_train} of {len(data.train)} {cfg.dataset} examples (f = {data.fraction:.3g}), "
-        f"alpha = {alpha:.3g}, T = {cfg.temperature}, {cfg.epochs} epochs, device {device}; eval: {data.eval_name}",
+        f"alpha = {alpha:.3g}, T = {cfg.temperature}, {recipe.epochs} epochs, device {device}; eval: {data.eval_name}",
         quiet=cfg.quiet)
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.model, cfg.dataset, data.train.num_classes, cfg.image_size)
     kd_term = make_term(cfg, student, teacher, data.train, device)
-    history = fit(student, data.train, teacher=teacher, teacher_cache=cache, alpha=alpha,
-                  temperature=cfg.temperature, indices=None if data.keep is None else torch.from_numpy(data.keep),
-                  seed=cfg.seed, checkpoint_path=job.path("checkpoint.pt"), eval_dataset=data.evaluation,
-                  on_epoch=lambda h: write_metrics(job.out, h), sampler=data.sampler, kd_term=kd_term,
-                  correction=None if cfg.correction == "none" else cfg.correction, **_fit_kwargs(cfg, device))
+    kd = KDSetup(teacher=teacher, teacher_cache=cache, alpha=alpha, temperature=cfg.temperature, kd_term=kd_term,
+                 correction=None if cfg.correction == "none" else cfg.correction)
+    subset = data.sampler if data.sampler is not None else None if data.keep is None else torch.from_numpy(data.keep)
+    history = fit(student, data.train, recipe, kd, subset=subset, checkpoint_path=job.path("checkpoint.pt"),
+                  eval_dataset=data.evaluation, on_epoch=lambda h: write_metrics(job.out, h),
+                  **fit_options(cfg, device))
     if not distributed.is_main():
         return None
     save_torch(job.path("student.pt"), student.state_dict())
@@ -242,7 +242,7 @@ def run_distill_job(cfg, job, data: DistillData, device) -> dict | None:
         teacher is not None or cache is not None) else None, "num_train": len(data.train), "num_kept": n_train,
         "num_held_out": 0 if data.held_out is None else len(data.held_out), "fraction": data.fraction,
         "alpha": alpha, "temperature": cfg.temperature, "kd_term": None if kd_term is None else kd_term.identity(),
-        "epochs": cfg.epochs, "eval": data.eval_name,
+        "epochs": recipe.epochs, "eval": data.eval_name,
         "eval_acc_per_epoch": [h["eval_acc"] for h in history] if "eval_acc" in last else None,
         "final": last}
     eval_targets = None if data.evaluation is None else data.evaluation.targets
@@ -253,7 +253,7 @@ def run_distill_job(cfg, job, data: DistillData, device) -> dict | None:
     if data.sampler is not None or cfg.correction != "none":
         summary.update(sampler=cfg.sampler, scores=cfg.scores, correction=cfg.correction)
     if cfg.teacher_report:
-        rep = write_teacher_report(cfg, job, student, online_teacher, data, device)
+        rep = write_teacher_report(cfg, recipe, job, student, online_teacher, data, device)
         log(f"teacher report: lambda* = {rep['lambda_star']}, N(lambda*)/N(0) = {rep['noise_ratio']}, "
             f"beta = {rep['beta']}, rho = {rep['rho']} -> {job.path('teacher_report.json')}", quiet=cfg.quiet)
     if "eval_acc" in last:

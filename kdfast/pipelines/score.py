@@ -18,9 +18,9 @@ import torch
 
 from kdfast.runtime import distributed
 from kdfast.runtime.progress import log, progress
-from kdfast.io.atomic import save_npy, save_npz, save_torch, write_json
-from kdfast.io.chunks import ChunkStore
+from kdfast.io.atomic import save_npy, save_npz, save_torch
 from kdfast.io.job import Job
+from kdfast.scoring.folder import finish_folder, open_chunks, save_scores, score_meta
 
 NOT_LEARNING_MARGIN = 0.02  # accuracy within this of the majority-class share: the model did not learn
 MEMORISED_GAP = 0.25  # held-out accuracy this far below training accuracy: the model memorised its examples
@@ -110,7 +110,7 @@ def _train_one(cfg, job, train_data, num_classes, shape, track_forgetting, k, in
     """Trains model k (seed cfg.seed + k) on `indices` of the data (None: all) and saves it as
     models/seed{seed}.pt, resuming its partial checkpoint."""
     from kdfast.scoring import ForgettingTracker
-    from kdfast.training.fit import fit
+    from kdfast.training.fit import TrainRecipe, fit
     seed = cfg.seed + k
     folder = job.path("models")
     final = os.path.join(folder, f"seed{seed}.pt")
@@ -119,10 +119,11 @@ def _train_one(cfg, job, train_data, num_classes, shape, track_forgetting, k, in
     tracker = ForgettingTracker(len(train_data)) if track_forgetting else None
     partial = os.path.join(folder, f"seed{seed}.partial.pt")
     tic = time.perf_counter()
-    history = fit(model, train_data, epochs=cfg.train_epochs, batch_size=cfg.train_batch_size, lr=cfg.lr,
-                  indices=None if indices is None else torch.from_numpy(indices), forgetting=tracker,
-                  device=cfg.device, precision=cfg.precision, seed=seed, num_workers=cfg.num_workers,
-                  checkpoint_path=partial, resume=True, progress=not cfg.quiet)  # the job checked it is this run's
+    recipe = TrainRecipe(epochs=cfg.train_epochs, batch_size=cfg.train_batch_size, lr=cfg.lr, precision=cfg.precision,
+                         seed=seed, num_workers=cfg.num_workers)
+    history = fit(model, train_data, recipe, subset=None if indices is None else torch.from_numpy(indices),
+                  forgetting=tracker, device=cfg.device, checkpoint_path=partial, resume=True,
+                  progress=not cfg.quiet)  # the job checked it is this run's
     if tracker is not None:
         save_npy(os.path.join(folder, f"seed{seed}.forgetting.npy"), tracker.scores().cpu().numpy())
     save_npy(os.path.join(folder, f"seed{seed}.train_loss.npy"), np.array([h["train_loss"] for h in history]))
@@ -220,8 +221,8 @@ def _score_chunked(cfg, job, method, models, data):
     """
     from kdfast.scoring import index_batches, score_batches
     n = len(data)
-    store = _open_main_first(lambda: ChunkStore(job.path("chunks"), num_rows=n, width=len(models), resume=True,
-                                                rank=distributed.rank(), rows_per_chunk=cfg.chunk_size))
+    store = _open_main_first(lambda: open_chunks(job, num_rows=n, width=len(models), rank=distributed.rank(),
+                                                 rows_per_chunk=cfg.chunk_size))
     writer = _open_main_first(lambda: _logit_writer(cfg, job, models[0], data)) if cfg.save_logits else None
     done = store.done_mask()
     batches = index_batches(range(n), cfg.batch_size)
@@ -309,8 +310,6 @@ def run_score_job(cfg, job, data, train_data) -> dict | None:
     The result: scores (N,), per_model (K, N), targets, rate (images/s or None), meta (as in meta.json),
     accuracies (eval-mode accuracy of each model on the scored data) and warnings.
     """
-    from kdfast._version import __version__
-    from kdfast.data import data_identity
     from kdfast.scoring import get_method, random_scores
     method = get_method(cfg.method)
     start = time.perf_counter()
@@ -338,17 +337,8 @@ def run_score_job(cfg, job, data, train_data) -> dict | None:
     if not distributed.is_main():
         return None
     per_model = per_model.astype(np.float32)
-    scores = per_model.mean(0) if len(per_model) > 1 else per_model[0]
     targets = data.targets.numpy()
-
-    save_npy(job.path("scores.npy"), scores)
-    outputs = ["scores.npy"]
-    if len(per_model) > 1:
-        save_npy(job.path("scores_per_model.npy"), per_model)
-        outputs.append("scores_per_model.npy")
-    if batch_ids is not None:
-        save_npy(job.path("batch_ids.npy"), batch_ids)
-        outputs.append("batch_ids.npy")
+    scores, outputs = save_scores(job, per_model, batch_ids=batch_ids)
     if data.files:
         outputs.append("files.txt")  # written by the job when it started
     if cfg.save_logits:
@@ -357,23 +347,16 @@ def run_score_job(cfg, job, data, train_data) -> dict | None:
         os.path.abspath(job.out))]
     for k, (c, acc) in enumerate(zip(checkpoints, accuracies["all"])):
         c["eval_acc"] = acc
-        if held is not None:
-            c.update(train_acc=accuracies["trained"][k], held_out_acc=accuracies["held_out"][k])
-    identity = data_identity(data)
-    meta = {"method": cfg.method, "direction": "higher is harder", "dataset": cfg.dataset, "split": cfg.split,
-            "data_root": os.path.abspath(cfg.data_root) if cfg.data_root else None,
-            "labels_fingerprint": identity["labels_fingerprint"], "files_fingerprint": identity["files_fingerprint"],
-            "data": identity, "num_examples": n, "num_classes": num_classes, "limit": cfg.limit,
-            "model": None if method.kind == "random" else cfg.model, "checkpoints": checkpoints,
-            "trained_here": bool(cfg.train_epochs), "seeds":
-            [cfg.seed + k for k in range(cfg.seeds)] if cfg.seeds else None, "epochs": cfg.train_epochs,
-            "lr": cfg.lr if cfg.train_epochs else None, "seed": cfg.seed, "precision": cfg.precision,
-            "batch_size": cfg.batch_size, "device": cfg.device, "world_size": distributed.world_size(),
-            "kdfast_version": __version__, "torch_version": torch.__version__,
-            "images_per_s": round(rate, 1) if rate else None, "files": outputs,
-            "held_out": None if held is None else {"fraction": cfg.holdout_fraction, "seed": cfg.seed,
-                                                   "num_examples": len(held), "indices": held.tolist()},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    meta = score_meta(cfg.method, data, outputs, dataset=cfg.dataset, split=cfg.split,
+                      data_root=os.path.abspath(cfg.data_root) if cfg.data_root else None, num_classes=num_classes,
+                      limit=cfg.limit, model=None if method.kind == "random" else cfg.model, checkpoints=checkpoints,
+                      trained_here=bool(cfg.train_epochs),
+                      seeds=[cfg.seed + k for k in range(cfg.seeds)] if cfg.seeds else None, epochs=cfg.train_epochs,
+                      lr=cfg.lr if cfg.train_epochs else None, seed=cfg.seed, precision=cfg.precision,
+                      batch_size=cfg.batch_size, device=cfg.device, world_size=distributed.world_size(),
+                      images_per_s=round(rate, 1) if rate else None,
+                      held_out=None if held is None else {"fraction": cfg.holdout_fraction, "seed": cfg.seed,
+                                                          "num_examples": len(held), "indices": held.tolist()})
     if held is None:
         warnings = not_learning_warnings(accuracies["all"], targets)
     else:
@@ -392,12 +375,9 @@ def finish_score_job(job, result, extra_outputs=()) -> dict:
     meta = result["meta"]
     meta["files"] += list(extra_outputs)
     meta["wall_time_s"] = round(time.perf_counter() - result["start"], 3)
-    write_json(job.path("meta.json"), meta)
-    if result["store"] is not None:
-        result["store"].remove()
     if os.path.isdir(job.path("accuracy-chunks")):
         shutil.rmtree(job.path("accuracy-chunks"))
-    job.complete()
+    finish_folder(job, meta, result["store"])
     return meta
 
 

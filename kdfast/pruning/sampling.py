@@ -4,7 +4,7 @@ Each epoch draws m = round(r·n) indices i.i.d. with p_i ∝ scores_i (with repl
 `weights` w_i = 1/(m p_i) (= 1/(r·n·p_i) up to the rounding of r·n) keep the gradient unbiased: for any
 per-example g, E[sum over the epoch's draws of w_i g_i] = sum_i g_i, so one pruned epoch makes, in
 expectation, the progress of one full epoch. Pass `weights[indices]` as the KD loss's `weight=`;
-`fit(model, dataset, sampler=ImportanceSampler(scores, r))` does that and resamples every epoch.
+`fit(model, dataset, recipe, subset=ImportanceSampler(scores, r))` does that and resamples every epoch.
 """
 from __future__ import annotations
 

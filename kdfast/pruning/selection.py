@@ -21,6 +21,8 @@ import math
 import torch
 
 from kdfast.errors import InvalidArgumentError
+from kdfast.runtime import checks
+from kdfast.runtime.checks import require
 
 MODES = ("hard", "easy", "moderate", "random", "ccs")
 
@@ -57,20 +59,15 @@ def _check_labels(labels, n) -> torch.Tensor:
 
 
 def _check_args(fraction, mode, class_balanced, labels, seed, ccs_beta, ccs_strata):
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < float(fraction) <= 1.0:
-        raise InvalidArgumentError(f"prune: fraction must be a number in (0, 1] (the share of examples kept), got "
-                                   f"{fraction!r}")
+    require("prune", checks.fraction("fraction", fraction, expected="a number in (0, 1] (the share of examples kept)"))
     if mode not in MODES:
         raise InvalidArgumentError(f"prune: mode must be one of {', '.join(MODES)}, got {mode!r}")
     if class_balanced and labels is None:
         raise InvalidArgumentError("prune: class_balanced=True needs labels (one class index per example)")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise InvalidArgumentError(f"prune: seed must be an integer, got {seed!r}")
-    if not isinstance(ccs_beta, (int, float)) or not 0.0 <= float(ccs_beta) < 1.0:
-        raise InvalidArgumentError(f"prune: ccs_beta must be a number in [0, 1) (the hardest share dropped by "
-                                   f"ccs), got {ccs_beta!r}")
-    if isinstance(ccs_strata, bool) or not isinstance(ccs_strata, int) or ccs_strata < 1:
-        raise InvalidArgumentError(f"prune: ccs_strata must be a positive integer, got {ccs_strata!r}")
+    require("prune", checks.integer("seed", seed))
+    require("prune", checks.in_range("ccs_beta", ccs_beta, 0.0, 1.0, high_open=True,
+                                     expected="a number in [0, 1) (the hardest share dropped by ccs)"))
+    require("prune", checks.positive_int("ccs_strata", ccs_strata))
 
 
 # ----------------------------------------------------------------------------------------- rounding

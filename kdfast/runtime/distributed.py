@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from kdfast.errors import InvalidArgumentError
+from kdfast.runtime.checks import int_at_least, integer, require
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -117,13 +118,8 @@ def shard_indices(n: int, rank: int, world: int) -> range:
     extra item), so the union over ranks is range(n) with nothing duplicated or dropped, and concatenating the
     ranks' results in rank order restores the single-process order. Ranks past n get an empty range.
     """
-    for name, value in (("n", n), ("rank", rank), ("world", world)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InvalidArgumentError(f"shard_indices: {name} must be an integer, got {value!r}")
-    if n < 0:
-        raise InvalidArgumentError(f"shard_indices: n must be >= 0, got {n}")
-    if world < 1:
-        raise InvalidArgumentError(f"shard_indices: world must be >= 1, got {world}")
+    require("shard_indices", integer("n", n), integer("rank", rank), integer("world", world))
+    require("shard_indices", int_at_least("n", n, 0, expected=">= 0"), int_at_least("world", world, 1, expected=">= 1"))
     if not 0 <= rank < world:
         raise InvalidArgumentError(f"shard_indices: rank must lie in [0, world={world}), got {rank}")
     base, extra = divmod(n, world)

@@ -15,13 +15,12 @@ Scoring runs every model in eval mode: BatchNorm uses its running statistics and
 """
 from __future__ import annotations
 
-import os
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from kdfast.errors import InvalidArgumentError
+from kdfast.runtime.checks import int_at_least, one_of, positive_int, require
 from kdfast.runtime.progress import progress as _progress
 from kdfast.runtime.devices import PRECISIONS, resolve_device
 from kdfast.scoring.engine import BatchScorer, as_model_list, index_batches, score_batches
@@ -38,12 +37,8 @@ def random_scores(num_examples: int, seed: int = 0) -> torch.Tensor:
 
 
 def _check_score_args(data, batch_size, precision, num_workers):
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidArgumentError(f"score: batch_size must be a positive int, got {batch_size!r}")
-    if precision not in PRECISIONS:
-        raise InvalidArgumentError(f"score: precision must be one of {PRECISIONS}, got {precision!r}")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise InvalidArgumentError(f"score: num_workers must be an int >= 0, got {num_workers!r}")
+    require("score", positive_int("batch_size", batch_size), one_of("precision", precision, PRECISIONS),
+            int_at_least("num_workers", num_workers, 0))
     if not isinstance(data, DataLoader) and not (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
         raise InvalidArgumentError(f"score: data must be a map-style Dataset of (input, label) or an ordered "
                                    f"DataLoader, got {type(data).__name__}")
@@ -69,7 +64,9 @@ def score(model, data, method, *, batch_size=256, device=None, precision="fp32",
         return_per_model: also return the (K, N) scores of each ensemble member.
         out: a folder to run as a resumable job (kdfast.io): job.json (method, settings, model and data
             fingerprints) is written first, rows land in atomic chunks as they are scored, and the result
-            goes to scores.npy and scores_per_model.npy. resume=True finishes an interrupted job (or returns
+            is a score folder like kdfast-score's (kdfast.scoring.folder): scores.npy, scores_per_model.npy for
+            an ensemble, and meta.json with the data identity, so `kdfast-prune --scores DIR` and
+            `read_scores` check it against their data. resume=True finishes an interrupted job (or returns
             a finished one) after checking that it is the same job (JobMismatchError names each differing
             field); overwrite=True starts afresh; without either, a folder holding a run is refused.
         chunk_size: rows per resumable chunk with `out`.
@@ -106,19 +103,20 @@ def score(model, data, method, *, batch_size=256, device=None, precision="fp32",
 
 
 def _score_job(model, data, m, out, *, resume, overwrite, chunk_size, return_per_model, **kw):
-    """score(..., out=DIR): the same scores, computed as a resumable job in DIR (see score's docstring)."""
-    from kdfast.io import ChunkStore, Job, save_npy
+    """score(..., out=DIR): the same scores, computed as a resumable job in DIR and written as a score folder
+    (kdfast.scoring.folder, the one kdfast-score writes: meta.json included, so consumers check its data)."""
+    from kdfast.io import Job
     from kdfast.models import model_fingerprint
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise InvalidArgumentError(f"score: chunk_size must be a positive int, got {chunk_size!r}")
+    from kdfast.scoring.folder import finish_folder, load_per_model, open_chunks, save_scores, score_meta
+    require("score", positive_int("chunk_size", chunk_size))
     dataset = data.dataset if isinstance(data, DataLoader) else data
     models = [] if m.kind == "random" else as_model_list(model)
     head = kw["head"]
-    config = {"method": m.name, "batch_size": kw["batch_size"], "precision": kw["precision"], "seed": kw["seed"],
-              "head": head if head is None or isinstance(head, str) else type(head).__name__,
-              "models": [model_fingerprint(mod) for mod in models]}
-    if isinstance(data, DataLoader):
-        config["batch_size"] = data.batch_size
+    settings = {"batch_size": data.batch_size if isinstance(data, DataLoader) else kw["batch_size"],
+                "precision": kw["precision"], "seed": kw["seed"],
+                "head": head if head is None or isinstance(head, str) else type(head).__name__,
+                "models": [model_fingerprint(mod) for mod in models]}
+    config = {"method": m.name, **settings}
     if hasattr(dataset, "targets"):
         from kdfast.data import data_identity
         identity = data_identity(dataset)
@@ -128,30 +126,29 @@ def _score_job(model, data, m, out, *, resume, overwrite, chunk_size, return_per
                     overwrite=overwrite)
     with job:
         if job.finished:
-            per_model = torch.from_numpy(np.load(job.path("scores_per_model.npy")))
-        elif m.kind in ("forward", "gradient"):
-            n = len(dataset)
-            store = ChunkStore(job.path("chunks"), num_rows=n, width=len(models), resume=True,
-                               rows_per_chunk=chunk_size)
-            done = store.done_mask()
-            batches = [b for b in index_batches(range(n), kw["batch_size"]) if not done[b[0]]]
-            for idx, values, _ in _progress(score_batches(models, dataset, m, batches=batches, device=kw["device"],
-                                                          precision=kw["precision"], num_workers=kw["num_workers"],
-                                                          head=head),
-                                            total=sum(len(b) for b in batches), desc=m.name,
-                                            quiet=not kw["progress"], count=lambda r: len(r[0])):
-                store.write(idx.numpy(), values.numpy())
-            store.close()
-            per_model = torch.from_numpy(store.gather().T.copy())
+            per_model = torch.from_numpy(load_per_model(job.out))
         else:
-            _, per_model = score(model, data, m.name, return_per_model=True, **kw)
+            store = None
+            if m.kind in ("forward", "gradient"):
+                n = len(dataset)
+                store = open_chunks(job, num_rows=n, width=len(models), rows_per_chunk=chunk_size)
+                done = store.done_mask()
+                batches = [b for b in index_batches(range(n), kw["batch_size"]) if not done[b[0]]]
+                for idx, values, _ in _progress(score_batches(models, dataset, m, batches=batches,
+                                                              device=kw["device"], precision=kw["precision"],
+                                                              num_workers=kw["num_workers"], head=head),
+                                                total=sum(len(b) for b in batches), desc=m.name,
+                                                quiet=not kw["progress"], count=lambda r: len(r[0])):
+                    store.write(idx.numpy(), values.numpy())
+                store.close()
+                per_model = torch.from_numpy(store.gather().T.copy())
+            else:
+                _, per_model = score(model, data, m.name, return_per_model=True, **kw)
+            _, files = save_scores(job, per_model.numpy())
+            if getattr(dataset, "files", None) is not None:
+                files.append("files.txt")  # written by the job when it started
+            finish_folder(job, score_meta(m.name, dataset, files, **settings), store)
         scores = per_model.mean(0)
-        if not job.finished:
-            save_npy(job.path("scores_per_model.npy"), per_model.numpy())
-            save_npy(job.path("scores.npy"), scores.numpy())
-            job.complete()
-            if os.path.isdir(job.path("chunks")):
-                ChunkStore(job.path("chunks"), num_rows=len(dataset), width=len(models), resume=True).remove()
     return (scores, per_model) if return_per_model else scores
 
 

@@ -1,20 +1,84 @@
-"""Score files (kdfast-score's output): a folder with scores.npy, meta.json (the data identity the scores were
-computed on) and files.txt (image folders), or a bare .npy of scores in data set order.
+"""Score folders: one writer for `kdfast.score(out=)` and `kdfast-score`, one reader for their consumers.
+
+A folder holds scores.npy, scores_per_model.npy (ensembles), batch_ids.npy (per-batch methods), meta.json (the
+method and the data identity the scores were computed on) and files.txt (image folders); rows are scored into
+resumable chunks (OUT/chunks/) first. A bare .npy of scores in data set order also reads, with nothing to check
+it against beyond its length.
+
+    store = open_chunks(job, num_rows=N, width=K, rows_per_chunk=8192)     # write rows, resume after a kill
+    scores, files = save_scores(job, per_model)                            # (K, N) -> scores.npy, ...
+    finish_folder(job, score_meta(method, dataset, files, batch_size=256), store)   # meta.json, job complete
 
     scores, meta = load_scores("runs/digits-el2n")                 # no check
     scores, meta = read_scores("runs/digits-el2n", dataset)        # DataIdentityError when made for other data
-
-A bare .npy (no meta.json) carries nothing to check it against beyond its length.
 """
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
 from kdfast.data.identity import DataIdentityError, check_identity
 from kdfast.errors import InvalidArgumentError
-from kdfast.io.atomic import read_file_list, read_json
+from kdfast.io.atomic import read_file_list, read_json, save_npy, write_json
+from kdfast.io.chunks import ChunkStore
+
+DIRECTION = "higher is harder"
+
+
+# ------------------------------------------------------------------------------------------- writing
+def open_chunks(job, *, num_rows: int, width: int, rows_per_chunk: int, rank: int = 0) -> ChunkStore:
+    """The job's resumable row store (OUT/chunks/): one row of `width` model scores per example."""
+    return ChunkStore(job.path("chunks"), num_rows=num_rows, width=width, resume=True, rank=rank,
+                      rows_per_chunk=rows_per_chunk)
+
+
+def save_scores(job, per_model, *, batch_ids=None) -> tuple[np.ndarray, list[str]]:
+    """Writes OUT/scores.npy (the mean over models), scores_per_model.npy (more than one model) and batch_ids.npy
+    (given); returns (scores float32 (N,), the files written)."""
+    per_model = np.asarray(per_model, dtype=np.float32)
+    scores = per_model.mean(0) if len(per_model) > 1 else per_model[0]
+    save_npy(job.path("scores.npy"), scores)
+    files = ["scores.npy"]
+    if len(per_model) > 1:
+        save_npy(job.path("scores_per_model.npy"), per_model)
+        files.append("scores_per_model.npy")
+    if batch_ids is not None:
+        save_npy(job.path("batch_ids.npy"), batch_ids)
+        files.append("batch_ids.npy")
+    return scores, files
+
+
+def load_per_model(folder: str) -> np.ndarray:
+    """(K, N) float32 scores of a finished folder (one row when it holds no scores_per_model.npy)."""
+    path = os.path.join(folder, "scores_per_model.npy")
+    return np.load(path) if os.path.isfile(path) else np.load(os.path.join(folder, "scores.npy"))[None]
+
+
+def score_meta(method: str, data, files: list[str], **fields) -> dict:
+    """meta.json: the method and direction, the data identity `read_scores` checks consumers against (labels
+    and, for image folders, files), the caller's `fields`, versions, the files and the time."""
+    import torch
+
+    from kdfast._version import __version__
+    from kdfast.data.identity import data_identity
+    identity = data_identity(data) if hasattr(data, "targets") else {"num_examples": len(data)}
+    return {"method": method, "direction": DIRECTION, "labels_fingerprint": identity.get("labels_fingerprint"),
+            "files_fingerprint": identity.get("files_fingerprint"), "data": identity, "num_examples": len(data),
+            **fields, "kdfast_version": __version__, "torch_version": torch.__version__, "files": list(files),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def finish_folder(job, meta: dict, store: ChunkStore | None = None) -> None:
+    """Writes OUT/meta.json, drops the chunks (their rows are in the .npy files now) and completes the job."""
+    write_json(job.path("meta.json"), meta)
+    if store is not None:
+        store.remove()
+    job.complete()
+
+
+# ------------------------------------------------------------------------------------------- reading
 
 
 def load_scores(path: str, *, what: str | None = None):

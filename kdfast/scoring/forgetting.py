@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from kdfast.errors import InvalidArgumentError
+from kdfast.runtime.checks import positive_int, require
 
 _STATE = ("forgets", "last_correct", "corrects", "presentations")
 
@@ -28,8 +29,7 @@ class ForgettingTracker:
     """
 
     def __init__(self, num_examples: int, *, device=None):
-        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
-            raise InvalidArgumentError(f"ForgettingTracker: num_examples must be a positive int, got {num_examples!r}")
+        require("ForgettingTracker", positive_int("num_examples", num_examples))
         self.num_examples = num_examples
         device = torch.device("cpu") if device is None else torch.device(device)
         self.forgets = torch.zeros(num_examples, dtype=torch.int32, device=device)

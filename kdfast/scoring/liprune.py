@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from kdfast.errors import InvalidArgumentError
+from kdfast.runtime.checks import int_at_least, require
 from kdfast.hessian import spectral_norms
 from kdfast.runtime.progress import progress_bar
 from kdfast.scoring.engine import batch_pipeline
@@ -36,8 +37,7 @@ def _collate(dataset, indices: torch.Tensor, pipeline):
 def _check(model, dataset, batch_size, where):
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"{where}: model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidArgumentError(f"{where}: batch_size must be an int >= 1, got {batch_size!r}")
+    require(where, int_at_least("batch_size", batch_size, 1, expected="an int >= 1"))
     if len(dataset) == 0:
         raise InvalidArgumentError(f"{where}: dataset is empty")
 

@@ -2,12 +2,12 @@
 with `distill_step` and the fused KD loss, a teacher online or from a TeacherCache, per-epoch metrics,
 checkpoints every epoch and every few minutes within one, and exact resumption from either.
 
-    history = fit(model, dataset, epochs=30, indices=keep, teacher=teacher, alpha=0.5)
+    history = fit(model, dataset, TrainRecipe(epochs=30), KDSetup(teacher=teacher, alpha=0.5), subset=keep)
 """
 from __future__ import annotations
 
 import contextlib
-import math
+import dataclasses
 import os
 import random
 import sys
@@ -20,18 +20,19 @@ from torch.utils.data.distributed import DistributedSampler
 
 from kdfast.runtime import distributed as dist
 from kdfast.data.epoch_loader import EpochLoader
+from kdfast.distill.setup import KDSetup, as_setup, tensors_sha256
 from kdfast.distill.step import distill_step
 from kdfast.errors import InvalidArgumentError
 from kdfast.io.atomic import save_torch
 from kdfast.losses.kd_loss import kd_loss
 from kdfast.runtime.progress import progress_bar
 from kdfast.pruning.sampling import ImportanceSampler
-from kdfast.runtime.devices import PRECISIONS
-from kdfast.distill.variance_reduction import TeacherGradient, resolve_correction
+from kdfast.distill.variance_reduction import resolve_correction
+from kdfast.training.recipe import SCHEDULES, TrainRecipe
 
-SCHEDULES = ("cosine", "step", "constant")
+__all__ = ["fit", "evaluate", "IndexedSubset", "TrainRecipe", "KDSetup", "SCHEDULES"]
+
 CHECKPOINT_FORMAT = "kdfast-fit/1"
-CHECKPOINT_EVERY_S = 300.0  # a kill loses at most this much training time (plus one checkpoint write)
 
 
 class IndexedSubset(Dataset):
@@ -51,88 +52,60 @@ class IndexedSubset(Dataset):
         return x, y, i
 
 
-def _check_indices(indices, n):
+def _check_indices(indices, n, where="fit", name="indices"):
     if indices is None:
         return None
     idx = torch.as_tensor(indices)
     if idx.dim() != 1 or idx.numel() == 0 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
-        raise InvalidArgumentError(f"fit: indices must be a non-empty 1-d integer array of dataset indices, got "
+        raise InvalidArgumentError(f"{where}: {name} must be a non-empty 1-d integer array of dataset indices, got "
                                    f"dtype {idx.dtype} shape {tuple(idx.shape)}")
     idx = idx.to(torch.int64)
     if int(idx.min()) < 0 or int(idx.max()) >= n:
-        raise InvalidArgumentError(f"fit: indices must lie in [0, {n}) (the dataset's size), got values in "
+        raise InvalidArgumentError(f"{where}: {name} must lie in [0, {n}) (the dataset's size), got values in "
                                    f"[{int(idx.min())}, {int(idx.max())}]")
     return idx
 
 
-def _check_fit_args(dataset, epochs, batch_size, lr, schedule, milestones, teacher, teacher_cache, alpha,
-                    precision, extrapolate=False):
+def _split_subset(subset, dataset, ddp):
+    """(indices or None, ImportanceSampler or None) of fit's `subset`, checked against the dataset."""
+    if subset is None:
+        return None, None
+    if not isinstance(subset, ImportanceSampler):
+        if not isinstance(subset, (torch.Tensor, list, tuple, range)) and not hasattr(subset, "__array__"):
+            raise InvalidArgumentError(f"fit: subset must be dataset indices (a 1-d integer array) or a "
+                                       f"kdfast.ImportanceSampler, got {type(subset).__name__}")
+        return _check_indices(subset, len(dataset), name="subset"), None
     problems = []
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        problems.append(f"epochs must be a positive integer, got {epochs!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        problems.append(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not isinstance(lr, (int, float)) or not lr > 0 or not math.isfinite(lr):
-        problems.append(f"lr must be a finite number > 0, got {lr!r}")
-    if schedule not in SCHEDULES:
-        problems.append(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if schedule == "step" and not milestones:
-        problems.append("schedule='step' needs milestones (epochs where the LR is divided by 10)")
-    if precision not in PRECISIONS:
-        problems.append(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if extrapolate:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            problems.append(f"alpha must be a finite number with extrapolate=True, got {alpha!r}")
-        elif alpha != 0 and teacher is None and teacher_cache is None:
-            problems.append(f"alpha={alpha} needs a teacher or a teacher_cache")
-    elif not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-        problems.append(f"alpha must be a number in [0, 1] (the weight of the distillation term; any finite value "
-                        f"with extrapolate=True), got {alpha!r}")
-    elif alpha > 0 and teacher is None and teacher_cache is None:
-        problems.append(f"alpha={alpha} needs a teacher or a teacher_cache")
-    if teacher is not None and teacher_cache is not None:
-        problems.append("pass a teacher or a teacher_cache, not both")
-    if teacher_cache is not None and len(teacher_cache) != len(dataset):
-        problems.append(f"teacher_cache holds {len(teacher_cache)} examples but the dataset {len(dataset)}; it was "
-                        "built for another data set")
-    if problems:
-        raise InvalidArgumentError("fit: " + "; ".join(problems))
-    if teacher_cache is not None and hasattr(dataset, "targets"):
-        teacher_cache.check_dataset(dataset)
-
-
-def _check_sampler(sampler, dataset, indices, ddp):
-    if sampler is None:
-        return
-    if not isinstance(sampler, ImportanceSampler):
-        raise InvalidArgumentError(f"fit: sampler must be a kdfast.ImportanceSampler or None, got "
-                                   f"{type(sampler).__name__}")
-    problems = []
-    if sampler.probs.numel() != len(dataset):
-        problems.append(f"sampler holds {sampler.probs.numel()} scores but the dataset {len(dataset)} examples "
-                        "(one score per example of the whole dataset)")
-    if indices is not None:
-        problems.append("sampler (stochastic pruning) and indices (deterministic pruning) cannot go together; "
-                        "pass one of them")
+    if subset.probs.numel() != len(dataset):
+        problems.append(f"the ImportanceSampler holds {subset.probs.numel()} scores but the dataset {len(dataset)} "
+                        "examples (one score per example of the whole dataset)")
     if ddp:
-        problems.append("sampler is not supported with distributed=True (train on one process)")
+        problems.append("an ImportanceSampler subset is not supported with distributed=True (train on one process)")
     if problems:
         raise InvalidArgumentError("fit: " + "; ".join(problems))
+    return None, subset
 
 
-def _check_kd_term(kd_term, teacher, ddp):
-    if kd_term is None:
-        return
-    from kdfast.distill.terms import KDTerm
-    if not isinstance(kd_term, KDTerm):
-        raise InvalidArgumentError(f"fit: kd_term must be a kdfast.distill.terms term (make_kd_term), got "
-                                   f"{type(kd_term).__name__}")
-    if teacher is None:
-        raise InvalidArgumentError(f"fit: kd_term {kd_term.name!r} compares features: it needs an online teacher "
-                                   "module (a teacher_cache holds only logits)")
-    if ddp:  # its parameters live outside DistributedDataParallel, so their gradients would not be averaged
-        raise InvalidArgumentError(f"fit: kd_term {kd_term.name!r} is not supported with distributed=True over "
-                                   "several ranks; train on one process")
+def _check_fit_args(dataset, recipe, kd: KDSetup, forgetting, ddp):
+    """What only a whole run can check: the objects' own values were checked when they were made."""
+    if not isinstance(recipe, TrainRecipe):
+        raise InvalidArgumentError(f"fit: recipe must be a kdfast.TrainRecipe, got {type(recipe).__name__}")
+    problems = []
+    if kd.alpha != 0 and not kd.has_source:
+        problems.append(f"alpha={kd.alpha} needs a teacher or a teacher_cache in the KDSetup")
+    if kd.teacher_cache is not None and len(kd.teacher_cache) != len(dataset):
+        problems.append(f"teacher_cache holds {len(kd.teacher_cache)} examples but the dataset {len(dataset)}; it "
+                        "was built for another data set")
+    if ddp and kd.kd_term is not None:  # its parameters live outside DistributedDataParallel: no averaged gradients
+        problems.append(f"kd_term {kd.kd_term.name!r} is not supported with distributed=True over several ranks; "
+                        "train on one process")
+    if ddp and forgetting is not None:
+        problems.append("forgetting needs every example's outcome on one process; it cannot go with "
+                        "distributed=True (train on one process, or drop forgetting)")
+    if problems:
+        raise InvalidArgumentError("fit: " + "; ".join(problems))
+    if kd.teacher_cache is not None and hasattr(dataset, "targets"):
+        kd.teacher_cache.check_dataset(dataset)
 
 
 def _scheduler(optimizer, schedule, epochs, milestones):
@@ -182,8 +155,9 @@ def _evaluate(model, loader: EpochLoader, n, device, precision, distributed) -> 
     return {"loss": float(loss_sum) / n, "acc": float(correct) / n}
 
 
-def _run_identity(dataset, indices, **settings) -> dict:
-    """What makes two fit() calls the same run, recorded in the checkpoint and checked when resuming."""
+def _run_identity(dataset, indices, recipe: TrainRecipe, kd: KDSetup, forgetting, sampler) -> dict:
+    """What makes two fit() calls the same run, recorded in the checkpoint and checked when resuming: the recipe's
+    and the setup's fields, the importance sampler's distribution, draws per epoch and seed, and the data."""
     import hashlib
 
     from kdfast.io.job import jsonable
@@ -193,29 +167,10 @@ def _run_identity(dataset, indices, **settings) -> dict:
         data["labels_fingerprint"] = labels_fingerprint(dataset.targets)
     if indices is not None:
         data["indices_sha256"] = hashlib.sha256(indices.numpy().astype("<i8").tobytes()).hexdigest()
-    return jsonable({**settings, "data": data})
-
-
-def _sha256(tensors) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _sampler_identity(sampler):
-    """The importance sampler's part of the run identity: its distribution, draws per epoch and seed."""
-    if sampler is None:
-        return None
-    return {"probs_sha256": _sha256([sampler.probs]), "num_samples": sampler.num_samples, "seed": sampler.seed}
-
-
-def _correction_identity(correction):
-    """None, the name of a correction computed inside fit, or the fingerprint of a given TeacherGradient."""
-    if isinstance(correction, TeacherGradient):
-        return {"teacher_gradient_sha256": _sha256(correction.grads), "num_examples": correction.num_examples}
-    return correction
+    sampler_id = None if sampler is None else {"probs_sha256": tensors_sha256([sampler.probs]),
+                                               "num_samples": sampler.num_samples, "seed": sampler.seed}
+    return jsonable({**recipe.identity(), **kd.identity(), "forgetting": forgetting is not None,
+                     "sampler": sampler_id, "data": data})
 
 
 def _rng_state(device) -> dict:
@@ -300,100 +255,77 @@ def _epoch_line(record, epochs):
             f"acc {record['train_acc']:.4f}{evaluation} ({record['examples_per_s']:,.0f} ex/s)")
 
 
-def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine",
-        milestones=(), teacher=None, teacher_cache=None, alpha=0.0, temperature=4.0, indices=None, forgetting=None,
-        device=None, precision="fp32", seed=0, num_workers=0, checkpoint_path=None, resume=False, progress=True,
-        eval_dataset=None, on_epoch=None, distributed=False, correction=None, sampler=None,
-        extrapolate=False, kd_term=None, checkpoint_every_s=CHECKPOINT_EVERY_S, checkpoint_steps=None) -> list[dict]:
-    """Trains `model` with SGD on `dataset` (or its `indices` subset), distilling from a teacher if alpha > 0.
+def fit(model, dataset, recipe: TrainRecipe, kd: KDSetup | None = None, *, subset=None, forgetting=None,
+        device=None, checkpoint_path=None, resume=False, progress=True, eval_dataset=None, on_epoch=None,
+        distributed=False) -> list[dict]:
+    """Trains `model` with SGD on `dataset` (or a subset of it), distilling as `kd` says.
 
     Args:
         model: the student, moved to `device` and trained in place.
         dataset: a map-style dataset yielding (input, label).
-        epochs, batch_size, lr, momentum, weight_decay: SGD recipe (Nesterov off, as the papers' recipes).
-        schedule: "cosine" (annealed to 0 over `epochs`), "step" (LR / 10 at each epoch in `milestones`)
-            or "constant"; stepped once per epoch.
-        teacher: a module run online in eval mode; or teacher_cache: a TeacherCache of its logits for
-            `dataset` (checked against the dataset's labels when it has `.targets`; a top-k cache is read
-            sparse, `topk_rows`: the teacher's renormalised top k, never expanded to C). Not both.
-        alpha, temperature: weight of the DISTILLATION term in [0, 1] and the softmax temperature.
-        extrapolate: allow any finite alpha (outside [0, 1] the loss is the same formula, one term then has a
-            negative weight: the self-distillation paper's extrapolation past the teacher or the labels).
-        indices: dataset indices to train on (e.g. `kdfast.prune(...)`); None trains on everything.
+        recipe: a kdfast.TrainRecipe (epochs, batch size, SGD, schedule, precision, seed, loader workers).
+        kd: a kdfast.KDSetup (teacher module or TeacherCache, alpha, temperature, extrapolate, feature term,
+            Eq. 16 correction); None trains on the labels alone. A cache is checked against the dataset's labels
+            when it has `.targets`. "unbiased" correction computes the teacher's full-data gradient over the
+            training examples once, before the first epoch; a feature term's parameters are trained as a second
+            SGD parameter group (same lr, momentum, weight decay and schedule as the model) and checkpointed.
+        subset: what each epoch trains on. None: every example; dataset indices (e.g. `kdfast.prune(...)`):
+            those examples (deterministic pruning); a kdfast.ImportanceSampler over the whole dataset:
+            stochastic data pruning (the LiPrune paper's Eq. 2): each epoch draws round(r n) examples with
+            p_i ∝ score_i (epoch e from the sampler's seed and e, so resuming redraws the same) and weights their
+            loss by 1/(round(r n) p_i), so an epoch's summed gradient is unbiased for a full epoch's; not with
+            distributed; its state goes into the checkpoint.
         forgetting: an object with update(dataset_indices, correct) (kdfast.ForgettingTracker, created on
             the training device), fed every step with device tensors; its state is checkpointed when it has
             state_dict()/load_state_dict().
-        device: where to train (default: the model's device). precision: "fp32" or "bf16" autocast.
-        seed: seeds the shuffling; epoch e shuffles with seed + e, so a resumed run replays the same order.
-        num_workers: data loading processes, started once per fit call (one set for training, one for
-            eval_dataset) and stopped when fit returns or raises. Each epoch's batches and the workers' torch,
-            random and numpy seeds are those a DataLoader built for that epoch alone would have
-            (kdfast.data.epoch_loader); the workers keep their copy of the dataset from the first epoch on.
+        device: where to train (default: the model's device).
         checkpoint_path: a file written (atomically) after every epoch, before its evaluation, and within an
-            epoch every `checkpoint_every_s` seconds or `checkpoint_steps` steps (one process only: under
-            torchrun at epoch ends); with resume=True an existing one is loaded and training continues where it
+            epoch as often as the recipe's checkpoint_every_s / checkpoint_steps say (one process only: under
+            torchrun at epoch ends); with resume=True an existing one is loaded (refused when it holds another run:
+            the recipe's and kd's fields, the subset and the data are compared) and training continues where it
             stopped, to bitwise the same weights (the skipped batches are loaded again, unused, so random data
             augmentation draws the same numbers).
-        checkpoint_every_s, checkpoint_steps: how often to checkpoint within an epoch (None: never by that rule).
         progress: on stderr, a bar with examples/s on a terminal (plain lines with rate and ETA in logs) within
             each epoch, and one line per epoch.
         eval_dataset: evaluated after every epoch (accuracy and loss in the metrics).
         on_epoch: called as on_epoch(history) after every epoch's checkpoint (e.g. to write metrics files).
         distributed: inside a torchrun process group of more than one rank (kdfast.runtime.distributed.init_from_env),
             train with DistributedDataParallel: each rank takes a DistributedSampler share of the (kept)
-            examples, reshuffled every epoch from `seed`; metrics are totals over ranks; only rank 0 writes the
-            checkpoint and calls on_epoch; resume loads the checkpoint on every rank. With one process it is
-            the plain loop. forgetting is not supported with it (each rank sees only its share).
-        correction: None, "unbiased" or a kdfast.distill.variance_reduction.TeacherGradient: unbiased self-distillation (the
-            KD-variance-reduction paper's Eq. 16). "unbiased" computes the teacher's full-data gradient over the
-            training examples once, before the first epoch; every step adds alpha times it (distill_step). Needs
-            a teacher module with the student's parameter space.
-        sampler: a kdfast.ImportanceSampler over the whole `dataset` (one score per example): stochastic data
-            pruning (the LiPrune paper's Eq. 2). Each epoch draws round(r n) examples with p_i ∝ score_i (epoch
-            e from the sampler's seed and e, so resuming redraws the same) and weights their loss by
-            1/(round(r n) p_i), so an epoch's summed gradient is unbiased for a full epoch's. Not with
-            `indices` or distributed; its state goes into the checkpoint.
-        kd_term: a feature-distillation term (kdfast.distill.terms.make_kd_term) added to every step's loss; needs
-            an online `teacher`. Its parameters are trained as a second SGD parameter group (same lr, momentum,
-            weight decay and schedule as the model) and its state is checkpointed with the model's.
+            examples, reshuffled every epoch from the recipe's seed; metrics are totals over ranks; only rank 0
+            writes the checkpoint and calls on_epoch; resume loads the checkpoint on every rank. With one process
+            it is the plain loop. Neither forgetting nor a feature term is supported with it.
+
+    The recipe's num_workers data loading processes start once per fit call (one set for training, one for
+    eval_dataset) and stop when fit returns or raises. Each epoch's batches and the workers' torch, random and
+    numpy seeds are those a DataLoader built for that epoch alone would have (kdfast.data.epoch_loader); the
+    workers keep their copy of the dataset from the first epoch on.
 
     Returns:
         one dict per epoch: epoch, lr, train_loss, train_acc, seconds, examples_per_s (+ eval_loss,
         eval_acc with eval_dataset), including epochs restored from the checkpoint.
     """
-    _check_fit_args(dataset, epochs, batch_size, lr, schedule, milestones, teacher, teacher_cache, alpha, precision,
-                    extrapolate)
+    kd = as_setup(kd, "fit")
     ddp = bool(distributed) and dist.world_size() > 1
-    _check_sampler(sampler, dataset, indices, ddp)
-    _check_kd_term(kd_term, teacher, ddp)
-    if ddp and forgetting is not None:
-        raise InvalidArgumentError("fit: forgetting needs every example's outcome on one process; it cannot go with "
-                                   "distributed=True (train on one process, or drop forgetting)")
-    subset = IndexedSubset(dataset, _check_indices(indices, len(dataset)))
+    _check_fit_args(dataset, recipe, kd, forgetting, ddp)
+    indices, sampler = _split_subset(subset, dataset, ddp)
+    epochs, batch_size, seed, precision = recipe.epochs, recipe.batch_size, recipe.seed, recipe.precision
+    teacher, teacher_cache, alpha, kd_term = kd.teacher, kd.teacher_cache, kd.alpha, kd.kd_term
+    subset = IndexedSubset(dataset, indices)
     identity = None
     if checkpoint_path is not None:
-        from kdfast.models import model_fingerprint
-        teacher_id = model_fingerprint(teacher) if teacher is not None else \
-            teacher_cache.meta["teacher_fingerprint"] if teacher_cache is not None else None
-        # epochs shape the cosine schedule from the first epoch on; a step or constant schedule may be extended
-        identity = _run_identity(dataset, None if indices is None else subset.indices,
-                                 epochs=epochs if schedule == "cosine" else None, batch_size=batch_size, lr=lr,
-                                 momentum=momentum, weight_decay=weight_decay, schedule=schedule,
-                                 milestones=list(milestones), alpha=alpha, temperature=temperature, seed=seed,
-                                 precision=precision, teacher=teacher_id, forgetting=forgetting is not None,
-                                 correction=_correction_identity(correction), sampler=_sampler_identity(sampler),
-                                 extrapolate=bool(extrapolate), kd_term=None if kd_term is None else kd_term.identity())
+        identity = _run_identity(dataset, indices, recipe, kd, forgetting, sampler)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     if teacher is not None:
         teacher.to(device).eval()
-    correction = resolve_correction(correction, model, teacher, dataset, indices=subset.indices,
+    correction = resolve_correction(kd.correction, model, teacher, dataset, indices=subset.indices,
                                     batch_size=max(batch_size, 256), device=device)
+    step_kd = dataclasses.replace(kd, teacher_cache=None, correction=correction)  # the cache's rows come per batch
     params = [{"params": list(model.parameters())}]
     if kd_term is not None:
         params.append({"params": list(kd_term.to(device).parameters())})
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    scheduler = _scheduler(optimizer, schedule, epochs, milestones)
+    optimizer = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    scheduler = _scheduler(optimizer, recipe.schedule, epochs, recipe.milestones)
     start, history, within = 0, [], None
     if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
         start, history, within = _load_checkpoint(checkpoint_path, model, optimizer, scheduler, forgetting, identity,
@@ -407,9 +339,10 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
     writes_files = dist.is_main() or not ddp
     amp = "bf16" if precision == "bf16" else None
     pin = device.type == "cuda"
-    train_loader = EpochLoader(subset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin)
+    train_loader = EpochLoader(subset, batch_size=batch_size, num_workers=recipe.num_workers, pin_memory=pin)
     eval_loader = contextlib.nullcontext() if eval_dataset is None else \
-        _eval_loader(eval_dataset, max(batch_size, 256), num_workers, device, ddp)
+        _eval_loader(eval_dataset, max(batch_size, 256), recipe.num_workers, device, ddp)
+    checkpoint_every_s, checkpoint_steps = recipe.checkpoint_every_s, recipe.checkpoint_steps
     within_epochs = checkpoint_path is not None and not ddp and (checkpoint_every_s or checkpoint_steps)
 
     def finish_epoch(record, epoch):
@@ -461,7 +394,6 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
                             _set_rng_state(within["rng"], device)  # as they were when the checkpoint was written
                         bar.update(len(y))
                         continue
-                    cached = None if teacher_cache is None or alpha == 0 else teacher_cache[idx]
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     idx_dev = idx.to(device, non_blocking=True)
                     cached = None
@@ -469,11 +401,10 @@ def fit(model, dataset, *, epochs, batch_size=128, lr=0.1, momentum=0.9, weight_
                         cached = (teacher_cache[idx].to(device, non_blocking=True) if teacher_cache.topk is None
                                   else teacher_cache.topk_rows(idx, device=device))
                     weight = None if importance is None else importance.weights[idx].to(device, non_blocking=True)
-                    out = distill_step(net, teacher, x, y, optimizer, alpha=alpha, temperature=temperature,
-                                       teacher_logits=cached, indices=idx_dev, forgetting=forgetting, amp=amp,
-                                       extrapolate=extrapolate,
+                    out = distill_step(net, x, y, optimizer, step_kd, teacher_logits=cached, indices=idx_dev,
+                                       forgetting=forgetting, amp=amp,
                                        validate=epoch == start,  # the first epoch sees every example: check once
-                                       weight=weight, correction=correction, kd_term=kd_term)
+                                       weight=weight)
                     loss_sum += out["loss"] * len(y)
                     correct += out["correct"].sum()
                     bar.update(len(y))

@@ -1,6 +1,6 @@
 """Iterated self-distillation with the validation-optimal weight (self-distillation paper, Algorithm 1).
 
-    result = self_distill(make_model, dataset, steps=3, alpha="optimal", epochs=20)
+    result = self_distill(make_model, dataset, TrainRecipe(epochs=20), steps=3, alpha="optimal")
     result.records[-1]["alpha"], result.records[-1]["val_acc"], result.model
 
 A chain of `steps` models of one architecture: model 1 is fit on the ground truth alone; model t >= 2
@@ -23,14 +23,17 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import math
 import os
 
 import torch
 
+from kdfast.distill.setup import KDSetup
 from kdfast.distill.step import optimal_alpha
 from kdfast.errors import InvalidArgumentError
 from kdfast.io.atomic import atomic_write, save_torch, write_json
+from kdfast.runtime.checks import finite, fraction, positive_int, require
+from kdfast.training.fit import _check_indices, evaluate, fit
+from kdfast.training.recipe import TrainRecipe
 
 RECORD_COLUMNS = ("step", "alpha", "alpha_optimal", "clipped", "val_mse", "teacher_only_val_mse", "val_acc",
                   "eval_acc", "train_acc")
@@ -38,14 +41,12 @@ RECORD_COLUMNS = ("step", "alpha", "alpha_optimal", "clipped", "val_mse", "teach
 
 # ------------------------------------------------------------------------------------- the algorithm
 def _check_chain_args(fn, steps, alpha, extrapolate):
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise InvalidArgumentError(f"{fn}: steps must be an integer >= 1 (the number of models in the chain, the "
-                                   f"first fit on the labels alone), got {steps!r}")
+    require(fn, positive_int("steps", steps, expected="an integer >= 1 (the number of models in the chain, the first "
+                                                      "fit on the labels alone)"))
     if alpha == "optimal":
         return
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise InvalidArgumentError(f"{fn}: alpha must be 'optimal' or a finite number (the KD weight of every "
-                                   f"step after the first), got {alpha!r}")
+    require(fn, finite("alpha", alpha, expected="'optimal' or a finite number (the KD weight of every step after "
+                                                "the first)"))
     if not extrapolate and not 0.0 <= alpha <= 1.0:
         raise InvalidArgumentError(f"{fn}: alpha={alpha} lies outside [0, 1]; pass extrapolate=True to use it")
 
@@ -116,8 +117,7 @@ def kernel_ridge_chain(K, K_val, y, y_val, *, lam, steps, alpha="optimal", extra
     if K.shape != (n, n) or K_val.dim() != 2 or K_val.shape[1] != n:
         raise InvalidArgumentError(f"kernel_ridge_chain: K must be ({n}, {n}) and K_val (m, {n}) for {n} training "
                                    f"targets, got {tuple(K.shape)} and {tuple(K_val.shape)}")
-    if not (isinstance(lam, (int, float)) and lam > 0 and math.isfinite(lam)):
-        raise InvalidArgumentError(f"kernel_ridge_chain: lam must be a finite number > 0, got {lam!r}")
+    require("kernel_ridge_chain", finite("lam", lam, low=0.0))
     solve = torch.linalg.cholesky(K + lam * torch.eye(n, dtype=torch.float64))
     fits = []
 
@@ -145,17 +145,14 @@ class SelfDistillResult:
 
 
 def _split(dataset, indices, val_indices, val_fraction, seed):
-    from kdfast.training.fit import _check_indices
     pool = torch.arange(len(dataset)) if indices is None else _check_indices(indices, len(dataset))
     if val_indices is not None:
         val = _check_indices(val_indices, len(dataset))
         train = pool[~torch.isin(pool, val)]
     else:
-        if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
-                or not 0.0 < val_fraction < 1.0:
-            raise InvalidArgumentError(f"self_distill: val_fraction must be a number in (0, 1) (the share of the "
-                                       f"training examples held out to choose each step's weight), got "
-                                       f"{val_fraction!r}")
+        require("self_distill", fraction("val_fraction", val_fraction, closed_high=False, expected="a number in "
+                                         "(0, 1) (the share of the training examples held out to choose each "
+                                         "step's weight)"))
         k = round(val_fraction * len(pool))
         if k < 1 or k >= len(pool):
             raise InvalidArgumentError(f"self_distill: val_fraction={val_fraction} of {len(pool)} training examples "
@@ -188,24 +185,26 @@ def _write_csv(fh, records):
     writer.writerows(records)
 
 
-def self_distill(model_fn, dataset, *, steps, epochs, alpha="optimal", extrapolate=False, val_fraction=0.1,
-                 val_indices=None, indices=None, temperature=1.0, eval_dataset=None, out=None, resume=False, seed=0,
-                 device=None, progress=False, **fit_kwargs) -> SelfDistillResult:
+def self_distill(model_fn, dataset, recipe: TrainRecipe, *, steps, alpha="optimal", extrapolate=False,
+                 temperature=1.0, val_fraction=0.1, val_indices=None, indices=None, eval_dataset=None, out=None,
+                 resume=False, device=None, progress=False) -> SelfDistillResult:
     """Iterated self-distillation of networks with Algorithm 1's per-step weight (see the module docstring).
 
     Args:
         model_fn: () -> a fresh, untrained model (every fit starts from one; the step's teacher-only and
-            final fits share one initialisation, seed + step, so they differ only by their targets).
+            final fits share one initialisation, recipe.seed + step, so they differ only by their targets).
         dataset: map-style (input, label) data; `indices` restricts it (e.g. a kept subset).
+        recipe: the kdfast.TrainRecipe of every fit (fit t shuffles from recipe.seed + t); its seed also draws
+            the validation split.
         steps: chain length >= 1 (steps == 1 is plain training on the labels).
-        epochs: of every fit; further `fit` arguments (batch_size, lr, ...) go through fit_kwargs.
         alpha: "optimal" (closed form per step) or a fixed KD weight for steps >= 2.
         extrapolate: use an optimal (or given) weight outside [0, 1] as is; otherwise it is clipped to [0, 1]
             (record["clipped"]).
-        val_fraction / val_indices: the held-out validation split the weights are chosen on (drawn from the
-            training examples with `seed`, or given); never trained on.
         temperature: T = 1 by default: the mixed objective is then cross-entropy against the mixed target
-            (1 - alpha) onehot + alpha p_teacher, the analogue of the paper's Eq. 1.
+            (1 - alpha) onehot + alpha p_teacher, the analogue of the paper's Eq. 1. With alpha and extrapolate
+            it makes each fit's kdfast.KDSetup (the teacher: the previous chain member).
+        val_fraction / val_indices: the held-out validation split the weights are chosen on (drawn from the
+            training examples with the recipe's seed, or given); never trained on.
         eval_dataset: a test set, evaluated after each step (record["eval_acc"]).
         out: a folder: step models OUT/step{t}/student.pt (auxiliary fits in OUT/step{t}/teacher_only/), per-epoch
             checkpoints, and OUT/self_distill.json/.csv rewritten after every step. resume=True continues from
@@ -214,7 +213,9 @@ def self_distill(model_fn, dataset, *, steps, epochs, alpha="optimal", extrapola
     Validation predictions are class probabilities (softmax, T = 1) against one-hot labels (the paper's
     Sec. 5, Frobenius norm). Returns a SelfDistillResult.
     """
-    from kdfast.training.fit import evaluate, fit  # training imports this package's distill module: import at call time
+    if not isinstance(recipe, TrainRecipe):
+        raise InvalidArgumentError(f"self_distill: recipe must be a kdfast.TrainRecipe, got {type(recipe).__name__}")
+    seed = recipe.seed
     _check_chain_args("self_distill", steps, alpha, extrapolate)
     if isinstance(model_fn, torch.nn.Module) or not callable(model_fn):  # a model is callable too
         raise InvalidArgumentError(f"self_distill: model_fn must be a callable returning a fresh model (every fit "
@@ -238,10 +239,10 @@ def self_distill(model_fn, dataset, *, steps, epochs, alpha="optimal", extrapola
         where = folder(f"step{step}", "teacher_only") if auxiliary else folder(f"step{step}")
         torch.manual_seed(seed + step)
         model = model_fn()
-        history = fit(model, dataset, epochs=epochs, indices=train_idx, teacher=teacher, alpha=a,
-                      temperature=temperature, extrapolate=extrapolate, seed=seed + step, device=device,
-                      checkpoint_path=None if where is None else os.path.join(where, "checkpoint.pt"),
-                      resume=resume, progress=progress, **fit_kwargs)
+        kd = KDSetup(teacher=teacher, alpha=a, temperature=temperature, extrapolate=extrapolate)
+        history = fit(model, dataset, dataclasses.replace(recipe, seed=seed + step), kd, subset=train_idx,
+                      device=device, checkpoint_path=None if where is None else os.path.join(where, "checkpoint.pt"),
+                      resume=resume, progress=progress)
         if not auxiliary:
             state["history"] = history
         return model

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 import kdfast
+from kdfast.distill.setup import KDSetup
+from kdfast.training.recipe import TrainRecipe
 from kdfast.distill.step import DEFAULT_ALPHA_SCHEDULE, alpha_for_fraction, distill_step, optimal_alpha
 from kdfast.errors import InvalidArgumentError
 from kdfast.losses.reference import kd_loss_ref
@@ -61,8 +63,8 @@ def test_distill_step_matches_hand_written_step_with_reference_loss(alpha, sourc
     ref_loss = _reference_step(ref, t_logits, x, y, alpha, 3.0, weight, lr=0.3)
 
     opt = torch.optim.SGD(student.parameters(), lr=0.3, momentum=0.9, weight_decay=5e-4)
-    out = distill_step(student, teacher if source == "module" else None, x, y, opt, alpha=alpha, temperature=3.0,
-                       teacher_logits=None if source == "module" else t_logits, weight=weight)
+    kd = KDSetup(teacher=teacher if source == "module" else None, alpha=alpha, temperature=3.0)
+    out = distill_step(student, x, y, opt, kd, teacher_logits=None if source == "module" else t_logits, weight=weight)
     assert math.isclose(float(out["loss"]), ref_loss, rel_tol=1e-5)
     err = _max_rel_err(student, ref, before)
     assert err < 1e-4, f"parameter updates differ: max rel err {err:.2e}"
@@ -75,7 +77,7 @@ def test_distill_step_puts_teacher_in_eval_mode_without_autograd():
     teacher.train()
     student = _net(d_in=4, classes=3)
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
-    distill_step(student, teacher, torch.randn(6, 4), torch.randint(0, 3, (6,)), opt, alpha=0.7)
+    distill_step(student, torch.randn(6, 4), torch.randint(0, 3, (6,)), opt, KDSetup(teacher=teacher, alpha=0.7))
     assert not teacher.training
     assert all(p.grad is None for p in teacher.parameters())
 
@@ -96,7 +98,7 @@ def test_distill_step_feeds_forgetting_tracker_with_indices_and_correct():
     rec = _Recorder()
     with torch.no_grad():
         expected = (student(x).argmax(-1) == y).float()
-    distill_step(student, None, x, y, opt, alpha=0.0, indices=idx, forgetting=rec)
+    distill_step(student, x, y, opt, indices=idx, forgetting=rec)
     assert len(rec.calls) == 1
     assert torch.equal(rec.calls[0][0], idx)
     assert torch.equal(rec.calls[0][1], expected)
@@ -107,33 +109,61 @@ def test_distill_step_bf16_autocast_runs_and_stays_close():
     ref = copy.deepcopy(student)
     x, y = torch.randn(16, 7), torch.randint(0, 5, (16,))
     t = torch.randn(16, 5)
-    out = distill_step(student, None, x, y, torch.optim.SGD(student.parameters(), lr=0.1), teacher_logits=t,
+    out = distill_step(student, x, y, torch.optim.SGD(student.parameters(), lr=0.1), KDSetup(), teacher_logits=t,
                        amp="bf16")
-    out32 = distill_step(ref, None, x, y, torch.optim.SGD(ref.parameters(), lr=0.1), teacher_logits=t)
+    out32 = distill_step(ref, x, y, torch.optim.SGD(ref.parameters(), lr=0.1), KDSetup(), teacher_logits=t)
     assert abs(float(out["loss"]) - float(out32["loss"])) < 0.05 * float(out32["loss"])
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(alpha=0.5), "needs a teacher"),
-    (dict(alpha=0.0, amp="fp16"), "amp must be"),
-    (dict(alpha=0.0, forgetting=_Recorder()), "forgetting needs indices"),
-    (dict(alpha=0.0, forgetting=object(), indices=torch.arange(4)), "update"),
-    (dict(alpha=0.0, indices=torch.arange(3)), "indices must be a tensor of shape"),
-    (dict(alpha=1.5, teacher_logits=torch.randn(4, 3)), "alpha must be"),
-    (dict(alpha=0.5, teacher_logits=torch.randn(4, 3), temperature=0.0), "temperature"),
+    (dict(kd=KDSetup(alpha=0.5)), "needs a teacher"),
+    (dict(amp="fp16"), "amp must be"),
+    (dict(forgetting=_Recorder()), "forgetting needs indices"),
+    (dict(forgetting=object(), indices=torch.arange(4)), "update"),
+    (dict(indices=torch.arange(3)), "indices must be a tensor of shape"),
+    (dict(kd=dict(teacher=None, alpha=0.5)), "kd must be a kdfast.KDSetup or None, got dict"),
 ])
 def test_distill_step_errors_name_the_argument(kwargs, match):
     student = _net(d_in=2, classes=3)
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
     with pytest.raises(InvalidArgumentError, match=match):
-        distill_step(student, None, torch.randn(4, 2), torch.randint(0, 3, (4,)), opt, **kwargs)
+        distill_step(student, torch.randn(4, 2), torch.randint(0, 3, (4,)), opt, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(alpha=1.5), r"alpha must be a number in \[0, 1\].*got 1.5"),
+    (dict(alpha=True), "alpha must be a number in .*got True"),
+    (dict(alpha=float("nan"), extrapolate=True), "alpha must be a finite number with extrapolate=True, got nan"),
+    (dict(temperature=0.0), "temperature must be a finite number > 0, got 0.0"),
+    (dict(temperature=float("inf")), "temperature must be a finite number > 0, got inf"),
+    (dict(extrapolate=1), "extrapolate must be True or False, got 1"),
+    (dict(teacher=lambda x: x), "teacher must be an nn.Module or None, got 'function'"),
+    (dict(teacher=nn.Linear(2, 3), teacher_cache=object()), "not both"),
+    (dict(kd_term=object(), teacher=nn.Linear(2, 3)), "kd_term must be a kdfast.distill.terms term"),
+    (dict(correction="svrg"), "correction must be None, one of"),
+    (dict(correction="unbiased"), "needs the teacher module"),
+])
+def test_kd_setup_checks_every_field_when_made(kwargs, match):
+    with pytest.raises(InvalidArgumentError, match="KDSetup: .*" + match):
+        KDSetup(**kwargs)
+
+
+def test_kd_setup_reports_every_problem_and_its_identity_names_each_field():
+    with pytest.raises(InvalidArgumentError, match="alpha must.*temperature must") as info:
+        KDSetup(alpha=-1.0, temperature=-1.0)
+    assert [p.name for p in info.value.problems] == ["alpha", "temperature"]
+    teacher = nn.Linear(2, 3)
+    identity = KDSetup(teacher=teacher, alpha=0.25, temperature=2.0).identity()
+    from kdfast.models import model_fingerprint
+    assert identity == {"teacher": model_fingerprint(teacher), "alpha": 0.25, "temperature": 2.0, "extrapolate": False,
+                        "kd_term": None, "correction": None}
 
 
 def test_distill_step_rejects_mismatched_batch():
     student = _net(d_in=2, classes=3)
     with pytest.raises(InvalidArgumentError, match="inputs hold 5 examples but targets 4"):
-        distill_step(student, None, torch.randn(5, 2), torch.randint(0, 3, (4,)),
-                     torch.optim.SGD(student.parameters(), lr=0.1), alpha=0.0)
+        distill_step(student, torch.randn(5, 2), torch.randint(0, 3, (4,)),
+                     torch.optim.SGD(student.parameters(), lr=0.1))
 
 
 # ------------------------------------------------------------------------------- alpha_for_fraction
@@ -274,10 +304,8 @@ class _SeenTracker:
         self.seen.index_add_(0, indices, torch.ones_like(indices))
 
 
-def _fit_args(**kw):
-    args = dict(epochs=3, batch_size=8, lr=0.05, progress=False, seed=3)
-    args.update(kw)
-    return args
+def _recipe(**kw):
+    return TrainRecipe(**{"epochs": 3, "batch_size": 8, "lr": 0.05, "seed": 3, **kw})
 
 
 def test_fit_trains_on_the_kept_subset_and_feeds_dataset_indices():
@@ -285,7 +313,7 @@ def test_fit_trains_on_the_kept_subset_and_feeds_dataset_indices():
     data = _Pairs()
     keep = torch.tensor([1, 4, 5, 9, 20, 33, 39])
     tracker = _SeenTracker(len(data))
-    history = fit(_net(), data, indices=keep, forgetting=tracker, eval_dataset=data, **_fit_args())
+    history = fit(_net(), data, _recipe(), subset=keep, forgetting=tracker, eval_dataset=data, progress=False)
     expected = torch.zeros(len(data), dtype=torch.int64)
     expected[keep] = 3  # each kept example once per epoch, nothing else
     assert torch.equal(tracker.seen, expected)
@@ -300,19 +328,19 @@ def test_fit_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
     teacher = _net()
     init = _net()
     whole = copy.deepcopy(init)
-    fit(whole, data, teacher=teacher, alpha=0.5, **_fit_args(schedule="step", milestones=(2,)))
+    kd = KDSetup(teacher=teacher, alpha=0.5)
+    fit(whole, data, _recipe(schedule="step", milestones=(2,)), kd, progress=False)
     part = copy.deepcopy(init)
     ckpt = tmp_path / "run" / "last.pt"
-    fit(part, data, teacher=teacher, alpha=0.5, checkpoint_path=ckpt, **_fit_args(epochs=3, schedule="step",
-                                                                                     milestones=(2,)))
+    fit(part, data, _recipe(epochs=3, schedule="step", milestones=(2,)), kd, checkpoint_path=ckpt, progress=False)
     # simulate a kill after epoch 2: rerun 2 epochs from scratch into a checkpoint, then resume to 3
     killed = copy.deepcopy(init)
     ckpt2 = tmp_path / "run" / "killed.pt"
-    hist2 = fit(killed, data, teacher=teacher, alpha=0.5, checkpoint_path=ckpt2,
-                **_fit_args(epochs=2, schedule="step", milestones=(2,)))
+    hist2 = fit(killed, data, _recipe(epochs=2, schedule="step", milestones=(2,)), kd, checkpoint_path=ckpt2,
+                progress=False)
     resumed = _net()
-    hist3 = fit(resumed, data, teacher=teacher, alpha=0.5, checkpoint_path=ckpt2, resume=True,
-                **_fit_args(epochs=3, schedule="step", milestones=(2,)))
+    hist3 = fit(resumed, data, _recipe(epochs=3, schedule="step", milestones=(2,)), kd, checkpoint_path=ckpt2,
+                resume=True, progress=False)
     assert hist3[:2] == hist2 and len(hist3) == 3
     for a, b in zip(whole.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
@@ -334,12 +362,14 @@ def test_fit_with_teacher_cache_equals_online_teacher_and_refuses_another_datase
         writer.close()
     init = _net()
     online, cached = copy.deepcopy(init), copy.deepcopy(init)
-    fit(online, data, teacher=teacher, alpha=0.8, **_fit_args(epochs=2))
-    fit(cached, data, teacher_cache=TeacherCache.open(tmp_path / "ok"), alpha=0.8, **_fit_args(epochs=2))
+    fit(online, data, _recipe(epochs=2), KDSetup(teacher=teacher, alpha=0.8), progress=False)
+    fit(cached, data, _recipe(epochs=2), KDSetup(teacher_cache=TeacherCache.open(tmp_path / "ok"), alpha=0.8),
+        progress=False)
     for a, b in zip(online.parameters(), cached.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(TeacherCacheMismatchError, match="another dataset"):
-        fit(_net(), data, teacher_cache=TeacherCache.open(tmp_path / "other"), alpha=0.8, **_fit_args(epochs=1))
+        fit(_net(), data, _recipe(epochs=1), KDSetup(teacher_cache=TeacherCache.open(tmp_path / "other"), alpha=0.8),
+            progress=False)
 
 
 def test_fit_reads_a_topk_cache_sparse(tmp_path, monkeypatch):
@@ -369,29 +399,46 @@ def test_fit_reads_a_topk_cache_sparse(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(epochs=0), "epochs must be a positive integer"),
-    (dict(batch_size=0), "batch_size must be a positive integer"),
-    (dict(lr=-1.0), "lr must be a finite number > 0"),
+    (dict(epochs=0), "epochs must be a positive integer, got 0"),
+    (dict(epochs=2.0), "epochs must be a positive integer, got 2.0"),
+    (dict(batch_size=True), "batch_size must be a positive integer, got True"),
+    (dict(lr=-1.0), "lr must be a finite number > 0, got -1.0"),
+    (dict(lr=float("inf")), "lr must be a finite number > 0, got inf"),
+    (dict(momentum=-0.5), "momentum must be a finite number >= 0, got -0.5"),
+    (dict(weight_decay=float("nan")), "weight_decay must be a finite number >= 0, got nan"),
     (dict(schedule="linear"), "schedule must be one of"),
     (dict(schedule="step"), "needs milestones"),
+    (dict(schedule="step", milestones=(3, 2)), "milestones must be non-decreasing positive epochs"),
     (dict(precision="fp16"), "precision must be one of"),
-    (dict(alpha=0.5), "needs a teacher or a teacher_cache"),
-    (dict(alpha=2.0), "alpha must be a number in"),
-    (dict(indices=torch.tensor([0, 40])), r"indices must lie in \[0, 40\)"),
-    (dict(indices=torch.tensor([0.5])), "indices must be a non-empty 1-d integer array"),
+    (dict(seed=1.5), "seed must be an integer, got 1.5"),
+    (dict(num_workers=-1), "num_workers must be an integer >= 0, got -1"),
 ])
-def test_fit_errors_name_the_argument(kwargs, match):
+def test_train_recipe_checks_every_field_when_made(kwargs, match):
+    with pytest.raises(InvalidArgumentError, match="TrainRecipe: .*" + match):
+        _recipe(**kwargs)
+
+
+@pytest.mark.parametrize("args, match", [
+    (dict(kd=KDSetup(alpha=0.5)), "needs a teacher or a teacher_cache"),
+    (dict(recipe=dict(epochs=1)), "recipe must be a kdfast.TrainRecipe, got dict"),
+    (dict(subset=torch.tensor([0, 40])), r"subset must lie in \[0, 40\)"),
+    (dict(subset=torch.tensor([0.5])), "subset must be a non-empty 1-d integer array"),
+    (dict(subset="all"), "subset must be dataset indices .* or a kdfast.ImportanceSampler, got str"),
+])
+def test_fit_errors_name_the_argument(args, match):
     from kdfast.training.fit import fit
-    args = _fit_args(epochs=1)
-    args.update(kwargs)
+    args = {"recipe": _recipe(epochs=1), **args}
     with pytest.raises(InvalidArgumentError, match=match):
-        fit(_net(), _Pairs(), **args)
+        fit(_net(), _Pairs(), progress=False, **args)
 
 
-def test_fit_reports_every_problem_at_once():
-    from kdfast.training.fit import fit
+def test_train_recipe_reports_every_problem_at_once_and_rescales_its_milestones():
     with pytest.raises(InvalidArgumentError, match="epochs must.*batch_size must"):
-        fit(_net(), _Pairs(), epochs=0, batch_size=0)
+        TrainRecipe(epochs=0, batch_size=0)
+    recipe = TrainRecipe(epochs=240, schedule="step", milestones=[150, 180, 210])
+    assert recipe.milestones == (150, 180, 210) and recipe.rescaled(24).milestones == (15, 18, 21)
+    assert recipe.rescaled(2).milestones == (1, 2, 2)  # MultiStepLR divides twice at a repeated epoch
+    assert recipe.identity()["epochs"] is None and "num_workers" not in recipe.identity()
 
 
 def test_bad_labels_raise_with_validate_and_give_nan_without():
@@ -399,8 +446,8 @@ def test_bad_labels_raise_with_validate_and_give_nan_without():
     opt = torch.optim.SGD(student.parameters(), lr=0.0)
     x, y = torch.randn(4, 2), torch.tensor([0, 1, 3, 2])
     with pytest.raises(InvalidArgumentError, match=r"row 2 has 3"):
-        distill_step(student, None, x, y, opt, alpha=0.0, validate=True)
-    out = distill_step(student, None, x, y, opt, alpha=0.0)
+        distill_step(student, x, y, opt, validate=True)
+    out = distill_step(student, x, y, opt)
     assert torch.isnan(out["loss"])
 
 
@@ -409,4 +456,4 @@ def test_fit_validates_labels_in_its_first_epoch():
     data = _Pairs()
     data.targets[7] = 5  # the net has 5 classes: 5 is out of range
     with pytest.raises(InvalidArgumentError, match="has 5"):
-        fit(_net(), data, **_fit_args(epochs=1))
+        fit(_net(), data, _recipe(epochs=1), progress=False)

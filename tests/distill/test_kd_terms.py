@@ -214,7 +214,7 @@ def test_distill_step_adds_the_term_trains_its_parameters_and_removes_hooks(name
     expected = kdfast.kd_loss(s_copy(x), t_logits, y, alpha=0.5, temperature=4.0) + term_copy(feats["s"], feats["t"])
     hs.remove()
     ht.remove()
-    out = kdfast.distill_step(s, t, x, y, opt, alpha=0.5, kd_term=term)
+    out = kdfast.distill_step(s, x, y, opt, kdfast.KDSetup(teacher=t, alpha=0.5, kd_term=term))
     assert float(out["loss"]) == pytest.approx(float(expected.detach()), rel=1e-5)
     assert float(out["kd_term"]) == pytest.approx(float(term_copy(feats["s"], feats["t"]).detach()), rel=1e-5)
     assert all(not m._forward_hooks for m in [*s.modules(), *t.modules()])
@@ -226,10 +226,10 @@ def test_distill_step_feature_term_alone_and_without_teacher_module():
     x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
     term = make_kd_term("hint", s, t, x[:1])
     opt = torch.optim.SGD([*s.parameters(), *term.parameters()], lr=0.1)
-    out = kdfast.distill_step(s, t, x, y, opt, alpha=0.0, kd_term=term)  # CE + hint, no logit KD
+    out = kdfast.distill_step(s, x, y, opt, kdfast.KDSetup(teacher=t, alpha=0.0, kd_term=term))  # CE + hint only
     assert float(out["kd_term"]) > 0
-    with pytest.raises(InvalidArgumentError, match="needs the teacher module"):
-        kdfast.distill_step(s, None, x, y, opt, alpha=0.5, teacher_logits=torch.randn(4, 10), kd_term=term)
+    with pytest.raises(InvalidArgumentError, match="needs an online teacher module"):
+        kdfast.KDSetup(alpha=0.5, kd_term=term)  # per-batch teacher_logits hold no features
 
 
 def test_fit_trains_the_term_and_resumes_it(tmp_path):
@@ -240,17 +240,18 @@ def test_fit_trains_the_term_and_resumes_it(tmp_path):
     term = make_kd_term("vid", s, t, data[0][0][None])
     ckpt = tmp_path / "ck.pt"
     keep = torch.arange(64)
-    history = fit(s, data, epochs=1, batch_size=32, indices=keep, teacher=t, alpha=0.5, kd_term=term,
+    recipe = kdfast.TrainRecipe(epochs=1, batch_size=32)
+    history = fit(s, data, recipe, kdfast.KDSetup(teacher=t, alpha=0.5, kd_term=term), subset=keep,
                   checkpoint_path=str(ckpt), progress=False)
     assert len(history) == 1 and "kd_term" in torch.load(ckpt, weights_only=True)
     fresh_s, _ = _pair()
     fresh = make_kd_term("vid", fresh_s, t, data[0][0][None])
-    fit(fresh_s, data, epochs=1, batch_size=32, indices=keep, teacher=t, alpha=0.5, kd_term=fresh,
+    fit(fresh_s, data, recipe, kdfast.KDSetup(teacher=t, alpha=0.5, kd_term=fresh), subset=keep,
         checkpoint_path=str(ckpt), resume=True, progress=False)  # nothing left to train: state restored
     for a, b in zip(term.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b)
     with pytest.raises(InvalidArgumentError, match="needs an online teacher"):
-        fit(s, data, epochs=1, indices=keep, kd_term=term, progress=False)
+        kdfast.KDSetup(teacher_cache=object(), alpha=0.5, kd_term=term)
 
 
 def test_fit_resume_refuses_another_term(tmp_path):
@@ -260,17 +261,21 @@ def test_fit_resume_refuses_another_term(tmp_path):
     from kdfast.training.fit import fit
     data = load_dataset("digits")
     s, t = _pair()
-    args = dict(epochs=1, batch_size=32, indices=torch.arange(64), teacher=t, alpha=0.5, progress=False,
-                checkpoint_path=str(tmp_path / "ck.pt"))
-    fit(s, data, kd_term=make_kd_term("hint", s, t, data[0][0][None]), **args)
+    recipe = kdfast.TrainRecipe(epochs=1, batch_size=32)
+    args = dict(subset=torch.arange(64), progress=False, checkpoint_path=str(tmp_path / "ck.pt"))
+
+    def kd(term=None):
+        return kdfast.KDSetup(teacher=t, alpha=0.5, kd_term=term)
+
+    fit(s, data, recipe, kd(make_kd_term("hint", s, t, data[0][0][None])), **args)
     with pytest.raises(JobMismatchError, match="kd_term") as info:
-        fit(s, data, kd_term=make_kd_term("hint", s, t, data[0][0][None], beta=5.0), resume=True, **args)
+        fit(s, data, recipe, kd(make_kd_term("hint", s, t, data[0][0][None], beta=5.0)), resume=True, **args)
     assert [f for f, _, _ in info.value.differences] == ["kd_term"]
     assert info.value.differences[0][1]["beta"] == 100.0 and info.value.differences[0][2]["beta"] == 5.0
     with pytest.raises(JobMismatchError, match="kd_term"):
-        fit(s, data, resume=True, **args)  # the checkpoint's term state would be silently dropped
+        fit(s, data, recipe, kd(), resume=True, **args)  # the checkpoint's term state would be silently dropped
     with pytest.raises(JobMismatchError, match="kd_term"):
-        fit(s, data, kd_term=make_kd_term("vid", s, t, data[0][0][None]), resume=True, **args)
+        fit(s, data, recipe, kd(make_kd_term("vid", s, t, data[0][0][None])), resume=True, **args)
 
 
 def test_cli_kd_term_options_resolve_into_the_job_identity(tmp_path):
@@ -283,7 +288,7 @@ def test_cli_kd_term_options_resolve_into_the_job_identity(tmp_path):
     parser = distill.add_parser(argparse.ArgumentParser().add_subparsers())
 
     def resolved(*argv):
-        return vars(distill.resolve(parser.parse_args(["--train-teacher", "--out", str(tmp_path / "run"), *argv])))
+        return distill.resolve(parser.parse_args(["--train-teacher", "--out", str(tmp_path / "run"), *argv])).config()
 
     config = resolved("--kd-term", "hint", "--kd-layers", "12.in:9")
     assert (config["kd_term"], config["kd_beta"], config["kd_layers"]) == ("hint", 100.0, ("12:in", "9"))
@@ -340,7 +345,7 @@ def test_bf16_autocast_features_are_compared_in_fp32(name):
     for amp in (None, "bf16"):
         s2, term2 = copy.deepcopy(s), copy.deepcopy(term)
         opt = torch.optim.SGD([*s2.parameters(), *term2.parameters()], lr=0.0)
-        out = kdfast.distill_step(s2, t, x, y, opt, alpha=0.5, kd_term=term2, amp=amp)
+        out = kdfast.distill_step(s2, x, y, opt, kdfast.KDSetup(teacher=t, alpha=0.5, kd_term=term2), amp=amp)
         values[amp] = out["kd_term"]
     assert values["bf16"].dtype == torch.float32
     assert float(values["bf16"]) == pytest.approx(float(values[None]), rel=0.1)  # bf16 features: ~3 digits

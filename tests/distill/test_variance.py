@@ -13,7 +13,8 @@ from torch import nn
 
 from kdfast.distill.step import distill_step
 from kdfast.errors import InvalidArgumentError
-from kdfast.training.fit import fit
+from kdfast.distill.setup import KDSetup
+from kdfast.training.fit import TrainRecipe, fit
 from kdfast.distill.variance_reduction import noise_terms, teacher_gradient, teacher_report
 
 N, D, C = 8, 5, 3
@@ -48,8 +49,8 @@ def _expected_step_gradient(student, teacher, x, y, batch, *, alpha, temperature
     total, count = 0, 0
     for pick in itertools.combinations(range(x.shape[0]), batch):
         pick = list(pick)
-        distill_step(student, teacher, x[pick], y[pick], opt, alpha=alpha, temperature=temperature,
-                     correction=correction)
+        distill_step(student, x[pick], y[pick], opt, KDSetup(teacher=teacher, alpha=alpha, temperature=temperature,
+                                                             correction=correction))
         total = total + torch.cat([p.grad.reshape(-1) for p in student.parameters()])
         count += 1
     return total / count
@@ -102,18 +103,17 @@ def test_correction_refuses_another_parameter_space():
     student, other = _linear(1), _mlp(2)
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
     with pytest.raises(InvalidArgumentError, match="parameter space"):
-        distill_step(student, other, x, y, opt, alpha=0.5, correction=teacher_gradient(other, (x, y)))
+        distill_step(student, x, y, opt, KDSetup(teacher=other, alpha=0.5, correction=teacher_gradient(other, (x, y))))
     with pytest.raises(InvalidArgumentError, match="TeacherGradient"):
-        distill_step(student, other, x, y, opt, alpha=0.5, correction="unbiased")
+        distill_step(student, x, y, opt, KDSetup(teacher=other, alpha=0.5, correction="unbiased"))
     data = torch.utils.data.TensorDataset(x.float(), y)
     with pytest.raises(InvalidArgumentError, match="parameter space"):
-        fit(_linear(1).float(), data, epochs=1, teacher=_mlp(2).float(), alpha=0.5, correction="unbiased",
-            progress=False)
+        fit(_linear(1).float(), data, TrainRecipe(epochs=1),
+            KDSetup(teacher=_mlp(2).float(), alpha=0.5, correction="unbiased"), progress=False)
     with pytest.raises(InvalidArgumentError, match="needs the teacher module"):
-        fit(_linear(1).float(), data, epochs=1, teacher=None, alpha=0.0, correction="unbiased", progress=False)
+        KDSetup(teacher=None, alpha=0.0, correction="unbiased")
     with pytest.raises(InvalidArgumentError, match="correction must be"):
-        fit(_linear(1).float(), data, epochs=1, teacher=_linear(2).float(), alpha=0.5, correction="svrg",
-            progress=False)
+        KDSetup(teacher=_linear(2).float(), alpha=0.5, correction="svrg")
 
 
 @pytest.mark.parametrize("given", ["unbiased", "TeacherGradient"])
@@ -124,13 +124,13 @@ def test_fit_with_correction_follows_the_corrected_steps(given):
     data = torch.utils.data.TensorDataset(x, y)
     teacher = _linear(7)
     student, manual = _linear(8), _linear(8)
-    fit(student, data, epochs=3, batch_size=16, lr=0.3, momentum=0.0, weight_decay=0.0, schedule="constant",
-        teacher=teacher, alpha=0.8, temperature=1.0, progress=False,
-        correction=given if given == "unbiased" else teacher_gradient(teacher, data))
-    correction = teacher_gradient(teacher, (x, y))
+    fit(student, data, TrainRecipe(epochs=3, batch_size=16, lr=0.3, momentum=0.0, weight_decay=0.0, schedule="constant"),
+        KDSetup(teacher=teacher, alpha=0.8, temperature=1.0,
+                correction=given if given == "unbiased" else teacher_gradient(teacher, data)), progress=False)
+    kd = KDSetup(teacher=teacher, alpha=0.8, temperature=1.0, correction=teacher_gradient(teacher, (x, y)))
     opt = torch.optim.SGD(manual.parameters(), lr=0.3)
     for _ in range(3):
-        distill_step(manual, teacher, x, y, opt, alpha=0.8, temperature=1.0, correction=correction)
+        distill_step(manual, x, y, opt, kd)
     moved = False
     for a, b, c in zip(student.parameters(), manual.parameters(), _linear(8).parameters()):
         assert torch.allclose(a, b, atol=1e-12, rtol=0)
@@ -145,18 +145,21 @@ def test_resume_checks_the_correction(tmp_path):
     x, y = _problem(n=16)
     data = torch.utils.data.TensorDataset(x, y)
     teacher, ckpt = _linear(7), str(tmp_path / "ckpt.pt")
-    kw = dict(epochs=2, batch_size=16, lr=0.3, schedule="constant", teacher=teacher, alpha=0.8, temperature=1.0,
-              checkpoint_path=ckpt, progress=False)
-    fit(_linear(8), data, correction="unbiased", **kw)
-    assert fit(_linear(8), data, correction="unbiased", resume=True, **kw)[-1]["epoch"] == 2
+    recipe = TrainRecipe(epochs=2, batch_size=16, lr=0.3, schedule="constant")
+
+    def run(correction, **kw):
+        kd = KDSetup(teacher=teacher, alpha=0.8, temperature=1.0, correction=correction)
+        return fit(_linear(8), data, recipe, kd, progress=False, **{"checkpoint_path": ckpt, **kw})
+
+    run("unbiased")
+    assert run("unbiased", resume=True)[-1]["epoch"] == 2
     with pytest.raises(JobMismatchError, match="correction: 'unbiased' then, None now"):
-        fit(_linear(8), data, correction=None, resume=True, **kw)
+        run(None, resume=True)
     ckpt2 = str(tmp_path / "ckpt2.pt")
-    kw.update(checkpoint_path=ckpt2)
-    fit(_linear(8), data, correction=teacher_gradient(teacher, data), **kw)
-    fit(_linear(8), data, correction=teacher_gradient(teacher, data), resume=True, **kw)
+    run(teacher_gradient(teacher, data), checkpoint_path=ckpt2)
+    run(teacher_gradient(teacher, data), checkpoint_path=ckpt2, resume=True)
     with pytest.raises(JobMismatchError, match="correction: "):
-        fit(_linear(8), data, correction=teacher_gradient(_linear(9), data), resume=True, **kw)
+        run(teacher_gradient(_linear(9), data), checkpoint_path=ckpt2, resume=True)
 
 
 # ------------------------------------------------------------------------------------------- the report

@@ -218,11 +218,16 @@ def test_distill_with_teacher_checkpoint_other_architecture_and_cache(tmp_path, 
 
 @pytest.mark.parametrize("argv, match", [
     (["--alpha", "0.5"], "distills from a teacher: pass --teacher PATH"),
-    (["--alpha", "2"], r"--alpha must be a number in \[0, 1\] or 'auto'"),
+    (["--alpha", "2"], r"--alpha must be a number in \[0, 1\].*got 2.0"),
+    (["--alpha", "x"], r"--alpha must be a number in \[0, 1\] or 'auto', got 'x'"),
+    (["--alpha", "0", "--temperature", "0"], "--temperature must be a finite number > 0, got 0.0"),
     (["--alpha", "0", "--milestones", "5,x"], "--milestones must be comma-separated"),
-    (["--alpha", "0", "--milestones", "9,3"], "--milestones must be increasing"),
-    (["--alpha", "0", "--epochs", "0"], "--epochs must be >= 1"),
-    (["--alpha", "0", "--teacher-fraction", "0"], r"--teacher-fraction must be in \(0, 1\]"),
+    (["--alpha", "0", "--milestones", "9,3"], r"--milestones must be non-decreasing positive epochs.*got \(9, 3\)"),
+    (["--alpha", "0", "--epochs", "0", "--lr", "-1"],
+     "--epochs must be a positive integer, got 0; --lr must be a finite number > 0, got -1.0"),
+    (["--alpha", "0", "--momentum", "-1"], "--momentum must be a finite number >= 0, got -1.0"),
+    (["--alpha", "0", "--teacher-fraction", "0"], r"--teacher-fraction must be a number in \(0, 1\]"),
+    (["--alpha", "0", "--schedule", "step", "--recipe", "digits"], "schedule='step' needs milestones"),
     (["--alpha", "0", "--alpha-schedule", "0.1-1"], "--alpha-schedule must look like"),
     (["--teacher", "nope.pt", "--train-teacher"], "give --teacher or --train-teacher, not both"),
     (["--teacher", "nope.pt"], "--teacher nope.pt does not exist"),
@@ -262,17 +267,25 @@ def test_distill_recipe_defaults_and_milestone_scaling():
     from kdfast.cli import distill
     sub = argparse.ArgumentParser().add_subparsers()
     parser = distill.add_parser(sub)
-    args = distill.resolve(parser.parse_args(["--dataset", "cifar100", "--data-root", ".", "--alpha", "0",
-                                              "--out", "/nonexistent/x"]))
-    assert (args.lr, args.batch_size, args.epochs, args.schedule, args.milestones) == (0.05, 64, 240, "step",
-                                                                                       (150, 180, 210))
-    assert args.model == "resnet32" and args.augment is True
-    args = distill.resolve(parser.parse_args(["--dataset", "cifar10", "--data-root", ".", "--alpha", "0", "--epochs", "24",
-                                              "--out", "/nonexistent/x"]))
-    assert args.milestones == (15, 18, 21)
-    args = distill.resolve(parser.parse_args(["--dataset", "imagenet", "--data-root", ".", "--alpha", "0",
-                                              "--out", "/nonexistent/x"]))
-    assert (args.lr, args.batch_size, args.schedule) == (0.1, 128, "cosine")
+    resolved = distill.resolve(parser.parse_args(["--dataset", "cifar100", "--data-root", ".", "--alpha", "0",
+                                                  "--out", "/nonexistent/x"]))
+    recipe = resolved.recipe
+    assert recipe == distill.RECIPES["cifar"]
+    assert (recipe.lr, recipe.batch_size, recipe.epochs, recipe.schedule, recipe.milestones) == (0.05, 64, 240, "step",
+                                                                                                 (150, 180, 210))
+    assert resolved.args.model == "resnet32" and resolved.args.augment is True
+    assert resolved.args.epochs is None  # the options stay as given; the job's record holds the recipe's values
+    config = resolved.config()
+    assert (config["epochs"], config["milestones"], config["num_workers"]) == (240, (150, 180, 210), 0)
+    recipe = distill.resolve(parser.parse_args(["--dataset", "cifar10", "--data-root", ".", "--alpha", "0", "--epochs",
+                                                "24", "--out", "/nonexistent/x"])).recipe
+    assert recipe.milestones == (15, 18, 21)
+    recipe = distill.resolve(parser.parse_args(["--dataset", "cifar10", "--data-root", ".", "--alpha", "0", "--epochs",
+                                                "24", "--milestones", "5,7", "--out", "/nonexistent/x"])).recipe
+    assert recipe.milestones == (5, 7)  # given milestones are kept as they are
+    recipe = distill.resolve(parser.parse_args(["--dataset", "imagenet", "--data-root", ".", "--alpha", "0",
+                                                "--out", "/nonexistent/x"])).recipe
+    assert (recipe.lr, recipe.batch_size, recipe.schedule) == (0.1, 128, "cosine")
 
 
 def test_prune_whole_batches_of_a_liprune_run(tmp_path, capsys):
@@ -406,3 +419,29 @@ def test_the_prune_help_example_prints_what_the_command_prints(scores_dir, tmp_p
     monkeypatch.chdir(tmp_path)
     assert prune_main(command[1:]) == 0
     assert capsys.readouterr().out.splitlines()[0] == promised
+
+
+def test_prune_checks_a_library_made_score_folder_like_a_cli_made_one(tmp_path, digits, capsys):
+    # kdfast.score(out=) writes the same folder as kdfast-score: meta.json with the data identity included
+    import kdfast
+    from kdfast.data import LabeledSubset
+    from kdfast.models import create_model
+    torch.manual_seed(0)
+    model = create_model("mlp", num_classes=10, in_channels=1)
+    scores = kdfast.score(model, digits, "el2n", progress=False, out=tmp_path / "lib", chunk_size=500)
+    meta = json.loads((tmp_path / "lib" / "meta.json").read_text())
+    assert (meta["method"], meta["direction"], meta["num_examples"]) == ("el2n", "higher is harder", len(digits))
+    assert meta["labels_fingerprint"] == labels_fingerprint(digits.targets) and meta["files"] == ["scores.npy"]
+    assert sorted(os.listdir(tmp_path / "lib")) == ["job.json", "meta.json", "scores.npy"]  # chunks dropped
+    argv = ["--fraction", "0.3", "--mode", "hard", "--class-balanced", "--dataset", "digits"]
+    rc = prune_main(["--scores", str(tmp_path / "lib"), *argv, "--out", str(tmp_path / "keep.npy")])
+    assert rc == 0, capsys.readouterr().err
+    expected = prune(scores, 0.3, "hard", labels=digits.targets, class_balanced=True).numpy()
+    np.testing.assert_array_equal(np.load(tmp_path / "keep.npy"), expected)
+    # scores of the same number of examples with other labels: refused, as for a kdfast-score folder
+    shuffled = LabeledSubset(digits, torch.randperm(len(digits), generator=torch.Generator().manual_seed(1)))
+    kdfast.score(model, shuffled, "el2n", progress=False, out=tmp_path / "other")
+    capsys.readouterr()
+    rc = prune_main(["--scores", str(tmp_path / "other"), *argv, "--out", str(tmp_path / "k2.npy")])
+    line = _one_error_line(capsys.readouterr().err, "kdfast-prune")
+    assert rc == 1 and "labels_fingerprint differ" in line, line

@@ -2,6 +2,8 @@
 kdfast.score(out=, resume=), and the data identity helpers it relies on."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 
@@ -223,21 +225,26 @@ def test_image_folders_count_the_files_they_skip(tmp_path):
 
 # ------------------------------------------------------------------------------------------ fit resume
 def test_fit_refuses_to_resume_a_checkpoint_of_another_run(tmp_path, digits):
-    from kdfast.training.fit import fit
+    from kdfast.distill.setup import KDSetup
+    from kdfast.training.fit import TrainRecipe, fit
     data = LabeledSubset(digits, range(64))
-    args = dict(epochs=2, batch_size=32, lr=0.05, progress=False, checkpoint_path=tmp_path / "c.pt")
+    recipe = TrainRecipe(epochs=2, batch_size=32, lr=0.05)
+    args = dict(progress=False, checkpoint_path=tmp_path / "c.pt")
     torch.manual_seed(0)
-    fit(create_model("mlp", num_classes=10, in_channels=1), data, **args)
+    fit(create_model("mlp", num_classes=10, in_channels=1), data, recipe, **args)
     with pytest.raises(JobMismatchError, match=r"lr: 0.05 then, 0.2 now; temperature") as info:
-        fit(create_model("mlp", num_classes=10, in_channels=1), data, **{**args, "lr": 0.2}, temperature=2.0,
-            resume=True)
+        fit(create_model("mlp", num_classes=10, in_channels=1), data, dataclasses.replace(recipe, lr=0.2),
+            KDSetup(alpha=0.0, temperature=2.0), resume=True, **args)
     assert {f for f, _, _ in info.value.differences} == {"lr", "temperature"}
     with pytest.raises(JobMismatchError, match="data.labels_fingerprint"):
-        fit(create_model("mlp", num_classes=10, in_channels=1), LabeledSubset(digits, range(1, 65)), **args,
+        fit(create_model("mlp", num_classes=10, in_channels=1), LabeledSubset(digits, range(1, 65)), recipe, **args,
             resume=True)
     with pytest.raises(JobMismatchError, match="epochs: 2 then, 3 now"):  # cosine: epochs set every epoch's LR
-        fit(create_model("mlp", num_classes=10, in_channels=1), data, **{**args, "epochs": 3}, resume=True)
-    history = fit(create_model("mlp", num_classes=10, in_channels=1), data, **args, resume=True)
+        fit(create_model("mlp", num_classes=10, in_channels=1), data, dataclasses.replace(recipe, epochs=3), **args,
+            resume=True)
+    # loader workers do not change the result: not part of the run
+    history = fit(create_model("mlp", num_classes=10, in_channels=1), data, dataclasses.replace(recipe, num_workers=1),
+                  **args, resume=True)
     assert [h["epoch"] for h in history] == [1, 2]  # the same run: restored, nothing left to train
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from kdfast.errors import InvalidArgumentError
 from kdfast.pruning.sampling import ImportanceSampler
-from kdfast.training.fit import fit
+from kdfast.training.fit import TrainRecipe, fit
 
 N, D, C = 24, 4, 3
 
@@ -28,10 +28,10 @@ def _model(seed=1):
     return nn.Linear(D, C).double()
 
 
-def _fit(model, x, y, sampler, **kw):
-    args = dict(epochs=3, batch_size=4, lr=0.5, momentum=0.0, weight_decay=0.0, schedule="constant", progress=False)
-    args.update(kw)
-    return fit(model, torch.utils.data.TensorDataset(x, y), sampler=sampler, **args)
+def _fit(model, x, y, sampler, epochs=3, batch_size=4, lr=0.5, **kw):
+    recipe = TrainRecipe(epochs=epochs, batch_size=batch_size, lr=lr, momentum=0.0, weight_decay=0.0,
+                         schedule="constant")
+    return fit(model, torch.utils.data.TensorDataset(x, y), recipe, subset=sampler, progress=False, **kw)
 
 
 def test_weighted_epoch_gradient_is_unbiased():
@@ -126,9 +126,7 @@ def test_sampler_misuse_raises():
     x, y = _data()
     with pytest.raises(InvalidArgumentError, match="holds 5 scores but the dataset 24"):
         _fit(_model(), x, y, ImportanceSampler(torch.ones(5), 0.5))
-    with pytest.raises(InvalidArgumentError, match="cannot go together"):
-        _fit(_model(), x, y, ImportanceSampler(torch.ones(N), 0.5), indices=torch.arange(10))
-    with pytest.raises(InvalidArgumentError, match="ImportanceSampler or None"):
+    with pytest.raises(InvalidArgumentError, match="subset must be dataset indices .* or a kdfast.ImportanceSampler"):
         _fit(_model(), x, y, torch.utils.data.RandomSampler(range(N)))
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from kdfast import cpp_build
+from kdfast.runtime import cpp_build
 from kdfast.cli.env import report
 from kdfast.runtime.dispatch import backends
 from kdfast.errors import InvalidArgumentError

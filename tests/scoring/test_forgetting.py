@@ -70,7 +70,7 @@ def test_state_dict_round_trip_and_errors():
     torch.testing.assert_close(u.scores(), t.scores(), equal_nan=True)
     with pytest.raises(InvalidArgumentError, match="expected \\(7,\\)"):
         ForgettingTracker(7).load_state_dict(t.state_dict())
-    with pytest.raises(InvalidArgumentError, match="num_examples must be a positive int, got 0"):
+    with pytest.raises(InvalidArgumentError, match="num_examples must be a positive integer, got 0"):
         ForgettingTracker(0)
     with pytest.raises(InvalidArgumentError, match="1-d of one length"):
         t.update(torch.tensor([1, 2]), torch.tensor([1]))
@@ -81,11 +81,11 @@ def test_state_dict_round_trip_and_errors():
 def test_fed_by_fit_counts_every_presentation():
     from kdfast.data import load_dataset
     from kdfast.models import create_model
-    from kdfast.training.fit import fit
+    from kdfast.training.fit import TrainRecipe, fit
     data = torch.utils.data.Subset(load_dataset("digits"), range(96))
     tracker = ForgettingTracker(len(data))
     torch.manual_seed(0)
-    fit(create_model("mlp", num_classes=10, in_channels=1), data, epochs=3, batch_size=32, lr=0.1,
+    fit(create_model("mlp", num_classes=10, in_channels=1), data, TrainRecipe(epochs=3, batch_size=32, lr=0.1),
         forgetting=tracker, progress=False)
     assert tracker.presentations.tolist() == [3] * 96
     s = tracker.scores()

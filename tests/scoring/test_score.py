@@ -224,7 +224,7 @@ def test_errors_name_the_argument():
         kdfast.score(model, DataLoader(data, batch_size=8, drop_last=True), "el2n")
     with pytest.raises(InvalidArgumentError, match="precision must be one of"):
         kdfast.score(model, data, "el2n", precision="fp8")
-    with pytest.raises(InvalidArgumentError, match="batch_size must be a positive int, got 0"):
+    with pytest.raises(InvalidArgumentError, match="batch_size must be a positive integer, got 0"):
         kdfast.score(model, data, "el2n", batch_size=0)
     with pytest.raises(InvalidArgumentError, match="empty list"):
         kdfast.score([], data, "el2n")

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from kdfast.data.epoch_loader import EpochLoader
 from kdfast.pruning.sampling import ImportanceSampler
-from kdfast.training.fit import fit
+from kdfast.training.fit import TrainRecipe, fit
 
 N, D, C, EPOCHS = 40, 6, 3, 3
 
@@ -63,10 +63,10 @@ def _net():
     return nn.Sequential(nn.Linear(D, 16), nn.Tanh(), nn.Linear(16, C))
 
 
-def _fit(model, data, **kw):
-    args = dict(epochs=EPOCHS, batch_size=8, lr=0.1, seed=5, num_workers=2, progress=False)
-    args.update(kw)
-    return fit(model, data, **args)
+def _fit(model, data, schedule="cosine", milestones=(), num_workers=2, **kw):
+    recipe = TrainRecipe(epochs=EPOCHS, batch_size=8, lr=0.1, seed=5, num_workers=num_workers, schedule=schedule,
+                         milestones=milestones)
+    return fit(model, data, recipe, progress=False, **kw)
 
 
 def _pids(folder):

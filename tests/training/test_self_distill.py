@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 import kdfast
+from kdfast.distill.setup import KDSetup
+from kdfast.training.recipe import TrainRecipe
 from kdfast.training.self_distill import self_distill
 from kdfast.errors import InvalidArgumentError
 from kdfast.losses.kd_loss import kd_loss
@@ -182,8 +184,8 @@ def _mlp():
 
 def test_self_distill_records_split_files_and_resume(tmp_path):
     data, test = _Data(), _Data(60, seed=1)
-    kw = dict(steps=3, epochs=3, batch_size=16, lr=0.05, eval_dataset=test, seed=4, val_fraction=0.25)
-    result = self_distill(_mlp, data, out=str(tmp_path), **kw)
+    kw = dict(steps=3, eval_dataset=test, val_fraction=0.25)
+    result = self_distill(_mlp, data, TrainRecipe(epochs=3, batch_size=16, lr=0.05, seed=4), out=str(tmp_path), **kw)
     assert kdfast.self_distill is self_distill
     assert len(result.records) == 3 and [r["step"] for r in result.records] == [1, 2, 3]
     assert len(result.val_indices) == 30 and len(result.train_indices) == 90
@@ -206,7 +208,8 @@ def test_self_distill_records_split_files_and_resume(tmp_path):
     assert (tmp_path / "step2" / "teacher_only" / "checkpoint.pt").is_file()
     assert not (tmp_path / "step1" / "teacher_only").exists()
     # resume from the finished checkpoints: no training, the same chain
-    again = self_distill(_mlp, data, out=str(tmp_path), resume=True, **kw)
+    again = self_distill(_mlp, data, TrainRecipe(epochs=3, batch_size=16, lr=0.05, seed=4), out=str(tmp_path),
+                         resume=True, **kw)
     assert [r["alpha"] for r in again.records] == [r["alpha"] for r in result.records]
     assert [r["val_acc"] for r in again.records] == [r["val_acc"] for r in result.records]
 
@@ -214,7 +217,7 @@ def test_self_distill_records_split_files_and_resume(tmp_path):
 def test_self_distill_fixed_weight_and_given_validation_indices():
     data = _Data()
     val = torch.arange(0, 120, 4)
-    result = self_distill(_mlp, data, steps=2, epochs=1, alpha=0.5, val_indices=val, batch_size=32)
+    result = self_distill(_mlp, data, TrainRecipe(epochs=1, batch_size=32), steps=2, alpha=0.5, val_indices=val)
     assert torch.equal(result.val_indices, val) and len(result.train_indices) == 90
     assert [r["alpha"] for r in result.records] == [0.0, 0.5] and result.records[1]["alpha_optimal"] is None
 
@@ -228,36 +231,37 @@ def test_self_distill_fixed_weight_and_given_validation_indices():
     (dict(steps=2, indices=[3], val_fraction=0.5), "leaves 0 for validation and 1 for training"),
     (dict(steps=2, val_indices=torch.arange(120)), "val_indices hold every one of the 120 training examples"),
     (dict(steps=2, val_indices=torch.tensor([0, 500])), r"indices must lie in \[0, 120\)"),
+    (dict(steps=2, recipe=dict(epochs=1)), "self_distill: recipe must be a kdfast.TrainRecipe, got dict"),
 ])
 def test_self_distill_errors(kwargs, match):
     with pytest.raises(InvalidArgumentError, match=match):
-        self_distill(_mlp, _Data(), epochs=1, **kwargs)
+        self_distill(_mlp, _Data(), **{"recipe": TrainRecipe(epochs=1), **kwargs})
 
 
 def test_self_distill_model_fn_must_be_callable():
     with pytest.raises(InvalidArgumentError, match=r"model_fn must be a callable returning a fresh model \(every fit starts from one\), got Sequential"):
-        self_distill(_mlp(), _Data(), steps=2, epochs=1)
+        self_distill(_mlp(), _Data(), TrainRecipe(epochs=1), steps=2)
 
 
 # ------------------------------------------------------------------------------- extrapolated loss
-def test_fit_refuses_alpha_outside_unit_interval_without_opt_in():
-    from kdfast.training.fit import fit
+def test_kd_setup_refuses_alpha_outside_unit_interval_without_opt_in():
     with pytest.raises(InvalidArgumentError, match=r"alpha must be a number in \[0, 1\].*any finite value with "
                                                    "extrapolate=True"):
-        fit(_mlp(), _Data(), epochs=1, teacher=_mlp(), alpha=1.5)
+        KDSetup(teacher=_mlp(), alpha=1.5)
     with pytest.raises(InvalidArgumentError, match="alpha must be a finite number with extrapolate=True"):
-        fit(_mlp(), _Data(), epochs=1, teacher=_mlp(), alpha=float("inf"), extrapolate=True)
+        KDSetup(teacher=_mlp(), alpha=float("inf"), extrapolate=True)
+    assert KDSetup(teacher=_mlp(), alpha=1.5, extrapolate=True).alpha == 1.5
 
 
 def test_fit_checkpoint_records_extrapolate(tmp_path):
     """extrapolate joins fit's run identity: resuming a checkpoint with the opt-in changed is another run."""
     from kdfast.io import JobMismatchError
     from kdfast.training.fit import fit
-    kw = dict(epochs=1, batch_size=32, teacher=_mlp(), alpha=0.5, checkpoint_path=str(tmp_path / "c.pt"),
-              progress=False)
-    fit(_mlp(), _Data(), **kw)
+    kw = dict(checkpoint_path=str(tmp_path / "c.pt"), progress=False)
+    recipe, teacher = TrainRecipe(epochs=1, batch_size=32), _mlp()
+    fit(_mlp(), _Data(), recipe, KDSetup(teacher=teacher, alpha=0.5), **kw)
     with pytest.raises(JobMismatchError, match="extrapolate: False then, True now"):
-        fit(_mlp(), _Data(), resume=True, extrapolate=True, **kw)
+        fit(_mlp(), _Data(), recipe, KDSetup(teacher=teacher, alpha=0.5, extrapolate=True), resume=True, **kw)
 
 
 def _formula(student, teacher, y, alpha, T):
@@ -278,7 +282,7 @@ def test_extrapolated_step_follows_the_formula(alpha):
     ref = _mlp().double()
     ref.load_state_dict(student.state_dict())
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
-    out = distill_step(student, teacher, x, y, opt, alpha=alpha, temperature=2.0, extrapolate=True)
+    out = distill_step(student, x, y, opt, KDSetup(teacher=teacher, alpha=alpha, temperature=2.0, extrapolate=True))
     expected = _formula(ref(x), teacher(x).detach(), y, alpha, 2.0)
     assert abs(float(out["loss"]) - float(expected)) < 1e-6 * abs(float(expected))  # the loss value is fp32
     expected.backward()
@@ -297,7 +301,7 @@ def test_local_formula_reduces_to_kd_loss_inside_the_unit_interval():
 
 
 def test_self_distill_extrapolates_only_when_asked():
-    result = self_distill(_mlp, _Data(), steps=3, epochs=2, batch_size=16, extrapolate=True, seed=1)
+    result = self_distill(_mlp, _Data(), TrainRecipe(epochs=2, batch_size=16, seed=1), steps=3, extrapolate=True)
     for r in result.records[1:]:
         assert r["alpha"] == r["alpha_optimal"] and not r["clipped"]
 
@@ -335,11 +339,12 @@ def test_cli_chain_on_digits(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--steps", "0"], "--steps must be >= 1"),
+    (["--steps", "0"], "--steps must be a positive integer, got 0"),
     (["--alpha", "optimal"], "--alpha optimal chooses the weight of each distillation step: it needs --steps >= 2"),
     (["--steps", "3"], "--steps needs --alpha optimal or a fixed number"),
-    (["--steps", "3", "--alpha", "1.5"], r"--alpha must be 'optimal' or a number in \[0, 1\]"),
-    (["--steps", "3", "--alpha", "optimal", "--val-fraction", "1"], r"--val-fraction must be in \(0, 1\)"),
+    (["--steps", "3", "--alpha", "1.5"], r"--alpha must be a number in \[0, 1\].*got 1.5"),
+    (["--steps", "3", "--alpha", "best"], r"--alpha must be 'optimal' or a number in \[0, 1\]"),
+    (["--steps", "3", "--alpha", "optimal", "--val-fraction", "1"], r"--val-fraction must be a number in \(0, 1\)"),
     (["--steps", "3", "--alpha", "optimal", "--train-teacher"], "cannot go with --train-teacher"),
 ])
 def test_cli_chain_usage_errors(tmp_path, capsys, argv, match):

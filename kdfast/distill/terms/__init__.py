@@ -7,10 +7,10 @@ paper's Eq. 2):
 
     term = make_kd_term("vid", student, teacher, x[:2])          # layers: the classifier heads' inputs
     opt = torch.optim.SGD([*student.parameters(), *term.parameters()], lr=0.05, momentum=0.9)
-    distill_step(student, teacher, x, y, opt, alpha=0.5, kd_term=term)   # loss = KD loss + beta * term
+    distill_step(student, x, y, opt, KDSetup(teacher=teacher, alpha=0.5, kd_term=term))   # KD loss + beta * term
 
 A term owns its learnable parameters (projection, regressor, variance): they must join the optimizer, as
-above (`fit(kd_term=...)` adds them as a second parameter group). Register new terms with @register_term.
+above (`fit(..., KDSetup(kd_term=...))` adds them as a second parameter group). Register new terms with @register_term.
 """
 from __future__ import annotations
 

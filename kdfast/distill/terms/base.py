@@ -9,12 +9,12 @@ with r_i the term's per-example loss (`per_example`) and w_i optional example we
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
 
 from kdfast.errors import InvalidArgumentError
+from kdfast.runtime.checks import finite, require
 
 KD_TERMS: dict[str, type] = {}
 
@@ -48,9 +48,8 @@ class KDTerm(nn.Module):
                  beta: float | None = None):
         super().__init__()
         beta = self.default_beta if beta is None else beta
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
-            raise InvalidArgumentError(f"{self.name}: beta must be a finite number >= 0 (the term's weight), "
-                                       f"got {beta!r}")
+        require(self.name, finite("beta", beta, low=0.0, low_open=False,
+                                  expected="a finite number >= 0 (the term's weight)"))
         self.beta = float(beta)
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
         self.student_shape, self.teacher_shape = tuple(student_shape)[1:], tuple(teacher_shape)[1:]
