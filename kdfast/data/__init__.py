@@ -18,8 +18,9 @@ from __future__ import annotations
 import os
 
 from kdfast.errors import InvalidArgumentError
-from kdfast.data.base import DataError, LabeledDataset, LabeledSubset, class_names, labels_fingerprint
-from kdfast.data.identity import DataIdentityError, check_identity, data_identity, describe_file_mismatch
+from kdfast.data.base import DataError, LabeledDataset, LabeledSubset, class_names
+from kdfast.data.identity import (DataIdentityError, check_identity, data_identity, describe_file_mismatch,
+                                  labels_fingerprint)
 from kdfast.data.split import stratified_split
 
 DATASETS = ("digits", "cifar10", "cifar100", "svhn", "imagenet", "folder")

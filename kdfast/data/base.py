@@ -6,7 +6,7 @@ import functools
 import torch
 from torch.utils.data import Dataset, Subset
 
-from kdfast.data.identity import FileList, files_fingerprint, labels_fingerprint
+from kdfast.data.identity import FileList, files_fingerprint
 from kdfast.errors import DataError, InvalidArgumentError
 
 

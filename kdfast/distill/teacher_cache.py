@@ -30,6 +30,7 @@ import torch
 
 from kdfast.errors import InvalidArgumentError
 from kdfast.io.atomic import read_file_list, save_npy, write_file_list, write_json
+from kdfast.losses.topk_teacher import MISSING, TopKTeacher
 
 FORMAT = "kdfast-teacher-cache/1"
 STORE_DTYPES = ("float16", "float32")

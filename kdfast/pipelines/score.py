@@ -19,6 +19,7 @@ import torch
 from kdfast.runtime import distributed
 from kdfast.runtime.progress import log, progress
 from kdfast.io.atomic import save_npy, save_npz, save_torch
+from kdfast.io.chunks import ChunkStore
 from kdfast.io.job import Job
 from kdfast.scoring.folder import finish_folder, open_chunks, save_scores, score_meta
 

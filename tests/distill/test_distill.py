@@ -392,8 +392,9 @@ def test_fit_reads_a_topk_cache_sparse(tmp_path, monkeypatch):
     monkeypatch.setattr(TeacherCache, "__getitem__", dense_read)
     init = _net()
     online, cached = copy.deepcopy(init), copy.deepcopy(init)
-    fit(online, data, teacher=teacher, alpha=0.8, **_fit_args(epochs=2))
-    fit(cached, data, teacher_cache=TeacherCache.open(tmp_path / "k"), alpha=0.8, **_fit_args(epochs=2))
+    fit(online, data, _recipe(epochs=2), KDSetup(teacher=teacher, alpha=0.8), progress=False)
+    fit(cached, data, _recipe(epochs=2), KDSetup(teacher_cache=TeacherCache.open(tmp_path / "k"), alpha=0.8),
+        progress=False)
     for a, b in zip(online.parameters(), cached.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 

@@ -18,6 +18,7 @@ from kdfast.errors import KDFastError
 from kdfast.io import (ChunkStore, IncompleteStoreError, Job, JobError, JobExistsError, JobLockedError,
                          JobMismatchError, atomic_write, save_npy, write_json)
 from kdfast.models import create_model
+from kdfast.training.recipe import TrainRecipe
 
 
 @pytest.fixture(scope="module")
@@ -389,12 +390,12 @@ class _Noisy(LabeledDataset):
 def test_a_kill_within_an_epoch_resumes_from_its_checkpoint_to_the_same_weights(tmp_path, digits, monkeypatch):
     from kdfast.runtime import progress as progress_module
     from kdfast.training.fit import fit
-    args = dict(epochs=2, batch_size=16, lr=0.05, seed=3, checkpoint_steps=3)
+    recipe = TrainRecipe(epochs=2, batch_size=16, lr=0.05, seed=3, checkpoint_steps=3)
 
     def run(path, stop=None, **kw):
         torch.manual_seed(0)
         model = create_model("mlp", num_classes=10, in_channels=1)
-        history = fit(model, _Noisy(digits, 96, stop), **args, checkpoint_path=path, **kw)
+        history = fit(model, _Noisy(digits, 96, stop), recipe, checkpoint_path=path, **kw)
         return model, history
 
     reference, ref_history = run(tmp_path / "a.pt", progress=False)
@@ -415,8 +416,8 @@ def test_training_reports_rate_and_eta_within_an_epoch_off_a_terminal(digits, mo
     from kdfast.runtime import progress as progress_module
     from kdfast.training.fit import fit
     monkeypatch.setattr(progress_module, "PLAIN_INTERVAL_S", 0.0)
-    fit(create_model("mlp", num_classes=10, in_channels=1), LabeledSubset(digits, range(64)), epochs=1,
-        batch_size=16, lr=0.05)
+    fit(create_model("mlp", num_classes=10, in_channels=1), LabeledSubset(digits, range(64)),
+        TrainRecipe(epochs=1, batch_size=16, lr=0.05))
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith("epoch 1/1: 16/64 ex (") and ", ETA " in lines[0] and "ex/s" in lines[0]
     assert lines[-1].startswith("epoch 1/1: lr ")
@@ -424,17 +425,18 @@ def test_training_reports_rate_and_eta_within_an_epoch_off_a_terminal(digits, mo
 
 def test_a_kill_during_evaluation_keeps_the_epoch(tmp_path, digits):
     from kdfast.training.fit import fit
-    args = dict(epochs=1, batch_size=32, lr=0.05, progress=False, checkpoint_path=tmp_path / "c.pt")
+    recipe = TrainRecipe(epochs=1, batch_size=32, lr=0.05)
+    args = dict(progress=False, checkpoint_path=tmp_path / "c.pt")
 
     torch.manual_seed(0)
     model = create_model("mlp", num_classes=10, in_channels=1)
     with pytest.raises(KeyboardInterrupt):  # killed on the evaluation's first load
-        fit(model, LabeledSubset(digits, range(64)), eval_dataset=_Noisy(digits, 32, stop=1), **args)
+        fit(model, LabeledSubset(digits, range(64)), recipe, eval_dataset=_Noisy(digits, 32, stop=1), **args)
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     state = torch.load(tmp_path / "c.pt", weights_only=True)
     assert state["epoch"] == 1 and "record" in state["within"]
     again = create_model("mlp", num_classes=10, in_channels=1)
-    history = fit(again, LabeledSubset(digits, range(64)), eval_dataset=LabeledSubset(digits, range(64, 96)),
+    history = fit(again, LabeledSubset(digits, range(64)), recipe, eval_dataset=LabeledSubset(digits, range(64, 96)),
                   **args, resume=True)
     assert len(history) == 1 and "eval_acc" in history[0]  # evaluated, not trained again
     assert all(torch.equal(trained[k], v) for k, v in again.state_dict().items())
