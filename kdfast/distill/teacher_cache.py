@@ -31,6 +31,7 @@ import torch
 from kdfast.errors import InvalidArgumentError
 from kdfast.io.atomic import read_file_list, save_npy, write_file_list, write_json
 from kdfast.losses.topk_teacher import MISSING, TopKTeacher
+from kdfast.runtime.checks import int_in_range, positive_int, require
 
 FORMAT = "kdfast-teacher-cache/1"
 STORE_DTYPES = ("float16", "float32")
@@ -137,12 +138,11 @@ class TeacherCache:
         files differ, naming the first mismatched ones. `labels` (N ints, those `dataset_fingerprint` was taken
         from), kept as labels.npy, let check_dataset() name the examples whose labels differ.
         """
-        for name, value in (("num_examples", num_examples), ("num_classes", num_classes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidArgumentError(f"TeacherCache.create: {name} must be a positive integer, got {value!r}")
-        if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= num_classes):
-            raise InvalidArgumentError(f"TeacherCache.create: topk must be None (full logits) or an integer in "
-                                       f"[1, {num_classes}], got {topk!r}")
+        require("TeacherCache.create", positive_int("num_examples", num_examples),
+                positive_int("num_classes", num_classes))
+        if topk is not None:
+            require("TeacherCache.create", int_in_range("topk", topk, 1, num_classes,
+                                                        f"None (full logits) or an integer in [1, {num_classes}]"))
         if dtype not in STORE_DTYPES:
             raise InvalidArgumentError(f"TeacherCache.create: dtype must be one of {STORE_DTYPES}, got {dtype!r}")
         for name, value in (("dataset_fingerprint", dataset_fingerprint), ("teacher_fingerprint", teacher_fingerprint)):

@@ -22,11 +22,9 @@ itself; the Python checks and the preparation run only for what it refuses (`_ea
 """
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 
+from kdfast.runtime.checks import finite, in_range, integer, one_of, require
 from kdfast.runtime.dispatch import cpp_module, resolve_backend
 from kdfast.errors import BackendUnavailableError, InvalidArgumentError
 from kdfast.losses.reference import DIVERGENCES, KD_STAT_NAMES, SparseTeacher, kd_loss_fwd_torch
@@ -131,28 +129,19 @@ def _check_scalars(alpha, temperature, reduction, ignore_index, extrapolate, div
         key = None
     if extrapolate not in (True, False):
         raise InvalidArgumentError(f"kd_loss: extrapolate must be True or False, got {extrapolate!r}")
-    number = isinstance(alpha, numbers.Real) and not isinstance(alpha, bool)
-    if not number or not math.isfinite(alpha) or (not extrapolate and not 0.0 <= alpha <= 1.0):
-        raise InvalidArgumentError(
-            f"kd_loss: alpha must be a number in [0, 1] (the weight of the distillation term), or any finite "
-            f"number with extrapolate=True, got {alpha!r}" if not extrapolate else
-            f"kd_loss: alpha must be a finite number (extrapolate=True), got {alpha!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0.0 < temperature < math.inf:
-        raise InvalidArgumentError(f"kd_loss: temperature must be a finite number > 0, got {temperature!r}")
-    if reduction not in REDUCTIONS:
-        raise InvalidArgumentError(f"kd_loss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise InvalidArgumentError(f"kd_loss: ignore_index must be an int, got {ignore_index!r}")
-    if divergence not in DIVERGENCES:
-        raise InvalidArgumentError(f"kd_loss: divergence must be one of {DIVERGENCES}, got {divergence!r}")
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 < beta < 1.0:
-        raise InvalidArgumentError(f"kd_loss: beta must be a number in (0, 1) (the teacher's weight in the jsd "
-                                   f"mixture), got {beta!r}")
+    require("kd_loss", finite("alpha", alpha, expected="a finite number (extrapolate=True)") if extrapolate else
+            in_range("alpha", alpha, 0.0, 1.0, expected="a number in [0, 1] (the weight of the distillation term), "
+                                                        "or any finite number with extrapolate=True"))
+    require("kd_loss", finite("temperature", temperature, low=0.0))
+    require("kd_loss", one_of("reduction", reduction, REDUCTIONS))
+    require("kd_loss", integer("ignore_index", ignore_index))
+    require("kd_loss", one_of("divergence", divergence, DIVERGENCES))
+    require("kd_loss", in_range("beta", beta, 0.0, 1.0, low_open=True, high_open=True,
+                                expected="a number in (0, 1) (the teacher's weight in the jsd mixture)"))
     if normalizer is not None:
-        if (isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real)
-                or not 0.0 < normalizer < math.inf):
-            raise InvalidArgumentError(f"kd_loss: normalizer must be None or a finite number > 0 (the mean's "
-                                       f"divisor, e.g. the global count of rows not ignored), got {normalizer!r}")
+        require("kd_loss", finite("normalizer", normalizer, low=0.0,
+                                  expected="None or a finite number > 0 (the mean's divisor, e.g. the global count "
+                                           "of rows not ignored)"))
         if reduction != "mean":
             raise InvalidArgumentError(f"kd_loss: normalizer divides the mean and needs reduction='mean', got "
                                        f"reduction={reduction!r}")

@@ -24,6 +24,7 @@ import numbers
 
 import torch
 
+from kdfast.runtime.checks import finite, positive_int
 from kdfast.runtime.dispatch import resolve_backend
 from kdfast.errors import InvalidArgumentError
 from kdfast.losses.reference import KD_STAT_NAMES
@@ -143,12 +144,10 @@ def _check(h, W, b, target, teacher, weight, reduction, normalizer, softcap, chu
         if value is None or not 0 < value < float("inf"):
             raise _err(f"normalizer must be a finite number > 0 (e.g. the global count of non-ignored tokens), got "
                        f"{normalizer!r}")
-    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, numbers.Real)
-                                or not 0 < softcap < float("inf")):
-        raise _err(f"softcap must be a finite number > 0 or None, got {softcap!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
-                                   or chunk_size < 1):
-        raise _err(f"chunk_size must be a positive int or None (chosen from V), got {chunk_size!r}")
+    problem = (softcap is not None and finite("softcap", softcap, low=0.0, expected="a finite number > 0 or None")) or \
+        (chunk_size is not None and positive_int("chunk_size", chunk_size, "a positive int or None (chosen from V)"))
+    if problem:
+        raise _err(problem.text())
     if return_stats not in (True, False):
         raise _err(f"return_stats must be True or False, got {return_stats!r}")
     return N, V

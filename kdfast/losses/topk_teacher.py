@@ -19,12 +19,10 @@ kd_loss never expands it to a dense (N, C) teacher: see kdfast/losses/kd_loss.py
 """
 from __future__ import annotations
 
-import math
-import numbers
-
 import torch
 
 from kdfast.errors import InvalidArgumentError
+from kdfast.runtime.checks import finite, require
 
 MISSING = ("renorm", "tail")
 _ID_DTYPES = (torch.int64, torch.int32)
@@ -63,10 +61,8 @@ class TopKTeacher:
         if logprobs.device != indices.device:
             raise InvalidArgumentError(f"TopKTeacher: logprobs is on {logprobs.device} but indices on "
                                        f"{indices.device}")
-        if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
-                or not 0.0 < temperature < math.inf):
-            raise InvalidArgumentError(f"TopKTeacher: temperature must be a finite number > 0 (the capture "
-                                       f"temperature of logprobs), got {temperature!r}")
+        require("TopKTeacher", finite("temperature", temperature, low=0.0,
+                                      expected="a finite number > 0 (the capture temperature of logprobs)"))
         if missing not in MISSING:
             raise InvalidArgumentError(f"TopKTeacher: missing must be one of {MISSING}, got {missing!r}")
         if validate not in (None, True, False):

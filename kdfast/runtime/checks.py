@@ -53,6 +53,13 @@ def int_at_least(name: str, value, minimum: int, expected: str | None = None) ->
     return Problem(name, expected or (f"an integer >= {minimum}" if minimum != 1 else "a positive integer"), value)
 
 
+def int_in_range(name: str, value, low: int, high: int, expected: str | None = None) -> Problem | None:
+    """An integer (not a bool) in [low, high]."""
+    if _is_int(value) and low <= value <= high:
+        return None
+    return Problem(name, expected or f"an integer in [{low}, {high}]", value)
+
+
 def positive_int(name: str, value, expected: str | None = None) -> Problem | None:
     return int_at_least(name, value, 1, expected)
 
