@@ -19,11 +19,12 @@ import torch
 
 import kdfast
 from kdfast import KDLoss, kd_loss
-from kdfast.runtime.dispatch import resolve_backend, triton_interpret
+from kdfast.runtime.dispatch import triton_interpret
 from kdfast.errors import BackendUnavailableError, InvalidArgumentError
 from kdfast.losses.reference import KD_STAT_NAMES, kd_loss_ref, kd_stats_ref
 
 from _assertions import assert_close, max_abs_err
+from _backends import BACKENDS, cpu_unavailable_reason, require_backend as _require
 
 kd_ops = importlib.import_module("kdfast.losses.kd_loss")  # the module: kdfast.losses.kd_loss is also the function
 
@@ -31,7 +32,6 @@ kd_ops = importlib.import_module("kdfast.losses.kd_loss")  # the module: kdfast.
 # and masked columns; the kernels discard those by design (the outputs are checked below).
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 
-BACKENDS = ("torch", "cpp", "triton")
 EAGER_ERROR_FACTOR = 8  # k: a backend may be k times less accurate than eager float32 PyTorch
 # dtype -> (atol relative to the largest reference value, rtol): in low precision the gradient is rounded
 # twice, once stored by the forward and once rescaled by the backward, each within half an ulp (2^-8 for
@@ -74,29 +74,6 @@ def _rel_norm_err(x, ref) -> float:
     return float(d.norm() / ref.detach().double()[finite].norm().clamp(min=1e-30))
 
 
-def _cpu_unavailable_reason(backend) -> str | None:
-    """Why `backend` cannot run the tests' CPU tensors, or None. (Triton runs CPU tensors only under
-    TRITON_INTERPRET=1, which conftest sets without a GPU; bench/perf/bench_kd_loss.py checks it on a GPU.)"""
-    try:
-        resolve_backend(backend, torch.device("cpu"), op="kd_loss")
-    except BackendUnavailableError as exc:
-        return str(exc)
-    return None
-
-
-def _require(backend):
-    """Skip an unavailable backend with its reason; in CI (CI=true) a missing backend is a failure."""
-    reason = _cpu_unavailable_reason(backend)
-    if reason is not None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"backend {backend!r} must be available in CI: {reason}")
-        pytest.skip(f"backend {backend!r} unavailable: {reason}")
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    _require(request.param)
-    return request.param
 
 
 def _force_tiled_path(monkeypatch):
@@ -448,14 +425,14 @@ def test_env_override_selects_backend(monkeypatch):
     s, t, y = _inputs((3, 5))
     seen = []
     for name in ("torch", "triton"):
-        if _cpu_unavailable_reason(name):
+        if cpu_unavailable_reason(name):
             continue
         real = kd_ops._FORWARD[name]
         monkeypatch.setitem(kd_ops._FORWARD, name,
                             lambda *a, _real=real, _name=name, **kw: (seen.append(_name), _real(*a, **kw))[1])
         monkeypatch.setenv("KDFAST_BACKEND", name)
         kd_loss(s, t, y)
-    assert seen == [n for n in ("torch", "triton") if not _cpu_unavailable_reason(n)]
+    assert seen == [n for n in ("torch", "triton") if not cpu_unavailable_reason(n)]
     monkeypatch.setenv("KDFAST_BACKEND", "cuda")
     with pytest.raises(InvalidArgumentError, match="KDFAST_BACKEND"):
         kd_loss(s, t, y)
@@ -578,7 +555,7 @@ def test_bad_module_configuration_raises_at_construction(argument, kwargs):
 def test_float64_needs_the_torch_backend():
     s, t, y = _inputs((3, 5))
     with pytest.raises(BackendUnavailableError, match="float64"):
-        kd_loss(s.double(), t, y, backend="cpp" if _cpu_unavailable_reason("triton") else "triton")
+        kd_loss(s.double(), t, y, backend="cpp" if cpu_unavailable_reason("triton") else "triton")
     ref = kd_loss_ref(s.double(), t, y)
     assert_close("float64 loss", kd_loss(s.double(), t.double(), y), ref, atol=1e-6, rtol=1e-6)
 

@@ -7,39 +7,24 @@ largest reference value) + rtol + k x the error of the same oracle run in float3
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 import kdfast
 from kdfast import KDLoss, TopKTeacher, kd_loss
-from kdfast.runtime.dispatch import resolve_backend, triton_interpret
-from kdfast.errors import BackendUnavailableError, InvalidArgumentError
+from kdfast.runtime.dispatch import triton_interpret
+from kdfast.errors import InvalidArgumentError
 from kdfast.losses.reference import DIVERGENCES, KD_STAT_NAMES, kd_loss_ref, kd_stats_ref
 
 from _assertions import assert_close, max_abs_err
+from _backends import require_backend as _require
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 
-BACKENDS = ("torch", "cpp", "triton")
 EAGER_ERROR_FACTOR = 8
 TOL = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-6, 2 * 2.0 ** -8)}
 
-
-def _require(backend):
-    try:
-        resolve_backend(backend, torch.device("cpu"), op="kd_loss")
-    except BackendUnavailableError as exc:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"backend {backend!r} must be available in CI: {exc}")
-        pytest.skip(f"backend {backend!r} unavailable: {exc}")
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    _require(request.param)
-    return request.param
 
 
 @pytest.fixture(params=["tiled", "split"])
