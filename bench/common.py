@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import importlib
 import importlib.metadata
 import json
 import os
@@ -316,3 +317,14 @@ def write_report(out: str, name: str, text: str, record: dict, *, indent: int | 
     os.makedirs(out, exist_ok=True)
     write_text(os.path.join(out, f"{name}.md"), text)
     atomic_write(os.path.join(out, f"{name}.json"), lambda fh: json.dump(record, fh, indent=indent), mode="w")
+
+
+def cuda_peer_available(device, module: str) -> bool:
+    """A peer that runs on CUDA only (Liger's Triton kernels): the device is a GPU and `module` imports."""
+    if device.type != "cuda":
+        return False
+    try:
+        importlib.import_module(module)
+    except Exception:  # absent, or built for another torch
+        return False
+    return True

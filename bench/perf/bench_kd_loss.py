@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import inspect
 import itertools
 
@@ -43,8 +42,8 @@ from kdfast.runtime.dispatch import resolve_backend
 from kdfast.losses import triton as kernels
 from kdfast.losses.reference import KD_STAT_NAMES, kd_loss_ref, kd_stats_ref
 
-from bench.common import (Budget, copy_bandwidth_gbs, make_row, newest_row, peak_extra_mib, skipped_row, time_ms,
-                     wall_per_call_ms)
+from bench.common import (Budget, copy_bandwidth_gbs, cuda_peer_available, make_row, newest_row, peak_extra_mib,
+                          skipped_row, time_ms, wall_per_call_ms)
 
 OP = "kd_loss"
 ALPHA, TEMPERATURE = 0.5, 4.0
@@ -96,15 +95,6 @@ def _compiled_eager():
     return torch.compile(_eager)
 
 
-def _liger_available(device) -> bool:
-    if device.type != "cuda":
-        return False
-    try:
-        importlib.import_module("liger_kernel.transformers.cross_entropy")
-    except Exception:  # absent, or built for another torch
-        return False
-    return True
-
 
 @functools.lru_cache(maxsize=None)
 def _liger_losses():
@@ -155,7 +145,7 @@ def providers(device) -> dict:
         "kdfast-jsd": lambda s, t, y: kd_loss(s, t, y, alpha=ALPHA, temperature=TEMPERATURE, divergence="jsd"),
         "kdfast-topk64": lambda s, t, y: kd_loss(s, _topk_teacher(t), y, alpha=ALPHA, temperature=TEMPERATURE),
     })
-    if _liger_available(device):
+    if cuda_peer_available(device, "liger_kernel.transformers.cross_entropy"):
         out["liger"] = _liger
     return out
 
@@ -494,7 +484,7 @@ def run(*, device: torch.device, quick: bool = False, smoke: bool = False, budge
     bandwidth = copy_bandwidth_gbs(device, nbytes=(1 << 22) if smoke else (1 << 30))
     out(make_row(op="copy", provider="torch", mode="bandwidth", shape=(), dtype=torch.float32, device=device,
                  gbs=bandwidth))
-    if device.type == "cuda" and not _liger_available(device):
+    if device.type == "cuda" and not cuda_peer_available(device, "liger_kernel.transformers.cross_entropy"):
         out(skipped_row(op=OP, provider="liger", device=device,
                         note="Liger-Kernel not installed (or not importable): pip install liger-kernel"))
     section("eager-call rows", bench_eager_calls, device,

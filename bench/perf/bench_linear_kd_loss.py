@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 import json
 import os
 import subprocess
@@ -27,7 +26,8 @@ import torch
 
 from kdfast import LinearTeacher, kd_loss, linear_kd_loss
 
-from bench.common import Budget, make_row, newest_row, peak_extra_mib, skipped_row, time_ms, wall_per_call_ms
+from bench.common import (Budget, cuda_peer_available, make_row, newest_row, peak_extra_mib, skipped_row, time_ms,
+                          wall_per_call_ms)
 
 OP = "linear_kd_loss"
 ALPHA, TEMPERATURE = 0.5, 4.0
@@ -68,15 +68,6 @@ def _compiled():
     return torch.compile(_eager)
 
 
-def _liger_available(device) -> bool:
-    if device.type != "cuda":
-        return False
-    try:
-        importlib.import_module("liger_kernel.chunked_loss")
-    except Exception:  # absent, or built for another torch
-        return False
-    return True
-
 
 @functools.lru_cache(maxsize=None)
 def _liger_loss():
@@ -94,7 +85,7 @@ def providers(device) -> dict:
     torch.compile, whose first calls compile)."""
     out = {"kdfast": _kdfast}
     if device.type == "cuda":
-        if _liger_available(device):
+        if cuda_peer_available(device, "liger_kernel.chunked_loss"):
             out["liger"] = _liger
         out["compile"] = lambda *a: _compiled()(*a)
     out["eager"] = _eager
@@ -213,7 +204,7 @@ def run(*, device: torch.device, quick: bool = False, smoke: bool = False, budge
         out(skipped_row(op=OP, device=device, note=budget.note("every row")))
         return rows
     out(check(device))
-    if device.type == "cuda" and not _liger_available(device):
+    if device.type == "cuda" and not cuda_peer_available(device, "liger_kernel.chunked_loss"):
         out(skipped_row(op=OP, provider="liger", device=device,
                         note="Liger-Kernel not installed (or not importable): pip install liger-kernel"))
     configs = SMOKE_CONFIGS if smoke else CONFIGS if device.type == "cuda" else CPU_CONFIGS
