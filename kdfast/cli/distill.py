@@ -27,7 +27,7 @@ RECIPES = {
     "imagenet": TrainRecipe(epochs=240, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
     "digits": TrainRecipe(epochs=30, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="cosine"),
 }
-RECIPE_OPTIONS = tuple(f.name for f in dataclasses.fields(TrainRecipe))  # each field is also an option
+RECIPE_OPTIONS = tuple(f.name for f in dataclasses.fields(TrainRecipe) if f.metadata.get("option", True))
 DATASET_RECIPE = {"digits": "digits", "cifar10": "cifar", "cifar100": "cifar", "svhn": "cifar",
                   "imagenet": "imagenet", "folder": "imagenet"}
 DEFAULT_VAL_FRACTION = 0.1  # held out of the training data where the data set has no test split (folder)
@@ -190,7 +190,7 @@ class Resolved:
 
     def config(self) -> dict:
         """The job's configuration (OUT/job.json): every option, the recipe's fields at their resolved values."""
-        return {**vars(self.args), **dataclasses.asdict(self.recipe)}
+        return {**vars(self.args), **self.recipe.options()}
 
 
 def _parse_milestones(text, problems):

@@ -214,7 +214,7 @@ class _Call:
     def finish(self) -> None:
         """Squared norms of the parameters whose per-example gradients were summed over their uses."""
         for pid, grads in self.acc.items():
-            self.buffer(pid).add_(grads.flatten(1).square().sum(1).to(self.total.dtype))
+            self.buffer(pid).add_(grads.reshape(len(grads), -1).square().sum(1).to(self.total.dtype))  # 0-d params too
         self.acc = {}
 
 

@@ -5,7 +5,7 @@ over scores, LiPrune Eq. 2) and the unbiased self-distillation correction (Eq. 1
 report. The command line resolves the options and prints; this module does the work and writes the files.
 
     data = load_distill_data(cfg)            # train / eval views, kept and held-out indices, checked
-    job = Job.start(cfg.out, "distill", {**vars(cfg), **dataclasses.asdict(recipe)}, data=..., ...)
+    job = Job.start(cfg.out, "distill", {**vars(cfg), **recipe.options()}, data=..., ...)
     summary = run_distill_job(cfg, recipe, job, data, device)     # recipe: the kdfast.TrainRecipe
 """
 from __future__ import annotations

@@ -348,6 +348,8 @@ def run_score_job(cfg, job, data, train_data) -> dict | None:
         os.path.abspath(job.out))]
     for k, (c, acc) in enumerate(zip(checkpoints, accuracies["all"])):
         c["eval_acc"] = acc
+        if held is not None:
+            c.update(train_acc=accuracies["trained"][k], held_out_acc=accuracies["held_out"][k])
     meta = score_meta(cfg.method, data, outputs, dataset=cfg.dataset, split=cfg.split,
                       data_root=os.path.abspath(cfg.data_root) if cfg.data_root else None, num_classes=num_classes,
                       limit=cfg.limit, model=None if method.kind == "random" else cfg.model, checkpoints=checkpoints,

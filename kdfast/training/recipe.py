@@ -39,8 +39,10 @@ class TrainRecipe:
     precision: str = "fp32"
     seed: int = 0
     num_workers: int = dataclasses.field(default=0, metadata={"identity": False})
-    checkpoint_every_s: float | None = dataclasses.field(default=CHECKPOINT_EVERY_S, metadata={"identity": False})
-    checkpoint_steps: int | None = dataclasses.field(default=None, metadata={"identity": False})
+    # library settings with no command-line option of their own (the command lines take the defaults)
+    checkpoint_every_s: float | None = dataclasses.field(default=CHECKPOINT_EVERY_S,
+                                                         metadata={"identity": False, "option": False})
+    checkpoint_steps: int | None = dataclasses.field(default=None, metadata={"identity": False, "option": False})
 
     def __post_init__(self):
         if isinstance(self.milestones, (list, range)):
@@ -73,6 +75,10 @@ class TrainRecipe:
         the same shares of a shorter or longer run)."""
         milestones = tuple(max(1, round(m * epochs / self.epochs)) for m in self.milestones)
         return dataclasses.replace(self, epochs=epochs, milestones=milestones)
+
+    def options(self) -> dict:
+        """The fields a command line sets (its job record's recipe part)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("option", True)}
 
     def identity(self) -> dict:
         """Every field that shapes the result: a resumed run must repeat them. epochs shape the cosine schedule

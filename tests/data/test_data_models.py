@@ -158,7 +158,7 @@ def test_cifar_resnet_sizes_match_the_papers():
 
 
 def test_create_model_errors():
-    with pytest.raises(InvalidArgumentError, match="name must be one of mlp, cnn, resnet8"):
+    with pytest.raises(InvalidArgumentError, match="model must be one of mlp, cnn, resnet8"):
         create_model("vgg16", num_classes=10)
     with pytest.raises(InvalidArgumentError, match="num_classes must be a positive int, got 0"):
         create_model("cnn", num_classes=0)
@@ -213,12 +213,12 @@ def test_a_run_scans_an_image_folder_once(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from kdfast.data import imagefolder
-    from kdfast.io import atomic
+    from kdfast.data import identity
     from kdfast.pipelines.distill import load_distill_data
     from kdfast.pipelines.score import load_score_data
     write_image_folder(tmp_path / "f", per_class=4)
     scans, stats = [], []
-    real_scan, real_stats = imagefolder.scan_image_folder, atomic.file_stats
+    real_scan, real_stats = imagefolder.scan_image_folder, identity.file_stats
 
     def counted(calls, real):
         def call(*args, **kwargs):
@@ -226,7 +226,7 @@ def test_a_run_scans_an_image_folder_once(tmp_path, monkeypatch):
             return real(*args, **kwargs)
         return call
     monkeypatch.setattr(imagefolder, "scan_image_folder", counted(scans, real_scan))
-    monkeypatch.setattr(atomic, "file_stats", counted(stats, real_stats))
+    monkeypatch.setattr(identity, "file_stats", counted(stats, real_stats))
     cfg = SimpleNamespace(dataset="folder", data_root=str(tmp_path / "f"), split="train", image_size=8, decode="pil",
                           train_epochs=2, limit=None)
     data, train = load_score_data(cfg)

@@ -278,7 +278,7 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path,
                              "timm:NAME, got 'vgg'")),
     (["--model", "torchvision:vgg99"], 2, "torchvision.models has no constructor 'vgg99'"),
     (["--model", "torchvision:resnet50:IMAGENET1K_V2"], 2, "kdfast never downloads weights"),
-    (["--num-classes", "0"], 2, "--num-classes must be >= 1, got 0"),
+    (["--num-classes", "0"], 2, "--num-classes must be a positive integer, got 0"),
     (["--dataset", "cifar10"], 2, "--dataset cifar10 needs --data-root"),
     (["--batch-size", "0", "--seeds", "0"], 2, "--seeds must be a positive integer, got 0; --batch-size must be a positive integer, got 0"),
     (["--train-epochs", "0", "--lr", "0"], 2,  # the training recipe's own checks, in the flags' names

@@ -48,7 +48,7 @@ PROBE = textwrap.dedent("""
               ((s.grad.double() - s64.grad).abs().max() / s64.grad.abs().max()).item())
     rows = dict(report())
     print(json.dumps({"origin": state.origin, "detail": state.detail, "asked": asked, "got": got, "err": err,
-                      "kdfast": kdfast.__file__, "sources": __import__("kdfast.runtime.cpp_build").cpp_build.source_dir(),
+                      "kdfast": kdfast.__file__, "sources": __import__("kdfast.runtime.cpp_build").runtime.cpp_build.source_dir(),
                       "env_row": rows["backend cpp"]}))
 """)
 

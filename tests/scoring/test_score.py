@@ -132,17 +132,17 @@ def test_grand_runs_through_one_plan_and_splits_batches_that_do_not_fit(monkeypa
     assert len(opened) == 1 and sizes[:4] == [8, 4, 2, 2] and max(sizes[4:]) == 2
     assert all(not m._forward_hooks for m in model.modules())  # released after scoring
 
-    class Scale(nn.Module):  # no rule: refused before any batch, and the first model is left as it was
+    class Mix(nn.Module):  # its parameter meets the batch's mean: refused before any batch, the first model left as it was
         def __init__(self):
             super().__init__()
             self.s = nn.Parameter(torch.ones(()))
 
         def forward(self, x):
-            return x * self.s
+            return x + self.s * x.mean(0, keepdim=True)
 
     model.train()
-    with pytest.raises(kdfast.errors.UnsupportedModuleError, match="no rule"):
-        kdfast.score([model, nn.Sequential(_cnn(), Scale())], data, "grand", progress=False)
+    with pytest.raises(kdfast.errors.UnsupportedModuleError, match="mixes the examples of the batch"):
+        kdfast.score([model, nn.Sequential(_cnn(), Mix())], data, "grand", progress=False)
     assert model.training and all(not m._forward_hooks for m in model.modules())
 
 
