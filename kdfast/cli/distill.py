@@ -158,8 +158,8 @@ def _resolve_variance_options(args, problems):
             problems.append("--sampler (stochastic pruning) and --keep (a fixed subset) cannot go together")
     elif args.scores or args.fraction is not None:
         problems.append("--scores and --fraction go with --sampler lipschitz")
-    if args.fraction is not None and not 0.0 < args.fraction <= 1.0:
-        problems.append(f"--fraction must be in (0, 1], got {args.fraction}")
+    if args.fraction is not None:
+        problems.append(fraction("fraction", args.fraction))
     if args.scores and not os.path.exists(args.scores):
         problems.append(f"--scores {args.scores} does not exist")
     if args.sampler and args.val_fraction:
