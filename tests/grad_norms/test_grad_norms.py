@@ -396,6 +396,9 @@ CONV_CASES = [
     (2, 4, 4, (3, 3), (1, 1), (1, 1), (1, 1), 4, (6, 6)),
     (2, 5, 7, (1, 1), (2, 2), (0, 0), (1, 1), 1, (5, 5)),
     (3, 4, 6, (2, 3, 2), (1, 2, 1), (1, 0, 1), (1, 1, 2), 2, (4, 5, 6)),
+    (2, 3, 6, (3, 5), (2, 3), (1, 2), (2, 1), 3, (11, 12)),           # depthwise, channel multiplier 2
+    (1, 4, 4, (4,), (3,), (0,), (2,), 4, (13,)),
+    (3, 2, 2, (2, 3, 2), (1, 2, 2), (1, 0, 1), (1, 1, 2), 2, (5, 7, 6)),
 ]
 
 
@@ -424,7 +427,7 @@ def _triton_form(form, *args):
 def test_conv_forms_and_triton_kernels(case):
     """Both forms in torch (float64) and in Triton, contiguous and channels-last, fp32 and under bf16
     autocast (an fp32 input beside a bf16 gradient: the input is cast down, the gradient never up)."""
-    from kdfast.grad_norms.rules.conv import _direct_torch, _gram_torch
+    from kdfast.grad_norms.rules.conv import _depthwise_torch, _direct_torch, _gram_torch, _grouped_torch
     n, cin, cout, k, stride, padding, dilation, groups, spatial = case
     x = torch.randn(3, cin, *spatial, dtype=torch.float64)
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
@@ -435,6 +438,13 @@ def test_conv_forms_and_triton_kernels(case):
     args = (k, stride, padding, dilation, groups)
     assert_close_rel(_added(_direct_torch, x, g, *args), want, 1e-10, "direct (torch)")
     assert_close_rel(_added(_gram_torch, x, g, *args), want, 1e-10, "Gram (torch)")
+    if groups > 1:
+        assert_close_rel(_added(_grouped_torch, x, g, *args), want, 1e-10, "grouped (torch)")
+    if groups == cin:
+        for xs in [x] + ([x.contiguous(memory_format=torch.channels_last)] if n == 2 else []):
+            assert_close_rel(_added(_depthwise_torch, xs, g, *args[:-1]), want, 1e-10, "depthwise (torch)")
+        assert_close_rel(_added(_depthwise_torch, x.float(), g.float(), *args[:-1], dtype=torch.float32), want,
+                         1e-4, "depthwise (torch, fp32)")
     g_bf = g.bfloat16()
     want_bf = _explicit_conv_sqnorms(_as_kernel_casts_to_bf16(x.float()), g_bf.double(), n, stride, padding,
                                      dilation, groups, k)
