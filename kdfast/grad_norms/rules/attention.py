@@ -9,7 +9,10 @@ forms of nn.Linear (forms.weight_sqnorm chooses by shape):
   out_proj X = the heads' concatenated output O, G = the module's output gradient.
 Q, K, V and O are internal, so the rule recomputes the projections and the attention from the saved inputs
 (activations only: the parameters are constants here) and takes one backward through the attention for
-dQ, dK, dV: about the attention's own forward and backward again, no weight-gradient product.
+dQ, dK, dV: about the attention's own forward and backward again, no weight-gradient product. Where the
+attention weights are not an output, the recomputation is the fused F.scaled_dot_product_attention (one op
+forward, one backward, as in the module's own forward); with packed self-attention one projection yields the
+packed (B, T, 3E) gradient that the packed weight's norm needs.
 Dropout on the attention weights (train mode with dropout > 0) draws fresh noise, which no recomputation
 matches: refused; scoring runs in eval mode.
 """
