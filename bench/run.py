@@ -220,11 +220,13 @@ def _run_key(row: dict):
 
 
 def _key(row: dict):
-    return (row["device"], row["op"], row["provider"], row["mode"], row["shape"], row["dtype"], row.get("variant"))
+    # the model too: the same input shape feeds several architectures (a ViT's and a ConvNeXt's 2x3x224x224)
+    return (row["device"], row["op"], row["provider"], row["mode"], row["shape"], row["dtype"], row.get("variant"),
+            row.get("model"))
 
 
 def _latest(rows: list[dict]) -> list[dict]:
-    """The newest row of each measurement (device, op, provider, mode, shape, dtype, variant): reruns replace older
+    """The newest row of each measurement (device, op, provider, mode, shape, dtype, variant, model): reruns replace older
     numbers. A "skipped" row is kept only from the newest run of its device and op (a later run may have
     measured what an earlier one skipped)."""
     latest = {}

@@ -208,3 +208,18 @@ def test_a_row_cut_short_by_a_kill_is_closed_and_skipped(tmp_path):
         f.write('{"a": 2, "b"')  # a kill mid-write
     append_rows([{"a": 3}], out)
     assert read_rows(out) == [{"a": 1}, {"a": 3}]
+
+
+def test_render_keeps_the_newest_row_of_each_model_sharing_a_shape():
+    """ViT and ConvNeXt census rows share their input shape: each model's newest row is shown, not the newest."""
+    census = dict(op="per_example_grad_norms", mode="census", shape="2x3x32x32", dtype="float32",
+                  device="x86_64 CPU, 2 threads", device_type="cpu", provider="kdfast")
+    rows = [_row(**census, model="vit_b_16", config="vit_b_16-32px-b2", aten_ops=1996, kernel_launches=814,
+                 ratio_to_plain=1.22, date="2026-12-06T09:55:00+00:00"),
+            _row(**census, model="convnext_tiny", config="convnext_tiny-32px-b2", aten_ops=1158, kernel_launches=563,
+                 ratio_to_plain=1.41, date="2026-12-06T09:56:00+00:00")]
+    text = render_markdown(rows)
+    assert "| 2x3x32x32 | float32 | kdfast | 1996 | 814 | 1.22 |" in text
+    assert "| 2x3x32x32 | float32 | kdfast | 1158 | 563 | 1.41 |" in text
+    vit = next(line for line in text.splitlines() if "census of per_example_grad_norms, vit_b_16" in line)
+    assert "1.220 x plain kernel launches" in vit and "| yes |" in vit

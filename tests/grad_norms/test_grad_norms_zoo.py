@@ -243,3 +243,50 @@ def test_convnext_with_the_fallback_runs_and_matches():
     model, x, y = _zoo_model("convnext_tiny", torch.float64)
     assert_close_rel(per_example_grad_norms(model, x, y, on_missing="fallback"),
                      per_example_grad_norms(model, x, y), 1e-12, "fallback vs error mode")
+
+
+# --------------------------------------------------------------------------------- the Triton path
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_multihead_attention_rule_on_the_triton_backend(case):
+    torch.manual_seed(6)
+    compare(Attention(**case).eval(), torch.randn(2, 5, 8), torch.randint(0, 3, (2,)), dtype=torch.float32,
+            backend="triton")
+
+
+def test_direct_uses_and_tied_parameters_on_the_triton_backend():
+    """The use capture's F.linear uses (Gram / materialised forms in Triton), the vmapped uses and a tied
+    weight, in float32 against the float64 oracle."""
+    torch.manual_seed(7)
+    compare(DirectUses(), torch.randn(2, 3, 4, 5), torch.randint(0, 3, (2,)), dtype=torch.float32, backend="triton")
+
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 6)
+            self.mix = nn.Linear(6, 6)
+            self.out = nn.Linear(6, 6)
+            self.lm_head = nn.Linear(6, 11, bias=False)
+            self.lm_head.weight = self.emb.weight
+
+        def forward(self, ids):
+            h = torch.tanh(self.mix(self.emb(ids)))
+            h = h + F.linear(h, self.out.weight, self.out.bias)  # used once, by the parent: nn.Linear's forms
+            return self.lm_head(h) + F.linear(h, self.mix.weight).sum(-1, keepdim=True)
+
+    compare(TiedLM(), torch.randint(0, 11, (2, 5)), torch.randint(0, 11, (2, 5)), dtype=torch.float32,
+            backend="triton")
+
+
+def test_layernorm2d_and_grouped_convolutions_on_the_triton_backend():
+    from torchvision.models.convnext import LayerNorm2d
+
+    torch.manual_seed(8)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1), LayerNorm2d(8),
+        nn.Conv2d(8, 8, 5, stride=1, padding=2, groups=8), nn.GELU(),   # depthwise
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),              # depthwise, strided
+        nn.Conv2d(8, 12, 3, stride=3, groups=4), LayerNorm2d(12),       # grouped, stride 3
+        nn.Flatten(), nn.LazyLinear(4))
+    x = torch.randn(2, 3, 14, 14)
+    model(x)
+    compare(model, x, torch.randint(0, 4, (2,)), dtype=torch.float32, backend="triton")

@@ -9,7 +9,10 @@ forms of nn.Linear (forms.weight_sqnorm chooses by shape):
   out_proj X = the heads' concatenated output O, G = the module's output gradient.
 Q, K, V and O are internal, so the rule recomputes the projections and the attention from the saved inputs
 (activations only: the parameters are constants here) and takes one backward through the attention for
-dQ, dK, dV: about the attention's own forward and backward again, no weight-gradient product.
+dQ, dK, dV: about the attention's own forward and backward again, no weight-gradient product. Where the
+attention weights are not an output, the recomputation is the fused F.scaled_dot_product_attention (one op
+forward, one backward, as in the module's own forward); with packed self-attention one projection yields the
+packed (B, T, 3E) gradient that the packed weight's norm needs.
 Dropout on the attention weights (train mode with dropout > 0) draws fresh noise, which no recomputation
 matches: refused; scoring runs in eval mode.
 """
@@ -66,19 +69,28 @@ def _leaf(t):
 
 
 def _attention_grads(module, a, g_out, g_weights, dt):
-    """(inputs q, k, v batch-first, [dQ, dK, dV], [d bias_k, d bias_v] or None, O), by recomputation."""
+    """(inputs q, k, v batch-first, [dQ, dK, dV] (one packed (B, T, 3E) gradient for self-attention with the
+    packed weight), [d bias_k, d bias_v] or None, O), by recomputation."""
     q, k, v = a["query"], a["key"], a["value"]
+    packed = module._qkv_same_embed_dim and q is k and k is v
     if not module.batch_first:
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))
     q, k, v = (t.detach().to(dt) for t in (q, k, v))
     B, T, E = q.shape
     heads, d = module.num_heads, module.head_dim
-    if module._qkv_same_embed_dim:
-        weights = module.in_proj_weight.detach().to(dt).chunk(3)
+    bias = None if module.in_proj_bias is None else module.in_proj_bias.detach().to(dt)
+    if packed:  # one projection, one gradient: no concatenation of dQ, dK, dV afterwards
+        leaves = [_leaf(F.linear(q, module.in_proj_weight.detach().to(dt), bias))]
+        projected = list(leaves[0].chunk(3, -1))
     else:
-        weights = tuple(w.detach().to(dt) for w in (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight))
-    biases = (None,) * 3 if module.in_proj_bias is None else module.in_proj_bias.detach().to(dt).chunk(3)
-    projected = [_leaf(F.linear(x, w, b)) for x, w, b in zip((q, k, v), weights, biases)]
+        if module._qkv_same_embed_dim:
+            weights = module.in_proj_weight.detach().to(dt).chunk(3)
+        else:
+            weights = tuple(w.detach().to(dt) for w in (module.q_proj_weight, module.k_proj_weight,
+                                                        module.v_proj_weight))
+        biases = (None,) * 3 if bias is None else bias.chunk(3)
+        leaves = [_leaf(F.linear(x, w, b)) for x, w, b in zip((q, k, v), weights, biases)]
+        projected = list(leaves)
     keys, values = projected[1], projected[2]
     extra, bias_rows = 0, None
     if module.bias_k is not None:  # one more key and value: the biases, one copy per example
@@ -93,17 +105,22 @@ def _attention_grads(module, a, g_out, g_weights, dt):
     Qh = projected[0].view(B, T, heads, d).transpose(1, 2)
     Kh = keys.view(B, -1, heads, d).transpose(1, 2)
     Vh = values.view(B, -1, heads, d).transpose(1, 2)
-    scores = Qh @ Kh.transpose(-2, -1) * d ** -0.5
-    probs = torch.softmax(scores if mask is None else scores + mask, dim=-1)
-    O = (probs @ Vh).transpose(1, 2).reshape(B, T, E)
-    outputs, cotangents = [O], [g_out @ module.out_proj.weight.detach().to(dt)]
-    if g_weights is not None:
+    outputs, cotangents = [], [g_out @ module.out_proj.weight.detach().to(dt)]
+    if g_weights is None:  # the fused attention: one forward and one backward op, as the module's own
+        heads_out = F.scaled_dot_product_attention(Qh, Kh, Vh, attn_mask=mask)
+    else:  # the attention weights are an output too: they need the explicit softmax
+        scores = Qh @ Kh.transpose(-2, -1) * d ** -0.5
+        probs = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+        heads_out = probs @ Vh
         outputs.append(probs.mean(1) if a["average_attn_weights"] else probs)
         cotangents.append(g_weights.to(dt))
-    leaves = projected + (bias_rows or [])
+    O = heads_out.transpose(1, 2).reshape(B, T, E)
+    outputs.insert(0, O)
+    leaves += bias_rows or []
     grads = torch.autograd.grad(outputs, leaves, cotangents, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
-    return (q, k, v), grads[:3], grads[3:] or None, O.detach()
+    n = 1 if packed else 3
+    return (q, k, v), grads[:n], grads[n:] or None, O.detach()
 
 
 @register_rule(nn.MultiheadAttention, save=_mha_inputs, children=("out_proj",),
@@ -117,19 +134,15 @@ def multihead_attention_rule(module, x, grad_output, *, want, backend, sink, sav
     dt = acc_dtype(g_out)
     g_out = g_out.to(dt)
     with torch.enable_grad():
-        inputs, (gq, gk, gv), bias_grads, O = _attention_grads(module, a, g_out, g_weights, dt)
+        inputs, projected, bias_grads, O = _attention_grads(module, a, g_out, g_weights, dt)
     if "in_proj_weight" in want:
-        out = sink.buffer("in_proj_weight")
-        if a["query"] is a["key"] and a["key"] is a["value"]:  # self-attention: one product, packed
-            weight_sqnorm(inputs[0], torch.cat([gq, gk, gv], -1), backend, out)
-        else:
-            for xi, gi in zip(inputs, (gq, gk, gv)):
-                weight_sqnorm(xi, gi, backend, out)
-    for name, xi, gi in zip(("q_proj_weight", "k_proj_weight", "v_proj_weight"), inputs, (gq, gk, gv)):
+        for xi, gi in zip(inputs, projected):  # self-attention: one product against the packed weight
+            weight_sqnorm(xi, gi, backend, sink.buffer("in_proj_weight"))
+    for name, xi, gi in zip(("q_proj_weight", "k_proj_weight", "v_proj_weight"), inputs, projected):
         if name in want:
             weight_sqnorm(xi, gi, backend, sink.buffer(name))
     if "in_proj_bias" in want:
-        for gi in (gq, gk, gv):
+        for gi in projected:
             bias_sqnorm(gi.transpose(1, 2), sink.buffer("in_proj_bias"), backend)
     for name, gi in zip(("bias_k", "bias_v"), bias_grads or ()):
         if name in want:

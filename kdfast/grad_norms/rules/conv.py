@@ -5,8 +5,10 @@ output positions, U (P, Cin/groups * prod(kernel)) the unfolded (im2col) input. 
 from one of two forms (forms.prefer_gram's cost model picks per layer):
   - direct: Triton accumulates G^T U tile by tile as an implicit GEMM (the unfolded input is never
     built, G^T U never written); torch computes G^T U for a chunk of examples with one grouped
-    weight-gradient convolution (examples as groups), then its squared norm, or for grouped (depthwise)
-    convolutions one batched product per (example, group) on the unfolded input.
+    weight-gradient convolution (examples as groups), then its squared norm; for depthwise convolutions
+    (one input channel per group) one forward convolution with the examples folded into the channels and
+    the output gradient as the kernel (no unfolded input); for other grouped convolutions one batched
+    product per (example, group) on the unfolded input.
   - Gram: sum_{p,q} (u_p . u_q)(g_p . g_q); cheap where few output positions meet many weights (the deep
     layers of a CNN). Triton reads the windows straight from the input (zero padding as masked loads, any
     layout); torch builds the unfolded input of a chunk of examples.
@@ -77,6 +79,21 @@ def _grouped_torch(x, g, kernel_size, stride, padding, dilation, groups, out):
         out[s:s + gc.shape[0] // groups] += per_group.view(-1, groups).sum(1)
 
 
+def _depthwise_torch(x, g, kernel_size, stride, padding, dilation, out):
+    """One input channel per group: example b's gradient of tap k is sum_p g[b, o, p] x[b, c, p * stride +
+    k * dilation - padding] (c = o's input channel), a convolution of the input with the output gradient as
+    kernel, stride and dilation swapped. Examples and channels folded into B * Cout groups make it one
+    depthwise forward convolution (far faster on the CPU than the unfolded input or a weight-gradient
+    convolution with B * groups groups); it may yield positions past the kernel: cut."""
+    B, Cin, Cout, n = x.shape[0], x.shape[1], g.shape[1], len(kernel_size)
+    dt = acc_dtype(x)
+    taps = torch.convolution(x.to(dt).reshape(1, B * Cin, *x.shape[2:]),
+                             g.to(dt).reshape(B * Cout, 1, *g.shape[2:]), None, list(dilation), list(padding),
+                             list(stride), False, [0] * n, B * Cin)
+    taps = taps[(0, slice(None), *(slice(k) for k in kernel_size))]
+    out += taps.reshape(B, -1).square().sum(1)
+
+
 def _direct_torch(x, g, kernel_size, stride, padding, dilation, groups, out):
     B, Cin = x.shape[:2]
     Cout, n = g.shape[1], len(kernel_size)
@@ -108,6 +125,8 @@ def conv_weight_sqnorm(x, g, kernel_size, stride, padding, dilation, groups, bac
         _triton("gram" if gram else "direct", x, g, kernel_size, stride, padding, dilation, groups, out)
     elif gram:
         _gram_torch(x, g, kernel_size, stride, padding, dilation, groups, out)
+    elif groups == Cin:
+        _depthwise_torch(x, g, kernel_size, stride, padding, dilation, out)
     elif groups > 1:
         _grouped_torch(x, g, kernel_size, stride, padding, dilation, groups, out)
     else:
