@@ -24,7 +24,7 @@ from kdfast.cli.env import report
 from kdfast.runtime.dispatch import backends
 from kdfast.errors import InvalidArgumentError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # tests/runtime/ -> the repository
 COMPILING = "kdfast: compiling the C++ CPU kernels"
 # Run in a fresh interpreter: which C++ kernels it got, when it asked and got them, and the C++ backend's kd_loss
 # (forward and gradient, fp32, with an ignored row) against the float64 reference.
