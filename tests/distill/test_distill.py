@@ -308,6 +308,16 @@ def _recipe(**kw):
     return TrainRecipe(**{"epochs": 3, "batch_size": 8, "lr": 0.05, "seed": 3, **kw})
 
 
+def _trained_online_and_from_cache(data, teacher, cache):
+    """Two copies of one student after 2 epochs of fit: distilled from the teacher module, and from `cache`."""
+    from kdfast.training.fit import fit
+    init = _net()
+    online, cached = copy.deepcopy(init), copy.deepcopy(init)
+    fit(online, data, _recipe(epochs=2), KDSetup(teacher=teacher, alpha=0.8), progress=False)
+    fit(cached, data, _recipe(epochs=2), KDSetup(teacher_cache=cache, alpha=0.8), progress=False)
+    return online, cached
+
+
 def test_fit_trains_on_the_kept_subset_and_feeds_dataset_indices():
     from kdfast.training.fit import fit
     data = _Pairs()
@@ -360,11 +370,7 @@ def test_fit_with_teacher_cache_equals_online_teacher_and_refuses_another_datase
         with torch.no_grad():
             writer.write(torch.arange(40), teacher(data.x))
         writer.close()
-    init = _net()
-    online, cached = copy.deepcopy(init), copy.deepcopy(init)
-    fit(online, data, _recipe(epochs=2), KDSetup(teacher=teacher, alpha=0.8), progress=False)
-    fit(cached, data, _recipe(epochs=2), KDSetup(teacher_cache=TeacherCache.open(tmp_path / "ok"), alpha=0.8),
-        progress=False)
+    online, cached = _trained_online_and_from_cache(data, teacher, TeacherCache.open(tmp_path / "ok"))
     for a, b in zip(online.parameters(), cached.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(TeacherCacheMismatchError, match="another dataset"):
@@ -377,7 +383,6 @@ def test_fit_reads_a_topk_cache_sparse(tmp_path, monkeypatch):
     run equals the online teacher's."""
     from kdfast.data import labels_fingerprint
     from kdfast.distill.teacher_cache import TeacherCache
-    from kdfast.training.fit import fit
     data = _Pairs()
     teacher = _net()
     writer = TeacherCache.create(tmp_path / "k", num_examples=40, num_classes=5, topk=5, dtype="float32",
@@ -390,11 +395,7 @@ def test_fit_reads_a_topk_cache_sparse(tmp_path, monkeypatch):
         raise AssertionError("fit expanded a top-k cache to dense rows")
 
     monkeypatch.setattr(TeacherCache, "__getitem__", dense_read)
-    init = _net()
-    online, cached = copy.deepcopy(init), copy.deepcopy(init)
-    fit(online, data, _recipe(epochs=2), KDSetup(teacher=teacher, alpha=0.8), progress=False)
-    fit(cached, data, _recipe(epochs=2), KDSetup(teacher_cache=TeacherCache.open(tmp_path / "k"), alpha=0.8),
-        progress=False)
+    online, cached = _trained_online_and_from_cache(data, teacher, TeacherCache.open(tmp_path / "k"))
     for a, b in zip(online.parameters(), cached.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 

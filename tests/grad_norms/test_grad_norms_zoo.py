@@ -186,19 +186,24 @@ def test_an_unsupported_custom_module_is_listed_in_one_error_and_falls_back_alon
 
 
 # --------------------------------------------------------------------------------- norms and convolutions
-def test_layernorm2d_and_grouped_convolutions_at_every_stride():
+def _norms_and_grouped_convolutions(batch):
+    """LayerNorm2d, depthwise convolutions (plain and strided) and a grouped one at stride 3, materialised on `batch`."""
     from torchvision.models.convnext import LayerNorm2d
 
-    torch.manual_seed(4)
     model = nn.Sequential(
         nn.Conv2d(3, 8, 3, stride=2, padding=1), LayerNorm2d(8),
         nn.Conv2d(8, 8, 5, stride=1, padding=2, groups=8), nn.GELU(),   # depthwise
         nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),              # depthwise, strided
         nn.Conv2d(8, 12, 3, stride=3, groups=4), LayerNorm2d(12),       # grouped, stride 3
         nn.Flatten(), nn.LazyLinear(4))
-    x = torch.randn(3, 3, 14, 14)
+    x = torch.randn(batch, 3, 14, 14)
     model(x)
-    compare(model, x, torch.randint(0, 4, (3,)))
+    return model, x, torch.randint(0, 4, (batch,))
+
+
+def test_layernorm2d_and_grouped_convolutions_at_every_stride():
+    torch.manual_seed(4)
+    compare(*_norms_and_grouped_convolutions(3))
 
 
 # --------------------------------------------------------------------------------- the zoo
@@ -278,15 +283,5 @@ def test_direct_uses_and_tied_parameters_on_the_triton_backend():
 
 
 def test_layernorm2d_and_grouped_convolutions_on_the_triton_backend():
-    from torchvision.models.convnext import LayerNorm2d
-
     torch.manual_seed(8)
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, stride=2, padding=1), LayerNorm2d(8),
-        nn.Conv2d(8, 8, 5, stride=1, padding=2, groups=8), nn.GELU(),   # depthwise
-        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8),              # depthwise, strided
-        nn.Conv2d(8, 12, 3, stride=3, groups=4), LayerNorm2d(12),       # grouped, stride 3
-        nn.Flatten(), nn.LazyLinear(4))
-    x = torch.randn(2, 3, 14, 14)
-    model(x)
-    compare(model, x, torch.randint(0, 4, (2,)), dtype=torch.float32, backend="triton")
+    compare(*_norms_and_grouped_convolutions(2), dtype=torch.float32, backend="triton")
