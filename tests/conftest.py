@@ -25,3 +25,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    # a benchmark or reproduction called in-process may set torch's thread count (e.g. to 1 for timing); later
+    # tests compare in-process runs bitwise with subprocesses started at the default, which other counts break
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
