@@ -12,6 +12,11 @@ it is missing or malformed, raise DataError saying which layout was expected.
     svhn       ROOT/{train,test,extra}_32x32.mat     (torchvision layout)
     imagenet   ROOT/<split>/<wnid>/*.JPEG            (ImageFolder; ImageNet evaluation preprocessing)
     folder     ROOT/<class>/<image>                  (any ImageFolder; split is ignored)
+    wds:PATTERN      WebDataset tar shards, PATTERN brace-expanded or a glob (data/wds_source.py; no root)
+    parquet:GLOB     Parquet files with image bytes and int labels (data/parquet_source.py; no root)
+
+Shard data sets also have `.keys` (example keys) and `.shards` (Shard(name, start, stop, size, mtime_ns) records in
+index order; see data/sharded.py); `python -m kdfast.data.make_shards` converts an image folder to shards.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from kdfast.errors import InvalidArgumentError
 from kdfast.data.base import DataError, LabeledDataset, LabeledSubset, class_names
 from kdfast.data.identity import (DataIdentityError, check_identity, data_identity, describe_file_mismatch,
                                   labels_fingerprint)
+from kdfast.data.sharded import SOURCES, load_shards, shard_source
 from kdfast.data.split import stratified_split
 
 DATASETS = ("digits", "cifar10", "cifar100", "svhn", "imagenet", "folder")
@@ -32,16 +38,23 @@ INPUT_SHAPES = {"digits": (1, 8), "cifar10": (3, 32), "cifar100": (3, 32), "svhn
 
 __all__ = ["DATASETS", "SPLITS", "INPUT_SHAPES", "DataError", "LabeledDataset", "LabeledSubset", "load_dataset",
            "labels_fingerprint", "class_names", "DataIdentityError", "check_identity", "data_identity",
-           "describe_file_mismatch", "stratified_split"]
+           "describe_file_mismatch", "stratified_split", "shard_source", "dataset_kind"]
+
+
+def dataset_kind(name: str) -> str:
+    """The DATASETS entry whose defaults a data set name takes: shard sources are image folders in shards."""
+    return "folder" if shard_source(name) else str(name).lower()
 
 
 def load_dataset(name: str, *, root: str | None = None, split: str = "train", download: bool = False,
                  augment: bool = False, image_size: int | None = None, decode: str | None = None,
-                 drop_empty_classes: bool = False) -> LabeledDataset:
+                 drop_empty_classes: bool = False, num_classes: int | None = None, image_ext: str | None = None,
+                 label_field: str | None = None, index_dir: str | None = None, image_column: str | None = None,
+                 label_column: str | None = None, id_column: str | None = None) -> LabeledDataset:
     """The data set `name` (see DATASETS) under `root`.
 
     Args:
-        name: one of DATASETS (case-insensitive).
+        name: one of DATASETS (case-insensitive), or `wds:PATTERN` / `parquet:GLOB` (shards; root and split unused).
         root: the folder holding the data (unused for digits).
         split: one of SPLITS[name] ("train" by default; ignored by "folder", whose root is the tree itself).
         download: must stay False: kdfast reads data, it never fetches it (use torchvision once to download).
@@ -55,7 +68,26 @@ def load_dataset(name: str, *, root: str | None = None, split: str = "train", do
             which apply its batch pipeline; `.load(i)` gives one decoded image.
         drop_empty_classes: for imagenet/folder: a class folder without images is left out of the classes (and
             the class count) instead of kept as a class with no examples; either way it is warned about.
+        num_classes: shards: the class count when labels do not reach it (default: make_shards' info.json, else
+            the largest label + 1).
+        image_ext, label_field, index_dir: wds only: the image member's extension (default: the first of jpg,
+            jpeg, png, webp a sample has), the json field holding the label when samples have no cls member
+            ("label"), a folder caching the index of shards without a `.idx.npz` sidecar.
+        image_column, label_column, id_column: parquet only (defaults "image", "label", "id" when present).
     """
+    shard_options = dict(image_ext=image_ext, label_field=label_field, index_dir=index_dir,
+                         image_column=image_column, label_column=label_column, id_column=id_column)
+    if shard_source(name) and not download:
+        if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+            raise InvalidArgumentError(f"load_dataset: image_size must be a positive int or None, got {image_size!r}")
+        if decode is not None and augment:
+            raise InvalidArgumentError("load_dataset: decode= gives the evaluation view; it cannot go with augment")
+        return load_shards(name, image_size=image_size or 224, augment=augment, decode=decode,
+                           num_classes=num_classes, **shard_options)
+    given = [k for k, v in dict(shard_options, num_classes=num_classes).items() if v is not None]
+    if given:
+        raise InvalidArgumentError(f"load_dataset: {', '.join(given)} apply to wds:/parquet: shard data sets only, "
+                                   f"not {name!r}")
     key = str(name).lower()
     if key not in DATASETS:
         raise InvalidArgumentError(f"load_dataset: name must be one of {', '.join(DATASETS)}, got {name!r}")

@@ -201,12 +201,12 @@ def collate_encoded(items):
 class DecodingCollate:
     """Worker-side collate for the CPU fallback: the same batch decoder, run in the loader worker."""
 
-    def __init__(self, decoder: JpegBatchDecoder, files: list[str]):
-        self.decoder, self.files = decoder, files
+    def __init__(self, decoder: JpegBatchDecoder, names):
+        self.decoder, self.names = decoder, names  # names[i]: example i in errors (a file, a key in a shard)
 
     def __call__(self, items):
         datas, labels, indices = zip(*items)
-        names = [self.files[int(i)] for i in indices]
+        names = [self.names[int(i)] for i in indices]
         return (self.decoder(list(datas), "cpu", names), torch.tensor(labels, dtype=torch.int64),
                 torch.tensor(indices, dtype=torch.int64))
 
@@ -322,11 +322,7 @@ class EncodedImageFolder(LabeledDataset):
                 raw = fh.read()
         except OSError as exc:
             raise DataError(f"dataset {self.name!r}: cannot read image {path} ({type(exc).__name__}: {exc})") from exc
-        if not raw.startswith(JPEG_MAGIC):
-            raise DataError(f"dataset {self.name!r}: {path} is not a JPEG file (starts with {raw[:4]!r}); "
-                            "batched JPEG decoding reads JPEG only: convert it, or load the data set with "
-                            "decode=None (PIL, any format)")
-        return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        return jpeg_tensor(raw, self.name, path)
 
     def __getitem__(self, index: int):
         index = int(index)
@@ -336,13 +332,29 @@ class EncodedImageFolder(LabeledDataset):
         return self.decoder([self.read(index)], "cpu", [self.files[index]])[0]
 
     def batch_pipeline(self, device, *, decode_in_workers: bool | None = None) -> BatchPipeline:
-        """Workers decode when the decode device is the CPU (default), else the loop decodes each batch there."""
-        where = resolve_decode_device(self.decode_on, device)
-        if decode_in_workers if decode_in_workers is not None else where.type == "cpu":
-            return BatchPipeline(DecodingCollate(self.decoder, self.files), pin_memory=torch.device(device).type
-                                 == "cuda", to_device=None)
+        return encoded_batch_pipeline(self.decode_on, self.decoder, self.files, device,
+                                      decode_in_workers=decode_in_workers)
 
-        def to_device(batch) -> torch.Tensor:
-            packed, _, indices = batch
-            return self.decoder(packed.unpack(), where, [self.files[int(i)] for i in indices])
-        return BatchPipeline(collate_encoded, pin_memory=where.type == "cuda", to_device=to_device, device=where)
+
+def jpeg_tensor(raw, dataset: str, where: str) -> torch.Tensor:
+    """A JPEG file's bytes as a uint8 tensor; DataError naming `where` for bytes of another format."""
+    if not bytes(raw[:3]) == JPEG_MAGIC:
+        raise DataError(f"dataset {dataset!r}: {where} is not a JPEG file (starts with {bytes(raw[:4])!r}); "
+                        "batched JPEG decoding reads JPEG only: convert it, or load the data set with "
+                        "decode=None (PIL, any format)")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def encoded_batch_pipeline(decode_on: str, decoder: JpegBatchDecoder, names, device, *,
+                           decode_in_workers: bool | None = None) -> BatchPipeline:
+    """How batches of (JPEG bytes, label, index) become model inputs: workers decode when the decode device is
+    the CPU (default), else the loop decodes each batch there. `names[i]` names example i in errors."""
+    where = resolve_decode_device(decode_on, device)
+    if decode_in_workers if decode_in_workers is not None else where.type == "cpu":
+        return BatchPipeline(DecodingCollate(decoder, names), pin_memory=torch.device(device).type == "cuda",
+                             to_device=None)
+
+    def to_device(batch) -> torch.Tensor:
+        packed, _, indices = batch
+        return decoder(packed.unpack(), where, [names[int(i)] for i in indices])
+    return BatchPipeline(collate_encoded, pin_memory=where.type == "cuda", to_device=to_device, device=where)

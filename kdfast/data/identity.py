@@ -73,10 +73,14 @@ def data_identity(dataset) -> dict:
     if not hasattr(dataset, "targets"):
         return {"name": None, "num_examples": len(dataset), "num_classes": None,
                 "labels_fingerprint": labels_fingerprint(dataset), "files_fingerprint": None}
-    return {"name": getattr(dataset, "name", None), "num_examples": len(dataset),
-            "num_classes": getattr(dataset, "num_classes", None),
-            "labels_fingerprint": labels_fingerprint(dataset.targets),
-            "files_fingerprint": dataset_files_fingerprint(dataset)}
+    identity = {"name": getattr(dataset, "name", None), "num_examples": len(dataset),
+                "num_classes": getattr(dataset, "num_classes", None),
+                "labels_fingerprint": labels_fingerprint(dataset.targets),
+                "files_fingerprint": dataset_files_fingerprint(dataset)}
+    if getattr(dataset, "shards", None) is not None:  # shard data sets: the list, so a mismatch can name shards
+        from kdfast.data.shard_index import shard_records
+        identity["shards"] = shard_records(dataset.shards)
+    return identity
 
 
 def dataset_files_fingerprint(dataset) -> str | None:

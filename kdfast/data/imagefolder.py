@@ -117,29 +117,12 @@ class ImageFolderDataset(LabeledDataset):
         self.skipped_files = scan.skipped
         self.crop = int(image_size)
         self.resize = int(round(image_size * 256 / 224))
-        self.augment = None
-        if augment:
-            try:
-                from torchvision import transforms
-            except ImportError as exc:
-                raise DataError(f"dataset {name!r}: augment=True needs torchvision (pip install torchvision)") from exc
-            self.augment = transforms.Compose([transforms.RandomResizedCrop(self.crop),
-                                               transforms.RandomHorizontalFlip()])
+        self.augment = training_augment(name, self.crop) if augment else None
         super().__init__(name, labels, len(self.classes), files=files)
 
     def _open(self, index: int):
-        from PIL import Image
         path = os.path.join(self.folder, self.files[index])
-        try:
-            with Image.open(path) as img:
-                mode = img.mode
-                if mode not in UNSCALED_MODES:
-                    return _sixteen_to_rgb(img) if mode.startswith("I;16") else img.convert("RGB")
-        except Exception as exc:  # truncated, not an image, unreadable: the file is the cause either way
-            raise DataError(f"dataset {self.name!r}: cannot read image {path} "
-                            f"({type(exc).__name__}: {exc})") from exc
-        raise DataError(f"dataset {self.name!r}: image {path} has {UNSCALED_MODES[mode]} pixels (PIL mode {mode}) "
-                        "of no fixed range; expected 8- or 16-bit images: convert it to 8 or 16 bits")
+        return open_image(path, self.name, path)
 
     def with_augment(self, augment: bool) -> "ImageFolderDataset":
         """The same images (from this data set's scan, no second walk of the tree) with or without the training
@@ -147,17 +130,49 @@ class ImageFolderDataset(LabeledDataset):
         return ImageFolderDataset(self.name, self.folder, self.layout, image_size=self.crop, augment=augment,
                                   scan=folder_scan_of(self))
 
-    def _resize_center_crop(self, img):
-        from PIL import Image
-        w, h = img.size
-        scale = self.resize / min(w, h)
-        img = img.resize((max(self.crop, round(w * scale)), max(self.crop, round(h * scale))), Image.BILINEAR)
-        w, h = img.size
-        left, top = (w - self.crop) // 2, (h - self.crop) // 2
-        return img.crop((left, top, left + self.crop, top + self.crop))
-
     def load(self, index: int) -> torch.Tensor:
-        img = self._open(index)
-        img = self.augment(img) if self.augment is not None else self._resize_center_crop(img)
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
-        return normalize(x, MEAN, STD)
+        return image_tensor(self._open(index), self.crop, self.resize, self.augment)
+
+
+def open_image(source, dataset: str, where: str):
+    """`source` (a path or a binary file object) as a PIL RGB image, 16-bit grey scaled to 8 bits; DataError
+    naming `where` (the file, or the shard and key) when it cannot be read or has pixels of no fixed range."""
+    from PIL import Image
+    try:
+        with Image.open(source) as img:
+            mode = img.mode
+            if mode not in UNSCALED_MODES:
+                return _sixteen_to_rgb(img) if mode.startswith("I;16") else img.convert("RGB")
+    except Exception as exc:  # truncated, not an image, unreadable: the file is the cause either way
+        raise DataError(f"dataset {dataset!r}: cannot read image {where} "
+                        f"({type(exc).__name__}: {exc})") from exc
+    raise DataError(f"dataset {dataset!r}: image {where} has {UNSCALED_MODES[mode]} pixels (PIL mode {mode}) "
+                    "of no fixed range; expected 8- or 16-bit images: convert it to 8 or 16 bits")
+
+
+def training_augment(dataset: str, crop: int):
+    """RandomResizedCrop(crop) and a horizontal flip (torchvision), the training view of image data sets."""
+    try:
+        from torchvision import transforms
+    except ImportError as exc:
+        raise DataError(f"dataset {dataset!r}: augment=True needs torchvision (pip install torchvision)") from exc
+    return transforms.Compose([transforms.RandomResizedCrop(crop), transforms.RandomHorizontalFlip()])
+
+
+def resize_center_crop(img, resize: int, crop: int):
+    from PIL import Image
+    w, h = img.size
+    scale = resize / min(w, h)
+    img = img.resize((max(crop, round(w * scale)), max(crop, round(h * scale))), Image.BILINEAR)
+    w, h = img.size
+    left, top = (w - crop) // 2, (h - crop) // 2
+    return img.crop((left, top, left + crop, top + crop))
+
+
+def image_tensor(img, crop: int, resize: int, augment=None) -> torch.Tensor:
+    """A PIL RGB image as the model input: `augment` (training) or the evaluation view (shorter side to
+    `resize`, centre crop `crop`), as floats in [0, 1], normalised per channel."""
+    img = augment(img) if augment is not None else resize_center_crop(img, resize, crop)
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+    return normalize(x, MEAN, STD)
+

@@ -283,6 +283,10 @@ class Job:
         parts = []
         for field, old, new in diffs:
             name = label(field) if not field.startswith("data.") else field
+            if field == "data.shards":  # a long list: name the shards that differ
+                from kdfast.data.shard_index import describe_shard_mismatch
+                parts.append(f"{name}: {describe_shard_mismatch(old, new)}")
+                continue
             parts.append(f"{name}: {old!r} in the run, {new!r} now")
         text = (f"resume: {out} holds another job; it differs in " + "; ".join(parts))
         recorded_files = os.path.join(out, FILES_FILE)

@@ -1,0 +1,251 @@
+"""What sharded data sets (WebDataset tars, Parquet files) share: the shard list, compact keys, per-shard indexes.
+
+    shards = expand_shards("in1k-{000000..001281}.tar", "wds")   # brace expansion, then globs (sorted)
+    index = cached_index(path, options, build, index_dir=None)   # ShardIndex: offsets, sizes, labels, keys
+
+A shard's index is kept beside it as `<shard>.idx.npz` (make_shards writes these, like DALI's index files) or in
+`index_dir`, each valid for the shard's name, size in bytes and mtime_ns and for the options that built it; a
+stale or foreign one is rebuilt, never used. Keys are one byte buffer and end offsets (no Python object per
+example). A data set's files fingerprint hashes its shards' base names, sizes and mtimes and every key, so an
+artifact made from shards still matches them after the folder moves, and not after a shard changes.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from kdfast.errors import DataError
+
+INDEX_SUFFIX = ".idx.npz"
+INDEX_FORMAT = "kdfast-shard-index/1"
+log = logging.getLogger("kdfast.data")
+
+
+class Shard(NamedTuple):
+    """Examples [start, stop) of a data set come from the shard file `name` (the path as given or expanded)."""
+    name: str
+    start: int
+    stop: int
+    size: int
+    mtime_ns: int
+
+
+class KeyList(Sequence):
+    """Example keys as one UTF-8 byte buffer and N + 1 offsets: `keys[i]` is a str, made on access."""
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray):
+        self.data, self.offsets = np.asarray(data, dtype=np.uint8), np.asarray(offsets, dtype=np.int64)
+
+    @classmethod
+    def from_strings(cls, keys) -> "KeyList":
+        encoded = [k.encode() for k in keys]
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(k) for k in encoded], out=offsets[1:])
+        return cls(np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets)
+
+    @classmethod
+    def from_arrow(cls, array) -> "KeyList":
+        """From a pyarrow string array (chunked or not), without a Python object per key."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        if isinstance(array, pa.ChunkedArray):
+            array = array.combine_chunks()
+        array = pc.cast(array, pa.large_string())
+        offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset:array.offset + len(array) + 1]
+        data = array.buffers()[2]
+        data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.empty(0, np.uint8)
+        return cls(data[offsets[0]:offsets[-1]], offsets - offsets[0])
+
+    @classmethod
+    def concat(cls, parts: list["KeyList"]) -> "KeyList":
+        if not parts:
+            return cls(np.empty(0, np.uint8), np.zeros(1, np.int64))
+        bases = np.cumsum([0] + [len(p.data) for p in parts[:-1]])
+        offsets = np.concatenate([np.zeros(1, np.int64)] + [p.offsets[1:] + b for p, b in zip(parts, bases)])
+        return cls(np.concatenate([p.data for p in parts]), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i = int(index) + (len(self) if index < 0 else 0)
+        if not 0 <= i < len(self):
+            raise IndexError(f"key index {index} out of range for {len(self)} keys")
+        return self.data[self.offsets[i]:self.offsets[i + 1]].tobytes().decode()
+
+    def first_duplicate(self) -> tuple[int, int] | None:
+        """(i, j), i < j, of two equal keys (the first such pair in sorted key order), or None: one sort."""
+        n = len(self)
+        if n < 2:
+            return None
+        lengths = np.diff(self.offsets)
+        width = max(int(lengths.max()), 1)
+        cols = np.arange(width)
+        pos = self.offsets[:-1, None] + cols
+        padded = np.where(cols < lengths[:, None], self.data[np.minimum(pos, max(len(self.data) - 1, 0))]
+                          if len(self.data) else 0, 0).astype(np.uint8)
+        # keys are text without NUL bytes, so zero padding keeps them apart; length joins in for empty keys
+        rows = np.ascontiguousarray(padded).view(f"S{width}").reshape(-1)
+        order = np.lexsort((lengths, rows))
+        same = (rows[order][1:] == rows[order][:-1]) & (lengths[order][1:] == lengths[order][:-1])
+        if not same.any():
+            return None
+        k = int(same.argmax())
+        i, j = sorted((int(order[k]), int(order[k + 1])))
+        return i, j
+
+
+@dataclass
+class ShardIndex:
+    """One shard's examples in order: where each image is (byte offset and size in a tar; unused for Parquet),
+    its label and its key."""
+    offsets: np.ndarray
+    sizes: np.ndarray
+    labels: np.ndarray
+    keys: KeyList
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def stat_shard(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return int(st.st_size), int(st.st_mtime_ns)
+
+
+def expand_shards(pattern: str, kind: str) -> list[str]:
+    """The shard files of `pattern`: brace-expanded ({000000..001281}, {a,b}), each part a path or a glob
+    (sorted); DataError when nothing matches or a brace-expanded path does not exist."""
+    import braceexpand
+    paths = []
+    for part in braceexpand.braceexpand(os.path.expanduser(pattern)):
+        if glob.has_magic(part):
+            paths += sorted(glob.glob(part))
+        elif not os.path.isfile(part):
+            raise DataError(f"dataset {kind!r}: shard {part} (from {pattern!r}) does not exist")
+        else:
+            paths.append(part)
+    if not paths:
+        raise DataError(f"dataset {kind!r}: the pattern {pattern!r} matches no file")
+    seen = set()
+    again = [p for p in paths if os.path.realpath(p) in seen or seen.add(os.path.realpath(p))]
+    if again:
+        raise DataError(f"dataset {kind!r}: the pattern {pattern!r} names shard {again[0]} twice")
+    return paths
+
+
+def _index_file(path: str, index_dir: str | None) -> str:
+    if index_dir is None:
+        return path + INDEX_SUFFIX
+    where = hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:16]
+    return os.path.join(index_dir, f"{os.path.basename(path)}.{where}{INDEX_SUFFIX}")
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Writes `path` whole or not at all (kdfast.io.atomic's temporary-and-rename; io stands above data)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def save_index(file: str, shard: str, index: ShardIndex, options: dict) -> None:
+    """Writes `index` of `shard` to `file`, stamped with the shard's base name, size, mtime and the options."""
+    import io
+    import json
+    size, mtime = stat_shard(shard)
+    stamp = {"format": INDEX_FORMAT, "name": os.path.basename(shard), "size": size, "mtime_ns": mtime,
+             "options": options}
+    buffer = io.BytesIO()
+    np.savez(buffer, offsets=index.offsets, sizes=index.sizes, labels=index.labels, key_data=index.keys.data,
+             key_offsets=index.keys.offsets, stamp=np.array(json.dumps(stamp, sort_keys=True)))
+    write_atomic(file, buffer.getvalue())
+
+
+def _read_index(file: str, shard: str, options: dict) -> ShardIndex | None:
+    """The index in `file` when it was made for this very shard (name, size, mtime) and options, else None."""
+    import json
+    size, mtime = stat_shard(shard)
+    try:
+        with np.load(file) as z:
+            stamp = json.loads(str(z["stamp"]))
+            if stamp != {"format": INDEX_FORMAT, "name": os.path.basename(shard), "size": size, "mtime_ns": mtime,
+                         "options": options}:
+                log.warning(f"shard index {file} is stale (the shard or the options changed); rebuilding it")
+                return None
+            return ShardIndex(z["offsets"], z["sizes"], z["labels"], KeyList(z["key_data"], z["key_offsets"]))
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning(f"shard index {file} is unreadable ({type(exc).__name__}: {exc}); rebuilding it")
+        return None
+
+
+def cached_index(shard: str, options: dict, build: Callable[[], ShardIndex], index_dir: str | None = None
+                 ) -> ShardIndex:
+    """The shard's index from its sidecar, else from `index_dir`, else built (and then saved in `index_dir`)."""
+    for file in [_index_file(shard, None)] + ([_index_file(shard, index_dir)] if index_dir else []):
+        if os.path.isfile(file):
+            index = _read_index(file, shard, options)
+            if index is not None:
+                return index
+    index = build()
+    if index_dir is not None:
+        save_index(_index_file(shard, index_dir), shard, index, options)
+    return index
+
+
+def assemble(kind: str, paths: list[str], indexes: list[ShardIndex]) -> tuple[list[Shard], KeyList, np.ndarray]:
+    """(shards, keys, labels) of the data set made of `indexes` in order; DataError on a key found twice."""
+    shards, start = [], 0
+    for path, index in zip(paths, indexes):
+        size, mtime = stat_shard(path)
+        shards.append(Shard(path, start, start + len(index), size, mtime))
+        start += len(index)
+    keys = KeyList.concat([index.keys for index in indexes])
+    pair = keys.first_duplicate()
+    if pair is not None:
+        stops = np.array([s.stop for s in shards])
+        a, b = (shards[int(np.searchsorted(stops, i, side="right"))].name for i in pair)
+        where = f"twice in shard {a}" if a == b else f"in shards {a} and {b}"
+        raise DataError(f"dataset {kind!r}: key {keys[pair[0]]!r} occurs {where}; every example needs its own key")
+    labels = np.concatenate([index.labels for index in indexes]) if indexes else np.empty(0, np.int64)
+    return shards, keys, labels
+
+
+def shards_fingerprint(shards: list[Shard], keys: KeyList) -> str:
+    """sha256 hex over each shard's base name, size and mtime_ns (with its example count) and every key."""
+    h = hashlib.sha256()
+    for s in shards:
+        h.update(f"{os.path.basename(s.name)}\t{s.size}\t{s.mtime_ns}\t{s.stop - s.start}\n".encode())
+    h.update(keys.offsets.astype("<i8").tobytes())
+    h.update(keys.data.tobytes())
+    return h.hexdigest()
+
+
+def shard_records(shards: list[Shard]) -> list[list]:
+    """The shard list as JSON rows [name, examples, size, mtime_ns] (recorded in a job's data identity)."""
+    return [[s.name, s.stop - s.start, s.size, s.mtime_ns] for s in shards]
+
+
+def describe_shard_mismatch(recorded: list, current: list, limit: int = 5) -> str:
+    """The shards that differ between two shard_records lists, by name: gone, new, changed (size or mtime)."""
+    def first(names):
+        more = f" and {len(names) - limit} more" if len(names) > limit else ""
+        return ", ".join(names[:limit]) + more
+    old, new = {r[0]: list(r[1:]) for r in recorded or []}, {r[0]: list(r[1:]) for r in current or []}
+    gone, added = [n for n in old if n not in new], [n for n in new if n not in old]
+    changed = [n for n in new if n in old and old[n] != new[n]]
+    parts = [f"{len(gone)} shards gone: {first(gone)}" if gone else "",
+             f"{len(added)} new: {first(added)}" if added else "",
+             f"{len(changed)} changed (size or modification time): {first(changed)}" if changed else ""]
+    text = "; ".join(p for p in parts if p)
+    return text or "the same shards in another order"
