@@ -20,7 +20,7 @@ from kdfast.runtime.devices import PRECISIONS
 __all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_USAGE", "UsageError", "CliError", "make_parser", "add_common_options",
            "run_cli", "flag", "lower", "model_name", "add_output_options", "add_performance_options",
            "check_common", "made", "add_kd_term_options", "check_kd_term", "default_device", "log", "progress", "write_json",
-           "PRECISIONS"]
+           "PRECISIONS", "dataset_name", "add_dataset_options", "check_dataset_options"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -120,6 +120,51 @@ def model_name(text: str) -> str:
     if problem:
         raise argparse.ArgumentTypeError(problem)
     return name
+
+
+def dataset_name(text: str) -> str:
+    """argparse `type=` for --dataset: a DATASETS name (case-insensitive), or wds:PATTERN / parquet:GLOB (the
+    pattern as given)."""
+    from kdfast.data import DATASETS, shard_source
+    kind = shard_source(text)
+    if kind:
+        pattern = text.partition(":")[2]
+        if not pattern:
+            raise argparse.ArgumentTypeError(f"{text!r} needs a pattern: {kind}:PATTERN")
+        return f"{kind}:{pattern}"
+    if text.lower() not in DATASETS:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(DATASETS)}, "
+                                         "wds:PATTERN, parquet:GLOB)")
+    return text.lower()
+
+
+def add_dataset_options(group, *, default: str = "digits") -> None:
+    """--dataset (dataset_name) and the options of shard data sets."""
+    from kdfast.data import DATASETS
+    group.add_argument("--dataset", default=default, type=dataset_name, metavar="NAME",
+                       help=f"{', '.join(DATASETS)}, wds:PATTERN (WebDataset tar shards, e.g. "
+                            "wds:/data/train-{000000..000127}.tar) or parquet:GLOB (Parquet files with image bytes "
+                            "and labels); shards need no --data-root (default: %(default)s)")
+    group.add_argument("--image-ext", help="wds: extension of the image member (default: the first of jpg, jpeg, png, "
+                                           "webp a sample has)")
+    group.add_argument("--label-field", help="wds: the json member's label field, for samples without a cls member "
+                                             "(default: label)")
+    group.add_argument("--image-column", help="parquet: column of image bytes (default: image)")
+    group.add_argument("--label-column", help="parquet: column of int labels (default: label)")
+    group.add_argument("--id-column", help="parquet: column of example keys (default: id when present, else "
+                                           "FILE:ROW)")
+
+
+def check_dataset_options(args, problems: list[str]) -> None:
+    """Each shard option goes with its source; other data sets need --data-root (digits excepted)."""
+    from kdfast.data import SHARD_OPTIONS, shard_source
+    kind = shard_source(args.dataset)
+    for source, names in SHARD_OPTIONS.items():
+        for name in names:
+            if getattr(args, name, None) is not None and kind != source:
+                problems.append(f"{flag(name)} goes with --dataset {source}:..., not {args.dataset}")
+    if not kind and args.dataset != "digits" and not args.data_root:
+        problems.append(f"--dataset {args.dataset} needs --data-root (kdfast never downloads data)")
 
 
 def add_output_options(group, *, out_help: str, resume_help: str) -> None:

@@ -16,8 +16,10 @@ from kdfast.runtime import distributed
 from kdfast.pipelines.distill import EVAL_SPLIT
 from kdfast.runtime.checks import Problem, fraction
 from kdfast.training.recipe import TrainRecipe
-from kdfast.cli.common import (CliError, UsageError, add_kd_term_options, add_output_options, add_performance_options,
-                     check_common, check_kd_term, default_device, flag, log, lower, made, model_name)
+from kdfast.cli.common import (CliError, UsageError, add_dataset_options, add_kd_term_options, add_output_options,
+                               add_performance_options, check_common, check_dataset_options, check_kd_term,
+                               default_device, flag, log, lower, made, model_name)
+from kdfast.data import dataset_kind
 
 # The data-pruning paper's recipes (its App. A): RepDistiller's for CIFAR/SVHN, DeepCore's for ImageNet; the
 # digits recipe is this project's, sized to run in seconds on a CPU.
@@ -68,7 +70,6 @@ trained here goes to OUT/teacher/.
 
 
 def add_parser(subparsers):
-    from kdfast.data import DATASETS
     from kdfast.models import MODELS
     from kdfast.training.recipe import SCHEDULES
     p = subparsers.add_parser("distill", help="train a student on the kept subset with a teacher",
@@ -76,8 +77,8 @@ def add_parser(subparsers):
                                           "teacher trained on more data.",
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("Data")
-    g.add_argument("--dataset", default="digits", type=lower, choices=DATASETS, help="(default: %(default)s)")
-    g.add_argument("--data-root", help="root folder of the data set (not needed for digits)")
+    add_dataset_options(g)
+    g.add_argument("--data-root", help="root folder of the data set (not needed for digits and shards)")
     g.add_argument("--keep", help=".npy of kept dataset indices (kdfast-prune); default: every example")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crop + flip (default: on for CIFAR/SVHN/ImageNet, off for digits)")
@@ -220,7 +221,7 @@ def _parse_alpha(text, problems, expected):
 def _recipe(args, problems) -> TrainRecipe | None:
     """The --recipe (default: the data set's) with the options given laid over it. Given only --epochs, a step
     schedule keeps its shape: its milestones move to the same fractions of the run."""
-    base = RECIPES[args.recipe or DATASET_RECIPE[args.dataset]]
+    base = RECIPES[args.recipe or DATASET_RECIPE[dataset_kind(args.dataset)]]
     given = {name: getattr(args, name) for name in RECIPE_OPTIONS if getattr(args, name) is not None}
     if args.milestones is not None:
         given["milestones"] = _parse_milestones(args.milestones, problems)
@@ -241,7 +242,7 @@ def resolve(args) -> Resolved:
         problems.append("--out is required (the output folder)")
     chain = args.steps != 1 or args.alpha == "optimal"  # a self-distillation chain: its own checks
     if args.val_fraction is None:  # a chain chooses its weights on the held-out share: it always needs one
-        args.val_fraction = DEFAULT_VAL_FRACTION if chain or EVAL_SPLIT[args.dataset] is None else 0.0
+        args.val_fraction = DEFAULT_VAL_FRACTION if chain or EVAL_SPLIT[dataset_kind(args.dataset)] is None else 0.0
     elif not chain and args.val_fraction != 0.0:
         problems.append(fraction("val_fraction", args.val_fraction, closed_high=False,
                                  expected="0 or a number in (0, 1)"))
@@ -278,14 +279,13 @@ def resolve(args) -> Resolved:
         args.augment = args.dataset != "digits" and not args.teacher_cache
     if args.teacher_cache and args.augment:
         problems.append("--teacher-cache needs --no-augment: cached logits are of the un-augmented images")
-    if args.dataset != "digits" and not args.data_root:
-        problems.append(f"--dataset {args.dataset} needs --data-root (kdfast never downloads data)")
+    check_dataset_options(args, problems)
     _resolve_variance_options(args, problems)
     problems = [p.text(flag(p.name)) if isinstance(p, Problem) else p for p in problems if p is not None]
     if problems:
         raise UsageError("; ".join(problems))
     from kdfast.models import DEFAULT_MODEL
-    args.model = args.model or DEFAULT_MODEL[args.dataset]
+    args.model = args.model or DEFAULT_MODEL[dataset_kind(args.dataset)]
     args.teacher_model = args.teacher_model or args.model
     args.teacher_epochs = args.teacher_epochs or recipe.epochs
     # the contents behind the paths join the job's identity: a keep file, scores or teacher replaced in place is

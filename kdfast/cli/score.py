@@ -13,8 +13,8 @@ import sys
 import warnings
 
 from kdfast.runtime import distributed
-from kdfast.cli.common import (UsageError, add_output_options, add_performance_options, check_common, default_device, flag,
-                     log, lower, made, model_name)
+from kdfast.cli.common import (UsageError, add_dataset_options, add_output_options, add_performance_options,
+                               check_common, check_dataset_options, default_device, flag, log, lower, made, model_name)
 
 EPILOG = """examples:
   kdfast-score
@@ -54,15 +54,15 @@ DEFAULT_HOLDOUT = 0.05  # small: held-out examples are scored by models that nev
 
 
 def add_parser(subparsers):
-    from kdfast.data import DATASETS
     from kdfast.models import MODELS
     from kdfast.scoring import METHOD_NAMES
     p = subparsers.add_parser("score", help="score every example of a data set",
                               description="Score every example of a data set; higher = harder.",
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("Data")
-    g.add_argument("--dataset", default="digits", type=lower, choices=DATASETS, help="(default: %(default)s)")
-    g.add_argument("--data-root", help="folder holding the data set (not needed for digits; never downloaded)")
+    add_dataset_options(g)
+    g.add_argument("--data-root", help="folder holding the data set (not needed for digits and shards; never "
+                                       "downloaded)")
     g.add_argument("--split", default="train", help="split to score (default: %(default)s)")
     g.add_argument("--image-size", type=int, help="crop side for image folders (default: 224)")
     g.add_argument("--limit", type=int, help="score only the first N examples (quick trials)")
@@ -115,13 +115,14 @@ def add_parser(subparsers):
 # ------------------------------------------------------------------------------------------ validation
 def _resolve(args) -> None:
     """Fills defaults that depend on other arguments and collects every usage problem into one error."""
+    from kdfast.data import dataset_kind
     from kdfast.models import DEFAULT_MODEL
     from kdfast.scoring import get_method
     method = get_method(args.method)
     problems = []
-    if args.dataset != "digits" and not args.data_root:
-        problems.append(f"--dataset {args.dataset} needs --data-root (kdfast never downloads data)")
-    args.model = args.model or DEFAULT_MODEL[args.dataset]
+    kind = dataset_kind(args.dataset)  # shards take an image folder's defaults
+    check_dataset_options(args, problems)
+    args.model = args.model or DEFAULT_MODEL[kind]
     if args.checkpoint and (args.train_epochs is not None or args.seeds is not None):
         problems.append("give --checkpoint or --train-epochs/--seeds, not both")
     if method.kind == "training" and args.checkpoint:
@@ -130,7 +131,7 @@ def _resolve(args) -> None:
         problems.append("--method random uses no model: drop --checkpoint, --train-epochs and --seeds")
     training = not args.checkpoint and method.kind != "random"
     if training:
-        args.train_epochs = DEFAULT_EPOCHS.get(args.dataset, 20) if args.train_epochs is None else args.train_epochs
+        args.train_epochs = DEFAULT_EPOCHS.get(kind, 20) if args.train_epochs is None else args.train_epochs
         args.seeds = DEFAULT_SEEDS if args.seeds is None else args.seeds
     if args.holdout_fraction is not None and not (training and 0.0 <= args.holdout_fraction < 1.0):
         problems.append(f"--holdout-fraction must be in [0, 1) and goes with models trained here, got "
@@ -165,9 +166,9 @@ def _resolve(args) -> None:
     if problems:
         raise UsageError("; ".join(problems))
     args.device = default_device(args.device)
-    args.out = args.out or os.path.join("runs", f"{args.dataset}-{args.method}")
+    args.out = args.out or os.path.join("runs", f"{args.dataset.partition(':')[0]}-{args.method}")
     if args.num_workers is None:
-        args.num_workers = min(8, os.cpu_count() or 1) if args.dataset in ("imagenet", "folder") else 0
+        args.num_workers = min(8, os.cpu_count() or 1) if kind in ("imagenet", "folder") else 0
     # the weights behind the paths join the job's identity: a checkpoint replaced in place is another job
     from kdfast.models import file_sha256
     args.checkpoint_sha256 = [file_sha256(path) for path in args.checkpoint]

@@ -38,12 +38,20 @@ INPUT_SHAPES = {"digits": (1, 8), "cifar10": (3, 32), "cifar100": (3, 32), "svhn
 
 __all__ = ["DATASETS", "SPLITS", "INPUT_SHAPES", "DataError", "LabeledDataset", "LabeledSubset", "load_dataset",
            "labels_fingerprint", "class_names", "DataIdentityError", "check_identity", "data_identity",
-           "describe_file_mismatch", "stratified_split", "shard_source", "dataset_kind"]
+           "describe_file_mismatch", "stratified_split", "shard_source", "dataset_kind",
+           "SHARD_OPTIONS", "source_options"]
+# load_dataset's options of shard data sets, by source: what a command passes on from its configuration
+SHARD_OPTIONS = {"wds": ("image_ext", "label_field"), "parquet": ("image_column", "label_column", "id_column")}
 
 
 def dataset_kind(name: str) -> str:
     """The DATASETS entry whose defaults a data set name takes: shard sources are image folders in shards."""
     return "folder" if shard_source(name) else str(name).lower()
+
+
+def source_options(cfg) -> dict:
+    """The shard options (SHARD_OPTIONS) a command's configuration gives, for load_dataset."""
+    return {k: getattr(cfg, k) for opts in SHARD_OPTIONS.values() for k in opts if getattr(cfg, k, None) is not None}
 
 
 def load_dataset(name: str, *, root: str | None = None, split: str = "train", download: bool = False,

@@ -39,7 +39,7 @@ def read_file_index(path: str, image_column: str, label_column: str, id_column: 
     wanted = [image_column, label_column] + ([id_column] if id_given else [])
     missing = [c for c in wanted if c not in has]
     if missing:
-        raise DataError(f"dataset 'parquet': {path} has no column {', '.join(map(repr, missing))}; its columns are "
+        raise DataError(f"dataset 'parquet': {path} has no column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; its columns are "
                         f"{', '.join(has)} (choose them with --image-column / --label-column / --id-column)")
     if not _image_type_ok(pa, schema.field(image_column).type):
         raise DataError(f"dataset 'parquet': column {image_column!r} of {path} holds {schema.field(image_column).type}, "

@@ -44,9 +44,11 @@ def load_distill_data(cfg) -> DistillData:
     """Loads the training split, checks the keep file against it and carves the held-out share (if any)."""
     import torch
 
-    from kdfast.data import LabeledSubset, load_dataset, stratified_split
+    from kdfast.data import LabeledSubset, dataset_kind, load_dataset, source_options, stratified_split
     from kdfast.pruning.keep import read_keep
     size = {"image_size": cfg.image_size} if cfg.image_size else {}
+    size.update(source_options(cfg))  # wds:/parquet: options
+    eval_split = EVAL_SPLIT[dataset_kind(cfg.dataset)]
     train = load_dataset(cfg.dataset, root=cfg.data_root, split="train", augment=cfg.augment, **size)
     keep = None if cfg.keep is None else read_keep(cfg.keep, train, what=f"--keep {cfg.keep}")[0]
     fraction = 1.0 if keep is None else len(keep) / len(train)
@@ -65,9 +67,9 @@ def load_distill_data(cfg) -> DistillData:
             load_dataset(cfg.dataset, root=cfg.data_root, split="train", **size)  # image folders: one scan
         evaluation = LabeledSubset(view, torch.from_numpy(held_out))
         eval_name = f"held-out {cfg.val_fraction:g} of train (stratified, seed {cfg.seed}, {len(held_out)} examples)"
-    elif EVAL_SPLIT[cfg.dataset] is not None:
-        evaluation = load_dataset(cfg.dataset, root=cfg.data_root, split=EVAL_SPLIT[cfg.dataset], **size)
-        eval_name = f"{EVAL_SPLIT[cfg.dataset]} split ({len(evaluation)} examples)"
+    elif eval_split is not None:
+        evaluation = load_dataset(cfg.dataset, root=cfg.data_root, split=eval_split, **size)
+        eval_name = f"{eval_split} split ({len(evaluation)} examples)"
     return DistillData(train, evaluation, keep, held_out, fraction, eval_name, sampler)
 
 
@@ -100,9 +102,9 @@ def write_teacher_report(cfg, recipe, job, student, teacher, data, device) -> di
 
 
 def build_model(name, dataset_name, num_classes, image_size):
-    from kdfast.data import INPUT_SHAPES
+    from kdfast.data import INPUT_SHAPES, dataset_kind
     from kdfast.models import create_model
-    channels, side = INPUT_SHAPES[dataset_name]
+    channels, side = INPUT_SHAPES[dataset_kind(dataset_name)]
     return create_model(name, num_classes=num_classes, in_channels=channels, image_size=image_size or side)
 
 

@@ -30,8 +30,8 @@ EXPLODED_FACTOR = 10.0  # a loss this many times the uniform guess's (ln C), or 
 
 def load_score_data(cfg):
     """(scored data, training data): the evaluation view, and the augmented view for training (image data)."""
-    from kdfast.data import LabeledSubset, load_dataset
-    kw = dict(root=cfg.data_root, split=cfg.split, image_size=cfg.image_size)
+    from kdfast.data import LabeledSubset, load_dataset, source_options
+    kw = dict(root=cfg.data_root, split=cfg.split, image_size=cfg.image_size, **source_options(cfg))
     decode = None if cfg.decode == "pil" else cfg.decode  # load_dataset refuses it for other data sets
     data = load_dataset(cfg.dataset, **kw, decode=decode)  # training below keeps the PIL path (augmented)
     train = None
