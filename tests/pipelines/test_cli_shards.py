@@ -1,0 +1,95 @@
+"""kdfast-score / kdfast-distill on wds:PATTERN and parquet:GLOB: the same scores as the image folder the shards
+were made from (same seed, same training), resume refusing changed shards by name, and the shard options' checks."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from _fake_datasets import write_image_folder
+from kdfast.cli.main import main
+from kdfast.data.make_shards import make_shards
+
+pytest.importorskip("pyarrow")
+pytest.importorskip("webdataset")
+
+TINY = ["--model", "mlp", "--image-size", "8", "--train-epochs", "2", "--seeds", "1", "--quiet"]
+
+
+@pytest.fixture
+def shards(tmp_path):
+    root = tmp_path / "photos"
+    write_image_folder(root, per_class=4, size=(17, 12))
+    return (str(root), make_shards(str(root), str(tmp_path / "wds"), shard_size=5),
+            make_shards(str(root), str(tmp_path / "pq"), shard_size=5, format="parquet", row_group_size=3))
+
+
+def _score(capsys, *args):
+    code = main(["score", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.slow
+def test_scores_equal_the_folder_bitwise(shards, tmp_path, capsys):
+    root, wds_name, pq_name = shards
+    runs = {}
+    for label, data, workers in (("folder", ["--dataset", "folder", "--data-root", root], "2"),
+                                 ("wds", ["--dataset", wds_name], "2"),  # forked workers reopen the shards
+                                 ("folder0", ["--dataset", "folder", "--data-root", root], "0"),
+                                 ("parquet", ["--dataset", pq_name], "0")):
+        code, _, err = _score(capsys, *data, *TINY, "--num-workers", workers, "--out", str(tmp_path / "runs" / label))
+        assert code == 0, err
+        runs[label] = np.load(tmp_path / "runs" / label / "scores.npy")
+    assert runs["folder"].std() > 0
+    np.testing.assert_array_equal(runs["wds"], runs["folder"])
+    np.testing.assert_array_equal(runs["parquet"], runs["folder0"])
+
+
+def test_resume_refuses_changed_shards_naming_them(shards, tmp_path, capsys):
+    _, wds_name, _ = shards
+    out = str(tmp_path / "run")
+    args = ["--dataset", wds_name, "--method", "random", "--out", out, "--quiet"]
+    assert _score(capsys, *args)[0] == 0
+    changed = os.path.join(tmp_path, "wds", "shard-000001.tar")
+    os.utime(changed, ns=(10**18, 10**18))
+    code, _, err = _score(capsys, *args, "--resume")
+    assert code == 1 and "data.shards: 1 changed (size or modification time): " + changed in err, err
+    glob_name = f"wds:{tmp_path}/wds/shard-*.tar"
+    out2 = str(tmp_path / "run2")
+    assert _score(capsys, "--dataset", glob_name, "--method", "random", "--out", out2, "--quiet")[0] == 0
+    os.remove(os.path.join(tmp_path, "wds", "shard-000002.tar"))
+    code, _, err = _score(capsys, "--dataset", glob_name, "--method", "random", "--out", out2, "--quiet", "--resume")
+    assert code == 1 and "data.shards: 1 shards gone: " + os.path.join(tmp_path, "wds", "shard-000002.tar") in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "folder", "--data-root", ".", "--image-ext", "png"], "--image-ext goes with --dataset wds:..."),
+    (["--dataset", "wds:x.tar", "--id-column", "key"], "--id-column goes with --dataset parquet:..."),
+    (["--dataset", "wds:"], "'wds:' needs a pattern"),
+    (["--dataset", "pets"], "choose from digits, cifar10, cifar100, svhn, imagenet, folder, wds:PATTERN"),
+])
+def test_shard_options_are_checked(args, message, capsys):
+    code, _, err = _score(capsys, *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_data_errors_are_one_line(tmp_path, capsys):
+    code, _, err = _score(capsys, "--dataset", f"parquet:{tmp_path}/*.parquet", "--out", str(tmp_path / "r"))
+    assert code == 1 and "matches no file" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_prune_and_distill_from_shards(shards, tmp_path, capsys):
+    _, wds_name, pq_name = shards
+    run = str(tmp_path / "scores")
+    assert _score(capsys, "--dataset", pq_name, *TINY, "--save-logits", "--out", run)[0] == 0
+    keep = str(tmp_path / "keep.npy")
+    assert main(["prune", "--scores", run, "--fraction", "0.5", "--class-balanced", "--out", keep]) == 0
+    code = main(["distill", "--dataset", pq_name, "--model", "mlp", "--image-size", "8", "--epochs", "1", "--keep",
+                 keep, "--teacher-cache", os.path.join(run, "teacher-logits"), "--no-augment", "--quiet", "--out",
+                 str(tmp_path / "student")])
+    assert code == 0, capsys.readouterr().err
+    assert os.path.isfile(tmp_path / "student" / "student.pt")
