@@ -12,6 +12,7 @@ How each block runs:
     command's real parser, so every flag and value in it must be valid, but it is not run;
   * `torchrun ... -m kdfast.cli.<cmd> ARGS`: ARGS are parsed the same way (multi-process runs are tested in
     test_distributed.py);
+  * `python -m kdfast.data.make_shards ARGS` runs in this process and must exit 0;
   * `make ...` and `pip ...` set up the environment this test runs in; they are not run.
   Any other command fails the test, so a new kind of example gets a rule here.
 """
@@ -64,6 +65,11 @@ def run_bash(body, capsys):
     for words in commands(body):
         head = words[0]
         if head in ("make", "pip"):
+            continue
+        if words[:3] == ["python", "-m", "kdfast.data.make_shards"]:
+            from kdfast.data.make_shards import main as make_shards
+            assert make_shards(words[3:]) == 0, words
+            capsys.readouterr()
             continue
         if head == "torchrun":
             module = words[words.index("-m") + 1]
