@@ -149,6 +149,9 @@ def add_dataset_options(group, *, default: str = "digits") -> None:
                                            "webp a sample has)")
     group.add_argument("--label-field", help="wds: the json member's label field, for samples without a cls member "
                                              "(default: label)")
+    group.add_argument("--index-dir", metavar="DIR", help="wds: cache the index of shards that have no .idx.npz "
+                                                          "sidecar in DIR (a folder outside --out), so later runs do "
+                                                          "not scan the tars again")
     group.add_argument("--image-column", help="parquet: column of image bytes (default: image)")
     group.add_argument("--label-column", help="parquet: column of int labels (default: label)")
     group.add_argument("--id-column", help="parquet: column of example keys (default: id when present, else "

@@ -41,7 +41,7 @@ __all__ = ["DATASETS", "SPLITS", "INPUT_SHAPES", "DataError", "LabeledDataset", 
            "describe_file_mismatch", "stratified_split", "shard_source", "dataset_kind",
            "SHARD_OPTIONS", "source_options"]
 # load_dataset's options of shard data sets, by source: what a command passes on from its configuration
-SHARD_OPTIONS = {"wds": ("image_ext", "label_field"), "parquet": ("image_column", "label_column", "id_column")}
+SHARD_OPTIONS = {"wds": ("image_ext", "label_field", "index_dir"), "parquet": ("image_column", "label_column", "id_column")}
 
 
 def dataset_kind(name: str) -> str:

@@ -72,6 +72,8 @@ class LabeledSubset(Subset):
         self.files = None if dataset.files is None else FileList([dataset.files[i] for i in self.indices],
                                                                  folder=self.folder)
         self.classes = getattr(dataset, "classes", None)
+        if getattr(dataset, "shards", None) is not None:  # shard data sets: the parent's shards, the subset's keys
+            self.shards, self.keys = dataset.shards, dataset.keys.take(self.indices)
 
     files_fingerprint = LabeledDataset.files_fingerprint
 

@@ -82,6 +82,15 @@ class KeyList(Sequence):
             raise IndexError(f"key index {index} out of range for {len(self)} keys")
         return self.data[self.offsets[i]:self.offsets[i + 1]].tobytes().decode()
 
+    def take(self, indices) -> "KeyList":
+        """The keys at `indices`, in that order (one gather, no Python object per key)."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        lengths = np.diff(self.offsets)[idx]
+        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        pos = np.repeat(self.offsets[idx] - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return KeyList(self.data[pos], offsets)
+
     def first_duplicate(self) -> tuple[int, int] | None:
         """(i, j), i < j, of two equal keys (the first such pair in sorted key order), or None: one sort."""
         n = len(self)

@@ -38,7 +38,7 @@ FILES_FILE = "files.txt"
 LOCK_FILE = "job.lock"
 # fields that say where or how a job runs, not what it computes
 NON_IDENTITY = frozenset({"resume", "overwrite", "num_workers", "quiet", "debug", "device", "out", "chunk_size",
-                          "show", "top", "progress", "argv"})
+                          "show", "top", "progress", "argv", "index_dir"})
 # fields naming files or folders: `photos`, `photos/` and its absolute path are the same job
 PATH_FIELDS = frozenset({"data_root", "keep", "teacher", "teacher_cache", "scores", "checkpoint"})
 _OWN_FILES = frozenset({JOB_FILE, FILES_FILE, f"{FILES_FILE}.stat.npy", LOCK_FILE})

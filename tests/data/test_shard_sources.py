@@ -61,6 +61,7 @@ def test_keylist_is_compact_and_finds_duplicates():
     assert KeyList.from_strings(["a", "ab", "b"]).first_duplicate() is None
     joined = KeyList.concat([KeyList.from_strings(["x"]), KeyList.from_arrow(pa.array(["y", "zz"]).slice(0, 2))])
     assert list(joined) == ["x", "y", "zz"] and joined.data.dtype == np.uint8
+    assert list(kl.take([5, 2, 0, 3])) == ["zz", "", "b", "ab"] and len(kl.take([])) == 0
 
 
 @pytest.mark.parametrize("fmt", ["wds", "parquet"])
@@ -160,6 +161,15 @@ def test_identity_records_the_shards(folder, tmp_path):
     assert identity["shards"] == [[s.name, s.stop - s.start, s.size, s.mtime_ns] for s in data.shards]
     assert identity["files_fingerprint"] == data.files_fingerprint
     check_identity(identity, load_dataset(name, image_size=8), what="x")  # the same shards pass
+
+
+def test_a_subset_keeps_its_keys_and_the_shards(folder, tmp_path):
+    from kdfast.data import LabeledSubset
+    name = make_shards(str(folder), str(tmp_path / "shards"), shard_size=5)
+    data = load_dataset(name, image_size=8)
+    part = LabeledSubset(data, [7, 2, 11])
+    assert list(part.keys) == [data.keys[i] for i in (7, 2, 11)] and part.shards == data.shards
+    assert data_identity(part)["shards"] == data_identity(data)["shards"]
 
 
 def test_encoded_items_for_the_batched_decoder(folder, tmp_path):

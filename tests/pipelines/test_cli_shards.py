@@ -64,9 +64,30 @@ def test_resume_refuses_changed_shards_naming_them(shards, tmp_path, capsys):
     assert code == 1 and "data.shards: 1 shards gone: " + os.path.join(tmp_path, "wds", "shard-000002.tar") in err
 
 
+def test_index_dir_caches_the_index_outside_the_job(tmp_path, capsys, monkeypatch):
+    import io
+    import webdataset as wds
+    from PIL import Image
+    import kdfast.data.wds_source as wds_source
+    png = io.BytesIO()
+    Image.new("RGB", (6, 6), (9, 90, 200)).save(png, format="PNG")
+    with wds.TarWriter(str(tmp_path / "a.tar")) as sink:
+        for i in range(4):
+            sink.write({"__key__": f"k{i}", "png": png.getvalue(), "cls": i % 2})
+    scans = []
+    real_scan = wds_source.scan_shard
+    monkeypatch.setattr(wds_source, "scan_shard", lambda *a, **k: scans.append(a[0]) or real_scan(*a, **k))
+    args = ["--dataset", f"wds:{tmp_path}/a.tar", "--method", "random", "--out", str(tmp_path / "run"), "--quiet"]
+    assert _score(capsys, *args, "--index-dir", str(tmp_path / "idx"))[0] == 0
+    assert len(scans) == 1 and len(os.listdir(tmp_path / "idx")) == 1
+    # a resume with another (or no) cache folder is the same job; the cached index is read, not rebuilt
+    assert _score(capsys, *args, "--index-dir", str(tmp_path / "idx"), "--resume")[0] == 0 and len(scans) == 1
+
+
 @pytest.mark.parametrize("args, message", [
     (["--dataset", "folder", "--data-root", ".", "--image-ext", "png"], "--image-ext goes with --dataset wds:..."),
     (["--dataset", "wds:x.tar", "--id-column", "key"], "--id-column goes with --dataset parquet:..."),
+    (["--dataset", "parquet:x", "--index-dir", "d"], "--index-dir goes with --dataset wds:..."),
     (["--dataset", "wds:"], "'wds:' needs a pattern"),
     (["--dataset", "pets"], "choose from digits, cifar10, cifar100, svhn, imagenet, folder, wds:PATTERN"),
 ])
