@@ -147,8 +147,8 @@ def add_dataset_options(group, *, default: str = "digits") -> None:
                             "and labels); shards need no --data-root (default: %(default)s)")
     group.add_argument("--image-ext", help="wds: extension of the image member (default: the first of jpg, jpeg, png, "
                                            "webp a sample has)")
-    group.add_argument("--label-field", help="wds: the json member's label field, for samples without a cls member "
-                                             "(default: label)")
+    group.add_argument("--label-field", help="wds: read the label from this field of the json member (default: the "
+                                             "cls member, else the json member's field label)")
     group.add_argument("--index-dir", metavar="DIR", help="wds: cache the index of shards that have no .idx.npz "
                                                           "sidecar in DIR (a folder outside --out), so later runs do "
                                                           "not scan the tars again")

@@ -26,6 +26,8 @@ EPILOG = """examples:
   kdfast-score --method forgetting --train-epochs 10 --seeds 2 --show 8
   kdfast-score --dataset folder --data-root ~/photos --model resnet18 --checkpoint m.pt --image-size 128
   kdfast-score --dataset folder --data-root ~/photos --model torchvision:vit_b_16 --method grand --checkpoint w.pt
+  kdfast-score --dataset 'wds:/data/in1k/train-{000000..001281}.tar' --model resnet50 --checkpoint a.pt --decode gpu
+  kdfast-score --dataset 'parquet:/data/pets/train-*.parquet' --label-column label --model resnet18 --image-size 128
 
 outputs (in --out):
   scores.npy            float32 (N,), data set order, higher = harder (mean over models)
@@ -67,8 +69,8 @@ def add_parser(subparsers):
     g.add_argument("--image-size", type=int, help="crop side for image folders (default: 224)")
     g.add_argument("--limit", type=int, help="score only the first N examples (quick trials)")
     g.add_argument("--decode", type=lower, choices=("pil", "cpu", "gpu", "auto"), default="pil",
-                   help="image folders: PIL per image in the loader workers (any format), or batched JPEG decoding "
-                        "on the GPU (gpu, or auto when scoring on CUDA; falls back to the CPU with a note) or in the "
+                   help="image folders and shards: PIL per image in the loader workers (any format), or batched JPEG "
+                        "decoding on the GPU (gpu, or auto when scoring on CUDA; falls back to the CPU with a note) or in the "
                         "workers (cpu) (default: pil)")
     g = p.add_argument_group("Model")
     g.add_argument("--model", type=model_name, metavar="NAME",

@@ -105,7 +105,8 @@ def make_shards(root: str, out: str, *, shard_size: int = 1000, format: str = "w
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kdfast.data.make_shards", description=__doc__.split("\n")[0],
-                                     epilog=__doc__.split("\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=__doc__.split("\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", help="image folder: ROOT/<class>/<image>")
     parser.add_argument("out", help="output folder for the shards (new or empty)")
     parser.add_argument("--shard-size", type=int, default=1000, help="examples per shard (default: %(default)s)")

@@ -39,11 +39,13 @@ def read_file_index(path: str, image_column: str, label_column: str, id_column: 
     wanted = [image_column, label_column] + ([id_column] if id_given else [])
     missing = [c for c in wanted if c not in has]
     if missing:
-        raise DataError(f"dataset 'parquet': {path} has no column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}; its columns are "
-                        f"{', '.join(has)} (choose them with --image-column / --label-column / --id-column)")
-    if not _image_type_ok(pa, schema.field(image_column).type):
-        raise DataError(f"dataset 'parquet': column {image_column!r} of {path} holds {schema.field(image_column).type}, "
-                        "not image bytes (binary, or a struct {bytes, path})")
+        names = f"column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}"
+        raise DataError(f"dataset 'parquet': {path} has no {names}; its columns are {', '.join(has)} (choose them "
+                        "with --image-column / --label-column / --id-column)")
+    image_type = schema.field(image_column).type
+    if not _image_type_ok(pa, image_type):
+        raise DataError(f"dataset 'parquet': column {image_column!r} of {path} holds {image_type}, not image bytes "
+                        "(binary, or a struct {bytes, path})")
     if not pa.types.is_integer(schema.field(label_column).type):
         raise DataError(f"dataset 'parquet': the label column {label_column!r} of {path} holds "
                         f"{schema.field(label_column).type}, not int")
