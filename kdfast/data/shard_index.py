@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ from kdfast.errors import DataError
 
 INDEX_SUFFIX = ".idx.npz"
 INDEX_FORMAT = "kdfast-shard-index/1"
-log = logging.getLogger("kdfast.data")
 
 
 class Shard(NamedTuple):
@@ -92,25 +90,26 @@ class KeyList(Sequence):
         return KeyList(self.data[pos], offsets)
 
     def first_duplicate(self) -> tuple[int, int] | None:
-        """(i, j), i < j, of two equal keys (the first such pair in sorted key order), or None: one sort."""
+        """(i, j), i < j, of two equal keys, or None: a 64-bit hash of every key (one vectorised pass per byte
+        position), a sort of the hashes, and an exact comparison of the keys whose hashes collide."""
         n = len(self)
         if n < 2:
             return None
-        lengths = np.diff(self.offsets)
-        width = max(int(lengths.max()), 1)
-        cols = np.arange(width)
-        pos = self.offsets[:-1, None] + cols
-        padded = np.where(cols < lengths[:, None], self.data[np.minimum(pos, max(len(self.data) - 1, 0))]
-                          if len(self.data) else 0, 0).astype(np.uint8)
-        # keys are text without NUL bytes, so zero padding keeps them apart; length joins in for empty keys
-        rows = np.ascontiguousarray(padded).view(f"S{width}").reshape(-1)
-        order = np.lexsort((lengths, rows))
-        same = (rows[order][1:] == rows[order][:-1]) & (lengths[order][1:] == lengths[order][:-1])
-        if not same.any():
-            return None
-        k = int(same.argmax())
-        i, j = sorted((int(order[k]), int(order[k + 1])))
-        return i, j
+        starts, lengths = self.offsets[:-1], np.diff(self.offsets)
+        h = lengths.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        last = max(len(self.data) - 1, 0)
+        for j in range(int(lengths.max())):  # wrapping uint64 arithmetic: a polynomial hash of the bytes
+            byte = np.where(lengths > j, self.data[np.minimum(starts + j, last)], 0).astype(np.uint64)
+            h = h * np.uint64(0x100000001B3) + byte + np.uint64(1)
+        order = np.argsort(h, kind="stable")
+        same = np.flatnonzero(h[order][1:] == h[order][:-1])
+        seen: dict[str, int] = {}
+        for k in np.unique(np.concatenate([order[same], order[same + 1]])).tolist():  # ascending index
+            key = self[k]
+            if key in seen:
+                return seen[key], k
+            seen[key] = k
+        return None
 
 
 @dataclass
@@ -190,22 +189,23 @@ def _read_index(file: str, shard: str, options: dict) -> ShardIndex | None:
             stamp = json.loads(str(z["stamp"]))
             if stamp != {"format": INDEX_FORMAT, "name": os.path.basename(shard), "size": size, "mtime_ns": mtime,
                          "options": options}:
-                log.warning(f"shard index {file} is stale (the shard or the options changed); rebuilding it")
                 return None
             return ShardIndex(z["offsets"], z["sizes"], z["labels"], KeyList(z["key_data"], z["key_offsets"]))
-    except (OSError, ValueError, KeyError) as exc:
-        log.warning(f"shard index {file} is unreadable ({type(exc).__name__}: {exc}); rebuilding it")
-        return None
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable: rebuilt like a stale one
 
 
-def cached_index(shard: str, options: dict, build: Callable[[], ShardIndex], index_dir: str | None = None
-                 ) -> ShardIndex:
-    """The shard's index from its sidecar, else from `index_dir`, else built (and then saved in `index_dir`)."""
+def cached_index(shard: str, options: dict, build: Callable[[], ShardIndex], index_dir: str | None = None, *,
+                 stale: list | None = None) -> ShardIndex:
+    """The shard's index from its sidecar, else from `index_dir`, else built (and then saved in `index_dir`).
+    Index files found but not fitting the shard (it changed since, or other options) go to `stale`."""
     for file in [_index_file(shard, None)] + ([_index_file(shard, index_dir)] if index_dir else []):
         if os.path.isfile(file):
             index = _read_index(file, shard, options)
             if index is not None:
                 return index
+            if stale is not None:
+                stale.append(file)
     index = build()
     if index_dir is not None:
         save_index(_index_file(shard, index_dir), shard, index, options)

@@ -17,6 +17,7 @@ import tarfile
 
 import numpy as np
 
+from kdfast.data.gpu_decode import note_once
 from kdfast.data.shard_index import KeyList, ShardIndex, assemble, cached_index, expand_shards
 from kdfast.data.sharded import ShardedDataset, need_extra
 from kdfast.errors import DataError
@@ -116,9 +117,13 @@ class WdsDataset(ShardedDataset):
         self.pattern = pattern
         image_ext = image_ext.lower().lstrip(".") if image_ext else None
         paths = expand_shards(pattern, "wds")
-        options = index_options(image_ext, label_field)
-        indexes = [cached_index(p, options, lambda p=p: scan_shard(p, image_ext, label_field), index_dir)
+        options, stale = index_options(image_ext, label_field), []
+        indexes = [cached_index(p, options, lambda p=p: scan_shard(p, image_ext, label_field), index_dir, stale=stale)
                    for p in paths]
+        if stale:  # one note for all: shards copied without their modification times make every sidecar stale
+            note_once(f"{len(stale)} shard index files no longer fit their shards (changed since indexed, copied "
+                      f"without modification times, or other --image-ext/--label-field), e.g. {stale[0]}; the "
+                      "shards were scanned instead")
         if not sum(len(i) for i in indexes):
             raise DataError(f"dataset 'wds': the shards of {pattern!r} hold no samples")
         shards, keys, labels = assemble("wds", paths, indexes)

@@ -116,7 +116,7 @@ def test_wds_json_labels_and_image_extension(tmp_path):
     assert torch.equal(data.load(2), expected)
 
 
-def test_sidecar_is_used_and_a_stale_one_rebuilt(folder, tmp_path, monkeypatch):
+def test_sidecar_is_used_and_a_stale_one_rebuilt(folder, tmp_path, monkeypatch, caplog):
     import kdfast.data.wds_source as wds_source
     name = make_shards(str(folder), str(tmp_path / "shards"), shard_size=5)
     assert sorted(os.listdir(tmp_path / "shards"))[:2] == ["info.json", "shard-000000.tar"]
@@ -130,8 +130,11 @@ def test_sidecar_is_used_and_a_stale_one_rebuilt(folder, tmp_path, monkeypatch):
     samples = [{"__key__": first.keys[i], "png": _png_bytes(i), "cls": 2} for i in range(5, 10)]
     _write_tar(shard, samples)
     os.utime(shard, ns=(1, 1))
-    again = load_dataset(name, image_size=8)
+    with caplog.at_level("WARNING", logger="kdfast.data"):
+        again = load_dataset(name, image_size=8)
     assert scans == [shard] and again.targets[5:10].tolist() == [2] * 5
+    assert f"1 shard index files no longer fit their shards (changed since indexed, copied without modification " \
+           f"times, or other --image-ext/--label-field), e.g. {shard}.idx.npz" in caplog.text
     assert again.files_fingerprint != first.files_fingerprint
     with pytest.raises(DataIdentityError, match="files_fingerprint differ"):
         check_identity(data_identity(first), again, what="keep.npy")
