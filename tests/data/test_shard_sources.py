@@ -188,6 +188,26 @@ def test_encoded_items_for_the_batched_decoder(folder, tmp_path):
     assert data.with_augment(True).augment is not None
 
 
+def test_batched_jpeg_decoding_scores_like_the_folder(tmp_path):
+    import kdfast
+    from PIL import Image
+    from kdfast.models import create_model
+    rng = np.random.default_rng(3)
+    for c in ("a", "b"):
+        os.makedirs(tmp_path / "jpegs" / c)
+        for i in range(3):
+            Image.fromarray(rng.integers(1, 255, (10 + i, 13, 3), dtype=np.uint8)).save(tmp_path / "jpegs" / c /
+                                                                                        f"{i}.jpg")
+    name = make_shards(str(tmp_path / "jpegs"), str(tmp_path / "shards"), shard_size=4)
+    torch.manual_seed(0)
+    model = create_model("mlp", num_classes=2, in_channels=3, image_size=8)
+    folder = load_dataset("folder", root=str(tmp_path / "jpegs"), image_size=8, decode="cpu")
+    shards = load_dataset(name, image_size=8, decode="cpu")
+    expected = kdfast.score([model], folder, "el2n", batch_size=4, progress=False)
+    got = kdfast.score([model], shards, "el2n", batch_size=4, progress=False)
+    assert expected.std() > 0 and torch.equal(torch.as_tensor(got), torch.as_tensor(expected))
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def _one_line(excinfo):
     text = str(excinfo.value)
