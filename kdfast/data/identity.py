@@ -136,6 +136,9 @@ def check_identity(recorded: dict | None, dataset, *, what: str, recorded_files:
     if "files_fingerprint" in problems:
         if recorded_files is not None and getattr(dataset, "files", None) is not None:
             text += "; " + describe_file_mismatch(recorded_files, dataset.files)
+        elif recorded.get("shards") is not None and now.get("shards") is not None:  # shard data sets name shards
+            from kdfast.data.shard_index import describe_shard_mismatch
+            text += "; " + describe_shard_mismatch(recorded["shards"], now["shards"])
         elif "labels_fingerprint" not in problems:
             text += "; the image files were renamed, moved, added or replaced"
     raise DataIdentityError(f"{text}); {hint}")

@@ -136,7 +136,9 @@ def test_sidecar_is_used_and_a_stale_one_rebuilt(folder, tmp_path, monkeypatch, 
     assert f"1 shard index files no longer fit their shards (changed since indexed, copied without modification " \
            f"times, or other --image-ext/--label-field), e.g. {shard}.idx.npz" in caplog.text
     assert again.files_fingerprint != first.files_fingerprint
-    with pytest.raises(DataIdentityError, match="files_fingerprint differ"):
+    with pytest.raises(DataIdentityError, match=r"keep.npy was made from another data set than 'wds' here "
+                                                r"\(labels_fingerprint, files_fingerprint differ; 1 changed \(size or "
+                                                f"modification time\\): {shard}\\)"):
         check_identity(data_identity(first), again, what="keep.npy")
 
 
