@@ -62,11 +62,15 @@ def _displayable(dataset, index: int) -> np.ndarray:
     if images is not None:
         x = images[index].float()
         x = (x if images.dtype.is_floating_point else x / 255.0).numpy()
-    elif getattr(dataset, "files", None) is not None and hasattr(dataset, "folder"):
+    elif getattr(dataset, "files", None) is not None and hasattr(dataset, "folder") or \
+            getattr(dataset, "shards", None) is not None and hasattr(dataset, "read"):
+        import io
         import os
 
         from PIL import Image
-        with Image.open(os.path.join(dataset.folder, dataset.files[index])) as img:
+        source = io.BytesIO(bytes(getattr(dataset, "source", dataset).read(index))) if dataset.files is None else \
+            os.path.join(dataset.folder, dataset.files[index])  # shards: the image's bytes
+        with Image.open(source) as img:
             img = img.convert("RGB")
             img.thumbnail((128, 128))
             return np.asarray(img, dtype=np.float32) / 255.0

@@ -113,3 +113,16 @@ def test_prune_and_distill_from_shards(shards, tmp_path, capsys):
                  str(tmp_path / "student")])
     assert code == 0, capsys.readouterr().err
     assert os.path.isfile(tmp_path / "student" / "student.pt")
+
+
+@pytest.mark.parametrize("decode", [None, "cpu"])
+def test_show_draws_shard_images(shards, decode):
+    from PIL import Image
+    from kdfast.cli.summary import _displayable
+    from kdfast.data import load_dataset
+    root, wds_name, _ = shards
+    data = load_dataset(wds_name, image_size=8, decode=decode)
+    picture = _displayable(data, 1)  # the image as stored (a PNG, which the batched decoder would refuse)
+    with Image.open(os.path.join(root, "cat", "img1.png")) as img:
+        expected = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    np.testing.assert_array_equal(picture, expected)
