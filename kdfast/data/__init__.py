@@ -26,7 +26,7 @@ from kdfast.errors import InvalidArgumentError
 from kdfast.data.base import DataError, LabeledDataset, LabeledSubset, class_names
 from kdfast.data.identity import (DataIdentityError, check_identity, data_identity, describe_file_mismatch,
                                   labels_fingerprint)
-from kdfast.data.sharded import load_shards, shard_source
+from kdfast.data.sharded import SHARD_OPTIONS, load_shards, shard_source
 from kdfast.data.split import stratified_split
 
 DATASETS = ("digits", "cifar10", "cifar100", "svhn", "imagenet", "folder")
@@ -40,9 +40,6 @@ __all__ = ["DATASETS", "SPLITS", "INPUT_SHAPES", "DataError", "LabeledDataset", 
            "labels_fingerprint", "class_names", "DataIdentityError", "check_identity", "data_identity",
            "describe_file_mismatch", "stratified_split", "shard_source", "dataset_kind",
            "SHARD_OPTIONS", "source_options"]
-# load_dataset's options of shard data sets, by source: what a command passes on from its configuration
-SHARD_OPTIONS = {"wds": ("image_ext", "label_field", "index_dir"),
-                 "parquet": ("image_column", "label_column", "id_column")}
 
 
 def dataset_kind(name: str) -> str:

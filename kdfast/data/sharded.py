@@ -31,9 +31,9 @@ SOURCES = ("wds", "parquet")
 INFO_FILE = "info.json"
 # open shard files per process: enough for shuffled reads over many shards, well below the usual fd limit
 OPEN_SHARDS = 64
-# options of each source: load_dataset refuses them for the other data sets
-SOURCE_OPTIONS = {"wds": ("image_ext", "label_field", "index_dir"),
-                  "parquet": ("image_column", "label_column", "id_column")}
+# load_dataset's options of each source (refused for other data sets); commands pass them on from their options
+SHARD_OPTIONS = {"wds": ("image_ext", "label_field", "index_dir"),
+                 "parquet": ("image_column", "label_column", "id_column")}
 
 
 def shard_source(name) -> str | None:
@@ -127,6 +127,7 @@ class ShardedDataset(LabeledDataset):
         return {**self.__dict__, "_handles": OrderedDict()}
 
     def read(self, index: int) -> bytes:
+        """The bytes (or a bytes-like buffer) of example `index`'s image file."""
         raise NotImplementedError
 
     def load(self, index: int) -> torch.Tensor:
@@ -181,10 +182,10 @@ def load_shards(name: str, *, image_size: int = 224, augment: bool = False, deco
     """The data set `wds:PATTERN` or `parquet:GLOB` (see kdfast.data.load_dataset for the options)."""
     kind = shard_source(name)
     pattern = str(name).partition(":")[2]
-    wrong = [k for k, v in options.items() if v is not None and k not in SOURCE_OPTIONS[kind]]
+    wrong = [k for k, v in options.items() if v is not None and k not in SHARD_OPTIONS[kind]]
     if wrong:
         raise InvalidArgumentError(f"load_dataset: {', '.join(wrong)} apply to "
-                                   f"{' / '.join(s for s in SOURCES if wrong[0] in SOURCE_OPTIONS[s])} data sets, "
+                                   f"{' / '.join(s for s in SOURCES if wrong[0] in SHARD_OPTIONS[s])} data sets, "
                                    f"not {kind}")
     if not pattern:
         raise InvalidArgumentError(f"load_dataset: name {name!r} needs a pattern after '{kind}:'")
