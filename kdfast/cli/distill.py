@@ -78,7 +78,8 @@ def add_parser(subparsers):
     g = p.add_argument_group("Data")
     g.add_argument("--dataset", default="digits", type=lower, choices=DATASETS, help="(default: %(default)s)")
     g.add_argument("--data-root", help="root folder of the data set (not needed for digits)")
-    g.add_argument("--keep", help=".npy of kept dataset indices (kdfast-prune); default: every example")
+    g.add_argument("--keep", help=".npy of kept dataset indices, or a keyed keep list (.parquet, matched by key) "
+                                  "(kdfast-prune); default: every example")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crop + flip (default: on for CIFAR/SVHN/ImageNet, off for digits)")
     g.add_argument("--image-size", type=int, help="crop side for image folders (default 224)")
