@@ -210,8 +210,8 @@ class TeacherCache:
         cached, wanted = pq.read_table(file).column("key").combine_chunks(), example_keys(dataset)
         if cached.equals(wanted):
             return self
-        rows = key_positions(wanted, cached, what=f"{getattr(dataset, 'name', None) or 'the data set'}'s keys "
-                                                  f"in TeacherCache {str(self.path)!r}")
+        rows = key_positions(wanted, cached, what=getattr(dataset, "name", None) or "the data set",
+                             among=f"TeacherCache {str(self.path)!r}")
         return TeacherCache(self.path, self.meta, self._arrays, rows)
 
     def check(self, *, dataset_fingerprint=None, teacher_fingerprint=None) -> None:

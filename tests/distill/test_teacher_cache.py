@@ -177,3 +177,55 @@ def test_a_label_mismatch_names_the_examples_that_differ(tmp_path):
     with pytest.raises(TeacherCacheMismatchError, match=r"built from another dataset .* \(2 labels differ: "
                                                         r"emu/img0.JPEG: 2 then, 1 now, emu/img1.png: 2 then, 1 now\)"):
         TeacherCache.open(tmp_path / "c").check_dataset(moved)
+
+
+# ------------------------------------------------------------------------------ keyed sources: rows by key
+def _keyed_cache(path, data, logits, topk=None):
+    from kdfast.data import labels_fingerprint
+    from kdfast.data.keys import example_keys
+    writer = TeacherCache.create(path, num_examples=len(data), num_classes=10, topk=topk, dtype="float32",
+                                 dataset_fingerprint=labels_fingerprint(data.targets), teacher_fingerprint="t" * 64,
+                                 labels=data.targets, keys=example_keys(data))
+    writer.write(torch.arange(len(data)), logits)
+    writer.close()
+    return TeacherCache.open(path)
+
+
+@pytest.mark.parametrize("topk", [None, 3])
+def test_a_keyed_subset_in_another_order_gets_its_rows_by_key(tmp_path, topk):
+    pytest.importorskip("pyarrow")
+    from _fake_datasets import keyed_digits
+    from kdfast.data import LabeledSubset
+    data = keyed_digits()
+    logits = torch.randn(len(data), 10, generator=torch.Generator().manual_seed(0)) * 4
+    cache = _keyed_cache(tmp_path / "c", data, logits, topk)
+    assert (tmp_path / "c" / "keys.parquet").is_file()
+    assert cache.for_dataset(data) is cache  # the same keys in the same order: the cache itself
+    order = torch.from_numpy(np.random.default_rng(5).permutation(len(data))[:50])
+    subset = LabeledSubset(data, order)
+    view = cache.for_dataset(subset)
+    assert len(view) == 50
+    view.check_dataset(subset)
+    rows = torch.tensor([7, 0, 49, 13])
+    np.testing.assert_array_equal(view[rows].numpy(), cache[order[rows]].numpy())
+    if topk:
+        a, b = view.topk_rows(rows), cache.topk_rows(order[rows])
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.logprobs, b.logprobs)
+    else:
+        np.testing.assert_array_equal(view[rows].numpy(), logits[order[rows]].numpy())
+    # labels found by key must agree with those the cache recorded
+    relabelled = LabeledSubset(data, order)
+    relabelled.targets = (relabelled.targets + 1) % 10
+    with pytest.raises(TeacherCacheMismatchError, match="50 of 50 examples found by key have other labels"):
+        cache.for_dataset(relabelled).check_dataset(relabelled)
+
+
+def test_keys_unknown_to_the_cache_are_named(tmp_path):
+    pytest.importorskip("pyarrow")
+    from _fake_datasets import keyed_digits
+    from kdfast.data.keys import KeyMatchError
+    data = keyed_digits()
+    cache = _keyed_cache(tmp_path / "c", data, torch.randn(len(data), 10))
+    other = keyed_digits(n=30, shard_sizes=(30,), seed=9)  # keys the cache never saw
+    with pytest.raises(KeyMatchError, match=r"^keyed: 27 of 30 keys match no example of TeacherCache .*; was it made for another data set\?$"):
+        cache.for_dataset(other)
