@@ -9,6 +9,6 @@ from kdfast.io.errors import IncompleteStoreError, JobError, JobExistsError, Job
 from kdfast.io.job import NON_IDENTITY, Job, job_identity
 from kdfast.io.shards import ShardStore
 
-__all__ = ["Job", "ChunkStore", "ShardStore", "NON_IDENTITY", "job_identity", "JobError", "JobExistsError", "JobLockedError",
-           "JobMismatchError", "IncompleteStoreError", "atomic_write", "read_json", "save_npy", "save_npz",
-           "save_torch", "write_json", "write_parquet", "write_text"]
+__all__ = ["Job", "ChunkStore", "ShardStore", "NON_IDENTITY", "job_identity", "JobError", "JobExistsError",
+           "JobLockedError", "JobMismatchError", "IncompleteStoreError", "atomic_write", "read_json", "save_npy",
+           "save_npz", "save_torch", "write_json", "write_parquet", "write_text"]

@@ -139,8 +139,9 @@ def model_accuracies(cfg, job, models, data, held=None) -> dict | None:
     """Eval-mode accuracy of each model on the scored data (the view it scores), in one pass over the data:
     an example is right when its margin (largest other logit minus the true one) is negative. Resumable: each
     example's outcome goes to the chunk store OUT/accuracy-chunks (per shard to OUT/accuracy-shards for sharded
-    sources; removed with the scoring chunks), split over torchrun ranks like the scoring pass. {"all": [K], "trained": [K], "held_out": [K]} on the main rank
-    (None on the others); the last two split the examples by `held` (the held-out indices), None without them."""
+    sources; removed with the scoring chunks), split over torchrun ranks like the scoring pass.
+    {"all": [K], "trained": [K], "held_out": [K]} on the main rank (None on the others); the last two split the
+    examples by `held` (the held-out indices), None without them."""
     from kdfast.scoring import get_method, score_batches
     n = len(data)
     store, _, mine = _open_pass(cfg, job, data, len(models), "accuracy-")
@@ -264,9 +265,10 @@ def _open_pass(cfg, job, data, width, prefix):
     store = _open_main_first(lambda: ShardStore(job.path(f"{prefix}shards"), shards=shards, width=width,
                                                 keys=example_keys(data), labels=data.targets.numpy()))
     mine = list(distributed.shard_indices(len(shards), rank, world))
-    todo = store.todo(mine)
-    return store, *([b for i in ids for b in index_batches(range(shards[i].start, shards[i].stop), cfg.batch_size)]
-                    for ids in (mine, todo))
+
+    def batches_of(ids):
+        return [b for i in ids for b in index_batches(range(shards[i].start, shards[i].stop), cfg.batch_size)]
+    return store, batches_of(mine), batches_of(store.todo(mine))
 
 
 def _open_main_first(open_fn):
@@ -278,10 +280,10 @@ def _open_main_first(open_fn):
 
 def _logit_writer(cfg, job, model, data):
     from kdfast.data import data_identity
+    from kdfast.data.keys import example_keys, has_keys
     from kdfast.models import model_fingerprint
     from kdfast.distill.teacher_cache import TeacherCache
     identity = data_identity(data)
-    from kdfast.data.keys import example_keys, has_keys
     return TeacherCache.create(job.path("teacher-logits"), num_examples=len(data), num_classes=data.num_classes,
                                topk=getattr(cfg, "topk", None),  # (configurations from before --topk have none)
                                dataset_fingerprint=identity["labels_fingerprint"],

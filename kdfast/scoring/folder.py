@@ -4,8 +4,8 @@ A folder holds scores.npy, scores_per_model.npy (ensembles), batch_ids.npy (per-
 (the same rows keyed by example: columns `key` (kdfast.data.keys), `label` int64, `score` float32 (the mean),
 `score_model0`, ... float32 (ensembles), `batch_id` int64 (per-batch methods)), meta.json (the method and the
 data identity the scores were computed on) and files.txt (image folders); rows are scored into resumable chunks
-(OUT/chunks/, or OUT/shards/ per shard of a sharded source) first. A bare .npy of scores in data set order also reads, with nothing to check
-it against beyond its length.
+(OUT/chunks/, or OUT/shards/ per shard of a sharded source) first. A bare .npy of scores in data set order also
+reads, with nothing to check it against beyond its length.
 
     store = open_chunks(job, num_rows=N, width=K, rows_per_chunk=8192)     # write rows, resume after a kill
     scores, files = save_scores(job, per_model, dataset)                   # (K, N) -> scores.npy, ...
@@ -113,7 +113,8 @@ def score_meta(method: str, data, files: list[str], **fields) -> dict:
     identity = data_identity(data) if hasattr(data, "targets") else {"num_examples": len(data)}
     return {"method": method, "direction": DIRECTION, "labels_fingerprint": identity.get("labels_fingerprint"),
             "files_fingerprint": identity.get("files_fingerprint"), "data": identity, "num_examples": len(data),
-            "keyed": has_keys(data), **fields, "kdfast_version": __version__, "torch_version": torch.__version__, "files": list(files),
+            "keyed": has_keys(data), **fields, "kdfast_version": __version__, "torch_version": torch.__version__,
+            "files": list(files),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 

@@ -227,5 +227,6 @@ def test_keys_unknown_to_the_cache_are_named(tmp_path):
     data = keyed_digits()
     cache = _keyed_cache(tmp_path / "c", data, torch.randn(len(data), 10))
     other = keyed_digits(n=30, shard_sizes=(30,), seed=9)  # keys the cache never saw
-    with pytest.raises(KeyMatchError, match=r"^keyed: 27 of 30 keys match no example of TeacherCache .*; was it made for another data set\?$"):
+    message = r"^keyed: 27 of 30 keys match no example of TeacherCache .*; was it made for another data set\?$"
+    with pytest.raises(KeyMatchError, match=message):
         cache.for_dataset(other)
