@@ -230,3 +230,27 @@ def test_keys_unknown_to_the_cache_are_named(tmp_path):
     message = r"^keyed: 27 of 30 keys match no example of TeacherCache .*; was it made for another data set\?$"
     with pytest.raises(KeyMatchError, match=message):
         cache.for_dataset(other)
+
+
+def test_fit_on_a_keyed_subset_through_the_view_equals_a_cache_built_for_that_subset(tmp_path):
+    pytest.importorskip("pyarrow")
+    from _fake_datasets import keyed_digits
+    from kdfast.data import LabeledSubset
+    from kdfast.models import create_model
+    from kdfast.training.fit import fit
+    from kdfast.training.recipe import TrainRecipe
+    data = keyed_digits()
+    logits = torch.randn(len(data), 10, generator=torch.Generator().manual_seed(1)) * 3
+    order = torch.from_numpy(np.random.default_rng(6).permutation(len(data))[:64])
+    subset = LabeledSubset(data, order)
+    view = _keyed_cache(tmp_path / "whole", data, logits).for_dataset(subset)
+    direct = _keyed_cache(tmp_path / "direct", subset, logits[order])  # its own keys, in the subset's order
+    students = []
+    for cache in (view, direct):
+        torch.manual_seed(0)
+        student = create_model("mlp", num_classes=10, in_channels=1, image_size=8)
+        fit(student, subset, TrainRecipe(epochs=1, batch_size=16, lr=0.05, seed=0),
+            kdfast.KDSetup(teacher_cache=cache, alpha=0.7, temperature=2.0), progress=False)
+        students.append(student)
+    for a, b in zip(*(s.parameters() for s in students)):
+        assert torch.equal(a, b)

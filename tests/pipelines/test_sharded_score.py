@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from _fake_datasets import keyed_digits
+from kdfast.data import LabeledSubset
 from kdfast.models import create_model
 
 pq = pytest.importorskip("pyarrow.parquet")
@@ -180,3 +181,21 @@ def test_batches_stay_inside_shards_and_ranks_take_disjoint_shards(tmp_path, mon
             assert len(batch) <= 8
         seen += [i for b in mine for i in b]
     assert seen == list(range(len(data)))  # disjoint, complete, in shard order
+
+
+def test_saved_logits_of_a_keyed_source_carry_its_keys(tmp_path):
+    from kdfast.distill.teacher_cache import TeacherCache
+    path = _checkpoints(tmp_path)[0]
+    _run(tmp_path, tmp_path / "run", ["--model", "mlp", "--batch-size", "8", "--checkpoint", path, "--save-logits",
+                                      "--quiet"])
+    data = keyed_digits()
+    assert pq.read_table(tmp_path / "run" / "teacher-logits" / "keys.parquet").column("key").to_pylist() == data.keys
+    model = create_model("mlp", num_classes=10, in_channels=1, image_size=8)
+    model.load_state_dict(torch.load(path)["model"])
+    with torch.no_grad():
+        expected = model(data.x)
+    cache = TeacherCache.open(tmp_path / "run" / "teacher-logits")
+    torch.testing.assert_close(cache[torch.arange(len(data))], expected, rtol=2e-3, atol=2e-3)  # stored as fp16
+    shuffled = LabeledSubset(data, [5, 99, 0])
+    torch.testing.assert_close(cache.for_dataset(shuffled)[torch.arange(3)], expected[[5, 99, 0]], rtol=2e-3,
+                               atol=2e-3)
