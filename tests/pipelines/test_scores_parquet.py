@@ -4,6 +4,7 @@ their readers stay as they were."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import types
 
@@ -88,3 +89,18 @@ def test_a_per_batch_method_adds_the_batch_ids(tmp_path, capsys, monkeypatch):
     ids = np.load(tmp_path / "run" / "batch_ids.npy")
     np.testing.assert_array_equal(table.column("batch_id").to_numpy(), ids)
     np.testing.assert_array_equal(table.column("score").to_numpy(), (ids * 0.5 + 1.0).astype(np.float32))
+
+
+def test_without_pyarrow_the_npy_files_are_written_and_the_parquet_left_out_with_a_warning(tmp_path, monkeypatch):
+    from kdfast.errors import InvalidArgumentError
+
+    def no_pyarrow(what):
+        raise InvalidArgumentError(f"{what} needs pyarrow: pip install 'kdfast[data]'")
+    monkeypatch.setattr("kdfast.data.keys.import_pyarrow", no_pyarrow)
+    data = torch.utils.data.Subset(load_dataset("digits"), range(50))
+    data.targets = data.dataset.targets[:50]
+    with pytest.warns(UserWarning, match=r"scores.parquet .* not written: it needs pyarrow"):
+        scores = kdfast.score(_checkpoint(tmp_path / "m.pt").eval(), data, "el2n", progress=False,
+                              out=tmp_path / "s")
+    assert sorted(os.listdir(tmp_path / "s")) == ["job.json", "job.lock", "meta.json", "scores.npy"]
+    np.testing.assert_array_equal(np.load(tmp_path / "s" / "scores.npy"), scores.numpy())
