@@ -57,9 +57,10 @@ def _read_keyed_keep(path: str, dataset, what: str) -> np.ndarray:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException) as exc:
         raise InvalidArgumentError(f"{what}: cannot read it ({exc})") from None
-    if "key" not in table.column_names or table.num_rows == 0:
-        raise InvalidArgumentError(f"{what} must hold a non-empty 'key' column (a keyed keep list of kdfast-prune), "
-                                   f"got columns {table.column_names} and {table.num_rows} rows")
+    if "key" not in table.column_names or table.num_rows == 0 or not pa.types.is_string(table.schema.field("key").type):
+        raise InvalidArgumentError(f"{what} must hold a non-empty string 'key' column (a keyed keep list of "
+                                   f"kdfast-prune), got {', '.join(f'{f.name} ({f.type})' for f in table.schema)} "
+                                   f"with {table.num_rows} rows")
     keys = table.column("key").combine_chunks()
     return np.sort(key_positions(keys, example_keys(dataset), what=what))
 

@@ -15,6 +15,7 @@ from _fake_datasets import keyed_digits, write_image_folder
 from kdfast.cli.main import distill_main, prune_main
 from kdfast.data import LabeledSubset, load_dataset
 from kdfast.data.keys import KeyMatchError
+from kdfast.errors import InvalidArgumentError
 from kdfast.models import create_model
 from kdfast.pruning.keep import read_keep
 
@@ -77,6 +78,11 @@ def test_read_keep_finds_the_kept_examples_by_key_in_a_subset_in_another_order(k
     pq.write_table(pa.table({"key": kept_keys[:3] + kept_keys[:1], "index": [0, 1, 2, 3]}), tmp_path / "dup.parquet")
     with pytest.raises(KeyMatchError, match=r"dup.parquet: 1 keys appear more than once"):
         read_keep(str(tmp_path / "dup.parquet"), data)
+    pq.write_table(pa.table({"key": [1, 2], "index": [1, 2]}), tmp_path / "ints.parquet")
+    with pytest.raises(InvalidArgumentError) as info:
+        read_keep(str(tmp_path / "ints.parquet"), data, what="--keep ints.parquet")
+    assert str(info.value) == ("--keep ints.parquet must hold a non-empty string 'key' column (a keyed keep list of "
+                               "kdfast-prune), got key (int64), index (int64) with 2 rows")
 
 
 def test_a_bare_scores_parquet_is_matched_exactly_to_a_keyed_dataset(tmp_path, capsys, monkeypatch):
