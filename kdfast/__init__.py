@@ -14,6 +14,8 @@ Public API (imported lazily, so `import kdfast` stays cheap and never touches a 
                                          its recipe and what it distills from
     jobs                                 runs as jobs: job records checked on resume, chunk stores, atomic writes
     data_identity, check_identity        what ties scores, keep files and caches to one data set
+    example_keys                         each example's key (a source's own, a file's relative path, or the index),
+                                         by which scores.parquet, keep.parquet and teacher caches are matched
     teacher_gradient, teacher_report     unbiased self-distillation (Eq. 16) and its Eq. 14-15 diagnostics
     self_distill                         iterated self-distillation, each step's KD weight in closed form
     make_kd_term                         feature-distillation terms (hint, vid, at) for distill_step / fit
@@ -50,6 +52,7 @@ _API = {
     "KDSetup": "kdfast.distill.setup",
     "data_identity": "kdfast.data",
     "check_identity": "kdfast.data",
+    "example_keys": "kdfast.data.keys",
     # distillation as partial variance reduction: Eq. 16's correction and the Eq. 14-15 report
     "teacher_gradient": "kdfast.distill.variance_reduction",
     "teacher_report": "kdfast.distill.variance_reduction",

@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
+from collections import namedtuple
 
 import numpy as np
+import torch
+
+from kdfast.data import LabeledDataset
 
 
 def write_cifar(root, name="cifar10", n=12, labels=None, seed=0):
@@ -48,3 +53,39 @@ def write_image_folder(folder, classes=("cat", "dog", "emu"), per_class=3, size=
             img.save(os.path.join(folder, c, f"img{i}{ext}"))
             files.append(os.path.join(c, f"img{i}{ext}"))
     return files
+
+
+Shard = namedtuple("Shard", "name start stop size mtime_ns")
+
+
+class KeyedTensors(LabeledDataset):
+    """A keyed, sharded source over in-memory tensors, as webdataset / Parquet sources expose it: `.keys` (one
+    string per example) and `.shards` (Shard records in index order), `.files` None. `delay` seconds of sleep per
+    loaded example stretch a run so a test can kill it mid-way."""
+
+    def __init__(self, x, y, keys, shard_sizes, num_classes=10, name="keyed", delay=0.0):
+        super().__init__(name, y, num_classes)
+        self.x, self.keys, self.delay = x, list(keys), delay
+        bounds = np.cumsum([0, *shard_sizes]).tolist()
+        assert bounds[-1] == len(self.keys) == len(self.x)
+        self.shards = [Shard(f"train-{i:04d}.tar", a, b, 1000 + 17 * i, 1_700_000_000_000_000_000 + i)
+                       for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+
+    def load(self, index):
+        if self.delay:
+            time.sleep(self.delay)
+        return self.x[index]
+
+
+def digit_keys(n, seed=0):
+    """n distinct keys in no relation to their positions (webdataset-style `__key__`s)."""
+    order = np.random.default_rng(seed).permutation(10 * n)[:n]
+    return [f"n{k % 7:02d}/img_{k:06d}" for k in order]
+
+
+def keyed_digits(n=120, shard_sizes=(17, 0, 40, 23, 31, 9), delay=0.0, seed=0):
+    """The first n scikit-learn digits (1x8x8) as a keyed source in uneven shards (one empty)."""
+    from kdfast.data import load_dataset
+    digits = load_dataset("digits")
+    x = torch.stack([digits.load(i) for i in range(n)])
+    return KeyedTensors(x, digits.targets[:n], digit_keys(n, seed), shard_sizes, delay=delay)

@@ -79,7 +79,8 @@ def add_parser(subparsers):
     g = p.add_argument_group("Data")
     add_dataset_options(g)
     g.add_argument("--data-root", help="root folder of the data set (not needed for digits and shards)")
-    g.add_argument("--keep", help=".npy of kept dataset indices (kdfast-prune); default: every example")
+    g.add_argument("--keep", help=".npy of kept dataset indices, or a keyed keep list (.parquet, matched by key) "
+                                  "(kdfast-prune); default: every example")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crop + flip (default: on for CIFAR/SVHN/ImageNet, off for digits)")
     g.add_argument("--image-size", type=int, help="crop side for image folders (default 224)")

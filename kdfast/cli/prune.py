@@ -1,6 +1,8 @@
-"""`kdfast-prune`: keep a fraction of a data set from its scores; writes the kept indices as .npy.
+"""`kdfast-prune`: keep a fraction of a data set from its scores; writes the kept indices as .npy, or for keyed
+sources (webdataset, Parquet) a keyed keep list (.parquet: key, index).
 
     kdfast-prune --scores runs/c100-el2n --fraction 0.3 --mode moderate --class-balanced --out keep.npy
+    kdfast-prune --scores runs/wds-el2n --fraction 0.3 --out keep.parquet
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import sys
 
 import numpy as np
 
-from kdfast.scoring.folder import labels_fingerprint_of, load_scores, scores_identity
+from kdfast.data.keys import example_keys, has_keys, key_positions
+from kdfast.scoring.folder import labels_fingerprint_of, load_scores, read_scores_table, scores_identity
 from kdfast.pruning.score_files import is_keyed
 from kdfast.cli.common import CliError, UsageError, log
 
@@ -20,6 +23,8 @@ EPILOG = """examples:
   kdfast-prune --scores runs/c100-el2n --fraction 0.3 --mode moderate --class-balanced --out keep.npy
   kdfast-prune --scores scores.npy --fraction 0.1 --mode random --seed 3 --out keep.npy
   kdfast-prune --scores memorization.csv --dataset folder --data-root ~/data/pets --fraction 0.5 --out keep.npy
+  kdfast-prune --scores runs/wds-el2n --fraction 0.3 --out keep.parquet
+      (a keyed source: the kept examples' keys and indices, matched by key by kdfast-distill --keep)
 
 --scores is a `kdfast-score` output folder (scores.npy + meta.json) or a .npy file of float scores in data
 set order, higher = harder; or a score file keyed by file name (CSV with file,score columns, or .npz with
@@ -30,6 +35,11 @@ scores were computed on (fingerprint), and for image folders the same files (fil
 mismatched files are named). Besides OUT, OUT.json records what was kept and from what, including the scores'
 data identity (for a keyed score file: the image folder it was matched to, whose file list goes to
 OUT.files.txt), which kdfast-distill checks against its data.
+
+Keyed sources (a score folder of a webdataset or Parquet source, or a bare scores.parquet with key and score
+columns matched exactly to --dataset's example keys) give a keyed keep list: --out KEEP.parquet with columns
+`key` and `index`, which kdfast-distill --keep and teacher caches match by key. --out .parquet also writes one
+for any scores that carry keys (a folder holding scores.parquet).
 """
 
 
@@ -60,7 +70,8 @@ def add_parser(subparsers):
     g.add_argument("--data-root", help="root folder of the data set")
     g.add_argument("--split", default=None, help="split of the data set (default: meta.json's, else train)")
     g = p.add_argument_group("Output")
-    g.add_argument("--out", required=True, help="where to write the kept indices (.npy, int64, sorted)")
+    g.add_argument("--out", required=True, help="where to write the kept indices (.npy, int64, sorted), or a keyed "
+                                                "keep list (.parquet: key, index; needed for keyed sources)")
     return p
 
 
@@ -81,8 +92,8 @@ def _validate(args):
                         "without --class-balanced")
     if args.labels and args.dataset:
         problems.append("give --labels or --dataset, not both")
-    if not args.out.endswith(".npy"):
-        problems.append(f"--out must name a .npy file, got {args.out}")
+    if not args.out.endswith((".npy", ".parquet")):
+        problems.append(f"--out must name a .npy file (or a .parquet keyed keep list), got {args.out}")
     problems += _out_problems(args)
     if problems:
         raise UsageError("; ".join(problems))
@@ -121,22 +132,56 @@ def _keyed_dataset(args):
         raise UsageError(f"--scores {args.scores} is keyed by file name: pass --dataset (folder or imagenet) and "
                          "--data-root to match it to the data set's files")
     data = load_dataset(args.dataset, root=args.data_root, split=args.split or "train")
-    if data.files is None:
+    if data.files is None and not has_keys(data):
         raise UsageError(f"--scores {args.scores} is keyed by file name but --dataset {args.dataset} has no files; "
-                         "keyed score files go with image folders (folder, imagenet)")
+                         "keyed score files go with image folders (folder, imagenet) and keyed sources")
     return data
 
 
 def _keyed_scores(args, data):
-    """(scores, meta) of a CSV / .npz keyed by file name, in the order of `data`'s files; meta carries that
-    data set's identity (labels and file-list fingerprints), so the keep file is checked against the folder."""
+    """(scores, meta) of a CSV / .npz / .parquet keyed by file name (image folders) or by example key (keyed
+    sources: exact match), in the order of `data`'s examples; meta carries that data set's identity (labels and
+    file-list fingerprints), so the keep file is checked against the data."""
     from kdfast.data import data_identity, labels_fingerprint
-    from kdfast.pruning.score_files import load_score_file
-    scores, report = load_score_file(args.scores, files=data.files, return_report=True)
-    log(f"matched {report.exact} files exactly, {report.lenient} leniently; {report.ignored} score entries "
-        "match no file", quiet=args.quiet)
+    if has_keys(data):
+        scores = _scores_by_key(args, data)
+    else:
+        from kdfast.pruning.score_files import load_score_file
+        scores, report = load_score_file(args.scores, files=data.files, return_report=True)
+        log(f"matched {report.exact} files exactly, {report.lenient} leniently; {report.ignored} score entries "
+            "match no file", quiet=args.quiet)
     return scores, {"dataset": args.dataset, "data_root": args.data_root, "split": args.split or "train",
                     "labels_fingerprint": labels_fingerprint(data.targets), "data": data_identity(data)}
+
+
+def _scores_by_key(args, data):
+    """The scores of a keyed source's examples from a scores.parquet, every example found by its exact key
+    (keys of other examples are ignored)."""
+    if not args.scores.lower().endswith(".parquet"):
+        raise UsageError(f"--scores {args.scores}: scores of a keyed source (--dataset {args.dataset}) are matched "
+                         "by example key from a .parquet with key and score columns (kdfast-score's scores.parquet)")
+    keys, values = read_scores_table(args.scores)
+    rows = key_positions(example_keys(data), keys, what=f"--dataset {args.dataset} ({len(data)} examples)",
+                         among=f"score file {args.scores}")
+    log(f"matched all {len(rows)} examples by key; {len(keys) - len(rows)} score entries match no example",
+        quiet=args.quiet)
+    return values[rows]
+
+
+def _score_keys(args, meta, n, keyed_data):
+    """Every example's key (a pyarrow string array) for a keyed keep list: the data set's a keyed score file
+    was matched to, else those in the score folder's scores.parquet; None when the scores carry none."""
+    if keyed_data is not None:
+        return example_keys(keyed_data)
+    table = os.path.join(args.scores, "scores.parquet") if os.path.isdir(args.scores) else None
+    if table is None or not os.path.isfile(table):
+        if meta.get("keyed"):
+            raise CliError(f"--scores {args.scores} is of a keyed source but holds no scores.parquet; score it again")
+        return None
+    keys, _ = read_scores_table(args.scores)
+    if len(keys) != n:
+        raise CliError(f"{table} holds {len(keys)} rows but scores.npy {n} scores; the folder is damaged")
+    return keys
 
 
 def _labels(args, meta, n, dataset=None):
@@ -214,7 +259,7 @@ def _per_class_line(counts) -> str:
 def run(args) -> int:
     from kdfast.pruning.selection import prune
     _validate(args)
-    keyed = _keyed_dataset(args) if is_keyed(args.scores) else None
+    keyed = _keyed_dataset(args) if is_keyed(args.scores) and not os.path.isdir(args.scores) else None
     scores, meta = _keyed_scores(args, keyed) if keyed is not None else load_scores(args.scores)
     if scores.ndim != 1:
         raise CliError(f"scores in {args.scores} have shape {scores.shape}, expected (N,)")
@@ -225,7 +270,15 @@ def run(args) -> int:
     else:
         keep = prune(scores, args.fraction, args.mode, labels=labels, class_balanced=args.class_balanced,
                      seed=args.seed, ccs_beta=args.ccs_beta, ccs_strata=args.ccs_strata).numpy()
-    from kdfast.pruning.keep import write_keep
+    from kdfast.pruning.keep import is_keyed_keep, write_keep
+    keyed_source = bool(meta.get("keyed")) or (keyed is not None and has_keys(keyed))
+    keys = _score_keys(args, meta, len(scores), keyed) if keyed_source or is_keyed_keep(args.out) else None
+    if keyed_source and not is_keyed_keep(args.out):
+        raise UsageError(f"--scores {args.scores} is of a keyed source (webdataset, Parquet), whose subsets are found "
+                         f"by key: write a keyed keep list, --out {os.path.splitext(args.out)[0]}.parquet")
+    if keys is None and is_keyed_keep(args.out):
+        raise UsageError(f"--out {args.out}: a keyed keep list needs the examples' keys: --scores a kdfast-score "
+                         "folder holding scores.parquet, or a keyed score file")
     identity, files = scores_identity(args.scores, meta)
     if identity is None:
         log(f"note: --scores {args.scores} carries no data identity (no meta.json), so {args.out} cannot be checked "
@@ -239,7 +292,9 @@ def run(args) -> int:
         record.update(whole_batches=True, num_batches=num_batches)
     if args.mode == "ccs":
         record.update(ccs_beta=args.ccs_beta, ccs_strata=args.ccs_strata)
-    write_keep(args.out, keep, record, files=None if keyed is None else keyed.files)
+    if keys is not None:
+        record["keyed"] = True  # the keep list's keys find its examples, in any subset or order of the source
+    write_keep(args.out, keep, record, files=None if keyed is None else keyed.files, keys=keys)
     print(f"kept {len(keep)} of {len(scores)} examples (fraction {args.fraction}, mode {args.mode}"
           f"{', class-balanced' if args.class_balanced else ''}"
           f"{f', whole batches of {num_batches}' if num_batches else ''}) -> {args.out}")

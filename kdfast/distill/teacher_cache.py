@@ -19,6 +19,12 @@ extra bucket (missing="tail"; caches written before logsumexp.npy existed offer 
 
 Use the cache only where the student sees the same view of an example as the teacher did (no random
 augmentation); the fingerprints make sure it belongs to this data set's labels and this teacher.
+
+A cache of a keyed source (webdataset, Parquet: `create(..., keys=example_keys(data))`) also holds `keys.parquet`
+(column `key`); `cache.for_dataset(subset)` then serves a keyed subset of that source (or another order of it),
+its rows found by key:
+
+    cache = TeacherCache.open("runs/t-cache").for_dataset(train)     # row i: the cached row of train's key i
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ import numpy as np
 import torch
 
 from kdfast.errors import InvalidArgumentError
-from kdfast.io.atomic import read_file_list, save_npy, write_file_list, write_json
+from kdfast.io.atomic import read_file_list, save_npy, write_file_list, write_json, write_parquet
 from kdfast.losses.topk_teacher import MISSING, TopKTeacher
 from kdfast.runtime.checks import int_in_range, positive_int, require
 
@@ -125,18 +131,21 @@ class TeacherCacheWriter:
 class TeacherCache:
     """A read-only, memory-mapped teacher-logit cache; `cache[indices]` -> (B, C) float32 logits."""
 
-    def __init__(self, path, meta, arrays):
+    def __init__(self, path, meta, arrays, rows=None):
         self.path, self.meta, self._arrays = path, meta, arrays
+        self._rows = rows  # a keyed view's cache row of each of its examples (for_dataset); None: all, in order
 
     @staticmethod
     def create(path, *, num_examples, num_classes, dataset_fingerprint, teacher_fingerprint, topk=None,
-               dtype="float16", resume=False, files=None, files_fingerprint=None, labels=None) -> TeacherCacheWriter:
+               dtype="float16", resume=False, files=None, files_fingerprint=None, labels=None,
+               keys=None) -> TeacherCacheWriter:
         """A writer for a new cache at directory `path` (resume=True reopens an unfinished one).
 
         For file-backed data sets pass `files` (relative paths, index order) and their `files_fingerprint`
         (kdfast.data.data_identity): the cache keeps both, and check_dataset() then refuses a data set whose
         files differ, naming the first mismatched ones. `labels` (N ints, those `dataset_fingerprint` was taken
-        from), kept as labels.npy, let check_dataset() name the examples whose labels differ.
+        from), kept as labels.npy, let check_dataset() name the examples whose labels differ. `keys` (a keyed
+        source's example keys, kdfast.data.keys), kept as keys.parquet, let for_dataset() find rows by key.
         """
         require("TeacherCache.create", positive_int("num_examples", num_examples),
                 positive_int("num_classes", num_classes))
@@ -171,6 +180,10 @@ class TeacherCache:
             write_file_list(os.path.join(path, "files.txt"), files)
         if labels is not None:
             save_npy(os.path.join(path, "labels.npy"), np.asarray(torch.as_tensor(labels, dtype=torch.int64)))
+        if keys is not None:
+            if len(keys) != num_examples:
+                raise InvalidArgumentError(f"TeacherCache.create: {len(keys)} keys for {num_examples} examples")
+            write_parquet(os.path.join(path, "keys.parquet"), {"key": keys})
         _write_meta(path, meta)
         return TeacherCacheWriter(path, meta, arrays, written)
 
@@ -184,6 +197,23 @@ class TeacherCache:
                                        "with TeacherCache.create(..., resume=True) or rebuild it")
         return TeacherCache(path, meta, _open_arrays(path, meta, "r"))
 
+    def for_dataset(self, dataset) -> "TeacherCache":
+        """This cache for `dataset`: itself, unless the cache holds keys (keys.parquet) and `dataset`, a keyed
+        source, holds other keys or another order; then a view whose row i is the cached row of `dataset`'s
+        i-th key (exact match; KeyMatchError naming the first unknown or repeated keys). check_dataset() checks
+        a view's labels against the labels the cache recorded for those rows."""
+        from kdfast.data.keys import example_keys, has_keys, key_positions
+        file = os.path.join(self.path, "keys.parquet")
+        if not os.path.isfile(file) or not has_keys(dataset):
+            return self
+        import pyarrow.parquet as pq
+        cached, wanted = pq.read_table(file).column("key").combine_chunks(), example_keys(dataset)
+        if cached.equals(wanted):
+            return self
+        rows = key_positions(wanted, cached, what=getattr(dataset, "name", None) or "the data set",
+                             among=f"TeacherCache {str(self.path)!r}")
+        return TeacherCache(self.path, self.meta, self._arrays, rows)
+
     def check(self, *, dataset_fingerprint=None, teacher_fingerprint=None) -> None:
         """Raises TeacherCacheMismatchError unless the cache was built from these (None: not checked)."""
         _check_fingerprints(self.path, self.meta, dataset_fingerprint, teacher_fingerprint)
@@ -193,6 +223,17 @@ class TeacherCache:
         cache recorded one, its file list (the message then names the first mismatched files)."""
         from kdfast.data import check_identity, labels_fingerprint
         from kdfast.data.identity import DataIdentityError
+        if self._rows is not None:  # a keyed view: its examples were found by key, their labels must agree
+            labels_npy = os.path.join(self.path, "labels.npy")
+            if os.path.isfile(labels_npy):
+                recorded, now = np.load(labels_npy)[self._rows], dataset.targets.numpy()
+                bad = np.flatnonzero(recorded != now)
+                if len(bad):
+                    raise TeacherCacheMismatchError(
+                        f"TeacherCache {str(self.path)!r}: {len(bad)} of {len(now)} examples found by key have "
+                        f"other labels than when it was built (first: index {bad[0]}, {recorded[bad[0]]} then, "
+                        f"{now[bad[0]]} now); rebuild it for this data set")
+            return
         try:
             _check_fingerprints(self.path, self.meta, labels_fingerprint(dataset.targets), None)
         except TeacherCacheMismatchError as exc:
@@ -230,10 +271,14 @@ class TeacherCache:
         return self.meta["topk"]
 
     def __len__(self) -> int:
-        return self.meta["num_examples"]
+        return self.meta["num_examples"] if self._rows is None else len(self._rows)
+
+    def _cache_rows(self, indices) -> np.ndarray:
+        idx = _as_indices(indices, len(self))
+        return idx if self._rows is None else self._rows[idx]
 
     def __getitem__(self, indices) -> torch.Tensor:
-        idx = _as_indices(indices, len(self))
+        idx = self._cache_rows(indices)
         if self.topk is None:
             return torch.from_numpy(np.asarray(self._arrays["logits"][idx], dtype=np.float32))
         out = torch.full((len(idx), self.num_classes), float("-inf"))
@@ -259,7 +304,7 @@ class TeacherCache:
             raise InvalidArgumentError(f"TeacherCache.topk_rows: {self.path!r} was written without the rows' "
                                        "log-sum-exp, so the mass outside the top k is unknown: use missing='renorm' "
                                        "or rebuild the cache")
-        idx = _as_indices(indices, len(self))
+        idx = self._cache_rows(indices)
         classes, values = self._topk(idx)
         if missing == "tail":
             lse = torch.from_numpy(np.asarray(self._arrays["logsumexp"][idx], dtype=np.float32))

@@ -51,6 +51,16 @@ def save_npz(path: str, **arrays) -> str:
     return atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
+def write_parquet(path: str, columns: dict, *, what: str | None = None) -> str:
+    """A Parquet table of `columns` (name -> pyarrow or numpy array, in order), written atomically."""
+    from kdfast.data.keys import import_pyarrow
+    pa = import_pyarrow(what or f"writing {path}")
+    import pyarrow.parquet as pq
+    table = pa.table({name: values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values)
+                      for name, values in columns.items()})
+    return atomic_write(path, lambda fh: pq.write_table(table, fh))
+
+
 def save_torch(path: str, obj) -> str:
     import torch
     return atomic_write(path, lambda fh: torch.save(obj, fh))

@@ -214,6 +214,7 @@ def run_distill_job(cfg, recipe, job, data: DistillData, device) -> dict | None:
         from kdfast.distill.teacher_cache import TeacherCache
         cache = TeacherCache.open(cfg.teacher_cache,
                                   teacher_fingerprint=None if teacher is None else model_fingerprint(teacher))
+        cache = cache.for_dataset(data.train)  # a keyed subset of the cached source: its rows found by key
         cache.check_dataset(data.train)
         teacher = None  # the cache replaces the online teacher
     if alpha == 0:  # a feature term still needs the teacher's features

@@ -21,7 +21,7 @@ from kdfast.runtime.progress import log, progress
 from kdfast.io.atomic import save_npy, save_npz, save_torch
 from kdfast.io.chunks import ChunkStore
 from kdfast.io.job import Job
-from kdfast.scoring.folder import finish_folder, open_chunks, save_scores, score_meta
+from kdfast.scoring.folder import finish_folder, save_scores, score_meta
 
 NOT_LEARNING_MARGIN = 0.02  # accuracy within this of the majority-class share: the model did not learn
 MEMORISED_GAP = 0.25  # held-out accuracy this far below training accuracy: the model memorised its examples
@@ -138,17 +138,13 @@ def _train_one(cfg, job, train_data, num_classes, shape, track_forgetting, k, in
 def model_accuracies(cfg, job, models, data, held=None) -> dict | None:
     """Eval-mode accuracy of each model on the scored data (the view it scores), in one pass over the data:
     an example is right when its margin (largest other logit minus the true one) is negative. Resumable: each
-    example's outcome goes to the chunk store OUT/accuracy-chunks (removed with the scoring chunks), sharded
-    over torchrun ranks like the scoring pass. {"all": [K], "trained": [K], "held_out": [K]} on the main rank
-    (None on the others); the last two split the examples by `held` (the held-out indices), None without them."""
-    from kdfast.scoring import get_method, index_batches, score_batches
+    example's outcome goes to the chunk store OUT/accuracy-chunks (per shard to OUT/accuracy-shards for sharded
+    sources; removed with the scoring chunks), split over torchrun ranks like the scoring pass.
+    {"all": [K], "trained": [K], "held_out": [K]} on the main rank (None on the others); the last two split the
+    examples by `held` (the held-out indices), None without them."""
+    from kdfast.scoring import get_method, score_batches
     n = len(data)
-    store = _open_main_first(lambda: ChunkStore(job.path("accuracy-chunks"), num_rows=n, width=len(models),
-                                                resume=True, rank=distributed.rank(), rows_per_chunk=cfg.chunk_size))
-    done = store.done_mask()
-    batches = index_batches(range(n), cfg.batch_size)
-    mine = [batches[i] for i in distributed.shard_indices(len(batches), distributed.rank(), distributed.world_size())]
-    mine = [b for b in mine if not done[b[0]]]
+    store, _, mine = _open_pass(cfg, job, data, len(models), "accuracy-")
     for idx, values, _ in progress(score_batches(models, data, get_method("margin"), batches=mine,
                                                  device=cfg.device, precision=cfg.precision,
                                                  num_workers=cfg.num_workers),
@@ -218,17 +214,12 @@ def _score_chunked(cfg, job, method, models, data):
     the images/s of this pass.
 
     Under torchrun each rank scores a contiguous block of the single-process batches (so every value comes from
-    the same batch as in a plain run) and writes its own chunk files; rank 0 gathers after a barrier.
+    the same batch as in a plain run) and writes its own chunk files (sharded sources: its block of whole shards,
+    see _open_pass); rank 0 gathers after a barrier.
     """
-    from kdfast.scoring import index_batches, score_batches
-    n = len(data)
-    store = _open_main_first(lambda: open_chunks(job, num_rows=n, width=len(models), rank=distributed.rank(),
-                                                 rows_per_chunk=cfg.chunk_size))
+    from kdfast.scoring import score_batches
+    store, mine, batches = _open_pass(cfg, job, data, len(models), "")
     writer = _open_main_first(lambda: _logit_writer(cfg, job, models[0], data)) if cfg.save_logits else None
-    done = store.done_mask()
-    batches = index_batches(range(n), cfg.batch_size)
-    mine = [batches[i] for i in distributed.shard_indices(len(batches), distributed.rank(), distributed.world_size())]
-    batches = [b for b in mine if not done[b[0]]]
     todo, share = sum(len(b) for b in batches), sum(len(b) for b in mine)
     if todo < share:
         log(f"resuming: {share - todo} of {share} examples already scored", quiet=cfg.quiet)
@@ -254,6 +245,32 @@ def _score_chunked(cfg, job, method, models, data):
     return per_model, store, (todo / seconds if todo else None)
 
 
+def _open_pass(cfg, job, data, width, prefix):
+    """(store, this rank's batches, those of them still to score) of one resumable pass over `data`, `width`
+    values per example, stored in OUT/{prefix}chunks (a ChunkStore) or, for sharded sources (`.shards`), in
+    OUT/{prefix}shards (a ShardStore): there the shard is the unit of work and of commit, batches never cross a
+    shard boundary and rank r of W takes the contiguous block shard_indices(#shards, r, W) of whole shards."""
+    from kdfast.data.keys import example_keys
+    from kdfast.io.shards import ShardStore
+    from kdfast.scoring import index_batches
+    rank, world = distributed.rank(), distributed.world_size()
+    shards = getattr(data, "shards", None)
+    if shards is None:
+        store = _open_main_first(lambda: ChunkStore(job.path(f"{prefix}chunks"), num_rows=len(data), width=width,
+                                                    resume=True, rank=rank, rows_per_chunk=cfg.chunk_size))
+        done = store.done_mask()
+        batches = index_batches(range(len(data)), cfg.batch_size)
+        mine = [batches[i] for i in distributed.shard_indices(len(batches), rank, world)]
+        return store, mine, [b for b in mine if not done[b[0]]]
+    store = _open_main_first(lambda: ShardStore(job.path(f"{prefix}shards"), shards=shards, width=width,
+                                                keys=example_keys(data), labels=data.targets.numpy()))
+    mine = list(distributed.shard_indices(len(shards), rank, world))
+
+    def batches_of(ids):
+        return [b for i in ids for b in index_batches(range(shards[i].start, shards[i].stop), cfg.batch_size)]
+    return store, batches_of(mine), batches_of(store.todo(mine))
+
+
 def _open_main_first(open_fn):
     """open_fn() on the main rank (which creates the shared files), then on the others."""
     opened = open_fn() if distributed.is_main() else None
@@ -263,6 +280,7 @@ def _open_main_first(open_fn):
 
 def _logit_writer(cfg, job, model, data):
     from kdfast.data import data_identity
+    from kdfast.data.keys import example_keys, has_keys
     from kdfast.models import model_fingerprint
     from kdfast.distill.teacher_cache import TeacherCache
     identity = data_identity(data)
@@ -270,7 +288,8 @@ def _logit_writer(cfg, job, model, data):
                                topk=getattr(cfg, "topk", None),  # (configurations from before --topk have none)
                                dataset_fingerprint=identity["labels_fingerprint"],
                                teacher_fingerprint=model_fingerprint(model), resume=True, files=data.files,
-                               files_fingerprint=identity["files_fingerprint"], labels=data.targets)
+                               files_fingerprint=identity["files_fingerprint"], labels=data.targets,
+                               keys=example_keys(data) if has_keys(data) else None)
 
 
 def _score_liprune(cfg, job, models, data):
@@ -339,7 +358,7 @@ def run_score_job(cfg, job, data, train_data) -> dict | None:
         return None
     per_model = per_model.astype(np.float32)
     targets = data.targets.numpy()
-    scores, outputs = save_scores(job, per_model, batch_ids=batch_ids)
+    scores, outputs = save_scores(job, per_model, data, batch_ids=batch_ids)
     if data.files:
         outputs.append("files.txt")  # written by the job when it started
     if cfg.save_logits:
@@ -378,8 +397,9 @@ def finish_score_job(job, result, extra_outputs=()) -> dict:
     meta = result["meta"]
     meta["files"] += list(extra_outputs)
     meta["wall_time_s"] = round(time.perf_counter() - result["start"], 3)
-    if os.path.isdir(job.path("accuracy-chunks")):
-        shutil.rmtree(job.path("accuracy-chunks"))
+    for name in ("accuracy-chunks", "accuracy-shards"):
+        if os.path.isdir(job.path(name)):
+            shutil.rmtree(job.path(name))
     finish_folder(job, meta, result["store"])
     return meta
 

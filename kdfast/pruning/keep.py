@@ -6,6 +6,14 @@ recording what was kept from what, including the data identity of the scores (la
     keep, record = read_keep("keep.npy", dataset)         # DataIdentityError when made for other data
 
 A bare .npy (no record) is still accepted: nothing is known to check it against, so read_keep warns once.
+
+Keyed keep lists (for keyed sources: webdataset, Parquet) are KEEP.parquet with columns `key` (string, the
+example keys of kdfast.data.keys) and `index` (int64, the position in the data set the list was made from), sorted
+by index, with the same KEEP.parquet.json record. Reading one finds the kept examples by key (exact match), so a
+keyed subset or another order of the source gets its own positions:
+
+    write_keep("keep.parquet", keep, record, keys=example_keys(dataset))
+    keep, record = read_keep("keep.parquet", subset)      # KeyMatchError for unknown or repeated keys
 """
 from __future__ import annotations
 
@@ -16,22 +24,54 @@ import numpy as np
 
 from kdfast.data.identity import DataIdentityError, check_identity
 from kdfast.errors import InvalidArgumentError
-from kdfast.io.atomic import read_file_list, read_json, save_npy, write_file_list, write_json
+from kdfast.data.keys import example_keys, import_pyarrow, key_positions
+from kdfast.io.atomic import read_file_list, read_json, save_npy, write_file_list, write_json, write_parquet
 
 
-def write_keep(path: str, keep, record: dict, *, files: list[str] | None = None) -> None:
+def is_keyed_keep(path: str) -> bool:
+    return str(path).lower().endswith(".parquet")
+
+
+def write_keep(path: str, keep, record: dict, *, files: list[str] | None = None, keys=None) -> None:
     """`files`: the data set's file list when no other copy is recorded (record["files_list"]): written to
-    KEEP.files.txt and recorded, so a later mismatch names the files that differ."""
+    KEEP.files.txt and recorded, so a later mismatch names the files that differ. `keys`: every example's key
+    (kdfast.data.keys), for a keyed keep list (KEEP.parquet)."""
+    keep = np.asarray(keep, dtype=np.int64)
     if files is not None:
         write_file_list(f"{path}.files.txt", files)
         record = {**record, "files_list": os.path.abspath(f"{path}.files.txt")}
-    save_npy(path, np.asarray(keep, dtype=np.int64))
+    if is_keyed_keep(path):
+        if keys is None:
+            raise InvalidArgumentError(f"keep file {path}: a keyed keep list needs the data set's example keys")
+        write_parquet(path, {"key": keys.take(import_pyarrow(path).array(keep)), "index": keep})
+    else:
+        save_npy(path, keep)
     write_json(f"{path}.json", record)
 
 
+def _read_keyed_keep(path: str, dataset, what: str) -> np.ndarray:
+    """The data set positions of a keyed keep list's keys, sorted (found by key: KeyMatchError when unknown)."""
+    pa = import_pyarrow(what)
+    import pyarrow.parquet as pq
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise InvalidArgumentError(f"{what}: cannot read it ({exc})") from None
+    if "key" not in table.column_names or table.num_rows == 0 or not pa.types.is_string(table.schema.field("key").type):
+        raise InvalidArgumentError(f"{what} must hold a non-empty string 'key' column (a keyed keep list of "
+                                   f"kdfast-prune), got {', '.join(f'{f.name} ({f.type})' for f in table.schema)} "
+                                   f"with {table.num_rows} rows")
+    keys = table.column("key").combine_chunks()
+    return np.sort(key_positions(keys, example_keys(dataset), what=what))
+
+
 def read_keep(path: str, dataset, *, what: str | None = None):
-    """(indices int64, record or {}) of the keep file `path`, checked against `dataset`."""
+    """(indices int64, record or {}) of the keep file `path`, checked against `dataset`: a keep.npy by the data
+    identity it records, a keyed keep.parquet by its keys (the kept examples found by key)."""
     what = what or f"keep file {path}"
+    if is_keyed_keep(path):
+        keep = _read_keyed_keep(path, dataset, what)
+        return keep, read_json(f"{path}.json") if os.path.isfile(f"{path}.json") else {}
     try:
         keep = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:

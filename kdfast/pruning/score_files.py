@@ -25,7 +25,7 @@ import numpy as np
 
 from kdfast.errors import InvalidArgumentError
 
-KEYED_EXTENSIONS = (".csv", ".npz")
+KEYED_EXTENSIONS = (".csv", ".npz", ".parquet")
 SHOW = 5  # names listed in an error before "... (N in all)"
 
 
@@ -66,6 +66,13 @@ def _read_csv(path: str) -> tuple[list[str], np.ndarray]:
                                      "number") from None
             keys.append(row[columns["file"]])
     return keys, np.asarray(values, dtype=np.float64)
+
+
+def _read_parquet(path: str) -> tuple[list[str], np.ndarray]:
+    """A scores.parquet (kdfast-score's, or any table with `key` and `score` columns)."""
+    from kdfast.scoring.folder import read_scores_table
+    keys, scores = read_scores_table(path, what=f"score file {path}")
+    return keys.to_pylist(), scores
 
 
 def _read_npz(path: str) -> tuple[list[str], np.ndarray]:
@@ -153,7 +160,8 @@ def load_score_file(path: str, *, files=None, return_report: bool = False):
         raise ScoreFileError(f"score file {path} is keyed by file name: pass the data set's files (an image-folder "
                              "data set's .files) to match it")
     try:
-        keys, values = _read_csv(path) if path.lower().endswith(".csv") else _read_npz(path)
+        keys, values = _read_csv(path) if path.lower().endswith(".csv") else \
+            _read_parquet(path) if path.lower().endswith(".parquet") else _read_npz(path)
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         if isinstance(exc, ScoreFileError):
             raise

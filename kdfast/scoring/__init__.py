@@ -144,7 +144,7 @@ def _score_job(model, data, m, out, *, resume, overwrite, chunk_size, return_per
                 per_model = torch.from_numpy(store.gather().T.copy())
             else:
                 _, per_model = score(model, data, m.name, return_per_model=True, **kw)
-            _, files = save_scores(job, per_model.numpy())
+            _, files = save_scores(job, per_model.numpy(), dataset)
             if getattr(dataset, "files", None) is not None:
                 files.append("files.txt")  # written by the job when it started
             finish_folder(job, score_meta(m.name, dataset, files, **settings), store)

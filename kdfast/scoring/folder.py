@@ -1,12 +1,14 @@
 """Score folders: one writer for `kdfast.score(out=)` and `kdfast-score`, one reader for their consumers.
 
-A folder holds scores.npy, scores_per_model.npy (ensembles), batch_ids.npy (per-batch methods), meta.json (the
-method and the data identity the scores were computed on) and files.txt (image folders); rows are scored into
-resumable chunks (OUT/chunks/) first. A bare .npy of scores in data set order also reads, with nothing to check
-it against beyond its length.
+A folder holds scores.npy, scores_per_model.npy (ensembles), batch_ids.npy (per-batch methods), scores.parquet
+(the same rows keyed by example: columns `key` (kdfast.data.keys), `label` int64, `score` float32 (the mean),
+`score_model0`, ... float32 (ensembles), `batch_id` int64 (per-batch methods)), meta.json (the method and the
+data identity the scores were computed on) and files.txt (image folders); rows are scored into resumable chunks
+(OUT/chunks/, or OUT/shards/ per shard of a sharded source) first. A bare .npy of scores in data set order also
+reads, with nothing to check it against beyond its length.
 
     store = open_chunks(job, num_rows=N, width=K, rows_per_chunk=8192)     # write rows, resume after a kill
-    scores, files = save_scores(job, per_model)                            # (K, N) -> scores.npy, ...
+    scores, files = save_scores(job, per_model, dataset)                   # (K, N) -> scores.npy, ...
     finish_folder(job, score_meta(method, dataset, files, batch_size=256), store)   # meta.json, job complete
 
     scores, meta = load_scores("runs/digits-el2n")                 # no check
@@ -16,12 +18,14 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import numpy as np
 
 from kdfast.data.identity import DataIdentityError, check_identity
 from kdfast.errors import InvalidArgumentError
-from kdfast.io.atomic import read_file_list, read_json, save_npy, write_json
+from kdfast.data.keys import example_keys, has_keys
+from kdfast.io.atomic import read_file_list, read_json, save_npy, write_json, write_parquet
 from kdfast.io.chunks import ChunkStore
 
 DIRECTION = "higher is harder"
@@ -34,9 +38,10 @@ def open_chunks(job, *, num_rows: int, width: int, rows_per_chunk: int, rank: in
                       rows_per_chunk=rows_per_chunk)
 
 
-def save_scores(job, per_model, *, batch_ids=None) -> tuple[np.ndarray, list[str]]:
-    """Writes OUT/scores.npy (the mean over models), scores_per_model.npy (more than one model) and batch_ids.npy
-    (given); returns (scores float32 (N,), the files written)."""
+def save_scores(job, per_model, data, *, batch_ids=None) -> tuple[np.ndarray, list[str]]:
+    """Writes OUT/scores.npy (the mean over models), scores_per_model.npy (more than one model), batch_ids.npy
+    (given) and scores.parquet (the rows keyed by `data`'s example keys); returns (scores float32 (N,), the files
+    written). Without pyarrow, scores.parquet is left out with a warning, except for keyed sources (an error)."""
     per_model = np.asarray(per_model, dtype=np.float32)
     scores = per_model.mean(0) if len(per_model) > 1 else per_model[0]
     save_npy(job.path("scores.npy"), scores)
@@ -47,7 +52,48 @@ def save_scores(job, per_model, *, batch_ids=None) -> tuple[np.ndarray, list[str
     if batch_ids is not None:
         save_npy(job.path("batch_ids.npy"), batch_ids)
         files.append("batch_ids.npy")
+    try:
+        keys = example_keys(data)
+    except InvalidArgumentError:  # no pyarrow
+        if has_keys(data):
+            raise
+        warnings.warn("scores.parquet (the scores keyed by example) not written: it needs pyarrow (pip install "
+                      "'kdfast[data]')", stacklevel=2)
+        return scores, files
+    columns = {"key": keys}
+    if hasattr(data, "targets"):
+        columns["label"] = np.asarray(data.targets, dtype=np.int64)
+    columns["score"] = scores
+    if len(per_model) > 1:
+        columns.update({f"score_model{k}": row for k, row in enumerate(per_model)})
+    if batch_ids is not None:
+        columns["batch_id"] = np.asarray(batch_ids, dtype=np.int64)
+    write_parquet(job.path("scores.parquet"), columns)
+    files.append("scores.parquet")
     return scores, files
+
+
+def read_scores_table(path: str, *, what: str | None = None):
+    """(keys, scores float64) of a scores.parquet: a kdfast-score folder's or a bare file with `key` and `score`
+    columns (keys as a pyarrow string array, in the file's order)."""
+    from kdfast.data.keys import import_pyarrow
+    what = what or f"--scores {path}"
+    file = os.path.join(path, "scores.parquet") if os.path.isdir(path) else path
+    import_pyarrow(what)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        table = pq.read_table(file)
+    except (OSError, pa.ArrowException) as exc:
+        raise InvalidArgumentError(f"{what}: cannot read {file} ({exc})") from None
+    if "key" not in table.column_names or "score" not in table.column_names:
+        raise InvalidArgumentError(f"{what}: {file} needs columns 'key' and 'score', got {table.column_names}")
+    keys, scores = table.column("key"), table.column("score")
+    if not (pa.types.is_string(keys.type) or pa.types.is_large_string(keys.type)) or \
+            not (pa.types.is_floating(scores.type) or pa.types.is_integer(scores.type)):
+        raise InvalidArgumentError(f"{what}: {file}: 'key' must hold strings and 'score' numbers, got {keys.type} "
+                                   f"and {scores.type}")
+    return keys.combine_chunks().cast(pa.string()), scores.to_numpy().astype(np.float64)
 
 
 def load_per_model(folder: str) -> np.ndarray:
@@ -58,7 +104,8 @@ def load_per_model(folder: str) -> np.ndarray:
 
 def score_meta(method: str, data, files: list[str], **fields) -> dict:
     """meta.json: the method and direction, the data identity `read_scores` checks consumers against (labels
-    and, for image folders, files), the caller's `fields`, versions, the files and the time."""
+    and, for image folders, files), whether the source is keyed (its own example keys: consumers then match
+    scores.parquet by key), the caller's `fields`, versions, the files and the time."""
     import torch
 
     from kdfast._version import __version__
@@ -66,7 +113,8 @@ def score_meta(method: str, data, files: list[str], **fields) -> dict:
     identity = data_identity(data) if hasattr(data, "targets") else {"num_examples": len(data)}
     return {"method": method, "direction": DIRECTION, "labels_fingerprint": identity.get("labels_fingerprint"),
             "files_fingerprint": identity.get("files_fingerprint"), "data": identity, "num_examples": len(data),
-            **fields, "kdfast_version": __version__, "torch_version": torch.__version__, "files": list(files),
+            "keyed": has_keys(data), **fields, "kdfast_version": __version__, "torch_version": torch.__version__,
+            "files": list(files),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 

@@ -177,3 +177,80 @@ def test_a_label_mismatch_names_the_examples_that_differ(tmp_path):
     with pytest.raises(TeacherCacheMismatchError, match=r"built from another dataset .* \(2 labels differ: "
                                                         r"emu/img0.JPEG: 2 then, 1 now, emu/img1.png: 2 then, 1 now\)"):
         TeacherCache.open(tmp_path / "c").check_dataset(moved)
+
+
+# ------------------------------------------------------------------------------ keyed sources: rows by key
+def _keyed_cache(path, data, logits, topk=None):
+    from kdfast.data import labels_fingerprint
+    from kdfast.data.keys import example_keys
+    writer = TeacherCache.create(path, num_examples=len(data), num_classes=10, topk=topk, dtype="float32",
+                                 dataset_fingerprint=labels_fingerprint(data.targets), teacher_fingerprint="t" * 64,
+                                 labels=data.targets, keys=example_keys(data))
+    writer.write(torch.arange(len(data)), logits)
+    writer.close()
+    return TeacherCache.open(path)
+
+
+@pytest.mark.parametrize("topk", [None, 3])
+def test_a_keyed_subset_in_another_order_gets_its_rows_by_key(tmp_path, topk):
+    pytest.importorskip("pyarrow")
+    from _fake_datasets import keyed_digits
+    from kdfast.data import LabeledSubset
+    data = keyed_digits()
+    logits = torch.randn(len(data), 10, generator=torch.Generator().manual_seed(0)) * 4
+    cache = _keyed_cache(tmp_path / "c", data, logits, topk)
+    assert (tmp_path / "c" / "keys.parquet").is_file()
+    assert cache.for_dataset(data) is cache  # the same keys in the same order: the cache itself
+    order = torch.from_numpy(np.random.default_rng(5).permutation(len(data))[:50])
+    subset = LabeledSubset(data, order)
+    view = cache.for_dataset(subset)
+    assert len(view) == 50
+    view.check_dataset(subset)
+    rows = torch.tensor([7, 0, 49, 13])
+    np.testing.assert_array_equal(view[rows].numpy(), cache[order[rows]].numpy())
+    if topk:
+        a, b = view.topk_rows(rows), cache.topk_rows(order[rows])
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.logprobs, b.logprobs)
+    else:
+        np.testing.assert_array_equal(view[rows].numpy(), logits[order[rows]].numpy())
+    # labels found by key must agree with those the cache recorded
+    relabelled = LabeledSubset(data, order)
+    relabelled.targets = (relabelled.targets + 1) % 10
+    with pytest.raises(TeacherCacheMismatchError, match="50 of 50 examples found by key have other labels"):
+        cache.for_dataset(relabelled).check_dataset(relabelled)
+
+
+def test_keys_unknown_to_the_cache_are_named(tmp_path):
+    pytest.importorskip("pyarrow")
+    from _fake_datasets import keyed_digits
+    from kdfast.data.keys import KeyMatchError
+    data = keyed_digits()
+    cache = _keyed_cache(tmp_path / "c", data, torch.randn(len(data), 10))
+    other = keyed_digits(n=30, shard_sizes=(30,), seed=9)  # keys the cache never saw
+    message = r"^keyed: 27 of 30 keys match no example of TeacherCache .*; was it made for another data set\?$"
+    with pytest.raises(KeyMatchError, match=message):
+        cache.for_dataset(other)
+
+
+def test_fit_on_a_keyed_subset_through_the_view_equals_a_cache_built_for_that_subset(tmp_path):
+    pytest.importorskip("pyarrow")
+    from _fake_datasets import keyed_digits
+    from kdfast.data import LabeledSubset
+    from kdfast.models import create_model
+    from kdfast.training.fit import fit
+    from kdfast.training.recipe import TrainRecipe
+    data = keyed_digits()
+    logits = torch.randn(len(data), 10, generator=torch.Generator().manual_seed(1)) * 3
+    order = torch.from_numpy(np.random.default_rng(6).permutation(len(data))[:64])
+    subset = LabeledSubset(data, order)
+    view = _keyed_cache(tmp_path / "whole", data, logits).for_dataset(subset)
+    direct = _keyed_cache(tmp_path / "direct", subset, logits[order])  # its own keys, in the subset's order
+    students = []
+    for cache in (view, direct):
+        torch.manual_seed(0)
+        student = create_model("mlp", num_classes=10, in_channels=1, image_size=8)
+        fit(student, subset, TrainRecipe(epochs=1, batch_size=16, lr=0.05, seed=0),
+            kdfast.KDSetup(teacher_cache=cache, alpha=0.7, temperature=2.0), progress=False)
+        students.append(student)
+    for a, b in zip(*(s.parameters() for s in students)):
+        assert torch.equal(a, b)

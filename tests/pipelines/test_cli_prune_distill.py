@@ -431,8 +431,10 @@ def test_prune_checks_a_library_made_score_folder_like_a_cli_made_one(tmp_path, 
     scores = kdfast.score(model, digits, "el2n", progress=False, out=tmp_path / "lib", chunk_size=500)
     meta = json.loads((tmp_path / "lib" / "meta.json").read_text())
     assert (meta["method"], meta["direction"], meta["num_examples"]) == ("el2n", "higher is harder", len(digits))
-    assert meta["labels_fingerprint"] == labels_fingerprint(digits.targets) and meta["files"] == ["scores.npy"]
-    assert sorted(os.listdir(tmp_path / "lib")) == ["job.json", "job.lock", "meta.json", "scores.npy"]  # chunks dropped
+    assert meta["labels_fingerprint"] == labels_fingerprint(digits.targets)
+    assert meta["files"] == ["scores.npy", "scores.parquet"]
+    assert sorted(os.listdir(tmp_path / "lib")) == ["job.json", "job.lock", "meta.json", "scores.npy",
+                                                    "scores.parquet"]  # chunks dropped
     argv = ["--fraction", "0.3", "--mode", "hard", "--class-balanced", "--dataset", "digits"]
     rc = prune_main(["--scores", str(tmp_path / "lib"), *argv, "--out", str(tmp_path / "keep.npy")])
     assert rc == 0, capsys.readouterr().err

@@ -1,0 +1,113 @@
+"""Resumable per-shard row storage for sharded sources (webdataset, Parquet): the shard is the unit of work and of
+commit, so a resumed or multi-rank job rescores only whole shards that never landed.
+
+    store = ShardStore("runs/x/shards", shards=data.shards, width=K, keys=example_keys(data), labels=labels)
+    for i in store.todo(my_shards):            # shard indices not committed yet (stale temporaries removed)
+        for indices, values in work(i):        # batches inside shard i, in index order; values (n, K) float32
+            store.write(indices, values)       # the shard's file lands when its last row arrives
+    table = store.gather()                     # (N, K) in shard order; every shard present, its keys unchanged
+
+Shard i's rows are committed as `{i:06d}.npz` (atomic, kdfast/io/atomic.py) with arrays `keys` (str, its
+examples' keys), `labels` (int64) and `values` (float32, (rows, K)): a kill at any moment leaves whole shards
+only. `store.json` records K and the shards (name, start, stop, size, mtime_ns); reopening with others raises
+JobMismatchError, and gather() refuses a shard file whose keys are not the data set's keys of that shard.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+import numpy as np
+
+from kdfast.data.base import DataError
+from kdfast.io.atomic import read_json, save_npz, write_json
+from kdfast.io.errors import IncompleteStoreError, JobMismatchError
+
+
+def _shard_fields(shard) -> list:
+    return [str(shard.name), int(shard.start), int(shard.stop), int(shard.size), int(shard.mtime_ns)]
+
+
+class ShardStore:
+    def __init__(self, directory: str, *, shards, width: int, keys, labels):
+        self.directory, self.width = os.fspath(directory), int(width)
+        self.shards, self.keys, self.labels = list(shards), keys, np.asarray(labels, dtype=np.int64)
+        self._starts = np.array([s.start for s in self.shards], dtype=np.int64)
+        settings = {"width": self.width, "shards": [_shard_fields(s) for s in self.shards]}
+        record = os.path.join(self.directory, "store.json")
+        if os.path.exists(record):
+            stored = read_json(record)
+            if stored != settings:
+                changed = [f"shard {i} ({a[0]})" for i, (a, b) in enumerate(zip(stored.get("shards", []),
+                                                                                 settings["shards"])) if a != b]
+                raise JobMismatchError(
+                    f"{self.directory} holds shards of another job (width {stored.get('width')} then, {self.width} "
+                    f"now; {len(stored.get('shards', []))} shards then, {len(self.shards)} now"
+                    + (f"; changed: {', '.join(changed[:5])}" if changed else "")
+                    + "); repeat its settings, or overwrite it (--overwrite)", [])
+        else:
+            os.makedirs(self.directory, exist_ok=True)
+            write_json(record, settings)
+        self._pending: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # shard -> (values, rows seen)
+
+    def path(self, i: int) -> str:
+        return os.path.join(self.directory, f"{i:06d}.npz")
+
+    def todo(self, indices) -> list[int]:
+        """The shards among `indices` (this rank's) not committed yet; empty shards are committed at once."""
+        left = []
+        for i in indices:
+            for tmp in glob.glob(f"{self.path(i)}.tmp*"):
+                os.remove(tmp)  # a shard that was being written when the job died: its rows are recomputed
+            if os.path.exists(self.path(i)):
+                continue
+            if self.shards[i].stop == self.shards[i].start:
+                self._commit(i, np.empty((0, self.width), dtype=np.float32))
+            else:
+                left.append(i)
+        return left
+
+    def write(self, indices, values) -> None:
+        """Rows of one shard (a batch never crosses a shard boundary); commits the shard once all its rows came."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        vals = np.asarray(values, dtype=np.float32).reshape(len(idx), self.width)
+        i = int(np.searchsorted(self._starts, idx[0], side="right")) - 1
+        start, stop = self.shards[i].start, self.shards[i].stop
+        if idx.min() < start or idx.max() >= stop:
+            raise ValueError(f"ShardStore.write: rows {idx.min()}..{idx.max()} cross shard {i} [{start}, {stop})")
+        rows, seen = self._pending.setdefault(i, (np.empty((stop - start, self.width), np.float32),
+                                                  np.zeros(stop - start, bool)))
+        rows[idx - start], seen[idx - start] = vals, True
+        if seen.all():
+            del self._pending[i]
+            self._commit(i, rows)
+
+    def _commit(self, i: int, rows: np.ndarray) -> None:
+        start, stop = self.shards[i].start, self.shards[i].stop
+        save_npz(self.path(i), keys=np.asarray(self.keys.slice(start, stop - start).to_pylist(), dtype=str),
+                 labels=self.labels[start:stop], values=rows)
+
+    def close(self) -> None:
+        """Nothing is buffered across calls but shards whose rows have not all come (a failed batch)."""
+        self._pending.clear()
+
+    def gather(self) -> np.ndarray:
+        """(N, width) float32 of every shard; IncompleteStoreError naming the missing shards, DataError when a
+        shard file holds other keys than the data set's examples of that shard (a shard replaced meanwhile)."""
+        missing = [s.name for i, s in enumerate(self.shards) if not os.path.exists(self.path(i))]
+        if missing:
+            raise IncompleteStoreError(f"{self.directory}: {len(missing)} of {len(self.shards)} shards were never "
+                                       f"scored (first: {missing[0]}); run again with resume=True (--resume)")
+        out = np.empty((len(self.labels), self.width), dtype=np.float32)
+        for i, s in enumerate(self.shards):
+            with np.load(self.path(i)) as z:
+                keys, values = z["keys"], z["values"]
+            if keys.tolist() != self.keys.slice(s.start, s.stop - s.start).to_pylist():
+                raise DataError(f"{self.path(i)}: its keys are not those of shard {s.name} now; the shard changed "
+                                "since it was scored (score again with --overwrite)")
+            out[s.start:s.stop] = values
+        return out
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
