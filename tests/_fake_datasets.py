@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from kdfast.data import LabeledDataset
+from kdfast.data.shard_index import KeyList, Shard
 
 
 def write_cifar(root, name="cifar10", n=12, labels=None, seed=0):
@@ -55,7 +56,6 @@ def write_image_folder(folder, classes=("cat", "dog", "emu"), per_class=3, size=
     return files
 
 
-Shard = namedtuple("Shard", "name start stop size mtime_ns")
 
 
 class KeyedTensors(LabeledDataset):
@@ -65,7 +65,7 @@ class KeyedTensors(LabeledDataset):
 
     def __init__(self, x, y, keys, shard_sizes, num_classes=10, name="keyed", delay=0.0):
         super().__init__(name, y, num_classes)
-        self.x, self.keys, self.delay = x, list(keys), delay
+        self.x, self.keys, self.delay = x, KeyList.from_strings(keys), delay
         bounds = np.cumsum([0, *shard_sizes]).tolist()
         assert bounds[-1] == len(self.keys) == len(self.x)
         self.shards = [Shard(f"train-{i:04d}.tar", a, b, 1000 + 17 * i, 1_700_000_000_000_000_000 + i)

@@ -106,7 +106,7 @@ def test_prune_and_distill_from_shards(shards, tmp_path, capsys):
     _, wds_name, pq_name = shards
     run = str(tmp_path / "scores")
     assert _score(capsys, "--dataset", pq_name, *TINY, "--save-logits", "--out", run)[0] == 0
-    keep = str(tmp_path / "keep.npy")
+    keep = str(tmp_path / "keep.parquet")  # a keyed source: its subsets are found by key
     assert main(["prune", "--scores", run, "--fraction", "0.5", "--class-balanced", "--out", keep]) == 0
     code = main(["distill", "--dataset", pq_name, "--model", "mlp", "--image-size", "8", "--epochs", "1", "--keep",
                  keep, "--teacher-cache", os.path.join(run, "teacher-logits"), "--no-augment", "--quiet", "--out",

@@ -131,7 +131,7 @@ def test_scores_parquet_of_a_keyed_source_matches_a_reference(tmp_path):
     data = keyed_digits()
     table = _table(whole)
     assert table.column_names == ["key", "label", "score", "score_model0", "score_model1"]
-    assert table.column("key").to_pylist() == data.keys
+    assert table.column("key").to_pylist() == list(data.keys)
     assert table.column("label").to_pylist() == data.targets.tolist()
     # the reference: EL2N (|softmax - onehot|_2) of each model, batch by batch within each shard
     for k, path in enumerate(_checkpoints(tmp_path)):
@@ -189,7 +189,7 @@ def test_saved_logits_of_a_keyed_source_carry_its_keys(tmp_path):
     _run(tmp_path, tmp_path / "run", ["--model", "mlp", "--batch-size", "8", "--checkpoint", path, "--save-logits",
                                       "--quiet"])
     data = keyed_digits()
-    assert pq.read_table(tmp_path / "run" / "teacher-logits" / "keys.parquet").column("key").to_pylist() == data.keys
+    assert pq.read_table(tmp_path / "run" / "teacher-logits" / "keys.parquet").column("key").to_pylist() == list(data.keys)
     model = create_model("mlp", num_classes=10, in_channels=1, image_size=8)
     model.load_state_dict(torch.load(path)["model"])
     with torch.no_grad():
