@@ -65,13 +65,30 @@ def _read_keyed_keep(path: str, dataset, what: str) -> np.ndarray:
     return np.sort(key_positions(keys, example_keys(dataset), what=what))
 
 
+def _check_kept_shards(record: dict, dataset, what: str) -> None:
+    """A keyed keep list serves any subset or order of its source, but the shards it was made from must not have
+    changed since: a shard of the same (base) name must hold as many examples, of the same size and mtime."""
+    recorded, current = (record.get("data") or {}).get("shards"), getattr(dataset, "shards", None)
+    if not recorded or current is None:
+        return
+    then = {os.path.basename(name): rest for name, *rest in recorded}
+    changed = [s.name for s in current if then.get(os.path.basename(s.name), None) not in
+               (None, [s.stop - s.start, s.size, s.mtime_ns])]
+    if changed:
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        raise DataIdentityError(f"{what} was made before {len(changed)} of its shards changed (examples, size or "
+                                f"modification time): {', '.join(changed[:5])}{more}; prune again from fresh scores")
+
+
 def read_keep(path: str, dataset, *, what: str | None = None):
     """(indices int64, record or {}) of the keep file `path`, checked against `dataset`: a keep.npy by the data
     identity it records, a keyed keep.parquet by its keys (the kept examples found by key)."""
     what = what or f"keep file {path}"
     if is_keyed_keep(path):
         keep = _read_keyed_keep(path, dataset, what)
-        return keep, read_json(f"{path}.json") if os.path.isfile(f"{path}.json") else {}
+        record = read_json(f"{path}.json") if os.path.isfile(f"{path}.json") else {}
+        _check_kept_shards(record, dataset, what)
+        return keep, record
     try:
         keep = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:

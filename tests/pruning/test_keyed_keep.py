@@ -14,6 +14,7 @@ import kdfast
 from _fake_datasets import keyed_digits, write_image_folder
 from kdfast.cli.main import distill_main, prune_main
 from kdfast.data import LabeledSubset, load_dataset
+from kdfast.data.identity import DataIdentityError
 from kdfast.data.keys import KeyMatchError
 from kdfast.errors import InvalidArgumentError
 from kdfast.models import create_model
@@ -83,6 +84,19 @@ def test_read_keep_finds_the_kept_examples_by_key_in_a_subset_in_another_order(k
         read_keep(str(tmp_path / "ints.parquet"), data, what="--keep ints.parquet")
     assert str(info.value) == ("--keep ints.parquet must hold a non-empty string 'key' column (a keyed keep list of "
                                "kdfast-prune), got key (int64), index (int64) with 2 rows")
+
+
+def test_a_keyed_keep_list_refuses_a_shard_changed_since_and_names_it(keyed_run, tmp_path, capsys):
+    run, data, _ = keyed_run
+    out = tmp_path / "keep.parquet"
+    assert _prune(["--scores", str(run), "--fraction", "0.25", "--out", str(out), "--quiet"], capsys)[0] == 0
+    assert len(read_keep(str(out), data)[0]) == 30  # the same shards: accepted
+    shard = data.shards[2]
+    data.shards[2] = shard._replace(mtime_ns=shard.mtime_ns + 1)  # the same keys, the shard rewritten since
+    with pytest.raises(DataIdentityError) as info:
+        read_keep(str(out), LabeledSubset(data, range(119, -1, -1)), what="--keep keep.parquet")
+    assert str(info.value) == ("--keep keep.parquet was made before 1 of its shards changed (examples, size or "
+                               f"modification time): {shard.name}; prune again from fresh scores")
 
 
 def test_a_bare_scores_parquet_is_matched_exactly_to_a_keyed_dataset(tmp_path, capsys, monkeypatch):
