@@ -225,7 +225,8 @@ def run(args) -> int:
     else:
         keep = prune(scores, args.fraction, args.mode, labels=labels, class_balanced=args.class_balanced,
                      seed=args.seed, ccs_beta=args.ccs_beta, ccs_strata=args.ccs_strata).numpy()
-    from kdfast.pruning.keep import write_keep
+    from kdfast.pruning.keep import write_keep, write_keep_digests
+    from kdfast.scoring.folder import score_digests
     identity, files = scores_identity(args.scores, meta)
     if identity is None:
         log(f"note: --scores {args.scores} carries no data identity (no meta.json), so {args.out} cannot be checked "
@@ -239,6 +240,8 @@ def run(args) -> int:
         record.update(whole_batches=True, num_batches=num_batches)
     if args.mode == "ccs":
         record.update(ccs_beta=args.ccs_beta, ccs_strata=args.ccs_strata)
+    if keyed is None:  # the bytes the scores were computed from, so the keep file's users check their reads
+        record.update(write_keep_digests(args.out, score_digests(args.scores, meta)))
     write_keep(args.out, keep, record, files=None if keyed is None else keyed.files)
     print(f"kept {len(keep)} of {len(scores)} examples (fraction {args.fraction}, mode {args.mode}"
           f"{', class-balanced' if args.class_balanced else ''}"
