@@ -14,13 +14,15 @@ JobMismatchError naming each differing field; `overwrite=True` clears the folder
 either, a folder holding another run's work is refused (JobExistsError). A folder whose only content is a
 job record (a run that failed or was killed before doing any work) never blocks a new run.
 
-A live run holds an exclusive OS lock (fcntl.flock) on OUT/job.lock from before its checks until it exits (the
-kernel drops it on any exit, SIGKILL included), so a second process starting into the folder fails at once
+A live run holds an exclusive OS lock (a POSIX record lock, fcntl.lockf) on OUT/job.lock from before its checks
+until it exits (the kernel drops it on any exit, SIGKILL included; being the process's own, not the open file's as
+flock's is, it is not shared with the forked DataLoader workers, which outlive a killed run by seconds), so a second process starting into the folder fails at once
 (JobLockedError, naming the holder's pid) instead of taking a folder that holds only job.json for a failed start.
 Within one process the lock is re-entrant: the folder is already this process's.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -104,7 +106,7 @@ def enclosing_job(path) -> str | None:
         folder = parent
 
 
-# real path of a locked folder -> the open lock file that holds its flock (closing it releases the lock)
+# real path of a locked folder -> the open lock file that holds its lock (closing it releases the lock)
 _HELD_LOCKS: dict = {}
 
 
@@ -116,8 +118,11 @@ def _lock_folder(out: str) -> bool:
         return False
     fh = open(os.path.join(out, LOCK_FILE), "a+")
     try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EAGAIN):
+            fh.close()
+            raise
         fh.seek(0)
         holder = fh.read().strip() or "unknown"
         fh.close()
