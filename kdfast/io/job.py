@@ -156,6 +156,13 @@ def _remove_temporaries(out: str) -> list[str]:
     return removed
 
 
+def _failed_start(out: str) -> bool:
+    """True when `out` holds no job record and nothing but the files a start writes before it (the file list, its
+    stats, the lock, their temporaries): a run killed while starting, which must not block the next one."""
+    return not os.path.exists(os.path.join(out, JOB_FILE)) and \
+        all(_TEMPORARY.sub("", entry.name) in _OWN_FILES and entry.is_file() for entry in os.scandir(out))
+
+
 def _refuse_inputs_inside(out: str, config: dict, label) -> None:
     """JobError when clearing `out` would delete one of the job's inputs (a path field pointing into it)."""
     inside = os.path.realpath(out) + os.sep
@@ -228,7 +235,7 @@ class Job:
                            "that run; choose a folder outside it")
         created = not os.path.isdir(out)
         if not created and set(os.listdir(out)) - {LOCK_FILE} and not os.path.exists(record_path) and \
-                not any(os.path.exists(os.path.join(out, m)) for m in _LEGACY_MARKERS):
+                not _failed_start(out) and not any(os.path.exists(os.path.join(out, m)) for m in _LEGACY_MARKERS):
             raise JobError(f"output folder {out} is not empty and holds no kdfast run; choose another "
                            "folder (nothing there was changed)")
         os.makedirs(out, exist_ok=True)
@@ -247,7 +254,9 @@ class Job:
 
     @classmethod
     def _open(cls, out, kind, config, identity, record_path, created, *, files, resume, overwrite, label) -> "Job":
-        if set(os.listdir(out)) - {LOCK_FILE}:
+        if _failed_start(out):  # killed before its job record: nothing of it to keep
+            _remove_temporaries(out)
+        elif set(os.listdir(out)) - {LOCK_FILE}:
             if not os.path.exists(record_path) and not overwrite:
                 raise JobExistsError(f"output folder {out} holds a run without a job record (made by an older "
                                      "kdfast), which cannot be checked for resuming; pass overwrite (--overwrite) "

@@ -310,6 +310,20 @@ def test_a_killed_runs_forked_workers_do_not_keep_its_folder_locked(tmp_path):
     Job.start(out, "score", {"lr": 0.01}, resume=True).release()
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_killed_while_writing_its_file_list_does_not_block_the_next(tmp_path, resume):
+    # SIGKILL between the file list and job.json used to leave a folder "that holds no kdfast run"
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "job.lock").write_text("4242\n")
+    (out / "files.txt").write_text("a.png\n")
+    (out / "files.txt.stat.npy.tmp4242").write_bytes(b"half")
+    job = Job.start(out, "score", {"a": 1}, files=["b.png"], resume=resume)
+    job.release()
+    assert sorted(os.listdir(out)) == ["files.txt", "job.json", "job.lock"]
+    assert (out / "files.txt").read_text() == "b.png\n"
+
+
 def test_resume_removes_the_temporary_files_a_killed_run_left(tmp_path):
     out = tmp_path / "run"
     Job.start(out, "score", {"a": 1}).release()
