@@ -16,9 +16,12 @@ job record (a run that failed or was killed before doing any work) never blocks 
 
 A live run holds an exclusive OS lock (a POSIX record lock, fcntl.lockf) on OUT/job.lock from before its checks
 until it exits (the kernel drops it on any exit, SIGKILL included; being the process's own, not the open file's as
-flock's is, it is not shared with the forked DataLoader workers, which outlive a killed run by seconds), so a second process starting into the folder fails at once
-(JobLockedError, naming the holder's pid) instead of taking a folder that holds only job.json for a failed start.
-Within one process the lock is re-entrant: the folder is already this process's.
+flock's is, it is not shared with the forked DataLoader workers, which outlive a killed run by seconds), so a
+second process starting into the folder fails at once (JobLockedError, naming the holder's pid) instead of taking
+a folder that holds only job.json for a failed start. Within one process the lock is re-entrant: the folder is
+already this process's (which must not open and close OUT/job.lock itself: closing any descriptor of the file
+drops a POSIX lock). A folder holding only what a start writes before job.json (the file list, its temporaries)
+is a run killed while starting: it blocks nothing.
 """
 from __future__ import annotations
 
