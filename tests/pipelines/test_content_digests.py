@@ -144,3 +144,27 @@ def test_fit_resume_checks_the_reads_of_the_run_before_the_stop(tmp_path):
     whole = run()
     for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_score_with_out_records_digests_that_its_consumers_check(tmp_path):
+    import hashlib
+
+    import kdfast
+    from kdfast.models import create_model
+    from kdfast.scoring.folder import expect_score_digests
+    root = tmp_path / "photos"
+    files = write_image_folder(root, per_class=3, size=(32, 24))
+    data = load_dataset("folder", root=root, image_size=8)
+    torch.manual_seed(0)
+    model = create_model("mlp", num_classes=3, in_channels=3, image_size=8)
+    kdfast.score(model, data, "el2n", batch_size=4, out=tmp_path / "s", progress=False)
+    digests = np.load(tmp_path / "s" / "digests.npy")
+    np.testing.assert_array_equal(digests, _crc32s(root, files))
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    assert meta["digests"]["sha256"] == hashlib.sha256(digests.astype("<i8").tobytes()).hexdigest()
+    replace_keeping_size_and_mtime(root / files[7])
+    fresh = load_dataset("folder", root=root, image_size=8)
+    expect_score_digests(str(tmp_path / "s"), fresh)
+    fresh[6]
+    with pytest.raises(DigestMismatchError, match=f"{files[7]} changed since --scores {tmp_path / 's'} read it"):
+        fresh[7]
