@@ -81,7 +81,9 @@ def table_rows(dataset):
     set, through Subsets (LabeledSubset is one); (None, None) for data sets that read no files."""
     rows = None
     while isinstance(dataset, torch.utils.data.Subset):
-        here = np.asarray(dataset.indices, dtype=np.int64)
+        here = getattr(dataset, "_digest_rows", None)
+        if here is None:  # a Subset's indices are a list: converted once, not per batch
+            here = dataset._digest_rows = np.asarray(dataset.indices, dtype=np.int64)
         rows = here if rows is None else here[rows]
         dataset = dataset.dataset
     table = getattr(dataset, "digests", None)
