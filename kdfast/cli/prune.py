@@ -270,7 +270,8 @@ def run(args) -> int:
     else:
         keep = prune(scores, args.fraction, args.mode, labels=labels, class_balanced=args.class_balanced,
                      seed=args.seed, ccs_beta=args.ccs_beta, ccs_strata=args.ccs_strata).numpy()
-    from kdfast.pruning.keep import is_keyed_keep, write_keep
+    from kdfast.pruning.keep import is_keyed_keep, write_keep, write_keep_digests
+    from kdfast.scoring.folder import score_digests
     keyed_source = bool(meta.get("keyed")) or (keyed is not None and has_keys(keyed))
     keys = _score_keys(args, meta, len(scores), keyed) if keyed_source or is_keyed_keep(args.out) else None
     if keyed_source and not is_keyed_keep(args.out):
@@ -294,6 +295,8 @@ def run(args) -> int:
         record.update(ccs_beta=args.ccs_beta, ccs_strata=args.ccs_strata)
     if keys is not None:
         record["keyed"] = True  # the keep list's keys find its examples, in any subset or order of the source
+    if keys is None and keyed is None:  # the bytes the scores were read from (by position), for the keep file's users
+        record.update(write_keep_digests(args.out, score_digests(args.scores, meta)))
     write_keep(args.out, keep, record, files=None if keyed is None else keyed.files, keys=keys)
     print(f"kept {len(keep)} of {len(scores)} examples (fraction {args.fraction}, mode {args.mode}"
           f"{', class-balanced' if args.class_balanced else ''}"

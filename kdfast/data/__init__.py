@@ -2,7 +2,9 @@
 
 Every data set has `.targets` (LongTensor (N,)), `.num_classes`, `.name`, and `.files` (paths relative to
 its folder for image folders, else None); image folders also list `.skipped_files` (not images). Outputs
-carry `data_identity(dataset)` (labels and file-list fingerprints), checked by `check_identity`. Nothing
+carry `data_identity(dataset)` (labels and file-list fingerprints), checked by `check_identity`; image folders
+also record the crc32 of each file's bytes as they read them, checked against the digests artifacts recorded
+(`dataset.expect_digests`, data/digests.py), so content changed under the same name, size and mtime is caught. Nothing
 is ever downloaded at run time: `digits` ships with scikit-learn; the others read an existing root and, when
 it is missing or malformed, raise DataError saying which layout was expected.
 

@@ -6,6 +6,7 @@ import functools
 import torch
 from torch.utils.data import Dataset, Subset
 
+from kdfast.data.digests import expect_digests as _expect_digests
 from kdfast.data.identity import FileList, files_fingerprint
 from kdfast.errors import DataError, InvalidArgumentError
 
@@ -30,8 +31,11 @@ class LabeledDataset(Dataset):
     """Map-style data set yielding (input tensor, int label) with `.targets`, `.num_classes`, `.name`.
 
     `files` lists each example's path relative to the root for file-backed data sets (None otherwise), so
-    scores can be keyed by file name.
+    scores can be keyed by file name. Data sets that read files set `digests`, a DigestTable of the crc32 of the
+    bytes each example read (data/digests.py), which `expect_digests` checks reads against.
     """
+
+    digests = None
 
     def __init__(self, name: str, targets, num_classes: int, *, files: list[str] | None = None):
         self.name = name
@@ -50,6 +54,12 @@ class LabeledDataset(Dataset):
     def files_fingerprint(self) -> str | None:
         """sha256 of the relative paths, sizes and mtimes of `files` (data/identity.py); None without files."""
         return None if self.files is None else files_fingerprint(self.folder, self.files)
+
+    def expect_digests(self, digests, *, what: str, hint: str = "restore the file, or remake it from the data as it "
+                       "is now") -> None:
+        """A later read of example i whose bytes' crc32 is not `digests[i]` raises DigestMismatchError naming the
+        file, `what` (the artifact the digests come from) and `hint`; nothing for data sets that read no files."""
+        _expect_digests(self, digests, what=what, hint=hint)
 
     def load(self, index: int) -> torch.Tensor:
         raise NotImplementedError
@@ -76,6 +86,7 @@ class LabeledSubset(Subset):
             self.shards, self.keys = dataset.shards, dataset.keys.take(self.indices)
 
     files_fingerprint = LabeledDataset.files_fingerprint
+    expect_digests = LabeledDataset.expect_digests  # mapped to the parent's rows (data/digests.py)
 
     def load(self, index: int) -> torch.Tensor:
         return self.dataset.load(self.indices[int(index)])

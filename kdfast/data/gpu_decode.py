@@ -29,6 +29,7 @@ import torch
 
 from kdfast.errors import InvalidArgumentError
 from kdfast.data.base import DataError, LabeledDataset
+from kdfast.data.digests import DigestTable
 from kdfast.data.imagefolder import MEAN, STD, scan_image_folder
 
 DECODES = ("cpu", "gpu", "auto")
@@ -307,13 +308,14 @@ class EncodedImageFolder(LabeledDataset):
         self.skipped_files = scan.skipped
         self.decoder = JpegBatchDecoder(image_size)
         super().__init__(name, labels, len(self.classes), files=files)
+        self.digests = DigestTable(len(self))  # crc32 of each file's bytes as the workers read them
 
     def with_augment(self, augment: bool):
         """The same images decoded by PIL per example (with or without the training augmentation), from this data
         set's scan: no second walk of the tree."""
         from kdfast.data.imagefolder import ImageFolderDataset, folder_scan_of
         return ImageFolderDataset(self.name, self.folder, self.layout, image_size=self.image_size, augment=augment,
-                                  scan=folder_scan_of(self))
+                                  scan=folder_scan_of(self), digests=self.digests)
 
     def read(self, index: int) -> torch.Tensor:
         path = os.path.join(self.folder, self.files[index])
@@ -322,6 +324,7 @@ class EncodedImageFolder(LabeledDataset):
                 raw = fh.read()
         except OSError as exc:
             raise DataError(f"dataset {self.name!r}: cannot read image {path} ({type(exc).__name__}: {exc})") from exc
+        self.digests.record(index, raw, path)
         return jpeg_tensor(raw, self.name, path)
 
     def __getitem__(self, index: int):

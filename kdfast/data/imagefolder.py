@@ -5,10 +5,12 @@ is the same on every machine. `files` holds each example's path relative to the 
 Preprocessing is ImageNet's evaluation transform (shorter side to 256, centre crop 224, per-channel
 normalisation), scaled by `image_size` (crop) for small images; `augment=True` uses RandomResizedCrop and
 a horizontal flip instead (training). An unreadable image raises DataError naming the file; 16-bit grey images
-are scaled to 8 bits, 32-bit integer and float ones (no fixed range) raise DataError.
+are scaled to 8 bits, 32-bit integer and float ones (no fixed range) raise DataError. Each file's bytes are read
+once, their crc32 recorded in `digests` (data/digests.py), and decoded from memory.
 """
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from kdfast.data.base import DataError, LabeledDataset, normalize
+from kdfast.data.digests import DigestTable
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -109,8 +112,9 @@ def folder_scan_of(dataset) -> FolderScan:
 
 class ImageFolderDataset(LabeledDataset):
     def __init__(self, name: str, folder: str, layout: str, *, image_size: int = 224, augment: bool = False,
-                 drop_empty_classes: bool = False, scan: FolderScan | None = None):
-        """`scan`: the folder's scan_image_folder result when already taken (another view of the same tree)."""
+                 drop_empty_classes: bool = False, scan: FolderScan | None = None, digests: DigestTable | None = None):
+        """`scan`: the folder's scan_image_folder result when already taken (another view of the same tree);
+        `digests`: that view's DigestTable (the views read the same files: one record of their bytes)."""
         self.folder, self.layout = folder, layout
         scan = scan or scan_image_folder(folder, name, layout, drop_empty_classes=drop_empty_classes)
         self.classes, files, labels = scan
@@ -119,16 +123,23 @@ class ImageFolderDataset(LabeledDataset):
         self.resize = int(round(image_size * 256 / 224))
         self.augment = training_augment(name, self.crop) if augment else None
         super().__init__(name, labels, len(self.classes), files=files)
+        self.digests = digests if digests is not None else DigestTable(len(self))
 
     def _open(self, index: int):
         path = os.path.join(self.folder, self.files[index])
-        return open_image(path, self.name, path)
+        try:
+            with open(path, "rb") as fh:  # the bytes read once: digested, then decoded from memory
+                raw = fh.read()
+        except OSError as exc:
+            raise DataError(f"dataset {self.name!r}: cannot read image {path} ({type(exc).__name__}: {exc})") from exc
+        self.digests.record(index, raw, path)
+        return open_image(io.BytesIO(raw), self.name, path)
 
     def with_augment(self, augment: bool) -> "ImageFolderDataset":
         """The same images (from this data set's scan, no second walk of the tree) with or without the training
         augmentation."""
         return ImageFolderDataset(self.name, self.folder, self.layout, image_size=self.crop, augment=augment,
-                                  scan=folder_scan_of(self))
+                                  scan=folder_scan_of(self), digests=self.digests)
 
     def load(self, index: int) -> torch.Tensor:
         return image_tensor(self._open(index), self.crop, self.resize, self.augment)

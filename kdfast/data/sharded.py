@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from kdfast.data.base import LabeledDataset
+from kdfast.data.digests import DigestTable
 from kdfast.data.imagefolder import image_tensor, open_image, training_augment
 from kdfast.data.shard_index import KeyList, Shard, shards_fingerprint
 from kdfast.errors import DataError, InvalidArgumentError
@@ -102,6 +103,7 @@ class ShardedDataset(LabeledDataset):
             self.classes = None
         self._handles: OrderedDict = OrderedDict()
         self._pid = os.getpid()
+        self.digests = DigestTable(len(labels))  # crc32 of each image's bytes as read; shared by with_augment views
         super().__init__(kind, torch.from_numpy(labels), num_classes)
 
     @functools.cached_property
@@ -130,8 +132,14 @@ class ShardedDataset(LabeledDataset):
         """The bytes (or a bytes-like buffer) of example `index`'s image file."""
         raise NotImplementedError
 
+    def read_recorded(self, index: int):
+        """read(index), its content digest recorded in (and checked by) the digest table (kdfast.data.digests)."""
+        raw = self.read(index)
+        self.digests.record(index, raw, self.names[index])
+        return raw
+
     def load(self, index: int) -> torch.Tensor:
-        img = open_image(io.BytesIO(self.read(index)), self.name, self.names[index])
+        img = open_image(io.BytesIO(self.read_recorded(index)), self.name, self.names[index])
         return image_tensor(img, self.crop, self.resize, self.augment)
 
     def with_augment(self, augment: bool) -> "ShardedDataset":
@@ -150,6 +158,7 @@ class EncodedShards(LabeledDataset):
         from kdfast.data.gpu_decode import JpegBatchDecoder
         self.source, self.decode_on = source, decode
         self.shards, self.keys, self.classes, self.names = source.shards, source.keys, source.classes, source.names
+        self.digests = source.digests
         self.decoder = JpegBatchDecoder(source.crop)
         super().__init__(source.name, source.targets, source.num_classes)
 
@@ -159,7 +168,7 @@ class EncodedShards(LabeledDataset):
 
     def read(self, index: int) -> torch.Tensor:
         from kdfast.data.gpu_decode import jpeg_tensor
-        return jpeg_tensor(self.source.read(index), self.name, self.names[index])
+        return jpeg_tensor(self.source.read_recorded(index), self.name, self.names[index])
 
     def __getitem__(self, index: int):
         index = int(index)

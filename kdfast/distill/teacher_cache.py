@@ -99,7 +99,9 @@ class TeacherCacheWriter:
     def num_written(self) -> int:
         return int(self._written.sum())
 
-    def write(self, indices, logits) -> None:
+    def write(self, indices, logits, *, digests=None) -> None:
+        """`digests`: the content digests of the rows' data (kdfast.data.digests.read_digests), kept in
+        digests.npy so that training from the cache checks it reads the bytes the teacher saw."""
         n, c, k = self.meta["num_examples"], self.meta["num_classes"], self.meta["topk"]
         idx = _as_indices(indices, n)
         if not isinstance(logits, torch.Tensor) or logits.shape != (len(idx), c):
@@ -114,6 +116,8 @@ class TeacherCacheWriter:
             self._arrays["classes"][idx] = classes.to(torch.int32).numpy()
             if "logsumexp" in self._arrays:
                 self._arrays["logsumexp"][idx] = rows.logsumexp(-1).numpy()
+        if digests is not None and "digests" in self._arrays:
+            self._arrays["digests"][idx] = np.asarray(digests, dtype=np.int64).reshape(len(idx))
         self._written[idx] = True
 
     def close(self) -> None:
@@ -160,7 +164,7 @@ class TeacherCache:
         meta = {"format": FORMAT, "num_examples": num_examples, "num_classes": num_classes, "topk": topk,
                 "dtype": dtype, "dataset_fingerprint": dataset_fingerprint,
                 "teacher_fingerprint": teacher_fingerprint, "files_fingerprint": files_fingerprint, "complete": False,
-                "logsumexp": topk is not None}
+                "logsumexp": topk is not None, "digests": True}
         if resume and os.path.exists(_meta_path(path)):
             stored = _read_meta(path)
             _check_fingerprints(path, stored, dataset_fingerprint, teacher_fingerprint)
@@ -174,6 +178,8 @@ class TeacherCache:
                                        "to finish it, or remove it")
         os.makedirs(path, exist_ok=True)
         arrays = _open_arrays(path, meta, "w+")
+        if "digests" in arrays:
+            arrays["digests"][:] = -1
         written = np.lib.format.open_memmap(os.path.join(path, "written.npy"), mode="w+", dtype=np.bool_,
                                             shape=(num_examples,))
         if files is not None:
@@ -247,6 +253,17 @@ class TeacherCache:
                            what=f"TeacherCache {str(self.path)!r}", recorded_files=recorded_files)
         except DataIdentityError as exc:
             raise TeacherCacheMismatchError(str(exc)) from None
+
+    def check_reads(self, dataset) -> None:
+        """From now on every read of `dataset`'s files must give the bytes the cached rows were computed from
+        (DigestMismatchError naming the file otherwise); nothing for caches without digests."""
+        from kdfast.data.digests import any_read, expect_digests
+        digests = self._arrays.get("digests")
+        if digests is not None and self._rows is not None:  # a keyed view: the digests of its rows
+            digests = np.asarray(digests)[self._rows]
+        if digests is not None and any_read(digests):
+            expect_digests(dataset, np.asarray(digests), what=f"the teacher cache {self.path}",
+                           hint="rebuild the cache, or restore the file")
 
     def _label_differences(self, dataset, limit=5) -> str:
         """' (labels differ at ...)' naming the first examples (their files when recorded) whose recorded label
@@ -322,6 +339,8 @@ def _open_arrays(path, meta, mode):
     shapes = {"logits": ((n, c), dtype)} if k is None else {"values": ((n, k), dtype), "classes": ((n, k), "int32")}
     if k is not None and meta.get("logsumexp"):
         shapes["logsumexp"] = ((n,), "float32")
+    if meta.get("digests"):  # content digests of each row's data, -1 where none was given
+        shapes["digests"] = ((n,), "int64")
     arrays = {}
     for name, (shape, dt) in shapes.items():
         file = os.path.join(path, f"{name}.npy")

@@ -6,6 +6,7 @@
         store.write(indices, values)       # buffered; a chunk file lands every `rows_per_chunk` rows or
     store.close()                          #   `seconds_per_chunk` seconds, always at a write boundary
     table = store.gather()                 # (N, K), every row present exactly once
+    digests = store.digests()              # (N,) the content digests written with the rows (-1: none)
 
 Each chunk is `rank{R:05d}-{seq:08d}.npz` (indices, values), written atomically (jobs/atomic.py), so a kill
 at any moment (even SIGKILL) leaves only whole chunks: a resumed job skips the rows they hold and recomputes
@@ -56,7 +57,7 @@ class ChunkStore:
         for tmp in glob.glob(os.path.join(self.directory, f"rank{self.rank:05d}-*.tmp*")):
             os.remove(tmp)  # a chunk that was being written when the job died: its rows are recomputed
         self._seq = 1 + max((self._seq_of(p) for p in self._chunk_paths(self.rank)), default=-1)
-        self._indices, self._values, self._buffered = [], [], 0
+        self._indices, self._values, self._digests, self._buffered = [], [], [], 0
         self._last_flush = time.monotonic()
 
     def _chunk_paths(self, rank=None) -> list[str]:
@@ -73,6 +74,10 @@ class ChunkStore:
             with np.load(path) as z:
                 yield z["indices"], z["values"]
 
+    def digests(self) -> np.ndarray:
+        """(N,) int64: the content digests written with the rows on disk (any rank), -1 where none are known."""
+        return chunk_digests(self.directory, self.num_rows)
+
     def done_mask(self) -> np.ndarray:
         """(N,) bool: rows already on disk (any rank)."""
         done = np.zeros(self.num_rows, dtype=bool)
@@ -80,11 +85,15 @@ class ChunkStore:
             done[idx] = True
         return done
 
-    def write(self, indices, values) -> None:
+    def write(self, indices, values, digests=None) -> None:
+        """`digests`: the content digests of the rows' data (kdfast.data.digests; None: -1, not known), kept in
+        the same chunk file as the rows, so a row on disk always has the digest of the bytes it was computed from."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         vals = np.asarray(values, dtype=np.float32).reshape(len(idx), self.width)
         self._indices.append(idx)
         self._values.append(vals)
+        self._digests.append(np.full(len(idx), -1, dtype=np.int64) if digests is None else
+                             np.asarray(digests, dtype=np.int64).reshape(len(idx)))
         self._buffered += len(idx)
         if (self._buffered >= self.rows_per_chunk
                 or time.monotonic() - self._last_flush >= self.seconds_per_chunk):
@@ -94,9 +103,10 @@ class ChunkStore:
         if not self._buffered:
             return
         path = os.path.join(self.directory, f"rank{self.rank:05d}-{self._seq:08d}.npz")
-        save_npz(path, indices=np.concatenate(self._indices), values=np.concatenate(self._values))
+        save_npz(path, indices=np.concatenate(self._indices), values=np.concatenate(self._values),
+                 digests=np.concatenate(self._digests))
         self._seq += 1
-        self._indices, self._values, self._buffered = [], [], 0
+        self._indices, self._values, self._digests, self._buffered = [], [], [], 0
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
@@ -117,3 +127,14 @@ class ChunkStore:
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def chunk_digests(directory: str, num_rows: int) -> np.ndarray:
+    """(num_rows,) int64 content digests kept in the chunk files under `directory` (-1 where none: rows not
+    written, chunks of older versions), read without opening the store (no directory is made)."""
+    out = np.full(int(num_rows), -1, dtype=np.int64)
+    for path in sorted(glob.glob(os.path.join(directory, "rank*-*.npz"))):
+        with np.load(path) as z:
+            if "digests" in z.files:
+                out[z["indices"]] = z["digests"]
+    return out

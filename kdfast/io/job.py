@@ -14,13 +14,18 @@ JobMismatchError naming each differing field; `overwrite=True` clears the folder
 either, a folder holding another run's work is refused (JobExistsError). A folder whose only content is a
 job record (a run that failed or was killed before doing any work) never blocks a new run.
 
-A live run holds an exclusive OS lock (fcntl.flock) on OUT/job.lock from before its checks until it exits (the
-kernel drops it on any exit, SIGKILL included), so a second process starting into the folder fails at once
-(JobLockedError, naming the holder's pid) instead of taking a folder that holds only job.json for a failed start.
-Within one process the lock is re-entrant: the folder is already this process's.
+A live run holds an exclusive OS lock (a POSIX record lock, fcntl.lockf) on OUT/job.lock from before its checks
+until it exits (the kernel drops it on any exit, SIGKILL included; being the process's own, not the open file's as
+flock's is, it is not shared with the forked DataLoader workers, which outlive a killed run by seconds), so a
+second process starting into the folder fails at once (JobLockedError, naming the holder's pid) instead of taking
+a folder that holds only job.json for a failed start. Within one process the lock is re-entrant: the folder is
+already this process's (which must not open and close OUT/job.lock itself: closing any descriptor of the file
+drops a POSIX lock). A folder holding only what a start writes before job.json (the file list, its temporaries)
+is a run killed while starting: it blocks nothing.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -104,7 +109,7 @@ def enclosing_job(path) -> str | None:
         folder = parent
 
 
-# real path of a locked folder -> the open lock file that holds its flock (closing it releases the lock)
+# real path of a locked folder -> the open lock file that holds its lock (closing it releases the lock)
 _HELD_LOCKS: dict = {}
 
 
@@ -116,8 +121,11 @@ def _lock_folder(out: str) -> bool:
         return False
     fh = open(os.path.join(out, LOCK_FILE), "a+")
     try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EAGAIN):
+            fh.close()
+            raise
         fh.seek(0)
         holder = fh.read().strip() or "unknown"
         fh.close()
@@ -149,6 +157,13 @@ def _remove_temporaries(out: str) -> list[str]:
                 os.remove(os.path.join(dirpath, name))
                 removed.append(os.path.relpath(os.path.join(dirpath, name), out))
     return removed
+
+
+def _failed_start(out: str) -> bool:
+    """True when `out` holds no job record and nothing but the files a start writes before it (the file list, its
+    stats, the lock, their temporaries): a run killed while starting, which must not block the next one."""
+    return not os.path.exists(os.path.join(out, JOB_FILE)) and \
+        all(_TEMPORARY.sub("", entry.name) in _OWN_FILES and entry.is_file() for entry in os.scandir(out))
 
 
 def _refuse_inputs_inside(out: str, config: dict, label) -> None:
@@ -223,7 +238,7 @@ class Job:
                            "that run; choose a folder outside it")
         created = not os.path.isdir(out)
         if not created and set(os.listdir(out)) - {LOCK_FILE} and not os.path.exists(record_path) and \
-                not any(os.path.exists(os.path.join(out, m)) for m in _LEGACY_MARKERS):
+                not _failed_start(out) and not any(os.path.exists(os.path.join(out, m)) for m in _LEGACY_MARKERS):
             raise JobError(f"output folder {out} is not empty and holds no kdfast run; choose another "
                            "folder (nothing there was changed)")
         os.makedirs(out, exist_ok=True)
@@ -242,7 +257,9 @@ class Job:
 
     @classmethod
     def _open(cls, out, kind, config, identity, record_path, created, *, files, resume, overwrite, label) -> "Job":
-        if set(os.listdir(out)) - {LOCK_FILE}:
+        if _failed_start(out):  # killed before its job record: nothing of it to keep
+            _remove_temporaries(out)
+        elif set(os.listdir(out)) - {LOCK_FILE}:
             if not os.path.exists(record_path) and not overwrite:
                 raise JobExistsError(f"output folder {out} holds a run without a job record (made by an older "
                                      "kdfast), which cannot be checked for resuming; pass overwrite (--overwrite) "

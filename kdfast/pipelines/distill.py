@@ -45,12 +45,15 @@ def load_distill_data(cfg) -> DistillData:
     import torch
 
     from kdfast.data import LabeledSubset, dataset_kind, load_dataset, source_options, stratified_split
-    from kdfast.pruning.keep import read_keep
+    from kdfast.pruning.keep import expect_keep_digests, read_keep
     size = {"image_size": cfg.image_size} if cfg.image_size else {}
     size.update(source_options(cfg))  # wds:/parquet: options
     eval_split = EVAL_SPLIT[dataset_kind(cfg.dataset)]
     train = load_dataset(cfg.dataset, root=cfg.data_root, split="train", augment=cfg.augment, **size)
-    keep = None if cfg.keep is None else read_keep(cfg.keep, train, what=f"--keep {cfg.keep}")[0]
+    keep = None
+    if cfg.keep is not None:
+        keep, record = read_keep(cfg.keep, train, what=f"--keep {cfg.keep}")
+        expect_keep_digests(cfg.keep, record, train, what=f"--keep {cfg.keep}")  # views below share the table
     fraction = 1.0 if keep is None else len(keep) / len(train)
     sampler = importance_sampler(cfg, train) if cfg.sampler else None
     if sampler is not None:
@@ -77,8 +80,9 @@ def importance_sampler(cfg, train):
     """The ImportanceSampler of --sampler lipschitz, after checking the scores belong to this data set."""
     from kdfast.errors import InvalidArgumentError
     from kdfast.pruning.sampling import ImportanceSampler
-    from kdfast.scoring.folder import read_scores
-    scores, _ = read_scores(cfg.scores, train, what=f"--scores {cfg.scores}")
+    from kdfast.scoring.folder import expect_score_digests, read_scores
+    scores, meta = read_scores(cfg.scores, train, what=f"--scores {cfg.scores}")
+    expect_score_digests(cfg.scores, train, meta)
     bad = ~np.isfinite(scores) | (scores <= 0)
     if bad.any():
         first = int(np.flatnonzero(bad)[0])

@@ -16,16 +16,18 @@ import time
 import numpy as np
 import torch
 
+from kdfast.data.digests import expect_digests, merge_digests, read_digests
 from kdfast.runtime import distributed
 from kdfast.runtime.progress import log, progress
 from kdfast.io.atomic import save_npy, save_npz, save_torch
 from kdfast.io.chunks import ChunkStore
 from kdfast.io.job import Job
-from kdfast.scoring.folder import finish_folder, save_scores, score_meta
+from kdfast.scoring.folder import DIGESTS_FILE, finish_folder, save_digests, save_scores, score_meta
 
 NOT_LEARNING_MARGIN = 0.02  # accuracy within this of the majority-class share: the model did not learn
 MEMORISED_GAP = 0.25  # held-out accuracy this far below training accuracy: the model memorised its examples
 EXPLODED_FACTOR = 10.0  # a loss this many times the uniform guess's (ln C), or its own best, diverged
+RUN_DIGESTS = "read-digests.npy"  # the digests of the files the run's finished models trained on
 
 
 def load_score_data(cfg):
@@ -128,6 +130,7 @@ def _train_one(cfg, job, train_data, num_classes, shape, track_forgetting, k, in
     if tracker is not None:
         save_npy(os.path.join(folder, f"seed{seed}.forgetting.npy"), tracker.scores().cpu().numpy())
     save_npy(os.path.join(folder, f"seed{seed}.train_loss.npy"), np.array([h["train_loss"] for h in history]))
+    save_run_digests(job, train_data)  # before the model is marked done: a resumed run checks its reads against them
     save_torch(final, {"model": {n: v.detach().cpu() for n, v in model.state_dict().items()}})  # marks it done
     os.remove(partial)
     log(f"model {k + 1}/{cfg.seeds} (seed {seed}): {cfg.train_epochs} epochs in {time.perf_counter() - tic:.1f} s "
@@ -150,7 +153,7 @@ def model_accuracies(cfg, job, models, data, held=None) -> dict | None:
                                                  num_workers=cfg.num_workers),
                                    total=sum(len(b) for b in mine), desc="eval accuracy", quiet=cfg.quiet,
                                    count=lambda r: len(r[0])):
-        store.write(idx.numpy(), (values < 0).to(torch.float32).cpu().numpy())
+        store.write(idx.numpy(), (values < 0).to(torch.float32).cpu().numpy(), digests=read_digests(data, idx))
     store.close()
     distributed.barrier()  # every rank's outcomes are on disk
     if not distributed.is_main():
@@ -228,9 +231,10 @@ def _score_chunked(cfg, job, method, models, data):
                             num_workers=cfg.num_workers, head=cfg.head, keep_logits=writer is not None)
     for idx, values, logits in progress(results, total=todo, desc=f"scoring ({cfg.method})", quiet=cfg.quiet,
                                         count=lambda r: len(r[0])):
+        digests = read_digests(data, idx)
         if writer is not None:
-            writer.write(idx, logits)  # before the chunk: a row on disk always has its logits
-        store.write(idx.numpy(), values.numpy())
+            writer.write(idx, logits, digests=digests)  # before the chunk: a row on disk always has its logits
+        store.write(idx.numpy(), values.numpy(), digests=digests)
     store.close()
     del writer  # its rows are in the shared files; the main rank reopens them to check all are there and close
     # every rank's share, counted on the scoring device (NCCL reduces GPU tensors only)
@@ -317,6 +321,33 @@ def _score_liprune(cfg, job, models, data):
     return np.stack(rows), batch_ids
 
 
+def recorded_run_digests(job, n: int) -> np.ndarray | None:
+    """The content digests of the files the job read before it was stopped (kdfast.data.digests): those its
+    finished models trained on, and those written with the rows of its chunk and shard stores."""
+    from kdfast.io.chunks import chunk_digests
+    from kdfast.io.shards import shard_digests
+    path = job.path(RUN_DIGESTS)
+    return merge_digests(np.load(path) if os.path.isfile(path) else None,
+                         *(read(job.path(f"{what}{kind}"), n) for what in ("", "accuracy-")
+                           for kind, read in (("chunks", chunk_digests), ("shards", shard_digests))))
+
+
+def expect_run_digests(job, data) -> None:
+    """Every read of `data` from now on must give the bytes the interrupted run read (DigestMismatchError naming
+    the file otherwise): a file replaced between a kill and --resume is not mixed into one set of scores."""
+    from kdfast.data.digests import any_read
+    recorded = recorded_run_digests(job, len(data))
+    if any_read(recorded):
+        expect_digests(data, recorded, what=f"the interrupted run in {job.out}",
+                       hint="restore the file, or start afresh (--overwrite)")
+
+
+def save_run_digests(job, data) -> None:
+    """OUT/read-digests.npy: what `data` read so far, merged with what the job recorded before (main rank)."""
+    if distributed.is_main() and read_digests(data) is not None:
+        save_npy(job.path(RUN_DIGESTS), merge_digests(read_digests(data), recorded_run_digests(job, len(data))))
+
+
 def start_score_job(cfg, data, *, label=None) -> Job:
     """The main rank opens (or checks) the job in cfg.out; every rank gets it after a barrier."""
     from kdfast.data import data_identity
@@ -334,6 +365,7 @@ def run_score_job(cfg, job, data, train_data) -> dict | None:
     method = get_method(cfg.method)
     start = time.perf_counter()
     n, num_classes = len(data), data.num_classes
+    expect_run_digests(job, data)  # a resumed run reads the files its interrupted part read: the same bytes
     shape = _input_shape(data)
     models, checkpoints, forgetting = [], [], []
     if method.kind != "random":
@@ -359,6 +391,9 @@ def run_score_job(cfg, job, data, train_data) -> dict | None:
     per_model = per_model.astype(np.float32)
     targets = data.targets.numpy()
     scores, outputs = save_scores(job, per_model, data, batch_ids=batch_ids)
+    digests = save_digests(job, merge_digests(read_digests(data), recorded_run_digests(job, n)))
+    if digests is not None:
+        outputs.append(DIGESTS_FILE)
     if data.files:
         outputs.append("files.txt")  # written by the job when it started
     if cfg.save_logits:
@@ -378,7 +413,8 @@ def run_score_job(cfg, job, data, train_data) -> dict | None:
                       batch_size=cfg.batch_size, device=cfg.device, world_size=distributed.world_size(),
                       images_per_s=round(rate, 1) if rate else None,
                       held_out=None if held is None else {"fraction": cfg.holdout_fraction, "seed": cfg.seed,
-                                                          "num_examples": len(held), "indices": held.tolist()})
+                                                          "num_examples": len(held), "indices": held.tolist()},
+                      digests=digests)
     if held is None:
         warnings = not_learning_warnings(accuracies["all"], targets)
     else:

@@ -4,6 +4,8 @@ recording what was kept from what, including the data identity of the scores (la
     write_keep("keep.npy", keep, record)                  # record: {"data": data_identity, "files_list": ...}
     write_keep("keep.npy", keep, record, files=dataset.files)   # + keep.npy.files.txt (keyed score files)
     keep, record = read_keep("keep.npy", dataset)         # DataIdentityError when made for other data
+    record.update(write_keep_digests("keep.npy", digests))  # before write_keep: KEEP.npy.digests.npy
+    expect_keep_digests("keep.npy", record, dataset)      # reads of changed files raise DigestMismatchError
 
 A bare .npy (no record) is still accepted: nothing is known to check it against, so read_keep warns once.
 
@@ -110,3 +112,32 @@ def read_keep(path: str, dataset, *, what: str | None = None):
         recorded_files = read_file_list(files_list) if files_list and os.path.isfile(files_list) else None
         check_identity(identity, dataset, what=what, recorded_files=recorded_files)
     return keep.astype(np.int64), record
+
+
+def write_keep_digests(path: str, digests) -> dict:
+    """KEEP.digests.npy: the content digests of the data the keep file was made from (the scores' digests.npy);
+    returns the record's entry for it ({} when none are known)."""
+    from kdfast.data.digests import any_read, digests_sha256
+    if not any_read(digests):
+        return {}
+    save_npy(f"{path}.digests.npy", np.asarray(digests, dtype=np.int64))
+    return {"digests": {"file": os.path.abspath(f"{path}.digests.npy"), "sha256": digests_sha256(digests)}}
+
+
+def expect_keep_digests(path: str, record: dict, dataset, *, what: str | None = None) -> None:
+    """Every later read of `dataset`'s files must give the bytes the keep file's scores were computed from
+    (DigestMismatchError naming the file otherwise); nothing for keep files without digests."""
+    from kdfast.data.digests import digests_sha256, expect_digests
+    entry, what = record.get("digests"), what or f"keep file {path}"
+    if not entry:
+        return
+    try:
+        digests = np.load(entry["file"], allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InvalidArgumentError(f"{what}: cannot read its content digests {entry['file']} ({exc}); prune "
+                                   "again") from None
+    if digests_sha256(digests) != entry["sha256"]:
+        raise DataIdentityError(f"{what}: {entry['file']} is not the digests file its record names (sha256 "
+                                "differs); prune again")
+    expect_digests(dataset, digests, what=f"the scores behind {what}",
+                   hint="score and prune again, or restore the file")

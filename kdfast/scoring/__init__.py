@@ -107,7 +107,8 @@ def _score_job(model, data, m, out, *, resume, overwrite, chunk_size, return_per
     (kdfast.scoring.folder, the one kdfast-score writes: meta.json included, so consumers check its data)."""
     from kdfast.io import Job
     from kdfast.models import model_fingerprint
-    from kdfast.scoring.folder import finish_folder, load_per_model, open_chunks, save_scores, score_meta
+    from kdfast.data.digests import read_digests
+    from kdfast.scoring.folder import finish_folder, load_per_model, open_chunks, save_digests, save_scores, score_meta
     require("score", positive_int("chunk_size", chunk_size))
     dataset = data.dataset if isinstance(data, DataLoader) else data
     models = [] if m.kind == "random" else as_model_list(model)
@@ -139,12 +140,17 @@ def _score_job(model, data, m, out, *, resume, overwrite, chunk_size, return_per
                                                               num_workers=kw["num_workers"], head=head),
                                                 total=sum(len(b) for b in batches), desc=m.name,
                                                 quiet=not kw["progress"], count=lambda r: len(r[0])):
-                    store.write(idx.numpy(), values.numpy())
+                    store.write(idx.numpy(), values.numpy(), digests=read_digests(dataset, idx))
                 store.close()
                 per_model = torch.from_numpy(store.gather().T.copy())
+                digests = store.digests()
             else:
                 _, per_model = score(model, data, m.name, return_per_model=True, **kw)
+                digests = read_digests(dataset)
             _, files = save_scores(job, per_model.numpy(), dataset)
+            settings["digests"] = save_digests(job, digests)
+            if settings["digests"] is not None:
+                files.append("digests.npy")
             if getattr(dataset, "files", None) is not None:
                 files.append("files.txt")  # written by the job when it started
             finish_folder(job, score_meta(m.name, dataset, files, **settings), store)

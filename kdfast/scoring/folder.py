@@ -29,6 +29,7 @@ from kdfast.io.atomic import read_file_list, read_json, save_npy, write_json, wr
 from kdfast.io.chunks import ChunkStore
 
 DIRECTION = "higher is harder"
+DIGESTS_FILE = "digests.npy"
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -73,6 +74,15 @@ def save_scores(job, per_model, data, *, batch_ids=None) -> tuple[np.ndarray, li
     return scores, files
 
 
+def save_digests(job, digests) -> dict | None:
+    """Writes OUT/digests.npy (int64 crc32 of the bytes each example was scored from, -1 for rows not read) when
+    any row was read; returns meta.json's entry for it (the file and its sha256), else None."""
+    from kdfast.data.digests import any_read, digests_sha256
+    if not any_read(digests):
+        return None
+    save_npy(job.path(DIGESTS_FILE), np.asarray(digests, dtype=np.int64))
+    return {"file": DIGESTS_FILE, "sha256": digests_sha256(digests),
+            "num_read": int((np.asarray(digests) != -1).sum())}
 def read_scores_table(path: str, *, what: str | None = None):
     """(keys, scores float64) of a scores.parquet: a kdfast-score folder's or a bare file with `key` and `score`
     columns (keys as a pyarrow string array, in the file's order)."""
@@ -175,3 +185,31 @@ def read_scores(path: str, dataset, *, what: str | None = None, hint: str | None
     check_identity(identity, dataset, what=what, recorded_files=read_file_list(files) if files else None,
                    **({"hint": hint} if hint else {}))
     return np.asarray(scores, dtype=np.float64), meta
+
+
+def score_digests(path: str, meta: dict | None = None, *, what: str | None = None) -> np.ndarray | None:
+    """The content digests a score folder recorded (digests.npy, checked against meta.json's sha256), or None
+    (a bare .npy, a folder of an older version, data that reads no files)."""
+    from kdfast.data.digests import digests_sha256
+    entry = (meta if meta is not None else load_scores(path)[1]).get("digests") if os.path.isdir(path) else None
+    if not entry:
+        return None
+    file = os.path.join(path, entry["file"])
+    try:
+        digests = np.load(file, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataIdentityError(f"{what or f'--scores {path}'}: cannot read its content digests {file} ({exc})") \
+            from None
+    if digests_sha256(digests) != entry["sha256"]:
+        raise DataIdentityError(f"{what or f'--scores {path}'}: {file} is not the digests file meta.json records "
+                                "(sha256 differs); it was changed after scoring: score again")
+    return digests
+
+
+def expect_score_digests(path: str, dataset, meta: dict | None = None, *, what: str | None = None) -> None:
+    """Every later read of `dataset`'s files is checked against the bytes the scores in `path` were computed from
+    (DigestMismatchError naming the file; see kdfast.data.digests)."""
+    from kdfast.data.digests import expect_digests
+    what = what or f"--scores {path}"
+    expect_digests(dataset, score_digests(path, meta, what=what), what=what,
+                   hint="score it again, or restore the file")

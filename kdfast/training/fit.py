@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from kdfast.runtime import distributed as dist
+from kdfast.data.digests import expect_digests, merge_digests, read_digests
 from kdfast.data.epoch_loader import EpochLoader
 from kdfast.distill.setup import KDSetup, as_setup, tensors_sha256
 from kdfast.distill.step import distill_step
@@ -106,6 +107,7 @@ def _check_fit_args(dataset, recipe, kd: KDSetup, forgetting, ddp):
         raise InvalidArgumentError("fit: " + "; ".join(problems))
     if kd.teacher_cache is not None and hasattr(dataset, "targets"):
         kd.teacher_cache.check_dataset(dataset)
+        kd.teacher_cache.check_reads(dataset)  # before the loaders start: their workers see the expectations
 
 
 def _scheduler(optimizer, schedule, epochs, milestones):
@@ -194,10 +196,10 @@ def _set_rng_state(state, device) -> None:
 
 
 def _save_checkpoint(path, model, optimizer, scheduler, epoch, history, forgetting, identity, sampler=None,
-                     kd_term=None, within=None):
+                     kd_term=None, within=None, digests=None):
     """`epoch`: the epochs completed; `within`: the state inside epoch `epoch` + 1 after `within["step"]` steps
     (the step count, the running sums, the random generators), or its record awaiting evaluation
-    (`within["record"]`), None at an epoch's end."""
+    (`within["record"]`), None at an epoch's end; `digests`: the content digests of the files read so far."""
     state = {"format": CHECKPOINT_FORMAT, "epoch": epoch, "model": model.state_dict(),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
              "run": identity}
@@ -209,6 +211,8 @@ def _save_checkpoint(path, model, optimizer, scheduler, epoch, history, forgetti
         state["forgetting"] = forgetting.state_dict()
     if sampler is not None:
         state["sampler"] = sampler.state_dict()
+    if digests is not None:
+        state["digests"] = torch.from_numpy(digests)
     save_torch(path, state)  # atomic: a kill mid-save leaves the previous checkpoint intact
 
 
@@ -246,7 +250,7 @@ def _load_checkpoint(path, model, optimizer, scheduler, forgetting, identity, sa
     scheduler.load_state_dict(state["scheduler"])
     if forgetting is not None and "forgetting" in state and hasattr(forgetting, "load_state_dict"):
         forgetting.load_state_dict(state["forgetting"])
-    return state["epoch"], list(state["history"]), state.get("within")
+    return state["epoch"], list(state["history"]), state.get("within"), state.get("digests")
 
 
 def _epoch_line(record, epochs):
@@ -326,10 +330,18 @@ def fit(model, dataset, recipe: TrainRecipe, kd: KDSetup | None = None, *, subse
         params.append({"params": list(kd_term.to(device).parameters())})
     optimizer = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     scheduler = _scheduler(optimizer, recipe.schedule, epochs, recipe.milestones)
-    start, history, within = 0, [], None
+    start, history, within, read_before = 0, [], None, None
     if resume and checkpoint_path is not None and os.path.exists(checkpoint_path):
-        start, history, within = _load_checkpoint(checkpoint_path, model, optimizer, scheduler, forgetting, identity,
-                                                  sampler=sampler, kd_term=kd_term)
+        start, history, within, read_before = _load_checkpoint(checkpoint_path, model, optimizer, scheduler,
+                                                               forgetting, identity, sampler=sampler, kd_term=kd_term)
+    if read_before is not None:  # before the loaders start: the resumed run must read the bytes the first part read
+        read_before = read_before.numpy()
+        expect_digests(dataset, read_before, what=f"the run that wrote checkpoint {checkpoint_path}",
+                       hint="restore the file, or start the training afresh (no resume, --overwrite)")
+
+    def digests_now():
+        """The content digests of the files read so far, this process's reads and those before a resume."""
+        return merge_digests(read_digests(dataset), read_before)
     importance, sampler = sampler, None  # from here on `sampler` is the DistributedSampler (ddp) or None
     net = model
     if ddp:  # wraps the same parameters, so the optimizer above and the checkpoints keep working on `model`
@@ -350,7 +362,8 @@ def fit(model, dataset, recipe: TrainRecipe, kd: KDSetup | None = None, *, subse
         if eval_dataset is not None:
             if writes_files and checkpoint_path is not None:
                 _save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, history, forgetting, identity,
-                                 sampler=importance, kd_term=kd_term, within={"record": record})
+                                 sampler=importance, kd_term=kd_term, within={"record": record},
+                                 digests=digests_now())
             ev = _evaluate(model, eval_loader, len(eval_dataset), device, precision, ddp)
             record.update(eval_loss=ev["loss"], eval_acc=ev["acc"])
         history.append(record)
@@ -360,7 +373,7 @@ def fit(model, dataset, recipe: TrainRecipe, kd: KDSetup | None = None, *, subse
             print(_epoch_line(record, epochs), file=sys.stderr, flush=True)
         if checkpoint_path is not None:
             _save_checkpoint(checkpoint_path, model, optimizer, scheduler, epoch, history, forgetting, identity,
-                             sampler=importance, kd_term=kd_term)
+                             sampler=importance, kd_term=kd_term, digests=digests_now())
         if on_epoch is not None:
             on_epoch(history)
 
@@ -416,7 +429,7 @@ def fit(model, dataset, recipe: TrainRecipe, kd: KDSetup | None = None, *, subse
                                          identity, sampler=importance, kd_term=kd_term,
                                          within={"step": step + 1, "loss_sum": loss_sum.cpu(),
                                                  "correct": correct.cpu(), "rng": _rng_state(device),
-                                                 "seconds": seconds_before + now - tic})
+                                                 "seconds": seconds_before + now - tic}, digests=digests_now())
                         last_save = time.perf_counter()
             within = None
             scheduler.step()

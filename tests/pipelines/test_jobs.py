@@ -281,6 +281,49 @@ def test_a_live_run_locks_its_folder_and_a_killed_one_does_not(tmp_path):
     job.release()
 
 
+_HOLD_WITH_CHILD = """
+import os, sys, time
+from kdfast.io import Job
+job = Job.start(sys.argv[1], "score", {"lr": 0.01})
+if os.fork() == 0:  # a forked DataLoader worker: it outlives a killed run by seconds, holding its open files
+    time.sleep(30)
+    os._exit(0)
+print("started", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_killed_runs_forked_workers_do_not_keep_its_folder_locked(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_WITH_CHILD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "started"
+        with pytest.raises(JobLockedError, match=f"pid {holder.pid}"):
+            Job.start(out, "score", {"lr": 0.01}, resume=True)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # the child still lives with the lock file open: the folder is free at once all the same
+    Job.start(out, "score", {"lr": 0.01}, resume=True).release()
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_killed_while_writing_its_file_list_does_not_block_the_next(tmp_path, resume):
+    # SIGKILL between the file list and job.json used to leave a folder "that holds no kdfast run"
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "job.lock").write_text("4242\n")
+    (out / "files.txt").write_text("a.png\n")
+    (out / "files.txt.stat.npy.tmp4242").write_bytes(b"half")
+    job = Job.start(out, "score", {"a": 1}, files=["b.png"], resume=resume)
+    job.release()
+    assert sorted(os.listdir(out)) == ["files.txt", "job.json", "job.lock"]
+    assert (out / "files.txt").read_text() == "b.png\n"
+
+
 def test_resume_removes_the_temporary_files_a_killed_run_left(tmp_path):
     out = tmp_path / "run"
     Job.start(out, "score", {"a": 1}).release()
