@@ -311,3 +311,36 @@ def test_make_shards_command_round_trips(folder, tmp_path, capsys):
     assert pq.ParquetFile(out / "shard-000000.parquet").metadata.row_group(0).num_rows == 4
     assert make_shards_main([str(folder), str(out)]) == 1
     assert "already holds shards" in capsys.readouterr().err
+
+
+def test_shard_reads_record_digests_and_a_rewrite_keeping_size_and_mtime_is_caught(folder, tmp_path):
+    import tarfile
+    import zlib
+
+    import kdfast
+    from kdfast.data.digests import DigestMismatchError
+    from kdfast.models import create_model
+    from kdfast.scoring.folder import expect_score_digests
+    name = make_shards(str(folder), str(tmp_path / "shards"), shard_size=5, format="wds")
+    ref = load_dataset("folder", root=str(folder), image_size=8)
+    data = load_dataset(name, image_size=8)
+    torch.manual_seed(0)
+    model = create_model("mlp", num_classes=3, in_channels=3, image_size=8).eval()
+    kdfast.score(model, data, "el2n", batch_size=4, progress=False, out=tmp_path / "run")
+    recorded = np.load(tmp_path / "run" / "digests.npy")  # the crc32 of each original image file's bytes
+    assert recorded.tolist() == [zlib.crc32((folder / f).read_bytes()) for f in ref.files]
+    shard, key = data.shards[1].name, data.keys[7]
+    st = os.stat(shard)
+    with tarfile.open(shard) as tar:  # the image member of example 7 (shard 1's third), rewritten in place
+        member = next(m for m in tar.getmembers() if m.name.startswith(f"{key}.") and not m.name.endswith(".cls"))
+    with open(shard, "r+b") as fh:
+        fh.seek(member.offset_data + member.size // 2)
+        fh.write(b"\x00\x01\x02\x03")
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))  # size and mtime as before: the index stays valid
+    again = load_dataset(name, image_size=8)
+    check_identity(data_identity(data), again, what="the scores")  # the up-front check cannot see it
+    expect_score_digests(str(tmp_path / "run"), again)
+    again.load(3)  # an untouched example reads as before
+    with pytest.raises(DigestMismatchError) as info:
+        again.load(7)
+    assert f"{key}" in str(info.value) and "--scores" in str(info.value) and len(str(info.value).splitlines()) == 1
