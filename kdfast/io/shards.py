@@ -8,9 +8,9 @@ commit, so a resumed or multi-rank job rescores only whole shards that never lan
     table = store.gather()                     # (N, K) in shard order; every shard present, its keys unchanged
 
 Shard i's rows are committed as `{i:06d}.npz` (atomic, kdfast/io/atomic.py) with arrays `keys` (str, its
-examples' keys), `labels` (int64), `values` (float32, (rows, K)) and `digests` (int64 content digests of the bytes each row was
-computed from, kdfast.data.digests; -1 where not known): a kill at any moment leaves whole shards
-only. `store.json` records K and the shards (name, start, stop, size, mtime_ns); reopening with others raises
+examples' keys), `labels` (int64), `values` (float32, (rows, K)) and `digests` (int64 content digests of the bytes
+each row was computed from, kdfast.data.digests; -1 where not known): a kill at any moment leaves whole shards only.
+`store.json` records K and the shards (name, start, stop, size, mtime_ns); reopening with others raises
 JobMismatchError, and gather() refuses a shard file whose keys are not the data set's keys of that shard.
 """
 from __future__ import annotations
