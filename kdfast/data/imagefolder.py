@@ -9,6 +9,7 @@ are scaled to 8 bits, 32-bit integer and float ones (no fixed range) raise DataE
 """
 from __future__ import annotations
 
+import operator
 import os
 import warnings
 
@@ -49,6 +50,7 @@ class FolderScan(tuple):
 
 _IMAGE_SUFFIXES = tuple(ext.encode() for ext in IMAGE_EXTENSIONS)
 _SEP = os.sep.encode()
+_ENTRY_NAME = operator.attrgetter("name")
 
 
 class _ClassFiles:
@@ -65,15 +67,39 @@ class _ClassFiles:
         names = [e.name for e in images]
         self.chunks.append(prefix + (b"\n" + prefix).join(names) + b"\n")
         self.lengths.append(np.fromiter(map(len, names), np.int64, len(names)) + len(prefix) + 1)
-        stats = np.full((len(images), 2), -1, dtype=np.int64)
-        for i, entry in enumerate(images):
-            try:
-                st = entry.stat()  # follows links, as a stat of the path would
-            except OSError:
-                continue  # vanished since listed: the fingerprint changes, the consumer reports it
-            stats[i] = st.st_size, st.st_mtime_ns
-        self.stats.append(stats)
+        try:
+            stats = [e.stat() for e in images]  # follows links, as a stat of the path would
+        except OSError:  # one vanished since listed: -1, -1 for it (the fingerprint changes, the consumer says so)
+            stats = [_stat_or_none(e) for e in images]
+        self.stats.append(np.stack([np.fromiter(map(_size, stats), np.int64, len(stats)),
+                                    np.fromiter(map(_mtime, stats), np.int64, len(stats))], axis=1))
         self.count += len(images)
+
+
+def _stat_or_none(entry):
+    try:
+        return entry.stat()
+    except OSError:
+        return None
+
+
+def _size(st) -> int:
+    return -1 if st is None else st.st_size
+
+
+def _mtime(st) -> int:
+    return -1 if st is None else st.st_mtime_ns
+
+
+def _is_dir(entry) -> bool:
+    try:
+        return entry.is_dir()  # follows links, as os.walk does
+    except OSError:
+        return False
+
+
+def _is_image(name: bytes) -> bool:
+    return name.lower().endswith(_IMAGE_SUFFIXES) and not name.startswith(b"._")  # ._x: macOS AppleDouble
 
 
 def _class_files(folder: bytes, cls: bytes, seen: set) -> _ClassFiles:
@@ -96,30 +122,25 @@ def _class_files(folder: bytes, cls: bytes, seen: set) -> _ClassFiles:
                 entries = list(listing)
         except OSError:
             continue  # unreadable folder: os.walk's default, nothing listed
-        images, subfolders, skipped = [], [], []
-        for entry in entries:
+        try:  # inlined: the per-file cost of a scan is this line and the stat
+            images = [e for e in entries if (n := e.name).lower().endswith(_IMAGE_SUFFIXES) and n[:2] != b"._"
+                      and not e.is_dir()]
+        except OSError:  # is_dir can raise (PermissionError): os.walk takes such an entry as a file
+            images = [e for e in entries if _is_image(e.name) and not _is_dir(e)]
+        subfolders, skipped = [], []
+        for entry in entries if len(images) < len(entries) else ():  # the rest: folders and other files
             name = entry.name
-            try:
-                is_dir = entry.is_dir()
-            except OSError:
-                is_dir = False
-            if is_dir:
+            if _is_dir(entry):
                 if not entry.is_symlink():
                     subfolders.append(name)
-            elif name.lower().endswith(_IMAGE_SUFFIXES) and not name.startswith(b"._"):  # ._x: macOS AppleDouble
-                images.append(entry)
-            elif not name.startswith(b".") or name.startswith(b"._"):  # other hidden files are not worth a note
-                skipped.append(name)
+            elif not _is_image(name) and (not name.startswith(b".") or name.startswith(b"._")):
+                skipped.append(name)  # other hidden files are not worth a note
         if images:
-            images.sort(key=_entry_name)
+            images.sort(key=_ENTRY_NAME)
             out.add(rel, images)
         out.skipped += [os.fsdecode(os.path.join(rel, name)) for name in sorted(skipped)]
         stack += [os.path.join(rel, d) for d in sorted(subfolders, reverse=True)]  # popped smallest first
     return out
-
-
-def _entry_name(entry) -> bytes:
-    return entry.name
 
 
 def scan_image_folder(folder: str, name: str, layout: str, *, drop_empty_classes: bool = False) -> FolderScan:
