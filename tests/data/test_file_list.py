@@ -100,3 +100,19 @@ def test_scan_keeps_os_walk_order_nested_folders_and_links(tmp_path):
     assert classes == ["a", "b", "c"] and files == ref_files and labels.tolist() == ref_labels
     assert files.stats.tolist() == file_stats(str(root), ref_files).tolist()
     assert files.stats[files.index(os.path.join("b", "gone.jpg"))].tolist() == [-1, -1]
+
+
+def test_stratified_split_draws_what_a_per_class_loop_draws():
+    import torch
+
+    from kdfast.data.split import stratified_split
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.tensor([5, 0, 9, 5, 5, 9, 0, 5, 9, 9, 2] * 13)[torch.randperm(143, generator=gen)]
+    train, held = stratified_split(targets, 0.3, seed=7)
+    draw, expected = torch.Generator().manual_seed(7), []
+    for c in torch.unique(targets).tolist():  # the former loop: one comparison pass per class, in label order
+        members = torch.nonzero(targets == c).reshape(-1)
+        k = min(max(int(round(0.3 * len(members))), 1), len(members) - 1)
+        expected += members[torch.randperm(len(members), generator=draw)[:k]].tolist()
+    assert held.tolist() == sorted(expected)
+    assert sorted(train.tolist() + held.tolist()) == list(range(143))
