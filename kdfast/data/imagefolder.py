@@ -50,7 +50,7 @@ class FolderScan(tuple):
 
 _IMAGE_SUFFIXES = tuple(ext.encode() for ext in IMAGE_EXTENSIONS)
 _SEP = os.sep.encode()
-_ENTRY_NAME = operator.attrgetter("name")
+_ENTRY_NAME, _SIZE, _MTIME = (operator.attrgetter(a) for a in ("name", "st_size", "st_mtime_ns"))
 
 
 class _ClassFiles:
@@ -69,10 +69,12 @@ class _ClassFiles:
         self.lengths.append(np.fromiter(map(len, names), np.int64, len(names)) + len(prefix) + 1)
         try:
             stats = [e.stat() for e in images]  # follows links, as a stat of the path would
+            size, mtime = _SIZE, _MTIME
         except OSError:  # one vanished since listed: -1, -1 for it (the fingerprint changes, the consumer says so)
             stats = [_stat_or_none(e) for e in images]
-        self.stats.append(np.stack([np.fromiter(map(_size, stats), np.int64, len(stats)),
-                                    np.fromiter(map(_mtime, stats), np.int64, len(stats))], axis=1))
+            size, mtime = _size, _mtime
+        self.stats.append(np.stack([np.fromiter(map(size, stats), np.int64, len(stats)),
+                                    np.fromiter(map(mtime, stats), np.int64, len(stats))], axis=1))
         self.count += len(images)
 
 
