@@ -158,6 +158,14 @@ def _stems(paths):
     return pc.replace_substring_regex(names, r"^(\.*[^.].*)\.[^.]*$", r"\1")
 
 
+def _raise_first_repeated(keys, norm_keys, source: str):
+    seen = set()
+    for key, norm in zip(keys.to_pylist(), norm_keys.to_pylist()):
+        if norm in seen:
+            raise ScoreFileError(f"{source}: file {key!r} appears more than once")
+        seen.add(norm)
+
+
 def match_scores(keys, values, files, *, source: str = "scores") -> tuple[np.ndarray, MatchReport]:
     """Scores in the order of `files` from (key, value) pairs; see the module docstring for the rules.
 
@@ -168,22 +176,20 @@ def match_scores(keys, values, files, *, source: str = "scores") -> tuple[np.nda
     values = np.asarray(values, dtype=np.float64)
     keys = _strings(keys)
     norm_keys = _normalised(keys)
-    if pc.count_distinct(norm_keys).as_py() < len(norm_keys):
-        seen = set()
-        for k, norm in zip(keys.to_pylist(), norm_keys.to_pylist()):
-            if norm in seen:
-                raise ScoreFileError(f"{source}: file {k!r} appears more than once")
-            seen.add(norm)
     norm_files = _normalised(_file_strings(files))
     position = pc.index_in(norm_keys, value_set=norm_files).fill_null(-1).to_numpy(zero_copy_only=False)
     exact = np.flatnonzero(position >= 0)
+    pending = np.flatnonzero(position < 0)
+    pending_keys = keys.take(pending).to_pylist() if len(pending) else []
+    # a key given twice lands twice on one file, or twice among the keys left over (compared in Python: few)
+    if np.bincount(position[exact], minlength=len(files)).max(initial=0) > 1 or \
+            len(set(norm_keys.take(pending).to_pylist())) < len(pending):
+        _raise_first_repeated(keys, norm_keys, source)
     out = np.full(len(files), np.nan)
     owner = np.full(len(files), -1, dtype=np.int64)  # data set index -> the key that filled it
     out[position[exact]], owner[position[exact]] = values[exact], exact
     report = MatchReport(exact=len(exact))
-    pending = np.flatnonzero(position < 0)
     if len(pending):
-        pending_keys = keys.take(pending).to_pylist()
         names = {p[-1] for k in pending_keys if (p := _parts(k, stem=True))}
         # a key fits a file only when the names agree: the tails of the other files are never looked up
         near = np.flatnonzero(pc.is_in(_stems(norm_files), value_set=pa.array(sorted(names), pa.large_string()))
