@@ -21,6 +21,9 @@ def test_file_list_is_the_list_of_its_paths():
     assert files[np.int64(2)] == PATHS[2] and files[1:4] == PATHS[1:4] and files[::-2] == PATHS[::-2]
     assert files[::-2].stats.tolist() == [[8, 9], [4, 5], [0, 1]]
     assert files.take([3, 0]) == [PATHS[3], PATHS[0]] and files.take([3, 0]).stats.tolist() == [[6, 7], [0, 1]]
+    ascending = files.take([0, 2, 4])  # a subset: one byte mask instead of a slice per path
+    assert ascending == PATHS[::2] and ascending.stats.tolist() == [[0, 1], [4, 5], [8, 9]]
+    assert list(ascending.offsets) == [0, *np.cumsum([len(p.encode()) + 1 for p in PATHS[::2]])]
     assert files != PATHS[:4] and files != PATHS[::-1] and files == FileList(PATHS) and bool(files)
     assert not FileList([]) and FileList([]) == [] and "\n".join(files) == "\n".join(PATHS)
     assert set(files) == set(PATHS) and "dog/x" in files and files.index("dog/x") == 3
