@@ -14,6 +14,10 @@ Matching a key to a data set file (paths relative to the data set's folder, '/' 
    'c/x' beside 'c/x.png'), are errors.
 Every data set file needs a score: unmatched ones raise, listing the first few and the count. Keys that match
 no file (a score file for a bigger set) are ignored and counted in the report.
+
+Reading and matching use pyarrow (`pip install 'kdfast[data]'`): a reader (`_read_csv`, `_read_npz`) returns
+(keys, values), keys a list of str or an Arrow string array; rule 1 is one vectorised lookup over every key and
+file, rule 2 runs in Python for the keys left over only.
 """
 from __future__ import annotations
 
