@@ -18,9 +18,10 @@ dentry caches are warm for every row. Rows (`ms`: wall time of the child, start 
                          `rss_above_imports_mib` = its peak RSS less the imports row's
     prune-npy            `kdfast-prune --scores scores.npy --fraction 0.3` (N float scores)
     prune-class-balanced the same with `--class-balanced --labels labels.npy`
+    prune-csv-cli        `kdfast-prune --scores scores.csv --dataset imagenet --data-root ROOT`: the scan included
     prune-csv            a keyed CSV (N rows `file,score`, shuffled) matched to the folder's files.txt and pruned
                          (`load_score_file` + `prune` in a child: what kdfast-prune does after its scan)
-    prune-csv-cli        `kdfast-prune --scores scores.csv --dataset imagenet --data-root ROOT`: the scan included
+The prune rows' `work_ms` is the child's time after its imports (torch and kdfast: seconds on a loaded machine).
 
 Targets (1.28M files): score-first-batch <= 1.5x walk, peak RSS <= 250 MiB above the imports, each prune <= 5 s.
 """
@@ -63,14 +64,21 @@ def walk(path):
     return n
 t = time.perf_counter(); n = walk(sys.argv[1]); print(n, time.perf_counter() - t)
 """
+# the prune children print the seconds of their work after the imports (torch, kdfast) last: `work_ms`
 CSV_PRUNE = """
-import sys
+import sys, time
 from kdfast.io.atomic import read_file_list
 from kdfast.pruning.score_files import load_score_file
 from kdfast.pruning.selection import prune
+t = time.perf_counter()
 files = read_file_list(sys.argv[1])
 keep = prune(load_score_file(sys.argv[2], files=files), 0.3, "hard")
-print(len(files), len(keep))
+print(len(files), len(keep), time.perf_counter() - t)
+"""
+CLI = """
+import sys, time
+from kdfast.cli.main import main
+t = time.perf_counter(); rc = main(sys.argv[1:]); print(time.perf_counter() - t); sys.exit(rc)
 """
 
 
@@ -163,16 +171,17 @@ def bench_size(n: int, emit, device: torch.device) -> list[dict]:
             fh.writelines(f"{names[i]},{values[i]!r}\n" for i in order.tolist())
         del names
         keep = str(base / "keep.npy")
-        for provider, extra in (("prune-npy", []), ("prune-class-balanced", ["--class-balanced", "--labels",
-                                                                             str(base / "labels.npy")])):
-            wall, rss, _ = _child(_kdfast("prune", "--scores", str(base / "scores.npy"), "--fraction", "0.3", "--out",
-                                          keep, "--quiet", *extra))
-            row(provider, wall * 1e3, rss_mib=rss / 2**20)
-        wall, rss, _ = _child([sys.executable, "-c", CSV_PRUNE, str(files_txt), str(base / "scores.csv")])
-        row("prune-csv", wall * 1e3, rss_mib=rss / 2**20, csv_mib=os.path.getsize(base / "scores.csv") / 2**20)
-        wall, rss, _ = _child(_kdfast("prune", "--scores", str(base / "scores.csv"), "--dataset", "imagenet",
-                                      "--data-root", str(data_root), "--fraction", "0.3", "--out", keep, "--quiet"))
-        row("prune-csv-cli", wall * 1e3, rss_mib=rss / 2**20)
+        for provider, extra in (("prune-npy", ["--scores", str(base / "scores.npy")]),
+                                ("prune-class-balanced", ["--scores", str(base / "scores.npy"), "--class-balanced",
+                                                          "--labels", str(base / "labels.npy")]),
+                                ("prune-csv-cli", ["--scores", str(base / "scores.csv"), "--dataset", "imagenet",
+                                                   "--data-root", str(data_root)])):
+            wall, rss, out = _child([sys.executable, "-c", CLI, "prune", *extra, "--fraction", "0.3", "--out", keep,
+                                     "--quiet"])
+            row(provider, wall * 1e3, work_ms=float(out.split()[-1]) * 1e3, rss_mib=rss / 2**20)
+        wall, rss, out = _child([sys.executable, "-c", CSV_PRUNE, str(files_txt), str(base / "scores.csv")])
+        row("prune-csv", wall * 1e3, work_ms=float(out.split()[-1]) * 1e3, rss_mib=rss / 2**20,
+            csv_mib=os.path.getsize(base / "scores.csv") / 2**20)
     finally:
         t = time.perf_counter()
         shutil.rmtree(base, ignore_errors=True)

@@ -16,8 +16,9 @@ def test_data_scale_rows_at_a_small_tree():
     rows = bench_data_scale.run(device="cpu", sizes=(1500,), emit=emitted.append)
     assert rows == emitted
     by = {r["provider"]: r for r in rows}
-    assert list(by) == ["walk", "imports", "score-first-batch", "prune-npy", "prune-class-balanced", "prune-csv",
-                        "prune-csv-cli"]
+    assert list(by) == ["walk", "imports", "score-first-batch", "prune-npy", "prune-class-balanced",
+                        "prune-csv-cli", "prune-csv"]
+    assert all(0 < by[p]["work_ms"] < by[p]["ms"] for p in list(by)[3:])
     assert all(r["files"] == 1500 and r["ms"] > 0 and r["op"] == "data_scale" for r in rows)
     assert by["score-first-batch"]["ratio_to_walk"] > 0 and "rss_above_imports_mib" in by["score-first-batch"]
     assert set(glob.glob(os.path.join(tempfile.gettempdir(), "kdfast-bench-data-scale-*"))) == before
