@@ -14,10 +14,10 @@ Budget (--budget-s): the benchmarks run in the order of BENCHMARKS, each in a ch
 budget is set or the device is a GPU (a crash, a hung compile or a broken CUDA context then ends that benchmark
 only; on the CPU without a budget, e.g. --smoke, they run in this process). Each gets the share of the time still
 left that its weight is of the weights still to run (kd_loss 0.30, linear_kd_loss 0.15, grad_norms 0.20, score
-0.15, e2e 0.15, hessian 0.20, digests 0.05): time one leaves unused is carried forward to the rest in proportion. A benchmark is told 85% of
-its share (`budget_s`, it stops starting new configurations when spent and says so in a "skipped" row) and
-is killed at 100%; a share under MIN_START_S is not started. The runner keeps 5% of the budget (at most
-15 s) for the summary. Without --budget-s nothing is bounded.
+0.15, e2e 0.15, hessian 0.20, digests 0.05, data_scale 0.15): time one leaves unused is carried forward to the rest
+in proportion. A benchmark is told 85% of its share (`budget_s`, it stops starting new configurations when spent
+and says so in a "skipped" row) and is killed at 100%; a share under MIN_START_S is not started. The runner keeps
+5% of the budget (at most 15 s) for the summary. Without --budget-s nothing is bounded.
 
 At the end it prints every open performance target (each benchmark's `targets(rows)`) with measured / target /
 met, which RESULTS.md shows too. A benchmark that cannot be imported (a missing peer) or raises gets a
@@ -57,6 +57,7 @@ BENCHMARKS = {
     "e2e": ("bench.perf.bench_e2e", 0.15, "e2e"),
     "hessian": ("bench.perf.bench_hessian", 0.20, "hessian_spectral_norms"),
     "digests": ("bench.perf.bench_digests", 0.05, "digests"),
+    "data_scale": ("bench.perf.bench_data_scale", 0.15, "data_scale"),
 }
 SOFT_FRACTION = 0.85  # of its share, the time a benchmark is told it has; it is killed at the whole share
 MIN_START_S = 3.0

@@ -1,7 +1,8 @@
 """Data set registry: `load_dataset(name, root=..., split=...)` -> a Dataset of (input tensor, int label).
 
 Every data set has `.targets` (LongTensor (N,)), `.num_classes`, `.name`, and `.files` (paths relative to
-its folder for image folders, else None); image folders also list `.skipped_files` (not images). Outputs
+its folder for image folders, a FileList: a sequence of str over one byte buffer, with each file's size and mtime
+from the scan; else None); image folders also list `.skipped_files` (not images). Outputs
 carry `data_identity(dataset)` (labels and file-list fingerprints), checked by `check_identity`; image folders
 also record the crc32 of each file's bytes as they read them, checked against the digests artifacts recorded
 (`dataset.expect_digests`, data/digests.py), so content changed under the same name, size and mtime is caught. Nothing

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from kdfast.data.digests import expect_digests as _expect_digests
-from kdfast.data.identity import FileList, files_fingerprint
+from kdfast.data.identity import FileList, as_file_list, files_fingerprint
 from kdfast.errors import DataError, InvalidArgumentError
 
 
@@ -79,8 +79,7 @@ class LabeledSubset(Subset):
         self.targets = dataset.targets[idx]
         self.num_classes, self.name = dataset.num_classes, dataset.name
         self.folder = getattr(dataset, "folder", None)
-        self.files = None if dataset.files is None else FileList([dataset.files[i] for i in self.indices],
-                                                                 folder=self.folder)
+        self.files = None if dataset.files is None else as_file_list(dataset.files, self.folder).take(idx)
         self.classes = getattr(dataset, "classes", None)
         if getattr(dataset, "shards", None) is not None:  # shard data sets: the parent's shards, the subset's keys
             self.shards, self.keys = dataset.shards, dataset.keys.take(self.indices)

@@ -15,8 +15,9 @@ def stratified_split(targets, fraction: float, seed: int = 0) -> tuple[torch.Ten
     targets = torch.as_tensor(targets, dtype=torch.int64).reshape(-1)
     gen = torch.Generator().manual_seed(int(seed))
     held = []
-    for c in torch.unique(targets).tolist():
-        members = torch.nonzero(targets == c).reshape(-1)
+    _, counts = torch.unique(targets, return_counts=True)  # classes sorted
+    # each class's indices, ascending: one stable sort by label, not one comparison pass per class
+    for members in torch.split(torch.argsort(targets, stable=True), counts.tolist()):
         k = int(round(fraction * len(members)))
         k = min(max(k, 1 if len(members) >= 2 else 0), len(members) - 1)
         held.append(members[torch.randperm(len(members), generator=gen)[:k]])

@@ -12,7 +12,7 @@ from typing import IO
 
 import numpy as np
 
-from kdfast.data.identity import FileList
+from kdfast.data.identity import FileList, as_file_list
 
 
 def atomic_write(path: str, write: Callable[[IO], None], *, mode: str = "wb") -> str:
@@ -72,18 +72,23 @@ def _stats_path(path: str) -> str:
 
 def write_file_list(path: str, files) -> str:
     """A data set's relative file paths, one a line (and, for a FileList, their sizes and mtimes beside it in
-    PATH.stat.npy): what a later identity mismatch names the differing files from."""
-    stats = getattr(files, "stats", None)
+    PATH.stat.npy): what a later identity mismatch names the differing files from. A FileList's buffer is
+    already this format: written as it is."""
+    files = as_file_list(files)
+    stats = files.stats
     if stats is not None:
         save_npy(_stats_path(path), stats)
-    return write_text(path, "\n".join(files) + "\n")
+    return atomic_write(path, lambda fh: fh.write(files.buffer))
 
 
 def read_file_list(path: str) -> FileList:
-    with open(path) as fh:
-        files = fh.read().splitlines()
+    with open(path, "rb") as fh:
+        data = fh.read()
+    files = FileList.from_lines(data)
     stats = np.load(_stats_path(path)) if os.path.isfile(_stats_path(path)) else None
-    return FileList(files, stats=stats if stats is not None and len(stats) == len(files) else None)
+    if stats is not None and len(stats) == len(files):
+        files = FileList.from_buffer(files.buffer, files.offsets, stats=stats)
+    return files
 
 
 def read_json(path: str):

@@ -172,9 +172,10 @@ def prune(scores, fraction, mode="hard", *, labels=None, class_balanced=False, s
     if not class_balanced:
         keep = select(s, k, gen, float(ccs_beta), ccs_strata)
     else:
-        classes = torch.unique(y)  # sorted
-        members = [torch.nonzero(y == c).squeeze(1) for c in classes]
-        quotas = class_quotas([len(m) for m in members], k)
+        _, counts = torch.unique(y, return_counts=True)  # classes sorted
+        # each class's indices, ascending: one stable sort by label, not one comparison pass per class
+        members = torch.split(torch.argsort(y, stable=True), counts.tolist())
+        quotas = class_quotas(counts.tolist(), k)
         keep = torch.cat([m[select(s[m], q, gen, float(ccs_beta), ccs_strata)]
                           for m, q in zip(members, quotas) if q > 0])
     return keep.sort().values

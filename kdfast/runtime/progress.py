@@ -1,7 +1,9 @@
 """Progress and log lines on stderr, shared by training, scoring and the command line.
 
-`progress(iterable, ...)` reports counts, rate and ETA: a tqdm bar on a terminal, plain lines (at most one
-every PLAIN_INTERVAL_S, and one at the end) in logs and pipes, nothing when quiet.
+`progress(iterable, ...)` reports counts, rate and ETA: a tqdm bar on a terminal, plain lines in logs and pipes
+(one at the first batch of the process's first pass, so a log shows when work began, after the imports, the data
+set's scan and the loader's start; then at most one every PLAIN_INTERVAL_S, and one at the end), nothing when
+quiet.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import time
 
 
 PLAIN_INTERVAL_S = 10.0  # seconds between plain progress lines: a log stays readable, a long pass is never silent
+_first_batch = {"reported": False}  # the process's first plain progress line comes at its first batch
 
 
 class _PlainProgress:
@@ -25,7 +28,8 @@ class _PlainProgress:
     def update(self, n):
         self.n += n
         now = time.perf_counter()
-        if now - self.last >= self.interval:
+        if now - self.last >= self.interval or not _first_batch["reported"]:
+            _first_batch["reported"] = True
             self.last = now
             self._print(now)
 

@@ -3,6 +3,7 @@ writes: exact and lenient matching, every error, and kdfast-prune --scores end t
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -187,3 +188,57 @@ def test_a_csv_with_a_utf8_bom_header_is_read(folder, tmp_path):
     path = tmp_path / "excel.csv"
     path.write_bytes(b"\xef\xbb\xbf" + ("file,score\n" + "".join(f"{k},{v}\n" for k, v in truth.items())).encode())
     np.testing.assert_array_equal(load_score_file(str(path), files=data.files), [truth[f] for f in data.files])
+
+
+def _reference_match(keys, values, files):
+    """The matching before the vectorised rewrite, for valid inputs: exact normalised paths first, then the
+    longest agreeing tail (a key's whole tail against any file tail, a shorter one against whole files)."""
+    def parts(path, stem):
+        p = [c for c in path.replace("\\", "/").split("/") if c not in ("", ".")]
+        if stem and p:
+            p[-1] = os.path.splitext(p[-1])[0]
+        return tuple(p)
+    position = {parts(f, False): i for i, f in enumerate(files)}
+    out, pending = np.full(len(files), np.nan), []
+    for k, v in zip(keys, values):
+        i = position.get(parts(k, False))
+        if i is None:
+            pending.append((k, v))
+        else:
+            out[i] = v
+    tails, whole = {}, {}
+    for i, f in enumerate(files):
+        p = parts(f, True)
+        whole.setdefault(p, []).append(i)
+        for s in range(len(p)):
+            tails.setdefault(p[s:], []).append(i)
+    for k, v in pending:
+        p = parts(k, True)
+        hits = next((h for s in range(len(p)) if (h := (whole if s else tails).get(p[s:]))), None)
+        if hits is not None:
+            out[hits[0]] = v
+    return out
+
+
+def test_a_keyed_csv_of_thousands_of_rows_keeps_what_the_former_matching_kept(tmp_path):
+    from kdfast.data.identity import FileList
+    rng = np.random.default_rng(3)
+    files = FileList([f"n{c:03d}/n{c:03d}_{i}.JPEG" for c in range(40) for i in range(100)])
+    labels = np.repeat(np.arange(40), 100)
+    values = rng.normal(size=len(files)).round(6)
+    order = rng.permutation(len(files))
+    style = rng.integers(0, 5, len(files))
+    keys = []
+    for j in order:  # exact, './' and backslash forms, extra leading folders, bare names without extension
+        f = files[j]
+        keys.append([f, "./" + f, f.replace("/", "\\"), "train/" + f, os.path.splitext(f)[0]][style[j]])
+    rows = list(zip(keys, values[order])) + [(f"n999/n999_{i}.JPEG", 5.0) for i in range(50)]  # other files
+    path = _write_csv(tmp_path / "big.csv", rows)
+    got, report = load_score_file(str(path), files=files, return_report=True)
+    reference = _reference_match([k for k, _ in rows], [v for _, v in rows], list(files))
+    np.testing.assert_array_equal(got, reference)
+    np.testing.assert_array_equal(got, values)
+    assert (report.exact, report.lenient, report.ignored) == ((style < 3).sum(), (style >= 3).sum(), 50)
+    for mode in ("hard", "moderate", "ccs"):
+        np.testing.assert_array_equal(prune(got, 0.3, mode, labels=labels, class_balanced=True).numpy(),
+                                      prune(reference, 0.3, mode, labels=labels, class_balanced=True).numpy())
