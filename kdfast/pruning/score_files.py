@@ -102,15 +102,14 @@ def _numbers(path: str, text) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
-def _read_npz(path: str):
-    pa, _ = _arrow()
 def _read_parquet(path: str):
     """A scores.parquet (kdfast-score's, or any table with `key` and `score` columns): keys as an Arrow array."""
     from kdfast.scoring.folder import read_scores_table
     return read_scores_table(path, what=f"score file {path}")
 
 
-def _read_npz(path: str) -> tuple[list[str], np.ndarray]:
+def _read_npz(path: str):
+    pa, _ = _arrow()
     with np.load(path, allow_pickle=False) as z:
         if "files" not in z or "scores" not in z:
             raise ScoreFileError(f"score file {path}: an .npz needs arrays 'files' and 'scores', got {sorted(z)}")
