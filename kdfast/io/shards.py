@@ -26,7 +26,8 @@ from kdfast.io.errors import IncompleteStoreError, JobMismatchError
 
 
 def _shard_fields(shard) -> list:
-    return [str(shard.name), int(shard.start), int(shard.stop), int(shard.size), int(shard.mtime_ns)]
+    cut = [] if getattr(shard, "whole", None) is None else [int(shard.whole)]  # a cut shard is not the whole one
+    return [str(shard.name), int(shard.start), int(shard.stop), int(shard.size), int(shard.mtime_ns)] + cut
 
 
 class ShardStore:
