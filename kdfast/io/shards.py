@@ -9,7 +9,8 @@ commit, so a resumed or multi-rank job rescores only whole shards that never lan
 
 Shard i's rows are committed as `{i:06d}.npz` (atomic, kdfast/io/atomic.py) with arrays `keys` (str, its
 examples' keys), `labels` (int64) and `values` (float32, (rows, K)): a kill at any moment leaves whole shards
-only. `store.json` records K and the shards (name, start, stop, size, mtime_ns); reopening with others raises
+only. `store.json` records K and the shards (name, start, stop, size, mtime_ns, and the whole example count of a
+shard cut by --limit); reopening with others raises
 JobMismatchError, and gather() refuses a shard file whose keys are not the data set's keys of that shard.
 """
 from __future__ import annotations
