@@ -217,8 +217,9 @@ def test_a_keep_list_of_a_limited_run_serves_the_whole_source(sources, tmp_path,
     names, checkpoints = sources
     run, keep = tmp_path / "limited", str(tmp_path / "keep.parquet")
     assert main(["score", *_score_args(names["wds"], checkpoints, run, "--limit", "8", "--quiet")]) == 0
-    # --class-balanced reloads the limited source (its cut shards) and checks it against the run's record
-    assert main(["prune", "--scores", str(run), "--fraction", "0.5", "--class-balanced", "--out", keep]) == 0
+    # --dataset: --class-balanced reloads the limited source (its cut shards), checked against the run's record
+    assert main(["prune", "--scores", str(run), "--fraction", "0.5", "--class-balanced", "--dataset", names["wds"],
+                 "--out", keep]) == 0
     kept = pq.read_table(keep).column("key").to_pylist()
     assert len(kept) == 4 and set(kept) < set(_keys(names["wds"])[:8])
     # the keep list records shard 2 cut after 2 of its 3 examples: the whole shard is the same file
@@ -227,6 +228,36 @@ def test_a_keep_list_of_a_limited_run_serves_the_whole_source(sources, tmp_path,
                  "--out", str(tmp_path / "student")])
     assert code == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "student" / "summary.json").read_text())["num_kept"] == 4
+
+
+def test_class_balanced_prune_takes_the_labels_from_scores_parquet(sources, tmp_path, capsys):
+    """Shards scored with a source option (--label-column) and moved since: no reload, the folder's labels."""
+    import pyarrow.parquet
+    from kdfast.cli.main import main
+    names, checkpoints = sources
+    os.makedirs(tmp_path / "pqy")
+    for path in sorted((tmp_path / "pq").glob("shard-*.parquet")):
+        table = pq.read_table(path)
+        pq.write_table(table.rename_columns(["y" if c == "label" else c for c in table.column_names]),
+                       tmp_path / "pqy" / path.name)
+    run, keep = tmp_path / "run", str(tmp_path / "keep.parquet")
+    argv = _score_args(f"parquet:{tmp_path}/pqy/shard-*.parquet", checkpoints, run, "--label-column", "y", "--quiet")
+    assert main(["score", *argv]) == 0
+    os.rename(tmp_path / "pqy", tmp_path / "moved")
+    assert main(["prune", "--scores", str(run), "--fraction", "0.5", "--class-balanced", "--out", keep]) == 0, \
+        capsys.readouterr().err
+    table = pq.read_table(run / "scores.parquet")
+    assert [CLASSES[c] for c in table.column("label").to_numpy()] == \
+        [k.split("%2F")[0] for k in table.column("key").to_pylist()]
+    kept = set(pq.read_table(keep).column("key").to_pylist())
+    assert [sum(k.startswith(c) for k in kept) for c in CLASSES] == [10, 10, 10]
+    # labels that are not those the scores were computed on are refused, naming where they came from
+    pyarrow.parquet.write_table(table.set_column(1, "label", pyarrow.array(np.zeros(60, np.int64))),
+                                run / "scores.parquet")
+    capsys.readouterr()
+    assert main(["prune", "--scores", str(run), "--fraction", "0.5", "--class-balanced", "--out", keep]) == 1
+    err = capsys.readouterr().err
+    assert f"check {run / 'scores.parquet'}" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_limit_stores_cut_shards_apart_from_whole_ones(sources, tmp_path):
