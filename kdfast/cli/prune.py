@@ -30,7 +30,8 @@ EPILOG = """examples:
 set order, higher = harder; or a score file keyed by file name (CSV with file,score columns, or .npz with
 `files` and `scores`), matched to the files of --dataset folder|imagenet --data-root ROOT (see
 kdfast/pruning/score_files.py for the matching rules). --class-balanced needs the labels: from --labels FILE.npy, or
-from the data set (--dataset, else the one named in the scores' meta.json); they must match the labels the
+from the data set (--dataset, else the one named in the scores' meta.json; a keyed source's score folder carries
+them in scores.parquet's label column, so its shards are not reloaded); they must match the labels the
 scores were computed on (fingerprint), and for image folders the same files (file-list fingerprint; the first
 mismatched files are named). Besides OUT, OUT.json records what was kept and from what, including the scores'
 data identity (for a keyed score file: the image folder it was matched to, whose file list goes to
@@ -186,9 +187,14 @@ def _score_keys(args, meta, n, keyed_data):
 
 def _labels(args, meta, n, dataset=None):
     """The labels of --class-balanced; `dataset`: the data set keyed scores were matched to (already checked)."""
+    whole = False  # a data set is checked whole against the scores' identity, a labels file or column for its labels
     if args.labels:
         labels = _load_npy(args.labels, "labels")
         source = args.labels
+    elif dataset is None and not args.dataset and meta.get("keyed") and os.path.isdir(args.scores):
+        # a keyed source's folder carries them: no reload of its shards, which may need the score run's source
+        # options (--label-column, ...) or have moved since
+        labels, source = _table_labels(args.scores), os.path.join(args.scores, "scores.parquet")
     else:
         name = args.dataset or meta.get("dataset")
         if not name:
@@ -197,15 +203,30 @@ def _labels(args, meta, n, dataset=None):
         split = args.split or meta.get("split") or "train"
         if dataset is None:
             dataset = _scores_dataset(args, meta, name, split)
-        labels = dataset.targets.numpy()
+        labels, whole = dataset.targets.numpy(), True
         source = f"{name} ({split})"
     if labels.ndim != 1 or len(labels) != n:
         raise CliError(f"labels from {source} have shape {labels.shape}, expected ({n},) (one per score)")
-    if args.labels:  # a data set was checked whole above; a labels file can only be checked for its labels
+    if not whole:
         from kdfast.data import check_identity
         identity = {"labels_fingerprint": labels_fingerprint_of(meta)} if labels_fingerprint_of(meta) else None
-        check_identity(identity, labels, what=f"--scores {args.scores}", hint=f"check --labels {args.labels}")
+        check_identity(identity, labels, what=f"--scores {args.scores}",
+                       hint=f"check --labels {args.labels}" if args.labels else f"check {source}")
     return labels
+
+
+def _table_labels(folder):
+    """The `label` column of a keyed score folder's scores.parquet (int64)."""
+    from kdfast.data.keys import import_pyarrow
+    import_pyarrow("--class-balanced on a keyed score folder")
+    import pyarrow.parquet as pq
+    table = os.path.join(folder, "scores.parquet")
+    try:
+        column = pq.read_table(table, columns=["label"]).column("label")
+    except (OSError, KeyError, ValueError) as exc:
+        raise CliError(f"--class-balanced: cannot read the labels of {table} ({exc}); score it again, or pass "
+                       "--labels FILE.npy or --dataset") from None
+    return column.to_numpy().astype(np.int64)
 
 
 def _scores_dataset(args, meta, name, split):

@@ -239,9 +239,8 @@ def _run(args) -> int:
         print(f"model {k + 1}: eval-mode accuracy {acc:.4f} on the {len(data)} scored examples{held}")
     for warning in result["warnings"]:
         warnings.warn(warning, stacklevel=1)  # one line on stderr through run_cli
-    keys = data.files if data.files is not None else getattr(data, "keys", None)  # shards: keys
-    print(format_summary(summarize(result["scores"], result["targets"], top=args.top, files=keys,
-                                   class_names=class_names(data))))
+    print(format_summary(summarize(result["scores"], result["targets"], top=args.top, files=data.files,
+                                   keys=getattr(data, "keys", None), class_names=class_names(data))))
     if args.show:
         print(f"wrote {job.path('show.png')} ({args.show} hardest and {args.show} easiest images)")
     return 0

@@ -10,9 +10,10 @@ _SPARKS = " ▁▂▃▄▅▆▇█"
 
 
 def summarize(scores: np.ndarray, targets: np.ndarray, *, top: int = 10, bins: int = 10,
-              files: list[str] | None = None, class_names: list[str] | None = None) -> dict:
-    """Per-class counts, mean, median and histogram over shared bins; the `top` hardest examples.
-    `class_names[c]` names class c (image folders: the folder names); default: the index."""
+              files: list[str] | None = None, keys=None, class_names: list[str] | None = None) -> dict:
+    """Per-class counts, mean, median and histogram over shared bins; the `top` hardest examples, named by their
+    file (`files`, image folders) or key (`keys`, keyed sources). `class_names[c]` names class c (image folders:
+    the folder names); default: the index."""
     name = (lambda c: class_names[c]) if class_names else str
     finite = np.isfinite(scores)
     lo, hi = (float(scores[finite].min()), float(scores[finite].max())) if finite.any() else (0.0, 1.0)
@@ -29,7 +30,7 @@ def summarize(scores: np.ndarray, targets: np.ndarray, *, top: int = 10, bins: i
     order = np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")[:top]
     hardest = [{"index": int(i), "label": int(targets[i]), "name": name(int(targets[i])),
                 "score": float(scores[i]),
-                **({"file": files[i]} if files else {})} for i in order]
+                **({"file": files[i]} if files else {"key": keys[i]} if keys is not None else {})} for i in order]
     return {"num_examples": int(len(scores)), "edges": edges.tolist(), "classes": classes, "hardest": hardest}
 
 
@@ -48,11 +49,11 @@ def format_summary(summary: dict) -> str:
         lines.append(f"{row['name']:>{width}} {row['count']:>7} {row['mean']:>10.4g} {row['median']:>10.4g}  "
                      f"|{_spark(row['hist'])}|{extra}")
     lines.append(f"hardest {len(summary['hardest'])} examples:")
-    lines.append(f"{'rank':>5} {'index':>8} {'label':>{width}} {'score':>10}  file" if summary["hardest"] and
-                 "file" in summary["hardest"][0] else f"{'rank':>5} {'index':>8} {'label':>{width}} {'score':>10}")
+    named = next((f for f in ("file", "key") if summary["hardest"] and f in summary["hardest"][0]), None)
+    lines.append(f"{'rank':>5} {'index':>8} {'label':>{width}} {'score':>10}" + (f"  {named}" if named else ""))
     for rank, row in enumerate(summary["hardest"], 1):
         lines.append(f"{rank:>5} {row['index']:>8} {row['name']:>{width}} {row['score']:>10.4g}"
-                     + (f"  {row['file']}" if "file" in row else ""))
+                     + (f"  {row[named]}" if named else ""))
     return "\n".join(lines)
 
 

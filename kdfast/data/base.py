@@ -81,8 +81,12 @@ class LabeledSubset(Subset):
         self.folder = getattr(dataset, "folder", None)
         self.files = None if dataset.files is None else as_file_list(dataset.files, self.folder).take(idx)
         self.classes = getattr(dataset, "classes", None)
-        if getattr(dataset, "shards", None) is not None:  # shard data sets: the parent's shards, the subset's keys
-            self.shards, self.keys = dataset.shards, dataset.keys.take(self.indices)
+        if getattr(dataset, "shards", None) is not None:  # shard data sets: the subset's keys; the first n examples
+            # (--limit) the shards cut at n, which scoring works through; other subsets record the parent's shards
+            from kdfast.data.shard_index import cut_shards
+            self.keys = dataset.keys.take(self.indices)
+            prefix = bool(torch.equal(idx, torch.arange(len(idx))))
+            self.shards = cut_shards(dataset.shards, len(idx)) if prefix else dataset.shards
 
     files_fingerprint = LabeledDataset.files_fingerprint
     expect_digests = LabeledDataset.expect_digests  # mapped to the parent's rows (data/digests.py)

@@ -27,12 +27,15 @@ INDEX_FORMAT = "kdfast-shard-index/1"
 
 
 class Shard(NamedTuple):
-    """Examples [start, stop) of a data set come from the shard file `name` (the path as given or expanded)."""
+    """Examples [start, stop) of a data set come from the shard file `name` (the path as given or expanded);
+    `whole` is the file's example count when only its first stop - start examples are used (a cut shard, see
+    cut_shards), else None."""
     name: str
     start: int
     stop: int
     size: int
     mtime_ns: int
+    whole: int | None = None
 
 
 class KeyList(Sequence):
@@ -240,9 +243,21 @@ def shards_fingerprint(shards: list[Shard], keys: KeyList) -> str:
     return h.hexdigest()
 
 
+def cut_shards(shards: list[Shard], n: int) -> list[Shard]:
+    """The shards of a data set's first `n` examples: a prefix of `shards`, the last one cut at n (marked by
+    `whole`, so its record never passes for the whole file's)."""
+    cut = []
+    for s in shards:
+        if s.start >= n:
+            break
+        cut.append(s if s.stop <= n else s._replace(stop=n, whole=s.whole or s.stop - s.start))
+    return cut
+
+
 def shard_records(shards: list[Shard]) -> list[list]:
-    """The shard list as JSON rows [name, examples, size, mtime_ns] (recorded in a job's data identity)."""
-    return [[s.name, s.stop - s.start, s.size, s.mtime_ns] for s in shards]
+    """The shard list as JSON rows [name, examples, size, mtime_ns] (recorded in a job's data identity), a cut
+    shard's with its whole example count appended."""
+    return [[s.name, s.stop - s.start, s.size, s.mtime_ns] + ([] if s.whole is None else [s.whole]) for s in shards]
 
 
 def describe_shard_mismatch(recorded: list, current: list, limit: int = 5) -> str:

@@ -10,7 +10,8 @@ commit, so a resumed or multi-rank job rescores only whole shards that never lan
 Shard i's rows are committed as `{i:06d}.npz` (atomic, kdfast/io/atomic.py) with arrays `keys` (str, its
 examples' keys), `labels` (int64), `values` (float32, (rows, K)) and `digests` (int64 content digests of the bytes
 each row was computed from, kdfast.data.digests; -1 where not known): a kill at any moment leaves whole shards only.
-`store.json` records K and the shards (name, start, stop, size, mtime_ns); reopening with others raises
+`store.json` records K and the shards (name, start, stop, size, mtime_ns, and the whole example count of a shard cut
+by --limit); reopening with others raises
 JobMismatchError, and gather() refuses a shard file whose keys are not the data set's keys of that shard.
 """
 from __future__ import annotations
@@ -27,7 +28,8 @@ from kdfast.io.errors import IncompleteStoreError, JobMismatchError
 
 
 def _shard_fields(shard) -> list:
-    return [str(shard.name), int(shard.start), int(shard.stop), int(shard.size), int(shard.mtime_ns)]
+    cut = [] if getattr(shard, "whole", None) is None else [int(shard.whole)]  # a cut shard is not the whole one
+    return [str(shard.name), int(shard.start), int(shard.stop), int(shard.size), int(shard.mtime_ns)] + cut
 
 
 class ShardStore:
@@ -128,7 +130,7 @@ def shard_digests(directory: str, num_rows: int) -> np.ndarray:
     record = os.path.join(directory, "store.json")
     if not os.path.isfile(record):
         return out
-    for i, (_, start, stop, _, _) in enumerate(read_json(record)["shards"]):
+    for i, (_, start, stop, *_) in enumerate(read_json(record)["shards"]):
         path = os.path.join(directory, f"{i:06d}.npz")
         if stop <= num_rows and os.path.isfile(path):
             with np.load(path) as z:

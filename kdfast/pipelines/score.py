@@ -266,7 +266,7 @@ def _open_pass(cfg, job, data, width, prefix):
     from kdfast.scoring import index_batches
     rank, world = distributed.rank(), distributed.world_size()
     shards = getattr(data, "shards", None)
-    if shards is None:
+    if not shards or shards[-1].stop != len(data):  # (a reordered subset records its parent's shards)
         store = _open_main_first(lambda: ChunkStore(job.path(f"{prefix}chunks"), num_rows=len(data), width=width,
                                                     resume=True, rank=rank, rows_per_chunk=cfg.chunk_size))
         done = store.done_mask()

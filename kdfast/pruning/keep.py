@@ -73,9 +73,10 @@ def _check_kept_shards(record: dict, dataset, what: str) -> None:
     recorded, current = (record.get("data") or {}).get("shards"), getattr(dataset, "shards", None)
     if not recorded or current is None:
         return
-    then = {os.path.basename(name): rest for name, *rest in recorded}
+    # compared whole: a shard cut by --limit (its whole example count recorded last) is the same file
+    then = {os.path.basename(name): [rest[-1] if len(rest) > 3 else rest[0], *rest[1:3]] for name, *rest in recorded}
     changed = [s.name for s in current if then.get(os.path.basename(s.name), None) not in
-               (None, [s.stop - s.start, s.size, s.mtime_ns])]
+               (None, [s.whole or s.stop - s.start, s.size, s.mtime_ns])]
     if changed:
         more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
         raise DataIdentityError(f"{what} was made before {len(changed)} of its shards changed (examples, size or "

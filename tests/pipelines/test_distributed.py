@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from _processes import rank_pid
 from kdfast.runtime import distributed
 from kdfast.cli.main import score_main
 from kdfast.errors import InvalidArgumentError
@@ -130,26 +131,6 @@ def test_save_logits_across_nodes_is_refused(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "x").exists()
 
 
-def _rank_pid(launcher_pid, rank, timeout=60):
-    """The process id of torchrun's worker `rank` (a child of the launcher, told apart by its RANK variable)."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{entry}/environ", "rb") as f:
-                    environ = f.read().split(b"\0")
-            except (OSError, ValueError, IndexError):
-                continue
-            if parent == launcher_pid and f"RANK={rank}".encode() in environ:
-                return int(entry)
-        time.sleep(0.01)
-    raise AssertionError(f"torchrun started no worker with RANK={rank}")
-
-
 @pytest.mark.slow  # torchrun with 2 ranks, several epochs
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the worker to kill through /proc")
 def test_a_rank_killed_mid_run_resumes_to_the_single_process_output(tmp_path, capsys):
@@ -161,7 +142,7 @@ def test_a_rank_killed_mid_run_resumes_to_the_single_process_output(tmp_path, ca
     launcher = subprocess.Popen(_torchrun("score", [*common, "--out", str(killed)]), env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        rank1 = _rank_pid(launcher.pid, 1)
+        rank1 = rank_pid(launcher.pid, 1)
         deadline = time.time() + 120
         while not (os.path.isdir(killed / "chunks") and any(f.startswith("rank00001-") and f.endswith(".npz")
                                                             for f in os.listdir(killed / "chunks"))):

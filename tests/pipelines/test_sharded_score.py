@@ -183,6 +183,16 @@ def test_batches_stay_inside_shards_and_ranks_take_disjoint_shards(tmp_path, mon
     assert seen == list(range(len(data)))  # disjoint, complete, in shard order
 
 
+def test_a_reordered_subset_is_scored_through_the_chunk_store(tmp_path):
+    # it records its parent's shards, which do not describe its own indices
+    from kdfast.io.chunks import ChunkStore
+    from kdfast.pipelines import score as pipeline
+    data = LabeledSubset(keyed_digits(), [5, 99, 0])
+    store, mine, todo = pipeline._open_pass(types.SimpleNamespace(batch_size=2, chunk_size=8), _fake_job(tmp_path),
+                                            data, 1, "")
+    assert isinstance(store, ChunkStore) and [i for b in mine for i in b] == [0, 1, 2] and todo == mine
+
+
 def test_saved_logits_of_a_keyed_source_carry_its_keys(tmp_path):
     from kdfast.distill.teacher_cache import TeacherCache
     path = _checkpoints(tmp_path)[0]
