@@ -142,6 +142,40 @@ def test_sidecar_is_used_and_a_stale_one_rebuilt(folder, tmp_path, monkeypatch, 
         check_identity(data_identity(first), again, what="keep.npy")
 
 
+def test_sidecar_reader_equals_np_load_and_rejects_a_corrupt_one(folder, tmp_path, monkeypatch):
+    import kdfast.data.wds_source as wds_source
+    from kdfast.data.shard_index import _read_index
+    name = make_shards(str(folder), str(tmp_path / "shards"), shard_size=5)
+    shard = str(tmp_path / "shards" / "shard-000001.tar")
+    sidecar = shard + ".idx.npz"
+    index = _read_index(sidecar, shard, wds_source.index_options(None, None))
+    with np.load(sidecar) as z:  # numpy's own reader: the reference
+        reference = {k: z[k] for k in z.files}
+        assert json.loads(str(z["stamp"]))["name"] == "shard-000001.tar"
+    for field, got in (("offsets", index.offsets), ("sizes", index.sizes), ("labels", index.labels),
+                       ("key_data", index.keys.data), ("key_offsets", index.keys.offsets)):
+        assert got.dtype == reference[field].dtype and np.array_equal(got, reference[field]), field
+    assert len(index) == 5 and len(set(index.keys)) == 5
+    scans = []
+    real_scan = wds_source.scan_shard
+    monkeypatch.setattr(wds_source, "scan_shard", lambda *a, **k: scans.append(a[0]) or real_scan(*a, **k))
+    expected = load_dataset(name, image_size=8)
+    assert scans == []
+    # a compressed sidecar of the same arrays (numpy's reader) is used as it is
+    np.savez_compressed(sidecar, **reference)  # (a name ending in .npz is kept as it is)
+    assert list(load_dataset(name, image_size=8).keys) == list(expected.keys) and scans == []
+    # one byte of the key bytes flipped: the CRC no longer fits, the shard is scanned, the keys stay right
+    np.savez(sidecar, **reference)
+    data = bytearray(open(sidecar, "rb").read())
+    at = data.find(reference["key_data"].tobytes())
+    assert at > 0
+    data[at] ^= 1
+    open(sidecar, "wb").write(bytes(data))
+    again = load_dataset(name, image_size=8)
+    assert scans == [shard] and list(again.keys) == list(expected.keys)
+    assert again.targets.tolist() == expected.targets.tolist()
+
+
 def test_index_dir_caches_shards_without_sidecars(tmp_path, monkeypatch):
     import kdfast.data.wds_source as wds_source
     paths = [_write_tar(tmp_path / f"p-{k}.tar", [{"__key__": f"{k}-{i}", "png": _png_bytes(i), "cls": i % 2}
