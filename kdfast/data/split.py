@@ -1,6 +1,7 @@
 """Held-out splits for data sets without a test split: stratified by class and seeded."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from kdfast.runtime import checks
@@ -15,13 +16,18 @@ def stratified_split(targets, fraction: float, seed: int = 0) -> tuple[torch.Ten
     targets = torch.as_tensor(targets, dtype=torch.int64).reshape(-1)
     gen = torch.Generator().manual_seed(int(seed))
     held = []
-    _, counts = torch.unique(targets, return_counts=True)  # classes sorted
-    # each class's indices, ascending: one stable sort by label, not one comparison pass per class
-    for members in torch.split(torch.argsort(targets, stable=True), counts.tolist()):
+    # each class's indices, ascending, classes sorted: one stable sort by label (numpy's: torch's stable argsort
+    # and torch.unique took a second at 1.28M examples before the first training batch)
+    labels = targets.numpy()
+    if len(labels) and 0 <= labels.min() and labels.max() < 2**16:
+        labels = labels.astype(np.uint16)  # numpy sorts 16-bit keys stably by radix sort: ten times faster
+    order = np.argsort(labels, kind="stable")
+    bounds = np.flatnonzero(np.diff(labels[order])) + 1
+    for members in torch.from_numpy(order).tensor_split(torch.from_numpy(bounds)) if len(order) else ():
         k = int(round(fraction * len(members)))
         k = min(max(k, 1 if len(members) >= 2 else 0), len(members) - 1)
         held.append(members[torch.randperm(len(members), generator=gen)[:k]])
-    val = torch.sort(torch.cat(held)).values if held else torch.empty(0, dtype=torch.int64)
+    val = torch.from_numpy(np.sort(torch.cat(held).numpy())) if held else torch.empty(0, dtype=torch.int64)
     mask = torch.ones(len(targets), dtype=torch.bool)
     mask[val] = False
     return torch.nonzero(mask).reshape(-1), val
