@@ -96,17 +96,23 @@ class KeyList(Sequence):
         return KeyList(self.data[pos], offsets)
 
     def first_duplicate(self) -> tuple[int, int] | None:
-        """(i, j), i < j, of two equal keys, or None: a 64-bit hash of every key (one vectorised pass per byte
-        position), a sort of the hashes, and an exact comparison of the keys whose hashes collide."""
+        """(i, j), i < j, of two equal keys, or None: a 64-bit hash of every key (one vectorised pass per 8 bytes
+        of the longest key), a sort of the hashes, and an exact comparison of the keys whose hashes collide."""
         n = len(self)
         if n < 2:
             return None
         starts, lengths = self.offsets[:-1], np.diff(self.offsets)
+        data = np.concatenate([self.data, np.zeros(8, np.uint8)])
+        windows = np.lib.stride_tricks.as_strided(data, shape=(len(data) - 7, 8), strides=(1, 1))  # 8 bytes on
         h = lengths.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-        last = max(len(self.data) - 1, 0)
-        for j in range(int(lengths.max())):  # wrapping uint64 arithmetic: a polynomial hash of the bytes
-            byte = np.where(lengths > j, self.data[np.minimum(starts + j, last)], 0).astype(np.uint64)
-            h = h * np.uint64(0x100000001B3) + byte + np.uint64(1)
+        for at in range(0, int(lengths.max()), 8):  # wrapping uint64 arithmetic over little-endian words
+            word = windows[np.minimum(starts + at, len(data) - 8)].view("<u8")[:, 0]
+            bits = np.clip(lengths - at, 0, 8).astype(np.uint64) * np.uint64(8)  # the key's bytes in the word
+            mask = np.where(bits == 64, np.uint64(2**64 - 1), (np.uint64(1) << (bits % np.uint64(64))) - np.uint64(1))
+            h = (h ^ (word & mask)) * np.uint64(0x100000001B3) + np.uint64(1)
+        ordered = np.sort(h)
+        if not (ordered[1:] == ordered[:-1]).any():  # no two hashes alike (the rule): no argsort needed
+            return None
         order = np.argsort(h, kind="stable")
         same = np.flatnonzero(h[order][1:] == h[order][:-1])
         seen: dict[str, int] = {}

@@ -63,6 +63,26 @@ def test_keylist_is_compact_and_finds_duplicates():
     assert list(kl.take([5, 2, 0, 3])) == ["zz", "", "b", "ab"] and len(kl.take([])) == 0
 
 
+def test_first_duplicate_agrees_with_a_dict_over_keys_of_every_length():
+    import random
+    rng = random.Random(0)
+    for _ in range(300):  # short alphabets and lengths 0..19 across the 8-byte words: many equal keys
+        keys = [''.join(rng.choice("ab%/.é") for _ in range(rng.randrange(20))) for _ in range(rng.randrange(40))]
+        seen, expected = {}, None
+        for j, key in enumerate(keys):
+            if key in seen:
+                expected = (seen[key], j)
+                break
+            seen[key] = j
+        keylist = KeyList.from_strings(keys)
+        assert keylist.first_duplicate() == expected, keys
+        assert keylist.take(np.arange(len(keys))[::-1]).first_duplicate() == (
+            None if expected is None else KeyList.from_strings(keys[::-1]).first_duplicate())
+    long = [f"n{c:08d}%2Fn{c:08d}_{i}" for c in range(50) for i in range(40)]
+    assert KeyList.from_strings(long).first_duplicate() is None
+    assert KeyList.from_strings(long + [long[777]]).first_duplicate() == (777, len(long))
+
+
 @pytest.mark.parametrize("fmt", ["wds", "parquet"])
 def test_shards_index_and_load_equal_the_folder(folder, tmp_path, fmt):
     name = make_shards(str(folder), str(tmp_path / "shards"), shard_size=5, format=fmt, row_group_size=2)
