@@ -157,7 +157,7 @@ def expand_shards(pattern: str, kind: str) -> list[str]:
     if not paths:
         raise DataError(f"dataset {kind!r}: the pattern {pattern!r} matches no file")
     seen = set()
-    again = [p for p in paths if os.path.realpath(p) in seen or seen.add(os.path.realpath(p))]
+    again = [p for p, real in zip(paths, map(os.path.realpath, paths)) if real in seen or seen.add(real)]
     if again:
         raise DataError(f"dataset {kind!r}: the pattern {pattern!r} names shard {again[0]} twice")
     return paths

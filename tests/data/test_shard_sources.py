@@ -196,6 +196,14 @@ def test_sidecar_reader_equals_np_load_and_rejects_a_corrupt_one(folder, tmp_pat
     assert again.targets.tolist() == expected.targets.tolist()
 
 
+def test_a_pattern_naming_one_shard_twice_is_refused(tmp_path):
+    path = _write_tar(tmp_path / "a.tar", [{"__key__": "k", "png": _png_bytes(0), "cls": 0}])
+    os.symlink(path, tmp_path / "b.tar")  # another name of the same file
+    for pattern in (f"{tmp_path}/{{a,a}}.tar", f"{tmp_path}/*.tar"):
+        with pytest.raises(DataError, match=r"names shard .*b?\.tar twice"):
+            load_dataset(f"wds:{pattern}")
+
+
 def test_index_dir_caches_shards_without_sidecars(tmp_path, monkeypatch):
     import kdfast.data.wds_source as wds_source
     paths = [_write_tar(tmp_path / f"p-{k}.tar", [{"__key__": f"{k}-{i}", "png": _png_bytes(i), "cls": i % 2}
