@@ -21,9 +21,18 @@ dentry caches are warm for every row. Rows (`ms`: wall time of the child, start 
     prune-csv-cli        `kdfast-prune --scores scores.csv --dataset imagenet --data-root ROOT`: the scan included
     prune-csv            a keyed CSV (N rows `file,score`, shuffled) matched to the folder's files.txt and pruned
                          (`load_score_file` + `prune` in a child: what kdfast-prune does after its scan)
+Then the same tree as a shard source, converted by make_shards (1000 examples a shard, .idx.npz sidecars):
+    wds-convert          make_shards(train, OUT) in a child: the conversion's time (not a goal)
+    wds-score-first-batch  score-first-batch's command on `--dataset wds:OUT/shard-{000000..}.tar`; ratio_to_walk
+                         is to the walk of the tree of the same size
+    wds-score-random     `kdfast-score --dataset wds:... --method random` to its end: a real keyed score folder
+                         (scores.parquet: key, label, score; meta.json) of N rows
+    wds-prune            `kdfast-prune --scores FOLDER --fraction 0.5 --out keep.parquet`
+    wds-prune-class-balanced  the same with `--class-balanced` (labels from scores.parquet)
 The prune rows' `work_ms` is the child's time after its imports (torch and kdfast: seconds on a loaded machine).
 
-Targets (1.28M files): score-first-batch <= 1.5x walk, peak RSS <= 250 MiB above the imports, each prune <= 5 s.
+Targets (1.28M files, and 1.28M examples in shards): score-first-batch <= 1.5x walk, peak RSS <= 250 MiB above
+the imports, each prune <= 5 s.
 """
 from __future__ import annotations
 
@@ -75,6 +84,11 @@ files = read_file_list(sys.argv[1])
 keep = prune(load_score_file(sys.argv[2], files=files), 0.3, "hard")
 print(len(files), len(keep), time.perf_counter() - t)
 """
+MAKE_SHARDS = """
+import sys
+from kdfast.data.make_shards import make_shards
+print(make_shards(sys.argv[1], sys.argv[2], shard_size=1000))
+"""
 CLI = """
 import sys, time
 from kdfast.cli.main import main
@@ -101,17 +115,29 @@ def write_tree(root: Path, n: int) -> None:
             os.link(source_paths[(c + i) % SOURCES], f"{prefix}{i}.JPEG")
 
 
+def _peak_rss(pid: int) -> int | None:
+    """VmHWM of a live process in bytes: its own peak (ru_maxrss also counts the spawning process's RSS, which
+    Linux carries into a vfork'd child's maximum through its exec)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+
+
 def _child(argv: list[str], *, until=None, env=None) -> tuple[float, int, str]:
     """(wall s from start to exit or to the first stderr line matching `until`, peak RSS in bytes, stdout) of a
-    child; a child stopped at `until` is killed there."""
+    child; a child stopped at `until` is killed there and its peak RSS is its own VmHWM then; else ru_maxrss,
+    which is at least this process's peak RSS (see _peak_rss)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    wall, err = None, []  # wall stays None until `until` matches
+    wall, err, peak = None, [], None  # wall stays None until `until` matches
     for line in proc.stderr if until is not None else ():
         err.append(line)
         if until.match(line):
             wall = time.perf_counter() - start
+            peak = _peak_rss(proc.pid)
             proc.kill()
             break
     out = proc.stdout.read()
@@ -123,7 +149,7 @@ def _child(argv: list[str], *, until=None, env=None) -> tuple[float, int, str]:
         raise RuntimeError(f"{' '.join(argv[:5])}: no progress line; stderr ends {''.join(err)[-800:]}")
     if until is None and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:5])} exited {proc.returncode}: {''.join(err)[-800:]}")
-    return ended if until is None else wall, usage.ru_maxrss * 1024, out
+    return ended if until is None else wall, peak or usage.ru_maxrss * 1024, out
 
 
 def _kdfast(*args: str) -> list[str]:
@@ -182,11 +208,34 @@ def bench_size(n: int, emit, device: torch.device) -> list[dict]:
         wall, rss, out = _child([sys.executable, "-c", CSV_PRUNE, str(files_txt), str(base / "scores.csv")])
         row("prune-csv", wall * 1e3, work_ms=float(out.split()[-1]) * 1e3, rss_mib=rss / 2**20,
             csv_mib=os.path.getsize(base / "scores.csv") / 2**20)
+        shard_rows(base, train, walk_s, imports_rss, row)
     finally:
         t = time.perf_counter()
         shutil.rmtree(base, ignore_errors=True)
         print(f"data_scale: tree removed in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     return rows
+
+
+def shard_rows(base: Path, train: Path, walk_s: float, imports_rss: int, row) -> None:
+    """The shard-source rows: the tree converted to wds shards (make_shards), kdfast-score's start on them, a
+    `--method random` score folder (keyed scores.parquet) and kdfast-prune from it, plain and class-balanced."""
+    # in a child: a child's peak RSS counts its parent's at the spawn (vfork), so this process stays small
+    wall, rss, out = _child([sys.executable, "-c", MAKE_SHARDS, str(train), str(base / "shards")])
+    name = out.split()[-1]
+    shards = [e for e in os.scandir(base / "shards") if e.name.endswith(".tar")]
+    row("wds-convert", wall * 1e3, shards=len(shards), shards_mib=sum(e.stat().st_size for e in shards) / 2**20,
+        rss_mib=rss / 2**20)
+    wall, rss, _ = _child(_kdfast("score", "--dataset", name, "--model", "mlp", "--image-size", "8", "--train-epochs",
+                                  "1", "--seeds", "1", "--out", str(base / "wds-score-run")), until=PROGRESS_LINE)
+    row("wds-score-first-batch", wall * 1e3, ratio_to_walk=wall / walk_s, rss_mib=rss / 2**20,
+        rss_above_imports_mib=(rss - imports_rss) / 2**20)
+    scores = base / "wds-random"
+    wall, rss, _ = _child(_kdfast("score", "--dataset", name, "--method", "random", "--out", str(scores), "--quiet"))
+    row("wds-score-random", wall * 1e3, rss_mib=rss / 2**20)
+    for provider, extra in (("wds-prune", []), ("wds-prune-class-balanced", ["--class-balanced"])):
+        wall, rss, out = _child([sys.executable, "-c", CLI, "prune", "--scores", str(scores), *extra, "--fraction",
+                                 "0.5", "--out", str(base / "keep.parquet"), "--quiet"])
+        row(provider, wall * 1e3, work_ms=float(out.split()[-1]) * 1e3, rss_mib=rss / 2**20)
 
 
 def run(*, device, quick: bool = False, smoke: bool = False, emit=None, sizes=None) -> list[dict]:
@@ -211,7 +260,14 @@ def targets(rows: list[dict]) -> list[dict]:
              "rss_above_imports_mib", 250.0, "MiB"),
             ("kdfast-prune from .npy (1.28M scores)", "prune-npy", "ms", 5000.0, "ms"),
             ("kdfast-prune class-balanced (1.28M scores)", "prune-class-balanced", "ms", 5000.0, "ms"),
-            ("keyed CSV matched and pruned (1.28M rows)", "prune-csv", "ms", 5000.0, "ms")):
+            ("keyed CSV matched and pruned (1.28M rows)", "prune-csv", "ms", 5000.0, "ms"),
+            ("start to first batch of kdfast-score on wds shards vs the walk of the same-size tree (1.28M examples)",
+             "wds-score-first-batch", "ratio_to_walk", 1.5, "x walk"),
+            ("kdfast-score on wds shards: peak RSS above `import torch, torchvision` (1.28M examples)",
+             "wds-score-first-batch", "rss_above_imports_mib", 250.0, "MiB"),
+            ("kdfast-prune from a keyed score folder of wds shards (1.28M rows)", "wds-prune", "ms", 5000.0, "ms"),
+            ("kdfast-prune class-balanced from a keyed score folder of wds shards (1.28M rows)",
+             "wds-prune-class-balanced", "ms", 5000.0, "ms")):
         r = newest(provider)
         measured = None if r is None else r.get(field)
         out.append({"issue": None, "what": what, "measured": measured, "target": f"<= {goal:g}",

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
+from kdfast.data.split import class_groups
 from kdfast.errors import InvalidArgumentError
 from kdfast.runtime import checks
 from kdfast.runtime.checks import require
@@ -172,10 +174,8 @@ def prune(scores, fraction, mode="hard", *, labels=None, class_balanced=False, s
     if not class_balanced:
         keep = select(s, k, gen, float(ccs_beta), ccs_strata)
     else:
-        _, counts = torch.unique(y, return_counts=True)  # classes sorted
-        # each class's indices, ascending: one stable sort by label, not one comparison pass per class
-        members = torch.split(torch.argsort(y, stable=True), counts.tolist())
-        quotas = class_quotas(counts.tolist(), k)
+        members = class_groups(y)  # classes sorted
+        quotas = class_quotas([len(m) for m in members], k)
         keep = torch.cat([m[select(s[m], q, gen, float(ccs_beta), ccs_strata)]
                           for m, q in zip(members, quotas) if q > 0])
-    return keep.sort().values
+    return torch.from_numpy(np.sort(keep.numpy()))  # numpy's sort: torch's took 0.3 s over 640k indices

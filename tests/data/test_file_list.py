@@ -105,12 +105,13 @@ def test_scan_keeps_os_walk_order_nested_folders_and_links(tmp_path):
     assert files.stats[files.index(os.path.join("b", "gone.jpg"))].tolist() == [-1, -1]
 
 
-def test_stratified_split_draws_what_a_per_class_loop_draws():
+@pytest.mark.parametrize("shift", [0, 70_000, -3])  # 16-bit labels (a radix sort) and others
+def test_stratified_split_draws_what_a_per_class_loop_draws(shift):
     import torch
 
     from kdfast.data.split import stratified_split
     gen = torch.Generator().manual_seed(0)
-    targets = torch.tensor([5, 0, 9, 5, 5, 9, 0, 5, 9, 9, 2] * 13)[torch.randperm(143, generator=gen)]
+    targets = torch.tensor([5, 0, 9, 5, 5, 9, 0, 5, 9, 9, 2] * 13)[torch.randperm(143, generator=gen)] + shift
     train, held = stratified_split(targets, 0.3, seed=7)
     draw, expected = torch.Generator().manual_seed(7), []
     for c in torch.unique(targets).tolist():  # the former loop: one comparison pass per class, in label order

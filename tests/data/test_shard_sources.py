@@ -63,6 +63,26 @@ def test_keylist_is_compact_and_finds_duplicates():
     assert list(kl.take([5, 2, 0, 3])) == ["zz", "", "b", "ab"] and len(kl.take([])) == 0
 
 
+def test_first_duplicate_agrees_with_a_dict_over_keys_of_every_length():
+    import random
+    rng = random.Random(0)
+    for _ in range(300):  # short alphabets and lengths 0..19 across the 8-byte words: many equal keys
+        keys = [''.join(rng.choice("ab%/.é") for _ in range(rng.randrange(20))) for _ in range(rng.randrange(40))]
+        seen, expected = {}, None
+        for j, key in enumerate(keys):
+            if key in seen:
+                expected = (seen[key], j)
+                break
+            seen[key] = j
+        keylist = KeyList.from_strings(keys)
+        assert keylist.first_duplicate() == expected, keys
+        assert keylist.take(np.arange(len(keys))[::-1]).first_duplicate() == (
+            None if expected is None else KeyList.from_strings(keys[::-1]).first_duplicate())
+    long = [f"n{c:08d}%2Fn{c:08d}_{i}" for c in range(50) for i in range(40)]
+    assert KeyList.from_strings(long).first_duplicate() is None
+    assert KeyList.from_strings(long + [long[777]]).first_duplicate() == (777, len(long))
+
+
 @pytest.mark.parametrize("fmt", ["wds", "parquet"])
 def test_shards_index_and_load_equal_the_folder(folder, tmp_path, fmt):
     name = make_shards(str(folder), str(tmp_path / "shards"), shard_size=5, format=fmt, row_group_size=2)
@@ -140,6 +160,48 @@ def test_sidecar_is_used_and_a_stale_one_rebuilt(folder, tmp_path, monkeypatch, 
                                                 r"\(labels_fingerprint, files_fingerprint differ; 1 changed \(size or "
                                                 f"modification time\\): {shard}\\)"):
         check_identity(data_identity(first), again, what="keep.npy")
+
+
+def test_sidecar_reader_equals_np_load_and_rejects_a_corrupt_one(folder, tmp_path, monkeypatch):
+    import kdfast.data.wds_source as wds_source
+    from kdfast.data.shard_index import _read_index
+    name = make_shards(str(folder), str(tmp_path / "shards"), shard_size=5)
+    shard = str(tmp_path / "shards" / "shard-000001.tar")
+    sidecar = shard + ".idx.npz"
+    index = _read_index(sidecar, shard, wds_source.index_options(None, None))
+    with np.load(sidecar) as z:  # numpy's own reader: the reference
+        reference = {k: z[k] for k in z.files}
+        assert json.loads(str(z["stamp"]))["name"] == "shard-000001.tar"
+    for field, got in (("offsets", index.offsets), ("sizes", index.sizes), ("labels", index.labels),
+                       ("key_data", index.keys.data), ("key_offsets", index.keys.offsets)):
+        assert got.dtype == reference[field].dtype and np.array_equal(got, reference[field]), field
+    assert len(index) == 5 and len(set(index.keys)) == 5
+    scans = []
+    real_scan = wds_source.scan_shard
+    monkeypatch.setattr(wds_source, "scan_shard", lambda *a, **k: scans.append(a[0]) or real_scan(*a, **k))
+    expected = load_dataset(name, image_size=8)
+    assert scans == []
+    # a compressed sidecar of the same arrays (numpy's reader) is used as it is
+    np.savez_compressed(sidecar, **reference)  # (a name ending in .npz is kept as it is)
+    assert list(load_dataset(name, image_size=8).keys) == list(expected.keys) and scans == []
+    # one byte of the key bytes flipped: the CRC no longer fits, the shard is scanned, the keys stay right
+    np.savez(sidecar, **reference)
+    data = bytearray(open(sidecar, "rb").read())
+    at = data.find(reference["key_data"].tobytes())
+    assert at > 0
+    data[at] ^= 1
+    open(sidecar, "wb").write(bytes(data))
+    again = load_dataset(name, image_size=8)
+    assert scans == [shard] and list(again.keys) == list(expected.keys)
+    assert again.targets.tolist() == expected.targets.tolist()
+
+
+def test_a_pattern_naming_one_shard_twice_is_refused(tmp_path):
+    path = _write_tar(tmp_path / "a.tar", [{"__key__": "k", "png": _png_bytes(0), "cls": 0}])
+    os.symlink(path, tmp_path / "b.tar")  # another name of the same file
+    for pattern in (f"{tmp_path}/{{a,a}}.tar", f"{tmp_path}/*.tar"):
+        with pytest.raises(DataError, match=r"names shard .*b?\.tar twice"):
+            load_dataset(f"wds:{pattern}")
 
 
 def test_index_dir_caches_shards_without_sidecars(tmp_path, monkeypatch):
