@@ -9,8 +9,9 @@ import pytest
 
 
 @pytest.mark.slow
-def test_data_scale_rows_at_a_small_tree():
+def test_data_scale_rows_at_a_small_tree(tmp_path, monkeypatch):
     from bench.perf import bench_data_scale
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # its own temp folder: other runs' trees do not count
     before = set(glob.glob(os.path.join(tempfile.gettempdir(), "kdfast-bench-data-scale-*")))
     emitted = []
     rows = bench_data_scale.run(device="cpu", sizes=(1500,), emit=emitted.append)
