@@ -3,6 +3,7 @@
     python -m bench.run --only data_scale              # 100k and 1.28M files (the 1.28M tree takes minutes)
     python -m bench.run --only data_scale --quick      # 100k files only
     python -m bench.perf.bench_data_scale --sizes 20000
+    python -m bench.perf.bench_data_scale --sizes 1281167 --no-shards --out bench/results/results.jsonl   # folder rows
 
 Each size writes an ImageNet-shaped tree (ROOT/train/<wnid>/<wnid>_<i>.JPEG, 1000 classes) of hard links to 40
 small JPEGs under the system temp dir, measures, and removes it. Every measurement runs in a child process of its
@@ -156,7 +157,7 @@ def _kdfast(*args: str) -> list[str]:
     return [sys.executable, "-m", "kdfast.cli.main", *args]
 
 
-def bench_size(n: int, emit, device: torch.device) -> list[dict]:
+def bench_size(n: int, emit, device: torch.device, shards: bool = True) -> list[dict]:
     rows = []
     base = Path(tempfile.mkdtemp(prefix="kdfast-bench-data-scale-"))
     try:
@@ -208,7 +209,8 @@ def bench_size(n: int, emit, device: torch.device) -> list[dict]:
         wall, rss, out = _child([sys.executable, "-c", CSV_PRUNE, str(files_txt), str(base / "scores.csv")])
         row("prune-csv", wall * 1e3, work_ms=float(out.split()[-1]) * 1e3, rss_mib=rss / 2**20,
             csv_mib=os.path.getsize(base / "scores.csv") / 2**20)
-        shard_rows(base, train, walk_s, imports_rss, row)
+        if shards:  # the shard rows take most of the time at 1.28M (the conversion: ~20 min on 2 cores)
+            shard_rows(base, train, walk_s, imports_rss, row)
     finally:
         t = time.perf_counter()
         shutil.rmtree(base, ignore_errors=True)
@@ -238,12 +240,13 @@ def shard_rows(base: Path, train: Path, walk_s: float, imports_rss: int, row) ->
         row(provider, wall * 1e3, work_ms=float(out.split()[-1]) * 1e3, rss_mib=rss / 2**20)
 
 
-def run(*, device, quick: bool = False, smoke: bool = False, emit=None, sizes=None) -> list[dict]:
-    """The `bench.run` entry point (CPU work whatever the device): rows of each size, emitted as measured."""
+def run(*, device, quick: bool = False, smoke: bool = False, emit=None, sizes=None, shards: bool = True) -> list[dict]:
+    """The `bench.run` entry point (CPU work whatever the device): rows of each size, emitted as measured;
+    `shards=False` leaves out the shard-source rows."""
     device = torch.device("cpu")
     emit = emit or (lambda row: None)
     sizes = sizes or SIZES["smoke" if smoke else "quick" if quick else "full"]
-    return [r for n in sizes for r in bench_size(n, emit, device)]
+    return [r for n in sizes for r in bench_size(n, emit, device, shards)]
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -287,8 +290,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES["quick"]))
     parser.add_argument("--out", type=Path, help="append the rows to this results.jsonl")
+    parser.add_argument("--no-shards", action="store_true", help="image-folder rows only (no wds conversion)")
     args = parser.parse_args(argv)
-    rows = run(device="cpu", sizes=args.sizes)
+    rows = run(device="cpu", sizes=args.sizes, shards=not args.no_shards)
     return report(rows, format_table(rows), args.out)
 
 
