@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,17 +13,11 @@ import torch
 
 import kdfast
 from _fake_datasets import write_cifar, write_image_folder
+from _processes import checkpoint, kill_when
 from kdfast.cli.main import main, score_main
 from kdfast.data import labels_fingerprint, load_dataset
 from kdfast.errors import InvalidArgumentError
 from kdfast.models import create_model, file_sha256, load_checkpoint
-
-
-def _checkpoint(path, name="cnn", seed=0, num_classes=10, in_channels=1):
-    torch.manual_seed(seed)
-    model = create_model(name, num_classes=num_classes, in_channels=in_channels)
-    torch.save({"model": model.state_dict()}, path)
-    return model
 
 
 def _run(argv, capsys):
@@ -60,7 +53,7 @@ def test_default_command_trains_scores_and_writes_runs_digits_el2n(tmp_path, mon
 
 
 def test_checkpoint_ensemble_matches_the_api(tmp_path, capsys):
-    a, b = _checkpoint(tmp_path / "a.pt", seed=1), _checkpoint(tmp_path / "b.pt", seed=2)
+    a, b = checkpoint(tmp_path / "a.pt", seed=1), checkpoint(tmp_path / "b.pt", seed=2)
     out_dir = tmp_path / "run"
     code, out, err = _run(["--checkpoint", str(tmp_path / "a.pt"), "--checkpoint", str(tmp_path / "b.pt"),
                            "--method", "grand-last", "--limit", "150", "--batch-size", "64", "--out", str(out_dir),
@@ -101,7 +94,7 @@ def test_trained_models_report_eval_mode_accuracy_not_the_training_mode_one(tmp_
 def test_folder_dataset_writes_file_list_and_show_grid(tmp_path, capsys):
     files = write_image_folder(tmp_path / "imgs")
     (tmp_path / "imgs" / "dog" / "readme.txt").write_text("not an image")
-    _checkpoint(tmp_path / "m.pt", name="resnet8", num_classes=3, in_channels=3)
+    checkpoint(tmp_path / "m.pt", name="resnet8", num_classes=3, in_channels=3)
     out_dir = tmp_path / "run"
     code, out, err = _run(["--dataset", "folder", "--data-root", str(tmp_path / "imgs"), "--model", "resnet8",
                            "--checkpoint", str(tmp_path / "m.pt"), "--image-size", "16", "--num-workers", "2",
@@ -137,7 +130,7 @@ def test_random_needs_no_model_and_is_seeded(tmp_path, capsys):
 
 
 def test_save_logits_writes_a_teacher_cache(tmp_path, capsys):
-    model = _checkpoint(tmp_path / "t.pt").eval()
+    model = checkpoint(tmp_path / "t.pt").eval()
     code, _, err = _run(["--checkpoint", str(tmp_path / "t.pt"), "--limit", "70", "--batch-size", "32",
                          "--save-logits", "--out", str(tmp_path / "run"), "--quiet"], capsys)
     assert code == 0, err
@@ -153,7 +146,7 @@ def test_save_logits_writes_a_teacher_cache(tmp_path, capsys):
 
 
 def test_save_logits_topk_writes_a_sparse_teacher_cache(tmp_path, capsys):
-    model = _checkpoint(tmp_path / "t.pt").eval()
+    model = checkpoint(tmp_path / "t.pt").eval()
     code, _, err = _run(["--checkpoint", str(tmp_path / "t.pt"), "--limit", "70", "--batch-size", "32",
                          "--save-logits", "--topk", "3", "--out", str(tmp_path / "run"), "--quiet"], capsys)
     assert code == 0, err
@@ -172,31 +165,16 @@ def test_umbrella_command_runs_score(tmp_path, capsys):
     assert (tmp_path / "u" / "scores.npy").exists()
 
 
-def _kill_when(proc, folder, suffix=".npz", timeout=120):
-    """SIGKILLs `proc` as soon as a file ending in `suffix` appears in `folder`."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if os.path.isdir(folder) and any(f.endswith(suffix) for f in os.listdir(folder)):
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended before it could be killed: {proc.stderr.read()}")
-        time.sleep(0.001)
-    proc.kill()
-    raise AssertionError("no chunk appeared in time")
-
-
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, capsys):
-    _checkpoint(tmp_path / "a.pt", seed=3)
-    _checkpoint(tmp_path / "b.pt", seed=4)
+    checkpoint(tmp_path / "a.pt", seed=3)
+    checkpoint(tmp_path / "b.pt", seed=4)
     # 60 batches of 8, a chunk after each: the kill lands after the first chunk, long before the last
     common = ["--checkpoint", str(tmp_path / "a.pt"), "--checkpoint", str(tmp_path / "b.pt"), "--limit", "480",
               "--batch-size", "8", "--chunk-size", "8", "--method", "el2n", "--quiet"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "kdfast.cli.score", *common, "--out", str(killed)],
                             stderr=subprocess.PIPE, text=True)
-    _kill_when(proc, killed / "chunks")
+    kill_when(proc, killed / "chunks")
     assert not (killed / "meta.json").exists()
     chunks_before = len(os.listdir(killed / "chunks"))
     code, _, err = _run([*common, "--out", str(killed)], capsys)
@@ -220,7 +198,7 @@ def test_resume_mid_training_keeps_the_forgetting_state(tmp_path, capsys):
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "kdfast.cli.score", *common, "--out", str(killed)],
                             stderr=subprocess.PIPE, text=True)
-    _kill_when(proc, killed / "models", suffix="seed1.partial.pt")  # seed 0 done, seed 1 one epoch in
+    kill_when(proc, killed / "models", suffix="seed1.partial.pt")  # seed 0 done, seed 1 one epoch in
     assert (killed / "models" / "seed0.pt").exists() and not (killed / "models" / "seed1.pt").exists()
     code, _, err = _run([*common, "--out", str(killed), "--resume"], capsys)
     assert code == 0, err
@@ -260,7 +238,7 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path,
     code, _, err = _run(["--checkpoint", str(bad), "--out", str(out), "--quiet"], capsys)
     assert code == 1 and "does not fit" in err or "checkpoint" in err
     assert not out.exists()
-    _checkpoint(tmp_path / "a.pt")
+    checkpoint(tmp_path / "a.pt")
     code, _, err = _run(["--checkpoint", str(tmp_path / "a.pt"), "--out", str(out), "--quiet"], capsys)
     assert code == 0, err
     # the same into a folder that existed before: only the job record was written, and it is gone again
@@ -303,9 +281,9 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path,
 ])
 def test_every_error_is_one_line_with_its_exit_code(tmp_path, capsys, monkeypatch, argv, code, message):
     monkeypatch.chdir(tmp_path)
-    _checkpoint(tmp_path / "ck.pt")
-    _checkpoint(tmp_path / "wrong.pt", name="mlp")
-    _checkpoint(tmp_path / "ck3.pt", name="resnet8", num_classes=3, in_channels=3)
+    checkpoint(tmp_path / "ck.pt")
+    checkpoint(tmp_path / "wrong.pt", name="mlp")
+    checkpoint(tmp_path / "ck3.pt", name="resnet8", num_classes=3, in_channels=3)
     write_cifar(tmp_path / "cifar", n=3, labels=[1, 10, 2])
     write_image_folder(tmp_path / "broken")
     (tmp_path / "broken" / "emu" / "img2.JPEG").write_bytes(b"garbage")
@@ -351,8 +329,8 @@ def test_liprune_is_wired_through_liprune_batch_scores(tmp_path, capsys, monkeyp
 
     monkeypatch.setitem(sys.modules, "kdfast.scoring.liprune",
                         types.SimpleNamespace(liprune_batch_scores=liprune_batch_scores))
-    _checkpoint(tmp_path / "a.pt", seed=1)
-    _checkpoint(tmp_path / "b.pt", seed=2)
+    checkpoint(tmp_path / "a.pt", seed=1)
+    checkpoint(tmp_path / "b.pt", seed=2)
     code, _, err = _run(["--method", "liprune", "--checkpoint", str(tmp_path / "a.pt"), "--checkpoint",
                          str(tmp_path / "b.pt"), "--batch-size", "50", "--limit", "200", "--seed", "5",
                          "--out", str(tmp_path / "run"), "--quiet"], capsys)
@@ -376,7 +354,7 @@ def test_batched_jpeg_decode_matches_the_pil_path(tmp_path, capsys):
         for i in range(5):  # smooth content, so JPEG keeps it close to what was drawn
             base = np.kron(rng.integers(0, 256, (5, 7, 3)), np.ones((8, 8, 1))).astype(np.uint8)
             Image.fromarray(base).save(tmp_path / "imgs" / c / f"img{i}.JPEG", quality=95)
-    _checkpoint(tmp_path / "m.pt", name="resnet8", num_classes=2, in_channels=3)
+    checkpoint(tmp_path / "m.pt", name="resnet8", num_classes=2, in_channels=3)
     runs = {}
     for decode in ("pil", "cpu"):
         out_dir = tmp_path / decode
@@ -437,13 +415,13 @@ def test_memorising_and_diverging_curves_are_named():
 
 
 def test_the_eval_accuracy_pass_resumes_after_sigkill(tmp_path, capsys):
-    _checkpoint(tmp_path / "a.pt", seed=3)
+    checkpoint(tmp_path / "a.pt", seed=3)
     common = ["--checkpoint", str(tmp_path / "a.pt"), "--limit", "480", "--batch-size", "8", "--chunk-size", "8",
               "--method", "loss", "--quiet"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "kdfast.cli.score", *common, "--out", str(killed)],
                             stderr=subprocess.PIPE, text=True)
-    _kill_when(proc, killed / "accuracy-chunks")
+    kill_when(proc, killed / "accuracy-chunks")
     assert not (killed / "chunks").exists()  # killed in the accuracy pass, before scoring
     chunks = sorted(f for f in os.listdir(killed / "accuracy-chunks") if f.endswith(".npz"))
     code, _, err = _run([*common, "--out", str(killed), "--resume"], capsys)

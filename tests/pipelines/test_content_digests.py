@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import zlib
 
 import numpy as np
 import pytest
 import torch
 from _fake_datasets import replace_keeping_size_and_mtime, write_image_folder
+from _processes import kill_when
 
 from kdfast.cli.main import distill_main, prune_main, score_main
 from kdfast.data import load_dataset
@@ -35,21 +34,6 @@ def _folder(root):
     return ["--dataset", "folder", "--data-root", str(root), "--image-size", "8", "--model", "mlp"]
 
 
-def _kill_at_first_chunk(cmd, folder, timeout=120):
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if os.path.isdir(folder) and any(f.endswith(".npz") for f in os.listdir(folder)):
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended before it could be killed: {proc.stderr.read()}")
-        time.sleep(0.001)
-    proc.kill()
-    raise AssertionError("no chunk appeared in time")
-
-
 @pytest.mark.slow
 def test_score_resume_catches_a_file_replaced_while_stopped_and_a_normal_resume_passes(tmp_path, capsys):
     root = tmp_path / "photos"
@@ -57,7 +41,8 @@ def test_score_resume_catches_a_file_replaced_while_stopped_and_a_normal_resume_
     argv = _folder(root) + ["--train-epochs", "1", "--seeds", "1", "--batch-size", "2", "--chunk-size", "2",
                             "--quiet"]
     killed = tmp_path / "killed"
-    _kill_at_first_chunk([sys.executable, "-m", "kdfast.cli.score", *argv, "--out", str(killed)], killed / "chunks")
+    kill_when(subprocess.Popen([sys.executable, "-m", "kdfast.cli.score", *argv, "--out", str(killed)],
+                               stderr=subprocess.PIPE, text=True), killed / "chunks")
     assert not (killed / "meta.json").exists()
     last = root / files[-1]  # scored last: not scored before the kill, read by the training before it
     original, st = last.read_bytes(), os.stat(last)

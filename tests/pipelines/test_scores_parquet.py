@@ -14,19 +14,12 @@ import torch
 
 import kdfast
 from _fake_datasets import write_image_folder
+from _processes import checkpoint
 from kdfast.cli.main import score_main
 from kdfast.data import load_dataset
-from kdfast.models import create_model
 from kdfast.scoring.folder import load_scores, read_scores
 
 pq = pytest.importorskip("pyarrow.parquet")
-
-
-def _checkpoint(path, name="cnn", seed=0, num_classes=10, in_channels=1):
-    torch.manual_seed(seed)
-    model = create_model(name, num_classes=num_classes, in_channels=in_channels)
-    torch.save({"model": model.state_dict()}, path)
-    return model
 
 
 def _score(argv, capsys):
@@ -38,7 +31,7 @@ def _score(argv, capsys):
 def test_an_api_score_folder_holds_the_scores_keyed_by_index(tmp_path):
     data = torch.utils.data.Subset(load_dataset("digits"), range(100))
     data.targets = data.dataset.targets[:100]  # a labelled subset (what kdfast.data.LabeledSubset also gives)
-    models = [_checkpoint(tmp_path / f"{s}.pt", seed=s).eval() for s in (1, 2)]
+    models = [checkpoint(tmp_path / f"{s}.pt", seed=s).eval() for s in (1, 2)]
     scores, per_model = kdfast.score(models, data, "el2n", batch_size=32, progress=False, out=tmp_path / "s",
                                      return_per_model=True)
     table = pq.read_table(tmp_path / "s" / "scores.parquet")
@@ -61,7 +54,7 @@ def test_an_api_score_folder_holds_the_scores_keyed_by_index(tmp_path):
 
 def test_an_image_folder_run_keys_its_scores_by_relative_path(tmp_path, capsys):
     files = write_image_folder(tmp_path / "imgs", per_class=2)
-    _checkpoint(tmp_path / "m.pt", name="resnet8", num_classes=3, in_channels=3)
+    checkpoint(tmp_path / "m.pt", name="resnet8", num_classes=3, in_channels=3)
     _score(["--dataset", "folder", "--data-root", str(tmp_path / "imgs"), "--model", "resnet8", "--checkpoint",
             str(tmp_path / "m.pt"), "--image-size", "16", "--out", str(tmp_path / "run"), "--quiet"], capsys)
     table = pq.read_table(tmp_path / "run" / "scores.parquet")
@@ -81,7 +74,7 @@ def test_a_per_batch_method_adds_the_batch_ids(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "kdfast.scoring.liprune",
                         types.SimpleNamespace(liprune_batch_scores=liprune_batch_scores))
-    _checkpoint(tmp_path / "a.pt", seed=1)
+    checkpoint(tmp_path / "a.pt", seed=1)
     _score(["--method", "liprune", "--checkpoint", str(tmp_path / "a.pt"), "--batch-size", "25", "--limit", "100",
             "--out", str(tmp_path / "run"), "--quiet"], capsys)
     table = pq.read_table(tmp_path / "run" / "scores.parquet")
@@ -100,7 +93,7 @@ def test_without_pyarrow_the_npy_files_are_written_and_the_parquet_left_out_with
     data = torch.utils.data.Subset(load_dataset("digits"), range(50))
     data.targets = data.dataset.targets[:50]
     with pytest.warns(UserWarning, match=r"scores.parquet .* not written: it needs pyarrow"):
-        scores = kdfast.score(_checkpoint(tmp_path / "m.pt").eval(), data, "el2n", progress=False,
+        scores = kdfast.score(checkpoint(tmp_path / "m.pt").eval(), data, "el2n", progress=False,
                               out=tmp_path / "s")
     assert sorted(os.listdir(tmp_path / "s")) == ["job.json", "job.lock", "meta.json", "scores.npy"]
     np.testing.assert_array_equal(np.load(tmp_path / "s" / "scores.npy"), scores.numpy())
