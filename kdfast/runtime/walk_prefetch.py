@@ -57,22 +57,23 @@ def take_prefetched_walk(folder: str, name: str, layout: str, *, drop_empty_clas
         with os.fdopen(read_fd, "rb") as pipe:
             head = _read_exact(pipe, _HEADER.size)
             header = pickle.loads(_read_exact(pipe, _HEADER.unpack(head)[0]))
-            if "error" in header:
-                raise DataError(header["error"])
             if "failed" in header:
                 raise ChildProcessError(header["failed"])
-            n, size = header["files"], header["bytes"]
-            buffer = bytes(_read_exact(pipe, size))
-            offsets = np.frombuffer(_read_exact(pipe, 8 * (n + 1)), dtype=np.int64)
-            stats = np.frombuffer(_read_exact(pipe, 16 * n), dtype=np.int64).reshape(n, 2)
+            if "files" in header:
+                n = header["files"]
+                buffer = bytes(_read_exact(pipe, header["bytes"]))
+                offsets = np.frombuffer(_read_exact(pipe, 8 * (n + 1)), dtype=np.int64)
+                stats = np.frombuffer(_read_exact(pipe, 16 * n), dtype=np.int64).reshape(n, 2)
     except (OSError, EOFError, pickle.UnpicklingError, ChildProcessError) as exc:
         print(f"note: the prefetched walk of {folder} failed ({type(exc).__name__}: {exc}); walking it here",
               file=sys.stderr, flush=True)
         return None
     finally:
         _reap(pid)
-    for category, message in header["warnings"]:
+    for category, message in header["warnings"]:  # all read: a fallback walk cannot warn a second time
         warnings.warn(message, category, stacklevel=4)  # where the in-process walk points: the scan's caller
+    if "error" in header:
+        raise DataError(header["error"])
     return FolderWalk(header["classes"], buffer, offsets, stats, header["counts"], header["skipped"])
 
 
@@ -92,7 +93,7 @@ def _send(fd: int, folder: str, name: str, layout: str, drop_empty_classes: bool
     head = pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
     with os.fdopen(fd, "wb") as pipe:
         pipe.write(_HEADER.pack(len(head)) + head)
-        if walk is not None and "files" in header:
+        if "files" in header:
             for part in (walk.buffer, walk.offsets, np.ascontiguousarray(walk.stats, dtype=np.int64)):
                 pipe.write(memoryview(part).cast("B"))
 
