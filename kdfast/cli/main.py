@@ -15,8 +15,6 @@ from __future__ import annotations
 import importlib
 import sys
 
-from kdfast.cli.common import UsageError, add_common_options, make_parser, run_cli
-
 COMMANDS = {
     "score": "score every example of a data set (el2n, grand, forgetting, ...)",
     "prune": "keep a fraction of a data set from its scores",
@@ -32,6 +30,7 @@ def _module(cmd: str):
 def _command_parser(cmd: str, prog: str):
     """The parser of one command: the module's own subparser, renamed `prog`, with --quiet and --debug."""
     def build():
+        from kdfast.cli.common import add_common_options, make_parser
         sub = make_parser(prog, COMMANDS[cmd]).add_subparsers(dest="_command")
         _module(cmd).add_parser(sub)
         parser = sub.choices[cmd]
@@ -43,10 +42,15 @@ def _command_parser(cmd: str, prog: str):
 
 
 def command_main(cmd: str, argv=None, prog: str | None = None) -> int:
+    if cmd == "score":  # before torch is imported: the folder's walk overlaps the imports and the set-up
+        from kdfast.cli.prefetch import prefetch_folder_walk
+        prefetch_folder_walk(sys.argv[1:] if argv is None else list(argv))
+    from kdfast.cli.common import run_cli
     return run_cli(_command_parser(cmd, prog or f"kdfast-{cmd}"), lambda args: _module(cmd).run(args), argv)
 
 
 def _umbrella_parser():
+    from kdfast.cli.common import make_parser
     parser = make_parser("kdfast", "kdfast: score, prune and distill training data.",
                          epilog="commands:\n" + "\n".join(f"  {c:<9} {h}" for c, h in COMMANDS.items()))
     parser.add_argument("command", nargs="?", choices=list(COMMANDS), help="the command to run")
@@ -57,6 +61,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in COMMANDS:
         return command_main(argv[0], argv[1:], prog=f"kdfast {argv[0]}")
+
+    from kdfast.cli.common import UsageError, run_cli
 
     def no_command(args):
         raise UsageError(f"a command is required: one of {', '.join(COMMANDS)}")

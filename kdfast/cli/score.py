@@ -206,6 +206,8 @@ def _run(args) -> int:
     from kdfast.pipelines.score import finish_score_job, run_score_job, score_job_finished, start_score_job
     from kdfast.cli.summary import format_summary, show_grid, summarize
     args.quiet = args.quiet or not distributed.is_main()  # one rank reports progress
+    if args.train_epochs:  # torch.optim imports torch._dynamo at the first optimizer (2-3 s): now, while an image
+        import torch._dynamo  # noqa: F401  folder's walk (cli/prefetch.py) still runs in its own process
     data, train_data = _load_data(args)  # before the job starts: a data error leaves --out untouched
     if args.topk is not None and args.topk > data.num_classes:
         raise UsageError(f"--topk {args.topk} keeps more logits than the {data.num_classes} classes of "

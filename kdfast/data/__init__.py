@@ -130,15 +130,12 @@ def load_dataset(name: str, *, root: str | None = None, split: str = "train", do
     if key == "svhn":
         from kdfast.data.svhn import SVHN
         return SVHN(root, split, augment=augment)
-    from kdfast.data.imagefolder import FOLDER_LAYOUT, IMAGENET_LAYOUT, ImageFolderDataset
-    size = image_size or 224
+    from kdfast.data.imagefolder import ImageFolderDataset
+    from kdfast.runtime.folder_walk import image_folder_of
+    size, (folder, layout) = image_size or 224, image_folder_of(key, root, split)
     if decode is not None:
         from kdfast.data.gpu_decode import EncodedImageFolder
-        folder, layout = (os.path.join(root, split), IMAGENET_LAYOUT) if key == "imagenet" else (root, FOLDER_LAYOUT)
         return EncodedImageFolder(key, folder, layout, image_size=size, decode=decode,
                                   drop_empty_classes=drop_empty_classes)
-    if key == "imagenet":
-        return ImageFolderDataset("imagenet", os.path.join(root, split), IMAGENET_LAYOUT, image_size=size,
-                                  augment=augment, drop_empty_classes=drop_empty_classes)
-    return ImageFolderDataset("folder", root, FOLDER_LAYOUT, image_size=size, augment=augment,
+    return ImageFolderDataset(key, folder, layout, image_size=size, augment=augment,
                               drop_empty_classes=drop_empty_classes)

@@ -11,9 +11,8 @@ once, their crc32 recorded in `digests` (data/digests.py), and decoded from memo
 from __future__ import annotations
 
 import io
-import operator
+import math
 import os
-import warnings
 
 import numpy as np
 import torch
@@ -21,11 +20,10 @@ import torch
 from kdfast.data.base import DataError, LabeledDataset, normalize
 from kdfast.data.digests import DigestTable
 from kdfast.data.identity import FileList
+from kdfast.runtime.folder_walk import FOLDER_LAYOUT, IMAGENET_LAYOUT, walk_image_folder  # noqa: F401 (API)
+from kdfast.runtime.walk_prefetch import take_prefetched_walk
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-IMAGENET_LAYOUT = "ROOT/<split>/<wnid>/*.JPEG (ImageFolder layout, e.g. ROOT/train/n01440764/n01440764_10026.JPEG)"
-FOLDER_LAYOUT = "ROOT/<class name>/<image file> (ImageFolder layout: one subfolder per class)"
 
 
 # PIL modes whose values have no fixed full scale: PIL's convert("RGB") clips them at 255 (a white image)
@@ -51,143 +49,20 @@ class FolderScan(tuple):
         return scan
 
 
-_IMAGE_SUFFIXES = tuple(ext.encode() for ext in IMAGE_EXTENSIONS)
-_SEP = os.sep.encode()
-_ENTRY_NAME, _SIZE, _MTIME = (operator.attrgetter(a) for a in ("name", "st_size", "st_mtime_ns"))
-
-
-class _ClassFiles:
-    """The images of one class folder as they are listed: newline-ended relative paths joined (`chunks`), their
-    byte lengths and (size, mtime_ns) stats; the skipped files' relative paths."""
-
-    def __init__(self):
-        self.chunks, self.lengths, self.stats, self.skipped = [], [], [], []
-        self.count = 0
-
-    def add(self, rel: bytes, images: list) -> None:
-        """The images (DirEntry, sorted by name) of folder `rel`, stat'ed from the listing (one stat each)."""
-        prefix = rel + _SEP
-        names = [e.name for e in images]
-        self.chunks.append(prefix + (b"\n" + prefix).join(names) + b"\n")
-        self.lengths.append(np.fromiter(map(len, names), np.int64, len(names)) + len(prefix) + 1)
-        try:
-            stats = [e.stat() for e in images]  # follows links, as a stat of the path would
-            size, mtime = _SIZE, _MTIME
-        except OSError:  # one vanished since listed: -1, -1 for it (the fingerprint changes, the consumer says so)
-            stats = [_stat_or_none(e) for e in images]
-            size, mtime = _size, _mtime
-        self.stats.append(np.stack([np.fromiter(map(size, stats), np.int64, len(stats)),
-                                    np.fromiter(map(mtime, stats), np.int64, len(stats))], axis=1))
-        self.count += len(images)
-
-
-def _stat_or_none(entry):
-    try:
-        return entry.stat()
-    except OSError:
-        return None
-
-
-def _size(st) -> int:
-    return -1 if st is None else st.st_size
-
-
-def _mtime(st) -> int:
-    return -1 if st is None else st.st_mtime_ns
-
-
-def _is_dir(entry) -> bool:
-    try:
-        return entry.is_dir()  # follows links, as os.walk does
-    except OSError:
-        return False
-
-
-def _is_image(name: bytes) -> bool:
-    return name.lower().endswith(_IMAGE_SUFFIXES) and not name.startswith(b"._")  # ._x: macOS AppleDouble
-
-
-def _class_files(folder: bytes, cls: bytes, seen: set) -> _ClassFiles:
-    """The images and skipped files under class folder `cls` of `folder` (both bytes), in os.walk's top-down
-    order (a folder's files sorted by name, then its subfolders, sorted); links below the class are not followed
-    and folders whose real path is in `seen` (reached through a link to a class folder already) are left out,
-    which it extends: one realpath per folder, not per file. One os.scandir per folder, whose entries give the
-    file type and each image's stat."""
-    out = _ClassFiles()
-    stack = [cls]
-    while stack:
-        rel = stack.pop()
-        path = os.path.join(folder, rel)
-        real = os.path.realpath(path)
-        if real in seen:
-            continue
-        seen.add(real)
-        try:
-            with os.scandir(path) as listing:
-                entries = list(listing)
-        except OSError:
-            continue  # unreadable folder: os.walk's default, nothing listed
-        try:  # inlined: the per-file cost of a scan is this line and the stat
-            images = [e for e in entries if (n := e.name).lower().endswith(_IMAGE_SUFFIXES) and n[:2] != b"._"
-                      and not e.is_dir()]
-        except OSError:  # is_dir can raise (PermissionError): os.walk takes such an entry as a file
-            images = [e for e in entries if _is_image(e.name) and not _is_dir(e)]
-        subfolders, skipped = [], []
-        for entry in entries if len(images) < len(entries) else ():  # the rest: folders and other files
-            name = entry.name
-            if _is_dir(entry):
-                if not entry.is_symlink():
-                    subfolders.append(name)
-            elif not _is_image(name) and (not name.startswith(b".") or name.startswith(b"._")):
-                skipped.append(name)  # other hidden files are not worth a note
-        if images:
-            images.sort(key=_ENTRY_NAME)
-            out.add(rel, images)
-        out.skipped += [os.fsdecode(os.path.join(rel, name)) for name in sorted(skipped)]
-        stack += [os.path.join(rel, d) for d in sorted(subfolders, reverse=True)]  # popped smallest first
-    return out
-
-
 def scan_image_folder(folder: str, name: str, layout: str, *, drop_empty_classes: bool = False) -> FolderScan:
     """(classes, relative file paths, labels) of an ImageFolder tree; DataError when it is not one.
 
-    One os.scandir walk that keeps each image's size and mtime_ns (the files fingerprint's stats) as it lists,
-    the paths held in one byte buffer (FileList). A class folder that is a link to the tree or above it (a loop)
-    is left out, as is any folder reached a second time through links to class folders (real paths counted
-    once); a class folder without images is warned about and, with `drop_empty_classes`, left out of the
-    classes."""
-    if not os.path.isdir(folder):
-        raise DataError(f"dataset {name!r}: {folder} is not a directory; expected {layout}")
-    root = os.path.realpath(folder)
-    names = sorted(e.name for e in os.scandir(folder) if e.is_dir())
-    loops = [c for c in names if (root + os.sep).startswith(os.path.realpath(os.path.join(folder, c)) + os.sep)]
-    if loops:
-        warnings.warn(f"dataset {name!r}: class folders {', '.join(loops)} link back to {folder} or above it (a loop); "
-                      "left out", stacklevel=3)
-    names = [c for c in names if c not in loops]
-    if not names:
-        raise DataError(f"dataset {name!r}: {folder} has no class subfolders; expected {layout}")
-    seen, per_class, raw_folder = set(), {}, os.fsencode(folder)
-    for cls in names:
-        per_class[cls] = _class_files(raw_folder, os.fsencode(cls), seen)
-    skipped = [f for c in names for f in per_class[c].skipped]
-    empty = [c for c in names if not per_class[c].count]
-    if empty and len(empty) < len(names):
-        what = "left out of the classes" if drop_empty_classes else \
-            "kept as classes without examples (drop_empty_classes=True leaves them out)"
-        warnings.warn(f"dataset {name!r}: {len(empty)} class folders hold no images ({', '.join(empty[:5])}"
-                      f"{', ...' if len(empty) > 5 else ''}); {what}", stacklevel=3)
-    classes = [c for c in names if per_class[c].count or not drop_empty_classes]
-    if not any(per_class[c].count for c in classes):
-        raise DataError(f"dataset {name!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}; "
-                        f"expected {layout}")
-    kept = [per_class[c] for c in classes]
-    offsets = np.zeros(sum(k.count for k in kept) + 1, dtype=np.int64)
-    np.cumsum(np.concatenate([n for k in kept for n in k.lengths]), out=offsets[1:])
-    files = FileList.from_buffer(b"".join(chunk for k in kept for chunk in k.chunks), offsets, folder=folder,
-                                 stats=np.concatenate([st for k in kept for st in k.stats]))
-    labels = np.repeat(np.arange(len(classes), dtype=np.int64), [k.count for k in kept])
-    return FolderScan(classes, files, labels, skipped)
+    One os.scandir walk (runtime/folder_walk.py) that keeps each image's size and mtime_ns (the files fingerprint's
+    stats) as it lists, the paths held in one byte buffer (FileList); the walk kdfast-score started in a process of
+    its own for these arguments when there is one (runtime/walk_prefetch.py). A class folder that is a link to the
+    tree or above it (a loop) is left out, as is any folder reached a second time through links to class folders
+    (real paths counted once); a class folder without images is warned about and, with `drop_empty_classes`, left
+    out of the classes."""
+    walk = take_prefetched_walk(folder, name, layout, drop_empty_classes=drop_empty_classes) or \
+        walk_image_folder(folder, name, layout, drop_empty_classes=drop_empty_classes)
+    files = FileList.from_buffer(walk.buffer, walk.offsets, folder=folder, stats=walk.stats)
+    labels = np.repeat(np.arange(len(walk.classes), dtype=np.int64), walk.counts)
+    return FolderScan(walk.classes, files, labels, walk.skipped)
 
 
 def folder_scan_of(dataset) -> FolderScan:
@@ -246,13 +121,51 @@ def open_image(source, dataset: str, where: str):
                     "of no fixed range; expected 8- or 16-bit images: convert it to 8 or 16 bits")
 
 
-def training_augment(dataset: str, crop: int):
-    """RandomResizedCrop(crop) and a horizontal flip (torchvision), the training view of image data sets."""
-    try:
-        from torchvision import transforms
-    except ImportError as exc:
-        raise DataError(f"dataset {dataset!r}: augment=True needs torchvision (pip install torchvision)") from exc
-    return transforms.Compose([transforms.RandomResizedCrop(crop), transforms.RandomHorizontalFlip()])
+def training_augment(dataset: str, crop: int) -> "TrainingAugment":
+    """RandomResizedCrop(crop) and a horizontal flip, the training view of image data sets (of any `dataset`: it
+    needs no optional package)."""
+    return TrainingAugment(crop)
+
+
+class TrainingAugment:
+    """torchvision's RandomResizedCrop(crop) (scale (0.08, 1), ratio (3/4, 4/3), bilinear) then
+    RandomHorizontalFlip() on a PIL image, making the same draws from torch's generator (a run trains on the crops
+    torchvision would give), without importing torchvision: its import (torch._dynamo's) took 2-3 s before
+    kdfast-score's first batch."""
+    SCALE, RATIO = (0.08, 1.0), (3.0 / 4.0, 4.0 / 3.0)
+
+    def __init__(self, crop: int):
+        self.crop = int(crop)
+
+    def box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of the crop: RandomResizedCrop.get_params, draw for draw."""
+        area = height * width
+        log_ratio = torch.log(torch.tensor(self.RATIO))
+        for _ in range(10):
+            target_area = area * torch.empty(1).uniform_(self.SCALE[0], self.SCALE[1]).item()
+            aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+            w = int(round(math.sqrt(target_area * aspect_ratio)))
+            h = int(round(math.sqrt(target_area / aspect_ratio)))
+            if 0 < w <= width and 0 < h <= height:
+                i = torch.randint(0, height - h + 1, size=(1,)).item()
+                j = torch.randint(0, width - w + 1, size=(1,)).item()
+                return i, j, h, w
+        in_ratio = float(width) / float(height)  # ten misses: the centre crop of the nearest allowed ratio
+        if in_ratio < min(self.RATIO):
+            w, h = width, int(round(width / min(self.RATIO)))
+        elif in_ratio > max(self.RATIO):
+            w, h = int(round(height * max(self.RATIO))), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, img):
+        from PIL import Image
+        i, j, h, w = self.box(*img.size)
+        img = img.crop((j, i, j + w, i + h))
+        if (h, w) != (self.crop, self.crop):  # torchvision's resize leaves an image of the size as it is
+            img = img.resize((self.crop, self.crop), Image.BILINEAR)
+        return img.transpose(Image.FLIP_LEFT_RIGHT) if torch.rand(1) < 0.5 else img
 
 
 def resize_center_crop(img, resize: int, crop: int):

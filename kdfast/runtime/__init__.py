@@ -1,2 +1,3 @@
-"""The lowest layer: backend dispatch, devices and precisions, distributed process groups, progress output and
-the argument checks every layer shares. Imports nothing of kdfast above kdfast.errors."""
+"""The lowest layer: backend dispatch, devices and precisions, distributed process groups, progress output,
+the argument checks every layer shares, and the torch-free walk of an image folder (run in a process of its own
+before torch is imported). Imports nothing of kdfast above kdfast.errors."""
