@@ -187,6 +187,12 @@ def peer_versions() -> dict[str, str | None]:
     return found
 
 
+def _main_module() -> str:
+    """The module run with `python -m` (bench.run, or a benchmark run on its own); bench.run otherwise."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec.name if spec is not None and spec.name.startswith("bench.") else "bench.run"
+
+
 def make_row(*, op: str, provider: str, mode: str, shape, dtype, device: torch.device, **metrics) -> dict:
     """One result row: what ran (op, provider, mode, shape, dtype), where, with what, and the numbers."""
     return {
@@ -195,7 +201,7 @@ def make_row(*, op: str, provider: str, mode: str, shape, dtype, device: torch.d
         "device": device_name(device), "device_type": device.type,
         "versions": versions(), "peers": peer_versions(), "commit": code_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable), "-m", "bench.run", *sys.argv[1:]]),
+        "command": " ".join([os.path.basename(sys.executable), "-m", _main_module(), *sys.argv[1:]]),
         # CPU timings on a shared machine are only as good as its idleness: keep the load beside them
         "load_avg_1min": os.getloadavg()[0] if device.type == "cpu" and hasattr(os, "getloadavg") else None,
         **metrics,
