@@ -23,3 +23,10 @@ class DataError(KDFastError, ValueError):
 
 class SlowFallbackWarning(UserWarning):
     """Work runs on a much slower path than this machine could offer (the reference instead of the C++ kernels)."""
+
+
+def first_names(names, limit: int = 5) -> str:
+    """The first `limit` names, comma-separated, then " and K more": how error messages list what differs."""
+    names = list(names)
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from kdfast.errors import DataError
+from kdfast.errors import DataError, first_names
 
 # what files_fingerprint hashes, in this order: this tag, the N + 1 path offsets (int64 little-endian), the
 # newline-ended UTF-8 paths, the (N, 2) sizes and mtime_ns (int64 little-endian, row-major)
@@ -196,22 +196,20 @@ def dataset_files_fingerprint(dataset) -> str | None:
 def describe_file_mismatch(recorded: list[str], current: list[str], limit: int = 5) -> str:
     """The first files that differ between two file lists, for error messages: files gone and new ones by
     name, else (the same names) the first positions that differ, else a note that sizes differ."""
-    def first(names):
-        more = f" and {len(names) - limit} more" if len(names) > limit else ""
-        return ", ".join(names[:limit]) + more
     old, new = set(recorded), set(current)
     gone, added = [f for f in recorded if f not in new], [f for f in current if f not in old]
     if gone or added:
-        return "; ".join(part for part in (f"{len(gone)} files gone: {first(gone)}" if gone else "",
-                                           f"{len(added)} new: {first(added)}" if added else "") if part)
+        return "; ".join(part for part in (f"{len(gone)} files gone: {first_names(gone, limit)}" if gone else "",
+                                           f"{len(added)} new: {first_names(added, limit)}" if added else "") if part)
     moved = [f"index {i}: {a} then, {b} now" for i, (a, b) in enumerate(zip(recorded, current)) if a != b]
     if moved:
-        return f"{len(moved)} files at other positions: {first(moved)}"
+        return f"{len(moved)} files at other positions: {first_names(moved, limit)}"
     old_stats, new_stats = getattr(recorded, "stats", None), getattr(current, "stats", None)
     if old_stats is None or new_stats is None:
         return "the same file names, but file sizes or modification times differ: files were replaced"
     changed = [current[i] for i in (old_stats != new_stats).any(1).nonzero()[0]]
-    return f"{len(changed)} files replaced or modified (size or modification time differs): {first(changed)}"
+    return f"{len(changed)} files replaced or modified (size or modification time differs): " \
+           f"{first_names(changed, limit)}"
 
 
 def check_identity(recorded: dict | None, dataset, *, what: str, recorded_files: list[str] | None = None,

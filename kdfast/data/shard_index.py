@@ -22,7 +22,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from kdfast.errors import DataError
+from kdfast.errors import DataError, first_names
 
 INDEX_SUFFIX = ".idx.npz"
 INDEX_FORMAT = "kdfast-shard-index/1"
@@ -317,14 +317,11 @@ def shard_records(shards: list[Shard]) -> list[list]:
 
 def describe_shard_mismatch(recorded: list, current: list, limit: int = 5) -> str:
     """The shards that differ between two shard_records lists, by name: gone, new, changed (size or mtime)."""
-    def first(names):
-        more = f" and {len(names) - limit} more" if len(names) > limit else ""
-        return ", ".join(names[:limit]) + more
     old, new = {r[0]: list(r[1:]) for r in recorded or []}, {r[0]: list(r[1:]) for r in current or []}
     gone, added = [n for n in old if n not in new], [n for n in new if n not in old]
     changed = [n for n in new if n in old and old[n] != new[n]]
-    parts = [f"{len(gone)} shards gone: {first(gone)}" if gone else "",
-             f"{len(added)} new: {first(added)}" if added else "",
-             f"{len(changed)} changed (size or modification time): {first(changed)}" if changed else ""]
+    parts = [f"{len(gone)} shards gone: {first_names(gone, limit)}" if gone else "",
+             f"{len(added)} new: {first_names(added, limit)}" if added else "",
+             f"{len(changed)} changed (size or modification time): {first_names(changed, limit)}" if changed else ""]
     text = "; ".join(p for p in parts if p)
     return text or "the same shards in another order"

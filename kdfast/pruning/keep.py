@@ -25,7 +25,7 @@ import warnings
 import numpy as np
 
 from kdfast.data.identity import DataIdentityError, check_identity
-from kdfast.errors import InvalidArgumentError
+from kdfast.errors import InvalidArgumentError, first_names
 from kdfast.data.keys import example_keys, import_pyarrow, key_positions
 from kdfast.io.atomic import read_file_list, read_json, save_npy, write_file_list, write_json, write_parquet
 
@@ -78,9 +78,8 @@ def _check_kept_shards(record: dict, dataset, what: str) -> None:
     changed = [s.name for s in current if then.get(os.path.basename(s.name), None) not in
                (None, [s.whole or s.stop - s.start, s.size, s.mtime_ns])]
     if changed:
-        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
         raise DataIdentityError(f"{what} was made before {len(changed)} of its shards changed (examples, size or "
-                                f"modification time): {', '.join(changed[:5])}{more}; prune again from fresh scores")
+                                f"modification time): {first_names(changed)}; prune again from fresh scores")
 
 
 def read_keep(path: str, dataset, *, what: str | None = None):
