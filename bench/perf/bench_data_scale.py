@@ -19,9 +19,10 @@ dentry caches are warm for every row. Rows (`ms`: wall time of the child, start 
                          `rss_above_imports_mib` = its peak RSS less the imports row's
     prune-npy            `kdfast-prune --scores scores.npy --fraction 0.3` (N float scores)
     prune-class-balanced the same with `--class-balanced --labels labels.npy`
-    prune-csv-cli        `kdfast-prune --scores scores.csv --dataset imagenet --data-root ROOT`: the scan included
-    prune-csv            a keyed CSV (N rows `file,score`, shuffled) matched to the folder's files.txt and pruned
-                         (`load_score_file` + `prune` in a child: what kdfast-prune does after its scan)
+    prune-csv-cli        `kdfast-prune --scores scores.csv --dataset imagenet --data-root ROOT`: a keyed CSV (N rows
+                         `file,score`, shuffled) matched to the folder, its listing (names only) included
+    prune-csv            the same CSV matched to a score run's files.txt and pruned (`load_score_file` +
+                         `keep_indices` in a child: the library calls without the folder's listing)
 Then the same tree as a shard source, converted by make_shards (1000 examples a shard, .idx.npz sidecars):
     wds-convert          make_shards(train, OUT) in a child: the conversion's time (not a goal)
     wds-score-first-batch  score-first-batch's command on `--dataset wds:OUT/shard-{000000..}.tar`; ratio_to_walk
@@ -30,10 +31,10 @@ Then the same tree as a shard source, converted by make_shards (1000 examples a 
                          (scores.parquet: key, label, score; meta.json) of N rows
     wds-prune            `kdfast-prune --scores FOLDER --fraction 0.5 --out keep.parquet`
     wds-prune-class-balanced  the same with `--class-balanced` (labels from scores.parquet)
-The prune rows' `work_ms` is the child's time after its imports (torch and kdfast: seconds on a loaded machine).
+The prune rows' `work_ms` is the child's time after its imports (kdfast-prune imports no torch for these modes).
 
 Targets (1.28M files, and 1.28M examples in shards): score-first-batch <= 1.5x walk, peak RSS <= 250 MiB above
-the imports, each prune <= 5 s.
+the imports, each kdfast-prune <= 5 s.
 """
 from __future__ import annotations
 
@@ -79,10 +80,10 @@ CSV_PRUNE = """
 import sys, time
 from kdfast.io.atomic import read_file_list
 from kdfast.pruning.score_files import load_score_file
-from kdfast.pruning.selection import prune
+from kdfast.pruning.selection import keep_indices
 t = time.perf_counter()
 files = read_file_list(sys.argv[1])
-keep = prune(load_score_file(sys.argv[2], files=files), 0.3, "hard")
+keep = keep_indices(load_score_file(sys.argv[2], files=files), 0.3, "hard")
 print(len(files), len(keep), time.perf_counter() - t)
 """
 MAKE_SHARDS = """
@@ -263,7 +264,8 @@ def targets(rows: list[dict]) -> list[dict]:
              "rss_above_imports_mib", 250.0, "MiB"),
             ("kdfast-prune from .npy (1.28M scores)", "prune-npy", "ms", 5000.0, "ms"),
             ("kdfast-prune class-balanced (1.28M scores)", "prune-class-balanced", "ms", 5000.0, "ms"),
-            ("keyed CSV matched and pruned (1.28M rows)", "prune-csv", "ms", 5000.0, "ms"),
+            ("kdfast-prune from a keyed CSV matched to the folder, its listing included (1.28M rows)",
+             "prune-csv-cli", "ms", 5000.0, "ms"),
             ("start to first batch of kdfast-score on wds shards vs the walk of the same-size tree (1.28M examples)",
              "wds-score-first-batch", "ratio_to_walk", 1.5, "x walk"),
             ("kdfast-score on wds shards: peak RSS above `import torch, torchvision` (1.28M examples)",

@@ -15,6 +15,7 @@ import numpy as np
 from kdfast.data.keys import example_keys, has_keys, key_positions
 from kdfast.scoring.folder import labels_fingerprint_of, load_scores, read_scores_table, scores_identity
 from kdfast.pruning.score_files import is_keyed
+from kdfast.runtime.arrays import to_numpy
 from kdfast.cli.common import CliError, UsageError, log
 
 EPILOG = """examples:
@@ -126,33 +127,42 @@ def _load_npy(path, what):
         raise CliError(f"cannot read {what} {path}: {exc}") from None
 
 
-def _keyed_dataset(args):
-    """The data set a score file keyed by file name is matched to: --dataset (with --data-root, --split)."""
-    from kdfast.data import load_dataset
+def _keyed_scores(args):
+    """(data set, scores in its order, meta) of a CSV / .npz / .parquet keyed by file name (an image folder, listed
+    by name alone: data/folder_listing.py) or by example key (keyed sources: exact match); meta carries the data
+    set's identity (labels and file-list fingerprints), so the keep file is checked against the data."""
+    from kdfast.data import data_identity, labels_fingerprint
     if not args.dataset:
         raise UsageError(f"--scores {args.scores} is keyed by file name: pass --dataset (folder or imagenet) and "
                          "--data-root to match it to the data set's files")
+    if args.dataset.lower() in ("imagenet", "folder"):
+        data, scores = _scores_by_file(args)
+    else:
+        data = _keyed_source(args)
+        scores = _scores_by_key(args, data)
+    return data, scores, {"dataset": args.dataset, "data_root": args.data_root, "split": args.split or "train",
+                          "labels_fingerprint": labels_fingerprint(data.targets), "data": data_identity(data)}
+
+
+def _scores_by_file(args):
+    """(the image folder's listing, its files' scores matched by file name: kdfast/pruning/score_files.py)."""
+    from kdfast.data import list_image_folder
+    from kdfast.pruning.score_files import match_scores, read_score_file
+    data = list_image_folder(args.dataset, root=args.data_root, split=args.split or "train")
+    scores, report = match_scores(*read_score_file(args.scores), data.files, source=f"score file {args.scores}")
+    log(f"matched {report.exact} files exactly, {report.lenient} leniently; {report.ignored} score entries "
+        "match no file", quiet=args.quiet)
+    return data, scores
+
+
+def _keyed_source(args):
+    """--dataset (a webdataset or Parquet source), whose examples a score file is matched to by key."""
+    from kdfast.data import load_dataset
     data = load_dataset(args.dataset, root=args.data_root, split=args.split or "train")
-    if data.files is None and not has_keys(data):
+    if not has_keys(data):
         raise UsageError(f"--scores {args.scores} is keyed by file name but --dataset {args.dataset} has no files; "
                          "keyed score files go with image folders (folder, imagenet) and keyed sources")
     return data
-
-
-def _keyed_scores(args, data):
-    """(scores, meta) of a CSV / .npz / .parquet keyed by file name (image folders) or by example key (keyed
-    sources: exact match), in the order of `data`'s examples; meta carries that data set's identity (labels and
-    file-list fingerprints), so the keep file is checked against the data."""
-    from kdfast.data import data_identity, labels_fingerprint
-    if has_keys(data):
-        scores = _scores_by_key(args, data)
-    else:
-        from kdfast.pruning.score_files import load_score_file
-        scores, report = load_score_file(args.scores, files=data.files, return_report=True)
-        log(f"matched {report.exact} files exactly, {report.lenient} leniently; {report.ignored} score entries "
-            "match no file", quiet=args.quiet)
-    return scores, {"dataset": args.dataset, "data_root": args.data_root, "split": args.split or "train",
-                    "labels_fingerprint": labels_fingerprint(data.targets), "data": data_identity(data)}
 
 
 def _scores_by_key(args, data):
@@ -203,7 +213,7 @@ def _labels(args, meta, n, dataset=None):
         split = args.split or meta.get("split") or "train"
         if dataset is None:
             dataset = _scores_dataset(args, meta, name, split)
-        labels, whole = dataset.targets.numpy(), True
+        labels, whole = to_numpy(dataset.targets), True
         source = f"{name} ({split})"
     if labels.ndim != 1 or len(labels) != n:
         raise CliError(f"labels from {source} have shape {labels.shape}, expected ({n},) (one per score)")
@@ -231,10 +241,13 @@ def _table_labels(folder):
 
 def _scores_dataset(args, meta, name, split):
     """The data set named for the labels, checked against the data identity the scores were computed on."""
-    from kdfast.data import check_identity, load_dataset
+    from kdfast.data import check_identity, list_image_folder, load_dataset
     from kdfast.io.job import read_file_list
-    dataset = load_dataset(name, root=args.data_root or meta.get("data_root"), split=split)
-    limit = meta.get("limit")
+    limit, root = meta.get("limit"), args.data_root or meta.get("data_root")
+    if str(name).lower() in ("imagenet", "folder") and not limit:  # listed with its stats (its identity), no torch
+        dataset = list_image_folder(name, root=root, split=split, stat=True)
+    else:
+        dataset = load_dataset(name, root=root, split=split)
     if limit and limit < len(dataset):
         from kdfast.data import LabeledSubset
         dataset = LabeledSubset(dataset, range(limit))
@@ -278,10 +291,12 @@ def _per_class_line(counts) -> str:
 
 
 def run(args) -> int:
-    from kdfast.pruning.selection import prune
+    from kdfast.pruning.selection import keep_indices
     _validate(args)
-    keyed = _keyed_dataset(args) if is_keyed(args.scores) and not os.path.isdir(args.scores) else None
-    scores, meta = _keyed_scores(args, keyed) if keyed is not None else load_scores(args.scores)
+    if is_keyed(args.scores) and not os.path.isdir(args.scores):
+        keyed, scores, meta = _keyed_scores(args)
+    else:
+        keyed, (scores, meta) = None, load_scores(args.scores)
     if scores.ndim != 1:
         raise CliError(f"scores in {args.scores} have shape {scores.shape}, expected (N,)")
     labels = _labels(args, meta, len(scores), keyed) if args.class_balanced else None
@@ -289,8 +304,8 @@ def run(args) -> int:
     if args.whole_batches:
         keep, num_batches = _whole_batches(args, scores)
     else:
-        keep = prune(scores, args.fraction, args.mode, labels=labels, class_balanced=args.class_balanced,
-                     seed=args.seed, ccs_beta=args.ccs_beta, ccs_strata=args.ccs_strata).numpy()
+        keep = keep_indices(scores, args.fraction, args.mode, labels=labels, class_balanced=args.class_balanced,
+                            seed=args.seed, ccs_beta=args.ccs_beta, ccs_strata=args.ccs_strata)
     from kdfast.pruning.keep import is_keyed_keep, write_keep, write_keep_digests
     from kdfast.scoring.folder import score_digests
     keyed_source = bool(meta.get("keyed")) or (keyed is not None and has_keys(keyed))

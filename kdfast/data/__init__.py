@@ -23,14 +23,22 @@ index order; see data/sharded.py); `python -m kdfast.data.make_shards` converts 
 """
 from __future__ import annotations
 
+import importlib
 import os
+from typing import TYPE_CHECKING
 
-from kdfast.errors import InvalidArgumentError
-from kdfast.data.base import DataError, LabeledDataset, LabeledSubset, class_names
-from kdfast.data.identity import (DataIdentityError, check_identity, data_identity, describe_file_mismatch,
-                                  labels_fingerprint)
-from kdfast.data.sharded import SHARD_OPTIONS, load_shards, shard_source
-from kdfast.data.split import stratified_split
+from kdfast.errors import DataError, InvalidArgumentError
+from kdfast.data.shard_index import SHARD_OPTIONS, shard_source
+
+if TYPE_CHECKING:
+    from kdfast.data.base import LabeledDataset
+
+# the rest of the API, imported on first use: reading identities, listings and score files needs no torch
+# (kdfast-prune runs without importing it)
+_LAZY = {"LabeledDataset": "kdfast.data.base", "LabeledSubset": "kdfast.data.base", "class_names": "kdfast.data.base",
+         "DataIdentityError": "kdfast.data.identity", "check_identity": "kdfast.data.identity",
+         "data_identity": "kdfast.data.identity", "describe_file_mismatch": "kdfast.data.identity",
+         "labels_fingerprint": "kdfast.data.identity", "stratified_split": "kdfast.data.split"}
 
 DATASETS = ("digits", "cifar10", "cifar100", "svhn", "imagenet", "folder")
 SPLITS = {"digits": ("train", "test", "all"), "cifar10": ("train", "test"), "cifar100": ("train", "test"),
@@ -40,9 +48,16 @@ INPUT_SHAPES = {"digits": (1, 8), "cifar10": (3, 32), "cifar100": (3, 32), "svhn
                 "imagenet": (3, 224), "folder": (3, 224)}
 
 __all__ = ["DATASETS", "SPLITS", "INPUT_SHAPES", "DataError", "LabeledDataset", "LabeledSubset", "load_dataset",
-           "labels_fingerprint", "class_names", "DataIdentityError", "check_identity", "data_identity",
-           "describe_file_mismatch", "stratified_split", "shard_source", "dataset_kind",
+           "list_image_folder", "labels_fingerprint", "class_names", "DataIdentityError", "check_identity",
+           "data_identity", "describe_file_mismatch", "stratified_split", "shard_source", "dataset_kind",
            "SHARD_OPTIONS", "source_options"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'kdfast.data' has no attribute {name!r}")
+    value = globals()[name] = getattr(importlib.import_module(_LAZY[name]), name)
+    return value
 
 
 def dataset_kind(name: str) -> str:
@@ -91,6 +106,7 @@ def load_dataset(name: str, *, root: str | None = None, split: str = "train", do
             raise InvalidArgumentError(f"load_dataset: image_size must be a positive int or None, got {image_size!r}")
         if decode is not None and augment:
             raise InvalidArgumentError("load_dataset: decode= gives the evaluation view; it cannot go with augment")
+        from kdfast.data.sharded import load_shards
         return load_shards(name, image_size=image_size or 224, augment=augment, decode=decode,
                            num_classes=num_classes, **shard_options)
     given = [k for k, v in dict(shard_options, num_classes=num_classes).items() if v is not None]
@@ -103,9 +119,7 @@ def load_dataset(name: str, *, root: str | None = None, split: str = "train", do
     if download:
         raise InvalidArgumentError("load_dataset: download=True is not supported; kdfast never downloads data at "
                                    "run time. Fetch it once, e.g. torchvision.datasets.CIFAR10(ROOT, download=True)")
-    if key != "folder" and split not in SPLITS[key]:
-        raise InvalidArgumentError(f"load_dataset: split for {key!r} must be one of {', '.join(SPLITS[key])}, "
-                                   f"got {split!r}")
+    _check_split(key, split)
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise InvalidArgumentError(f"load_dataset: image_size must be a positive int or None, got {image_size!r}")
     if decode is not None:
@@ -119,11 +133,7 @@ def load_dataset(name: str, *, root: str | None = None, split: str = "train", do
     if key == "digits":
         from kdfast.data.digits import Digits
         return Digits(split)
-    if root is None:
-        raise DataError(f"dataset {key!r} needs a root folder (--data-root); kdfast never downloads data")
-    root = os.path.expanduser(str(root))
-    if not os.path.isdir(root):
-        raise DataError(f"dataset {key!r}: root {root} does not exist or is not a directory")
+    root = _root_folder(key, root)
     if key in ("cifar10", "cifar100"):
         from kdfast.data.cifar import CIFAR
         return CIFAR(key, root, split, augment=augment)
@@ -139,3 +149,33 @@ def load_dataset(name: str, *, root: str | None = None, split: str = "train", do
                                   drop_empty_classes=drop_empty_classes)
     return ImageFolderDataset(key, folder, layout, image_size=size, augment=augment,
                               drop_empty_classes=drop_empty_classes)
+
+
+def list_image_folder(name: str, *, root: str | None, split: str = "train", drop_empty_classes: bool = False,
+                      stat: bool = False):
+    """The files and labels of image folder data set `name` (imagenet, folder) in load_dataset's order: a
+    FolderListing (data/folder_listing.py), names alone unless `stat`; no file read, torch not imported."""
+    key = str(name).lower()
+    if key not in ("imagenet", "folder"):
+        raise InvalidArgumentError(f"list_image_folder: name must be imagenet or folder, got {name!r}")
+    _check_split(key, split)
+    from kdfast.data.folder_listing import FolderListing
+    from kdfast.runtime.folder_walk import image_folder_of
+    return FolderListing(key, *image_folder_of(key, _root_folder(key, root), split),
+                         drop_empty_classes=drop_empty_classes, stat=stat)
+
+
+def _check_split(key: str, split: str) -> None:
+    if key != "folder" and split not in SPLITS[key]:
+        raise InvalidArgumentError(f"load_dataset: split for {key!r} must be one of {', '.join(SPLITS[key])}, "
+                                   f"got {split!r}")
+
+
+def _root_folder(key: str, root) -> str:
+    """`root` expanded; DataError when it is not given or not a folder."""
+    if root is None:
+        raise DataError(f"dataset {key!r} needs a root folder (--data-root); kdfast never downloads data")
+    root = os.path.expanduser(str(root))
+    if not os.path.isdir(root):
+        raise DataError(f"dataset {key!r}: root {root} does not exist or is not a directory")
+    return root

@@ -23,7 +23,6 @@ import hashlib
 import zlib
 
 import numpy as np
-import torch
 
 from kdfast.errors import DataError, InvalidArgumentError
 
@@ -40,6 +39,7 @@ class DigestTable:
     before the loaders that read start (fit and the jobs do)."""
 
     def __init__(self, num_examples: int):
+        import torch  # here: reading and checking recorded digests (kdfast-prune) needs no torch
         self.values = torch.full((int(num_examples),), UNREAD, dtype=torch.int64).share_memory_()
         self.expected: list[tuple[np.ndarray, str, str]] = []  # (digests by row, artifact, what to do)
         self._rows = self.values.numpy()  # a numpy view of the shared memory: a row write costs no tensor op
@@ -79,6 +79,7 @@ class DigestTable:
 def table_rows(dataset):
     """(DigestTable, rows of the table at the dataset's positions or None for all of them in order) of a data
     set, through Subsets (LabeledSubset is one); (None, None) for data sets that read no files."""
+    import torch
     rows = None
     while isinstance(dataset, torch.utils.data.Subset):
         here = getattr(dataset, "_digest_rows", None)

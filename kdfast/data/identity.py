@@ -8,7 +8,9 @@ The labels fingerprint catches another data set or split; the files fingerprint 
 path, file size and modification time in ns, in index order: FILES_FINGERPRINT_FORMAT) catches renamed, moved,
 added or replaced files of an image folder even when the labels stay the same, a replacement of the same size
 included. The sizes and mtimes come from the folder scan's own stat of each file (no second pass); a file
-rewritten with its old mtime restored passes it.
+rewritten with its old mtime restored passes it. An artifact made from a listing of names alone (kdfast-prune's
+keep file from a score file keyed by file name, data/folder_listing.py) records `file_names_fingerprint` instead:
+the paths in their order, checked the same way.
 
 A data set's paths are a FileList: a read-only sequence of str over one UTF-8 byte buffer (each path ended by a
 newline, files.txt's own format) with int64 offsets and an (N, 2) int64 `.stats` of sizes and mtimes, so 1.28M
@@ -21,13 +23,15 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from kdfast.errors import DataError, first_names
+from kdfast.runtime.arrays import to_numpy
 
 # what files_fingerprint hashes, in this order: this tag, the N + 1 path offsets (int64 little-endian), the
 # newline-ended UTF-8 paths, the (N, 2) sizes and mtime_ns (int64 little-endian, row-major)
 FILES_FINGERPRINT_FORMAT = b"kdfast-files-v2\n"
+# what file_names_fingerprint hashes: this tag, the offsets and the paths as above (no stats)
+FILE_NAMES_FINGERPRINT_FORMAT = b"kdfast-file-names-v1\n"
 
 
 class DataIdentityError(DataError):
@@ -36,7 +40,7 @@ class DataIdentityError(DataError):
 
 def labels_fingerprint(targets) -> str:
     """sha256 hex of the labels as little-endian int64: ties scores and caches to one labelling of one data set."""
-    arr = np.ascontiguousarray(torch.as_tensor(targets, dtype=torch.int64).cpu().numpy(), dtype="<i8")
+    arr = np.ascontiguousarray(to_numpy(targets).astype(np.int64, copy=False), dtype="<i8")
     return hashlib.sha256(arr.tobytes()).hexdigest()
 
 
@@ -170,15 +174,29 @@ def files_fingerprint(folder: str, files) -> str:
     return h.hexdigest()
 
 
+def file_names_fingerprint(files) -> str:
+    """sha256 hex over FILE_NAMES_FINGERPRINT_FORMAT: every relative path, in index order (no stats)."""
+    files = as_file_list(files)
+    h = hashlib.sha256(FILE_NAMES_FINGERPRINT_FORMAT)
+    h.update(np.ascontiguousarray(files.offsets, dtype="<i8").data)
+    h.update(files.buffer)
+    return h.hexdigest()
+
+
 def data_identity(dataset) -> dict:
-    """The identity of a kdfast data set (see the module docstring), or of bare labels (an int array); JSON-able."""
+    """The identity of a kdfast data set (see the module docstring), or of bare labels (an int array); JSON-able.
+    A listing of file names alone (`names_only`, data/folder_listing.py) gives `file_names_fingerprint` in place
+    of `files_fingerprint`."""
     if not hasattr(dataset, "targets"):
         return {"name": None, "num_examples": len(dataset), "num_classes": None,
                 "labels_fingerprint": labels_fingerprint(dataset), "files_fingerprint": None}
     identity = {"name": getattr(dataset, "name", None), "num_examples": len(dataset),
                 "num_classes": getattr(dataset, "num_classes", None),
-                "labels_fingerprint": labels_fingerprint(dataset.targets),
-                "files_fingerprint": dataset_files_fingerprint(dataset)}
+                "labels_fingerprint": labels_fingerprint(dataset.targets)}
+    if getattr(dataset, "names_only", False):
+        identity["file_names_fingerprint"] = file_names_fingerprint(dataset.files)
+    else:
+        identity["files_fingerprint"] = dataset_files_fingerprint(dataset)
     if getattr(dataset, "shards", None) is not None:  # shard data sets: the list, so a mismatch can name shards
         from kdfast.data.shard_index import shard_records
         identity["shards"] = shard_records(dataset.shards)
@@ -222,18 +240,21 @@ def check_identity(recorded: dict | None, dataset, *, what: str, recorded_files:
     if not recorded:
         return
     now = data_identity(dataset)
+    if "file_names_fingerprint" in recorded:  # made from a listing of names: the names and their order are checked
+        files = getattr(dataset, "files", None)
+        now["file_names_fingerprint"] = None if files is None else file_names_fingerprint(files)
     problems = []
-    for key in ("num_examples", "labels_fingerprint", "files_fingerprint"):
+    for key in ("num_examples", "labels_fingerprint", "files_fingerprint", "file_names_fingerprint"):
         old = recorded.get(key)
-        if old is None and key == "files_fingerprint" and now[key] is None:
+        if old is None and key == "files_fingerprint" and now.get(key) is None:
             continue
-        if key in recorded and old != now[key]:
+        if key in recorded and old != now.get(key):
             problems.append(key)
     if not problems:
         return
     here = f"{dataset.name!r} here" if getattr(dataset, "name", None) else "these labels"
     text = f"{what} was made from another data set than {here} ({', '.join(problems)} differ"
-    if "files_fingerprint" in problems:
+    if "files_fingerprint" in problems or "file_names_fingerprint" in problems:
         if recorded_files is not None and getattr(dataset, "files", None) is not None:
             text += "; " + describe_file_mismatch(recorded_files, dataset.files)
         elif recorded.get("shards") is not None and now.get("shards") is not None:  # shard data sets name shards

@@ -19,9 +19,8 @@ import torch
 
 from kdfast.data.base import DataError, LabeledDataset, normalize
 from kdfast.data.digests import DigestTable
-from kdfast.data.identity import FileList
-from kdfast.runtime.folder_walk import FOLDER_LAYOUT, IMAGENET_LAYOUT, walk_image_folder  # noqa: F401 (API)
-from kdfast.runtime.walk_prefetch import take_prefetched_walk
+from kdfast.data.folder_listing import FolderScan, scan_image_folder  # noqa: F401 (API)
+from kdfast.runtime.folder_walk import FOLDER_LAYOUT, IMAGENET_LAYOUT  # noqa: F401 (API)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -36,33 +35,6 @@ def _sixteen_to_rgb(img):
     from PIL import Image
     grey = np.asarray(img).astype(np.float32) * (255.0 / 65535.0)
     return Image.fromarray(np.rint(grey).astype(np.uint8)).convert("RGB")  # 2-d uint8: mode L
-
-
-class FolderScan(tuple):
-    """(classes, relative file paths (a FileList with each file's size and mtime_ns), labels (int64 array)),
-    unpacked as a 3-tuple; `.skipped` lists the relative paths of files that were not taken as images (other
-    extensions), so callers can say how many were left out."""
-
-    def __new__(cls, classes, files, labels, skipped):
-        scan = super().__new__(cls, (classes, files, labels))
-        scan.skipped = skipped
-        return scan
-
-
-def scan_image_folder(folder: str, name: str, layout: str, *, drop_empty_classes: bool = False) -> FolderScan:
-    """(classes, relative file paths, labels) of an ImageFolder tree; DataError when it is not one.
-
-    One os.scandir walk (runtime/folder_walk.py) that keeps each image's size and mtime_ns (the files fingerprint's
-    stats) as it lists, the paths held in one byte buffer (FileList); the walk kdfast-score started in a process of
-    its own for these arguments when there is one (runtime/walk_prefetch.py). A class folder that is a link to the
-    tree or above it (a loop) is left out, as is any folder reached a second time through links to class folders
-    (real paths counted once); a class folder without images is warned about and, with `drop_empty_classes`, left
-    out of the classes."""
-    walk = take_prefetched_walk(folder, name, layout, drop_empty_classes=drop_empty_classes) or \
-        walk_image_folder(folder, name, layout, drop_empty_classes=drop_empty_classes)
-    files = FileList.from_buffer(walk.buffer, walk.offsets, folder=folder, stats=walk.stats)
-    labels = np.repeat(np.arange(len(walk.classes), dtype=np.int64), walk.counts)
-    return FolderScan(walk.classes, files, labels, walk.skipped)
 
 
 def folder_scan_of(dataset) -> FolderScan:

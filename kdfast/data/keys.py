@@ -9,11 +9,11 @@ path ('/' separated), else the index as text. Keys live in one pyarrow array (no
 """
 from __future__ import annotations
 
-import numpy as np
-from torch.utils.data import Subset
+import sys
 
-from kdfast.data.base import DataError
-from kdfast.errors import InvalidArgumentError
+import numpy as np
+
+from kdfast.errors import DataError, InvalidArgumentError
 
 SHOW = 5  # keys named in an error before "... (N in all)"
 
@@ -35,7 +35,9 @@ def import_pyarrow(what: str):
 def _parent(dataset):
     """(the data set below any Subsets, the parent indices of `dataset`'s examples or None)."""
     indices = None
-    while isinstance(dataset, Subset):
+    # a Subset exists only once torch is loaded: keyed files and listings are matched without importing it
+    subset = getattr(sys.modules.get("torch.utils.data"), "Subset", None)
+    while subset is not None and isinstance(dataset, subset):
         step = np.asarray(dataset.indices, dtype=np.int64)
         indices = step if indices is None else step[indices]
         dataset = dataset.dataset

@@ -24,9 +24,19 @@ import numpy as np
 
 from kdfast.errors import DataError, first_names
 
+SOURCES = ("wds", "parquet")
+# load_dataset's options of each source (refused for other data sets); commands pass them on from their options
+SHARD_OPTIONS = {"wds": ("image_ext", "label_field", "index_dir"),
+                 "parquet": ("image_column", "label_column", "id_column")}
 INDEX_SUFFIX = ".idx.npz"
 INDEX_FORMAT = "kdfast-shard-index/1"
 _NPY_HEADER = re.compile(r"\{'descr': '([<>|=]?\w+)', 'fortran_order': (True|False), 'shape': \(([\d, ]*)\), \}\s*$")
+
+
+def shard_source(name) -> str | None:
+    """"wds" or "parquet" for a `wds:PATTERN` / `parquet:GLOB` data set name, else None."""
+    kind, sep, rest = str(name).partition(":")
+    return kind.lower() if sep and kind.lower() in SOURCES else None
 
 
 class Shard(NamedTuple):

@@ -25,22 +25,12 @@ import torch
 from kdfast.data.base import LabeledDataset
 from kdfast.data.digests import DigestTable
 from kdfast.data.imagefolder import image_tensor, open_image, training_augment
-from kdfast.data.shard_index import KeyList, Shard, shards_fingerprint
+from kdfast.data.shard_index import SHARD_OPTIONS, SOURCES, KeyList, Shard, shard_source, shards_fingerprint
 from kdfast.errors import DataError, InvalidArgumentError
 
-SOURCES = ("wds", "parquet")
 INFO_FILE = "info.json"
 # open shard files per process: enough for shuffled reads over many shards, well below the usual fd limit
 OPEN_SHARDS = 64
-# load_dataset's options of each source (refused for other data sets); commands pass them on from their options
-SHARD_OPTIONS = {"wds": ("image_ext", "label_field", "index_dir"),
-                 "parquet": ("image_column", "label_column", "id_column")}
-
-
-def shard_source(name) -> str | None:
-    """"wds" or "parquet" for a `wds:PATTERN` / `parquet:GLOB` data set name, else None."""
-    kind, sep, rest = str(name).partition(":")
-    return kind.lower() if sep and kind.lower() in SOURCES else None
 
 
 def need_extra(package: str):

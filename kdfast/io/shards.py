@@ -22,7 +22,7 @@ import shutil
 
 import numpy as np
 
-from kdfast.data.base import DataError
+from kdfast.errors import DataError
 from kdfast.io.atomic import read_json, save_npz, write_json
 from kdfast.io.errors import IncompleteStoreError, JobMismatchError
 

@@ -248,12 +248,19 @@ def load_score_file(path: str, *, files=None, return_report: bool = False):
     if files is None:
         raise ScoreFileError(f"score file {path} is keyed by file name: pass the data set's files (an image-folder "
                              "data set's .files) to match it")
+    scores, report = match_scores(*read_score_file(path), files, source=f"score file {path}")
+    return (scores, report) if return_report else scores
+
+
+def read_score_file(path: str):
+    """(keys, scores float64) of a keyed .csv / .npz / .parquet in the file's order (keys: an Arrow string array
+    or a list of str), for match_scores."""
+    if not os.path.isfile(path):
+        raise ScoreFileError(f"score file {path} does not exist")
     try:
-        keys, values = _read_csv(path) if path.lower().endswith(".csv") else \
+        return _read_csv(path) if path.lower().endswith(".csv") else \
             _read_parquet(path) if path.lower().endswith(".parquet") else _read_npz(path)
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         if isinstance(exc, ScoreFileError):
             raise
         raise ScoreFileError(f"cannot read score file {path}: {exc}") from None
-    scores, report = match_scores(keys, values, files, source=f"score file {path}")
-    return (scores, report) if return_report else scores

@@ -10,54 +10,59 @@ min(its size, floor(remaining budget / classes left)), so a class too small for 
 examples and hands the rest on, and any remainder lands on the largest classes. The quotas sum to exactly k.
 
 Ties. Equal scores are ordered by dataset index (stable sorts), so every mode is deterministic; random and
-ccs draw from a torch.Generator seeded with `seed`.
+ccs draw from a torch.Generator seeded with `seed`. The selection runs in NumPy: only random and ccs import torch.
 
 Scores must be finite, except +inf (forgetting's "never learned" examples, which rank hardest).
 """
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from kdfast.data.split import class_groups
 from kdfast.errors import InvalidArgumentError
 from kdfast.runtime import checks
+from kdfast.runtime.arrays import to_numpy
 from kdfast.runtime.checks import require
 
+if TYPE_CHECKING:
+    import torch
+
 MODES = ("hard", "easy", "moderate", "random", "ccs")
+DRAWING = ("random", "ccs")  # the modes that draw from torch's generator (imported for them alone)
 
 
 # ----------------------------------------------------------------------------------------- checks
-def _check_scores(scores) -> torch.Tensor:
+def _check_scores(scores) -> np.ndarray:
     try:
-        s = torch.as_tensor(scores)
+        s = to_numpy(scores)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise InvalidArgumentError(f"prune: scores must be a 1-d float array, got {type(scores).__name__}") from exc
-    if s.dim() != 1 or s.numel() == 0 or not s.dtype.is_floating_point:
+    if s.ndim != 1 or s.size == 0 or s.dtype.kind != "f":
         raise InvalidArgumentError(f"prune: scores must be a non-empty 1-d float array (one score per example), "
                                    f"got dtype {s.dtype} shape {tuple(s.shape)}")
-    s = s.detach().to("cpu", torch.float64)
-    bad = torch.isnan(s) | (s == float("-inf"))
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
+    s = s.astype(np.float64)
+    bad = np.isnan(s) | (s == -np.inf)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
         raise InvalidArgumentError(f"prune: scores must be finite or +inf (forgetting's never-learned examples); "
                                    f"index {i} holds {float(s[i])} ({int(bad.sum())} bad scores in all)")
     return s
 
 
-def _check_labels(labels, n) -> torch.Tensor:
+def _check_labels(labels, n) -> np.ndarray:
     try:
-        y = torch.as_tensor(labels)
+        y = to_numpy(labels)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise InvalidArgumentError(f"prune: labels must be a 1-d integer array, got {type(labels).__name__}") from exc
-    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
+    if y.ndim != 1 or y.dtype.kind not in "iu":
         raise InvalidArgumentError(f"prune: labels must be a 1-d integer array, got dtype {y.dtype} shape "
                                    f"{tuple(y.shape)}")
-    if y.numel() != n:
-        raise InvalidArgumentError(f"prune: labels must have one entry per score ({n}), got {y.numel()}")
-    return y.to("cpu", torch.int64)
+    if y.size != n:
+        raise InvalidArgumentError(f"prune: labels must have one entry per score ({n}), got {y.size}")
+    return y.astype(np.int64)
 
 
 def _check_args(fraction, mode, class_balanced, labels, seed, ccs_beta, ccs_strata):
@@ -90,30 +95,32 @@ def class_quotas(class_sizes: list[int], k: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------- modes
-def _order_hard_first(s: torch.Tensor) -> torch.Tensor:
-    return torch.argsort(s, descending=True, stable=True)
+# Each takes (scores float64 (n,), k, draw, ccs_beta, ccs_strata) and returns k positions in the scores; `draw(n)`
+# is a random permutation of range(n) from the seeded generator (random and ccs only).
+def _order_hard_first(s: np.ndarray) -> np.ndarray:
+    return np.argsort(-s, kind="stable")  # descending, ties by index (-s keeps +inf hardest)
 
 
-def _select_hard(s, k, gen, beta, strata):
+def _select_hard(s, k, draw, beta, strata):
     return _order_hard_first(s)[:k]
 
 
-def _select_easy(s, k, gen, beta, strata):
-    return torch.argsort(s, stable=True)[:k]
+def _select_easy(s, k, draw, beta, strata):
+    return np.argsort(s, kind="stable")[:k]
 
 
-def _select_moderate(s, k, gen, beta, strata):
+def _select_moderate(s, k, draw, beta, strata):
     # The middle of the ranking (the data-pruning paper's App. F): drop floor((N - k) / 2) easiest examples
     # and the rest (one more when N - k is odd) of the hardest.
     start = (len(s) - k) // 2
-    return torch.argsort(s, stable=True)[start:start + k]
+    return np.argsort(s, kind="stable")[start:start + k]
 
 
-def _select_random(s, k, gen, beta, strata):
-    return torch.randperm(len(s), generator=gen)[:k]
+def _select_random(s, k, draw, beta, strata):
+    return draw(len(s))[:k]
 
 
-def _select_ccs(s, k, gen, beta, strata):
+def _select_ccs(s, k, draw, beta, strata):
     """Coverage-centric selection (Zheng et al. 2022, Algorithm 1): drop the hardest beta share (never so many
     that fewer than k remain), split the rest into `strata` equal-width score bins, then fill the budget from
     the smallest bin up, each bin giving min(its size, remaining budget / bins left), at random within a bin."""
@@ -121,25 +128,54 @@ def _select_ccs(s, k, gen, beta, strata):
     drop = min(math.floor(beta * n + 0.5), n - k)
     pool = _order_hard_first(s)[drop:]
     vals = s[pool]
-    finite = torch.isfinite(vals)
-    lo = float(vals[finite].min()) if bool(finite.any()) else 0.0
-    hi = float(vals[finite].max()) if bool(finite.any()) else 0.0
+    finite = np.isfinite(vals)
+    lo = float(vals[finite].min()) if finite.any() else 0.0
+    hi = float(vals[finite].max()) if finite.any() else 0.0
     width = (hi - lo) / strata
     if width > 0:  # +inf scores (never learned) land in the top stratum through the clamp
-        bins = ((vals - lo) / width).floor().clamp(max=strata - 1).to(torch.int64)
+        bins = np.minimum(np.floor((vals - lo) / width), strata - 1).astype(np.int64)
     else:  # every score equal: one stratum
-        bins = torch.zeros(len(pool), dtype=torch.int64)
+        bins = np.zeros(len(pool), dtype=np.int64)
     members = [pool[bins == b] for b in range(strata)]
     members = [m for m in members if len(m)]
     sizes = [len(m) for m in members]
-    chosen = []
-    for m, q in zip(members, class_quotas(sizes, k)):
-        chosen.append(m[torch.randperm(len(m), generator=gen)[:q]])
-    return torch.cat(chosen)
+    chosen = [m[draw(len(m))[:q]] for m, q in zip(members, class_quotas(sizes, k))]
+    return np.concatenate(chosen)
+
+
+def _permutations(seed: int):
+    """draw(n): torch.randperm(n) from a generator seeded with `seed` (the same draws on every machine)."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    return lambda n: torch.randperm(n, generator=gen).numpy()
 
 
 _SELECT = {"hard": _select_hard, "easy": _select_easy, "moderate": _select_moderate, "random": _select_random,
            "ccs": _select_ccs}
+
+
+def keep_indices(scores, fraction, mode="hard", *, labels=None, class_balanced=False, seed=0, ccs_beta=0.1,
+                 ccs_strata=50) -> np.ndarray:
+    """prune()'s kept indices as a sorted int64 NumPy array; torch is imported only by the modes that draw
+    (random, ccs), so kdfast-prune's other modes run without it."""
+    _check_args(fraction, mode, class_balanced, labels, seed, ccs_beta, ccs_strata)
+    s = _check_scores(scores)
+    n = len(s)
+    y = None if labels is None else _check_labels(labels, n)
+    k = kept_count(fraction, n)
+    if k == 0:
+        raise InvalidArgumentError(f"prune: fraction={fraction} of {n} examples rounds to 0 kept; keep at least "
+                                   f"one (fraction >= {0.5 / n:.3g})")
+    draw = _permutations(seed) if mode in DRAWING else None
+    select = _SELECT[mode]
+    if not class_balanced:
+        keep = select(s, k, draw, float(ccs_beta), ccs_strata)
+    else:
+        members = class_groups(y)  # classes sorted
+        quotas = class_quotas([len(m) for m in members], k)
+        keep = np.concatenate([m[select(s[m], q, draw, float(ccs_beta), ccs_strata)]
+                               for m, q in zip(members, quotas) if q > 0])
+    return np.sort(keep).astype(np.int64, copy=False)
 
 
 def prune(scores, fraction, mode="hard", *, labels=None, class_balanced=False, seed=0, ccs_beta=0.1,
@@ -159,23 +195,8 @@ def prune(scores, fraction, mode="hard", *, labels=None, class_balanced=False, s
         seed: seeds random and ccs.
 
     Returns:
-        a sorted int64 tensor of kept dataset indices.
+        a sorted int64 tensor of kept dataset indices (keep_indices gives the same as a NumPy array).
     """
-    _check_args(fraction, mode, class_balanced, labels, seed, ccs_beta, ccs_strata)
-    s = _check_scores(scores)
-    n = len(s)
-    y = None if labels is None else _check_labels(labels, n)
-    k = kept_count(fraction, n)
-    if k == 0:
-        raise InvalidArgumentError(f"prune: fraction={fraction} of {n} examples rounds to 0 kept; keep at least "
-                                   f"one (fraction >= {0.5 / n:.3g})")
-    gen = torch.Generator().manual_seed(seed)
-    select = _SELECT[mode]
-    if not class_balanced:
-        keep = select(s, k, gen, float(ccs_beta), ccs_strata)
-    else:
-        members = class_groups(y)  # classes sorted
-        quotas = class_quotas([len(m) for m in members], k)
-        keep = torch.cat([m[select(s[m], q, gen, float(ccs_beta), ccs_strata)]
-                          for m, q in zip(members, quotas) if q > 0])
-    return torch.from_numpy(np.sort(keep.numpy()))  # numpy's sort: torch's took 0.3 s over 640k indices
+    import torch
+    return torch.from_numpy(keep_indices(scores, fraction, mode, labels=labels, class_balanced=class_balanced,
+                                         seed=seed, ccs_beta=ccs_beta, ccs_strata=ccs_strata))

@@ -1,10 +1,14 @@
 """The walk of an ImageFolder tree (ROOT/<class>/.../<image>) into compact arrays, without torch: kdfast-score
-starts it in a process forked before torch is imported (runtime/walk_prefetch.py), and data/imagefolder.py builds
-its FolderScan from it. Warnings and DataError name the data set and the folder, as the scan reports them."""
+starts it in a process forked before torch is imported (runtime/walk_prefetch.py), and data/folder_listing.py
+builds the image folders' FolderScan and kdfast-prune's listings from it. Warnings and DataError name the data set
+and the folder, as the scan reports them."""
 from __future__ import annotations
 
 import operator
 import os
+import pickle
+import sys
+import threading
 import warnings
 from typing import NamedTuple
 
@@ -24,7 +28,8 @@ def image_folder_of(key: str, root: str, split: str) -> tuple[str, str]:
 
 class FolderWalk(NamedTuple):
     """classes (sorted names), `buffer` (newline-ended relative paths joined, class by class), `offsets` (N + 1
-    int64: where each path starts), `stats` ((N, 2) int64: size, mtime_ns), `counts` (images per class),
+    int64: where each path starts), `stats` ((N, 2) int64: size, mtime_ns; None for a walk without stats),
+    `counts` (images per class),
     `skipped` (relative paths of files not taken as images)."""
     classes: list
     buffer: bytes
@@ -41,11 +46,11 @@ _ENTRY_NAME, _SIZE, _MTIME = (operator.attrgetter(a) for a in ("name", "st_size"
 
 class _ClassFiles:
     """The images of one class folder as they are listed: newline-ended relative paths joined (`chunks`), their
-    byte lengths and (size, mtime_ns) stats; the skipped files' relative paths."""
+    byte lengths and (size, mtime_ns) stats (when `stat`); the skipped files' relative paths."""
 
-    def __init__(self):
+    def __init__(self, stat: bool = True):
         self.chunks, self.lengths, self.stats, self.skipped = [], [], [], []
-        self.count = 0
+        self.count, self.stat = 0, stat
 
     def add(self, rel: bytes, images: list) -> None:
         """The images (DirEntry, sorted by name) of folder `rel`, stat'ed from the listing (one stat each)."""
@@ -53,6 +58,9 @@ class _ClassFiles:
         names = [e.name for e in images]
         self.chunks.append(prefix + (b"\n" + prefix).join(names) + b"\n")
         self.lengths.append(np.fromiter(map(len, names), np.int64, len(names)) + len(prefix) + 1)
+        self.count += len(images)
+        if not self.stat:
+            return
         try:
             stats = [e.stat() for e in images]  # follows links, as a stat of the path would
             size, mtime = _SIZE, _MTIME
@@ -61,7 +69,6 @@ class _ClassFiles:
             size, mtime = _size, _mtime
         self.stats.append(np.stack([np.fromiter(map(size, stats), np.int64, len(stats)),
                                     np.fromiter(map(mtime, stats), np.int64, len(stats))], axis=1))
-        self.count += len(images)
 
 
 def _stat_or_none(entry):
@@ -90,13 +97,13 @@ def _is_image(name: bytes) -> bool:
     return name.lower().endswith(_IMAGE_SUFFIXES) and not name.startswith(b"._")  # ._x: macOS AppleDouble
 
 
-def _class_files(folder: bytes, cls: bytes, seen: set) -> _ClassFiles:
+def _class_files(folder: bytes, cls: bytes, seen: set, stat: bool = True) -> _ClassFiles:
     """The images and skipped files under class folder `cls` of `folder` (both bytes), in os.walk's top-down
     order (a folder's files sorted by name, then its subfolders, sorted); links below the class are not followed
     and folders whose real path is in `seen` (reached through a link to a class folder already) are left out,
     which it extends: one realpath per folder, not per file. One os.scandir per folder, whose entries give the
-    file type and each image's stat."""
-    out = _ClassFiles()
+    file type and each image's stat (`stat`)."""
+    out = _ClassFiles(stat)
     stack = [cls]
     while stack:
         rel = stack.pop()
@@ -131,18 +138,23 @@ def _class_files(folder: bytes, cls: bytes, seen: set) -> _ClassFiles:
     return out
 
 
-def walk_image_folder(folder: str, name: str, layout: str, *, drop_empty_classes: bool = False) -> FolderWalk:
+def walk_image_folder(folder: str, name: str, layout: str, *, drop_empty_classes: bool = False,
+                      stat: bool = True, split: bool = False) -> FolderWalk:
     """The FolderWalk of an ImageFolder tree; DataError when it is not one.
 
     One os.scandir walk that keeps each image's size and mtime_ns (the files fingerprint's stats) as it lists,
     the paths held in one byte buffer. A class folder that is a link to the tree or above it (a loop)
     is left out, as is any folder reached a second time through links to class folders (real paths counted
     once); a class folder without images is warned about and, with `drop_empty_classes`, left out of the
-    classes."""
+    classes. `stat=False` lists the names alone (`stats` None): 4-5x faster on a warm tree, where the stats are
+    most of a walk's time. `split=True` walks every other class folder in a forked helper process where that is
+    safe (see _walk_classes): the same FolderWalk in about half the time on two free cores."""
     if not os.path.isdir(folder):
         raise DataError(f"dataset {name!r}: {folder} is not a directory; expected {layout}")
     root = os.path.realpath(folder)
-    names = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    folders = [e for e in os.scandir(folder) if e.is_dir()]
+    names = sorted(e.name for e in folders)
+    linked = any(e.is_symlink() for e in folders)
     loops = [c for c in names if (root + os.sep).startswith(os.path.realpath(os.path.join(folder, c)) + os.sep)]
     if loops:
         warnings.warn(f"dataset {name!r}: class folders {', '.join(loops)} link back to {folder} or above it (a loop); "
@@ -150,9 +162,7 @@ def walk_image_folder(folder: str, name: str, layout: str, *, drop_empty_classes
     names = [c for c in names if c not in loops]
     if not names:
         raise DataError(f"dataset {name!r}: {folder} has no class subfolders; expected {layout}")
-    seen, per_class, raw_folder = set(), {}, os.fsencode(folder)
-    for cls in names:
-        per_class[cls] = _class_files(raw_folder, os.fsencode(cls), seen)
+    per_class = _walk_classes(os.fsencode(folder), names, stat, split=split and not linked)
     skipped = [f for c in names for f in per_class[c].skipped]
     empty = [c for c in names if not per_class[c].count]
     if empty and len(empty) < len(names):
@@ -167,5 +177,50 @@ def walk_image_folder(folder: str, name: str, layout: str, *, drop_empty_classes
     kept = [per_class[c] for c in classes]
     offsets = np.zeros(sum(k.count for k in kept) + 1, dtype=np.int64)
     np.cumsum(np.concatenate([n for k in kept for n in k.lengths]), out=offsets[1:])
-    return FolderWalk(classes, b"".join(chunk for k in kept for chunk in k.chunks), offsets,
-                      np.concatenate([st for k in kept for st in k.stats]), [k.count for k in kept], skipped)
+    stats = np.concatenate([st for k in kept for st in k.stats]) if stat else None
+    return FolderWalk(classes, b"".join(chunk for k in kept for chunk in k.chunks), offsets, stats,
+                      [k.count for k in kept], skipped)
+
+
+def _walk_classes(folder: bytes, names: list, stat: bool, *, split: bool) -> dict:
+    """{class name: its _ClassFiles}, the classes walked in order with one `seen` set. With `split`, a forked helper
+    walks every other class and pickles its _ClassFiles back through a pipe while this process walks the rest: only
+    when the classes are independent (the caller passes split=False when a class folder is a link, which the
+    shared `seen` set may leave out) and a fork is safe (POSIX, torch not imported, no other thread). A helper that
+    fails leaves its classes to this process."""
+    if not (split and len(names) > 1 and hasattr(os, "fork") and "torch" not in sys.modules
+            and threading.active_count() == 1):
+        seen = set()
+        return {c: _class_files(folder, os.fsencode(c), seen, stat) for c in names}
+    theirs = names[1::2]
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the helper: walk, send, exit without running the parent's exit handlers
+        code = 1
+        try:
+            os.close(read_fd)
+            die_with_parent()
+            walked = {c: _class_files(folder, os.fsencode(c), set(), stat) for c in theirs}
+            with os.fdopen(write_fd, "wb") as pipe:
+                pickle.dump(walked, pipe, protocol=pickle.HIGHEST_PROTOCOL)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    walked = {c: _class_files(folder, os.fsencode(c), set(), stat) for c in names[0::2]}
+    with os.fdopen(read_fd, "rb") as pipe:
+        try:
+            walked.update(pickle.load(pipe))
+        except (EOFError, pickle.UnpicklingError):  # the helper died: its classes are walked here
+            walked.update({c: _class_files(folder, os.fsencode(c), set(), stat) for c in theirs})
+    os.waitpid(pid, 0)
+    return walked
+
+
+def die_with_parent() -> None:
+    """Linux: this (forked) process is killed with its parent (a killed command leaves no walk running)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass

@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 
-from kdfast.runtime.folder_walk import FolderWalk, walk_image_folder
+from kdfast.runtime.folder_walk import FolderWalk, die_with_parent, walk_image_folder
 from kdfast.errors import DataError
 
 _HEADER = struct.Struct("<Q")  # the pickled header's length
@@ -36,7 +36,7 @@ def prefetch_walk(folder: str, name: str, layout: str, *, drop_empty_classes: bo
         code = 1
         try:
             os.close(read_fd)
-            _die_with_parent()
+            die_with_parent()
             _send(write_fd, *key)
             code = 0
         finally:
@@ -82,7 +82,7 @@ def _send(fd: int, folder: str, name: str, layout: str, drop_empty_classes: bool
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            walk = walk_image_folder(folder, name, layout, drop_empty_classes=drop_empty_classes)
+            walk = walk_image_folder(folder, name, layout, drop_empty_classes=drop_empty_classes, split=True)
             header = {"classes": walk.classes, "counts": walk.counts, "skipped": walk.skipped,
                       "files": len(walk.offsets) - 1, "bytes": len(walk.buffer)}
         except DataError as exc:
@@ -113,13 +113,4 @@ def _reap(pid: int) -> None:
     try:
         os.waitpid(pid, 0)
     except ChildProcessError:
-        pass
-
-
-def _die_with_parent() -> None:
-    """Linux: the child is killed with its parent (a killed kdfast-score leaves no walk running)."""
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-    except (OSError, AttributeError):
         pass

@@ -134,11 +134,13 @@ def test_prune_cli_with_a_keyed_csv(folder, tmp_path, capsys):
     assert rc == 1 and "1 of 12 data set files have no score: 'dog/dog_1.png'" in err
 
 
-def test_a_keyed_score_file_gives_the_keep_file_the_folders_data_identity(folder, tmp_path, capsys):
-    # the keep file made from a keyed score file is checked like one from kdfast-score: by the folder's labels
-    # and file list, naming the files that differ
+def test_a_keyed_score_file_gives_the_keep_file_the_folders_names_and_labels(folder, tmp_path, capsys):
+    # the keep file made from a keyed score file is tied to the folder's labels and to its files' names in their
+    # order (the folder is listed without a stat: the scores were not computed from its bytes), checked like one
+    # from kdfast-score, naming the files that differ
     from kdfast.cli.main import prune_main
     from kdfast.data import DataIdentityError, data_identity
+    from kdfast.data.identity import file_names_fingerprint
     from kdfast.pruning.keep import read_keep
     root, data = folder
     csv_path = _write_csv(tmp_path / "mem.csv", list(_scores_for(data.files).items()))
@@ -147,14 +149,44 @@ def test_a_keyed_score_file_gives_the_keep_file_the_folders_data_identity(folder
                      "--out", str(keep), "--quiet"])
     assert rc == 0, capsys.readouterr().err
     record = json.loads((tmp_path / "keep.npy.json").read_text())
-    assert record["data"] == data_identity(data) and record["data"]["files_fingerprint"] is not None
+    full = data_identity(data)
+    assert record["data"] == {**{k: v for k, v in full.items() if k != "files_fingerprint"},
+                              "file_names_fingerprint": file_names_fingerprint(data.files)}
     assert (tmp_path / "keep.npy.files.txt").read_text().splitlines() == list(data.files)
     indices, _ = read_keep(str(keep), load_dataset("folder", root=str(root)))
     assert np.array_equal(indices, np.load(keep))
+    (root / "dog" / "dog_1.png").write_bytes((root / "dog" / "dog_0.png").read_bytes() + b"more")  # same names
+    assert np.array_equal(read_keep(str(keep), load_dataset("folder", root=str(root)))[0], np.load(keep))
     (root / "cat" / "cat_0.png").rename(root / "cat" / "cat_9.png")  # same labels, another file list
-    with pytest.raises(DataIdentityError, match="files_fingerprint differ; 1 files gone: cat/cat_0.png; 1 new: "
+    with pytest.raises(DataIdentityError, match="file_names_fingerprint differ; 1 files gone: cat/cat_0.png; 1 new: "
                                                 "cat/cat_9.png"):
         read_keep(str(keep), load_dataset("folder", root=str(root)))
+
+
+def test_kdfast_prune_never_imports_torch_for_scores_in_files_and_folders(folder, tmp_path):
+    # a keyed CSV matched to a folder, a score folder of that folder (class-balanced: the folder is listed to check
+    # it) and a .npy: torch's import is most of the command's time at ImageNet scale; random and ccs, which draw
+    # from torch's generator, do import it
+    import subprocess
+    import sys
+
+    from kdfast.cli.main import score_main
+    root, data = folder
+    csv_path = _write_csv(tmp_path / "mem.csv", list(_scores_for(data.files).items()))
+    np.save(tmp_path / "s.npy", np.arange(len(data.files), dtype=np.float32))
+    assert score_main(["--dataset", "folder", "--data-root", str(root), "--method", "random", "--quiet", "--out",
+                       str(tmp_path / "run")]) == 0
+    probe = ("import sys; from kdfast.cli.main import main; rc = main(sys.argv[1:]); "
+             "print('torch' in sys.modules); sys.exit(rc)")
+    for scores, extra, torch_expected in (
+            (csv_path, ["--dataset", "folder", "--data-root", str(root), "--class-balanced"], False),
+            (tmp_path / "run", ["--class-balanced"], False),
+            (tmp_path / "s.npy", ["--mode", "moderate"], False),
+            (tmp_path / "s.npy", ["--mode", "random"], True)):
+        run = subprocess.run([sys.executable, "-c", probe, "prune", "--scores", str(scores), *extra, "--fraction",
+                              "0.5", "--out", str(tmp_path / "keep.npy"), "--quiet"], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.splitlines()[-1] == str(torch_expected), (scores, extra)
 
 
 def test_keys_never_match_across_class_folders(folder):
