@@ -145,11 +145,18 @@ def _keyed_scores(args):
 
 
 def _scores_by_file(args):
-    """(the image folder's listing, its files' scores matched by file name: kdfast/pruning/score_files.py)."""
+    """(the image folder's listing, its files' scores matched by file name: kdfast/pruning/score_files.py); the
+    score file is read in a forked child while the folder is listed (runtime/forked.py)."""
     from kdfast.data import list_image_folder
     from kdfast.pruning.score_files import match_scores, read_score_file
-    data = list_image_folder(args.dataset, root=args.data_root, split=args.split or "train")
-    scores, report = match_scores(*read_score_file(args.scores), data.files, source=f"score file {args.scores}")
+    from kdfast.runtime.forked import Forked
+    reading = Forked(read_score_file, args.scores)
+    try:
+        data = list_image_folder(args.dataset, root=args.data_root, split=args.split or "train")
+        keys, values = reading.result()
+    finally:
+        reading.close()
+    scores, report = match_scores(keys, values, data.files, source=f"score file {args.scores}")
     log(f"matched {report.exact} files exactly, {report.lenient} leniently; {report.ignored} score entries "
         "match no file", quiet=args.quiet)
     return data, scores

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import operator
 import os
-import pickle
-import sys
-import threading
 import warnings
 from typing import NamedTuple
 
 import numpy as np
 
 from kdfast.errors import DataError
+from kdfast.runtime.forked import Forked
 
 IMAGENET_LAYOUT = "ROOT/<split>/<wnid>/*.JPEG (ImageFolder layout, e.g. ROOT/train/n01440764/n01440764_10026.JPEG)"
 FOLDER_LAYOUT = "ROOT/<class name>/<image file> (ImageFolder layout: one subfolder per class)"
@@ -184,43 +182,18 @@ def walk_image_folder(folder: str, name: str, layout: str, *, drop_empty_classes
 
 def _walk_classes(folder: bytes, names: list, stat: bool, *, split: bool) -> dict:
     """{class name: its _ClassFiles}, the classes walked in order with one `seen` set. With `split`, a forked helper
-    walks every other class and pickles its _ClassFiles back through a pipe while this process walks the rest: only
-    when the classes are independent (the caller passes split=False when a class folder is a link, which the
-    shared `seen` set may leave out) and a fork is safe (POSIX, torch not imported, no other thread). A helper that
-    fails leaves its classes to this process."""
-    if not (split and len(names) > 1 and hasattr(os, "fork") and "torch" not in sys.modules
-            and threading.active_count() == 1):
-        seen = set()
-        return {c: _class_files(folder, os.fsencode(c), seen, stat) for c in names}
-    theirs = names[1::2]
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the helper: walk, send, exit without running the parent's exit handlers
-        code = 1
-        try:
-            os.close(read_fd)
-            die_with_parent()
-            walked = {c: _class_files(folder, os.fsencode(c), set(), stat) for c in theirs}
-            with os.fdopen(write_fd, "wb") as pipe:
-                pickle.dump(walked, pipe, protocol=pickle.HIGHEST_PROTOCOL)
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    walked = {c: _class_files(folder, os.fsencode(c), set(), stat) for c in names[0::2]}
-    with os.fdopen(read_fd, "rb") as pipe:
-        try:
-            walked.update(pickle.load(pipe))
-        except (EOFError, pickle.UnpicklingError):  # the helper died: its classes are walked here
-            walked.update({c: _class_files(folder, os.fsencode(c), set(), stat) for c in theirs})
-    os.waitpid(pid, 0)
-    return walked
-
-
-def die_with_parent() -> None:
-    """Linux: this (forked) process is killed with its parent (a killed command leaves no walk running)."""
+    walks every other class (runtime/forked.py: where a fork is safe, else all are walked here) while this process
+    walks the rest; only for independent classes: the caller passes split=False when a class folder is a link,
+    which the shared `seen` set may leave out."""
+    if not split or len(names) < 2:
+        return _walk(folder, names, stat)
+    helper = Forked(_walk, folder, names[1::2], stat)
     try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-    except (OSError, AttributeError):
-        pass
+        return {**_walk(folder, names[0::2], stat), **helper.result()}
+    finally:
+        helper.close()
+
+
+def _walk(folder: bytes, names: list, stat: bool) -> dict:
+    seen = set()
+    return {c: _class_files(folder, os.fsencode(c), seen, stat) for c in names}

@@ -17,7 +17,8 @@ import warnings
 
 import numpy as np
 
-from kdfast.runtime.folder_walk import FolderWalk, die_with_parent, walk_image_folder
+from kdfast.runtime.folder_walk import FolderWalk, walk_image_folder
+from kdfast.runtime.forked import die_with_parent
 from kdfast.errors import DataError
 
 _HEADER = struct.Struct("<Q")  # the pickled header's length
