@@ -31,7 +31,8 @@ Then the same tree as a shard source, converted by make_shards (1000 examples a 
                          (scores.parquet: key, label, score; meta.json) of N rows
     wds-prune            `kdfast-prune --scores FOLDER --fraction 0.5 --out keep.parquet`
     wds-prune-class-balanced  the same with `--class-balanced` (labels from scores.parquet)
-The prune rows' `work_ms` is the child's time after its imports (kdfast-prune imports no torch for these modes).
+The prune rows' `work_ms` is the child's time after its imports (kdfast-prune imports no torch for these modes),
+`rss_mib` the child's own peak RSS (the helpers it forks to walk and read, ~0.1 GB each, not counted).
 
 Targets (1.28M files, and 1.28M examples in shards): score-first-batch <= 1.5x walk, peak RSS <= 250 MiB above
 the imports, each kdfast-prune <= 5 s.
@@ -75,7 +76,9 @@ def walk(path):
     return n
 t = time.perf_counter(); n = walk(sys.argv[1]); print(n, time.perf_counter() - t)
 """
-# the prune children print the seconds of their work after the imports (torch, kdfast) last: `work_ms`
+# the prune children print last the seconds of their work after the imports (`work_ms`) and their own peak RSS
+# (VmHWM: the exit status's ru_maxrss would count this process's RSS at the spawn, see _peak_rss)
+OWN_PEAK = 'next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))'
 CSV_PRUNE = """
 import sys, time
 from kdfast.io.atomic import read_file_list
@@ -84,8 +87,8 @@ from kdfast.pruning.selection import keep_indices
 t = time.perf_counter()
 files = read_file_list(sys.argv[1])
 keep = keep_indices(load_score_file(sys.argv[2], files=files), 0.3, "hard")
-print(len(files), len(keep), time.perf_counter() - t)
-"""
+print(len(files), len(keep), time.perf_counter() - t, %s)
+""" % OWN_PEAK
 MAKE_SHARDS = """
 import sys
 from kdfast.data.make_shards import make_shards
@@ -94,8 +97,8 @@ print(make_shards(sys.argv[1], sys.argv[2], shard_size=1000))
 CLI = """
 import sys, time
 from kdfast.cli.main import main
-t = time.perf_counter(); rc = main(sys.argv[1:]); print(time.perf_counter() - t); sys.exit(rc)
-"""
+t = time.perf_counter(); rc = main(sys.argv[1:]); print(time.perf_counter() - t, %s); sys.exit(rc)
+""" % OWN_PEAK
 
 
 def write_tree(root: Path, n: int) -> None:
@@ -154,6 +157,13 @@ def _child(argv: list[str], *, until=None, env=None) -> tuple[float, int, str]:
     return ended if until is None else wall, peak or usage.ru_maxrss * 1024, out
 
 
+def _work_and_peak(out: str) -> dict:
+    """A prune child's `work_ms` and `rss_mib` (its own peak; the helpers it forks are not counted) from its last
+    printed line."""
+    work_s, peak = out.split()[-2:]
+    return {"work_ms": float(work_s) * 1e3, "rss_mib": int(peak) / 2**20}
+
+
 def _kdfast(*args: str) -> list[str]:
     return [sys.executable, "-m", "kdfast.cli.main", *args]
 
@@ -204,11 +214,11 @@ def bench_size(n: int, emit, device: torch.device, shards: bool = True) -> list[
                                                           "--labels", str(base / "labels.npy")]),
                                 ("prune-csv-cli", ["--scores", str(base / "scores.csv"), "--dataset", "imagenet",
                                                    "--data-root", str(data_root)])):
-            wall, rss, out = _child([sys.executable, "-c", CLI, "prune", *extra, "--fraction", "0.3", "--out", keep,
-                                     "--quiet"])
-            row(provider, wall * 1e3, work_ms=float(out.split()[-1]) * 1e3, rss_mib=rss / 2**20)
-        wall, rss, out = _child([sys.executable, "-c", CSV_PRUNE, str(files_txt), str(base / "scores.csv")])
-        row("prune-csv", wall * 1e3, work_ms=float(out.split()[-1]) * 1e3, rss_mib=rss / 2**20,
+            wall, _, out = _child([sys.executable, "-c", CLI, "prune", *extra, "--fraction", "0.3", "--out", keep,
+                                   "--quiet"])
+            row(provider, wall * 1e3, **_work_and_peak(out))
+        wall, _, out = _child([sys.executable, "-c", CSV_PRUNE, str(files_txt), str(base / "scores.csv")])
+        row("prune-csv", wall * 1e3, **_work_and_peak(out),
             csv_mib=os.path.getsize(base / "scores.csv") / 2**20)
         if shards:  # the shard rows take most of the time at 1.28M (the conversion: ~20 min on 2 cores)
             shard_rows(base, train, walk_s, imports_rss, row)
@@ -236,9 +246,9 @@ def shard_rows(base: Path, train: Path, walk_s: float, imports_rss: int, row) ->
     wall, rss, _ = _child(_kdfast("score", "--dataset", name, "--method", "random", "--out", str(scores), "--quiet"))
     row("wds-score-random", wall * 1e3, rss_mib=rss / 2**20)
     for provider, extra in (("wds-prune", []), ("wds-prune-class-balanced", ["--class-balanced"])):
-        wall, rss, out = _child([sys.executable, "-c", CLI, "prune", "--scores", str(scores), *extra, "--fraction",
-                                 "0.5", "--out", str(base / "keep.parquet"), "--quiet"])
-        row(provider, wall * 1e3, work_ms=float(out.split()[-1]) * 1e3, rss_mib=rss / 2**20)
+        wall, _, out = _child([sys.executable, "-c", CLI, "prune", "--scores", str(scores), *extra, "--fraction",
+                               "0.5", "--out", str(base / "keep.parquet"), "--quiet"])
+        row(provider, wall * 1e3, **_work_and_peak(out))
 
 
 def run(*, device, quick: bool = False, smoke: bool = False, emit=None, sizes=None, shards: bool = True) -> list[dict]:
