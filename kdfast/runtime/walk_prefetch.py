@@ -38,6 +38,7 @@ def prefetch_walk(folder: str, name: str, layout: str, *, drop_empty_classes: bo
         try:
             os.close(read_fd)
             die_with_parent()
+            os.nice(5)  # the walk (and its split helper) yields to the parent's imports, the critical path
             _send(write_fd, *key)
             code = 0
         finally:
