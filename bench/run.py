@@ -362,17 +362,20 @@ def _other_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _targets_section(latest: list[dict]) -> list[str]:
-    """Every open target with its newest measurement on each device that measured it (else: not measured)."""
+def _targets_section(rows: list[dict]) -> list[str]:
+    """Every open target with its measurement on each device that measured it (else: not measured): each
+    benchmark's targets() over all of that device's rows picks the newest (data_scale: the median of the newest
+    commit's runs)."""
     found: dict[tuple, list[dict]] = {}
-    for device in [None, *sorted({r["device"] for r in latest})]:  # None: the targets themselves, from no rows
-        for t in collect_targets([r for r in latest if r["device"] == device] if device else []):
+    for device in [None, *sorted({r["device"] for r in rows})]:  # None: the targets themselves, from no rows
+        for t in collect_targets([r for r in rows if r["device"] == device] if device else []):
             entries = found.setdefault((t["bench"], t["issue"], t["what"]), [t])
             if t["measured"] is not None:
                 entries.append({**t, "device": device})
     lines = ["## Open performance targets", "",
-             "Each benchmark's `targets()` over the newest rows of each device (the runner prints the same table for "
-             "the rows of its own run).", "",
+             "Each benchmark's `targets()` over the rows of each device: the newest measurement, or for data_scale "
+             "the median of the newest commit's runs (the runner prints the same table for the rows of its own run).",
+             "",
              *_head("issue", "benchmark", "target", "measured:", "goal", "met", "device", "commit")]
     for (bench, issue, what), (proto, *measured) in found.items():
         for t in measured:
@@ -394,7 +397,7 @@ def render_markdown(rows: list[dict], reports: Path = HERE / "repro" / "reports"
                 "loss: 8192x128256 and 4096x32000 bf16, the 256x1000 fp32 kernel and eager call, the captured "
                 "training step) have no numbers yet.", ""]
     latest = _latest(rows)
-    out += _targets_section(latest)
+    out += _targets_section(rows)
     for device in sorted({r["device"] for r in latest}):
         here = [r for r in latest if r["device"] == device]
         newest = max(here, key=lambda r: r["date"])

@@ -289,10 +289,10 @@ def targets(rows: list[dict]) -> list[dict]:
         runs, commit = newest_runs(provider)
         values = [r[field] for r in runs if r.get(field) is not None]
         measured = float(np.median(values)) if values else None
-        runs_note = f" (median of {len(values)} runs at {commit}: {', '.join(f'{v:.4g}' for v in values)})" \
+        runs_note = f" (median of {len(values)} runs: {', '.join(f'{v:.4g}' for v in values)})" \
             if len(values) > 1 else ""
-        out.append({"issue": None, "what": what + runs_note, "measured": measured, "target": f"<= {goal:g}",
-                    "met": None if measured is None else measured <= goal, "unit": unit})
+        out.append({"issue": None, "what": what, "measured": measured, "target": f"<= {goal:g}", "commit": commit,
+                    "met": None if measured is None else measured <= goal, "unit": unit + runs_note})
     return out
 
 
