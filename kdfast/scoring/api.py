@@ -1,19 +1,6 @@
-"""Per-example scores of a data set: `score(model, data, method)`, higher = harder, in dataset order.
-
-Methods (case-insensitive; see kdfast.scoring.methods for the definitions):
-    el2n          ||softmax(f(x)) - onehot(y)||_2                          (Paul et al. 2021)
-    grand-last    ||p - e_y|| * sqrt(||h||^2 + 1), exact last-layer gradient norm (h: the head's input)
-    grand         exact gradient norm over all trainable parameters         (Paul et al. 2021)
-    forgetting    correct -> incorrect transitions during training          (Toneva et al. 2019)
-    loss          cross-entropy
-    margin        largest other logit minus the true-class logit
-    random        seeded uniform noise
-    liprune-last  lambda_max(diag(p) - p p^T) * (||h||^2 + 1)              (LiPrune's closed form)
-    liprune       each fixed mini-batch's Hessian spectral norm            (LiPrune, per batch)
-
-Scoring runs every model in eval mode: BatchNorm uses its running statistics and dropout is off.
-
-`kdfast.scoring` exports this module's names lazily (kdfast/scoring/__init__.py).
+"""`score(model, data, method)` and the names `kdfast.scoring` exports (lazily: kdfast/scoring/__init__.py, whose
+docstring lists the methods). Scoring runs every model in eval mode: BatchNorm uses its running statistics and
+dropout is off.
 """
 from __future__ import annotations
 
