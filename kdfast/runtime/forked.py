@@ -8,8 +8,9 @@ file's read), so both cores work.
 
 It forks only where that is safe: POSIX, torch not imported (its threads would not be carried over) and no other
 thread in this process (locks another thread holds stay held in the child). Otherwise, and when the child dies
-without an answer, the call runs in this process when its result is asked for. `close()` stops a child whose
-result is no longer wanted.
+without an answer, the call runs in this process when its result is asked for (`fell_back` says so). `nice`
+lowers the child's priority, so that it takes the CPU this process leaves. `close()` stops a child whose result is
+no longer wanted.
 """
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ def die_with_parent() -> None:
 class Forked:
     """fn(*args, **kwargs) in a forked child (see the module docstring)."""
 
-    def __init__(self, fn, *args, **kwargs):
-        self._call, self._pid, self._fd = (fn, args, kwargs), None, None
+    def __init__(self, fn, *args, nice: int = 0, **kwargs):
+        self._call, self._pid, self._fd, self.fell_back = (fn, args, kwargs), None, None, False
         if not can_fork():
             return
         read_fd, write_fd = os.pipe()
@@ -47,6 +48,7 @@ class Forked:
             try:
                 os.close(read_fd)
                 die_with_parent()
+                os.nice(nice)
                 try:
                     answer = (True, fn(*args, **kwargs))
                 except Exception as exc:  # raised in the parent, as the call would have
@@ -64,6 +66,11 @@ class Forked:
         """True while a child runs the call (its result not yet taken)."""
         return self._pid is not None
 
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while it runs the call."""
+        return self._pid
+
     def result(self):
         if self._pid is not None:
             answer = None
@@ -79,6 +86,7 @@ class Forked:
                 if not ok:
                     raise value
                 return value
+            self.fell_back = True
         fn, args, kwargs = self._call
         return fn(*args, **kwargs)
 

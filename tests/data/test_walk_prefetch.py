@@ -30,7 +30,7 @@ if how == "failed":  # the walk raises in the child only: the parent's own walk 
     prefetch.walk_image_folder = flaky
 started = prefetch.prefetch_walk(folder, "folder", FOLDER_LAYOUT)
 if how == "killed":
-    os.kill(next(iter(prefetch._pending.values()))[0], signal.SIGKILL)
+    os.kill(next(iter(prefetch._pending.values())).pid, signal.SIGKILL)
 import torch  # noqa: F401 (after the fork, as in kdfast-score)
 from kdfast.data import DataError, data_identity, load_dataset
 def load():

@@ -34,9 +34,10 @@ try:
 except DataError as exc:
     out["error"] = str(exc)
 dying = Forked(work, 7, die=True)
-out["after_death"] = (dying.result()["values"].tolist(), dying.forked)
+out["after_death"] = (dying.result()["values"].tolist(), dying.forked, dying.fell_back)
+out["niceness"] = Forked(os.nice, 0, nice=5).result() - os.nice(0)
 slow = Forked(time.sleep, 60)
-pid = slow._pid
+pid = slow.pid
 slow.close()
 try:
     os.kill(pid, 0)
@@ -57,6 +58,7 @@ def test_forked_calls_give_their_value_their_exception_or_run_here():
     out = json.loads(proc.stdout.splitlines()[-1])
     assert out["forked"] and out["ran_in_child"] and out["value_ok"]
     assert out["error"] == "dataset 'x': bad 5 (in pid child)"  # the child's exception, raised here
-    assert out["after_death"] == [[0, 3, 6, 9, 12, 15, 18], False]  # the child died: the call ran here
+    assert out["after_death"] == [[0, 3, 6, 9, 12, 15, 18], False, True]  # the child died: the call ran here
+    assert out["niceness"] == 5  # the child ran at a lower priority
     assert out["closed"]
     assert out["late"] == [False, False]  # torch imported: no fork, the call runs here
