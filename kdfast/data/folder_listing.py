@@ -6,7 +6,7 @@ file name to, or checks a score folder against.
     listing = FolderListing("imagenet", "/data/in1k/train", IMAGENET_LAYOUT)   # .files, .targets, .classes
 
 A listing's walk is split over a forked helper (runtime/folder_walk.py). `stat=False` lists the names alone, a
-fifth of a full scan's time on a warm tree (the stats are the rest); the identity of such a listing ties an
+third to a quarter of a full scan's time on a warm tree (the stats are the rest); the identity of such a listing ties an
 artifact to the files' names and their order (`file_names_fingerprint`, not `files_fingerprint`): the scores of a
 keyed score file were computed elsewhere, from bytes kdfast never read, so no sizes or contents hold them. With
 `stat=True` the identity is the data set's own (`files_fingerprint`).
