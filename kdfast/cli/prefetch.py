@@ -18,8 +18,9 @@ def prefetch_folder_walk(argv) -> bool:
         args, _ = parser.parse_known_args(argv)
     except SystemExit:  # e.g. a flag without its value: the command's own parser says so
         return False
+    from kdfast.data import IMAGE_FOLDERS  # torch-free: its data set classes load on first use
     key = args.dataset.lower()
-    if key not in ("imagenet", "folder") or not args.data_root or {"-h", "--help"} & set(argv):
+    if key not in IMAGE_FOLDERS or not args.data_root or {"-h", "--help"} & set(argv):
         return False
     from kdfast.runtime.folder_walk import image_folder_of
     from kdfast.runtime.walk_prefetch import prefetch_walk

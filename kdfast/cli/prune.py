@@ -131,11 +131,11 @@ def _keyed_scores(args):
     """(data set, scores in its order, meta) of a CSV / .npz / .parquet keyed by file name (an image folder, listed
     by name alone: data/folder_listing.py) or by example key (keyed sources: exact match); meta carries the data
     set's identity (labels and file-list fingerprints), so the keep file is checked against the data."""
-    from kdfast.data import data_identity, labels_fingerprint
+    from kdfast.data import IMAGE_FOLDERS, data_identity, labels_fingerprint
     if not args.dataset:
         raise UsageError(f"--scores {args.scores} is keyed by file name: pass --dataset (folder or imagenet) and "
                          "--data-root to match it to the data set's files")
-    if args.dataset.lower() in ("imagenet", "folder"):
+    if args.dataset.lower() in IMAGE_FOLDERS:
         data, scores = _scores_by_file(args)
     else:
         data = _keyed_source(args)
@@ -248,10 +248,10 @@ def _table_labels(folder):
 
 def _scores_dataset(args, meta, name, split):
     """The data set named for the labels, checked against the data identity the scores were computed on."""
-    from kdfast.data import check_identity, list_image_folder, load_dataset
+    from kdfast.data import IMAGE_FOLDERS, check_identity, list_image_folder, load_dataset
     from kdfast.io.job import read_file_list
     limit, root = meta.get("limit"), args.data_root or meta.get("data_root")
-    if str(name).lower() in ("imagenet", "folder") and not limit:  # listed with its stats (its identity), no torch
+    if str(name).lower() in IMAGE_FOLDERS and not limit:  # listed with its stats (its identity), no torch
         dataset = list_image_folder(name, root=root, split=split, stat=True)
     else:
         dataset = load_dataset(name, root=root, split=split)

@@ -170,7 +170,8 @@ def _resolve(args) -> None:
     args.device = default_device(args.device)
     args.out = args.out or os.path.join("runs", f"{args.dataset.partition(':')[0]}-{args.method}")
     if args.num_workers is None:
-        args.num_workers = min(8, os.cpu_count() or 1) if kind in ("imagenet", "folder") else 0
+        from kdfast.data import IMAGE_FOLDERS
+        args.num_workers = min(8, os.cpu_count() or 1) if kind in IMAGE_FOLDERS else 0
     # the weights behind the paths join the job's identity: a checkpoint replaced in place is another job
     from kdfast.models import file_sha256
     args.checkpoint_sha256 = [file_sha256(path) for path in args.checkpoint]

@@ -41,16 +41,17 @@ _LAZY = {"LabeledDataset": "kdfast.data.base", "LabeledSubset": "kdfast.data.bas
          "labels_fingerprint": "kdfast.data.identity", "stratified_split": "kdfast.data.split"}
 
 DATASETS = ("digits", "cifar10", "cifar100", "svhn", "imagenet", "folder")
+IMAGE_FOLDERS = ("imagenet", "folder")  # the data sets of an image-folder tree: walked, listed, prefetched
 SPLITS = {"digits": ("train", "test", "all"), "cifar10": ("train", "test"), "cifar100": ("train", "test"),
           "svhn": ("train", "test", "extra"), "imagenet": ("train", "val"), "folder": ("train",)}
 # Input shape (channels, side) each data set yields by default: models are built from it.
 INPUT_SHAPES = {"digits": (1, 8), "cifar10": (3, 32), "cifar100": (3, 32), "svhn": (3, 32),
                 "imagenet": (3, 224), "folder": (3, 224)}
 
-__all__ = ["DATASETS", "SPLITS", "INPUT_SHAPES", "DataError", "LabeledDataset", "LabeledSubset", "load_dataset",
-           "list_image_folder", "labels_fingerprint", "class_names", "DataIdentityError", "check_identity",
-           "data_identity", "describe_file_mismatch", "stratified_split", "shard_source", "dataset_kind",
-           "SHARD_OPTIONS", "source_options"]
+__all__ = ["DATASETS", "IMAGE_FOLDERS", "SPLITS", "INPUT_SHAPES", "DataError", "LabeledDataset", "LabeledSubset",
+           "load_dataset", "list_image_folder", "labels_fingerprint", "class_names", "DataIdentityError",
+           "check_identity", "data_identity", "describe_file_mismatch", "stratified_split", "shard_source",
+           "dataset_kind", "SHARD_OPTIONS", "source_options"]
 
 
 def __getattr__(name: str):
@@ -127,7 +128,7 @@ def load_dataset(name: str, *, root: str | None = None, split: str = "train", do
         if decode not in DECODES:
             raise InvalidArgumentError(f"load_dataset: decode must be None or one of {', '.join(DECODES)}, "
                                        f"got {decode!r}")
-        if key not in ("imagenet", "folder") or augment:
+        if key not in IMAGE_FOLDERS or augment:
             raise InvalidArgumentError(f"load_dataset: decode={decode!r} applies to the evaluation view of JPEG "
                                        f"image folders (imagenet, folder) only, got name={key!r}, augment={augment}")
     if key == "digits":
@@ -156,7 +157,7 @@ def list_image_folder(name: str, *, root: str | None, split: str = "train", drop
     """The files and labels of image folder data set `name` (imagenet, folder) in load_dataset's order: a
     FolderListing (data/folder_listing.py), names alone unless `stat`; no file read, torch not imported."""
     key = str(name).lower()
-    if key not in ("imagenet", "folder"):
+    if key not in IMAGE_FOLDERS:
         raise InvalidArgumentError(f"list_image_folder: name must be imagenet or folder, got {name!r}")
     _check_split(key, split)
     from kdfast.data.folder_listing import FolderListing
