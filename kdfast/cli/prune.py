@@ -131,7 +131,7 @@ def _keyed_scores(args):
     """(data set, scores in its order, meta) of a CSV / .npz / .parquet keyed by file name (an image folder, listed
     by name alone: data/folder_listing.py) or by example key (keyed sources: exact match); meta carries the data
     set's identity (labels and file-list fingerprints), so the keep file is checked against the data."""
-    from kdfast.data import IMAGE_FOLDERS, data_identity, labels_fingerprint
+    from kdfast.data import IMAGE_FOLDERS, data_identity
     if not args.dataset:
         raise UsageError(f"--scores {args.scores} is keyed by file name: pass --dataset (folder or imagenet) and "
                          "--data-root to match it to the data set's files")
@@ -140,8 +140,9 @@ def _keyed_scores(args):
     else:
         data = _keyed_source(args)
         scores = _scores_by_key(args, data)
+    identity = data_identity(data)
     return data, scores, {"dataset": args.dataset, "data_root": args.data_root, "split": args.split or "train",
-                          "labels_fingerprint": labels_fingerprint(data.targets), "data": data_identity(data)}
+                          "labels_fingerprint": identity["labels_fingerprint"], "data": identity}
 
 
 def _scores_by_file(args):
